@@ -1,0 +1,53 @@
+# Two-command set-up: `make demo` and `make test` each create .venv, install, and run.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REDI := $(VENV)/bin/redi
+STAMP := $(VENV)/.installed
+
+# Real-data defaults (override on the command line).
+IMAGES ?= data/demo-images
+DATA ?= data
+VAE ?= stabilityai/sd-vae-ft-ema
+ENCODER ?= facebook/dinov2-with-registers-base
+RESOLUTION ?= 256
+PCS ?= 32
+FORMAT ?= both
+DEMO ?= data/demo
+
+.PHONY: install test demo encode pca shards bench clean
+
+install: $(STAMP)
+
+# torch==2.13.0 (CPU) lies on this machine's disk; on a CUDA host pip picks a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+encode: install
+	$(REDI) encode $(IMAGES) --data $(DATA) --vae $(VAE) --resolution $(RESOLUTION)
+	$(REDI) features $(IMAGES) --data $(DATA) --encoder $(ENCODER) --resolution $(RESOLUTION)
+
+pca: install
+	$(REDI) pca --data $(DATA)
+
+shards: install
+	$(REDI) shards --data $(DATA) --pcs $(PCS) --format $(FORMAT)
+
+bench: install
+	$(REDI) bench all
+
+demo: install
+	$(REDI) demo-data --out $(DEMO)/images
+	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae tiny-random
+	$(REDI) features $(DEMO)/images --data $(DEMO) --encoder tiny-random
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

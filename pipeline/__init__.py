@@ -1,0 +1,1 @@
+"""Images → cached stage outputs (latents, features, PCA) → training shards."""

@@ -1,0 +1,145 @@
+"""The stage cache: manifests, committed chunks and the errors file shared by every stage.
+
+A stage directory holds `manifest.json` (what was asked for), `progress/CCCCCC.json`
+(one file per committed chunk, written atomically *after* the chunk's data) and, once
+every chunk is committed, `errors.jsonl` (the union of the chunks' errors, index order).
+A killed run leaves at most one half-written chunk without its progress file; the rerun
+writes that chunk again, so the result equals an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from pipeline.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything that determines a stage's output; equal manifests mean equal outputs."""
+
+    stage: str
+    params: dict[str, Any]
+    encoder: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    tiny_random: bool = False
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        # Round-trip through JSON so tuples/paths compare equal to what is read back.
+        return json.loads(json.dumps(asdict(self), sort_keys=True, default=str))
+
+
+class StageState(Enum):
+    NEW = "new"  # nothing there yet (or --force wiped it)
+    RESUME = "resume"  # same manifest, some chunks still missing
+    COMPLETE = "complete"  # same manifest, every chunk committed: nothing to do
+
+
+@dataclass(frozen=True)
+class ChunkError:
+    index: int
+    key: str
+    reason: str
+
+
+class StageDir:
+    """One stage's output directory: manifest check, chunk ledger, errors file."""
+
+    def __init__(self, root: Path, n_chunks: int):
+        self.root = Path(root)
+        self.n_chunks = n_chunks
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def errors_path(self) -> Path:
+        return self.root / "errors.jsonl"
+
+    def _progress_path(self, chunk: int) -> Path:
+        return self.root / "progress" / f"{chunk:06d}.json"
+
+    def open(self, manifest: Manifest, force: bool) -> StageState:
+        """Create, resume or refuse, comparing `manifest` with what is on disk."""
+        wanted = manifest.to_json()
+        if self.manifest_path.exists():
+            have = json.loads(self.manifest_path.read_text())
+            if have != wanted:
+                if not force:
+                    changed = sorted(_diff_keys(have, wanted))
+                    raise UserError(
+                        f"{self.root} holds a '{manifest.stage}' stage made with different settings "
+                        f"({', '.join(changed)}); pass --force to redo it or choose another data root."
+                    )
+                shutil.rmtree(self.root)
+            else:
+                return StageState.COMPLETE if self.is_complete() else StageState.RESUME
+        elif self.root.exists() and force:
+            shutil.rmtree(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.manifest_path, wanted)
+        except OSError as e:
+            raise UserError(f"Cannot write to {self.root}: {e.strerror}.") from None
+        return StageState.NEW
+
+    def is_done(self, chunk: int) -> bool:
+        return self._progress_path(chunk).exists()
+
+    def pending(self) -> list[int]:
+        return [c for c in range(self.n_chunks) if not self.is_done(c)]
+
+    def commit(self, chunk: int, errors: list[ChunkError]) -> None:
+        """Mark a chunk committed; call only after its data is fully written."""
+        atomic_write_json(self._progress_path(chunk), [asdict(e) for e in errors])
+
+    def chunk_errors(self) -> list[ChunkError]:
+        out: list[ChunkError] = []
+        for c in range(self.n_chunks):
+            out += [ChunkError(**e) for e in json.loads(self._progress_path(c).read_text())]
+        return out
+
+    def is_complete(self) -> bool:
+        return self.errors_path.exists() and not self.pending()
+
+    def finish(self) -> list[ChunkError]:
+        """Write `errors.jsonl` once every chunk is committed; return the errors."""
+        assert not self.pending(), f"finish() with {len(self.pending())} chunks missing"
+        errors = self.chunk_errors()
+        atomic_write_bytes(self.errors_path, "".join(json.dumps(asdict(e)) + "\n" for e in errors).encode())
+        return errors
+
+
+def read_manifest(stage_root: Path) -> dict[str, Any]:
+    path = Path(stage_root) / "manifest.json"
+    if not path.exists():
+        raise UserError(f"{stage_root} has no manifest.json: run the stage that writes it first.")
+    return json.loads(path.read_text())
+
+
+def read_errors(stage_root: Path) -> list[ChunkError]:
+    path = Path(stage_root) / "errors.jsonl"
+    if not path.exists():
+        raise UserError(f"{stage_root} is not complete (no errors.jsonl): rerun the stage to finish it.")
+    return [ChunkError(**json.loads(line)) for line in path.read_text().splitlines() if line]
+
+
+def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = set(a) | set(b)
+    out: list[str] = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out

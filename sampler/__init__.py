@@ -1,0 +1,1 @@
+"""Samplers, guidance, decoding, output files and metrics."""

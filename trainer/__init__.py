@@ -1,0 +1,1 @@
+"""The networks, the losses and the training loop."""
