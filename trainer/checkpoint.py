@@ -1,0 +1,53 @@
+"""Checkpoints: atomic writes, keep-last-N plus milestones, safe (weights_only) loading."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.atomic import atomic_write_with
+from pipeline.errors import UserError
+
+_NAME = re.compile(r"^step-(\d{7,})\.pt$")
+
+
+def checkpoint_path(run: Path, step: int) -> Path:
+    return Path(run) / "checkpoints" / f"step-{step:07d}.pt"
+
+
+def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in the run, oldest first."""
+    folder = Path(run) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int) -> Path:
+    """Write step-XXXXXXX.pt atomically, then delete older non-milestone checkpoints beyond `keep`."""
+    path = checkpoint_path(run, step)
+    atomic_write_with(path, lambda tmp: torch.save(state, tmp))
+    rolling = [(s, p) for s, p in list_checkpoints(run) if milestone_every <= 0 or s % milestone_every != 0]
+    for _, old in rolling[:-keep] if keep > 0 else []:
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", unsafe: bool = False) -> dict[str, Any]:
+    """Load a checkpoint without executing pickled code (unless `unsafe`, for foreign files)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"No checkpoint at {path}.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not unsafe)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
+        raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
+
+
+def newest_checkpoint(run: Path) -> Path | None:
+    found = list_checkpoints(run)
+    return found[-1][1] if found else None

@@ -1,0 +1,149 @@
+"""The resolved training configuration: every flag of `redi train`, checked once, saved in the run."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from trainer.models import REPA_DEPTHS, SIZES
+from trainer.objectives import METHODS
+
+OBJECTIVES = {"SiT": "sit", "DiT": "dit"}
+
+# Fields that define the network and its objective: a run directory refuses a change in these.
+ARCHITECTURE_FIELDS = (
+    "model", "method", "pca_rank", "fusion", "unconditional", "repa_depth", "learn_sigma", "resolution",
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `redi train` needs; defaults follow SPEC §7."""
+
+    shards: str
+    """Data root (or its shards/ directory) written by `redi shards`."""
+    run: str
+    """Run directory: config.json, metrics.jsonl, checkpoints/. An existing one is resumed."""
+    model: str = "SiT-B/2"
+    """Backbone: {SiT,DiT}-{S,B,L,XL}/2 or {SiT,DiT}-debug; the prefix picks the objective."""
+    method: str = "redi"
+    """baseline | redi | repa | reg | redi+repa."""
+    pca_rank: int = 8
+    """r: principal components generated jointly with the latent (redi methods); ≤ K in the shards."""
+    fusion: str = "merged"
+    """merged (one token per patch) or separate (latent and PC tokens; ~2x compute)."""
+    lambda_z: float = 1.0
+    """Weight of the PC-channel velocity loss."""
+    rep_drop: float = 0.2
+    """Representation drop probability, needed for Representation Guidance (0 disables it)."""
+    rep_drop_mode: str = "sample"
+    """sample (paper: one draw per sample) or batch (reference code: one draw per batch)."""
+    rep_drop_target: str = "noisy"
+    """noisy (paper: zero z_t) or clean (reference code: zero z_0)."""
+    repa_depth: int | None = None
+    """Block whose output feeds the REPA projector; None → 4 for S/B, 8 for L/XL, 1 for debug."""
+    repa_weight: float = 0.5
+    cls_weight: float = 0.03
+    """REG class-token velocity loss weight."""
+    learn_sigma: bool = False
+    """DiT only: learned variance with the VLB term."""
+    unconditional: bool = False
+    """Train without labels (num_classes 1)."""
+    class_dropout: float = 0.1
+    """Label dropout for classifier-free guidance."""
+    batch_size: int = 256
+    """Global batch (all ranks, all accumulation steps)."""
+    micro_batch: int | None = None
+    """Per-rank batch per forward; None → batch_size / world (no accumulation)."""
+    max_steps: int = 400_000
+    """Optimiser steps; `--epochs` converts to steps at start."""
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "bf16"
+    """bf16 (autocast on GPU, fp32 master weights) or fp32; CPU always runs fp32."""
+    compile: bool = False
+    seed: int = 0
+    data_format: str = "zarr"
+    """zarr (random access, one node) or wds (streaming WebDataset)."""
+    num_workers: int = 4
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    """Steps between kept checkpoints (never deleted)."""
+    save_every: int = 1_000
+    """Steps between resume checkpoints (only the last `keep` are kept)."""
+    keep: int = 2
+    max_bad_steps: int = 10
+    """Consecutive non-finite losses before the run stops."""
+    resolution: int = 0
+    """Image resolution, filled from the shards."""
+
+    def __post_init__(self) -> None:
+        family, _, size = self.model.partition("-")
+        if family not in OBJECTIVES or size not in SIZES:
+            raise UserError(f"Unknown model '{self.model}': use SiT-B/2, SiT-XL/2, DiT-B/2, … or SiT-debug.")
+        if self.method not in METHODS:
+            raise UserError(f"Unknown method '{self.method}': choose one of {', '.join(METHODS)}.")
+        if self.fusion not in ("merged", "separate"):
+            raise UserError(f"Unknown fusion '{self.fusion}': merged or separate.")
+        if not 0.0 <= self.rep_drop < 1.0:
+            raise UserError(f"--rep-drop must be in [0, 1), got {self.rep_drop}.")
+        if self.rep_drop_mode not in ("sample", "batch") or self.rep_drop_target not in ("noisy", "clean"):
+            raise UserError("--rep-drop-mode is sample|batch and --rep-drop-target is noisy|clean.")
+        if self.precision not in ("bf16", "fp32"):
+            raise UserError(f"--precision must be bf16 or fp32, got {self.precision}.")
+        if self.data_format not in ("zarr", "wds"):
+            raise UserError(f"--format must be zarr or wds, got {self.data_format}.")
+        if self.learn_sigma and self.objective != "dit":
+            raise UserError("--learn-sigma applies to DiT models only.")
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise UserError("--batch-size and --max-steps must be positive.")
+
+    @property
+    def objective(self) -> str:
+        return OBJECTIVES[self.model.partition("-")[0]]
+
+    @property
+    def size(self) -> str:
+        return self.model.partition("-")[2]
+
+    @property
+    def uses_pcs(self) -> bool:
+        return self.method in ("redi", "redi+repa")
+
+    @property
+    def uses_repa(self) -> bool:
+        return self.method in ("repa", "reg", "redi+repa")
+
+    @property
+    def resolved_repa_depth(self) -> int:
+        if not self.uses_repa:
+            return 0
+        return self.repa_depth if self.repa_depth is not None else REPA_DEPTHS[self.size]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def architecture_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Names of architecture fields whose saved value differs from `cfg`'s."""
+    now = cfg.to_json()
+    return [k for k in ARCHITECTURE_FIELDS if k in saved and saved[k] != now[k]]
+
+
+def resolve_shards_dir(path: str | Path) -> Path:
+    """Accept either the data root or its shards/ directory."""
+    p = Path(path)
+    if (p / "shards.json").exists():
+        return p
+    if (p / "shards" / "shards.json").exists():
+        return p / "shards"
+    raise UserError(f"No shards at {p}: run `redi shards --data {p}` first (looked for shards.json).")

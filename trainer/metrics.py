@@ -1,0 +1,39 @@
+"""metrics.jsonl (one JSON line per logged step) and the throughput/MFU figures logged with the loss."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.atomic import atomic_write_bytes
+
+# Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's bf16 dense peak, or None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = Path(path)
+        if self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln]
