@@ -58,7 +58,9 @@ class TrainConfig:
     micro_batch: int | None = None
     """Per-rank batch per forward; None → batch_size / world (no accumulation)."""
     max_steps: int = 400_000
-    """Optimiser steps; `--epochs` converts to steps at start."""
+    """Optimiser steps (the run stops there)."""
+    epochs: float | None = None
+    """If set, replaces max_steps by epochs × samples / batch_size."""
     lr: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.999

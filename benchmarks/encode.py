@@ -1,0 +1,80 @@
+"""Encoding throughput: the batched, chunked `encode` + `features` stages vs one image at a time.
+
+The baseline is what public REPA-style preprocessing does per image: decode it, ADM-crop it,
+run the VAE and DINOv2 on a batch of one, save one `.npy` per image and output. The batched
+side is the real stage runner (DataLoader workers, batches, Zarr chunks, commits). Both use
+the same models: tiny-random by default, or (`real_arch=True`) randomly initialised models
+of the real architectures (sd-vae-ft-ema, DINOv2-reg ViT-B/14) saved to a temporary local
+directory, on the GPU when there is one. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from pipeline.demo_data import write_demo_images
+from pipeline.encode import EncodeConfig, run_encode, run_features
+from pipeline.encoders import (
+    DINO, TINY_RANDOM, VAE, dino_tokens, dinov2_base_config, load, random_init, resolve, sd_vae_config, vae_moments,
+)
+from pipeline.images import ImageSource, load_cropped, open_source
+
+
+def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, workers: int | None = None) -> dict[str, float | str]:
+    """Images/s of VAE+DINOv2 encoding, batched stages vs one at a time, and their ratio."""
+    num = 8 if quick else (512 if real_arch else 64)
+    resolution = 64 if quick else resolution
+    device = "cuda" if real_arch and torch.cuda.is_available() else "cpu"
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    with tempfile.TemporaryDirectory(prefix="redi-bench-encode-") as tmp:
+        root = Path(tmp)
+        images = write_demo_images(root / "images", num).out
+        vae_name, dino_name = _real_arch_dirs(root) if real_arch else (TINY_RANDOM, TINY_RANDOM)
+        common = {"resolution": resolution, "device": device, "workers": workers, "batch_size": 8 if quick else 64}
+        enc = run_encode(EncodeConfig(images, root / "data", vae_name, **common), Console(quiet=True))
+        feat = run_features(EncodeConfig(images, root / "data", dino_name, **common), Console(quiet=True))
+        batched = num / (enc.seconds + feat.seconds)
+        single = _one_at_a_time(open_source(images), vae_name, dino_name, resolution, torch.device(device), root / "npy")
+    return {
+        "models": "real architectures, random init" if real_arch else "tiny-random",
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "images": float(num),
+        "resolution": float(resolution),
+        "workers": float(workers),
+        "batched_images_per_s": batched,
+        "one_at_a_time_images_per_s": single,
+        "speedup": batched / single,
+    }
+
+
+def _one_at_a_time(source: ImageSource, vae_name: str, dino_name: str, resolution: int, device: torch.device, out: Path) -> float:
+    """Images/s of decode → crop → VAE(batch 1) → DINOv2(batch 1) → one .npy per image and output."""
+    vae, dino = load(resolve(VAE, vae_name), device), load(resolve(DINO, dino_name), device)
+    out.mkdir()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as the stages do
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast:
+        for i in range(len(source)):
+            pixels, _ = load_cropped(source, i, resolution)
+            x = torch.from_numpy(pixels)[None].to(device)  # (1, R, R, 3) uint8
+            moments = vae_moments(vae, x)  # (1, 8, R/8, R/8)
+            cls, patch = dino_tokens(dino, x)  # (1, D), (1, P, D)
+            np.save(out / f"{i:08d}.moments.npy", moments[0].half().cpu().numpy())
+            np.save(out / f"{i:08d}.cls.npy", cls[0].half().cpu().numpy())
+            np.save(out / f"{i:08d}.patch.npy", patch[0].half().cpu().numpy())
+    return len(source) / (time.perf_counter() - start)
+
+
+def _real_arch_dirs(root: Path) -> tuple[str, str]:
+    """Random-init models of the real architectures, saved as local model directories."""
+    vae_dir, dino_dir = root / "sd-vae-ft-ema-random", root / "dinov2-reg-base-random"
+    random_init(VAE, sd_vae_config(), 0).save_pretrained(vae_dir)  # type: ignore[operator]
+    random_init(DINO, dinov2_base_config(), 0).save_pretrained(dino_dir)  # type: ignore[operator]
+    return str(vae_dir), str(dino_dir)
+

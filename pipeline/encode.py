@@ -1,0 +1,399 @@
+"""The `encode` (VAE moments) and `features` (DINOv2 tokens) stages: one chunked, cached, resumable runner.
+
+The two stages differ only in the frozen model and the per-batch map (`StageKind`). Images
+are split into chunks of `chunk_size` consecutive indices; a chunk is decoded by DataLoader
+workers, encoded in batches of `batch_size` (always the same batches for the same chunk),
+written as one Zarr chunk per array (zarr's LocalStore writes each chunk file atomically),
+and only then committed (`progress/CCCCCC.json`). A killed run therefore resumes at the
+first uncommitted chunk and ends with arrays bitwise equal to an uninterrupted run. Under
+`torchrun` rank r takes the pending chunks c with c % world == r.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import zarr
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.atomic import atomic_write_json
+from pipeline.encoders import (
+    DINO, VAE, EncoderFamily, describe_identity, dino_side, dino_tokens, load, resolve, vae_downsampling, vae_moments,
+)
+from pipeline.errors import UserError
+from pipeline.images import ImageSource, load_cropped, open_source
+from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STORE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """One `encode` or `features` run; the CLI builds it from flags."""
+
+    source: str | Path  # image folder, .zip, .tar, folder of .tar files, or a glob of them
+    data: Path  # data root: the stage writes DATA/latents or DATA/features
+    model: str  # hub id, local directory or "tiny-random"
+    revision: str = "main"  # hub revision (branch, tag or commit), recorded in the manifest
+    resolution: int = 256  # ADM crop side R; a multiple of 16 so DINOv2 gets whole 14-pixel patches
+    batch_size: int = 64  # images per forward pass (part of the manifest: batches shape the numerics)
+    device: str | None = None  # torch device; None → cuda if available, else cpu
+    precision: str | None = None  # bf16 | fp16 | fp32 autocast; None → bf16 on cuda, fp32 on cpu
+    chunk_size: int = 256  # images per committed unit and per Zarr chunk along N
+    workers: int = 4  # DataLoader processes decoding and cropping images (0: in the main process)
+    dtype: str = "float16"  # storage dtype of the output arrays
+    force: bool = False  # delete and redo a stage made with different settings
+
+    def __post_init__(self) -> None:
+        if self.resolution < 16 or self.resolution % 16:
+            raise UserError(f"--resolution must be a positive multiple of 16 (got {self.resolution}).")
+        for name, value, low in (("--batch-size", self.batch_size, 1), ("--chunk-size", self.chunk_size, 1),
+                                 ("--workers", self.workers, 0)):
+            if value < low:
+                raise UserError(f"{name} must be at least {low} (got {value}).")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision}).")
+        if self.dtype not in STORE_DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)} (got {self.dtype}).")
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """What makes `encode` and `features` different: the model and its per-batch map."""
+
+    name: str  # stage name in the manifest
+    subdir: str  # directory under the data root
+    family: EncoderFamily  # which frozen encoder
+    shapes: Callable[[dict[str, Any], int], dict[str, tuple[int, ...]]]  # per-image array shapes from (config, R)
+    forward: Callable[[torch.nn.Module, torch.Tensor], dict[str, torch.Tensor]]  # uint8 (B, R, R, 3) → float32
+
+
+def _vae_shapes(config: dict[str, Any], resolution: int) -> dict[str, tuple[int, ...]]:
+    f = vae_downsampling(config)
+    if resolution % f:
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {f}.")
+    return {"moments": (2 * int(config["latent_channels"]), resolution // f, resolution // f)}
+
+
+def _dino_shapes(config: dict[str, Any], resolution: int) -> dict[str, tuple[int, ...]]:
+    side, patch, dim = dino_side(resolution), int(config["patch_size"]), int(config["hidden_size"])
+    if side % patch:
+        raise UserError(f"DINOv2 input side {side} (for --resolution {resolution}) is not a multiple of its patch {patch}.")
+    return {"cls": (dim,), "patch": ((side // patch) ** 2, dim)}
+
+
+def _dino_forward(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    cls, patch = dino_tokens(model, images)  # (B, D), (B, P, D)
+    return {"cls": cls, "patch": patch}
+
+
+ENCODE = StageKind("encode", "latents", VAE, _vae_shapes, lambda vae, x: {"moments": vae_moments(vae, x)})
+FEATURES = StageKind("features", "features", DINO, _dino_shapes, _dino_forward)
+
+
+@dataclass
+class StageResult:
+    """What one run of a stage did (the CLI prints it)."""
+
+    stage: str  # "encode" | "features"
+    out: Path  # the stage directory
+    state: StageState  # NEW, RESUME or COMPLETE (nothing was done)
+    images: int  # images in the source
+    processed: int  # images encoded by this run
+    skipped: int  # images that could not be read (in all chunks once the stage is complete)
+    seconds: float  # wall time of the encoding loop (model loading excluded)
+    encoder: dict[str, Any] = field(default_factory=dict)  # the manifest's encoder identity
+    tiny_random: bool = False  # weights are random: for tests and demos only
+    rank: int = 0  # torchrun rank of this process (counts above are for all ranks)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def table(self) -> Table:
+        """One-screen summary."""
+        t = Table(title=f"redi {self.stage}", show_header=False)
+        t.add_row("output", str(self.out))
+        t.add_row("images", str(self.images))
+        t.add_row("encoded this run", str(self.processed))
+        t.add_row("skipped (unreadable)", f"[yellow]{self.skipped}[/]" if self.skipped else "0")
+        t.add_row("time", f"{self.seconds:.1f} s")
+        t.add_row("throughput", f"{self.images_per_second:.1f} images/s")
+        t.add_row("encoder", describe_identity(self.encoder))
+        if self.tiny_random:
+            t.add_row("[bold yellow]warning[/]", "[bold yellow]tiny-random weights: for tests and demos only[/]")
+        return t
+
+
+def run_encode(cfg: EncodeConfig, console: Console | None = None) -> StageResult:
+    """Stage `encode`: VAE posterior moments of every image into DATA/latents."""
+    return run_stage(ENCODE, cfg, console)
+
+
+def run_features(cfg: EncodeConfig, console: Console | None = None) -> StageResult:
+    """Stage `features`: DINOv2-with-registers CLS and patch tokens of every image into DATA/features."""
+    return run_stage(FEATURES, cfg, console)
+
+
+def run_stage(kind: StageKind, cfg: EncodeConfig, console: Console | None = None) -> StageResult:
+    """Create, resume or confirm one stage directory, encoding only the chunks not yet committed."""
+    console = console or Console(stderr=True)
+    source = open_source(cfg.source)
+    ref = resolve(kind.family, cfg.model, cfg.revision)
+    shapes = kind.shapes(ref.config, cfg.resolution)
+    with _distributed() as (rank, world):
+        device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+        params = {"resolution": cfg.resolution, "dtype": cfg.dtype, "chunk_size": cfg.chunk_size,
+                  "batch_size": cfg.batch_size, "precision": precision, "arrays": shapes}
+        manifest = Manifest(kind.name, params, ref.identity, source.describe(), ref.tiny_random)
+        out = Path(cfg.data) / kind.subdir
+        stage = StageDir(out, math.ceil(len(source) / cfg.chunk_size))
+        state = _open_stage(stage, manifest, cfg, source, shapes, rank, world)
+        result = StageResult(kind.name, out, state, len(source), 0, 0, 0.0, ref.identity, ref.tiny_random, rank)
+        if state is StageState.COMPLETE:
+            result.skipped = len(read_errors(out))
+            return result
+        todo = stage.pending()
+        pending = [c for c in todo if c % world == rank]
+        tag = " [bold yellow](tiny-random weights)[/]" if ref.tiny_random else ""
+        if rank == 0:
+            console.print(
+                f"[bold]{kind.name}[/]: {len(source)} images from {source.location} → {out}; "
+                f"{len(todo)} of {stage.n_chunks} chunks to do{f' by {world} processes' if world > 1 else ''}; "
+                f"{describe_identity(ref.identity)}{tag}"
+            )
+        if pending:
+            model = load(ref, device)
+            arrays = _open_arrays(out, len(source), shapes, cfg.chunk_size, cfg.dtype)
+            start = time.perf_counter()
+            result.processed, result.skipped = _encode_chunks(
+                kind, model, arrays, cfg, source, stage, pending, device, precision,
+                console if rank == 0 else None, ref.tiny_random,
+            )
+            result.seconds = time.perf_counter() - start
+        if world > 1:
+            shares: list[Any] = [None] * world
+            dist.all_gather_object(shares, (result.processed, result.seconds))  # also a barrier
+            result.processed, result.seconds = sum(p for p, _ in shares), max(s for _, s in shares)
+        if rank == 0 and not stage.pending():
+            stage.finish()
+        _barrier(world)
+        if stage.is_complete():
+            result.skipped = len(read_errors(out))
+        return result
+
+
+def _open_stage(
+    stage: StageDir, manifest: Manifest, cfg: EncodeConfig, source: ImageSource,
+    shapes: dict[str, tuple[int, ...]], rank: int, world: int,
+) -> StageState:
+    """Rank 0 checks the manifest (refusing, wiping or creating) and lays out the store; the others follow."""
+    if rank != 0:
+        refusal = _broadcast(None, world)
+        if refusal:
+            raise UserError(refusal)
+        return stage.open(manifest, force=False)
+    try:
+        state = stage.open(manifest, cfg.force)
+    except UserError as e:
+        _broadcast(str(e), world)
+        raise
+    if state is not StageState.COMPLETE:
+        _open_arrays(stage.root, len(source), shapes, cfg.chunk_size, cfg.dtype)
+        if not (stage.root / "keys.json").exists():
+            atomic_write_json(stage.root / "keys.json", source.keys)
+    _broadcast(None, world)
+    return state
+
+
+def _broadcast(refusal: str | None, world: int) -> str | None:
+    """Rank 0's refusal message (or None) sent to every rank; also a barrier."""
+    if world == 1:
+        return refusal
+    box = [refusal]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _open_arrays(
+    root: Path, n: int, shapes: dict[str, tuple[int, ...]], chunk: int, dtype: str
+) -> dict[str, zarr.Array]:
+    """The stage's Zarr arrays (outputs, `labels`, `valid`), created on first use, chunked along N."""
+    group = zarr.open_group(root / "store.zarr", mode="a")
+    layout = {name: (shape, dtype) for name, shape in shapes.items()} | {"labels": ((), "int64"), "valid": ((), "bool")}
+    arrays = {}
+    for name, (shape, dt) in layout.items():
+        if name in group:
+            arr = group[name]
+            assert arr.shape == (n, *shape), f"{root}/store.zarr/{name} has shape {arr.shape}, expected {(n, *shape)}"
+        else:
+            arr = group.create_array(name, shape=(n, *shape), chunks=(chunk, *shape), dtype=dt, fill_value=0)
+        arrays[name] = arr
+    return arrays  # type: ignore[return-value]
+
+
+class _CroppedImages(Dataset):
+    """Image i of a source, decoded and ADM-cropped: (i, uint8 (R, R, 3), reason or "")."""
+
+    def __init__(self, source: ImageSource, resolution: int):
+        self.source = source
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray, str]:
+        pixels, reason = load_cropped(self.source, index, self.resolution)
+        return index, pixels, reason
+
+
+def _collate(items: list[tuple[int, np.ndarray, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
+    indices, pixels, reasons = zip(*items)
+    return list(indices), torch.from_numpy(np.stack(pixels)), list(reasons)  # (B, R, R, 3) uint8
+
+
+def _chunk_batches(chunks: list[int], n: int, chunk_size: int, batch_size: int) -> list[list[int]]:
+    """Index batches that never cross a chunk boundary: the same batches for a chunk in every run."""
+    batches = []
+    for c in chunks:
+        end = min((c + 1) * chunk_size, n)
+        batches += [list(range(b, min(b + batch_size, end))) for b in range(c * chunk_size, end, batch_size)]
+    return batches
+
+
+def _encode_chunks(
+    kind: StageKind, model: torch.nn.Module, arrays: dict[str, zarr.Array], cfg: EncodeConfig,
+    source: ImageSource, stage: StageDir, chunks: list[int], device: torch.device, precision: str,
+    console: Console | None, tiny_random: bool,
+) -> tuple[int, int]:
+    """Encode `chunks`; a writer thread stores and commits chunk c while chunk c+1 is encoded."""
+    labels, keys, store_dtype = source.labels, source.keys, getattr(torch, cfg.dtype)
+    loader = DataLoader(
+        _CroppedImages(source, cfg.resolution), batch_sampler=_chunk_batches(chunks, len(source), cfg.chunk_size, cfg.batch_size),
+        num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+    )
+    total = sum(min((c + 1) * cfg.chunk_size, len(source)) - c * cfg.chunk_size for c in chunks)
+    parts: dict[str, list[np.ndarray]] = {}
+    errors: list[ChunkError] = []
+    done = skipped = 0
+    in_flight: Future[None] | None = None
+    with (
+        ThreadPoolExecutor(max_workers=1) as writer,
+        _progress(console, kind.name, total, tiny_random) as advance,
+        torch.inference_mode(),
+        _autocast(device, precision),
+    ):
+        for indices, pixels, reasons in loader:
+            outputs = kind.forward(model, pixels.to(device, non_blocking=True))  # name → (B, ...) float32
+            for name, value in outputs.items():
+                parts.setdefault(name, []).append(value.to(store_dtype).cpu().numpy())
+            errors += [ChunkError(i, keys[i], r) for i, r in zip(indices, reasons) if r]
+            advance(len(indices))
+            chunk, end = indices[0] // cfg.chunk_size, indices[-1] + 1
+            if end == min((chunk + 1) * cfg.chunk_size, len(source)):
+                if in_flight is not None:
+                    in_flight.result()  # at most one chunk waits in memory; re-raises a failed write
+                in_flight = writer.submit(_write_and_commit, stage, arrays, chunk, chunk * cfg.chunk_size, end, parts, labels, errors)
+                done, skipped = done + end - chunk * cfg.chunk_size, skipped + len(errors)
+                parts, errors = {}, []
+        if in_flight is not None:
+            in_flight.result()
+    return done, skipped
+
+
+def _write_and_commit(
+    stage: StageDir, arrays: dict[str, zarr.Array], chunk: int, start: int, end: int,
+    parts: dict[str, list[np.ndarray]], labels: np.ndarray, errors: list[ChunkError],
+) -> None:
+    """Write rows start:end of every array (unreadable images: zeros, valid=False), then commit the chunk."""
+    valid = np.ones(end - start, dtype=bool)  # (n,)
+    valid[[e.index - start for e in errors]] = False
+    for name, batches in parts.items():
+        values = np.concatenate(batches)  # (n, ...)
+        values[~valid] = 0
+        arrays[name][start:end] = values
+    arrays["labels"][start:end] = labels[start:end]
+    arrays["valid"][start:end] = valid
+    stage.commit(chunk, errors)
+
+
+def _device(requested: str | None, local_rank: int) -> torch.device:
+    """The requested device, or cuda (this rank's GPU under torchrun) when available, else cpu."""
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested} is not a torch device (try cpu, cuda or cuda:1).") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA GPU is visible.")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+@contextlib.contextmanager
+def _distributed() -> Iterator[tuple[int, int]]:
+    """(rank, world size): joins the torchrun process group when WORLD_SIZE > 1 (and leaves it after)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield 0, 1
+        return
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+class _RateColumn(ProgressColumn):
+    """Images per second of a progress task."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else 0.0)
+        return Text(f"{speed:.1f} img/s")
+
+
+@contextlib.contextmanager
+def _progress(console: Console | None, name: str, total: int, tiny_random: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar (images/s, ETA) on `console`; a no-op advance function when console is None."""
+    if console is None:
+        yield lambda n: None
+        return
+    label = f"{name} [yellow](tiny-random)[/]" if tiny_random else name
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)

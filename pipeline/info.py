@@ -1,0 +1,120 @@
+"""`redi info DATA`: what each stage of a data root holds (counts, shapes, encoder, completeness, errors)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zarr
+from rich.table import Table
+
+from pipeline.encoders import describe_identity
+from pipeline.errors import UserError
+from pipeline.pca_file import load_pca
+
+ARRAY_STAGES = ("latents", "features")
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage's entry in a data root."""
+
+    name: str  # "latents/", "features/", "pca.safetensors", "shards/"
+    status: str  # "complete", "incomplete (…)", "missing", "unreadable (…)"
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (what, value) lines to show
+    tiny_random: bool = False  # made with tiny-random encoders
+
+
+def describe_data_root(root: Path) -> list[StageInfo]:
+    """Inspect every stage under `root`; missing stages are reported as such, never an error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"The data root {root} does not exist or is not a folder.")
+    return [*(_array_stage(root / name) for name in ARRAY_STAGES), _pca(root / "pca.safetensors"), _shards(root / "shards")]
+
+
+def info_table(root: Path) -> Table:
+    """All stages of `root` as one rich table."""
+    table = Table(title=f"redi info {root}", show_lines=True)
+    for col in ("stage", "status", "contents"):
+        table.add_column(col)
+    for s in describe_data_root(root):
+        status = {"complete": "[green]complete[/]", "missing": "[dim]missing[/]"}.get(s.status, f"[yellow]{s.status}[/]")
+        if s.tiny_random:
+            status += "\n[bold yellow]tiny-random[/]"
+        table.add_row(s.name, status, "\n".join(f"{k}: {v}" for k, v in s.rows))
+    return table
+
+
+def _array_stage(path: Path) -> StageInfo:
+    """latents/ or features/: manifest, arrays, committed chunks, errors."""
+    name = f"{path.name}/"
+    if not (path / "manifest.json").exists():
+        return StageInfo(name, "missing")
+    manifest = json.loads((path / "manifest.json").read_text())
+    params, source = manifest.get("params", {}), manifest.get("source", {})
+    n_chunks = -(-int(source.get("count", 0)) // int(params.get("chunk_size", 1)))
+    done = sorted((path / "progress").glob("*.json")) if (path / "progress").is_dir() else []
+    errors_file = path / "errors.jsonl"
+    if errors_file.exists() and len(done) >= n_chunks:
+        status, n_errors = "complete", sum(1 for line in errors_file.read_text().splitlines() if line)
+    else:
+        status, n_errors = f"incomplete ({len(done)} of {n_chunks} chunks)", sum(len(json.loads(p.read_text())) for p in done)
+    rows = [
+        ("images", str(source.get("count", "?"))),
+        ("resolution", str(params.get("resolution", "?"))),
+        *_array_rows(path / "store.zarr"),
+        ("encoder", describe_identity(manifest.get("encoder", {}))),
+        ("skipped images", str(n_errors)),
+    ]
+    return StageInfo(name, status, rows, bool(manifest.get("tiny_random")))
+
+
+def _array_rows(store: Path) -> list[tuple[str, str]]:
+    if not store.exists():
+        return [("arrays", "none yet")]
+    group = zarr.open_group(store, mode="r")
+    return [(name, f"{tuple(arr.shape)} {arr.dtype}") for name, arr in sorted(group.arrays())]
+
+
+def _pca(path: Path) -> StageInfo:
+    if not path.exists():
+        return StageInfo(path.name, "missing")
+    try:
+        pca = load_pca(path)
+    except UserError as e:
+        return StageInfo(path.name, f"unreadable ({e})")
+    rows = [
+        ("components", str(tuple(pca.components.shape))),
+        ("fit on", f"{pca.n_images} images, {pca.n_tokens} tokens, seed {pca.seed}"),
+        ("first 8 PCs", f"{100 * float(pca.explained_variance_ratio[:8].sum()):.1f}% of the variance"),
+        ("source", pca.source[:16]),
+    ]
+    return StageInfo(path.name, "complete", rows)
+
+
+def _shards(path: Path) -> StageInfo:
+    """shards/: the summary of shards.json (written last, so its presence means complete)."""
+    name = f"{path.name}/"
+    if not path.exists():
+        return StageInfo(name, "missing")
+    manifest = _read_json(path / "manifest.json")
+    tiny = bool(manifest.get("tiny_random")) if isinstance(manifest, dict) else False
+    summary = _read_json(path / "shards.json")
+    if not isinstance(summary, dict):
+        return StageInfo(name, "incomplete (no shards.json)", [], tiny)
+    rows = [(k, _short(v)) for k, v in sorted(summary.items()) if not isinstance(v, (dict, list)) or len(v) <= 8]
+    return StageInfo(name, "complete", rows, tiny)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _short(value: Any, width: int = 100) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,153 @@
+"""`redi verify`: re-check every stage of a data root: manifests, committed chunks, arrays, PCA, shard checksums."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import zarr
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline.atomic import sha256_file
+from pipeline.errors import UserError
+from pipeline.pca_file import load_pca, pca_hash
+from pipeline.readers import read_shard_info
+from pipeline.shards import KEYS_JSON, ZARR_DIR, tar_relpath, unreadable_chunk
+from pipeline.stage import StageDir, read_errors, read_manifest
+
+# Arrays of each input stage and their number of dimensions (docs/FORMATS.md).
+STAGE_ARRAYS = {
+    "latents": {"moments": 4, "labels": 1, "valid": 1},
+    "features": {"cls": 2, "patch": 3, "labels": 1, "valid": 1},
+}
+
+
+@dataclass(frozen=True)
+class StageCheck:
+    """The verdict on one stage of a data root."""
+
+    stage: str  # "latents/", "features/", "pca.safetensors", "shards/"
+    status: str  # "ok", "absent" (not built: fine), "warning" (usable, see details) or "FAILED"
+    details: str  # what was checked, or what is wrong
+    problem: str | None = None  # for FAILED: one sentence naming the bad file
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=True)
+
+
+def _check_array_stage(root: Path, deep: bool, bar: Progress) -> StageCheck:
+    """latents/ or features/: manifest, every chunk committed, errors.jsonl, arrays readable with the right shapes."""
+    manifest = read_manifest(root)
+    errors = read_errors(root)  # UserError unless the stage finished
+    keys_path = root / KEYS_JSON
+    if not keys_path.exists():
+        raise UserError(f"{keys_path} is missing; rerun the stage.")
+    n = len(json.loads(keys_path.read_text()))
+    chunk_size = manifest.get("params", {}).get("chunk_size")
+    if chunk_size:
+        stage = StageDir(root, math.ceil(n / chunk_size))
+        if stage.pending():
+            raise UserError(f"{root / 'progress' / f'{stage.pending()[0]:06d}.json'} is missing: that chunk was never "
+                            f"committed; rerun the stage.")
+    shapes = []
+    for name, ndim in STAGE_ARRAYS[root.name].items():
+        path = root / "store.zarr" / name
+        try:
+            arr = zarr.open_array(path, mode="r")
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeNotFoundError):
+            raise UserError(f"{path} is missing or unreadable; rerun the stage with --force.") from None
+        if arr.ndim != ndim or arr.shape[0] != n or (name == "moments" and arr.shape[1] != 8):
+            raise UserError(f"{path} has shape {arr.shape}; expected {ndim} dimensions and {n} rows (keys.json).")
+        if deep:
+            task = bar.add_task(f"{root.name}/{name}", total=n)
+            rows = (arr.shards or arr.chunks)[0]
+            for lo in range(0, n, rows):
+                bad = unreadable_chunk(arr, lo, min(n, lo + rows))
+                if bad is not None:
+                    raise UserError(f"{path / bad[0]} cannot be read ({bad[1]}); rerun the stage with --force.")
+                bar.advance(task, min(n, lo + rows) - lo)
+        shapes.append(f"{name} {tuple(arr.shape[1:])}")
+    return StageCheck(f"{root.name}/", "ok", f"{n} images, {len(errors)} skipped; " + ", ".join(shapes))
+
+
+def _check_pca(path: Path, data: Path) -> StageCheck:
+    """pca.safetensors loads and matches the features' width."""
+    pca = load_pca(path)
+    patch = data / "features" / "store.zarr" / "patch"
+    if patch.exists():
+        dim = zarr.open_array(patch, mode="r").shape[-1]
+        if dim != pca.dim:
+            raise UserError(f"{path} is {pca.dim}-dimensional but {patch} holds {dim}-dimensional tokens.")
+    return StageCheck(path.name, "ok", f"{pca.dim} dims, {pca.components.shape[0]} components, "
+                                       f"{pca.n_images} images, sha256 {pca_hash(path)[:12]}")
+
+
+def _check_shards(root: Path, data: Path, deep: bool, bar: Progress) -> StageCheck:
+    """shards/: shards.json present, every listed file present with its SHA-256, counts consistent."""
+    info = read_shard_info(root)
+    pending = StageDir(root, info.num_shards).pending()
+    if pending:
+        raise UserError(f"{root / 'progress' / f'{pending[0]:06d}.json'} is missing: that shard was never committed.")
+    task = bar.add_task("shards/ checksums", total=len(info.files))
+    for rel, digest in info.files.items():
+        path = root / rel
+        if not path.is_file():
+            raise UserError(f"{path} is missing; rebuild the shards (`redi shards --data {data} --force`).")
+        if deep and sha256_file(path) != digest:
+            raise UserError(f"{path} does not match its SHA-256 in shards.json (damaged or changed on disk); "
+                            f"rebuild the shards (`redi shards --data {data} --force`).")
+        bar.advance(task)
+    keys = json.loads((root / KEYS_JSON).read_text())
+    if len(keys) != info.num_samples:
+        raise UserError(f"{root / KEYS_JSON} lists {len(keys)} keys where shards.json says {info.num_samples} samples.")
+    if "wds" in info.formats:
+        absent = [tar_relpath(b) for b in range(info.num_shards) if tar_relpath(b) not in info.files]
+        if absent:
+            raise UserError(f"shards.json lists no checksum for {root / absent[0]}; rebuild the shards.")
+    if "zarr" in info.formats:
+        for name in info.fields:
+            arr = zarr.open_array(root / ZARR_DIR / name, mode="r")
+            if arr.shape != (info.num_samples, *info.fields[name].shape):
+                raise UserError(f"{root / ZARR_DIR / name} has shape {arr.shape}, not the "
+                                f"{(info.num_samples, *info.fields[name].shape)} of shards.json.")
+    details = (f"{info.num_samples} samples in {info.num_shards} shards ({', '.join(info.formats)}), K={info.pcs}, "
+               f"{len(info.files)} files {'hashed' if deep else 'present'}")
+    pca_path = data / "pca.safetensors"
+    if pca_path.exists() and pca_hash(pca_path) != info.pca_sha256:
+        return StageCheck("shards/", "warning", details + f"; made with another PCA than the current {pca_path.name}")
+    return StageCheck("shards/", "ok", details)
+
+
+def _guarded(stage: str, path: Path, check: Callable[[], StageCheck]) -> StageCheck:
+    """Run one stage's check: absent when its output is not there, FAILED with the sentence on a UserError."""
+    if not path.exists():
+        return StageCheck(stage, "absent", "not built")
+    try:
+        return check()
+    except UserError as e:
+        return StageCheck(stage, "FAILED", str(e), str(e))
+    except (OSError, ValueError, KeyError) as e:  # unreadable JSON, metadata or files
+        sentence = f"{path} cannot be read ({type(e).__name__}: {e})."
+        return StageCheck(stage, "FAILED", sentence, sentence)
+
+
+def verify_data(data: Path, *, deep: bool = True, progress: bool = True) -> list[StageCheck]:
+    """Check every stage present under `data`; deep=True also decodes every input chunk and hashes every shard file."""
+    data = Path(data)
+    if not data.is_dir():
+        raise UserError(f"{data} is not a directory: pass a data root (the --data of the stages).")
+    with _progress(progress) as bar:
+        checks = [
+            *(_guarded(f"{name}/", data / name, lambda name=name: _check_array_stage(data / name, deep, bar))
+              for name in STAGE_ARRAYS),
+            _guarded("pca.safetensors", data / "pca.safetensors", lambda: _check_pca(data / "pca.safetensors", data)),
+            _guarded("shards/", data / "shards", lambda: _check_shards(data / "shards", data, deep, bar)),
+        ]
+    if all(c.status == "absent" for c in checks):
+        raise UserError(f"{data} holds no stage output (latents/, features/, pca.safetensors, shards/) to verify.")
+    return checks

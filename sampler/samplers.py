@@ -1,0 +1,277 @@
+"""Samplers for the joint latent (VAE + PC channels, and REG's class token).
+
+Time convention (SPEC §7): SiT x_t = (1−t)·x_0 + t·ε, t = 1 is pure noise, the network
+predicts v = ε − x_0. DiT: DDPM with 1000 training timesteps, linear β 1e-4…0.02, the
+network predicts ε (plus the variance interpolation v when it learns sigma) and takes the
+original discrete timestep (as a float) as its time input.
+
+The integrators work on a state that is a tuple of tensors, (x,) or (x, cls) for REG, each
+(N, ...), and on a callback `predict(state, t) -> tuple` giving the prediction for every
+component at model time t (sampler.guidance.GuidedModel builds it from a network). Every
+component is integrated the same way. The state stays in the dtype it is given (float32,
+or float64); the callback casts for the network and runs it under the caller's autocast.
+
+Seeding: sample i's randomness comes only from its own generator, seeded with
+`sample_seed(seed, index) = seed · 1_000_003 + index` (distinct for indices < 1_000_003) on
+the state's device. The generator first draws the initial noise (x, then cls) and then,
+advanced step by step, the per-step noise of the SDE and DDPM samplers; so image i depends
+only on (seed, i), whatever the batch it is drawn in.
+
+Public API (what `redi sample` calls):
+  sample_latents(model, labels, indices, seed, sampler, steps, guidance, autocast,
+                 latent_size=, cls_dim=, dtype=) -> (x (N, C, H, W), cls (N, D) | None, GuidanceStats)
+  SAMPLERS = ("sde", "ode", "heun", "ddpm")   sde/ode/heun for SiT, ddpm for DiT
+  make_noise(seed, indices, shape, device) -> Tensor (N, *shape)
+  PerSampleNoise(seed, indices, device, dtype).draw(shape) -> Tensor (N, *shape)
+  euler_maruyama(predict, state, steps, noise, t_last=0.04) -> State
+  ode_euler(predict, state, steps) -> State;  ode_heun(predict, state, steps) -> State
+  ddpm_ancestral(predict, state, steps, noise, schedule=DDPMSchedule()) -> State
+  score_from_velocity(v, x_t, t) -> Tensor
+  DDPMSchedule, space_timesteps(num_train_timesteps, steps), RespacedDDPM.create(schedule, steps)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from pipeline.errors import UserError
+from sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats, GuidedModel, State
+
+Predict = Callable[[State, float], State]  # (state, model time t) -> prediction per component
+SAMPLERS: tuple[str, ...] = ("sde", "ode", "heun", "ddpm")
+SEED_STRIDE = 1_000_003  # prime; sample_seed is injective for indices below it
+
+
+class NoiseSource(Protocol):
+    def draw(self, shape: Sequence[int]) -> Tensor:
+        """Standard normal noise (N, *shape), one slice per sample."""
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of the sample with this index."""
+    return seed * SEED_STRIDE + index
+
+
+class PerSampleNoise:
+    """Gaussian noise where sample i's values come only from its own generator (seed, index)."""
+
+    def __init__(self, seed: int, indices: Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.generators = [
+            torch.Generator(device=self.device).manual_seed(sample_seed(seed, i)) for i in indices.tolist()
+        ]
+
+    def draw(self, shape: Sequence[int]) -> Tensor:
+        """Next noise (N, *shape): each sample's slice advances only that sample's generator."""
+        return torch.stack(
+            [torch.randn(tuple(shape), generator=g, device=self.device, dtype=self.dtype) for g in self.generators]
+        )
+
+
+def make_noise(seed: int, indices: Tensor, shape: Sequence[int], device: torch.device | str) -> Tensor:
+    """Initial noise (N, *shape) for these indices; sample_latents' initial x at its default float32."""
+    return PerSampleNoise(seed, indices, device).draw(shape)
+
+
+# ---- SiT: linear interpolant, velocity prediction -------------------------------------------
+
+
+def score_from_velocity(v: Tensor, x_t: Tensor, t: float) -> Tensor:
+    """∇log p_t(x_t) = −E[ε|x_t]/t = −((1−t)·v + x_t)/t on the linear path (t = 1 noise)."""
+    return -((1.0 - t) * v + x_t) / t
+
+
+def _sde_drift(v: Tensor, x: Tensor, t: float) -> Tensor:
+    """Reverse-SDE drift with diffusion w_t = 2t (REPA): v − ½·2t·score."""
+    return v - t * score_from_velocity(v, x, t)
+
+
+def euler_maruyama(predict: Predict, state: State, steps: int, noise: NoiseSource, t_last: float = 0.04) -> State:
+    """SiT SDE (REPA's euler_maruyama_sampler): steps−1 EM steps 1 → t_last, then a mean step to 0."""
+    assert steps >= 1, "the SDE sampler needs at least one step"
+    grid = torch.linspace(1.0, t_last, steps, dtype=torch.float64).tolist() + [0.0]
+    for t_cur, t_next in zip(grid[:-2], grid[1:-1]):
+        dt = t_next - t_cur  # < 0
+        v = predict(state, t_cur)
+        state = tuple(
+            x + _sde_drift(vk, x, t_cur) * dt + math.sqrt(2.0 * t_cur * abs(dt)) * noise.draw(x.shape[1:])
+            for x, vk in zip(state, v)
+        )
+    t_cur = grid[-2]
+    v = predict(state, t_cur)
+    return tuple(x - _sde_drift(vk, x, t_cur) * t_cur for x, vk in zip(state, v))  # deterministic, dt = −t_cur
+
+
+def ode_euler(predict: Predict, state: State, steps: int) -> State:
+    """Probability-flow ODE dx/dt = v, Euler, `steps` uniform steps from t = 1 to 0."""
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        v = predict(state, t_cur)
+        state = tuple(x + (t_next - t_cur) * vk for x, vk in zip(state, v))
+    return state
+
+
+def ode_heun(predict: Predict, state: State, steps: int) -> State:
+    """Probability-flow ODE, Heun (2nd order) on every step but the last one to t = 0 (EDM/REPA)."""
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        dt = t_next - t_cur
+        d_cur = predict(state, t_cur)
+        euler = tuple(x + dt * d for x, d in zip(state, d_cur))
+        if i < steps - 1:
+            d_next = predict(euler, t_next)
+            state = tuple(x + dt * 0.5 * (a + b) for x, a, b in zip(state, d_cur, d_next))
+        else:
+            state = euler
+    return state
+
+
+# ---- DiT: DDPM, ε prediction ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DDPMSchedule:
+    """The DiT training process: linear β over the training timesteps (ADM's "linear" at 1000)."""
+
+    num_train_timesteps: int = 1000
+    """Training timesteps T; the network's time input is the timestep index 0…T−1."""
+    beta_start: float = 1e-4
+    """β at timestep 0."""
+    beta_end: float = 0.02
+    """β at timestep T−1."""
+
+    def betas(self) -> Tensor:
+        """β_0 … β_{T−1}, float64 (T,)."""
+        return torch.linspace(self.beta_start, self.beta_end, self.num_train_timesteps, dtype=torch.float64)
+
+
+def space_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """ADM/DiT `space_timesteps(T, "steps")`: `steps` evenly strided timesteps from 0 to T−1."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise UserError(f"DDPM sampling needs 1 to {num_train_timesteps} steps, not {steps}.")
+    stride = 1.0 if steps == 1 else (num_train_timesteps - 1) / (steps - 1)
+    return sorted({round(i * stride) for i in range(steps)})
+
+
+@dataclass(frozen=True)
+class RespacedDDPM:
+    """The respaced process (ADM SpacedDiffusion): per respaced step, float64 (S,) arrays."""
+
+    timesteps: list[int]  # original timestep of each respaced step, fed to the network
+    log_betas: Tensor  # log β of the respaced process (learned-range upper end)
+    posterior_log_variance: Tensor  # log β̃, with β̃_0 replaced by β̃_1 (ADM "clipped")
+    posterior_mean_coef1: Tensor  # weight of x̂_0 in the posterior mean
+    posterior_mean_coef2: Tensor  # weight of x_t in the posterior mean
+    sqrt_recip_alphas_cumprod: Tensor  # 1/√ᾱ
+    sqrt_recipm1_alphas_cumprod: Tensor  # √(1/ᾱ − 1)
+
+    @classmethod
+    def create(cls, schedule: DDPMSchedule, steps: int) -> RespacedDDPM:
+        """Keep `steps` timesteps; β_i = 1 − ᾱ_i/ᾱ_prev so that ᾱ matches the training ᾱ there."""
+        use = space_timesteps(schedule.num_train_timesteps, steps)
+        alphas_cumprod = torch.cumprod(1.0 - schedule.betas(), 0)[use]  # (S,)
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])  # (S,)
+        betas = 1.0 - alphas_cumprod / prev  # (S,)
+        posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)  # β̃ (S,)
+        return cls(
+            timesteps=use,
+            log_betas=torch.log(betas),
+            posterior_log_variance=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            posterior_mean_coef1=betas * prev.sqrt() / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
+            sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
+            sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
+        )
+
+    def log_variance(self, i: int, var_pred: Tensor | None) -> Tensor | float:
+        """Fixed small log β̃ (var_pred None), or ADM's learned range: frac·log β + (1−frac)·log β̃."""
+        if var_pred is None:
+            return float(self.posterior_log_variance[i])
+        frac = (var_pred + 1.0) / 2.0  # v ∈ [−1, 1] → [0, 1]
+        return frac * float(self.log_betas[i]) + (1.0 - frac) * float(self.posterior_log_variance[i])
+
+    def posterior(self, i: int, x: Tensor, pred: Tensor) -> tuple[Tensor, Tensor | float]:
+        """Mean and log-variance of p(x_{i−1} | x_i) from ε (C channels) or ε and v (2C channels)."""
+        c = x.shape[1]
+        assert pred.shape[1] in (c, 2 * c), f"prediction has {pred.shape[1]} channels for a state of {c}"
+        eps, var_pred = pred[:, :c], (pred[:, c:] if pred.shape[1] == 2 * c else None)
+        x0 = float(self.sqrt_recip_alphas_cumprod[i]) * x - float(self.sqrt_recipm1_alphas_cumprod[i]) * eps
+        mean = float(self.posterior_mean_coef1[i]) * x0 + float(self.posterior_mean_coef2[i]) * x  # no clipping (DiT)
+        return mean, self.log_variance(i, var_pred)
+
+
+def ddpm_ancestral(
+    predict: Predict, state: State, steps: int, noise: NoiseSource, schedule: DDPMSchedule = DDPMSchedule()
+) -> State:
+    """DiT's p_sample_loop: ancestral sampling on `steps` respaced timesteps, no noise on the last."""
+    process = RespacedDDPM.create(schedule, steps)
+    for i in reversed(range(len(process.timesteps))):
+        pred = predict(state, float(process.timesteps[i]))
+        posteriors = [process.posterior(i, x, p) for x, p in zip(state, pred)]
+        state = tuple(
+            mean if i == 0 else mean + _std(log_var) * noise.draw(x.shape[1:])
+            for x, (mean, log_var) in zip(state, posteriors)
+        )
+    return state
+
+
+def _std(log_var: Tensor | float) -> Tensor | float:
+    """exp(½·log variance) for a per-element tensor or a scalar."""
+    return torch.exp(0.5 * log_var) if isinstance(log_var, Tensor) else math.exp(0.5 * log_var)
+
+
+# ---- everything together --------------------------------------------------------------------
+
+
+def sample_latents(
+    model: Any,
+    labels: Tensor,
+    indices: Tensor,
+    seed: int,
+    sampler: str,
+    steps: int,
+    guidance: GuidanceConfig,
+    autocast: AutocastFactory | None = None,
+    *,
+    latent_size: int,
+    cls_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    schedule: DDPMSchedule = DDPMSchedule(),
+) -> tuple[Tensor, Tensor | None, GuidanceStats]:
+    """Sample the joint latents of images `indices` (labels (N,) on the sampling device).
+
+    Returns x (N, vae_channels + pca_rank, latent_size, latent_size), REG's class token
+    (N, cls_dim) or None, and the network work spent. `autocast` is a factory of the
+    context the network runs under (e.g. `lambda: torch.autocast("cuda", torch.bfloat16)`).
+    """
+    cfg = model.cfg
+    if sampler not in SAMPLERS:
+        raise UserError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    if (sampler == "ddpm") != (cfg.objective == "dit"):
+        raise UserError(
+            f"The {sampler} sampler does not fit a {cfg.objective} model: use ddpm for DiT, sde, ode or heun for SiT."
+        )
+    if steps < 1:
+        raise UserError(f"The number of sampling steps must be at least 1, not {steps}.")
+    assert labels.shape == indices.shape and labels.ndim == 1, "labels and indices must both be (N,)"
+    assert not cfg.reg_token or cls_dim is not None, "a REG model needs cls_dim (the class token width)"
+    noise = PerSampleNoise(seed, indices, labels.device, dtype)
+    shapes = [(cfg.vae_channels + cfg.pca_rank, latent_size, latent_size)] + ([(cls_dim,)] if cfg.reg_token else [])
+    state = tuple(noise.draw(shape) for shape in shapes)  # pure noise at t = 1 / timestep T−1
+    time_scale = float(schedule.num_train_timesteps) if cfg.objective == "dit" else 1.0
+    predict = GuidedModel(model, labels, guidance, time_scale=time_scale, autocast=autocast)
+    if sampler == "sde":
+        state = euler_maruyama(predict, state, steps, noise)
+    elif sampler == "ode":
+        state = ode_euler(predict, state, steps)
+    elif sampler == "heun":
+        state = ode_heun(predict, state, steps)
+    else:
+        state = ddpm_ancestral(predict, state, steps, noise, schedule)
+    return state[0], (state[1] if len(state) > 1 else None), predict.stats

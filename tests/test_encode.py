@@ -1,0 +1,216 @@
+"""The `encode` and `features` stages: outputs, pre-processing, cache and resume, bad input, encoders."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.demo_data import CLASSES, write_demo_images
+from pipeline.encoders import DINO, IMAGENET_MEAN, IMAGENET_STD, VAE, dino_preprocess, dino_tokens, load, resolve, vae_moments
+from pipeline.images import center_crop_arr, decode_rgb, open_source
+
+R = 64  # crop side: 8×8 latents, 4×4 DINOv2 patches (56-pixel input)
+TINY = ["--resolution", str(R), "--workers", "0", "--batch-size", "4"]
+
+
+def redi(*args: str | Path) -> tuple[int, str]:
+    """Run the CLI in-process; (exit code, output with whitespace collapsed)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def read_store(stage: Path) -> dict[str, np.ndarray]:
+    return {name: arr[:] for name, arr in zarr.open_group(stage / "store.zarr", mode="r").arrays()}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_images(tmp_path_factory.mktemp("demo") / "images", 12).out
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_encode_and_features_with_tiny_random(images: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    code, out = redi("encode", images, "--data", data, "--vae", "tiny-random", "--chunk-size", "5", *TINY)
+    assert code == 0, out
+    assert "tiny-random" in out
+    code, out = redi("features", images, "--data", data, "--encoder", "tiny-random", "--chunk-size", "5", *TINY)
+    assert code == 0, out
+
+    latents, features = read_store(data / "latents"), read_store(data / "features")
+    assert latents["moments"].shape == (12, 8, R // 8, R // 8) and latents["moments"].dtype == np.float16
+    assert features["cls"].shape == (12, 32) and features["cls"].dtype == np.float16
+    assert features["patch"].shape == (12, (R // 16) ** 2, 32) and features["patch"].dtype == np.float16
+    keys = json.loads((data / "latents" / "keys.json").read_text())
+    assert keys == json.loads((data / "features" / "keys.json").read_text()) == open_source(images).keys
+    folder_labels = [sorted(CLASSES).index(k.split("/")[0]) for k in keys]
+    for store in (latents, features):
+        assert store["labels"].tolist() == folder_labels and store["valid"].all()
+    assert (latents["moments"][:, 4:] > 0).all()  # std half is positive
+
+    for stage, cls in (("latents", "AutoencoderKL"), ("features", "Dinov2WithRegistersModel")):
+        manifest = json.loads((data / stage / "manifest.json").read_text())
+        assert manifest["tiny_random"] is True
+        assert manifest["encoder"]["kind"] == "tiny-random" and manifest["encoder"]["class"] == cls
+        assert manifest["params"]["resolution"] == R and manifest["source"]["count"] == 12
+        assert (data / stage / "errors.jsonl").read_text() == ""
+
+    # Row i of each array is image i, encoded exactly as the per-batch maps do it.
+    vae, dino = load(resolve(VAE, "tiny-random")), load(resolve(DINO, "tiny-random"))
+    src = open_source(images)
+    pixels = torch.from_numpy(np.stack([center_crop_arr(decode_rgb(src.read_bytes(i)), R) for i in (0, 7, 11)]))
+    with torch.inference_mode():
+        moments = vae_moments(vae, pixels).half().numpy()
+        cls, patch = dino_tokens(dino, pixels)
+    np.testing.assert_allclose(latents["moments"][[0, 7, 11]], moments, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(features["cls"][[0, 7, 11]], cls.half().numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(features["patch"][[0, 7, 11]], patch.half().numpy(), rtol=1e-3, atol=1e-3)
+
+    code, out = redi("info", data)
+    assert code == 0 and "latents/" in out and "complete" in out and "(12, 8, 8, 8) float16" in out and "missing" in out
+
+
+def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+    """(n_out, n_in) weights of cubic-convolution resampling, half-pixel centres, clamped borders."""
+    def kernel(t: float) -> float:
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t**3 - (a + 3) * t**2 + 1
+        return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a if t < 2 else 0.0
+
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        base = int(np.floor(src))
+        for k in range(base - 1, base + 3):
+            m[i, min(max(k, 0), n_in - 1)] += kernel(src - k)
+    return m
+
+
+def test_dino_preprocessing_matches_spec() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (2, R, R, 3), dtype=np.uint8)
+    got = dino_preprocess(torch.from_numpy(img), R).numpy()  # (2, 3, 56, 56)
+    side = 224 * R // 256
+    x = (img / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)  # normalise first (SPEC §3)
+    w = _bicubic_matrix(R, side)
+    want = np.einsum("yh,nhwc,xw->ncyx", w, x, w)  # separable bicubic resize
+    assert got.shape == (2, 3, side, side)
+    np.testing.assert_allclose(got, want, atol=1e-4)  # float32 vs float64
+
+
+def test_dino_tokens_keep_cls_and_patches_drop_registers() -> None:
+    dino = load(resolve(DINO, "tiny-random"))
+    pixels = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        cls, patch = dino_tokens(dino, pixels)
+        h = dino(pixel_values=dino_preprocess(pixels, 128)).last_hidden_state  # (2, 1 + 4 + 64, 32)
+    assert h.shape == (2, 1 + 4 + 64, 32)
+    torch.testing.assert_close(cls, h[:, 0])
+    torch.testing.assert_close(patch, h[:, 5:])
+
+
+def test_kill_9_resume_is_bitwise_identical_then_cached(images: Path, tmp_path: Path) -> None:
+    args = ["encode", str(images), "--vae", "tiny-random", "--chunk-size", "1", "--resolution", str(R),
+            "--workers", "0", "--batch-size", "1"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert redi(*args, "--data", clean)[0] == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--data", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    progress, deadline = killed / "latents" / "progress", time.monotonic() + 120
+    while not (progress.is_dir() and any(progress.glob("*.json"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "the encode subprocess never committed a chunk"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(list(progress.glob("*.json")))
+    assert 0 < committed < 12 and not (killed / "latents" / "errors.jsonl").exists()
+    assert f"incomplete ({committed} of 12 chunks)" in redi("info", killed)[1]
+
+    code, out = redi(*args, "--data", killed)
+    assert code == 0, out
+    assert f"{12 - committed} of 12 chunks to do" in out
+    want, got = read_store(clean / "latents"), read_store(killed / "latents")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert want[name].tobytes() == got[name].tobytes(), name
+
+    before = _mtimes(killed / "latents")
+    code, out = redi(*args, "--data", killed)
+    assert code == 0 and "nothing to do" in out
+    assert _mtimes(killed / "latents") == before
+
+    code, out = redi(*args[:-2], "--batch-size", "2", "--data", killed)  # args end with --batch-size 1
+    assert code == 2 and "--force" in out and "batch_size" in out
+    assert _mtimes(killed / "latents") == before
+
+
+def test_corrupt_files_are_skipped_and_listed(images: Path, tmp_path: Path) -> None:
+    src = tmp_path / "images"
+    write_demo_images(src, 6)
+    jpeg = next(src.rglob("*.jpg")).read_bytes()
+    (src / "circle" / "circle_zero.png").write_bytes(b"")
+    (src / "ring" / "ring_truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (src / "square" / "square_text.png").write_text("not a png at all\n")
+    bad = {"circle/circle_zero", "ring/ring_truncated", "square/square_text"}
+    data = tmp_path / "data"
+    for stage, flag, sub in (("encode", "--vae", "latents"), ("features", "--encoder", "features")):
+        code, out = redi(stage, src, "--data", data, flag, "tiny-random", *TINY)
+        assert code == 0, out
+        assert re.search(r"warning: 3 images could not be read", out), out
+        errors = [json.loads(line) for line in (data / sub / "errors.jsonl").read_text().splitlines()]
+        assert {e["key"] for e in errors} == bad and all(e["reason"] for e in errors)
+        store, keys = read_store(data / sub), json.loads((data / sub / "keys.json").read_text())
+        assert [keys[e["index"]] for e in errors] == [e["key"] for e in errors]
+        assert {keys[i] for i in np.flatnonzero(~store["valid"])} == bad
+        main = "moments" if sub == "latents" else "patch"
+        assert not store[main][~store["valid"]].any() and store[main][store["valid"]].any()
+
+
+def test_user_errors_exit_2(images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out = redi("encode", images, "--data", tmp_path, "--vae", "nobody/no-such-vae", *TINY)
+    assert code == 2 and "local directory" in out and "--vae" in out
+    code, out = redi("features", images, "--data", tmp_path, "--encoder", "nobody/no-such-dino", *TINY)
+    assert code == 2 and "local directory" in out and "--encoder" in out
+    code, out = redi("encode", tmp_path / "missing", "--data", tmp_path, "--vae", "tiny-random", *TINY)
+    assert code == 2 and "does not exist" in out
+    (tmp_path / "file").write_text("")
+    code, out = redi("encode", images, "--data", tmp_path / "file", "--vae", "tiny-random", *TINY)
+    assert code == 2 and "Cannot write" in out
+    code, out = redi("encode", images, "--data", tmp_path, "--vae", "tiny-random", "--resolution", "100")
+    assert code == 2 and "multiple of 16" in out
+
+
+def test_local_directory_encoder_identity(tmp_path: Path) -> None:
+    from pipeline.encoders import random_init, tiny_vae_config
+
+    random_init(VAE, tiny_vae_config(), 1).save_pretrained(tmp_path / "vae")
+    ref = resolve(VAE, str(tmp_path / "vae"))
+    assert ref.identity["kind"] == "local" and ref.identity["dim"] == 4 and len(ref.identity["hash"]) == 64
+    model = load(ref)
+    assert torch.equal(model.encoder.conv_in.weight, random_init(VAE, tiny_vae_config(), 1).encoder.conv_in.weight)
+
+
+def test_benchmark_quick_smoke() -> None:
+    from benchmarks.encode import run
+
+    figures = run(quick=True, workers=0)
+    assert figures["batched_images_per_s"] > 0 and figures["one_at_a_time_images_per_s"] > 0
+    assert figures["models"] == "tiny-random"

@@ -1,0 +1,213 @@
+"""Guidance arithmetic, branch batching, the interval and the refusals, on a recording stub model."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import UserError
+from sampler.guidance import GuidanceConfig, GuidedModel, check_guidance
+from sampler.samplers import ode_euler
+
+VAE, PCS, CLASSES, D = 2, 3, 10, 4
+
+
+@dataclass
+class StubConfig:
+    objective: str = "sit"
+    vae_channels: int = VAE
+    pca_rank: int = PCS
+    num_classes: int = CLASSES
+    reg_token: bool = False
+    learn_sigma: bool = False
+
+
+@dataclass
+class Call:
+    batch: int
+    t: Tensor
+    y: Tensor
+    z_zeroed: Tensor  # (B,) bool: the row's PC channels are all zero
+
+
+class RecordingModel(nn.Module):
+    """Outputs known functions of (x, t, y, z present, cls) and records every call."""
+
+    def __init__(self, cfg: StubConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.calls: list[Call] = []
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, cls: Tensor | None = None) -> SimpleNamespace:
+        z_zeroed = (x[:, VAE:] == 0).flatten(1).all(1)  # (B,)
+        self.calls.append(Call(x.shape[0], t.clone(), y.clone(), z_zeroed))
+        channel = torch.arange(x.shape[1], dtype=x.dtype)[None, :, None, None]  # (1, C, 1, 1)
+        label = y.to(x.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+        has_z = (~z_zeroed).to(x.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+        out = 0.5 * x + 0.1 * label * (channel + 1) + 0.3 * t[:, None, None, None] + 0.7 * has_z * channel
+        if self.cfg.learn_sigma:
+            out = torch.cat([out, torch.tanh(x + label)], 1)  # (B, 2C, H, W)
+        cls_out = None if cls is None else 0.9 * cls + 0.2 * label[:, :, 0, 0] - 0.4 * has_z[:, :, 0, 0]  # (B, D)
+        return SimpleNamespace(out=out, cls_out=cls_out, repa=None)
+
+
+def _inputs(n: int = 3, reg: bool = False) -> tuple[tuple[Tensor, ...], Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, VAE + PCS, 2, 2, generator=g)
+    state = (x, torch.randn(n, D, generator=g)) if reg else (x,)
+    return state, torch.arange(n) + 2
+
+
+def _branch(model: RecordingModel, state: tuple[Tensor, ...], labels: Tensor, t: float, branch: str):
+    """One branch evaluated on its own: cond (x, y), uncond (x, ∅) or noz (x with z = 0, y)."""
+    x = state[0].clone()
+    if branch == "noz":
+        x[:, VAE:] = 0
+    y = torch.full_like(labels, CLASSES) if branch == "uncond" else labels
+    cls = state[1] if len(state) > 1 else None
+    out = model(x, torch.full((x.shape[0],), t), y, cls)
+    return out.out, out.cls_out
+
+
+W, WR = 2.4, 1.5
+
+
+@pytest.mark.parametrize("reg", [False, True], ids=["redi", "reg"])
+@pytest.mark.parametrize("cfg_channels", ["vae", "all"])
+@pytest.mark.parametrize("mode", ["cfg", "rg", "cfg+rg"])
+def test_guided_prediction_equals_the_documented_formula(mode: str, cfg_channels: str, reg: bool) -> None:
+    model = RecordingModel(StubConfig(reg_token=reg)).eval()
+    state, labels = _inputs(reg=reg)
+    guidance = GuidanceConfig(mode=mode, cfg_scale=W, rg_scale=WR, cfg_channels=cfg_channels)
+    guided = GuidedModel(model, labels, guidance)(state, 0.6)
+    (c, c_cls), (u, u_cls), (nz, nz_cls) = (_branch(model, state, labels, 0.6, b) for b in ("cond", "uncond", "noz"))
+
+    w = W if "cfg" in mode else 1.0
+    wr = WR if "rg" in mode else 1.0
+    m = torch.zeros(1, VAE + PCS, 1, 1)
+    m[:, : VAE if cfg_channels == "vae" else None] = 1.0
+    expected = c + (w - 1) * m * (c - u) + (wr - 1) * (c - nz)
+    torch.testing.assert_close(guided[0], expected)
+    if mode == "cfg":  # the textbook forms, channel by channel
+        torch.testing.assert_close(guided[0][:, :VAE], u[:, :VAE] + W * (c[:, :VAE] - u[:, :VAE]))
+        pcs = c[:, VAE:] if cfg_channels == "vae" else u[:, VAE:] + W * (c[:, VAE:] - u[:, VAE:])
+        torch.testing.assert_close(guided[0][:, VAE:], pcs)
+    if mode == "rg":
+        torch.testing.assert_close(guided[0], nz + WR * (c - nz))
+    if reg:  # the class token is guided like the PC channels
+        m_cls = 1.0 if cfg_channels == "all" else 0.0
+        torch.testing.assert_close(guided[1], c_cls + (w - 1) * m_cls * (c_cls - u_cls) + (wr - 1) * (c_cls - nz_cls))
+    else:
+        assert len(guided) == 1
+
+
+def test_all_active_branches_go_through_one_batched_call() -> None:
+    model = RecordingModel(StubConfig()).eval()
+    state, labels = _inputs(n=3)
+    GuidedModel(model, labels, GuidanceConfig(mode="cfg+rg", cfg_scale=W, rg_scale=WR))(state, 0.5)
+    assert len(model.calls) == 1
+    call = model.calls[0]
+    assert call.batch == 9
+    assert call.y.tolist() == labels.tolist() + [CLASSES] * 3 + labels.tolist()  # cond, uncond, noz
+    assert call.z_zeroed.tolist() == [False] * 6 + [True] * 3
+    assert torch.all(call.t == 0.5)
+
+
+def test_interval_and_unit_scales_skip_branches() -> None:
+    model = RecordingModel(StubConfig()).eval()
+    state, labels = _inputs(n=2)
+    guided = GuidedModel(model, labels, GuidanceConfig(mode="cfg+rg", cfg_scale=W, rg_scale=WR, interval=(0.2, 0.7)))
+    assert guided.branches(0.9) == ("cond",) and guided.branches(0.7) == ("cond", "uncond", "noz")
+    out = guided(state, 0.9)  # outside: the plain conditional prediction, one branch computed
+    torch.testing.assert_close(out[0], _branch(model, state, labels, 0.9, "cond")[0])
+    assert model.calls[0].batch == 2
+
+    assert GuidedModel(model, labels, GuidanceConfig(mode="cfg", cfg_scale=1.0)).branches(0.5) == ("cond",)
+    assert GuidedModel(model, labels, GuidanceConfig(mode="cfg+rg", cfg_scale=W)).branches(0.5) == ("cond", "uncond")
+    assert GuidedModel(model, labels, GuidanceConfig(mode="none", cfg_scale=W)).branches(0.5) == ("cond",)
+
+    dit = GuidedModel(model, labels, GuidanceConfig(mode="cfg", cfg_scale=W, interval=(0.0, 0.7)), time_scale=1000)
+    assert dit.branches(800.0) == ("cond",) and dit.branches(500.0) == ("cond", "uncond")
+
+
+def test_stats_count_calls_and_nfe_over_a_run() -> None:
+    model = RecordingModel(StubConfig()).eval()
+    state, labels = _inputs(n=2)
+    guided = GuidedModel(model, labels, GuidanceConfig(mode="cfg", cfg_scale=W, interval=(0.0, 0.55)))
+    ode_euler(guided, state, 10)  # evaluated at t = 1.0, 0.9, …, 0.1: guided at 0.5 … 0.1
+    assert guided.stats.model_calls == len(model.calls) == 10
+    assert guided.stats.nfe == 15 and guided.stats.branch_evals == {"cond": 10, "uncond": 5}
+    assert [c.batch for c in model.calls] == [2] * 5 + [4] * 5
+
+
+def test_dit_learned_sigma_channels_take_the_conditional_branch() -> None:
+    model = RecordingModel(StubConfig(objective="dit", learn_sigma=True)).eval()
+    state, labels = _inputs()
+    guided = GuidedModel(model, labels, GuidanceConfig(mode="cfg+rg", cfg_scale=W, rg_scale=WR), time_scale=1000)
+    (eps,) = guided(state, 400.0)
+    (c, _), (u, _), (nz, _) = (_branch(model, state, labels, 400.0, b) for b in ("cond", "uncond", "noz"))
+    ch = VAE + PCS
+    assert eps.shape[1] == 2 * ch
+    torch.testing.assert_close(eps[:, ch:], c[:, ch:])
+    expected = c[:, :ch] + (W - 1) * (c[:, :ch] - u[:, :ch]) * (torch.arange(ch) < VAE)[None, :, None, None]
+    torch.testing.assert_close(eps[:, :ch], expected + (WR - 1) * (c[:, :ch] - nz[:, :ch]))
+
+
+def test_model_runs_under_the_autocast_factory_and_in_float32() -> None:
+    entered: list[int] = []
+
+    @contextmanager
+    def autocast() -> Iterator[None]:
+        entered.append(1)
+        yield
+
+    model = RecordingModel(StubConfig()).eval()
+    state, labels = _inputs()
+    guided = GuidedModel(model, labels, GuidanceConfig(mode="cfg", cfg_scale=W), autocast=autocast)
+    out = guided((state[0].double(),), 0.5)
+    assert entered == [1] and out[0].dtype == torch.float64
+    assert model.calls[0].t.dtype == torch.float32
+
+
+@dataclass
+class Case:
+    mode: str
+    num_classes: int
+    rep_drop: float
+    error: str | None = None  # expected message fragment; None: accepted
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("cfg", 1, 0.2, "class-conditional"),
+        Case("cfg+rg", 1, 0.2, "class-conditional"),
+        Case("rg", 1000, 0.0, "representation drop"),
+        Case("cfg+rg", 1000, 0.0, "representation drop"),
+        Case("bogus", 1000, 0.2, "Unknown guidance mode"),
+        Case("rg", 1, 0.2),
+        Case("cfg", 1000, 0.0),
+        Case("none", 1, 0.0),
+    ],
+    ids=lambda c: f"{c.mode}-{c.num_classes}-{c.rep_drop}",
+)
+def test_check_guidance(case: Case) -> None:
+    if case.error is None:
+        check_guidance(case.mode, case.num_classes, case.rep_drop)
+    else:
+        with pytest.raises(UserError, match=case.error):
+            check_guidance(case.mode, case.num_classes, case.rep_drop)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"mode": "cfgg"}, {"cfg_scale": -1.0}, {"interval": (0.8, 0.2)}, {"interval": (0.0, 1.5)}, {"cfg_channels": "pc"}],
+)
+def test_guidance_config_rejects_bad_values(kwargs: dict) -> None:
+    with pytest.raises(UserError):
+        GuidanceConfig(**kwargs)

@@ -1,0 +1,187 @@
+"""Image sources, decoding, the ADM centre crop and the demo image set."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.demo_data import CLASSES, write_demo_images
+from pipeline.errors import UserError
+from pipeline.images import center_crop_arr, decode_rgb, load_cropped, open_source
+
+
+def adm_center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """guided-diffusion/improved_diffusion image_datasets.center_crop_arr, verbatim."""
+    # We are not on a new enough PIL to support the `reducing_gap`
+    # argument, which uses BOX downsampling at powers of two first.
+    # Thus, we do it by hand to improve downsample quality.
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(
+            tuple(x // 2 for x in pil_image.size), resample=Image.BOX
+        )
+
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(
+        tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC
+    )
+
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_images(tmp_path_factory.mktemp("demo") / "images", 10).out
+
+
+@pytest.mark.parametrize("size", [(1023, 517), (300, 301), (50, 80), (513, 1024), (256, 256)])
+@pytest.mark.parametrize("resolution", [64, 256])
+def test_adm_crop_equals_reference(size: tuple[int, int], resolution: int) -> None:
+    rng = np.random.default_rng(size[0] * 7 + resolution)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    got = center_crop_arr(img, resolution)
+    assert got.shape == (resolution, resolution, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, adm_center_crop_arr(img, resolution))
+
+
+def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_decode_converts_every_mode_to_rgb() -> None:
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20  # (3, 4)
+    cases = {
+        "L": Image.fromarray(grey, "L"),
+        "LA": Image.fromarray(grey, "L").convert("LA"),
+        "P": Image.fromarray(grey, "L").convert("P"),
+        "RGBA": Image.fromarray(grey, "L").convert("RGBA"),
+    }
+    for mode, img in cases.items():
+        rgb = decode_rgb(_encode(img))
+        assert rgb.mode == "RGB", mode
+        np.testing.assert_array_equal(np.asarray(rgb)[..., 0], grey, err_msg=mode)
+    cmyk = decode_rgb(_encode(Image.new("CMYK", (4, 3), (0, 255, 0, 0)), "JPEG"))  # magenta
+    assert cmyk.mode == "RGB" and np.asarray(cmyk)[0, 0, 1] < 30 and np.asarray(cmyk)[0, 0, 0] > 225
+    sixteen = Image.fromarray(np.array([[0, 256, 65535]], dtype=np.uint16))  # I;16: top byte kept, not clipped
+    np.testing.assert_array_equal(np.asarray(decode_rgb(_encode(sixteen)))[0, :, 0], [0, 1, 255])
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"this is text, not a PNG", _encode(Image.new("RGB", (64, 64), (9, 9, 9)), "JPEG")[:300]]
+)
+def test_decode_rejects_bad_bytes(data: bytes) -> None:
+    with pytest.raises(Exception):
+        decode_rgb(data)
+
+
+def test_demo_data_is_deterministic_and_varied(tmp_path: Path, demo: Path) -> None:
+    again = write_demo_images(tmp_path / "again", 10).out
+    files = sorted(p.relative_to(demo).as_posix() for p in demo.rglob("*") if p.is_file())
+    assert len(files) == 10
+    assert [(again / f).read_bytes() for f in files] == [(demo / f).read_bytes() for f in files]
+    assert {f.split("/")[0] for f in files} == set(CLASSES) and len(CLASSES) >= 4
+    images = [Image.open(demo / f) for f in files]
+    assert {"RGB", "L", "RGBA", "P"} <= {im.mode for im in images}
+    assert {"JPEG", "PNG"} <= {im.format for im in images}
+    assert min(min(im.size) for im in images) < 256 and max(min(im.size) for im in images) >= 512
+    write_demo_images(demo, 10)  # rewriting the same set is allowed
+    with pytest.raises(UserError, match="other images"):
+        write_demo_images(demo, 5)
+
+
+def test_folder_source_index_labels_fingerprint(demo: Path) -> None:
+    src = open_source(demo)
+    rel = sorted(p.relative_to(demo).as_posix() for p in demo.rglob("*") if p.is_file())
+    assert [e.relpath for e in src.entries] == rel
+    assert src.keys == [r.rsplit(".", 1)[0] for r in rel]
+    assert list(src.labels) == [sorted(CLASSES).index(r.split("/")[0]) for r in rel]
+    lines = "".join(f"{r}\t{(demo / r).stat().st_size}\n" for r in rel)
+    assert src.fingerprint() == hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_flat_folder_mixed_folder_and_dataset_json(tmp_path: Path) -> None:
+    png = _encode(Image.new("RGB", (8, 8)))
+    (tmp_path / "flat").mkdir()
+    for name in ("b.png", "a.png"):
+        (tmp_path / "flat" / name).write_bytes(png)
+    flat = open_source(tmp_path / "flat")
+    assert flat.keys == ["a", "b"] and list(flat.labels) == [0, 0]
+    (tmp_path / "flat" / "sub").mkdir()
+    (tmp_path / "flat" / "sub" / "c.png").write_bytes(png)
+    with pytest.raises(UserError, match="mixes images"):
+        open_source(tmp_path / "flat")
+    (tmp_path / "flat" / "dataset.json").write_text(json.dumps({"labels": [["a.png", 3], ["b.png", 1], ["sub/c.png", 2]]}))
+    assert list(open_source(tmp_path / "flat").labels) == [3, 1, 2]
+
+
+def test_missing_and_empty_sources(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        open_source(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        open_source(tmp_path / "empty")
+
+
+def _same_images(a, b, resolution: int = 64) -> None:  # noqa: ANN001 — two ImageSources
+    assert [e.relpath for e in a.entries] == [e.relpath for e in b.entries]
+    assert a.keys == b.keys
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.fingerprint() == b.fingerprint()
+    for i in range(len(a)):
+        np.testing.assert_array_equal(load_cropped(a, i, resolution)[0], load_cropped(b, i, resolution)[0])
+
+
+def test_zip_and_tar_sources_equal_the_folder(demo: Path, tmp_path: Path) -> None:
+    folder = open_source(demo)
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as z:
+        for e in folder.entries:
+            z.write(demo / e.relpath, e.relpath)
+        z.writestr("dataset.json", json.dumps({"labels": [[e.relpath, e.label] for e in folder.entries]}))
+    _same_images(folder, open_source(tmp_path / "images.zip"))
+
+    (tmp_path / "shards").mkdir()
+    halves = [folder.entries[: len(folder) // 2], folder.entries[len(folder) // 2 :]]
+    for n, entries in enumerate(halves):
+        with tarfile.open(tmp_path / "shards" / f"shard-{n:06d}.tar", "w") as tf:
+            for e in reversed(entries):  # member order must not matter
+                tf.add(demo / e.relpath, e.relpath)
+                info = tarfile.TarInfo(f"{e.key}.cls")
+                info.size = len(str(e.label))
+                tf.addfile(info, io.BytesIO(str(e.label).encode()))
+    _same_images(folder, open_source(tmp_path / "shards"))
+    _same_images(folder, open_source(str(tmp_path / "shards" / "shard-*.tar")))
+    one = open_source(tmp_path / "shards" / "shard-000000.tar")
+    assert one.keys == [e.key for e in halves[0]] and list(one.labels) == [e.label for e in halves[0]]
+
+
+def test_zip_without_dataset_json_is_label_zero(demo: Path, tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "plain.zip", "w") as z:
+        for p in sorted(demo.rglob("*.png")):
+            z.write(p, p.relative_to(demo).as_posix())
+    src = open_source(tmp_path / "plain.zip")
+    assert len(src) > 0 and not src.labels.any()
+
+
+def test_load_cropped_reports_unreadable_files(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "ok.png").write_bytes(_encode(Image.new("RGB", (80, 50), (1, 2, 3))))
+    (tmp_path / "x" / "zero.jpg").write_bytes(b"")
+    (tmp_path / "x" / "gone.png").symlink_to(tmp_path / "missing.png")
+    src = open_source(tmp_path / "x")
+    results = {e.relpath: load_cropped(src, i, 32) for i, e in enumerate(src.entries)}
+    assert results["ok.png"][1] == "" and (results["ok.png"][0] == [1, 2, 3]).all()
+    for bad in ("zero.jpg", "gone.png"):
+        pixels, reason = results[bad]
+        assert reason and pixels.shape == (32, 32, 3) and not pixels.any()
+    assert src.entries[[e.relpath for e in src.entries].index("gone.png")].size == -1

@@ -1,0 +1,190 @@
+"""Stage `shards`: output equals its inputs, skipped images, cache and refusals, resume, `redi verify`."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import zarr
+from typer.testing import CliRunner
+
+from benchmarks.loader import make_stage_inputs
+from cli import app
+from pipeline.errors import UserError
+from pipeline.pca_file import load_pca
+from pipeline.readers import make_loader
+from pipeline.shards import ShardsConfig, ShardWriter, build_shards, decode_key, encode_key
+from pipeline.verify import verify_data
+
+N, H, GRID, DIM, K, S = 150, 4, 3, 16, 4, 32  # images, latent side, patch grid side, DINOv2 width, PCs, shard size
+BAD_LATENTS, BAD_FEATURES = (3, 40), (40, 97, 149)
+CFG = ShardsConfig(formats=("zarr", "wds"), pcs=K, shard_size=S, device="cpu")
+runner = CliRunner()
+
+
+def make_data(root: Path) -> Path:
+    make_stage_inputs(root, N, latent_side=H, grid=GRID, dim=DIM, invalid_latents=BAD_LATENTS,
+                      invalid_features=BAD_FEATURES)
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = make_data(tmp_path_factory.mktemp("shards"))
+    build_shards(data, CFG, progress=False)
+    return data
+
+
+def stage_array(data: Path, stage: str, name: str) -> np.ndarray:
+    return zarr.open_array(data / stage / "store.zarr" / name, mode="r")[:]
+
+
+def test_key_encoding_round_trips_and_has_no_dots_or_slashes() -> None:
+    for key in ["n01440764/n01440764_10026", "a.b/c.d.e", "100%/x%2Fy", "ünï/cödé"]:
+        encoded = encode_key(key)
+        assert "." not in encoded and "/" not in encoded
+        assert decode_key(encoded) == key
+
+
+def test_shards_equal_their_inputs(built: Path) -> None:
+    shards = built / "shards"
+    info = json.loads((shards / "shards.json").read_text())
+    keys = json.loads((shards / "keys.json").read_text())
+    source_keys = json.loads((built / "latents" / "keys.json").read_text())
+    bad = set(BAD_LATENTS) | set(BAD_FEATURES)
+    assert info["num_samples"] == len(keys) == N - len(bad)
+    assert sorted(keys) == [k for i, k in enumerate(source_keys) if i not in bad]
+    assert keys != sorted(keys), "the write-time shuffle mixes the class-sorted image order"
+    skipped = {(s["index"], s["stage"]) for s in info["skipped"]}
+    assert skipped == {(i, "latents") for i in BAD_LATENTS} | {(i, "features") for i in BAD_FEATURES}
+    assert all(s["reason"].startswith("unreadable in") for s in info["skipped"])
+    assert info["pca"]["K"] == K and info["num_shards"] == -(-len(keys) // S) and info["vae"]["scale"] == 0.18215
+    assert info["latent_shape"] == [4, H, H] and info["fields"]["pcs"]["shape"] == [K, GRID, GRID]
+
+    moments, cls, patch = (stage_array(built, "latents", "moments"), stage_array(built, "features", "cls"),
+                           stage_array(built, "features", "patch"))
+    labels = stage_array(built, "latents", "labels")
+    pca = load_pca(built / "pca.safetensors")
+    out = {name: zarr.open_array(shards / "samples.zarr" / name, mode="r")[:] for name in info["fields"]}
+    for j in [0, 1, len(keys) // 2, len(keys) - 1]:
+        i = source_keys.index(keys[j])
+        np.testing.assert_array_equal(out["moments"][j], moments[i])
+        np.testing.assert_array_equal(out["cls"][j], cls[i])
+        assert out["label"][j] == labels[i]
+        expected = pca.project(torch.from_numpy(patch[i]), K).T.reshape(K, GRID, GRID).numpy()  # (K, p, p)
+        np.testing.assert_allclose(out["pcs"][j].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_webdataset_tars_read_by_webdataset_equal_the_zarr_store(built: Path) -> None:
+    shards = built / "shards"
+    keys = json.loads((shards / "keys.json").read_text())
+    tars = sorted(str(p) for p in (shards / "wds").glob("shard-*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode())
+    assert [decode_key(s["__key__"]) for s in samples] == keys
+    pcs = zarr.open_array(shards / "samples.zarr" / "pcs", mode="r")
+    label = zarr.open_array(shards / "samples.zarr" / "label", mode="r")
+    for j in [0, S, len(keys) - 1]:
+        np.testing.assert_array_equal(samples[j]["pcs.npy"], pcs[j])
+        assert samples[j]["label.cls"] == label[j]
+
+
+def test_rerun_does_nothing_other_pcs_refused_unless_force(built: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(built, data)
+    again = build_shards(data, CFG, progress=False)
+    assert again.up_to_date and again.written_samples == 0
+    result = runner.invoke(app, ["shards", "--data", str(data), "--format", "both", "--pcs", str(K + 1),
+                                 "--shard-size", str(S), "--device", "cpu"])
+    assert result.exit_code == 2 and "--force" in result.output and "params.pcs" in result.output
+    result = runner.invoke(app, ["shards", "--data", str(data), "--format", "both", "--pcs", str(K + 1),
+                                 "--shard-size", str(S), "--device", "cpu", "--force"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((data / "shards" / "shards.json").read_text())["pca"]["K"] == K + 1
+    result = runner.invoke(app, ["shards", "--data", str(data), "--pcs", str(DIM + 1), "--device", "cpu", "--force"])
+    assert result.exit_code == 2 and f"--pcs {DIM + 1} exceeds the {DIM} components" in result.output
+
+
+def test_killed_run_resumes_to_the_same_bytes(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_data(tmp_path / "data")
+    original = ShardWriter.write_block
+    calls: list[int] = []
+
+    def dies_on_third_block(self: ShardWriter, block: int, keys: list[str], values: dict) -> dict[str, str]:
+        calls.append(block)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, block, keys, values)
+
+    monkeypatch.setattr(ShardWriter, "write_block", dies_on_third_block)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(data, CFG, progress=False)
+    assert not (data / "shards" / "shards.json").exists()
+    monkeypatch.setattr(ShardWriter, "write_block", original)
+    resumed = build_shards(data, CFG, progress=False)
+    assert resumed.written_samples == resumed.num_samples - 2 * S
+    want = json.loads((built / "shards" / "shards.json").read_text())["files"]
+    assert json.loads((data / "shards" / "shards.json").read_text())["files"] == want
+
+
+def test_inputs_from_different_sources_are_refused(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "data")
+    path = data / "features" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["source"]["fingerprint"] = "another-source"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="different image sources"):
+        build_shards(data, CFG, progress=False)
+
+
+def test_verify_passes_then_names_a_corrupted_tar_and_a_truncated_chunk(built: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(built, data)
+    result = runner.invoke(app, ["verify", str(data)])
+    assert result.exit_code == 0, result.output
+    assert [c.status for c in verify_data(data, progress=False)] == ["ok"] * 4
+
+    tar = data / "shards" / "wds" / "shard-000002.tar"
+    raw = bytearray(tar.read_bytes())
+    raw[5000] ^= 0xFF
+    tar.write_bytes(bytes(raw))
+    result = runner.invoke(app, ["verify", str(data)])
+    assert result.exit_code == 2 and "shard-000002.tar" in result.output.replace("\n", "")
+    assert [c.status for c in verify_data(data, deep=False, progress=False)] == ["ok"] * 4  # presence only
+    shutil.copy(built / "shards" / "wds" / "shard-000002.tar", tar)
+
+    chunk = data / "shards" / "samples.zarr" / "moments" / "c" / "1" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    checks = {c.stage: c for c in verify_data(data, progress=False)}
+    assert checks["shards/"].status == "FAILED" and str(chunk) in checks["shards/"].problem
+    assert checks["latents/"].status == "ok"
+
+
+def test_verify_names_a_damaged_input_chunk_and_an_unfinished_stage(built: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(built, data)
+    chunk = data / "features" / "store.zarr" / "patch" / "c" / "2" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    (data / "latents" / "errors.jsonl").unlink()
+    checks = {c.stage: c for c in verify_data(data, progress=False)}
+    assert checks["features/"].status == "FAILED" and str(chunk) in checks["features/"].problem
+    assert checks["latents/"].status == "FAILED" and "errors.jsonl" in checks["latents/"].problem
+    assert checks["pca.safetensors"].status == "ok"
+
+
+def test_patch_tokens_are_stored_and_read_by_both_readers(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "data")
+    build_shards(data, ShardsConfig(formats=("zarr", "wds"), pcs=K, patch_tokens=True, shard_size=S, device="cpu"),
+                 progress=False)
+    patch = stage_array(data, "features", "patch")
+    source_keys = json.loads((data / "features" / "keys.json").read_text())
+    batches = {fmt: next(iter(make_loader(data / "shards", batch_size=8, format=fmt, fields=("pcs", "patch_tokens"))))
+               for fmt in ("zarr", "wds")}
+    assert batches["zarr"]["key"] == batches["wds"]["key"]
+    for fmt, batch in batches.items():
+        assert batch["patch_tokens"].shape == (8, GRID * GRID, DIM) and "moments" not in batch
+        want = np.stack([patch[source_keys.index(key)] for key in batch["key"]])
+        np.testing.assert_array_equal(batch["patch_tokens"].numpy(), want)

@@ -1,0 +1,139 @@
+"""The training loop: learning, exact resume, DDP equivalence, clear refusals."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from benchmarks.loader import make_stage_inputs
+from cli import app
+from pipeline.shards import ShardsConfig, build_shards
+from trainer.checkpoint import load_checkpoint, newest_checkpoint
+from trainer.config import TrainConfig
+from trainer.metrics import read_metrics
+from trainer.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = {"steps_per_s", "images_per_s", "mfu"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic stages (latent 8×8, 4×4 patch grid, D = 16) and their shards with patch tokens."""
+    root = tmp_path_factory.mktemp("train-data")
+    make_stage_inputs(root, 96, latent_side=8, grid=4, dim=16, num_classes=4)
+    build_shards(root, ShardsConfig(pcs=6, patch_tokens=True, shard_size=32, formats=("zarr", "wds")), progress=False)
+    return root
+
+
+def config(data: Path, run: Path, **changes) -> TrainConfig:
+    base = dict(shards=str(data), run=str(run), model="SiT-debug", method="redi", pca_rank=4, batch_size=8,
+                max_steps=8, log_every=2, save_every=4, num_workers=0, seed=3, lr=1e-3)
+    return TrainConfig(**(base | changes))
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_debug_model_learns(data: Path, tmp_path: Path) -> None:
+    cfg = config(data, tmp_path / "run", max_steps=200, log_every=10, save_every=200, batch_size=16)
+    train(cfg, device="cpu")
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
+
+
+@pytest.mark.parametrize("method", ["redi", "reg", "redi+repa"])
+def test_resume_equals_uninterrupted(data: Path, tmp_path: Path, method: str) -> None:
+    straight = config(data, tmp_path / "straight", method=method)
+    train(straight, device="cpu")
+    half = config(data, tmp_path / "resumed", method=method, max_steps=4)
+    train(half, device="cpu")  # stops after the step-4 checkpoint, as a killed run would have left it
+    train(config(data, tmp_path / "resumed", method=method), device="cpu")
+    a = load_checkpoint(newest_checkpoint(tmp_path / "straight"))
+    b = load_checkpoint(newest_checkpoint(tmp_path / "resumed"))
+    assert a["step"] == b["step"] == 8
+    for name in ("model", "ema"):
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), f"{name}.{key} differs after resume"
+    assert without_timing(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == without_timing(
+        read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+
+
+def test_wds_reader_trains_like_zarr(data: Path, tmp_path: Path) -> None:
+    train(config(data, tmp_path / "zarr", max_steps=4), device="cpu")
+    train(config(data, tmp_path / "wds", max_steps=4, data_format="wds"), device="cpu")
+    a = load_checkpoint(newest_checkpoint(tmp_path / "zarr"))["model"]
+    b = load_checkpoint(newest_checkpoint(tmp_path / "wds"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_accumulation(data: Path, tmp_path: Path) -> None:
+    train(config(data, tmp_path / "one", micro_batch=4, max_steps=4, method="redi+repa"), device="cpu")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "cli", "train", "--shards", str(data), "--run-dir", str(tmp_path / "two"), "--model", "SiT-debug",
+           "--method", "redi+repa", "--pca-rank", "4", "--batch-size", "8", "--max-steps", "4", "--log-every", "2",
+           "--save-every", "4", "--num-workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_checkpoint(newest_checkpoint(tmp_path / "one"))["model"]
+    b = load_checkpoint(newest_checkpoint(tmp_path / "two"))["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{key} differs between 1 and 2 processes")
+    la = without_timing(read_metrics(tmp_path / "one" / "metrics.jsonl"))
+    lb = without_timing(read_metrics(tmp_path / "two" / "metrics.jsonl"))
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["train", *args])
+    return result.exit_code, result.output
+
+
+def test_rank_larger_than_stored_components_is_refused(data: Path, tmp_path: Path) -> None:
+    code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "r"), "--model", "SiT-debug", "--pca-rank", "7")
+    assert code == 2 and "--pca-rank 7" in out and "6 components" in out
+
+
+def test_repa_without_patch_tokens_is_refused(tmp_path: Path) -> None:
+    make_stage_inputs(tmp_path / "d", 32, latent_side=8, grid=4, dim=16)
+    build_shards(tmp_path / "d", ShardsConfig(pcs=4, shard_size=16), progress=False)
+    code, out = run_cli("--shards", str(tmp_path / "d"), "--run", str(tmp_path / "r"), "--model", "SiT-debug",
+                        "--method", "repa")
+    assert code == 2 and "--patch-tokens" in out
+
+
+def test_existing_run_with_other_architecture_is_refused(data: Path, tmp_path: Path) -> None:
+    train(config(data, tmp_path / "run", max_steps=2), device="cpu")
+    code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "run"), "--model", "SiT-debug",
+                        "--pca-rank", "2", "--max-steps", "4", "--num-workers", "0")
+    assert code == 2 and "different architecture" in out and "pca_rank" in out
+
+
+def test_resolution_mismatch_with_existing_run_is_refused(data: Path, tmp_path: Path) -> None:
+    train(config(data, tmp_path / "run", max_steps=2), device="cpu")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    saved["train"]["resolution"] = 512  # the run was made on shards of another resolution
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(Exception, match="resolution"):
+        train(config(data, tmp_path / "run", max_steps=4), device="cpu")
+
+
+def test_dry_run_prints_config_and_parameters(data: Path, tmp_path: Path) -> None:
+    code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "r"), "--model", "SiT-debug", "--pca-rank", "4", "--dry-run")
+    assert code == 0, out
+    assert '"parameters"' in out and not (tmp_path / "r").exists()
+
+
+def test_non_finite_losses_stop_with_a_clear_message(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="not finite"):
+        train(config(data, tmp_path / "run", lr=1e30, max_steps=40, max_bad_steps=3, grad_clip=1e30), device="cpu")
