@@ -15,7 +15,7 @@ PCS ?= 32
 FORMAT ?= both
 DEMO ?= data/demo
 
-.PHONY: install test demo encode pca shards bench clean
+.PHONY: install test demo encode pca shards train sample bench clean
 
 install: $(STAMP)
 
@@ -41,13 +41,32 @@ pca: install
 shards: install
 	$(REDI) shards --data $(DATA) --pcs $(PCS) --format $(FORMAT)
 
+RUN ?= runs/sit-b-redi
+MODEL ?= SiT-B/2
+METHOD ?= redi
+train: install
+	$(REDI) train --shards $(DATA) --run $(RUN) --model $(MODEL) --method $(METHOD)
+
+GUIDANCE ?= rg
+NUM ?= 64
+sample: install
+	$(REDI) sample --run $(RUN) --guidance $(GUIDANCE) --num $(NUM)
+
 bench: install
 	$(REDI) bench all
 
+# The whole chain on the embedded default, offline, with tiny-random encoders (minutes on a laptop CPU).
 demo: install
 	$(REDI) demo-data --out $(DEMO)/images
-	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae tiny-random
-	$(REDI) features $(DEMO)/images --data $(DEMO) --encoder tiny-random
+	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae tiny-random --workers 2
+	$(REDI) features $(DEMO)/images --data $(DEMO) --encoder tiny-random --workers 2
+	$(REDI) pca --data $(DEMO)
+	$(REDI) shards --data $(DEMO) --pcs 16 --format both --shard-size 32 --patch-tokens
+	$(REDI) verify $(DEMO)
+	$(REDI) train --shards $(DEMO) --run $(DEMO)/runs/sit-debug-redi --model SiT-debug --method redi \
+		--pca-rank 8 --batch-size 16 --max-steps 300 --log-every 50 --save-every 100 --lr 1e-3 --num-workers 0
+	$(REDI) sample --run $(DEMO)/runs/sit-debug-redi --guidance rg --rg-scale 1.5 --steps 25 --num 16 \
+		--out $(DEMO)/samples
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

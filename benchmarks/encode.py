@@ -26,9 +26,10 @@ from pipeline.encoders import (
 from pipeline.images import ImageSource, load_cropped, open_source
 
 
-def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, workers: int | None = None) -> dict[str, float | str]:
+def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, workers: int | None = None,
+        num: int | None = None) -> dict[str, float | str]:
     """Images/s of VAE+DINOv2 encoding, batched stages vs one at a time, and their ratio."""
-    num = 8 if quick else (512 if real_arch else 64)
+    num = num or (8 if quick else (512 if real_arch else 64))
     resolution = 64 if quick else resolution
     device = "cuda" if real_arch and torch.cuda.is_available() else "cpu"
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
@@ -36,7 +37,7 @@ def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, wor
         root = Path(tmp)
         images = write_demo_images(root / "images", num).out
         vae_name, dino_name = _real_arch_dirs(root) if real_arch else (TINY_RANDOM, TINY_RANDOM)
-        common = {"resolution": resolution, "device": device, "workers": workers, "batch_size": 8 if quick else 64}
+        common = {"resolution": resolution, "device": device, "workers": workers, "batch_size": 8 if quick else 128 if device == "cuda" else 64}
         enc = run_encode(EncodeConfig(images, root / "data", vae_name, **common), Console(quiet=True))
         feat = run_features(EncodeConfig(images, root / "data", dino_name, **common), Console(quiet=True))
         batched = num / (enc.seconds + feat.seconds)

@@ -1,0 +1,122 @@
+"""Training throughput: images/s and MFU of the real loop (`trainer.train.train`) on synthetic shards.
+
+The shards have the real ImageNet-256 shapes (moments 8×32×32, 32 PCs at 16×16, CLS 768, and
+the 256×768 patch tokens when the method aligns). The figures are those the loop itself logs
+in metrics.jsonl, after one logging interval of warm-up (and compilation). `reference_step`
+times the same step the way the public reference code does it: fp32, activation checkpointing
+on every block, and DINOv2 run inside the step on the images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.loader import make_stage_inputs
+from pipeline.encoders import dinov2_base_config, random_init, DINO
+from pipeline.shards import ShardsConfig, build_shards
+from trainer.config import TrainConfig
+from trainer.metrics import read_metrics
+from trainer.models import build_model
+from trainer.objectives import TrainBatch, compute_loss
+from trainer.train import loss_config, model_config, train
+from pipeline.readers import read_shard_info
+
+WITH_PATCH_TOKENS = ("repa", "reg", "redi+repa")
+
+
+def make_shards(root: Path, num: int, patch_tokens: bool) -> Path:
+    """Synthetic stages at ImageNet-256 shapes and their zarr shards."""
+    make_stage_inputs(root, num, latent_side=32, grid=16, dim=768, num_classes=1000, chunk=256)
+    build_shards(root, ShardsConfig(pcs=32, patch_tokens=patch_tokens, shard_size=256), progress=False)
+    return root / "shards"
+
+
+def loop_throughput(shards: Path, run: Path, *, model: str, method: str, batch: int, steps: int,
+                    compile: bool, device: str | None) -> dict[str, float | str | None]:
+    """Run `steps` optimiser steps of the real loop; report the second logging interval's figures."""
+    log_every = max(1, steps // 2)
+    cfg = TrainConfig(shards=str(shards), run=str(run), model=model, method=method, batch_size=batch,
+                      max_steps=2 * log_every, log_every=log_every, save_every=10**9, ckpt_every=10**9,
+                      compile=compile, num_workers=4, seed=0)
+    train(cfg, device=device)
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    return {"model": model, "method": method, "batch": batch, "compile": compile,
+            "images_per_s": last["images_per_s"], "steps_per_s": last["steps_per_s"], "mfu": last["mfu"]}
+
+
+def reference_step(shards: Path, *, model: str, method: str, batch: int, steps: int, device: str) -> float:
+    """Images/s of the public code's step: fp32, checkpointing on every block, DINOv2-B run on the images."""
+    dev = torch.device(device)
+    info = read_shard_info(shards)
+    cfg = TrainConfig(shards=str(shards), run="unused", model=model, method=method, batch_size=batch)
+    net = build_model(model_config(cfg, info)).to(dev)
+    net.grad_checkpointing = True
+    dino = random_init(DINO, dinov2_base_config(), seed=0).to(dev).eval()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    in_ch, side = net.cfg.in_channels, net.cfg.input_size
+    images = torch.randn(batch, 3, 224, 224, device=dev)
+
+    def step() -> None:
+        with torch.no_grad():
+            dino(pixel_values=images)  # the reference encodes the batch's images every step
+        x0 = torch.randn(batch, in_ch, side, side, device=dev, generator=gen)
+        tokens = torch.randn(batch, info.grid**2, info.feature_dim, device=dev, generator=gen)
+        tb = TrainBatch(x0=x0, y=torch.zeros(batch, dtype=torch.long, device=dev),
+                        cls=torch.randn(batch, info.feature_dim, device=dev), patch_tokens=tokens)
+        compute_loss(net, tb, loss_config(cfg), gen).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def run(quick: bool = False, models: tuple[str, ...] | None = None, method: str = "redi", batch: int | None = None,
+        steps: int | None = None, compile: bool = False, reference: bool = True) -> dict[str, float | str]:
+    """Loop throughput per model (and the reference-style step on the same model for the ratio)."""
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    models = models or (("SiT-B/2", "SiT-XL/2") if cuda else ("SiT-S/2",) if quick else ("SiT-S/2", "SiT-B/2"))
+    batch = batch or (256 if cuda else 4 if quick else 8)
+    steps = steps or (40 if cuda else 2 if quick else 6)
+    figures: dict[str, float | str] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "method": method,
+                                       "batch": batch}
+    with tempfile.TemporaryDirectory(prefix="redi-bench-train-") as tmp:
+        shards = make_shards(Path(tmp) / "data", max(2 * batch, 256), patch_tokens=method in WITH_PATCH_TOKENS)
+        for model in models:
+            row = loop_throughput(shards, Path(tmp) / model.replace("/", "_"), model=model, method=method,
+                                  batch=batch, steps=steps, compile=compile, device=device)
+            figures[f"{model} images/s"] = row["images_per_s"]
+            if row["mfu"] is not None:
+                figures[f"{model} MFU"] = row["mfu"]
+            if reference:
+                ref = reference_step(shards, model=model, method=method, batch=batch, steps=max(1, steps // 2),
+                                     device=device)
+                figures[f"{model} reference-style images/s"] = ref
+                figures[f"{model} speed-up vs reference"] = row["images_per_s"] / ref
+    return figures
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="repeatable; default depends on the device")
+    parser.add_argument("--method", default="redi")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
+    a = parser.parse_args()
+    print(json.dumps(run(models=tuple(a.model) if a.model else None, method=a.method, batch=a.batch, steps=a.steps,
+                         compile=a.compile, reference=a.reference), indent=2))

@@ -1,0 +1,234 @@
+"""`redi eval`: FID, sFID, Inception Score, precision and recall of a sample batch against an ADM reference batch."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from pipeline.atomic import atomic_write_json, sha256_file
+from pipeline.errors import UserError
+from sampler.inception import FID_WEIGHTS_SHA256_PREFIX, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception
+from sampler.metrics import (
+    AdmBatch,
+    FIDStatistics,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+    read_adm_batch,
+)
+
+METRIC_KEYS = ("inception_score", "fid", "sfid", "precision", "recall")  # what every report holds
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of one `redi eval` run."""
+
+    samples: Path
+    """ADM-format .npz of generated images: arr_0 uint8 N×H×W×3 (arr_1 labels are ignored)."""
+    ref: Path
+    """ADM reference batch .npz: arr_0, optionally precomputed mu/sigma/mu_s/sigma_s (used when present)."""
+    inception: Path | None
+    """pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the TF FID graph's weights); no download is made."""
+    batch_size: int = 64
+    """Images per Inception forward pass (ADM: 64); changes speed, not results."""
+    device: str = "auto"
+    """Torch device for the network: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', …"""
+    out: Path | None = None
+    """JSON report; None writes SAMPLES.eval.json next to the samples."""
+    split_size: int = 5000
+    """Images per Inception Score split (ADM: 5000, i.e. 10 splits for 50K samples)."""
+    nearest_k: int = 3
+    """k of the k-NN balls of precision/recall (ADM: 3)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.split_size < 1 or self.nearest_k < 1:
+            raise UserError("--batch-size, the split size and k must be positive integers.")
+
+    @property
+    def out_path(self) -> Path:
+        """Where the JSON report goes."""
+        return self.out if self.out is not None else self.samples.with_suffix(".eval.json")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What `redi eval` measured and where it wrote it."""
+
+    metrics: dict[str, float]  # METRIC_KEYS → value
+    out: Path  # the JSON report
+    num_samples: int  # images in the sample batch
+    num_ref: int  # images in the reference batch
+    device: str  # where the network ran
+    images_per_s: float  # Inception throughput over both batches
+    seconds: float  # wall time of the whole evaluation
+    inception_official: bool  # the weights are the published pt_inception-2015-12-05-6726825d.pth
+    precomputed_ref_stats: bool  # the reference's mu/sigma/mu_s/sigma_s came from its file
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Inception outputs of a whole batch, on the CPU."""
+
+    pool: np.ndarray  # (N, 2048) float32 pool_3
+    spatial: np.ndarray  # (N, 2023) float32 mixed_6/conv[..., :7]
+    probs: np.ndarray  # (N, 1008) float32 softmax of the unbiased logits
+
+
+class RateColumn(ProgressColumn):
+    """Images per second of a progress task."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} img/s" if task.speed else "– img/s", style="progress.data.speed")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → CUDA when available, else CPU; a CUDA device that is absent is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device (use auto, cpu, cuda or cuda:N).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asks for CUDA, but torch sees no CUDA device here; use --device cpu.")
+    return device
+
+
+@contextmanager
+def full_fp32() -> Iterator[None]:
+    """Disable TF32 convolutions and matmuls (on by default for cuDNN) so GPU features match float32 CPU ones."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def compute_activations(
+    net: FIDInceptionV3, batch: AdmBatch, batch_size: int, device: torch.device, progress: Progress
+) -> Activations:
+    """Run every image of `batch` through the network, `batch_size` at a time, with a progress bar."""
+    n = batch.num_images
+    pool = np.empty((n, POOL_DIM), np.float32)
+    spatial = np.empty((n, SPATIAL_DIM), np.float32)
+    probs = np.empty((n, NUM_CLASSES), np.float32)
+    task = progress.add_task(f"Inception {batch.path.name}", total=n)
+    start = 0
+    reader = batch.batches(batch_size)
+    images = next(reader, None)
+    with torch.inference_mode(), full_fp32():
+        while images is not None:
+            feats = net(torch.from_numpy(images).to(device))  # uint8 (B, H, W, 3) → features; async on CUDA
+            stop = start + len(images)
+            images = next(reader, None)  # read the next batch while the GPU works on this one
+            pool[start:stop] = feats.pool.cpu().numpy()
+            spatial[start:stop] = feats.spatial.cpu().numpy()
+            probs[start:stop] = torch.softmax(feats.logits, dim=1).cpu().numpy()
+            progress.advance(task, stop - start)
+            start = stop
+    assert start == n, f"read {start} of {n} images from {batch.path}"
+    return Activations(pool=pool, spatial=spatial, probs=probs)
+
+
+def _sample_settings(samples: Path) -> dict[str, Any] | None:
+    """The `sample.json` next to the samples (written by `redi sample`), or None."""
+    path = samples.parent / "sample.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; fix or remove it, since redi eval copies it into the report.") from None
+
+
+def _stats(precomputed: FIDStatistics | None, features: np.ndarray) -> FIDStatistics:
+    """ADM's rule: a file's precomputed statistics win over those of its activations."""
+    return precomputed if precomputed is not None else feature_statistics(features)
+
+
+def _batch_summary(batch: AdmBatch) -> dict[str, Any]:
+    return {
+        "path": str(batch.path),
+        "num_images": batch.num_images,
+        "height": batch.height,
+        "width": batch.width,
+        "precomputed_stats": batch.pool_stats is not None,
+    }
+
+
+def evaluate(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
+    """Compute the ADM metrics of `cfg.samples` against `cfg.ref` and write the JSON report."""
+    t0 = time.perf_counter()
+    dims = (POOL_DIM, SPATIAL_DIM)
+    samples, ref = read_adm_batch(cfg.samples, dims), read_adm_batch(cfg.ref, dims)
+    for batch in (samples, ref):
+        if batch.num_images <= cfg.nearest_k:
+            raise UserError(f"{batch.path} holds {batch.num_images} images; precision/recall with k={cfg.nearest_k} needs at least {cfg.nearest_k + 1}.")
+    sample_settings = _sample_settings(cfg.samples)
+    device = resolve_device(cfg.device)
+    net = load_fid_inception(cfg.inception, device)
+    assert cfg.inception is not None  # load_fid_inception refused None
+    inception_sha256 = sha256_file(cfg.inception)
+
+    t_net = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console or Console(stderr=True), transient=True) as progress:
+        ref_acts = compute_activations(net, ref, cfg.batch_size, device, progress)
+        sample_acts = compute_activations(net, samples, cfg.batch_size, device, progress)
+    images_per_s = (ref.num_images + samples.num_images) / (time.perf_counter() - t_net)
+
+    precision, recall = precision_recall(ref_acts.pool, sample_acts.pool, cfg.nearest_k)
+    metrics = {
+        "inception_score": inception_score(sample_acts.probs, cfg.split_size),
+        "fid": frechet_distance(_stats(samples.pool_stats, sample_acts.pool), _stats(ref.pool_stats, ref_acts.pool)),
+        "sfid": frechet_distance(
+            _stats(samples.spatial_stats, sample_acts.spatial), _stats(ref.spatial_stats, ref_acts.spatial)
+        ),
+        "precision": precision,
+        "recall": recall,
+    }
+    official = inception_sha256.startswith(FID_WEIGHTS_SHA256_PREFIX)
+    seconds = time.perf_counter() - t0
+    report = {
+        "metrics": metrics,
+        "samples": _batch_summary(samples),
+        "ref": _batch_summary(ref),
+        "inception": {"path": str(cfg.inception), "sha256": inception_sha256, "official": official},
+        "settings": {
+            "batch_size": cfg.batch_size,
+            "device": str(device),
+            "split_size": cfg.split_size,
+            "nearest_k": cfg.nearest_k,
+        },
+        "sample_settings": sample_settings,
+        "images_per_s": images_per_s,
+        "seconds": seconds,
+    }
+    try:
+        atomic_write_json(cfg.out_path, report)
+    except OSError as e:
+        raise UserError(f"Cannot write the report {cfg.out_path}: {e.strerror}.") from None
+    return EvalResult(
+        metrics=metrics,
+        out=cfg.out_path,
+        num_samples=samples.num_images,
+        num_ref=ref.num_images,
+        device=str(device),
+        images_per_s=images_per_s,
+        seconds=seconds,
+        inception_official=official,
+        precomputed_ref_stats=ref.pool_stats is not None,
+    )
