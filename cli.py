@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -39,15 +40,356 @@ def user_errors(fn: F) -> F:
 
 # --- demo-data, encode, features, info ---
 
+SourceArg = Annotated[
+    str,
+    typer.Argument(
+        help="Images: a folder (ImageFolder or flat), an edm2 .zip with dataset.json, a WebDataset .tar, "
+        "a folder of .tar files or a quoted glob of them.",
+        show_default=False,
+    ),
+]
+DataOpt = Annotated[Path, typer.Option("--data", help="Data root: the stage writes DATA/latents or DATA/features.")]
+RevisionOpt = Annotated[str, typer.Option("--revision", help="Hub revision (branch, tag or commit) of the model; recorded in the manifest.")]
+ResolutionOpt = Annotated[int, typer.Option("--resolution", help="ADM centre-crop side R in pixels (a multiple of 16; the papers use 256 or 512).")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass (recorded: batches shape the numerics).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="Torch device, e.g. cpu, cuda, cuda:1; default: cuda if available, else cpu.", show_default=False)]
+PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="Autocast precision: bf16, fp16 or fp32; default: bf16 on cuda, fp32 on cpu.", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force/--no-force", help="Delete and redo a stage that was made with different settings.")]
+ChunkSizeOpt = Annotated[int, typer.Option("--chunk-size", help="Images per committed unit (what a killed run redoes) and per Zarr chunk.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader processes decoding and cropping images (0: in the main process).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Storage dtype of the output arrays: float16 or float32.")]
+
+
+def _print_stage_result(result: Any) -> None:
+    """Summary table of an encode/features run, with the nothing-to-do and skipped-images notes."""
+    from pipeline.stage import StageState
+
+    if result.rank != 0:
+        return
+    if result.state is StageState.COMPLETE:
+        console.print(f"[green]{result.out} is complete with these settings: nothing to do.[/]")
+    console.print(result.table())
+    if result.skipped:
+        console.print(
+            f"[yellow]warning: {result.skipped} images could not be read and were skipped "
+            f"(listed in {result.out / 'errors.jsonl'}).[/]"
+        )
+
+
+@app.command("demo-data")
+@user_errors
+def demo_data_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the images into (ImageFolder layout).")] = Path("data/demo-images"),
+    num: Annotated[int, typer.Option("--num", help="Number of images (5 classes, cycled).")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated images.")] = 0,
+) -> None:
+    """Write the embedded demo image set: coloured shapes on textured backgrounds, generated in code."""
+    from pipeline.demo_data import write_demo_images
+
+    result = write_demo_images(out, num, seed)
+    console.print(f"[green]Wrote {result.count} demo images in {len(result.classes)} classes ({', '.join(result.classes)}) to {result.out}.[/]")
+
+
+@app.command("encode")
+@user_errors
+def encode_command(
+    source: SourceArg,
+    data: DataOpt = Path("data"),
+    vae: Annotated[str, typer.Option("--vae", help="VAE: hub id, local directory, or tiny-random (tests and demos only).")] = "stabilityai/sd-vae-ft-ema",
+    revision: RevisionOpt = "main",
+    resolution: ResolutionOpt = 256,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    force: ForceOpt = False,
+    chunk_size: ChunkSizeOpt = 256,
+    workers: WorkersOpt = 4,
+    dtype: DtypeOpt = "float16",
+) -> None:
+    """Stage encode: VAE posterior moments (mean, std) of every centre-cropped image → DATA/latents."""
+    from pipeline.encode import EncodeConfig, run_encode
+
+    cfg = EncodeConfig(source, data, vae, revision, resolution, batch_size, device, precision, chunk_size, workers, dtype, force)
+    _print_stage_result(run_encode(cfg, console))
+
+
+@app.command("features")
+@user_errors
+def features_command(
+    source: SourceArg,
+    data: DataOpt = Path("data"),
+    encoder: Annotated[str, typer.Option("--encoder", help="DINOv2-with-registers: hub id, local directory, or tiny-random (tests and demos only).")] = "facebook/dinov2-with-registers-base",
+    revision: RevisionOpt = "main",
+    resolution: ResolutionOpt = 256,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    force: ForceOpt = False,
+    chunk_size: ChunkSizeOpt = 256,
+    workers: WorkersOpt = 4,
+    dtype: DtypeOpt = "float16",
+) -> None:
+    """Stage features: DINOv2-with-registers CLS and patch tokens of every centre-cropped image → DATA/features."""
+    from pipeline.encode import EncodeConfig, run_features
+
+    cfg = EncodeConfig(source, data, encoder, revision, resolution, batch_size, device, precision, chunk_size, workers, dtype, force)
+    _print_stage_result(run_features(cfg, console))
+
+
+@app.command("info")
+@user_errors
+def info_command(
+    data: Annotated[Path, typer.Argument(help="Data root to describe (latents/, features/, pca.safetensors, shards/).")],
+) -> None:
+    """Show what each stage of a data root holds: counts, shapes, encoders, completeness, skipped images."""
+    from pipeline.info import info_table
+
+    console.print(info_table(data))
+
 # --- pca ---
+
+@app.command("pca")
+@user_errors
+def pca_command(
+    data: Annotated[Path, typer.Option("--data", help="Data root: reads DATA/features, writes DATA/pca.safetensors.")] = Path("data"),
+    num_images: Annotated[int, typer.Option("--num-images", help="Images drawn at random (seeded) among the valid ones; all if fewer.")] = 76_800,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the image draw.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="Where the float64 accumulation runs: auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_images: Annotated[int, typer.Option("--batch-images", help="Images read and accumulated per step (bounds memory).")] = 128,
+    import_file: Annotated[Path | None, typer.Option("--import", help="Convert a reference ReDi dino_pca_model.pth instead of fitting.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle/--no-trust-pickle", help="Allow unpickling the --import file (it can run code).")] = False,
+    force: Annotated[bool, typer.Option("--force/--no-force", help="Replace a pca.safetensors made with other settings.")] = False,
+) -> None:
+    """Fit the standardised PCA of the DINOv2 patch tokens (SPEC §4), or import the reference one."""
+    from rich.table import Table
+
+    from pipeline.pca import ImportConfig, PCAConfig, explained_variance_rows, import_pca, run_pca
+
+    if import_file is not None:
+        result = import_pca(data, ImportConfig(file=import_file, trust_pickle=trust_pickle, force=force))
+    else:
+        cfg = PCAConfig(num_images=num_images, seed=seed, device=device, batch_images=batch_images, force=force)
+        result = run_pca(data, cfg)
+    m = result.model
+    rows = explained_variance_rows(m)
+    table = Table(title=f"Explained variance, first {len(rows)} of {len(m.explained_variance)} components")
+    for name in ("PC", "variance", "ratio", "cumulative"):
+        table.add_column(name, justify="right")
+    for index, variance, ratio, cumulative in rows:
+        table.add_row(str(index), f"{variance:.4g}", f"{ratio:.2%}", f"{cumulative:.2%}")
+    console.print(table)
+    source = m.source if len(m.source) <= 28 else m.source[:28] + "…"
+    what = f"{m.n_images:,} images, {m.n_tokens:,} tokens of {m.dim} dims, source {source}"
+    if result.up_to_date:
+        console.print(f"nothing to do: {result.path} is up to date ({what}).")
+    else:
+        rate = f", {m.n_tokens / result.seconds:,.0f} tokens/s" if import_file is None and result.seconds > 0 else ""
+        console.print(f"[green]wrote[/] {result.path} ({what}) in {result.seconds:.1f} s{rate}; plot: {result.plot}")
 
 # --- shards, verify ---
 
+@app.command("shards")
+@user_errors
+def shards_command(
+    data: Annotated[Path, typer.Option("--data", help="Data root: reads latents/, features/ and pca.safetensors, writes DATA/shards.")] = Path("data"),
+    format: Annotated[str, typer.Option("--format", help="Stores to write: zarr (random access, one node), wds (WebDataset tars, streaming) or both.")] = "zarr",
+    pcs: Annotated[int, typer.Option("--pcs", help="K: principal components of the patch tokens kept per sample (train with any rank r ≤ K).")] = 32,
+    patch_tokens: Annotated[bool, typer.Option("--patch-tokens/--no-patch-tokens", help="Also store the full patch tokens (P×D), needed by REPA/REG alignment (large).")] = False,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per block: one tar, one zarr block, one committed unit.")] = 1024,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the write-time shuffle of the sample order.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="Where the PCA projection runs: auto, cpu, cuda or cuda:N.")] = "auto",
+    force: Annotated[bool, typer.Option("--force/--no-force", help="Delete and redo shards made with other settings.")] = False,
+) -> None:
+    """Join latents, features and the PCA into training shards (Zarr and/or WebDataset) described by shards.json."""
+    from rich.table import Table
+
+    from pipeline.shards import ShardsConfig, build_shards
+
+    formats = ("zarr", "wds") if format == "both" else (format,)
+    cfg = ShardsConfig(formats=formats, pcs=pcs, patch_tokens=patch_tokens, shard_size=shard_size, seed=seed,
+                       device=device, force=force)
+    result = build_shards(data, cfg)
+    if result.up_to_date:
+        console.print(f"[green]{result.root} is complete with these settings: nothing to do.[/]")
+    table = Table(title=f"shards → {result.root}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rate = f"{result.written_samples / result.seconds:,.0f}" if result.written_samples and result.seconds > 0 else "–"
+    for name, value in [("samples", f"{result.num_samples:,}"), ("skipped images", f"{result.num_skipped:,}"),
+                        ("shards", f"{result.num_shards:,} × {shard_size}"), ("formats", ", ".join(result.formats)),
+                        ("PCs per sample", str(result.info["pca"]["K"])),
+                        ("written now", f"{result.written_samples:,}"), ("time", f"{result.seconds:.1f} s"),
+                        ("samples/s", rate)]:
+        table.add_row(name, value)
+    console.print(table)
+    if result.num_skipped:
+        console.print(f"[yellow]warning: {result.num_skipped} images are invalid in latents/ or features/ and were left "
+                      f"out (listed under 'skipped' in {result.root / 'shards.json'}).[/]")
+
+
+@app.command("verify")
+@user_errors
+def verify_command(
+    data: Annotated[Path, typer.Argument(help="Data root to check (latents/, features/, pca.safetensors, shards/).")],
+    deep: Annotated[bool, typer.Option("--deep/--no-deep", help="Decode every input chunk and hash every shard file; --no-deep checks manifests, shapes and presence only.")] = True,
+) -> None:
+    """Re-check every stage of a data root: manifests, committed chunks, arrays, PCA, shard checksums and counts."""
+    from rich.table import Table
+
+    from pipeline.verify import verify_data
+
+    checks = verify_data(data, deep=deep)
+    colours = {"ok": "green", "absent": "dim", "warning": "yellow", "FAILED": "bold red"}
+    table = Table(title=f"verify {data}")
+    for name in ("stage", "status", "details"):
+        table.add_column(name)
+    for check in checks:
+        table.add_row(check.stage, f"[{colours[check.status]}]{check.status}[/]", check.details)
+    console.print(table)
+    failed = [check for check in checks if check.problem]
+    if failed:
+        raise UserError(failed[0].problem)
+    console.print(f"[green]{data}: every stage present is consistent.[/]")
+
+
 # --- train ---
+
+
+@app.command("train")
+@user_errors
+def train_command(
+    shards: Annotated[Path, typer.Option(help="Data root (or its shards/ directory) made by `redi shards`.")],
+    run: Annotated[Path, typer.Option("--run", "--run-dir", help="Run directory; an existing one is resumed from its newest checkpoint (spell it --run-dir under torchrun, whose own --run-path swallows --run).")],
+    model: Annotated[str, typer.Option(help="SiT-{S,B,L,XL}/2, DiT-{S,B,L,XL}/2, or SiT-debug / DiT-debug.")] = "SiT-B/2",
+    method: Annotated[str, typer.Option(help="baseline | redi | repa | reg | redi+repa.")] = "redi",
+    pca_rank: Annotated[int, typer.Option(help="Principal components generated with the latent (redi); ≤ K in the shards.")] = 8,
+    fusion: Annotated[str, typer.Option(help="merged (one token per patch) or separate (2x tokens).")] = "merged",
+    lambda_z: Annotated[float, typer.Option(help="Weight of the PC velocity loss.")] = 1.0,
+    rep_drop: Annotated[float, typer.Option(help="Representation drop probability (needed for RG sampling; 0 disables).")] = 0.2,
+    rep_drop_mode: Annotated[str, typer.Option(help="sample (paper) or batch (reference code).")] = "sample",
+    rep_drop_target: Annotated[str, typer.Option(help="noisy: zero z_t (paper) or clean: zero z_0 (reference code).")] = "noisy",
+    repa_depth: Annotated[Optional[int], typer.Option(help="Block feeding the REPA projector [default: 4 for S/B, 8 for L/XL].")] = None,
+    repa_weight: Annotated[float, typer.Option(help="REPA alignment loss weight.")] = 0.5,
+    cls_weight: Annotated[float, typer.Option(help="REG class-token loss weight.")] = 0.03,
+    learn_sigma: Annotated[bool, typer.Option(help="DiT: learned variance with the VLB term.")] = False,
+    unconditional: Annotated[bool, typer.Option(help="Train without class labels.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Global batch over all ranks and accumulation steps.")] = 256,
+    micro_batch: Annotated[Optional[int], typer.Option(help="Per-rank batch per forward [default: batch / ranks].")] = None,
+    max_steps: Annotated[int, typer.Option("--max-steps", "--steps", help="Optimiser steps.")] = 400_000,
+    epochs: Annotated[Optional[float], typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip.")] = 1.0,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay.")] = 0.9999,
+    precision: Annotated[str, typer.Option(help="bf16 (autocast on GPU) or fp32.")] = "bf16",
+    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of weights, data order and noise.")] = 0,
+    data_format: Annotated[str, typer.Option("--format", help="zarr (one node) or wds (streaming).")] = "zarr",
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers per rank.")] = 4,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics lines.")] = 100,
+    save_every: Annotated[int, typer.Option(help="Steps between resume checkpoints.")] = 1_000,
+    ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints kept for ever.")] = 10_000,
+    keep: Annotated[int, typer.Option(help="Resume checkpoints kept.")] = 2,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu [default: cuda if available].")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and parameter count, then exit.")] = False,
+) -> None:
+    """Train SiT/DiT with baseline, ReDi, REPA, REG or ReDi+REPA on prepared shards (resumes an existing run)."""
+    from trainer.config import TrainConfig
+    from trainer.train import describe, train
+
+    cfg = TrainConfig(
+        shards=str(shards), run=str(run), model=model, method=method, pca_rank=pca_rank, fusion=fusion,
+        lambda_z=lambda_z, rep_drop=rep_drop, rep_drop_mode=rep_drop_mode, rep_drop_target=rep_drop_target,
+        repa_depth=repa_depth, repa_weight=repa_weight, cls_weight=cls_weight, learn_sigma=learn_sigma,
+        unconditional=unconditional, batch_size=batch_size, micro_batch=micro_batch, max_steps=max_steps,
+        epochs=epochs, lr=lr, grad_clip=grad_clip, ema_decay=ema_decay, precision=precision, compile=compile,
+        seed=seed, data_format=data_format, num_workers=num_workers, log_every=log_every, save_every=save_every,
+        ckpt_every=ckpt_every, keep=keep,
+    )
+    if dry_run:
+        summary = describe(cfg)
+        print(json.dumps(summary, indent=2))
+        console.print(f"{cfg.model} {cfg.method}: {summary['parameters'] / 1e6:.1f}M parameters, "
+                      f"{summary['train_gflops_per_image']:.1f} GFLOP per training image")
+        return
+    result = train(cfg, device=device)
+    console.print(f"[green]done[/]: step {result.step}, last loss {result.last_loss:.4f}, "
+                  f"{result.skipped_steps} skipped steps; checkpoints in {result.run / 'checkpoints'}")
+
 
 # --- sample ---
 
+@app.command("sample")
+@user_errors
+def sample_command(
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory: sample its newest checkpoint.", show_default=False)] = None,
+    ckpt: Annotated[Path | None, typer.Option("--ckpt", help="Checkpoint file written by redi train (instead of --run).", show_default=False)] = None,
+    guidance: Annotated[str, typer.Option("--guidance", help="none, cfg (classifier-free), rg (Representation Guidance) or cfg+rg.")] = "none",
+    cfg_scale: Annotated[float, typer.Option("--cfg-scale", help="CFG weight w (used with cfg, cfg+rg); 1 = no effect.")] = 2.4,
+    rg_scale: Annotated[float, typer.Option("--rg-scale", help="RG weight w_r (used with rg, cfg+rg): 1.5 for B, 1.1 for XL in ReDi.")] = 1.5,
+    cfg_channels: Annotated[str, typer.Option("--cfg-channels", help="CFG on the VAE channels only (ReDi) or on all channels.")] = "vae",
+    interval: Annotated[str | None, typer.Option("--interval", help="LO,HI: guide only at noise levels t in [LO, HI] (t = 1 is noise), e.g. 0,0.7; default: every step.", show_default=False)] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="sde, ode or heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT.", show_default=False)] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 250,
+    num: Annotated[int, typer.Option("--num", help="Images to generate (indices 0…N−1); 50,000 for FID.")] = 50_000,
+    seed: Annotated[int, typer.Option("--seed", help="Image i is a function of (seed, i) only.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass and process.")] = 64,
+    class_labels: Annotated[str, typer.Option("--class-labels", help="'random' (drawn per image from seed and index) or a comma list cycled over the images.")] = "random",
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory [default: RUN/samples/NAME, NAME from step, sampler, steps, guidance, scales, seed].", show_default=False)] = None,
+    vae: Annotated[str | None, typer.Option("--vae", help="Decode with this VAE (hub id, directory, tiny-random) instead of the one the checkpoint records.", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (torchrun ranks use their local GPU).")] = "auto",
+    precision: Annotated[str | None, typer.Option("--precision", help="Network autocast: bf16 or fp32; default: bf16 on cuda, fp32 on cpu.", show_default=False)] = None,
+    weights: Annotated[str, typer.Option("--weights", help="Checkpoint weights: ema or model (raw).")] = "ema",
+    force: Annotated[bool, typer.Option("--force/--no-force", help="Replace samples made with other settings in --out instead of refusing.")] = False,
+) -> None:
+    """Sample a checkpoint: per-image PNGs, a grid, the generated PCs, an ADM .npz and sample.json (resumable, torchrun-ready)."""
+    from sampler.sample import SampleConfig, parse_class_labels, parse_interval, run_sample
+
+    cfg = SampleConfig(
+        run=run, ckpt=ckpt, guidance=guidance, cfg_scale=cfg_scale, rg_scale=rg_scale, cfg_channels=cfg_channels,
+        interval=parse_interval(interval), sampler=sampler, steps=steps, num=num, seed=seed, batch_size=batch_size,
+        class_labels=parse_class_labels(class_labels), out=out, vae=vae, device=device, precision=precision,
+        weights=weights, force=force,
+    )
+    result = run_sample(cfg, console)
+    if result.rank != 0:
+        return
+    console.print(result.table())
+    if result.missing:
+        console.print(f"[yellow]{result.missing:,} images are still missing (other ranks): rerun to finish and assemble {result.out}.[/]")
+
 # --- eval ---
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    samples: Annotated[Path, typer.Argument(help="ADM-format .npz of samples (arr_0 uint8 N×H×W×3), e.g. from redi sample.")],
+    ref: Annotated[Path, typer.Option("--ref", help="ADM reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz; its mu/sigma/mu_s/sigma_s are used when present.")],
+    inception: Annotated[Path | None, typer.Option("--inception", envvar="REDI_INCEPTION", help="Local pytorch-fid FID weights pt_inception-2015-12-05-6726825d.pth (never downloaded).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per Inception forward pass; changes speed, not results.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="Where the network runs: auto, cpu, cuda or cuda:N.")] = "auto",
+    out: Annotated[Path | None, typer.Option("--out", help="JSON report path (default: SAMPLES.eval.json next to the samples).")] = None,
+) -> None:
+    """FID, sFID, Inception Score, precision and recall against an ADM reference batch, as ADM's evaluator computes them."""
+    from rich.table import Table
+
+    from sampler.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(samples=samples, ref=ref, inception=inception, batch_size=batch_size, device=device, out=out)
+    result = evaluate(cfg, console)
+    table = Table(title=f"{result.num_samples:,} samples vs {result.num_ref:,} reference images")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
+    for key, name in names.items():
+        table.add_row(name, f"{result.metrics[key]:.4f}")
+    console.print(table)
+    if not result.inception_official:
+        console.print("[yellow]warning:[/] the Inception weights are not pt_inception-2015-12-05-6726825d.pth: these numbers are not comparable with published ones.")
+    stats = "precomputed reference statistics" if result.precomputed_ref_stats else "reference statistics from its images"
+    console.print(
+        f"[green]wrote[/] {result.out} in {result.seconds:.1f} s "
+        f"({result.images_per_s:,.1f} img/s on {result.device}, {stats})"
+    )
 
 # --- bench ---
 

@@ -1,0 +1,428 @@
+"""Stage `pca`: fit (or import) the standardised PCA of DINOv2 patch tokens (SPEC §4).
+
+The fit is exact and streams: one pass over the selected images accumulates, in float64,
+the sum and the sum of outer products of the raw tokens (shifted by the first batch's mean
+for numerical safety). The mean μ, the std s and the covariance of the standardised tokens
+follow analytically, Cov((z − μ)/s) = S⁻¹ Cov(z) S⁻¹ with S = diag(s), and its
+eigendecomposition is the PCA. Memory depends on the batch size and D, never on the
+number of images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from PIL import Image, ImageDraw, ImageFont
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file
+from pipeline.errors import UserError
+from pipeline.pca_file import PCAModel, load_pca
+from pipeline.stage import Manifest, _diff_keys, read_errors, read_manifest
+
+FEATURES_DIR = "features"
+PCA_FILE = "pca.safetensors"
+PCA_RECORD = "pca.json"  # the stage cache record: manifest of the run that wrote PCA_FILE, and its hash
+PLOT_FILE = "pca_explained_variance.png"
+REFERENCE_PATCH_TOKENS = 256  # 16×16 DINOv2-B/14 grid at R = 256, the public reference file's setting
+PLOT_COMPONENTS = 32  # components shown in the summary table and the plot
+
+# Key names the public ReDi `dino_pca_model.pth` may use for its three entries.
+REFERENCE_PCA_KEYS = ("pca_model", "pca", "model")
+REFERENCE_MEAN_KEYS = ("mean", "mu")
+REFERENCE_STD_KEYS = ("std", "sigma")
+
+
+@dataclass(frozen=True)
+class PCAConfig:
+    """How to fit the PCA of SPEC §4 on the patch tokens of a features store."""
+
+    num_images: int = 76_800
+    """Images drawn uniformly at random without replacement among the valid ones (all if fewer)."""
+    seed: int = 0
+    """Seed of that draw."""
+    device: str = "auto"
+    """Where the float64 accumulation runs: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available)."""
+    batch_images: int = 128
+    """Images read and accumulated per step; the working set is about batch_images·P·D·10 bytes."""
+    force: bool = False
+    """Replace a pca.safetensors made with other settings instead of refusing."""
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1:
+            raise UserError(f"--num-images must be at least 1, got {self.num_images}.")
+        if self.batch_images < 1:
+            raise UserError(f"--batch-images must be at least 1, got {self.batch_images}.")
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """How to import the public ReDi reference PCA file (`dino_pca_model.pth`)."""
+
+    file: Path
+    """The torch-saved dict {"pca_model": sklearn PCA, "mean": (D,), "std": (D,)}."""
+    trust_pickle: bool = False
+    """Allow unpickling the file (runs code from it); required, since the format is a pickle."""
+    force: bool = False
+    """Replace a pca.safetensors made with other settings instead of refusing."""
+
+
+@dataclass(frozen=True)
+class PCAResult:
+    """What the stage left under the data root."""
+
+    path: Path  # pca.safetensors
+    plot: Path  # the explained-variance PNG
+    model: PCAModel
+    up_to_date: bool  # True when an equal earlier run made the file: nothing was done
+    seconds: float  # wall time of the fit or import (0 when up to date)
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    """The inputs of the fit, read from `features/` (docs/FORMATS.md)."""
+
+    patch: zarr.Array  # (N, P, D) float16
+    valid: np.ndarray  # (N,) bool
+    fingerprint: str  # identifies the features stage's output (see features_fingerprint)
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TokenMoments:
+    """First and second moments of a set of tokens, float64."""
+
+    n: int  # number of tokens
+    mean: np.ndarray  # (D,)
+    cov: np.ndarray  # (D, D), biased (divides by n)
+
+
+def features_fingerprint(features_manifest: dict[str, Any]) -> str:
+    """SHA-256 of the features manifest (parameters, encoder, source): equal fingerprints, equal features."""
+    text = json.dumps(features_manifest, sort_keys=True, default=str)
+    return "features:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def open_features(features_dir: Path) -> FeatureStore:
+    """Open a complete features stage for reading; UserError if it is missing or unfinished."""
+    features_dir = Path(features_dir)
+    manifest = read_manifest(features_dir)
+    read_errors(features_dir)  # raises unless every chunk was committed
+    store_path = features_dir / "store.zarr"
+    try:
+        group = zarr.open_group(store_path, mode="r")
+        patch, valid_arr = group["patch"], group["valid"]
+    except (FileNotFoundError, KeyError) as e:
+        raise UserError(f"{store_path} lacks the arrays 'patch' and 'valid' ({e}); rerun `redi features`.") from None
+    assert isinstance(patch, zarr.Array) and isinstance(valid_arr, zarr.Array), f"{store_path}: not arrays"
+    valid = np.asarray(valid_arr[:], dtype=bool)
+    if patch.ndim != 3 or valid.shape != (patch.shape[0],):
+        raise UserError(f"{store_path} has patch {patch.shape} and valid {valid.shape}; expected (N, P, D) and (N,).")
+    return FeatureStore(patch=patch, valid=valid, fingerprint=features_fingerprint(manifest), manifest=manifest)
+
+
+def select_images(valid: np.ndarray, num_images: int, seed: int) -> np.ndarray:
+    """Sorted indices of min(num_images, #valid) valid images drawn uniformly without replacement."""
+    candidates = np.flatnonzero(valid)
+    if candidates.size == 0:
+        raise UserError("The features store holds no valid image: nothing to fit the PCA on.")
+    if num_images >= candidates.size:
+        return candidates
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(candidates, size=num_images, replace=False))
+
+
+def read_batches(patch: zarr.Array, indices: np.ndarray, batch_images: int) -> Iterator[np.ndarray]:
+    """Yield (B, P, D) blocks of the given sorted rows, reading the next block while the caller works."""
+
+    def read(start: int) -> np.ndarray:
+        rows = indices[start : start + batch_images]
+        if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: a plain slice is the cheapest read
+            return np.asarray(patch[int(rows[0]) : int(rows[-1]) + 1])
+        return np.asarray(patch.get_orthogonal_selection((rows,)))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future[np.ndarray] | None = None
+        for start in range(0, len(indices), batch_images):
+            upcoming = pool.submit(read, start)
+            if pending is not None:
+                yield pending.result()  # the caller works on this block while `upcoming` is read
+            pending = upcoming
+        if pending is not None:
+            yield pending.result()
+
+
+class MomentAccumulator:
+    """Streaming float64 sum and sum of outer products of tokens, shifted by a provisional mean."""
+
+    def __init__(self, dim: int, device: torch.device):
+        self.n = 0
+        self.shift: torch.Tensor | None = None  # (D,) first batch's mean: keeps the sums small
+        self.s1 = torch.zeros(dim, dtype=torch.float64, device=device)  # Σ (z − shift)
+        self.s2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # Σ (z − shift)(z − shift)ᵀ
+        self.device = device
+
+    def update(self, tokens: np.ndarray) -> None:
+        """Add a block of tokens of shape (..., D)."""
+        x = torch.from_numpy(tokens).to(self.device).reshape(-1, self.s1.shape[0]).to(torch.float64)  # (T, D)
+        if self.shift is None:
+            self.shift = x.mean(0)  # (D,)
+        x.sub_(self.shift)  # (T, D)
+        self.s1 += x.sum(0)  # (D,)
+        self.s2.addmm_(x.T, x)  # (D, D)
+        self.n += x.shape[0]
+
+    def moments(self) -> TokenMoments:
+        """Mean and biased covariance of everything added so far."""
+        assert self.shift is not None and self.n > 0, "moments() before any update()"
+        d = self.s1 / self.n  # (D,) mean − shift
+        cov = self.s2 / self.n - torch.outer(d, d)  # (D, D)
+        cov = (cov + cov.T) / 2  # exact symmetry for eigh
+        return TokenMoments(n=self.n, mean=(self.shift + d).cpu().numpy(), cov=cov.cpu().numpy())
+
+
+def pca_from_moments(m: TokenMoments) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(mu, std, components, explained_variance, explained_variance_ratio) of the standardised tokens.
+
+    std is the population std (ddof=0), as `np.std` in the reference ReDi `calc_pca.py`; a dimension
+    of zero variance gets std 1 (as scikit-learn's StandardScaler). Explained variances use the
+    unbiased n − 1 normaliser, as scikit-learn's PCA.
+    """
+    if m.n < 2:
+        raise UserError(f"The PCA needs at least 2 tokens, the selection holds {m.n}.")
+    var = np.clip(np.diag(m.cov), 0.0, None)  # (D,)
+    std = np.where(var > 0, np.sqrt(var), 1.0)  # (D,)
+    cov_std = m.cov / np.outer(std, std) * (m.n / (m.n - 1))  # (D, D) unbiased covariance of (z − μ)/s
+    eigval, eigvec = np.linalg.eigh(cov_std)  # ascending, columns
+    order = np.argsort(eigval)[::-1]
+    components = eigvec[:, order].T  # (D, D) rows, descending variance
+    rows = np.arange(components.shape[0])
+    components *= np.sign(components[rows, np.abs(components).argmax(1)])[:, None]  # largest-|.| entry positive
+    explained = np.clip(eigval[order], 0.0, None)  # round-off can leave tiny negatives
+    return m.mean, std, components, explained, explained / np.trace(cov_std)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA when available, else CPU; UserError for an unusable name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"Unknown device '{name}'; use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"Device '{name}' asked for, but CUDA is not available here; use --device cpu.")
+    return device
+
+
+def fit_pca(
+    features: FeatureStore, cfg: PCAConfig, on_images: Callable[[int], None] | None = None
+) -> PCAModel:
+    """Fit the standardised PCA on the patch tokens of the selected images, streaming in image order."""
+    selected = select_images(features.valid, cfg.num_images, cfg.seed)
+    acc = MomentAccumulator(features.patch.shape[2], resolve_device(cfg.device))
+    for block in read_batches(features.patch, selected, cfg.batch_images):  # (B, P, D) float16
+        acc.update(block)
+        if on_images is not None:
+            on_images(block.shape[0])
+    moments = acc.moments()
+    mu, std, components, explained, ratio = pca_from_moments(moments)
+    return PCAModel(
+        mu=mu, std=std,
+        pca_mean=np.zeros_like(mu),  # mean of (z − μ)/s with μ the tokens' own mean: exactly 0
+        components=components, explained_variance=explained, explained_variance_ratio=ratio,
+        n_images=len(selected), n_tokens=moments.n, seed=cfg.seed, source=features.fingerprint,
+    )
+
+
+def _pick(d: dict[Any, Any], keys: tuple[str, ...], what: str, file: Path) -> Any:
+    for k in keys:
+        if k in d:
+            return d[k]
+    raise UserError(
+        f"{file} has no {what} entry (looked for {', '.join(keys)}; found {', '.join(map(str, d)) or 'no keys'})."
+    )
+
+
+def load_reference_pca(file: Path, trust_pickle: bool, patch_tokens: int) -> PCAModel:
+    """Convert a ReDi reference `dino_pca_model.pth` (pickled sklearn PCA + mean + std) to a PCAModel, signs kept."""
+    file = Path(file)
+    if not trust_pickle:
+        raise UserError(
+            f"{file} is a pickle and loading it runs code from it; redi will not unpickle an untrusted file: "
+            "pass --trust-pickle if you trust the file."
+        )
+    if not file.is_file():
+        raise UserError(f"No file at {file}.")
+    try:
+        blob = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle and torch raise many types for foreign or damaged files
+        raise UserError(f"{file} is not a readable torch file ({type(e).__name__}: {e}).") from None
+    if not isinstance(blob, dict):
+        raise UserError(f"{file} holds a {type(blob).__name__}, expected a dict with a PCA, a mean and a std.")
+    pca = _pick(blob, REFERENCE_PCA_KEYS, "PCA", file)
+    if not all(hasattr(pca, a) for a in ("components_", "mean_", "explained_variance_", "n_samples_")):
+        raise UserError(f"The PCA entry of {file} is a {type(pca).__name__}, not a fitted scikit-learn PCA.")
+    if getattr(pca, "whiten", False):
+        raise UserError(f"The PCA in {file} is whitened; redi's projection (SPEC §4) is for a PCA without whitening.")
+    mu = np.asarray(torch.as_tensor(_pick(blob, REFERENCE_MEAN_KEYS, "mean", file)), dtype=np.float64)  # (D,)
+    std = np.asarray(torch.as_tensor(_pick(blob, REFERENCE_STD_KEYS, "std", file)), dtype=np.float64)  # (D,)
+    components = np.asarray(pca.components_, dtype=np.float64)  # (k, D)
+    dim = components.shape[1]
+    if mu.shape != (dim,) or std.shape != (dim,) or np.asarray(pca.mean_).shape != (dim,):
+        raise UserError(f"{file}: mean {mu.shape}, std {std.shape} and PCA width {dim} disagree.")
+    n_tokens = int(pca.n_samples_)
+    return PCAModel(
+        mu=mu, std=std, pca_mean=np.asarray(pca.mean_, dtype=np.float64), components=components,
+        explained_variance=np.asarray(pca.explained_variance_, dtype=np.float64),
+        explained_variance_ratio=np.asarray(pca.explained_variance_ratio_, dtype=np.float64),
+        n_images=n_tokens // patch_tokens if n_tokens % patch_tokens == 0 else 0,
+        n_tokens=n_tokens, seed=-1, source="import:" + sha256_file(file),
+    )
+
+
+def explained_variance_rows(model: PCAModel, k: int = PLOT_COMPONENTS) -> list[tuple[int, float, float, float]]:
+    """(index from 1, explained variance, ratio, cumulative ratio) of the first k components."""
+    cumulative = np.cumsum(model.explained_variance_ratio)
+    return [
+        (i + 1, float(model.explained_variance[i]), float(model.explained_variance_ratio[i]), float(cumulative[i]))
+        for i in range(min(k, len(model.explained_variance)))
+    ]
+
+
+def plot_explained_variance(model: PCAModel, path: Path, k: int = PLOT_COMPONENTS) -> None:
+    """PNG: bars of the explained-variance ratio of the first k components, the cumulative ratio as a line."""
+    rows = explained_variance_rows(model, k)
+    width, height, left, right, top, bottom = 760, 440, 70, 70, 56, 52
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=13)
+    x0, x1, y0, y1 = left, width - right, height - bottom, top  # plot box; y grows downwards
+    ratio_max = max(r[2] for r in rows) * 1.1 or 1.0
+    draw.text((width // 2, 20), f"PCA of {model.dim}-d patch tokens: explained variance, first {len(rows)} components",
+              fill="black", font=font, anchor="mm")
+    for f in np.linspace(0.0, 1.0, 6):  # left axis: ratio per component; right axis: cumulative
+        y = y0 - f * (y0 - y1)
+        draw.line([(x0, y), (x1, y)], fill=(225, 225, 225))
+        draw.text((x0 - 6, y), f"{f * ratio_max:.1%}", fill=(40, 90, 160), font=font, anchor="rm")
+        draw.text((x1 + 6, y), f"{f:.0%}", fill=(200, 80, 30), font=font, anchor="lm")
+    slot = (x1 - x0) / len(rows)
+    points = []
+    for i, (index, _, ratio, cumulative) in enumerate(rows):
+        bx = x0 + i * slot
+        draw.rectangle([bx + slot * 0.15, y0 - ratio / ratio_max * (y0 - y1), bx + slot * 0.85, y0], fill=(70, 120, 190))
+        points.append((bx + slot / 2, y0 - cumulative * (y0 - y1)))
+        if index == 1 or index % 4 == 0:
+            draw.text((bx + slot / 2, y0 + 6), str(index), fill="black", font=font, anchor="mt")
+    draw.line(points, fill=(200, 80, 30), width=2)
+    draw.rectangle([x0, y1, x1, y0], outline="black")
+    draw.text((width // 2, height - 14), "component", fill="black", font=font, anchor="mm")
+    draw.text((x0, y1 - 8), "ratio (bars)", fill=(40, 90, 160), font=font, anchor="ls")
+    draw.text((x1, y1 - 8), "cumulative (line)", fill=(200, 80, 30), font=font, anchor="rs")
+    atomic_write_with(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _up_to_date(data: Path, manifest: Manifest, force: bool) -> bool:
+    """True when DATA/pca.safetensors was made by an equal manifest; UserError when it was not and not force."""
+    pca_path, record_path = data / PCA_FILE, data / PCA_RECORD
+    wanted = manifest.to_json()
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        have = record.get("manifest", {})
+        if have == wanted:
+            # An equal record but another (or no) file: an interrupted or replaced write, so redo it.
+            return pca_path.exists() and sha256_file(pca_path) == record.get("pca_sha256")
+        if not force:
+            raise UserError(
+                f"{pca_path} was made with different settings ({', '.join(sorted(_diff_keys(have, wanted)))}); "
+                "pass --force to replace it."
+            )
+    elif pca_path.exists() and not force:
+        raise UserError(f"{pca_path} exists without its record {record_path.name}; pass --force to replace it.")
+    return False
+
+
+def _write(data: Path, model: PCAModel, manifest: Manifest) -> None:
+    """Save the PCA file, its plot, then the cache record naming the file's hash (each write atomic)."""
+    pca_path = data / PCA_FILE
+    model.save(pca_path)
+    plot_explained_variance(model, data / PLOT_FILE)
+    atomic_write_json(data / PCA_RECORD, {"manifest": manifest.to_json(), "pca_sha256": sha256_file(pca_path)})
+
+
+def _cached_result(data: Path) -> PCAResult:
+    model = load_pca(data / PCA_FILE)
+    if not (data / PLOT_FILE).exists():
+        plot_explained_variance(model, data / PLOT_FILE)
+    return PCAResult(path=data / PCA_FILE, plot=data / PLOT_FILE, model=model, up_to_date=True, seconds=0.0)
+
+
+class _ImagesPerSecond(ProgressColumn):
+    """Progress column: images read per second."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0.0:.1f} img/s")
+
+
+def run_pca(data: Path, cfg: PCAConfig) -> PCAResult:
+    """The `pca` stage: fit on DATA/features, write DATA/pca.safetensors and its plot (cached)."""
+    data = Path(data)
+    features = open_features(data / FEATURES_DIR)
+    manifest = Manifest(
+        stage="pca",
+        params={"num_images": cfg.num_images, "seed": cfg.seed},
+        encoder=features.manifest.get("encoder", {}),
+        source={"features": features.fingerprint},
+        tiny_random=bool(features.manifest.get("tiny_random", False)),
+    )
+    if _up_to_date(data, manifest, cfg.force):
+        return _cached_result(data)
+    n_selected = len(select_images(features.valid, cfg.num_images, cfg.seed))
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("pca"), BarColumn(), MofNCompleteColumn(), _ImagesPerSecond(), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=True,
+    ) as progress:
+        task = progress.add_task("pca", total=n_selected)
+        model = fit_pca(features, cfg, on_images=lambda n: progress.advance(task, n))
+    seconds = time.perf_counter() - start
+    _write(data, model, manifest)
+    return PCAResult(path=data / PCA_FILE, plot=data / PLOT_FILE, model=model, up_to_date=False, seconds=seconds)
+
+
+def _patch_shape(store_path: Path) -> tuple[int, int] | None:
+    """(P, D) of a features store's patch tokens, or None where there is no such store."""
+    try:
+        patch = zarr.open_group(store_path, mode="r")["patch"]
+    except (FileNotFoundError, KeyError):
+        return None
+    return int(patch.shape[1]), int(patch.shape[2])
+
+
+def import_pca(data: Path, cfg: ImportConfig) -> PCAResult:
+    """Convert a reference PCA file into DATA/pca.safetensors (cached by the file's hash)."""
+    data = Path(data)
+    if not Path(cfg.file).is_file():
+        raise UserError(f"No file at {cfg.file}.")
+    manifest = Manifest(stage="pca", params={"import_sha256": sha256_file(cfg.file)})
+    if _up_to_date(data, manifest, cfg.force):
+        return _cached_result(data)
+    shape = _patch_shape(data / FEATURES_DIR / "store.zarr")  # (P, D) of the features, if there are any
+    start = time.perf_counter()
+    model = load_reference_pca(cfg.file, cfg.trust_pickle, shape[0] if shape else REFERENCE_PATCH_TOKENS)
+    if shape is not None and shape[1] != model.dim:
+        raise UserError(f"{cfg.file} is a PCA of {model.dim}-d tokens but {data / FEATURES_DIR} holds {shape[1]}-d tokens.")
+    seconds = time.perf_counter() - start
+    _write(data, model, manifest)
+    return PCAResult(path=data / PCA_FILE, plot=data / PLOT_FILE, model=model, up_to_date=False, seconds=seconds)
