@@ -334,7 +334,7 @@ def sample_command(
     seed: Annotated[int, typer.Option("--seed", help="Image i is a function of (seed, i) only.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass and process.")] = 64,
     class_labels: Annotated[str, typer.Option("--class-labels", help="'random' (drawn per image from seed and index) or a comma list cycled over the images.")] = "random",
-    out: Annotated[Path | None, typer.Option("--out", help="Output directory [default: RUN/samples/NAME, NAME from step, sampler, steps, guidance, scales, seed].", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory; default: RUN/samples/NAME (or samples/NAME next to --ckpt), NAME from step, sampler, steps, guidance, scales, seed.", show_default=False)] = None,
     vae: Annotated[str | None, typer.Option("--vae", help="Decode with this VAE (hub id, directory, tiny-random) instead of the one the checkpoint records.", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (torchrun ranks use their local GPU).")] = "auto",
     precision: Annotated[str | None, typer.Option("--precision", help="Network autocast: bf16 or fp32; default: bf16 on cuda, fp32 on cpu.", show_default=False)] = None,
@@ -390,6 +390,61 @@ def eval_command(
         f"[green]wrote[/] {result.out} in {result.seconds:.1f} s "
         f"({result.images_per_s:,.1f} img/s on {result.device}, {stats})"
     )
+
+# --- convert ---
+
+@app.command("convert")
+@user_errors
+def convert_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Public checkpoint: a DiT/SiT EMA release or a REPA/REG/ReDi training checkpoint.", show_default=False)],
+    origin: Annotated[str, typer.Option("--from", help="The code that wrote it: redi (zelaki/ReDi), repa, reg, sit (willisma/SiT) or dit.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="The redi checkpoint to write (then: redi sample --ckpt OUT).", show_default=False)],
+    rep_drop: Annotated[float | None, typer.Option("--rep-drop", help="ReDi only: representation-drop probability it was trained with, needed for RG (default: its args, else 0).", show_default=False)] = None,
+    repa_depth: Annotated[int | None, typer.Option("--repa-depth", help="Block feeding the REPA projector (default: its args, else 4 for S/B, 8 for L/XL).", show_default=False)] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle/--no-trust-pickle", help="Allow unpickling (training checkpoints store argparse args); unpickling can run code.")] = False,
+    force: Annotated[bool, typer.Option("--force/--no-force", help="Replace an existing --out file.")] = False,
+) -> None:
+    """Convert a public DiT/SiT/REPA/REG/ReDi checkpoint to a redi checkpoint that samples identically."""
+    from rich.table import Table
+
+    from trainer.convert import ConvertConfig, convert_checkpoint
+
+    result = convert_checkpoint(ConvertConfig(checkpoint, origin, out, rep_drop, repa_depth, trust_pickle, force))
+    m, train = result.model_config, result.train_config
+    table = Table(title=f"convert → {result.out}")
+    table.add_column("")
+    table.add_column("value")
+    for name, value in [("origin", f"{result.origin.repository}, '{result.weights}' weights, step {result.step:,}"),
+                        ("network", f"{train['model']} {train['method']}, {result.num_params / 1e6:.1f}M parameters"),
+                        ("input", f"{m.in_channels}×{m.input_size}×{m.input_size} ({m.pca_rank} PC channels), "
+                                  f"{m.num_classes} classes"),
+                        ("origin time", result.origin.time_convention),
+                        ("source sha256", result.source_sha256[:16] + "…"), ("time", f"{result.seconds:.1f} s"),
+                        *(("note", note) for note in result.notes)]:
+        table.add_row(name, value)
+    console.print(table)
+
+
+@app.command("import-repa")
+@user_errors
+def import_repa_command(
+    root: Annotated[Path, typer.Argument(help="REPA data directory with images/ and vae-sd/ (folders or .zip) from its preprocessing/dataset_tools.py.", show_default=False)],
+    data: DataOpt = Path("data"),
+    images: Annotated[Path | None, typer.Option("--images", help="The image source that was encoded (default: ROOT/images, else ROOT/images.zip).", show_default=False)] = None,
+    latents: Annotated[Path | None, typer.Option("--latents", help="REPA's encoded latents (default: ROOT/vae-sd, else ROOT/vae-sd.zip).", show_default=False)] = None,
+    vae: Annotated[str, typer.Option("--vae", help="VAE recorded for the latents and used to decode samples (REPA's default sd-vae-ft-mse has the same encoder).")] = "stabilityai/sd-vae-ft-ema",
+    resolution: ResolutionOpt = 256,
+    chunk_size: ChunkSizeOpt = 256,
+    dtype: DtypeOpt = "float16",
+    workers: Annotated[int, typer.Option("--workers", help="Threads reading the .npy files.")] = 8,
+    force: ForceOpt = False,
+) -> None:
+    """Stage encode from REPA's latents: copy vae-sd/*.npy into DATA/latents without running the VAE."""
+    from pipeline.repa_import import RepaImportConfig, import_repa
+
+    result = import_repa(RepaImportConfig(root, data, images, latents, vae, resolution, chunk_size, dtype, workers, force), console)
+    _print_stage_result(result)
+    console.print(f"next: redi features {images or root / 'images'} --data {data}  (same image index, so shards joins them)")
 
 # --- bench ---
 

@@ -37,12 +37,12 @@ def make_shards(root: Path, num: int, patch_tokens: bool) -> Path:
 
 
 def loop_throughput(shards: Path, run: Path, *, model: str, method: str, batch: int, steps: int,
-                    compile: bool, device: str | None) -> dict[str, float | str | None]:
+                    compile: bool, device: str | None, micro_batch: int | None = None) -> dict[str, float | str | None]:
     """Run `steps` optimiser steps of the real loop; report the second logging interval's figures."""
     log_every = max(1, steps // 2)
     cfg = TrainConfig(shards=str(shards), run=str(run), model=model, method=method, batch_size=batch,
                       max_steps=2 * log_every, log_every=log_every, save_every=10**9, ckpt_every=10**9,
-                      compile=compile, num_workers=4, seed=0)
+                      compile=compile, num_workers=4, seed=0, micro_batch=micro_batch)
     train(cfg, device=device)
     last = read_metrics(run / "metrics.jsonl")[-1]
     return {"model": model, "method": method, "batch": batch, "compile": compile,
@@ -84,7 +84,8 @@ def reference_step(shards: Path, *, model: str, method: str, batch: int, steps: 
 
 
 def run(quick: bool = False, models: tuple[str, ...] | None = None, method: str = "redi", batch: int | None = None,
-        steps: int | None = None, compile: bool = False, reference: bool = True) -> dict[str, float | str]:
+        steps: int | None = None, compile: bool = False, reference: bool = True,
+        micro_batch: int | None = None) -> dict[str, float | str]:
     """Loop throughput per model (and the reference-style step on the same model for the ratio)."""
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -92,12 +93,12 @@ def run(quick: bool = False, models: tuple[str, ...] | None = None, method: str 
     batch = batch or (256 if cuda else 4 if quick else 8)
     steps = steps or (40 if cuda else 2 if quick else 6)
     figures: dict[str, float | str] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "method": method,
-                                       "batch": batch}
+                                       "batch": batch, "micro_batch": micro_batch or batch, "compile": str(compile)}
     with tempfile.TemporaryDirectory(prefix="redi-bench-train-") as tmp:
         shards = make_shards(Path(tmp) / "data", max(2 * batch, 256), patch_tokens=method in WITH_PATCH_TOKENS)
         for model in models:
             row = loop_throughput(shards, Path(tmp) / model.replace("/", "_"), model=model, method=method,
-                                  batch=batch, steps=steps, compile=compile, device=device)
+                                  batch=batch, steps=steps, compile=compile, device=device, micro_batch=micro_batch)
             figures[f"{model} images/s"] = row["images_per_s"]
             if row["mfu"] is not None:
                 figures[f"{model} MFU"] = row["mfu"]
@@ -114,9 +115,10 @@ if __name__ == "__main__":
     parser.add_argument("--model", action="append", help="repeatable; default depends on the device")
     parser.add_argument("--method", default="redi")
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--micro-batch", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
     a = parser.parse_args()
     print(json.dumps(run(models=tuple(a.model) if a.model else None, method=a.method, batch=a.batch, steps=a.steps,
-                         compile=a.compile, reference=a.reference), indent=2))
+                         compile=a.compile, reference=a.reference, micro_batch=a.micro_batch), indent=2))

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from pipeline.errors import UserError
 from sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats, GuidedModel, State
+from trainer.objectives import DDPM_BETA_END, DDPM_BETA_START, DDPM_STEPS, ddpm_schedule
 
 Predict = Callable[[State, float], State]  # (state, model time t) -> prediction per component
 SAMPLERS: tuple[str, ...] = ("sde", "ode", "heun", "ddpm")
@@ -137,18 +138,25 @@ def ode_heun(predict: Predict, state: State, steps: int) -> State:
 
 @dataclass(frozen=True)
 class DDPMSchedule:
-    """The DiT training process: linear β over the training timesteps (ADM's "linear" at 1000)."""
+    """The DiT training process: linear β over the training timesteps (ADM's "linear" at 1000).
 
-    num_train_timesteps: int = 1000
+    The tables are the trainer's (trainer.objectives.ddpm_schedule), so sampler and loss share one schedule.
+    """
+
+    num_train_timesteps: int = DDPM_STEPS
     """Training timesteps T; the network's time input is the timestep index 0…T−1."""
-    beta_start: float = 1e-4
+    beta_start: float = DDPM_BETA_START
     """β at timestep 0."""
-    beta_end: float = 0.02
+    beta_end: float = DDPM_BETA_END
     """β at timestep T−1."""
 
     def betas(self) -> Tensor:
-        """β_0 … β_{T−1}, float64 (T,)."""
-        return torch.linspace(self.beta_start, self.beta_end, self.num_train_timesteps, dtype=torch.float64)
+        """β_0 … β_{T−1}, float64 (T,); shared with the trainer, do not modify in place."""
+        return ddpm_schedule(self.num_train_timesteps, self.beta_start, self.beta_end).betas
+
+    def alphas_cumprod(self) -> Tensor:
+        """ᾱ_0 … ᾱ_{T−1}, float64 (T,); shared with the trainer, do not modify in place."""
+        return ddpm_schedule(self.num_train_timesteps, self.beta_start, self.beta_end).alphas_cumprod
 
 
 def space_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -175,7 +183,7 @@ class RespacedDDPM:
     def create(cls, schedule: DDPMSchedule, steps: int) -> RespacedDDPM:
         """Keep `steps` timesteps; β_i = 1 − ᾱ_i/ᾱ_prev so that ᾱ matches the training ᾱ there."""
         use = space_timesteps(schedule.num_train_timesteps, steps)
-        alphas_cumprod = torch.cumprod(1.0 - schedule.betas(), 0)[use]  # (S,)
+        alphas_cumprod = schedule.alphas_cumprod()[use]  # (S,)
         prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])  # (S,)
         betas = 1.0 - alphas_cumprod / prev  # (S,)
         posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)  # β̃ (S,)
