@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from pipeline.errors import UserError
@@ -79,6 +78,8 @@ def manifold_radii(features: np.ndarray, k: int = 3) -> np.ndarray:
     """Squared L2 distance of each feature to its k-th nearest neighbour, itself counted as the 0-th (ADM)."""
     assert len(features) > k, f"need more than k={k} features for the k-NN radii, got {len(features)}"
     x = np.ascontiguousarray(features, dtype=np.float32)  # (N, D)
+    import faiss  # only precision/recall needs it; sampling must not
+
     index = faiss.IndexFlatL2(x.shape[1])  # exact search
     index.add(x)
     dist, _ = index.search(x, k + 1)  # (N, k+1) squared distances, ascending, self first
@@ -95,6 +96,8 @@ def manifold_fraction(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarr
     q = queries.astype(np.float64)  # (Q, D)
     db = np.concatenate([m, (radii - (m * m).sum(axis=1))[:, None]], axis=1)  # (M, D+1)
     qs = np.concatenate([2.0 * q, np.ones((len(q), 1))], axis=1)  # (Q, D+1)
+    import faiss
+
     index = faiss.IndexFlatIP(db.shape[1])
     index.add(np.ascontiguousarray(db, dtype=np.float32))
     best, _ = index.search(np.ascontiguousarray(qs, dtype=np.float32), 1)  # (Q, 1)
