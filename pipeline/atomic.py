@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+def _umask_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp makes 0600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _umask_mode()  # read once: os.umask is process-wide, and writer threads run concurrently
+
 @contextmanager
 def atomic_open(path: Path) -> Iterator[BinaryIO]:
     """Open a temporary file next to `path`; on clean exit it replaces `path` atomically."""
@@ -22,6 +31,7 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -47,6 +57,7 @@ def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
         writer(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

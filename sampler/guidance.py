@@ -97,8 +97,8 @@ class GuidanceConfig:
         return self.interval is None or self.interval[0] <= t_unit <= self.interval[1]
 
 
-def check_guidance(mode: str, num_classes: int, rep_drop: float) -> None:
-    """Refuse guidance the trained model cannot support (CFG unconditional, RG without rep drop)."""
+def check_guidance(mode: str, num_classes: int, rep_drop: float, class_dropout: float = 0.1) -> None:
+    """Refuse guidance the trained model cannot support (CFG without label dropout, RG without representation drop)."""
     if mode not in GUIDANCE_MODES:
         raise UserError(f"Unknown guidance mode {mode!r}; choose one of {', '.join(GUIDANCE_MODES)}.")
     if "cfg" in mode and num_classes <= 1:
@@ -106,6 +106,8 @@ def check_guidance(mode: str, num_classes: int, rep_drop: float) -> None:
             "Classifier-free guidance needs a class-conditional model, but this one was trained "
             "unconditionally (num_classes 1); use --guidance none or rg."
         )
+    if "cfg" in mode and class_dropout <= 0:
+        raise UserError("Classifier-free guidance needs a model trained with label dropout, but this one had class_dropout 0.")
     if "rg" in mode and rep_drop <= 0:
         raise UserError(
             "Representation Guidance needs a model trained with representation drop (--rep-drop > 0), "

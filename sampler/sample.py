@@ -224,9 +224,7 @@ def resolve_sampler(name: str | None, objective: str, steps: int) -> str:
 def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
     """The guidance for this model, refused when it cannot support it; unused scales are set to 1 (canonical)."""
     mc = ckpt.model_config
-    check_guidance(cfg.guidance, mc.num_classes, ckpt.rep_drop)
-    if "cfg" in cfg.guidance and mc.class_dropout == 0:
-        raise UserError("Classifier-free guidance needs a model trained with label dropout, but this one had class_dropout 0.")
+    check_guidance(cfg.guidance, mc.num_classes, ckpt.rep_drop, mc.class_dropout)
     cfg_on, rg_on = "cfg" in cfg.guidance, "rg" in cfg.guidance
     return GuidanceConfig(
         mode=cfg.guidance,  # type: ignore[arg-type]
@@ -494,6 +492,9 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResul
     mc = ckpt.model_config
     sampler = resolve_sampler(cfg.sampler, mc.objective, cfg.steps)
     guidance = resolve_guidance(cfg, ckpt)
+    if "rg" in guidance.mode and ckpt.train.get("rep_drop_target", "noisy") != "noisy" and console is not None:
+        console.print("[yellow]warning:[/] this model was trained with the reference's clean-z drop (its dropped "
+                      "samples saw t·ε in the PC channels); Representation Guidance feeds zeros, as the paper does.")
     labels = class_labels(cfg.num, cfg.seed, cfg.class_labels, mc.num_classes)
     with process_group(cfg) as (rank, world, device):
         precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")

@@ -211,3 +211,9 @@ def test_check_guidance(case: Case) -> None:
 def test_guidance_config_rejects_bad_values(kwargs: dict) -> None:
     with pytest.raises(UserError):
         GuidanceConfig(**kwargs)
+
+
+def test_cfg_refused_for_a_model_trained_without_label_dropout() -> None:
+    check_guidance("cfg", 1000, 0.2, 0.1)
+    with pytest.raises(UserError, match="label dropout"):
+        check_guidance("cfg", 1000, 0.2, 0.0)
