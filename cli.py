@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -259,7 +260,7 @@ def verify_command(
 @user_errors
 def train_command(
     shards: Annotated[Path, typer.Option(help="Data root (or its shards/ directory) made by `redi shards`.")],
-    run: Annotated[Path, typer.Option("--run", "--run-dir", help="Run directory; an existing one is resumed from its newest checkpoint (spell it --run-dir under torchrun, whose own --run-path swallows --run).")],
+    run: Annotated[Path, typer.Option(help="Run directory; an existing one is resumed from its newest checkpoint.")],
     model: Annotated[str, typer.Option(help="SiT-{S,B,L,XL}/2, DiT-{S,B,L,XL}/2, or SiT-debug / DiT-debug.")] = "SiT-B/2",
     method: Annotated[str, typer.Option(help="baseline | redi | repa | reg | redi+repa.")] = "redi",
     pca_rank: Annotated[int, typer.Option(help="Principal components generated with the latent (redi); ≤ K in the shards.")] = 8,
@@ -268,13 +269,13 @@ def train_command(
     rep_drop: Annotated[float, typer.Option(help="Representation drop probability (needed for RG sampling; 0 disables).")] = 0.2,
     rep_drop_mode: Annotated[str, typer.Option(help="sample (paper) or batch (reference code).")] = "sample",
     rep_drop_target: Annotated[str, typer.Option(help="noisy: zero z_t (paper) or clean: zero z_0 (reference code).")] = "noisy",
-    repa_depth: Annotated[Optional[int], typer.Option(help="Block feeding the REPA projector [default: 4 for S/B, 8 for L/XL].")] = None,
+    repa_depth: Annotated[Optional[int], typer.Option(help="Block feeding the REPA projector (default: 4 for S/B, 8 for L/XL).")] = None,
     repa_weight: Annotated[float, typer.Option(help="REPA alignment loss weight.")] = 0.5,
     cls_weight: Annotated[float, typer.Option(help="REG class-token loss weight.")] = 0.03,
     learn_sigma: Annotated[bool, typer.Option(help="DiT: learned variance with the VLB term.")] = False,
     unconditional: Annotated[bool, typer.Option(help="Train without class labels.")] = False,
     batch_size: Annotated[int, typer.Option(help="Global batch over all ranks and accumulation steps.")] = 256,
-    micro_batch: Annotated[Optional[int], typer.Option(help="Per-rank batch per forward [default: batch / ranks].")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option(help="Per-rank batch per forward (default: batch / ranks).")] = None,
     max_steps: Annotated[int, typer.Option("--max-steps", "--steps", help="Optimiser steps.")] = 400_000,
     epochs: Annotated[Optional[float], typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
@@ -289,7 +290,7 @@ def train_command(
     save_every: Annotated[int, typer.Option(help="Steps between resume checkpoints.")] = 1_000,
     ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints kept for ever.")] = 10_000,
     keep: Annotated[int, typer.Option(help="Resume checkpoints kept.")] = 2,
-    device: Annotated[Optional[str], typer.Option(help="cuda or cpu [default: cuda if available].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda if available).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and parameter count, then exit.")] = False,
 ) -> None:
     """Train SiT/DiT with baseline, ReDi, REPA, REG or ReDi+REPA on prepared shards (resumes an existing run)."""
@@ -312,8 +313,9 @@ def train_command(
                       f"{summary['train_gflops_per_image']:.1f} GFLOP per training image")
         return
     result = train(cfg, device=device)
-    console.print(f"[green]done[/]: step {result.step}, last loss {result.last_loss:.4f}, "
-                  f"{result.skipped_steps} skipped steps; checkpoints in {result.run / 'checkpoints'}")
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"[green]done[/]: step {result.step}, last loss {result.last_loss:.4f}, "
+                      f"{result.skipped_steps} skipped steps; checkpoints in {result.run / 'checkpoints'}")
 
 
 # --- sample ---
@@ -447,6 +449,42 @@ def import_repa_command(
     console.print(f"next: redi features {images or root / 'images'} --data {data}  (same image index, so shards joins them)")
 
 # --- bench ---
+
+
+def _figure(value: object) -> str:
+    """A benchmark figure for a table: thousands separators for rates, 3 significant digits for ratios."""
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+BENCH_TARGETS = ("encode", "pca", "loader", "train", "sample", "eval")
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    target: Annotated[str, typer.Argument(help=f"One of {', '.join(BENCH_TARGETS)}, or all.")] = "all",
+    quick: Annotated[bool, typer.Option(help="Seconds-long smoke version of each benchmark.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Measure throughput of the pipeline, trainer and sampler on this machine (figures for docs/BENCHMARKS.md)."""
+    import importlib
+
+    from rich.table import Table
+
+    targets = BENCH_TARGETS if target == "all" else (target,)
+    if any(t not in BENCH_TARGETS for t in targets):
+        raise UserError(f"Unknown benchmark '{target}': choose one of {', '.join(BENCH_TARGETS)} or all.")
+    results = {t: importlib.import_module(f"benchmarks.{t}").run(quick=quick) for t in targets}
+    if as_json:
+        print(json.dumps(results, indent=2, default=str))
+        return
+    out = Console()
+    for name, figures in results.items():
+        table = Table(title=f"redi bench {name}", show_header=False)
+        for key, value in figures.items():
+            table.add_row(key, _figure(value))
+        out.print(table)
 
 
 if __name__ == "__main__":

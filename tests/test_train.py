@@ -80,7 +80,7 @@ def test_two_processes_equal_one_process_with_accumulation(data: Path, tmp_path:
     train(config(data, tmp_path / "one", micro_batch=4, max_steps=4, method="redi+repa"), device="cpu")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "cli", "train", "--shards", str(data), "--run-dir", str(tmp_path / "two"), "--model", "SiT-debug",
+           "--", str(Path(sys.executable).parent / "redi"), "train", "--shards", str(data), "--run", str(tmp_path / "two"), "--model", "SiT-debug",
            "--method", "redi+repa", "--pca-rank", "4", "--batch-size", "8", "--max-steps", "4", "--log-every", "2",
            "--save-every", "4", "--num-workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
