@@ -140,9 +140,9 @@ def features_command(
 @app.command("info")
 @user_errors
 def info_command(
-    data: Annotated[Path, typer.Argument(help="Data root to describe (latents/, features/, pca.safetensors, shards/).")],
+    data: Annotated[Path, typer.Argument(help="Data root (latents/, features/, pca.safetensors, shards/) or run directory.")],
 ) -> None:
-    """Show what each stage of a data root holds: counts, shapes, encoders, completeness, skipped images."""
+    """Show what each stage of a data root holds (counts, shapes, encoders, completeness, skipped images), or a run's state."""
     from pipeline.info import info_table
 
     console.print(info_table(data))

@@ -1,4 +1,4 @@
-"""`redi info DATA`: what each stage of a data root holds (counts, shapes, encoder, completeness, errors)."""
+"""`redi info DATA | RUN`: what each stage of a data root holds, or what a training run holds."""
 from __future__ import annotations
 
 import json
@@ -34,12 +34,36 @@ def describe_data_root(root: Path) -> list[StageInfo]:
     return [*(_array_stage(root / name) for name in ARRAY_STAGES), _pca(root / "pca.safetensors"), _shards(root / "shards")]
 
 
+def is_run_dir(root: Path) -> bool:
+    return (Path(root) / "config.json").is_file() and (Path(root) / "checkpoints").is_dir()
+
+
+def describe_run(root: Path) -> list[StageInfo]:
+    """A run directory: its configuration, checkpoints, last logged metrics and sample folders."""
+    root = Path(root)
+    config = _read_json(root / "config.json") or {}
+    train, model = config.get("train", {}), config.get("model", {})
+    keys = ("model", "method", "pca_rank", "fusion", "rep_drop", "batch_size", "max_steps", "precision", "shards")
+    entries = [StageInfo("config.json", "complete", [(k, _short(train.get(k))) for k in keys if k in train]
+                         + [("num_classes", _short(model.get("num_classes")))])]
+    steps = sorted(int(p.stem.split("-")[1]) for p in (root / "checkpoints").glob("step-*.pt"))
+    entries.append(StageInfo("checkpoints/", f"{len(steps)} checkpoints" if steps else "missing",
+                             [("steps", _short(steps)), ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
+    lines = (root / "metrics.jsonl").read_text().splitlines() if (root / "metrics.jsonl").exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    entries.append(StageInfo("metrics.jsonl", f"{len(lines)} lines" if lines else "missing",
+                             [(k, _short(v)) for k, v in last.items()]))
+    samples = sorted(p.name for p in (root / "samples").iterdir()) if (root / "samples").is_dir() else []
+    entries.append(StageInfo("samples/", f"{len(samples)} sets" if samples else "missing", [("sets", _short(samples))]))
+    return entries
+
+
 def info_table(root: Path) -> Table:
-    """All stages of `root` as one rich table."""
+    """All stages of a data root, or the parts of a run directory, as one rich table."""
     table = Table(title=f"redi info {root}", show_lines=True)
     for col in ("stage", "status", "contents"):
         table.add_column(col)
-    for s in describe_data_root(root):
+    for s in describe_run(root) if is_run_dir(root) else describe_data_root(root):
         status = {"complete": "[green]complete[/]", "missing": "[dim]missing[/]"}.get(s.status, f"[yellow]{s.status}[/]")
         if s.tiny_random:
             status += "\n[bold yellow]tiny-random[/]"

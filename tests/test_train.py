@@ -137,3 +137,10 @@ def test_dry_run_prints_config_and_parameters(data: Path, tmp_path: Path) -> Non
 def test_non_finite_losses_stop_with_a_clear_message(data: Path, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="not finite"):
         train(config(data, tmp_path / "run", lr=1e30, max_steps=40, max_bad_steps=3, grad_clip=1e30), device="cpu")
+
+
+def test_info_describes_a_run_directory(data: Path, tmp_path: Path) -> None:
+    train(config(data, tmp_path / "run", max_steps=4), device="cpu")
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "step-0000004.pt" in result.output and "SiT-debug" in result.output
