@@ -25,9 +25,8 @@ import torch
 import torch.distributed as dist
 import zarr
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.atomic import atomic_write_json
@@ -35,6 +34,7 @@ from pipeline.encoders import (
     DINO, VAE, EncoderFamily, describe_identity, dino_side, dino_tokens, load, resolve, vae_downsampling, vae_moments,
 )
 from pipeline.errors import UserError
+from pipeline.runtime import RateColumn, resolve_device
 from pipeline.images import ImageSource, load_cropped, open_source
 from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors
 
@@ -335,17 +335,8 @@ def _write_and_commit(
 
 def _device(requested: str | None, local_rank: int) -> torch.device:
     """The requested device, or cuda (this rank's GPU under torchrun) when available, else cpu."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"--device {requested} is not a torch device (try cpu, cuda or cuda:1).") from None
+    device = resolve_device(requested, local_rank)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA GPU is visible.")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device
 
@@ -378,14 +369,6 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-class _RateColumn(ProgressColumn):
-    """Images per second of a progress task."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else 0.0)
-        return Text(f"{speed:.1f} img/s")
-
-
 @contextlib.contextmanager
 def _progress(console: Console | None, name: str, total: int, tiny_random: bool) -> Iterator[Callable[[int], None]]:
     """A rich progress bar (images/s, ETA) on `console`; a no-op advance function when console is None."""
@@ -393,7 +376,7 @@ def _progress(console: Console | None, name: str, total: int, tiny_random: bool)
         yield lambda n: None
         return
     label = f"{name} [yellow](tiny-random)[/]" if tiny_random else name
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)

@@ -23,11 +23,11 @@ import torch
 import zarr
 from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file
 from pipeline.errors import UserError
+from pipeline.runtime import RateColumn, resolve_device
 from pipeline.pca_file import PCAModel, load_pca
 from pipeline.stage import Manifest, _diff_keys, read_errors, read_manifest
 
@@ -213,19 +213,6 @@ def pca_from_moments(m: TokenMoments) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return m.mean, std, components, explained, explained / np.trace(cov_std)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` → CUDA when available, else CPU; UserError for an unusable name."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"Unknown device '{name}'; use cpu, cuda, cuda:N or auto.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"Device '{name}' asked for, but CUDA is not available here; use --device cpu.")
-    return device
-
-
 def fit_pca(
     features: FeatureStore, cfg: PCAConfig, on_images: Callable[[int], None] | None = None
 ) -> PCAModel:
@@ -368,13 +355,6 @@ def _cached_result(data: Path) -> PCAResult:
     return PCAResult(path=data / PCA_FILE, plot=data / PLOT_FILE, model=model, up_to_date=True, seconds=0.0)
 
 
-class _ImagesPerSecond(ProgressColumn):
-    """Progress column: images read per second."""
-
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0.0:.1f} img/s")
-
-
 def run_pca(data: Path, cfg: PCAConfig) -> PCAResult:
     """The `pca` stage: fit on DATA/features, write DATA/pca.safetensors and its plot (cached)."""
     data = Path(data)
@@ -391,7 +371,7 @@ def run_pca(data: Path, cfg: PCAConfig) -> PCAResult:
     n_selected = len(select_images(features.valid, cfg.num_images, cfg.seed))
     start = time.perf_counter()
     with Progress(
-        TextColumn("pca"), BarColumn(), MofNCompleteColumn(), _ImagesPerSecond(), TimeRemainingColumn(),
+        TextColumn("pca"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn(),
         console=Console(stderr=True), transient=True,
     ) as progress:
         task = progress.add_task("pca", total=n_selected)

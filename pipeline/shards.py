@@ -32,13 +32,13 @@ import numpy as np
 import torch
 import zarr
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from zarr.codecs import Crc32cCodec
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.errors import UserError
-from pipeline.pca import features_fingerprint, resolve_device
+from pipeline.pca import features_fingerprint
+from pipeline.runtime import RateColumn, resolve_device
 from pipeline.pca_file import PCAModel, load_pca, pca_hash
 from pipeline.stage import Manifest, StageDir, StageState, read_errors, read_manifest
 
@@ -411,15 +411,8 @@ def _shards_json(inputs: _Inputs, cfg: ShardsConfig, layout: ShardLayout, group_
     }
 
 
-class _RateColumn(ProgressColumn):
-    """Samples per second of a task."""
-
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} samples/s")
-
-
 def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("samples/s"),
                     TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
 
 

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.atomic import atomic_write_json, sha256_file
 from pipeline.errors import UserError
+from pipeline.runtime import RateColumn, resolve_device
 from sampler.inception import FID_WEIGHTS_SHA256_PREFIX, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception
 from sampler.metrics import (
     AdmBatch,
@@ -84,26 +84,6 @@ class Activations:
     pool: np.ndarray  # (N, 2048) float32 pool_3
     spatial: np.ndarray  # (N, 2023) float32 mixed_6/conv[..., :7]
     probs: np.ndarray  # (N, 1008) float32 softmax of the unbiased logits
-
-
-class RateColumn(ProgressColumn):
-    """Images per second of a progress task."""
-
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:.1f} img/s" if task.speed else "– img/s", style="progress.data.speed")
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → CUDA when available, else CPU; a CUDA device that is absent is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a torch device (use auto, cpu, cuda or cuda:N).") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asks for CUDA, but torch sees no CUDA device here; use --device cpu.")
-    return device
 
 
 @contextmanager

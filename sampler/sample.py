@@ -44,7 +44,7 @@ from rich.table import Table
 from pipeline.atomic import atomic_write_json, sha256_file
 from pipeline.encoders import TINY_RANDOM, load_vae
 from pipeline.errors import UserError
-from sampler.evaluate import RateColumn, resolve_device
+from pipeline.runtime import RateColumn, resolve_device
 from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig, check_guidance
 from sampler.outputs import (
     GRID_MAX, GRID_PNG, IMAGES_DIR, NPZ_FILE, PCS_DIR, PCS_PNG, SAMPLE_JSON, image_path, make_grid, pcs_path,

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from trainer.models import REPA_DEPTHS, SIZES
-from trainer.objectives import METHODS
+from trainer.objectives import METHODS, PCS_METHODS, REPA_METHODS
 
 OBJECTIVES = {"SiT": "sit", "DiT": "dit"}
 
@@ -116,11 +116,11 @@ class TrainConfig:
 
     @property
     def uses_pcs(self) -> bool:
-        return self.method in ("redi", "redi+repa")
+        return self.method in PCS_METHODS
 
     @property
     def uses_repa(self) -> bool:
-        return self.method in ("repa", "reg", "redi+repa")
+        return self.method in REPA_METHODS
 
     @property
     def resolved_repa_depth(self) -> int:

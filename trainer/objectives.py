@@ -20,6 +20,8 @@ from pipeline.errors import UserError
 from trainer.models import ModelConfig
 
 METHODS = ("baseline", "redi", "repa", "reg", "redi+repa")
+PCS_METHODS = ("redi", "redi+repa")  # generate PC channels jointly with the latent
+REPA_METHODS = ("repa", "reg", "redi+repa")  # align hidden states with the DINOv2 patch tokens
 REP_DROP_MODES = ("sample", "batch")
 REP_DROP_TARGETS = ("noisy", "clean")
 DDPM_STEPS = 1000  # DiT: 1000 discrete steps
@@ -68,12 +70,12 @@ class LossConfig:
     @property
     def uses_pcs(self) -> bool:
         """The input carries PC channels with their own loss (ReDi)."""
-        return self.method in ("redi", "redi+repa")
+        return self.method in PCS_METHODS
 
     @property
     def uses_repa(self) -> bool:
         """The REPA alignment loss applies (REG aligns too)."""
-        return self.method in ("repa", "reg", "redi+repa")
+        return self.method in REPA_METHODS
 
     @property
     def uses_reg(self) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 
@@ -14,6 +15,7 @@ class TrainProgress:
         self._progress = Progress(
             TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
             TextColumn("{task.description}"), TimeRemainingColumn(), disable=not enabled,
+            console=Console(stderr=True),
         )
         self._task = self._progress.add_task("", total=total_steps, completed=start_step)
         self._progress.start()
