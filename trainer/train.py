@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
         make_loader(
             shards, batch_size=micro, rank=dist_info.rank * accum + k, world_size=dist_info.world_size * accum,
             seed=cfg.seed, cursor=step * micro, fields=data_fields(cfg), format=cfg.data_format,
-            num_workers=-(-cfg.num_workers // accum), pin_memory=dev.type == "cuda",
+            num_workers=min(-(-cfg.num_workers // accum), os.cpu_count() or 1), pin_memory=dev.type == "cuda",
         )
         for k in range(accum)
     ]
