@@ -198,9 +198,11 @@ class RespacedDDPM:
         )
 
     def log_variance(self, i: int, var_pred: Tensor | None) -> Tensor | float:
-        """Fixed small log β̃ (var_pred None), or ADM's learned range: frac·log β + (1−frac)·log β̃."""
+        """DiT's fixed *large* variance without learned σ (log β, with β̃_1 at the first step, as
+        ADM's FIXED_LARGE that DiT's `create_diffusion(learn_sigma=False)` selects), or ADM's learned
+        range frac·log β + (1−frac)·log β̃."""
         if var_pred is None:
-            return float(self.posterior_log_variance[i])
+            return float(self.posterior_log_variance[0] if i == 0 else self.log_betas[i])
         frac = (var_pred + 1.0) / 2.0  # v ∈ [−1, 1] → [0, 1]
         return frac * float(self.log_betas[i]) + (1.0 - frac) * float(self.posterior_log_variance[i])
 
