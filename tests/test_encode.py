@@ -214,3 +214,21 @@ def test_benchmark_quick_smoke() -> None:
     figures = run(quick=True, workers=0)
     assert figures["batched_images_per_s"] > 0 and figures["one_at_a_time_images_per_s"] > 0
     assert figures["models"] == "tiny-random"
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_write_the_same_store_as_one_process(images: Path, tmp_path: Path) -> None:
+    for stage, flag in (("encode", "--vae"), ("features", "--encoder")):
+        code, out = redi(stage, images, "--data", tmp_path / "one", flag, "tiny-random", *TINY, "--chunk-size", "4")
+        assert code == 0, out
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+               "--", str(Path(sys.executable).parent / "redi"), stage, str(images), "--data", str(tmp_path / "two"),
+               flag, "tiny-random", *TINY, "--chunk-size", "4", "--device", "cpu"]
+        done = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("latents", "features"):
+        one, two = read_store(tmp_path / "one" / stage), read_store(tmp_path / "two" / stage)
+        assert one.keys() == two.keys()
+        for name in one:
+            assert np.array_equal(one[name], two[name]), f"{stage}/{name} differs between 1 and 2 processes"
+        assert (tmp_path / "two" / stage / "errors.jsonl").read_text() == (tmp_path / "one" / stage / "errors.jsonl").read_text()
