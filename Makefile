@@ -13,6 +13,7 @@ ENCODER ?= facebook/dinov2-with-registers-base
 RESOLUTION ?= 256
 PCS ?= 32
 FORMAT ?= both
+PATCH_TOKENS ?= --no-patch-tokens   # --patch-tokens for REPA / REG (256×768 float16 per image)
 DEMO ?= data/demo
 
 .PHONY: install test demo encode pca shards train sample bench clean
@@ -39,7 +40,7 @@ pca: install
 	$(REDI) pca --data $(DATA)
 
 shards: install
-	$(REDI) shards --data $(DATA) --pcs $(PCS) --format $(FORMAT)
+	$(REDI) shards --data $(DATA) --pcs $(PCS) --format $(FORMAT) $(PATCH_TOKENS)
 
 RUN ?= runs/sit-b-redi
 MODEL ?= SiT-B/2

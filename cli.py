@@ -291,6 +291,7 @@ def train_command(
     ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints kept for ever.")] = 10_000,
     keep: Annotated[int, typer.Option(help="Resume checkpoints kept.")] = 2,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda if available).")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start a new run from these weights (a redi checkpoint or `redi convert` output).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and parameter count, then exit.")] = False,
 ) -> None:
     """Train SiT/DiT with baseline, ReDi, REPA, REG or ReDi+REPA on prepared shards (resumes an existing run)."""
@@ -304,7 +305,7 @@ def train_command(
         unconditional=unconditional, batch_size=batch_size, micro_batch=micro_batch, max_steps=max_steps,
         epochs=epochs, lr=lr, grad_clip=grad_clip, ema_decay=ema_decay, precision=precision, compile=compile,
         seed=seed, data_format=data_format, num_workers=num_workers, log_every=log_every, save_every=save_every,
-        ckpt_every=ckpt_every, keep=keep,
+        ckpt_every=ckpt_every, keep=keep, init=None if init is None else str(init),
     )
     if dry_run:
         summary = describe(cfg)

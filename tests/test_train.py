@@ -144,3 +144,23 @@ def test_info_describes_a_run_directory(data: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["info", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "step-0000004.pt" in result.output and "SiT-debug" in result.output
+
+
+def test_resume_after_a_crash_mid_metrics_line(data: Path, tmp_path: Path) -> None:
+    train(config(data, tmp_path / "run", max_steps=4), device="cpu")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"loss": 1.2, "st')  # killed while appending
+    train(config(data, tmp_path / "run", max_steps=8), device="cpu")
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_init_starts_a_new_run_from_other_weights_and_refuses_another_network(data: Path, tmp_path: Path) -> None:
+    train(config(data, tmp_path / "a", max_steps=4), device="cpu")
+    source = newest_checkpoint(tmp_path / "a")
+    train(config(data, tmp_path / "b", max_steps=1, save_every=1, lr=0.0, init=str(source)), device="cpu")
+    a, b = load_checkpoint(source), load_checkpoint(newest_checkpoint(tmp_path / "b"))
+    assert all(torch.equal(a["ema"][k], b["model"][k]) for k in a["ema"]), "lr 0: the weights stay the --init EMA weights"
+    code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "c"), "--model", "SiT-debug", "--pca-rank", "2",
+                        "--init", str(source), "--num-workers", "0", "--max-steps", "1")
+    assert code == 2 and "different network" in out and "pca_rank" in out

@@ -82,6 +82,8 @@ class TrainConfig:
     keep: int = 2
     max_bad_steps: int = 10
     """Consecutive non-finite losses before the run stops."""
+    init: str | None = None
+    """Weights to start a new run from (a redi checkpoint or `redi convert` output); unused when resuming."""
     resolution: int = 0
     """Image resolution, filled from the shards."""
 

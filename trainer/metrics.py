@@ -22,12 +22,12 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step are dropped first."""
+    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step (or cut by a crash) are dropped first."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = Path(path)
         if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            kept = [json.dumps(row) for row in read_metrics(self.path) if row["step"] <= resume_step]
             atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
 
     def write(self, row: dict[str, Any]) -> None:
@@ -36,4 +36,11 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln]
+    """The complete lines of a metrics.jsonl (a line half-written when a process was killed is skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

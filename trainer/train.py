@@ -72,6 +72,8 @@ def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
+    elif cfg.init is not None:
+        load_initial_weights(Path(cfg.init), model, ema, model_cfg, dev)
     net = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) if dist_info.world_size > 1 else model
     net.cfg = model_cfg  # compute_loss reads the model's config through any wrapper
     if cfg.compile:
@@ -150,6 +152,19 @@ def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
     progress.close()
     shutdown()
     return TrainResult(run=run, step=step, skipped_steps=skipped, last_loss=loss_value)
+
+
+def load_initial_weights(path: Path, model: torch.nn.Module, ema: torch.nn.Module, model_cfg: ModelConfig,
+                         dev: torch.device) -> None:
+    """Start from another run's (or a converted public checkpoint's) weights: EMA into both, as fine-tuning does."""
+    init = load_checkpoint(path, map_location=dev)
+    wanted = dataclasses.asdict(model_cfg)
+    saved = init.get("model_config", {})
+    if changed := sorted(k for k in wanted if k != "class_dropout" and saved.get(k) != wanted[k]):
+        raise UserError(f"--init {path} holds a different network ({', '.join(changed)}); match --model/--method/--pca-rank to it.")
+    weights = init["ema"] if init.get("ema") is not None else init["model"]
+    model.load_state_dict(weights)
+    ema.load_state_dict(weights)
 
 
 def describe(cfg: TrainConfig) -> dict:
