@@ -114,8 +114,7 @@ def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
             for name, value in {"loss": out.loss.detach(), **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.float() / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        losses = {name: all_reduce_mean(v) for name, v in sums.items()}
-        if not torch.isfinite(losses["loss"]) or not torch.isfinite(grad_norm):
+        if not torch.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients); one host sync
             opt.zero_grad(set_to_none=True)
             bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
             if bad_in_a_row >= cfg.max_bad_steps:
@@ -132,7 +131,8 @@ def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
             elapsed, timer = time.perf_counter() - timer, time.perf_counter()
             steps_done = min(cfg.log_every, step - progress.last_step)
             images_per_s = steps_done * cfg.batch_size / elapsed
-            row = {name: float(v) for name, v in losses.items()} | {
+            losses = all_reduce_mean(torch.stack(list(sums.values())))  # one all-reduce, on logging steps only
+            row = dict(zip(sums, losses.tolist())) | {
                 "step": step, "grad_norm": float(grad_norm), "lr": cfg.lr, "skipped_steps": skipped,
                 "steps_per_s": steps_done / elapsed, "images_per_s": images_per_s,
                 "mfu": flops_per_image * images_per_s / (peak * dist_info.world_size) if peak else None,
