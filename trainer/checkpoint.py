@@ -27,7 +27,7 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int) -> Path:
-    """Write step-XXXXXXX.pt atomically, then delete older non-milestone checkpoints beyond `keep`."""
+    """Write step-<7-digit step>.pt atomically, then delete older non-milestone checkpoints beyond `keep`."""
     path = checkpoint_path(run, step)
     atomic_write_with(path, lambda tmp: torch.save(state, tmp))
     rolling = [(s, p) for s, p in list_checkpoints(run) if milestone_every <= 0 or s % milestone_every != 0]
