@@ -314,7 +314,11 @@ def train_command(
                       f"{summary['train_gflops_per_image']:.1f} GFLOP per training image")
         return
     result = train(cfg, device=device)
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if result.steps_run == 0:
+        console.print(f"{result.run} is already at step {result.step} (--max-steps {cfg.max_steps}): nothing to do.")
+    else:
         console.print(f"[green]done[/]: step {result.step}, last loss {result.last_loss:.4f}, "
                       f"{result.skipped_steps} skipped steps; checkpoints in {result.run / 'checkpoints'}")
 

@@ -39,6 +39,7 @@ from trainer.progress import TrainProgress
 class TrainResult:
     run: Path
     step: int
+    steps_run: int
     skipped_steps: int
     last_loss: float
 
@@ -97,6 +98,7 @@ def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
     gen = torch.Generator(device=dev)
     bad_in_a_row, skipped, loss_value = 0, 0, math.nan
     progress = TrainProgress(cfg.max_steps, step, enabled=dist_info.is_main)
+    start_step = step
     timer = time.perf_counter()
 
     while step < cfg.max_steps:
@@ -151,7 +153,7 @@ def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
             barrier()
     progress.close()
     shutdown()
-    return TrainResult(run=run, step=step, skipped_steps=skipped, last_loss=loss_value)
+    return TrainResult(run=run, step=step, steps_run=step - start_step, skipped_steps=skipped, last_loss=loss_value)
 
 
 def load_initial_weights(path: Path, model: torch.nn.Module, ema: torch.nn.Module, model_cfg: ModelConfig,
