@@ -318,9 +318,16 @@ def train_command(
         return
     if result.steps_run == 0:
         console.print(f"{result.run} is already at step {result.step} (--max-steps {cfg.max_steps}): nothing to do.")
-    else:
-        console.print(f"[green]done[/]: step {result.step}, last loss {result.last_loss:.4f}, "
-                      f"{result.skipped_steps} skipped steps; checkpoints in {result.run / 'checkpoints'}")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"redi train → {result.run}", show_header=False)
+    for key, value in (("steps", f"{result.steps_run:,} run now, at step {result.step:,}"),
+                       ("skipped (non-finite)", f"{result.skipped_steps}"), ("last loss", f"{result.last_loss:.4f}"),
+                       ("time", f"{result.seconds:,.1f} s"), ("images/s", f"{result.images_per_s:,.1f}"),
+                       ("checkpoints", str(result.run / "checkpoints")), ("metrics", str(result.run / "metrics.jsonl"))):
+        table.add_row(key, value)
+    console.print(table)
 
 
 # --- sample ---

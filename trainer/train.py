@@ -42,6 +42,8 @@ class TrainResult:
     steps_run: int
     skipped_steps: int
     last_loss: float
+    seconds: float
+    images_per_s: float
 
 
 def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
@@ -98,7 +100,7 @@ def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
     gen = torch.Generator(device=dev)
     bad_in_a_row, skipped, loss_value = 0, 0, math.nan
     progress = TrainProgress(cfg.max_steps, step, enabled=dist_info.is_main)
-    start_step = step
+    start_step, started = step, time.perf_counter()
     timer = time.perf_counter()
 
     while step < cfg.max_steps:
@@ -153,7 +155,9 @@ def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
             barrier()
     progress.close()
     shutdown()
-    return TrainResult(run=run, step=step, steps_run=step - start_step, skipped_steps=skipped, last_loss=loss_value)
+    seconds = time.perf_counter() - started
+    return TrainResult(run=run, step=step, steps_run=step - start_step, skipped_steps=skipped, last_loss=loss_value,
+                       seconds=seconds, images_per_s=(step - start_step) * cfg.batch_size / max(seconds, 1e-9))
 
 
 def load_initial_weights(path: Path, model: torch.nn.Module, ema: torch.nn.Module, model_cfg: ModelConfig,
