@@ -180,7 +180,7 @@ def run_stage(kind: StageKind, cfg: EncodeConfig, console: Console | None = None
             )
         if pending:
             model = load(ref, device)
-            arrays = _open_arrays(out, len(source), shapes, cfg.chunk_size, cfg.dtype)
+            arrays = open_arrays(out, len(source), shapes, cfg.chunk_size, cfg.dtype)
             start = time.perf_counter()
             result.processed, result.skipped = _encode_chunks(
                 kind, model, arrays, cfg, source, stage, pending, device, precision,
@@ -215,7 +215,7 @@ def _open_stage(
         _broadcast(str(e), world)
         raise
     if state is not StageState.COMPLETE:
-        _open_arrays(stage.root, len(source), shapes, cfg.chunk_size, cfg.dtype)
+        open_arrays(stage.root, len(source), shapes, cfg.chunk_size, cfg.dtype)
         if not (stage.root / "keys.json").exists():
             atomic_write_json(stage.root / "keys.json", source.keys)
     _broadcast(None, world)
@@ -231,7 +231,7 @@ def _broadcast(refusal: str | None, world: int) -> str | None:
     return box[0]
 
 
-def _open_arrays(
+def open_arrays(
     root: Path, n: int, shapes: dict[str, tuple[int, ...]], chunk: int, dtype: str
 ) -> dict[str, zarr.Array]:
     """The stage's Zarr arrays (outputs, `labels`, `valid`), created on first use, chunked along N."""
@@ -295,7 +295,7 @@ def _encode_chunks(
     in_flight: Future[None] | None = None
     with (
         ThreadPoolExecutor(max_workers=1) as writer,
-        _progress(console, kind.name, total, tiny_random) as advance,
+        image_progress(console, kind.name, total, tiny_random) as advance,
         torch.inference_mode(),
         _autocast(device, precision),
     ):
@@ -370,7 +370,7 @@ def _barrier(world: int) -> None:
 
 
 @contextlib.contextmanager
-def _progress(console: Console | None, name: str, total: int, tiny_random: bool) -> Iterator[Callable[[int], None]]:
+def image_progress(console: Console | None, name: str, total: int, tiny_random: bool) -> Iterator[Callable[[int], None]]:
     """A rich progress bar (images/s, ETA) on `console`; a no-op advance function when console is None."""
     if console is None:
         yield lambda n: None

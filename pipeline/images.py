@@ -92,7 +92,7 @@ def _has_image_suffix(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _labels_from_dataset_json(data: bytes, location: str) -> dict[str, int] | None:
+def labels_from_dataset_json(data: bytes, location: str) -> dict[str, int] | None:
     """Parse edm2/REPA `dataset.json` (`{"labels": [[relpath, int], ...]}` or null labels)."""
     try:
         labels = json.loads(data).get("labels")
@@ -120,7 +120,7 @@ class FolderSource(ImageSource):
         self.root = Path(root)
         files = [(p, _size_or_minus_one(self.root / p)) for p in walk_images(self.root)]
         if (self.root / "dataset.json").is_file():
-            labels = _labels_from_dataset_json((self.root / "dataset.json").read_bytes(), str(self.root))
+            labels = labels_from_dataset_json((self.root / "dataset.json").read_bytes(), str(self.root))
             entries = _label_entries(files, labels, str(self.root))
         else:
             entries = _image_folder_entries(files, str(self.root))
@@ -178,7 +178,7 @@ class ZipSource(ImageSource):
                 infos = [i for i in z.infolist() if not i.is_dir()]
                 files = [(i.filename, i.file_size) for i in infos if _has_image_suffix(i.filename)]
                 names = {i.filename for i in infos}
-                labels = _labels_from_dataset_json(z.read("dataset.json"), str(path)) if "dataset.json" in names else None
+                labels = labels_from_dataset_json(z.read("dataset.json"), str(path)) if "dataset.json" in names else None
         except (OSError, zipfile.BadZipFile) as e:
             raise UserError(f"Cannot read the zip file {path}: {e}.") from None
         super().__init__(str(self.path), _label_entries(files, labels, str(path)))

@@ -29,7 +29,7 @@ from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file
 from pipeline.errors import UserError
 from pipeline.runtime import RateColumn, resolve_device
 from pipeline.pca_file import PCAModel, load_pca
-from pipeline.stage import Manifest, _diff_keys, read_errors, read_manifest
+from pipeline.stage import Manifest, diff_keys, read_errors, read_manifest
 
 FEATURES_DIR = "features"
 PCA_FILE = "pca.safetensors"
@@ -332,7 +332,7 @@ def _up_to_date(data: Path, manifest: Manifest, force: bool) -> bool:
             return pca_path.exists() and sha256_file(pca_path) == record.get("pca_sha256")
         if not force:
             raise UserError(
-                f"{pca_path} was made with different settings ({', '.join(sorted(_diff_keys(have, wanted)))}); "
+                f"{pca_path} was made with different settings ({', '.join(sorted(diff_keys(have, wanted)))}); "
                 "pass --force to replace it."
             )
     elif pca_path.exists() and not force:

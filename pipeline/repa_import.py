@@ -34,9 +34,9 @@ from PIL import Image
 from rich.console import Console
 
 from pipeline.atomic import atomic_write_json
-from pipeline.encode import STORE_DTYPES, StageResult, _open_arrays, _progress
+from pipeline.encode import STORE_DTYPES, StageResult, open_arrays, image_progress
 from pipeline.errors import UserError
-from pipeline.images import ImageSource, _labels_from_dataset_json, open_source
+from pipeline.images import ImageSource, labels_from_dataset_json, open_source
 from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors
 
 DECODER_VAE = "stabilityai/sd-vae-ft-ema"  # recorded VAE: REPA's default sd-vae-ft-mse has the same encoder weights
@@ -115,7 +115,7 @@ class MomentFiles:
                             "dataset_tools.py encode?")
         self.relpaths: list[str] = names
         self.sizes: list[int] = sizes
-        self.labels = None if labels_json is None else _labels_from_dataset_json(labels_json, str(self.location))
+        self.labels = None if labels_json is None else labels_from_dataset_json(labels_json, str(self.location))
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -234,14 +234,14 @@ def import_repa(cfg: RepaImportConfig, console: Console | None = None) -> StageR
     if state is StageState.COMPLETE:
         result.skipped = len(read_errors(out))
         return result
-    arrays = _open_arrays(out, len(source), {"moments": shape}, cfg.chunk_size, cfg.dtype)
+    arrays = open_arrays(out, len(source), {"moments": shape}, cfg.chunk_size, cfg.dtype)
     keys = source.keys
     if not (out / "keys.json").exists():
         atomic_write_json(out / "keys.json", keys)
     start = time.perf_counter()
     pending = stage.pending()
     total = sum(min((c + 1) * cfg.chunk_size, len(source)) - c * cfg.chunk_size for c in pending)
-    with ThreadPoolExecutor(max_workers=cfg.workers) as pool, _progress(console, "import-repa", total, False) as advance:
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool, image_progress(console, "import-repa", total, False) as advance:
         for chunk in pending:
             lo, hi = chunk * cfg.chunk_size, min((chunk + 1) * cfg.chunk_size, len(source))
             moments = np.zeros((hi - lo, *shape), dtype=cfg.dtype)  # (n, 8, h, h); zeros where unreadable

@@ -75,7 +75,7 @@ class StageDir:
             have = json.loads(self.manifest_path.read_text())
             if have != wanted:
                 if not force:
-                    changed = sorted(_diff_keys(have, wanted))
+                    changed = sorted(diff_keys(have, wanted))
                     raise UserError(
                         f"{self.root} holds a '{manifest.stage}' stage made with different settings "
                         f"({', '.join(changed)}); pass --force to redo it or choose another data root."
@@ -133,13 +133,13 @@ def read_errors(stage_root: Path) -> list[ChunkError]:
     return [ChunkError(**json.loads(line)) for line in path.read_text().splitlines() if line]
 
 
-def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+def diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     keys = set(a) | set(b)
     out: list[str] = []
     for k in keys:
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff_keys(va, vb, f"{prefix}{k}.")
+            out += diff_keys(va, vb, f"{prefix}{k}.")
         elif va != vb:
             out.append(f"{prefix}{k}")
     return out
