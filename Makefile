@@ -33,8 +33,7 @@ test: install
 	$(PY) -m pytest -q
 
 encode: install
-	$(REDI) encode $(IMAGES) --data $(DATA) --vae $(VAE) --resolution $(RESOLUTION)
-	$(REDI) features $(IMAGES) --data $(DATA) --encoder $(ENCODER) --resolution $(RESOLUTION)
+	$(REDI) encode $(IMAGES) --data $(DATA) --vae $(VAE) --with-features --encoder $(ENCODER) --resolution $(RESOLUTION)
 
 pca: install
 	$(REDI) pca --data $(DATA)
@@ -59,8 +58,7 @@ bench: install
 # The whole chain on the embedded default, offline, with tiny-random encoders (minutes on a laptop CPU).
 demo: install
 	$(REDI) demo-data --out $(DEMO)/images
-	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae tiny-random --workers 2
-	$(REDI) features $(DEMO)/images --data $(DEMO) --encoder tiny-random --workers 2
+	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae tiny-random --with-features --encoder tiny-random --workers 2
 	$(REDI) pca --data $(DEMO)
 	$(REDI) shards --data $(DEMO) --pcs 16 --format both --shard-size 32 --patch-tokens
 	$(REDI) verify $(DEMO)

@@ -1,6 +1,7 @@
 """`redi`: one thin command per stage. Parses flags, builds a config, calls one function."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -58,6 +59,8 @@ PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="Autocast 
 ForceOpt = Annotated[bool, typer.Option("--force/--no-force", help="Delete and redo a stage that was made with different settings.")]
 ChunkSizeOpt = Annotated[int, typer.Option("--chunk-size", help="Images per committed unit (what a killed run redoes) and per Zarr chunk.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader processes decoding and cropping images (0: in the main process).")]
+EncoderOpt = Annotated[str, typer.Option("--encoder", help="DINOv2-with-registers: hub id, local directory, or tiny-random (tests and demos only).")]
+DINO_DEFAULT = "facebook/dinov2-with-registers-base"
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Storage dtype of the output arrays: float16 or float32.")]
 
 
@@ -106,12 +109,18 @@ def encode_command(
     chunk_size: ChunkSizeOpt = 256,
     workers: WorkersOpt = 4,
     dtype: DtypeOpt = "float16",
+    with_features: Annotated[bool, typer.Option("--with-features", help="Also run the features stage in the same pass, decoding each image once (what `make encode` does).")] = False,
+    encoder: EncoderOpt = DINO_DEFAULT,
+    encoder_revision: Annotated[str, typer.Option("--encoder-revision", help="Hub revision of --encoder (with --with-features).")] = "main",
 ) -> None:
-    """Stage encode: VAE posterior moments (mean, std) of every centre-cropped image → DATA/latents."""
-    from pipeline.encode import EncodeConfig, run_encode
+    """Stage encode: VAE posterior moments (mean, std) of every centre-cropped image → DATA/latents
+    (and with --with-features, the features stage → DATA/features from the same decoded images)."""
+    from pipeline.encode import ENCODE, FEATURES, EncodeConfig, run_stages
 
     cfg = EncodeConfig(source, data, vae, revision, resolution, batch_size, device, precision, chunk_size, workers, dtype, force)
-    _print_stage_result(run_encode(cfg, console))
+    jobs = [(ENCODE, cfg)] + ([(FEATURES, dataclasses.replace(cfg, model=encoder, revision=encoder_revision))] if with_features else [])
+    for result in run_stages(jobs, console):
+        _print_stage_result(result)
 
 
 @app.command("features")
@@ -119,7 +128,7 @@ def encode_command(
 def features_command(
     source: SourceArg,
     data: DataOpt = Path("data"),
-    encoder: Annotated[str, typer.Option("--encoder", help="DINOv2-with-registers: hub id, local directory, or tiny-random (tests and demos only).")] = "facebook/dinov2-with-registers-base",
+    encoder: EncoderOpt = DINO_DEFAULT,
     revision: RevisionOpt = "main",
     resolution: ResolutionOpt = 256,
     batch_size: BatchSizeOpt = 64,

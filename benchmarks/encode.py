@@ -1,14 +1,16 @@
-"""Encoding throughput: the batched, chunked `encode` + `features` stages vs one image at a time.
+"""Encoding throughput: the batched, chunked `encode --with-features` pass vs one image at a time.
 
 The baseline is what public REPA-style preprocessing does per image: decode it, ADM-crop it,
 run the VAE and DINOv2 on a batch of one, save one `.npy` per image and output. The batched
-side is the real stage runner (DataLoader workers, batches, Zarr chunks, commits). Both use
+side is the real stage runner (DataLoader workers, batches, Zarr chunks, commits; each image
+decoded once for both stages, as `make encode` runs it). Both use
 the same models: tiny-random by default, or (`real_arch=True`) randomly initialised models
 of the real architectures (sd-vae-ft-ema, DINOv2-reg ViT-B/14) saved to a temporary local
 directory, on the GPU when there is one. Nothing is downloaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -19,7 +21,7 @@ import torch
 from rich.console import Console
 
 from pipeline.demo_data import write_demo_images
-from pipeline.encode import EncodeConfig, run_encode, run_features
+from pipeline.encode import ENCODE, FEATURES, EncodeConfig, run_stages
 from pipeline.encoders import (
     DINO, TINY_RANDOM, VAE, dino_tokens, dinov2_base_config, load, random_init, resolve, sd_vae_config, vae_moments,
 )
@@ -38,9 +40,9 @@ def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, wor
         images = write_demo_images(root / "images", num).out
         vae_name, dino_name = _real_arch_dirs(root) if real_arch else (TINY_RANDOM, TINY_RANDOM)
         common = {"resolution": resolution, "device": device, "workers": workers, "batch_size": 8 if quick else 128 if device == "cuda" else 64}
-        enc = run_encode(EncodeConfig(images, root / "data", vae_name, **common), Console(quiet=True))
-        feat = run_features(EncodeConfig(images, root / "data", dino_name, **common), Console(quiet=True))
-        batched = num / (enc.seconds + feat.seconds)
+        cfg = EncodeConfig(images, root / "data", vae_name, **common)
+        enc, _ = run_stages([(ENCODE, cfg), (FEATURES, dataclasses.replace(cfg, model=dino_name))], Console(quiet=True))
+        batched = num / enc.seconds
         single = _one_at_a_time(open_source(images), vae_name, dino_name, resolution, torch.device(device), root / "npy")
     return {
         "models": "real architectures, random init" if real_arch else "tiny-random",

@@ -1,6 +1,8 @@
 """The `encode` (VAE moments) and `features` (DINOv2 tokens) stages: one chunked, cached, resumable runner.
 
-The two stages differ only in the frozen model and the per-batch map (`StageKind`). Images
+The two stages differ only in the frozen model and the per-batch map (`StageKind`), so one
+run can serve both: `run_stages` decodes each image once and feeds every stage that still
+needs its chunk, while each stage keeps its own manifest and ledger. Images
 are split into chunks of `chunk_size` consecutive indices; a chunk is decoded by DataLoader
 workers, encoded in batches of `batch_size` (always the same batches for the same chunk),
 written as one Zarr chunk per array (zarr's LocalStore writes each chunk file atomically),
@@ -11,10 +13,11 @@ first uncommitted chunk and ends with arrays bitwise equal to an uninterrupted r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.atomic import atomic_write_json
 from pipeline.encoders import (
-    DINO, VAE, EncoderFamily, describe_identity, dino_side, dino_tokens, load, resolve, vae_downsampling, vae_moments,
+    DINO, VAE, EncoderFamily, EncoderRef, describe_identity, dino_side, dino_tokens, load, resolve, vae_downsampling, vae_moments,
 )
 from pipeline.errors import UserError
 from pipeline.runtime import RateColumn, resolve_device
@@ -142,61 +145,97 @@ class StageResult:
 
 def run_encode(cfg: EncodeConfig, console: Console | None = None) -> StageResult:
     """Stage `encode`: VAE posterior moments of every image into DATA/latents."""
-    return run_stage(ENCODE, cfg, console)
+    return run_stages([(ENCODE, cfg)], console)[0]
 
 
 def run_features(cfg: EncodeConfig, console: Console | None = None) -> StageResult:
     """Stage `features`: DINOv2-with-registers CLS and patch tokens of every image into DATA/features."""
-    return run_stage(FEATURES, cfg, console)
+    return run_stages([(FEATURES, cfg)], console)[0]
 
 
-def run_stage(kind: StageKind, cfg: EncodeConfig, console: Console | None = None) -> StageResult:
-    """Create, resume or confirm one stage directory, encoding only the chunks not yet committed."""
+@dataclass
+class _Job:
+    """One stage of a run: its encoder, directory, this rank's pending chunks and (once loaded) model and arrays."""
+
+    kind: StageKind
+    ref: EncoderRef
+    stage: StageDir
+    result: StageResult
+    pending: set[int]  # this rank's uncommitted chunks (empty when the stage is complete)
+    model: torch.nn.Module | None = None
+    arrays: dict[str, zarr.Array] | None = None
+
+
+def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]], console: Console | None = None) -> list[StageResult]:
+    """Create, resume or confirm each stage directory, decoding every image once for all stages that need it.
+
+    Each stage keeps its own manifest, chunk ledger and errors file, exactly as when it runs
+    alone: `redi encode --features` followed by `redi features` has nothing left to do.
+    """
     console = console or Console(stderr=True)
+    cfg = jobs[0][1]
+    assert all(dataclasses.replace(c, model=cfg.model, revision=cfg.revision) == cfg for _, c in jobs), \
+        "stages run together share every setting but the encoder"
     source = open_source(cfg.source)
-    ref = resolve(kind.family, cfg.model, cfg.revision)
-    shapes = kind.shapes(ref.config, cfg.resolution)
     with _distributed() as (rank, world):
         device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
-        params = {"resolution": cfg.resolution, "dtype": cfg.dtype, "chunk_size": cfg.chunk_size,
-                  "batch_size": cfg.batch_size, "precision": precision, "arrays": shapes}
-        manifest = Manifest(kind.name, params, ref.identity, source.describe(), ref.tiny_random)
-        out = Path(cfg.data) / kind.subdir
-        stage = StageDir(out, math.ceil(len(source) / cfg.chunk_size))
-        state = _open_stage(stage, manifest, cfg, source, shapes, rank, world)
-        result = StageResult(kind.name, out, state, len(source), 0, 0, 0.0, ref.identity, ref.tiny_random, rank)
-        if state is StageState.COMPLETE:
-            result.skipped = len(read_errors(out))
-            return result
-        todo = stage.pending()
-        pending = [c for c in todo if c % world == rank]
-        tag = " [bold yellow](tiny-random weights)[/]" if ref.tiny_random else ""
-        if rank == 0:
-            console.print(
-                f"[bold]{kind.name}[/]: {len(source)} images from {source.location} → {out}; "
-                f"{len(todo)} of {stage.n_chunks} chunks to do{f' by {world} processes' if world > 1 else ''}; "
-                f"{describe_identity(ref.identity)}{tag}"
-            )
-        if pending:
-            model = load(ref, device)
-            arrays = open_arrays(out, len(source), shapes, cfg.chunk_size, cfg.dtype)
+        opened = [_open_job(kind, c, source, precision, rank, world, console) for kind, c in jobs]
+        active = [job for job in opened if job.pending]
+        if active:
+            for job in active:
+                job.model = load(job.ref, device)
+                job.arrays = open_arrays(job.stage.root, len(source), job.kind.shapes(job.ref.config, cfg.resolution),
+                                         cfg.chunk_size, cfg.dtype)
             start = time.perf_counter()
-            result.processed, result.skipped = _encode_chunks(
-                kind, model, arrays, cfg, source, stage, pending, device, precision,
-                console if rank == 0 else None, ref.tiny_random,
-            )
-            result.seconds = time.perf_counter() - start
-        if world > 1:
-            shares: list[Any] = [None] * world
-            dist.all_gather_object(shares, (result.processed, result.seconds))  # also a barrier
-            result.processed, result.seconds = sum(p for p, _ in shares), max(s for _, s in shares)
-        if rank == 0 and not stage.pending():
-            stage.finish()
-        _barrier(world)
-        if stage.is_complete():
-            result.skipped = len(read_errors(out))
-        return result
+            _encode_chunks(active, cfg, source, device, precision, console if rank == 0 else None)
+            for job in active:
+                job.result.seconds = time.perf_counter() - start
+        for job in opened:
+            if job.result.state is not StageState.COMPLETE:
+                _close_job(job, rank, world)
+        return [job.result for job in opened]
+
+
+def _open_job(kind: StageKind, cfg: EncodeConfig, source: ImageSource, precision: str, rank: int, world: int,
+              console: Console) -> _Job:
+    """Resolve the encoder, check or create the stage directory and find this rank's pending chunks."""
+    ref = resolve(kind.family, cfg.model, cfg.revision)
+    shapes = kind.shapes(ref.config, cfg.resolution)
+    params = {"resolution": cfg.resolution, "dtype": cfg.dtype, "chunk_size": cfg.chunk_size,
+              "batch_size": cfg.batch_size, "precision": precision, "arrays": shapes}
+    manifest = Manifest(kind.name, params, ref.identity, source.describe(), ref.tiny_random)
+    out = Path(cfg.data) / kind.subdir
+    stage = StageDir(out, math.ceil(len(source) / cfg.chunk_size))
+    state = _open_stage(stage, manifest, cfg, source, shapes, rank, world)
+    result = StageResult(kind.name, out, state, len(source), 0, 0, 0.0, ref.identity, ref.tiny_random, rank)
+    if state is StageState.COMPLETE:
+        result.skipped = len(read_errors(out))
+        return _Job(kind, ref, stage, result, set())
+    todo = stage.pending()
+    if rank == 0:
+        tag = " [bold yellow](tiny-random weights)[/]" if ref.tiny_random else ""
+        console.print(
+            f"[bold]{kind.name}[/]: {len(source)} images from {source.location} → {out}; "
+            f"{len(todo)} of {stage.n_chunks} chunks to do{f' by {world} processes' if world > 1 else ''}; "
+            f"{describe_identity(ref.identity)}{tag}"
+        )
+    return _Job(kind, ref, stage, result, {c for c in todo if c % world == rank})
+
+
+def _close_job(job: _Job, rank: int, world: int) -> None:
+    """Sum the ranks' counts, and once every chunk is committed write the stage's errors file."""
+    result = job.result
+    if world > 1:
+        shares: list[Any] = [None] * world
+        dist.all_gather_object(shares, (result.processed, result.skipped, result.seconds))  # also a barrier
+        result.processed, result.skipped = sum(s[0] for s in shares), sum(s[1] for s in shares)
+        result.seconds = max(s[2] for s in shares)
+    if rank == 0 and not job.stage.pending():
+        job.stage.finish()
+    _barrier(world)
+    if job.stage.is_complete():
+        result.skipped = len(read_errors(job.stage.root))
 
 
 def _open_stage(
@@ -278,43 +317,48 @@ def _chunk_batches(chunks: list[int], n: int, chunk_size: int, batch_size: int) 
 
 
 def _encode_chunks(
-    kind: StageKind, model: torch.nn.Module, arrays: dict[str, zarr.Array], cfg: EncodeConfig,
-    source: ImageSource, stage: StageDir, chunks: list[int], device: torch.device, precision: str,
-    console: Console | None, tiny_random: bool,
-) -> tuple[int, int]:
-    """Encode `chunks`; a writer thread stores and commits chunk c while chunk c+1 is encoded."""
+    jobs: list[_Job], cfg: EncodeConfig, source: ImageSource, device: torch.device, precision: str, console: Console | None,
+) -> None:
+    """Encode every chunk some job still needs (each image decoded once); a writer thread stores and commits
+    chunk c for each job while chunk c+1 is encoded."""
     labels, keys, store_dtype = source.labels, source.keys, getattr(torch, cfg.dtype)
+    chunks = sorted(set().union(*(job.pending for job in jobs)))
     loader = DataLoader(
         _CroppedImages(source, cfg.resolution), batch_sampler=_chunk_batches(chunks, len(source), cfg.chunk_size, cfg.batch_size),
         num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
     )
     total = sum(min((c + 1) * cfg.chunk_size, len(source)) - c * cfg.chunk_size for c in chunks)
-    parts: dict[str, list[np.ndarray]] = {}
+    parts: dict[int, dict[str, list[np.ndarray]]] = {id(job): {} for job in jobs}  # job → array name → batches
     errors: list[ChunkError] = []
-    done = skipped = 0
-    in_flight: Future[None] | None = None
+    in_flight: list[Future[None]] = []
+    name = "+".join(job.kind.name for job in jobs)
     with (
         ThreadPoolExecutor(max_workers=1) as writer,
-        image_progress(console, kind.name, total, tiny_random) as advance,
+        image_progress(console, name, total, any(job.ref.tiny_random for job in jobs)) as advance,
         torch.inference_mode(),
         _autocast(device, precision),
     ):
         for indices, pixels, reasons in loader:
-            outputs = kind.forward(model, pixels.to(device, non_blocking=True))  # name → (B, ...) float32
-            for name, value in outputs.items():
-                parts.setdefault(name, []).append(value.to(store_dtype).cpu().numpy())
+            chunk, end = indices[0] // cfg.chunk_size, indices[-1] + 1
+            needed = [job for job in jobs if chunk in job.pending]
+            pixels = pixels.to(device, non_blocking=True)  # (B, R, R, 3) uint8
+            for job in needed:
+                for array, value in job.kind.forward(job.model, pixels).items():  # name → (B, ...) float32
+                    parts[id(job)].setdefault(array, []).append(value.to(store_dtype).cpu().numpy())
             errors += [ChunkError(i, keys[i], r) for i, r in zip(indices, reasons) if r]
             advance(len(indices))
-            chunk, end = indices[0] // cfg.chunk_size, indices[-1] + 1
             if end == min((chunk + 1) * cfg.chunk_size, len(source)):
-                if in_flight is not None:
-                    in_flight.result()  # at most one chunk waits in memory; re-raises a failed write
-                in_flight = writer.submit(_write_and_commit, stage, arrays, chunk, chunk * cfg.chunk_size, end, parts, labels, errors)
-                done, skipped = done + end - chunk * cfg.chunk_size, skipped + len(errors)
-                parts, errors = {}, []
-        if in_flight is not None:
-            in_flight.result()
-    return done, skipped
+                for future in in_flight:
+                    future.result()  # at most one chunk waits in memory; re-raises a failed write
+                start = chunk * cfg.chunk_size
+                in_flight = [writer.submit(_write_and_commit, job.stage, job.arrays, chunk, start, end, parts[id(job)], labels, errors)
+                             for job in needed]
+                for job in needed:
+                    job.result.processed += end - start
+                    job.result.skipped += len(errors)
+                parts, errors = {id(job): {} for job in jobs}, []
+        for future in in_flight:
+            future.result()
 
 
 def _write_and_commit(

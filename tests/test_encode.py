@@ -232,3 +232,30 @@ def test_two_torchrun_ranks_write_the_same_store_as_one_process(images: Path, tm
         for name in one:
             assert np.array_equal(one[name], two[name]), f"{stage}/{name} differs between 1 and 2 processes"
         assert (tmp_path / "two" / stage / "errors.jsonl").read_text() == (tmp_path / "one" / stage / "errors.jsonl").read_text()
+
+
+def test_one_pass_with_features_equals_the_two_stages(images: Path, tmp_path: Path) -> None:
+    chunked = [*TINY, "--chunk-size", "5"]
+    separate, together, mixed = tmp_path / "separate", tmp_path / "together", tmp_path / "mixed"
+    assert redi("encode", images, "--data", separate, "--vae", "tiny-random", *chunked)[0] == 0
+    assert redi("features", images, "--data", separate, "--encoder", "tiny-random", *chunked)[0] == 0
+    one_pass = ["encode", images, "--vae", "tiny-random", "--with-features", "--encoder", "tiny-random", *chunked]
+    code, out = redi(*one_pass, "--data", together)
+    assert code == 0 and "redi encode" in out and "redi features" in out, out
+
+    # A run that died with features half done: the one pass redoes only what each stage lacks.
+    assert redi("features", images, "--data", mixed, "--encoder", "tiny-random", *chunked)[0] == 0
+    (mixed / "features" / "progress" / "000001.json").unlink()
+    (mixed / "features" / "errors.jsonl").unlink()
+    code, out = redi(*one_pass, "--data", mixed)
+    assert code == 0 and "3 of 3 chunks to do" in out and "1 of 3 chunks to do" in out, out
+
+    for data in (together, mixed):
+        for stage in ("latents", "features"):
+            want, got = read_store(separate / stage), read_store(data / stage)
+            assert want.keys() == got.keys()
+            for name in want:
+                assert want[name].tobytes() == got[name].tobytes(), (data, stage, name)
+            assert (separate / stage / "manifest.json").read_text() == (data / stage / "manifest.json").read_text()
+    code, out = redi("features", images, "--data", together, "--encoder", "tiny-random", *chunked)
+    assert code == 0 and "nothing to do" in out
