@@ -4,12 +4,15 @@ The shards have the real ImageNet-256 shapes (moments 8×32×32, 32 PCs at 16×1
 the 256×768 patch tokens when the method aligns). The figures are those the loop itself logs
 in metrics.jsonl, after one logging interval of warm-up (and compilation). `reference_step`
 times the same step the way the public reference code does it: fp32, activation checkpointing
-on every block, and DINOv2 run inside the step on the images.
+on every block, and DINOv2 run inside the step on the images. `profile_loop` runs the same loop
+under torch.profiler and splits the kernel time by kind (matmuls, attention, fused elementwise,
+optimiser, EMA, copies) and the GPU's idle share: where the MFU is lost.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +50,74 @@ def loop_throughput(shards: Path, run: Path, *, model: str, method: str, batch: 
     last = read_metrics(run / "metrics.jsonl")[-1]
     return {"model": model, "method": method, "batch": batch, "compile": compile,
             "images_per_s": last["images_per_s"], "steps_per_s": last["steps_per_s"], "mfu": last["mfu"]}
+
+
+KERNEL_KINDS = (  # (kind, pattern on the kernel or op name); the first match wins
+    ("outside ops (Python, data)", r"^ProfilerStep"),  # CPU only: a step's self time not spent in any op
+    ("optimiser (AdamW)", r"adam"),
+    ("EMA and other foreach", r"foreach|lerp"),
+    ("attention", r"flash|fmha|attention|sdpa|efficient"),
+    ("matmul", r"gemm|matmul|cutlass|xmma|nvjet|cublas|addmm|aten::mm|aten::bmm|aten::linear"),
+    ("memory copies", r"memcpy|memset|aten::copy_|to_copy"),
+    ("fused by inductor", r"^triton_"),
+    ("norms and elementwise", r"norm|elementwise|reduce|vectorized|gelu|softmax|fill|mul|add|sub|div|exp|cat"),
+)
+
+
+def kernel_breakdown(events: list[tuple[str, float]]) -> dict[str, float]:
+    """Share of the total self time per kernel kind, from (name, self time) pairs."""
+    total = sum(t for _, t in events) or 1.0
+    shares: dict[str, float] = {}
+    for name, t in events:
+        kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+        shares[kind] = shares.get(kind, 0.0) + t / total
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
+def profile_loop(shards: Path, run: Path, out: Path, *, model: str, method: str, batch: int, compile: bool,
+                 device: str | None, micro_batch: int | None = None, warm_steps: int = 3, active_steps: int = 3,
+                 trace: bool = False, pca_rank: int = 8) -> dict[str, object]:
+    """Profile `active_steps` steps of the real loop after `warm_steps` (compilation, allocator warm-up).
+
+    Writes OUT/kernels.txt (the top kernels by self time), OUT/breakdown.json and, with `trace`,
+    OUT/trace.json (chrome://tracing). On a GPU the times are kernel (device) times and `gpu_idle`
+    is the share of the active steps' wall time with no kernel running; on a CPU they are op times.
+    """
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = torch.cuda.is_available() and device != "cpu"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    cfg = TrainConfig(shards=str(shards), run=str(run), model=model, method=method, batch_size=batch,
+                      max_steps=warm_steps + active_steps, log_every=10**9, save_every=10**9, ckpt_every=10**9,
+                      compile=compile, num_workers=4, seed=0, micro_batch=micro_batch, pca_rank=pca_rank)
+    stamps: list[float] = []
+    with profile(activities=activities, schedule=schedule(wait=warm_steps - 1, warmup=1, active=active_steps)) as prof:
+        def on_step() -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            prof.step()
+
+        train(cfg, device=device, on_step=on_step)
+    averages = prof.key_averages()
+    timed = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in averages]
+    timed = sorted(((k, t) for k, t in timed if t > 0), key=lambda kt: -kt[1])
+    busy_s = sum(t for _, t in timed) / 1e6  # µs → s
+    wall_s = stamps[-1] - stamps[warm_steps - 1]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.txt").write_text(averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                                    row_limit=40, max_name_column_width=90))
+    result: dict[str, object] = {
+        "model": model, "method": method, "batch": batch, "micro_batch": micro_batch or batch, "compile": compile,
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "active_steps": active_steps,
+        "wall_s_per_step": wall_s / active_steps, "busy_s_per_step": busy_s / active_steps,
+        "gpu_idle": max(0.0, 1.0 - busy_s / wall_s) if cuda else None,
+        "shares": kernel_breakdown(timed), "top": [{"name": k, "ms_per_step": t / 1e3 / active_steps} for k, t in timed[:15]],
+    }
+    (out / "breakdown.json").write_text(json.dumps(result, indent=2))
+    if trace:
+        prof.export_chrome_trace(str(out / "trace.json"))
+    return result
 
 
 def reference_step(shards: Path, *, model: str, method: str, batch: int, steps: int, device: str) -> float:
@@ -119,6 +190,16 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="profile one model's loop instead; write kernels.txt and breakdown.json to DIR")
+    parser.add_argument("--trace", action="store_true", help="with --profile, also write DIR/trace.json (chrome://tracing)")
     a = parser.parse_args()
+    if a.profile is not None:
+        with tempfile.TemporaryDirectory(prefix="redi-bench-profile-") as tmp:
+            batch = a.batch or (256 if torch.cuda.is_available() else 8)
+            shards = make_shards(Path(tmp) / "data", max(2 * batch, 256), patch_tokens=a.method in WITH_PATCH_TOKENS)
+            model = a.model[0] if a.model else ("SiT-XL/2" if torch.cuda.is_available() else "SiT-S/2")
+            print(json.dumps(profile_loop(shards, Path(tmp) / "run", a.profile, model=model, method=a.method, batch=batch,
+                                          compile=a.compile, device=None, micro_batch=a.micro_batch, trace=a.trace), indent=2))
+        raise SystemExit(0)
     print(json.dumps(run(models=tuple(a.model) if a.model else None, method=a.method, batch=a.batch, steps=a.steps,
                          compile=a.compile, reference=a.reference, micro_batch=a.micro_batch), indent=2))

@@ -164,3 +164,16 @@ def test_init_starts_a_new_run_from_other_weights_and_refuses_another_network(da
     code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "c"), "--model", "SiT-debug", "--pca-rank", "2",
                         "--init", str(source), "--num-workers", "0", "--max-steps", "1")
     assert code == 2 and "different network" in out and "pca_rank" in out
+
+
+def test_profile_splits_the_step_time_by_kind(data: Path, tmp_path: Path) -> None:
+    from benchmarks.train import kernel_breakdown, profile_loop
+
+    shares = kernel_breakdown([("sm90_xmma_gemm_bf16", 6.0), ("flash_fwd_kernel", 2.0), ("triton_poi_fused_mul_0", 1.0),
+                               ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 0.5), ("Memcpy HtoD", 0.5)])
+    assert shares == {"matmul": 0.6, "attention": 0.2, "fused by inductor": 0.1, "optimiser (AdamW)": 0.05, "memory copies": 0.05}
+    result = profile_loop(data, tmp_path / "run", tmp_path / "profile", model="SiT-debug", method="redi", batch=8,
+                          compile=False, device="cpu", warm_steps=2, active_steps=2, pca_rank=4)
+    assert abs(sum(result["shares"].values()) - 1.0) < 1e-6 and result["shares"]["matmul"] > 0
+    assert "aten::" in (tmp_path / "profile" / "kernels.txt").read_text()
+    assert json.loads((tmp_path / "profile" / "breakdown.json").read_text())["active_steps"] == 2

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,8 @@ class TrainResult:
     images_per_s: float
 
 
-def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
-    """Train (or resume) the run described by `cfg` until cfg.max_steps."""
+def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], None] | None = None) -> TrainResult:
+    """Train (or resume) the run described by `cfg` until cfg.max_steps; `on_step` runs after each step (profilers)."""
     dist_info = init_distributed(device)
     dev = dist_info.device
     shards = resolve_shards_dir(cfg.shards)
@@ -130,6 +131,8 @@ def train(cfg: TrainConfig, device: str | None = None) -> TrainResult:
         opt.zero_grad(set_to_none=True)
         update_ema(ema, model, cfg.ema_decay)
         step += 1
+        if on_step is not None:
+            on_step()
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             elapsed, timer = time.perf_counter() - timer, time.perf_counter()
