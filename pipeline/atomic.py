@@ -21,21 +21,29 @@ def _umask_mode() -> int:
 FILE_MODE = _umask_mode()  # read once: os.umask is process-wide, and writer threads run concurrently
 
 @contextmanager
-def atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file next to `path`; on clean exit it replaces `path` atomically."""
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to fill; on clean exit it is fsynced and renamed over `path`, else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """Open a temporary file next to `path`; on clean exit it replaces `path` atomically."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -49,19 +57,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
     """Atomic write for libraries that want a file name (torch.save, safetensors, PIL)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _replacing(path) as tmp:
+        writer(tmp)
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:

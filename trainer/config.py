@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from trainer.models import REPA_DEPTHS, SIZES
-from trainer.objectives import METHODS, PCS_METHODS, REPA_METHODS
+from trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, MethodParts
 
 OBJECTIVES = {"SiT": "sit", "DiT": "dit"}
 
@@ -19,7 +19,7 @@ ARCHITECTURE_FIELDS = (
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(MethodParts):
     """Everything `redi train` needs; defaults follow SPEC §7."""
 
     shards: str
@@ -97,7 +97,7 @@ class TrainConfig:
             raise UserError(f"Unknown fusion '{self.fusion}': merged or separate.")
         if not 0.0 <= self.rep_drop < 1.0:
             raise UserError(f"--rep-drop must be in [0, 1), got {self.rep_drop}.")
-        if self.rep_drop_mode not in ("sample", "batch") or self.rep_drop_target not in ("noisy", "clean"):
+        if self.rep_drop_mode not in REP_DROP_MODES or self.rep_drop_target not in REP_DROP_TARGETS:
             raise UserError("--rep-drop-mode is sample|batch and --rep-drop-target is noisy|clean.")
         if self.precision not in ("bf16", "fp32"):
             raise UserError(f"--precision must be bf16 or fp32, got {self.precision}.")
@@ -115,14 +115,6 @@ class TrainConfig:
     @property
     def size(self) -> str:
         return self.model.partition("-")[2]
-
-    @property
-    def uses_pcs(self) -> bool:
-        return self.method in PCS_METHODS
-
-    @property
-    def uses_repa(self) -> bool:
-        return self.method in REPA_METHODS
 
     @property
     def resolved_repa_depth(self) -> int:

@@ -29,8 +29,29 @@ DDPM_BETA_START = 1e-4  # DiT: linear β schedule from 1e-4 …
 DDPM_BETA_END = 0.02  # … to 0.02
 
 
+class MethodParts:
+    """What the `method` name switches on; a base of every config that carries one."""
+
+    method: str
+
+    @property
+    def uses_pcs(self) -> bool:
+        """The input carries PC channels with their own loss (ReDi)."""
+        return self.method in PCS_METHODS
+
+    @property
+    def uses_repa(self) -> bool:
+        """The REPA alignment loss applies (REG aligns too)."""
+        return self.method in REPA_METHODS
+
+    @property
+    def uses_reg(self) -> bool:
+        """A noised DINOv2 class token is entangled with the latent (REG)."""
+        return self.method == "reg"
+
+
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(MethodParts):
     """Which terms make up the loss and their weights."""
 
     method: str
@@ -67,20 +88,6 @@ class LossConfig:
         if self.rep_drop > 0 and not self.uses_pcs:
             raise UserError(f"representation drop needs PC channels, which method {self.method!r} does not train")
 
-    @property
-    def uses_pcs(self) -> bool:
-        """The input carries PC channels with their own loss (ReDi)."""
-        return self.method in PCS_METHODS
-
-    @property
-    def uses_repa(self) -> bool:
-        """The REPA alignment loss applies (REG aligns too)."""
-        return self.method in REPA_METHODS
-
-    @property
-    def uses_reg(self) -> bool:
-        """A noised DINOv2 class token is entangled with the latent (REG)."""
-        return self.method == "reg"
 
 
 @dataclass
