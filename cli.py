@@ -324,7 +324,13 @@ def train_command(
         return
     result = train(cfg, device=device)
     if os.environ.get("RANK", "0") != "0":
-        return
+        raise typer.Exit(128 + result.stopped_by if result.stopped_by else 0)
+    if result.stopped_by:
+        import signal
+
+        console.print(f"[yellow]Stopped by {signal.Signals(result.stopped_by).name} after step {result.step:,}, with a checkpoint: "
+                      f"rerun the same command to resume.[/]")
+        raise typer.Exit(128 + result.stopped_by)  # what the shell reports for a process ended by that signal
     if result.steps_run == 0:
         console.print(f"{result.run} is already at step {result.step} (--max-steps {cfg.max_steps}): nothing to do.")
         return

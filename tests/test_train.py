@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,90 @@ def test_profile_splits_the_step_time_by_kind(data: Path, tmp_path: Path) -> Non
     assert abs(sum(result["shares"].values()) - 1.0) < 1e-6 and result["shares"]["matmul"] > 0
     assert "aten::" in (tmp_path / "profile" / "kernels.txt").read_text()
     assert json.loads((tmp_path / "profile" / "breakdown.json").read_text())["active_steps"] == 2
+
+
+def test_sigterm_checkpoints_after_the_current_step_and_the_rerun_resumes_exactly(data: Path, tmp_path: Path) -> None:
+    from trainer.checkpoint import list_checkpoints
+
+    run = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "cli", "train", "--shards", str(data), "--run", str(run), "--model", "SiT-debug",
+           "--method", "redi", "--pca-rank", "4", "--batch-size", "8", "--log-every", "1", "--save-every", "1000",
+           "--num-workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
+    proc = subprocess.Popen([*cmd, "--max-steps", "100000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").exists() and len(read_metrics(run / "metrics.jsonl")) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "training never logged 3 steps"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "Stopped by SIGTERM" in output and "rerun the same command" in " ".join(output.split())
+    ((stop_step, _),) = list_checkpoints(run)  # the stop's own checkpoint; save_every is far away
+    assert stop_step >= 3
+
+    final = stop_step + 2
+    done = subprocess.run([*cmd, "--max-steps", str(final)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    train(config(data, tmp_path / "straight", max_steps=final, log_every=1, save_every=1000), device="cpu")
+    a, b = load_checkpoint(newest_checkpoint(tmp_path / "straight")), load_checkpoint(newest_checkpoint(run))
+    assert a["step"] == b["step"] == final
+    for name in ("model", "ema"):
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), f"{name}.{key} differs after the stop and resume"
+    for index, moments in a["opt"]["state"].items():
+        assert all(torch.equal(v, b["opt"]["state"][index][k]) for k, v in moments.items()), f"AdamW state {index} differs"
+    assert without_timing(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == without_timing(read_metrics(run / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(data: Path, tmp_path: Path) -> None:
+    from trainer.checkpoint import list_checkpoints
+
+    run = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29523",
+           "--", str(Path(sys.executable).parent / "redi"), "train", "--shards", str(data), "--run", str(run),
+           "--model", "SiT-debug", "--method", "redi", "--pca-rank", "4", "--batch-size", "8", "--max-steps", "100000",
+           "--log-every", "1", "--save-every", "1000", "--num-workers", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").exists() and len(read_metrics(run / "metrics.jsonl")) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "training never logged 3 steps"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    output, _ = proc.communicate(timeout=120)
+    assert "Stopped by SIGTERM" in output, output[-3000:]
+    ((stop_step, path),) = list_checkpoints(run)
+    assert load_checkpoint(path)["step"] == stop_step == read_metrics(run / "metrics.jsonl")[-1]["step"]
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_and_a_full_disk_is_one_sentence(
+        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.checkpoint import list_checkpoints
+
+    train(config(data, tmp_path / "straight"), device="cpu")
+    train(config(data, tmp_path / "damaged", save_every=2, max_steps=6), device="cpu")
+    (newest_step, newest), *_ = reversed(list_checkpoints(tmp_path / "damaged"))
+    assert newest_step == 6
+    newest.write_bytes(newest.read_bytes()[:1000])  # as a failing disk might leave it
+    code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "damaged"), "--model", "SiT-debug", "--method", "redi",
+                        "--pca-rank", "4", "--batch-size", "8", "--max-steps", "8", "--log-every", "2", "--save-every", "2",
+                        "--num-workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu")
+    assert code == 0 and "Cannot read checkpoint" in out and "checkpoint before it" in " ".join(out.split()), out
+    a, b = load_checkpoint(newest_checkpoint(tmp_path / "straight")), load_checkpoint(newest_checkpoint(tmp_path / "damaged"))
+    assert a["step"] == b["step"] == 8 and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+    for _, path in list_checkpoints(tmp_path / "damaged"):
+        path.write_bytes(b"not a checkpoint")
+    code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "damaged"), "--model", "SiT-debug", "--method", "redi",
+                        "--pca-rank", "4", "--max-steps", "10", "--num-workers", "0", "--device", "cpu")
+    assert code == 2 and "can be read" in out
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "full"), "--model", "SiT-debug", "--method", "redi",
+                        "--pca-rank", "4", "--max-steps", "2", "--num-workers", "0", "--device", "cpu")
+    assert code == 2 and "No space left on device" in out and "rerun the same command" in " ".join(out.split())
+    assert not list((tmp_path / "full" / "checkpoints").glob("*"))  # no temporary file left behind

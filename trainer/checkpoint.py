@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,11 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int) -> Path:
     """Write step-<7-digit step>.pt atomically, then delete older non-milestone checkpoints beyond `keep`."""
     path = checkpoint_path(run, step)
-    atomic_write_with(path, lambda tmp: torch.save(state, tmp))
+    try:
+        atomic_write_with(path, lambda tmp: torch.save(state, tmp))
+    except OSError as e:  # a full or failing disk: the temporary file is gone, older checkpoints are untouched
+        raise UserError(f"Could not write checkpoint {path} ({e.strerror or e}); the older checkpoints are intact: "
+                        "free space and rerun the same command to resume.") from None
     rolling = [(s, p) for s, p in list_checkpoints(run) if milestone_every <= 0 or s % milestone_every != 0]
     for _, old in rolling[:-keep] if keep > 0 else []:
         if old != path:
@@ -46,6 +51,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", unsafe
         return torch.load(path, map_location=map_location, weights_only=not unsafe)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
         raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
+
+
+def load_newest_readable(run: Path, map_location: str | torch.device, warn: Callable[[str], None]) -> dict[str, Any] | None:
+    """The newest checkpoint of `run` that loads (a damaged one is reported and passed over); None if there are none."""
+    found = list_checkpoints(run)
+    for _, path in reversed(found):
+        try:
+            return load_checkpoint(path, map_location=map_location)
+        except UserError as e:
+            warn(f"{e} Resuming from the checkpoint before it instead.")
+    if found:
+        raise UserError(f"No checkpoint in {Path(run) / 'checkpoints'} can be read: move them away to start the run over.")
+    return None
 
 
 def newest_checkpoint(run: Path) -> Path | None:

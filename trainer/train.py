@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file
 from pipeline.errors import UserError
 from pipeline.readers import ShardInfo, make_loader, read_shard_info
-from trainer.checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
+from trainer.checkpoint import load_checkpoint, load_newest_readable, save_checkpoint
 from trainer.config import TrainConfig, architecture_mismatch, resolve_shards_dir
 from trainer.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from trainer.ema import make_ema, update_ema
@@ -34,6 +35,7 @@ from trainer.metrics import MetricsLog, peak_flops
 from trainer.models import ModelConfig, build_model
 from trainer.objectives import LossConfig, TrainBatch, compute_loss, prepare_batch
 from trainer.progress import TrainProgress
+from trainer.stop import StopRequest
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class TrainResult:
     last_loss: float
     seconds: float
     images_per_s: float
+    stopped_by: int = 0  # the signal that ended the run early (after a checkpoint), 0 if it ran to max_steps
 
 
 def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], None] | None = None) -> TrainResult:
@@ -70,8 +73,7 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
         fused=dev.type == "cuda",
     )
     step = 0
-    if (ckpt_path := newest_checkpoint(run)) is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location=dev)
+    if (ckpt := load_newest_readable(run, dev, warn=Console(stderr=True).print if dist_info.is_main else print_nothing)) is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -104,63 +106,67 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
     start_step, started = step, time.perf_counter()
     timer = time.perf_counter()
 
-    while step < cfg.max_steps:
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        for k in range(accum):
-            raw = next(batches[k])
-            virtual_rank, virtual_world = dist_info.rank * accum + k, dist_info.world_size * accum
-            gen.manual_seed(micro_seed(cfg.seed, step * virtual_world + virtual_rank))
-            batch = to_train_batch(raw, cfg, info, dev, gen)
-            sync = contextlib.nullcontext() if k == accum - 1 or dist_info.world_size == 1 else model_no_sync(net)
-            with sync, autocast:
-                out = compute_loss(net, batch, loss_cfg, gen)
-                (out.loss / accum).backward()
-            for name, value in {"loss": out.loss.detach(), **out.terms}.items():
-                sums[name] = sums.get(name, 0.0) + value.float() / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients); one host sync
+    stopped_by = 0
+    with StopRequest() as stop:  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, checkpoint, return
+        while step < cfg.max_steps:
+            model.train()
+            sums: dict[str, torch.Tensor] = {}
+            for k in range(accum):
+                raw = next(batches[k])
+                virtual_rank, virtual_world = dist_info.rank * accum + k, dist_info.world_size * accum
+                gen.manual_seed(micro_seed(cfg.seed, step * virtual_world + virtual_rank))
+                batch = to_train_batch(raw, cfg, info, dev, gen)
+                sync = contextlib.nullcontext() if k == accum - 1 or dist_info.world_size == 1 else model_no_sync(net)
+                with sync, autocast:
+                    out = compute_loss(net, batch, loss_cfg, gen)
+                    (out.loss / accum).backward()
+                for name, value in {"loss": out.loss.detach(), **out.terms}.items():
+                    sums[name] = sums.get(name, 0.0) + value.float() / accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if torch.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients); one host sync
+                bad_in_a_row = 0
+                opt.step()
+                update_ema(ema, model, cfg.ema_decay)
+            else:  # skip the update; the logged loss shows it
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise UserError(f"The loss was not finite for {bad_in_a_row} steps in a row at step {step}: lower --lr or check the data.")
             opt.zero_grad(set_to_none=True)
-            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise UserError(f"The loss was not finite for {bad_in_a_row} steps in a row at step {step}: lower --lr or check the data.")
             step += 1
-            continue
-        bad_in_a_row = 0
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, cfg.ema_decay)
-        step += 1
-        if on_step is not None:
-            on_step()
+            if on_step is not None:
+                on_step()
+            stopped_by = stop.agreed(dev)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            elapsed, timer = time.perf_counter() - timer, time.perf_counter()
-            steps_done = min(cfg.log_every, step - progress.last_step)
-            images_per_s = steps_done * cfg.batch_size / elapsed
-            losses = all_reduce_mean(torch.stack(list(sums.values())))  # one all-reduce, on logging steps only
-            row = dict(zip(sums, losses.tolist())) | {
-                "step": step, "grad_norm": float(grad_norm), "lr": cfg.lr, "skipped_steps": skipped,
-                "steps_per_s": steps_done / elapsed, "images_per_s": images_per_s,
-                "mfu": flops_per_image * images_per_s / (peak * dist_info.world_size) if peak else None,
-            }
-            loss_value = row["loss"]
-            if metrics is not None:
-                metrics.write(row)
-            progress.update(row)
-        if step % cfg.save_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            state = {
-                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "config": cfg.to_json(), "model_config": dataclasses.asdict(model_cfg), "shards": shard_summary(info),
-            }
-            if dist_info.is_main:
-                save_checkpoint(run, step, state, keep=cfg.keep, milestone_every=cfg.ckpt_every)
-            barrier()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+                steps_done = min(cfg.log_every, step - progress.last_step)
+                images_per_s = steps_done * cfg.batch_size / elapsed
+                losses = all_reduce_mean(torch.stack(list(sums.values())))  # one all-reduce, on logging steps only
+                row = dict(zip(sums, losses.tolist())) | {
+                    "step": step, "grad_norm": float(grad_norm), "lr": cfg.lr, "skipped_steps": skipped,
+                    "steps_per_s": steps_done / elapsed, "images_per_s": images_per_s,
+                    "mfu": flops_per_image * images_per_s / (peak * dist_info.world_size) if peak else None,
+                }
+                loss_value = row["loss"]
+                if metrics is not None:
+                    metrics.write(row)
+                progress.update(row)
+            if stopped_by or step % cfg.save_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                state = {
+                    "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "config": cfg.to_json(), "model_config": dataclasses.asdict(model_cfg), "shards": shard_summary(info),
+                }
+                if dist_info.is_main:
+                    save_checkpoint(run, step, state, keep=cfg.keep, milestone_every=cfg.ckpt_every)
+                barrier()
+            if stopped_by:
+                break
     progress.close()
     shutdown()
     seconds = time.perf_counter() - started
     return TrainResult(run=run, step=step, steps_run=step - start_step, skipped_steps=skipped, last_loss=loss_value,
-                       seconds=seconds, images_per_s=(step - start_step) * cfg.batch_size / max(seconds, 1e-9))
+                       seconds=seconds, images_per_s=(step - start_step) * cfg.batch_size / max(seconds, 1e-9),
+                       stopped_by=stopped_by)
 
 
 def load_initial_weights(path: Path, model: torch.nn.Module, ema: torch.nn.Module, model_cfg: ModelConfig,
@@ -174,6 +180,10 @@ def load_initial_weights(path: Path, model: torch.nn.Module, ema: torch.nn.Modul
     weights = init["ema"] if init.get("ema") is not None else init["model"]
     model.load_state_dict(weights)
     ema.load_state_dict(weights)
+
+
+def print_nothing(message: str) -> None:
+    """The warning sink of ranks other than 0."""
 
 
 def describe(cfg: TrainConfig) -> dict:
