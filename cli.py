@@ -26,8 +26,17 @@ console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# What to lower when a command runs out of GPU memory.
+MEMORY_HINTS = {
+    "encode_command": "a smaller --batch-size", "features_command": "a smaller --batch-size",
+    "pca_command": "a smaller --batch-images", "sample_command": "a smaller --batch-size",
+    "eval_command": "a smaller --batch-size",
+    "train_command": "a smaller --micro-batch (the global --batch-size stays: gradient accumulation makes it up)",
+}
+
+
 def user_errors(fn: F) -> F:
-    """Turn a UserError into one red sentence and exit code 2 instead of a traceback."""
+    """Turn a UserError (or running out of GPU memory) into one red sentence and exit code 2 instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -35,6 +44,12 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as e:
             console.print(f"[bold red]error:[/] {e}")
+            sys.exit(2)
+        except Exception as e:
+            if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+                raise
+            detail = str(e).split(".")[0].strip()
+            console.print(f"[bold red]error:[/] The GPU ran out of memory ({detail}): rerun with {MEMORY_HINTS.get(fn.__name__, 'a smaller batch')}.")
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -266,3 +266,15 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_a_full_disk_is_one_sente
                         "--pca-rank", "4", "--max-steps", "2", "--num-workers", "0", "--device", "cpu")
     assert code == 2 and "No space left on device" in out and "rerun the same command" in " ".join(out.split())
     assert not list((tmp_path / "full" / "checkpoints").glob("*"))  # no temporary file left behind
+
+
+def test_running_out_of_gpu_memory_names_the_flag_to_lower(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.train
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(trainer.train, "compute_loss", out_of_memory)
+    code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "run"), "--model", "SiT-debug", "--pca-rank", "4",
+                        "--max-steps", "2", "--num-workers", "0", "--device", "cpu")
+    assert code == 2 and "ran out of memory (CUDA out of memory)" in out and "--micro-batch" in out, out
