@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,15 +89,7 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" and cfg.precision == "bf16" else contextlib.nullcontext()
 
-    streams = [  # micro-batch k of rank r reads virtual rank r·accum + k's stream of the sample order
-        make_loader(
-            shards, batch_size=micro, rank=dist_info.rank * accum + k, world_size=dist_info.world_size * accum,
-            seed=cfg.seed, cursor=step * micro, fields=data_fields(cfg), format=cfg.data_format,
-            num_workers=min(-(-cfg.num_workers // accum), os.cpu_count() or 1), pin_memory=dev.type == "cuda",
-        )
-        for k in range(accum)
-    ]
-    batches = [iter(s) for s in streams]
+    batches = micro_batch_streams(shards, cfg, dist_info, accum, micro, step)
     metrics = MetricsLog(run / "metrics.jsonl", resume_step=step) if dist_info.is_main else None
     flops_per_image, peak = train_flops_per_image(model_cfg), peak_flops(dev)
     gen = torch.Generator(device=dev)
@@ -152,11 +144,9 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
                     metrics.write(row)
                 progress.update(row)
             if stopped_by or step % cfg.save_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-                state = {
-                    "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "config": cfg.to_json(), "model_config": dataclasses.asdict(model_cfg), "shards": shard_summary(info),
-                }
                 if dist_info.is_main:
+                    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                             "config": cfg.to_json(), "model_config": dataclasses.asdict(model_cfg), "shards": shard_summary(info)}
                     save_checkpoint(run, step, state, keep=cfg.keep, milestone_every=cfg.ckpt_every)
                 barrier()
             if stopped_by:
@@ -244,6 +234,20 @@ def batch_plan(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
 def data_fields(cfg: TrainConfig) -> tuple[str, ...]:
     fields = ("moments",) + (("pcs",) if cfg.uses_pcs else ()) + (("cls",) if cfg.method == "reg" else ())
     return fields + (("patch_tokens",) if cfg.uses_repa else ())
+
+
+def micro_batch_streams(shards: Path, cfg: TrainConfig, dist_info: DistInfo, accum: int, micro: int,
+                        step: int) -> list[Iterator[dict]]:
+    """One batch iterator per accumulation step k: virtual rank r·accum + k's stream, from sample step·micro on."""
+    loaders = [
+        make_loader(
+            shards, batch_size=micro, rank=dist_info.rank * accum + k, world_size=dist_info.world_size * accum,
+            seed=cfg.seed, cursor=step * micro, fields=data_fields(cfg), format=cfg.data_format,
+            num_workers=min(-(-cfg.num_workers // accum), os.cpu_count() or 1), pin_memory=dist_info.device.type == "cuda",
+        )
+        for k in range(accum)
+    ]
+    return [iter(loader) for loader in loaders]
 
 
 def micro_seed(seed: int, micro_index: int) -> int:
