@@ -296,14 +296,14 @@ def train_command(
     repa_depth: Annotated[Optional[int], typer.Option(help="Block feeding the REPA projector (default: 4 for S/B, 8 for L/XL).")] = None,
     repa_weight: Annotated[float, typer.Option(help="REPA alignment loss weight.")] = 0.5,
     cls_weight: Annotated[float, typer.Option(help="REG class-token loss weight.")] = 0.03,
-    learn_sigma: Annotated[bool, typer.Option(help="DiT: learned variance with the VLB term.")] = False,
+    learn_sigma: Annotated[Optional[bool], typer.Option("--learn-sigma/--no-learn-sigma", help="DiT: learned variance with the VLB term (default: on for DiT, as DiT and the ReDi paper).", show_default=False)] = None,
     unconditional: Annotated[bool, typer.Option(help="Train without class labels.")] = False,
     batch_size: Annotated[int, typer.Option(help="Global batch over all ranks and accumulation steps.")] = 256,
     micro_batch: Annotated[Optional[int], typer.Option(help="Per-rank batch per forward (default: batch / ranks).")] = None,
     max_steps: Annotated[int, typer.Option("--max-steps", "--steps", help="Optimiser steps.")] = 400_000,
     epochs: Annotated[Optional[float], typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip.")] = 1.0,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (REPA/REG; the ReDi/SiT/DiT references do not clip); 0 turns it off.")] = 1.0,
     ema_decay: Annotated[float, typer.Option(help="EMA decay.")] = 0.9999,
     precision: Annotated[str, typer.Option(help="bf16 (autocast on GPU) or fp32.")] = "bf16",
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
@@ -371,6 +371,7 @@ def sample_command(
     cfg_scale: Annotated[float, typer.Option("--cfg-scale", help="CFG weight w (used with cfg, cfg+rg); 1 = no effect.")] = 2.4,
     rg_scale: Annotated[float, typer.Option("--rg-scale", help="RG weight w_r (used with rg, cfg+rg): 1.5 for B, 1.1 for XL in ReDi.")] = 1.5,
     cfg_channels: Annotated[str, typer.Option("--cfg-channels", help="CFG on the VAE channels only (ReDi) or on all channels.")] = "vae",
+    cls_cfg_scale: Annotated[float | None, typer.Option("--cls-cfg-scale", help="REG models: CFG weight of the class token (REG's sampler: 2.3 with --cfg-scale 1.8); default: as --cfg-channels.", show_default=False)] = None,
     interval: Annotated[str | None, typer.Option("--interval", help="LO,HI: guide only at noise levels t in [LO, HI] (t = 1 is noise), e.g. 0,0.7; default: every step.", show_default=False)] = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help="sde, ode or heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT.", show_default=False)] = None,
     steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 250,
@@ -382,6 +383,7 @@ def sample_command(
     vae: Annotated[str | None, typer.Option("--vae", help="Decode with this VAE (hub id, directory, tiny-random) instead of the one the checkpoint records.", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (torchrun ranks use their local GPU).")] = "auto",
     precision: Annotated[str | None, typer.Option("--precision", help="Network autocast: bf16 or fp32; default: bf16 on cuda, fp32 on cpu.", show_default=False)] = None,
+    quantize: Annotated[str, typer.Option("--quantize", help="Pixels to uint8: nearest (DiT/SiT/ReDi scripts) or floor (REPA/REG generate.py, for their FID protocol).")] = "nearest",
     weights: Annotated[str, typer.Option("--weights", help="Checkpoint weights: ema or model (raw).")] = "ema",
     force: Annotated[bool, typer.Option("--force/--no-force", help="Replace samples made with other settings in --out instead of refusing.")] = False,
 ) -> None:
@@ -390,9 +392,9 @@ def sample_command(
 
     cfg = SampleConfig(
         run=run, ckpt=ckpt, guidance=guidance, cfg_scale=cfg_scale, rg_scale=rg_scale, cfg_channels=cfg_channels,
-        interval=parse_interval(interval), sampler=sampler, steps=steps, num=num, seed=seed, batch_size=batch_size,
+        cls_cfg_scale=cls_cfg_scale, interval=parse_interval(interval), sampler=sampler, steps=steps, num=num, seed=seed, batch_size=batch_size,
         class_labels=parse_class_labels(class_labels), out=out, vae=vae, device=device, precision=precision,
-        weights=weights, force=force,
+        quantize=quantize, weights=weights, force=force,
     )
     result = run_sample(cfg, console)
     if result.rank != 0:

@@ -26,13 +26,14 @@ w_r = rg_scale:
   i.e. CFG's label term and RG's Eq. 11 term (with p(x_t) conditioned on y), and reduces
   to each formula above when the other scale is 1.
 - REG's class token `cls` is a representation channel: it is guided like the PC channels
-  (CFG only when `cfg_channels="all"`; RG always). The noz branch zeroes only the PC
-  channels; `cls` is passed unchanged.
+  (CFG only when `cfg_channels="all"`; RG always), unless `cls_cfg_scale` is set: then its
+  CFG weight is that scale wherever CFG is active, as REG's sampler does (a scale ≤ 0 keeps
+  the cond branch). The noz branch zeroes only the PC channels; `cls` is passed unchanged.
 - DiT with learned sigma: the variance channels (the second half of `out`) always take the
   cond branch's values.
 
 Public API:
-  GuidanceConfig(mode, cfg_scale, rg_scale, cfg_channels, interval)
+  GuidanceConfig(mode, cfg_scale, rg_scale, cfg_channels, interval, cls_cfg_scale)
   check_guidance(mode, num_classes, rep_drop) -> None        raises UserError
   GuidedModel(model, labels, guidance, time_scale, autocast)  callable (state, t) -> State
   GuidanceStats(model_calls, nfe)                             GuidedModel.stats
@@ -69,6 +70,9 @@ class GuidanceConfig:
     """CFG on the VAE channels only (ReDi default) or on all channels (PCs and the REG token too)."""
     interval: tuple[float, float] | None = None
     """Guide only for noise level t in [lo, hi] (t = 1 is noise); None guides at every step."""
+    cls_cfg_scale: float | None = None
+    """REG: CFG weight of the class token where CFG is active (REG's sampler: 2.3 with cfg 1.8; ≤ 0 keeps
+    the cond branch there); None follows cfg_channels."""
 
     def __post_init__(self) -> None:
         if self.mode not in GUIDANCE_MODES:
@@ -166,9 +170,10 @@ class GuidedModel:
             + (("noz",) if active and self.guidance.uses_rg else ())
         )
 
-    def __call__(self, state: State, t: float) -> State:
-        """Guided prediction for state at model time t: (out (N, C_out, H, W), cls_out (N, D) if REG)."""
-        names = self.branches(t)
+    def __call__(self, state: State, t: float, guide_t: float | None = None) -> State:
+        """Guided prediction for state at model time t, with the branches active at guide_t (default t):
+        (out (N, C_out, H, W), cls_out (N, D) if REG)."""
+        names = self.branches(t if guide_t is None else guide_t)
         preds = self._forward(state, t, names)  # per branch: tuple like state
         self._count(names)
         uncond, noz = preds.get("uncond"), preds.get("noz")
@@ -211,10 +216,13 @@ class GuidedModel:
         if is_x:
             assert cond.shape[1] in (guided, 2 * guided), f"model output has {cond.shape[1]} channels, state {guided}"
         cfg_channels = guided if self.guidance.cfg_channels == "all" else (self.vae_channels if is_x else 0)
+        cfg_scale = self.guidance.cfg_scale
+        if not is_x and self.guidance.cls_cfg_scale is not None:  # REG's own weight for the class token
+            cfg_channels, cfg_scale = guided, max(self.guidance.cls_cfg_scale, 0.0) or 1.0
         out = cond.clone()
         if uncond is not None:
             c = slice(0, cfg_channels)
-            out[:, c] += (self.guidance.cfg_scale - 1.0) * (cond[:, c] - uncond[:, c])
+            out[:, c] += (cfg_scale - 1.0) * (cond[:, c] - uncond[:, c])
         if noz is not None:
             g = slice(0, guided)
             out[:, g] += (self.guidance.rg_scale - 1.0) * (cond[:, g] - noz[:, g])

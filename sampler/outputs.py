@@ -47,9 +47,15 @@ def pcs_path(out: Path, index: int) -> Path:
     return Path(out) / PCS_DIR / f"{index:06d}.npy"
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """Decoded images (N, 3, H, W) in [−1, 1] → uint8 (N, H, W, 3): round((x + 1)·127.5), clipped (ADM/REPA)."""
-    x = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (N, 3, H, W)
+QUANTIZE = {  # decoded x in [−1, 1] → the float whose truncation is the stored grey level
+    "nearest": lambda x: 127.5 * x + 128.0,  # DiT, SiT and ReDi sample scripts: round half up
+    "floor": lambda x: 127.5 * (x + 1.0),  # REPA and REG generate.py: 0.5 grey level darker on average
+}
+
+
+def to_uint8(images: Tensor, quantize: str = "nearest") -> np.ndarray:
+    """Decoded images (N, 3, H, W) in [−1, 1] → uint8 (N, H, W, 3): clamp to [0, 255] and truncate, as the references."""
+    x = QUANTIZE[quantize](images.float()).clamp(0, 255).to(torch.uint8)  # (N, 3, H, W)
     return x.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
 
 

@@ -48,7 +48,7 @@ from pipeline.runtime import RateColumn, resolve_device
 from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig, check_guidance
 from sampler.outputs import (
     GRID_MAX, GRID_PNG, IMAGES_DIR, NPZ_FILE, PCS_DIR, PCS_PNG, SAMPLE_JSON, image_path, make_grid, pcs_path,
-    pcs_to_rgb, read_png, to_uint8, write_adm_npz, write_pcs, write_picture, write_png,
+    QUANTIZE, pcs_to_rgb, read_png, to_uint8, write_adm_npz, write_pcs, write_picture, write_png,
 )
 from sampler.samplers import SAMPLERS, DDPMSchedule, sample_latents, space_timesteps
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
@@ -80,6 +80,8 @@ class SampleConfig:
     """CFG on the VAE channels only (ReDi default) or on all channels."""
     interval: tuple[float, float] | None = None
     """Guide only at noise levels t in [lo, hi] (t = 1 is noise); None guides every step."""
+    cls_cfg_scale: float | None = None
+    """REG models: CFG weight of the class token (REG's sampler: 2.3 with --cfg-scale 1.8); None follows cfg_channels."""
     sampler: str | None = None
     """sde | ode | heun (SiT) or ddpm (DiT); None picks sde for SiT and ddpm for DiT."""
     steps: int = 250
@@ -100,6 +102,8 @@ class SampleConfig:
     """auto | cpu | cuda | cuda:N (torchrun ranks use cuda:LOCAL_RANK)."""
     precision: str | None = None
     """Network autocast: bf16 | fp32; None → bf16 on cuda, fp32 elsewhere. Weights and sampler state stay float32."""
+    quantize: str = "nearest"
+    """Decoded pixels → uint8: nearest (DiT/SiT/ReDi scripts) or floor (REPA/REG generate.py); FID moves with it."""
     weights: str = "ema"
     """Which weights of the checkpoint: ema (default, as the papers) or model (the raw optimiser weights)."""
     force: bool = False
@@ -121,6 +125,8 @@ class SampleConfig:
             raise UserError("--num, --steps and --batch-size must be positive.")
         if self.seed < 0:
             raise UserError(f"--seed must be a non-negative integer, not {self.seed}.")
+        if self.quantize not in QUANTIZE:
+            raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}.")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision must be bf16 or fp32, not {self.precision!r}.")
         if self.weights not in WEIGHTS:
@@ -226,12 +232,15 @@ def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
     mc = ckpt.model_config
     check_guidance(cfg.guidance, mc.num_classes, ckpt.rep_drop, mc.class_dropout)
     cfg_on, rg_on = "cfg" in cfg.guidance, "rg" in cfg.guidance
+    if cfg.cls_cfg_scale is not None and not (mc.reg_token and cfg_on):
+        raise UserError("--cls-cfg-scale guides REG's class token: it needs a REG model and --guidance cfg or cfg+rg.")
     return GuidanceConfig(
         mode=cfg.guidance,  # type: ignore[arg-type]
         cfg_scale=cfg.cfg_scale if cfg_on else 1.0,
         rg_scale=cfg.rg_scale if rg_on else 1.0,
         cfg_channels=cfg.cfg_channels if cfg_on else "vae",  # type: ignore[arg-type]
         interval=cfg.interval if cfg_on or rg_on else None,
+        cls_cfg_scale=cfg.cls_cfg_scale,
     )
 
 
@@ -265,7 +274,8 @@ def default_out(ckpt: Checkpoint, run: Path | None, sampler: str, steps: int, gu
     """RUN/samples/NAME or CKPT_DIR/samples/NAME, NAME = step, sampler, steps, guidance, scales, interval, seed."""
     parts = [f"step{ckpt.step:07d}", f"{sampler}{steps}"]
     if guidance.uses_cfg:
-        parts.append(f"cfg{guidance.cfg_scale:g}" + ("all" if guidance.cfg_channels == "all" else ""))
+        parts.append(f"cfg{guidance.cfg_scale:g}" + ("all" if guidance.cfg_channels == "all" else "")
+                     + (f"cls{guidance.cls_cfg_scale:g}" if guidance.cls_cfg_scale is not None else ""))
     if guidance.uses_rg:
         parts.append(f"rg{guidance.rg_scale:g}")
     if guidance.interval is not None and (guidance.uses_cfg or guidance.uses_rg):
@@ -329,11 +339,12 @@ def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: str, guidance:
                   "config": dataclasses.asdict(ckpt.model_config)},
         "sampler": sampler, "steps": cfg.steps, "seed": cfg.seed,
         "guidance": {"mode": guidance.mode, "cfg_scale": guidance.cfg_scale, "rg_scale": guidance.rg_scale,
-                     "cfg_channels": guidance.cfg_channels,
+                     "cfg_channels": guidance.cfg_channels, "cls_cfg_scale": guidance.cls_cfg_scale,
                      "interval": list(guidance.interval) if guidance.interval is not None else None},
         "labels": labels_setting(cfg.class_labels, ckpt.model_config.num_classes),
         "vae": {"identity": decoder.identity, "scale": decoder.scale, "shift": decoder.shift},
         "precision": precision,
+        "quantize": cfg.quantize,
         "tiny_random": decoder.identity.get("kind") == TINY_RANDOM,
     }
     return json.loads(json.dumps(settings))
@@ -484,6 +495,8 @@ class SamplingPlan:
     guidance: GuidanceConfig
     autocast: AutocastFactory | None
     """Context factory the network runs under (bf16 autocast), None for float32."""
+    quantize: str = "nearest"
+    """How decoded pixels become uint8 (sampler.outputs.QUANTIZE)."""
 
 
 def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResult:
@@ -516,7 +529,7 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResul
         present = sum(len(b) for b in mine) - to_generate
         model = sampling_network(ckpt, device)
         tag = " [yellow](tiny-random VAE)[/]" if settings["tiny_random"] else ""
-        plan = SamplingPlan(sampler, cfg.steps, cfg.seed, guidance, autocast_factory(device, precision))
+        plan = SamplingPlan(sampler, cfg.steps, cfg.seed, guidance, autocast_factory(device, precision), cfg.quantize)
         bar = progress(console if rank == 0 else None, f"sampling{tag}", to_generate)
         work = sample_batches(model, decoder, plan, todo, labels, out, done, grid_count, bar).reduce(device)
         present_all = int(Work(images=present).reduce(device).images)
@@ -564,7 +577,7 @@ def sample_batches(
                 model, y, indices, plan.seed, plan.sampler, plan.steps, plan.guidance, plan.autocast,
                 latent_size=mc.input_size, cls_dim=mc.repa_dim if mc.reg_token else None,
             )  # x (B, V + r, h, h)
-            pixels = to_uint8(decoder(x[:, : mc.vae_channels]))  # (B, H, W, 3)
+            pixels = to_uint8(decoder(x[:, : mc.vae_channels]), plan.quantize)  # (B, H, W, 3)
             pcs = x[:, mc.vae_channels :].float().cpu().numpy()  # (B, r, h, h)
             for f in pending:  # the previous batch's files are on disk (a write error surfaces here)
                 f.result()

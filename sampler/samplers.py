@@ -6,8 +6,9 @@ network predicts ε (plus the variance interpolation v when it learns sigma) and
 original discrete timestep (as a float) as its time input.
 
 The integrators work on a state that is a tuple of tensors, (x,) or (x, cls) for REG, each
-(N, ...), and on a callback `predict(state, t) -> tuple` giving the prediction for every
-component at model time t (sampler.guidance.GuidedModel builds it from a network). Every
+(N, ...), and on a callback `predict(state, t, guide_t=None) -> tuple` giving the prediction
+for every component at model time t, guided as at time guide_t (default t: only Heun's
+corrector differs) (sampler.guidance.GuidedModel builds it from a network). Every
 component is integrated the same way. The state stays in the dtype it is given (float32,
 or float64); the callback casts for the network and runs it under the caller's autocast.
 
@@ -43,7 +44,9 @@ from pipeline.errors import UserError
 from sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats, GuidedModel, State
 from trainer.objectives import DDPM_BETA_END, DDPM_BETA_START, DDPM_STEPS, ddpm_schedule
 
-Predict = Callable[[State, float], State]  # (state, model time t) -> prediction per component
+class Predict(Protocol):
+    def __call__(self, state: State, t: float, guide_t: float | None = None) -> State:
+        """Prediction per component at model time t, with the guidance active at guide_t (default t)."""
 SAMPLERS: tuple[str, ...] = ("sde", "ode", "heun", "ddpm")
 SEED_STRIDE = 1_000_003  # prime; sample_seed is injective for indices below it
 
@@ -126,7 +129,7 @@ def ode_heun(predict: Predict, state: State, steps: int) -> State:
         d_cur = predict(state, t_cur)
         euler = tuple(x + dt * d for x, d in zip(state, d_cur))
         if i < steps - 1:
-            d_next = predict(euler, t_next)
+            d_next = predict(euler, t_next, guide_t=t_cur)  # REPA: the corrector guides as the step's start does
             state = tuple(x + dt * 0.5 * (a + b) for x, a, b in zip(state, d_cur, d_next))
         else:
             state = euler
@@ -164,7 +167,11 @@ def space_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     if not 1 <= steps <= num_train_timesteps:
         raise UserError(f"DDPM sampling needs 1 to {num_train_timesteps} steps, not {steps}.")
     stride = 1.0 if steps == 1 else (num_train_timesteps - 1) / (steps - 1)
-    return sorted({round(i * stride) for i in range(steps)})
+    taken, position = [], 0.0
+    for _ in range(steps):  # ADM adds the float stride up step by step; round(i·stride) differs for some counts
+        taken.append(round(position))
+        position += stride
+    return sorted(set(taken))
 
 
 @dataclass(frozen=True)

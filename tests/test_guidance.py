@@ -217,3 +217,31 @@ def test_cfg_refused_for_a_model_trained_without_label_dropout() -> None:
     check_guidance("cfg", 1000, 0.2, 0.1)
     with pytest.raises(UserError, match="label dropout"):
         check_guidance("cfg", 1000, 0.2, 0.0)
+
+
+@pytest.mark.parametrize("cls_scale", [2.3, 0.0])
+def test_reg_class_token_takes_its_own_cfg_scale(cls_scale: float) -> None:
+    """REG's sampler: x gets cfg_scale, the class token cls_cfg_scale (≤ 0: the cond branch), both only where CFG is on."""
+    model = RecordingModel(StubConfig(reg_token=True, pca_rank=0)).eval()
+    state, labels = _inputs(reg=True)
+    state = (state[0][:, :VAE], state[1])
+    guided = GuidedModel(model, labels, GuidanceConfig(mode="cfg", cfg_scale=1.8, cls_cfg_scale=cls_scale, interval=(0.0, 0.7)))
+    (c, c_cls), (u, u_cls) = (_branch(model, state, labels, 0.6, b) for b in ("cond", "uncond"))
+    x, cls = guided(state, 0.6)
+    torch.testing.assert_close(x, u + 1.8 * (c - u))
+    torch.testing.assert_close(cls, u_cls + cls_scale * (c_cls - u_cls) if cls_scale > 0 else c_cls)
+    x, cls = guided(state, 0.8)  # outside the interval: no guidance at all
+    torch.testing.assert_close(cls, _branch(model, state, labels, 0.8, "cond")[1])
+
+
+def test_heun_corrector_guides_as_the_start_of_its_step() -> None:
+    """REPA's Heun decides CFG for the corrector (evaluated at t_next) with t_cur."""
+    from sampler.samplers import ode_heun
+
+    model = RecordingModel(StubConfig()).eval()
+    state, labels = _inputs(n=2)
+    ode_heun(GuidedModel(model, labels, GuidanceConfig(mode="cfg", cfg_scale=W, interval=(0.0, 0.7))), state, 10)
+    # Steps start at t = 1.0, 0.9, …, 0.1; a call is guided (batch 4) exactly when its step started at t ≤ 0.7.
+    starts = [1.0 - i / 10 for i in range(10)]
+    expected = [4 if s <= 0.7 + 1e-9 else 2 for s in starts for _ in range(2)][:-1]  # the last step has no corrector
+    assert [call.batch for call in model.calls] == expected

@@ -146,14 +146,16 @@ def test_label_dropout_uses_the_null_label():
     assert torch.equal(model.seen["y"], torch.where(dropped, 10, batch.y))
 
 
-def test_unconditional_model_keeps_labels_and_draws_nothing_for_them():
-    cfg = ModelConfig(size="debug", objective="sit", input_size=SIDE, num_classes=1, class_dropout=0.1)
+def test_unconditional_model_still_drops_labels_to_its_null_row():
+    """SPEC §6 / ReDi: unconditional = num_classes 1 and nothing else changes, label dropout included."""
+    cfg = ModelConfig(size="debug", objective="sit", input_size=SIDE, num_classes=1, class_dropout=0.5)
     model = StandIn(cfg)
     batch = make_batch(cfg)
     batch.y.zero_()
-    compute_loss(model, batch, LossConfig(method="baseline", class_dropout=0.1), torch.Generator().manual_seed(0))
-    assert torch.equal(model.seen["y"], batch.y)
-    assert torch.equal(model.seen["t"], torch.rand(N, generator=torch.Generator().manual_seed(0)))
+    compute_loss(model, batch, LossConfig(method="baseline", class_dropout=0.5), torch.Generator().manual_seed(0))
+    dropped = torch.rand(N, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert 0 < dropped.sum() < N
+    assert torch.equal(model.seen["y"], dropped.long())  # label 0, or the null label 1
 
 
 def test_per_sample_representation_drop_zeroes_z_t_and_the_pc_loss():

@@ -87,7 +87,7 @@ def test_cli_writes_every_output(sit_run: Path) -> None:
     report = json.loads((out / "sample.json").read_text())
     s = report["settings"]
     assert s["sampler"] == "sde" and s["steps"] == 4 and s["seed"] == 3 and s["precision"] == "fp32"
-    assert s["guidance"] == {"mode": "cfg+rg", "cfg_scale": 2.0, "rg_scale": 1.5, "cfg_channels": "vae", "interval": [0.0, 0.7]}
+    assert s["guidance"] == {"mode": "cfg+rg", "cfg_scale": 2.0, "rg_scale": 1.5, "cfg_channels": "vae", "cls_cfg_scale": None, "interval": [0.0, 0.7]}
     assert s["labels"] == {"mode": "list", "values": [1, 2]} and s["tiny_random"] is True
     ckpt = sit_run / "checkpoints" / "step-0000007.pt"
     assert s["checkpoint"] == {"sha256": sha256_file(ckpt), "step": STEP, "weights": "ema"}
@@ -117,6 +117,9 @@ def test_reg_model_samples_without_its_repa_projector(tmp_path: Path) -> None:
     result = sample(run, tmp_path / "out", num=2, steps=2, guidance="none")
     assert result.assembled and not result.has_pcs and result.work.model_calls == 2
     assert npz(result.out)[0].shape == (2, 64, 64, 3)
+    code, text = cli("--run", run, "--num", 2, "--steps", 2, "--guidance", "cfg", "--cfg-scale", 1.8,
+                     "--cls-cfg-scale", 2.3, "--interval", "0,0.7")  # REG's recipe
+    assert code == 0 and "cls2.3" in text, text
 
 
 def test_labels_depend_on_seed_and_index_only() -> None:
@@ -190,6 +193,8 @@ def test_refusals(sit_run: Path, tmp_path: Path) -> None:
     no_drop = make_run(tmp_path / "no-drop", rep_drop=0.0)
     code, text = cli("--run", no_drop, "--num", 2, "--steps", 2, "--guidance", "rg")
     assert code == 2 and "rep_drop 0" in text and "Traceback" not in text
+    code, text = cli("--run", sit_run, "--num", 2, "--steps", 2, "--guidance", "cfg", "--cls-cfg-scale", 2)
+    assert code == 2 and "needs a REG model" in text
     code, text = cli("--run", sit_run, "--num", 2, "--steps", 2, "--sampler", "ddpm")
     assert code == 2 and "ddpm for DiT" in text
     code, text = cli("--run", sit_run, "--num", 2, "--steps", 2, "--class-labels", "1,4")
@@ -228,3 +233,13 @@ def test_benchmark_smoke() -> None:
 
     figures = run(quick=True)
     assert figures["model_calls_per_step"] == 1 and figures["images_per_s"] > 0 and figures["nfe_per_image"] > 0
+
+
+def test_pixels_are_quantised_as_the_reference_scripts() -> None:
+    from sampler.outputs import to_uint8
+
+    x = torch.tensor([-1.5, -1.0, -0.996, 0.0, 0.5, 0.9999, 1.0, 1.2]).view(1, 1, 1, 8).expand(1, 3, 1, 8)
+    nearest = to_uint8(x)[0, 0, :, 0].tolist()  # DiT/SiT/ReDi: clamp(127.5·x + 128) truncated
+    floor = to_uint8(x, "floor")[0, 0, :, 0].tolist()  # REPA/REG: clamp(255·(x + 1)/2) truncated
+    assert nearest == [0, 0, 1, 128, 191, 255, 255, 255]
+    assert floor == [0, 0, 0, 127, 191, 254, 255, 255]

@@ -57,7 +57,7 @@ class Mixture:
         second = sum(w * (torch.diag(s**2) + torch.outer(m, m)) for w, m, s in zip(self.weights, self.means, self.stds))
         return second - torch.outer(self.mean(), self.mean())
 
-    def velocity(self, state: tuple[Tensor, ...], t: float) -> tuple[Tensor, ...]:
+    def velocity(self, state: tuple[Tensor, ...], t: float, guide_t: float | None = None) -> tuple[Tensor, ...]:
         """v(x, t) = E[ε − x_0 | x_t = x] for x_t = (1−t)x_0 + tε, mixing the per-component fields."""
         x = state[0][:, None, :]  # (N, 1, d)
         var = (1 - t) ** 2 * self.stds**2 + t**2  # (K, d) marginal variance of x_t per component
@@ -138,6 +138,17 @@ def gaussian_eps(x: Tensor, timestep: float) -> tuple[Tensor, Tensor]:
 
 
 def test_space_timesteps_follow_adm_and_keep_alphas_cumprod() -> None:
+    def adm(num_timesteps: int, count: int) -> list[int]:  # guided-diffusion respace.space_timesteps, one section
+        stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1
+        cur, taken = 0.0, []
+        for _ in range(count):
+            taken.append(round(cur))
+            cur += stride
+        return sorted(set(taken))
+
+    for count in (21, 27, 100, 250, 333):
+        assert space_timesteps(1000, count) == adm(1000, count), count
+    assert 499 in space_timesteps(1000, 21)  # round(10 · 49.95) would give 500
     use = space_timesteps(1000, 250)
     assert len(use) == 250 and use[:3] == [0, 4, 8] and use[-1] == 999
     assert space_timesteps(1000, 1000) == list(range(1000))

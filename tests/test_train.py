@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from benchmarks.loader import make_stage_inputs
 from cli import app
+from pipeline.errors import UserError
 from pipeline.shards import ShardsConfig, build_shards
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.config import TrainConfig
@@ -278,3 +279,17 @@ def test_running_out_of_gpu_memory_names_the_flag_to_lower(data: Path, tmp_path:
     code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "run"), "--model", "SiT-debug", "--pca-rank", "4",
                         "--max-steps", "2", "--num-workers", "0", "--device", "cpu")
     assert code == 2 and "ran out of memory (CUDA out of memory)" in out and "--micro-batch" in out, out
+
+
+def test_dit_learns_sigma_by_default_and_grad_clip_zero_turns_clipping_off(data: Path, tmp_path: Path) -> None:
+    assert config(data, tmp_path, model="DiT-debug").learn_sigma is True  # DiT and the ReDi paper's DiT runs
+    assert config(data, tmp_path, model="DiT-debug", learn_sigma=False).learn_sigma is False
+    assert config(data, tmp_path).learn_sigma is False  # SiT
+    with pytest.raises(UserError, match="applies to DiT"):
+        config(data, tmp_path, learn_sigma=True)
+
+    train(config(data, tmp_path / "off", grad_clip=0.0, max_steps=2, log_every=1), device="cpu")
+    train(config(data, tmp_path / "tiny", grad_clip=1e-12, max_steps=2, log_every=1), device="cpu")
+    off, tiny = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("off", "tiny"))
+    assert off[0]["grad_norm"] == tiny[0]["grad_norm"] > 0  # the same first step, the norm logged either way
+    assert off[1]["loss"] != tiny[1]["loss"]  # unclipped, the first update moved the weights much further

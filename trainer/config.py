@@ -47,8 +47,8 @@ class TrainConfig(MethodParts):
     repa_weight: float = 0.5
     cls_weight: float = 0.03
     """REG class-token velocity loss weight."""
-    learn_sigma: bool = False
-    """DiT only: learned variance with the VLB term."""
+    learn_sigma: bool | None = None
+    """DiT only: learned variance with the VLB term; None → on for DiT (as DiT and the ReDi paper's DiT runs)."""
     unconditional: bool = False
     """Train without labels (num_classes 1)."""
     class_dropout: float = 0.1
@@ -66,6 +66,7 @@ class TrainConfig(MethodParts):
     beta2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    """Gradient-norm clip (REPA/REG; the ReDi, SiT and DiT references do not clip); 0 turns clipping off."""
     ema_decay: float = 0.9999
     precision: str = "bf16"
     """bf16 (autocast on GPU, fp32 master weights) or fp32; CPU always runs fp32."""
@@ -93,6 +94,10 @@ class TrainConfig(MethodParts):
             raise UserError(f"Unknown model '{self.model}': use SiT-B/2, SiT-XL/2, DiT-B/2, … or SiT-debug.")
         if self.method not in METHODS:
             raise UserError(f"Unknown method '{self.method}': choose one of {', '.join(METHODS)}.")
+        if self.learn_sigma is None:  # resolved here, so config.json and checkpoints record the value
+            object.__setattr__(self, "learn_sigma", self.objective == "dit")
+        if self.grad_clip < 0:
+            raise UserError(f"--grad-clip must be ≥ 0 (0 turns clipping off), got {self.grad_clip}.")
         if self.fusion not in ("merged", "separate"):
             raise UserError(f"Unknown fusion '{self.fusion}': merged or separate.")
         if not 0.0 <= self.rep_drop < 1.0:

@@ -1,10 +1,9 @@
 """Training losses: SiT flow matching or DiT DDPM, with ReDi PC channels, representation drop, REPA and REG.
 
 Random draws, all from `generator` (on the batch's device) and in this order, so a resumed run
-repeats them exactly: label-dropout uniforms (N,) when the model is conditional and
-class_dropout > 0; representation-drop uniforms ((N,) per sample, (1,) per batch) when the method
-trains PC channels and rep_drop > 0; the time t (N,); the noise ε like x0; the class-token noise
-ε_c (N, D) for REG.
+repeats them exactly: label-dropout uniforms (N,) when class_dropout > 0; representation-drop
+uniforms ((N,) per sample, (1,) per batch) when the method trains PC channels and rep_drop > 0;
+the time t (N,); the noise ε like x0; the class-token noise ε_c (N, D) for REG.
 """
 from __future__ import annotations
 
@@ -241,15 +240,16 @@ def check_compatible(model_cfg: ModelConfig, cfg: LossConfig) -> None:
         raise UserError(f"method {cfg.method!r} and the model's reg_token={model_cfg.reg_token} do not match")
     if cfg.uses_reg and model_cfg.objective != "sit":
         raise UserError("REG is defined for the SiT (flow) objective only")
-    if model_cfg.num_classes > 1 and cfg.class_dropout != model_cfg.class_dropout:
+    if cfg.class_dropout != model_cfg.class_dropout:
         raise UserError(
             f"label dropout {cfg.class_dropout} differs from the {model_cfg.class_dropout} the model config records"
         )
 
 
 def drop_labels(y: Tensor, num_classes: int, p: float, generator: torch.Generator | None) -> Tensor:
-    """Replace each label by the null label num_classes with probability p (conditional models only)."""
-    if num_classes == 1 or p == 0.0:
+    """Replace each label by the null label num_classes with probability p (unconditional models too, as the
+    ReDi reference: its num_classes = 1 model keeps label dropout)."""
+    if p == 0.0:
         return y
     drop = torch.rand(y.shape[0], generator=generator, device=y.device) < p  # (N,)
     return torch.where(drop, torch.full_like(y, num_classes), y)  # (N,)

@@ -114,7 +114,7 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
                     (out.loss / accum).backward()
                 for name, value in {"loss": out.loss.detach(), **out.terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.float() / accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # inf: norm only
             if torch.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients); one host sync
                 bad_in_a_row = 0
                 opt.step()
@@ -218,7 +218,7 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
     return LossConfig(
         method=cfg.method, lambda_z=cfg.lambda_z, rep_drop=cfg.rep_drop if cfg.uses_pcs else 0.0,
         rep_drop_mode=cfg.rep_drop_mode, rep_drop_target=cfg.rep_drop_target, repa_weight=cfg.repa_weight,
-        cls_weight=cfg.cls_weight, class_dropout=0.0 if cfg.unconditional else cfg.class_dropout,
+        cls_weight=cfg.cls_weight, class_dropout=cfg.class_dropout,
     )
 
 
