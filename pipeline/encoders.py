@@ -1,5 +1,9 @@
 """The two frozen encoders: the SD VAE (diffusers `AutoencoderKL`) and DINOv2-with-registers (transformers).
 
+DINOv2 without registers (`facebook/dinov2-base`, transformers' `Dinov2Model`) is accepted too:
+it is what REPA and REG aligned with, so `--encoder facebook/dinov2-base` gives their exact
+targets (the class is read from the config's `model_type`).
+
 An encoder is named by a hub id, a local directory or `tiny-random` (the same classes with
 tiny widths and a fixed seed, for tests and the offline demo). `resolve_*` reads only the
 config and returns the identity a manifest records; `load_*` builds the model. The
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from huggingface_hub import try_to_load_from_cache
-from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
 
 from pipeline.errors import UserError
 
@@ -60,12 +64,29 @@ def dinov2_base_config() -> dict[str, Any]:
     return {**tiny_dino_config(), "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
 
 
+DinoModel = Dinov2WithRegistersModel | Dinov2Model
+DINO_CLASSES: dict[str, type[DinoModel]] = {"dinov2_with_registers": Dinov2WithRegistersModel, "dinov2": Dinov2Model}
+
+
+def _vae_class(config: dict[str, Any]) -> type[AutoencoderKL]:
+    return AutoencoderKL
+
+
+def _dino_class(config: dict[str, Any]) -> type[DinoModel]:
+    """Dinov2WithRegistersModel (ReDi; also the tiny-random configs, which carry no model_type) or Dinov2Model."""
+    kind = config.get("model_type", "dinov2_with_registers")
+    if kind not in DINO_CLASSES:
+        raise UserError(f"The --encoder config is a {kind!r} model; expected DINOv2 ({', '.join(DINO_CLASSES)}).")
+    return DINO_CLASSES[kind]
+
+
 def _build_vae(config: dict[str, Any]) -> AutoencoderKL:
     return AutoencoderKL.from_config(config)
 
 
-def _build_dino(config: dict[str, Any]) -> Dinov2WithRegistersModel:
-    return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**config))
+def _build_dino(config: dict[str, Any]) -> DinoModel:
+    cls = _dino_class(config)
+    return cls(cls.config_class(**config))
 
 
 def _vae_hub_config(name: str, revision: str, offline: bool) -> dict[str, Any]:
@@ -73,8 +94,7 @@ def _vae_hub_config(name: str, revision: str, offline: bool) -> dict[str, Any]:
 
 
 def _dino_hub_config(name: str, revision: str, offline: bool) -> dict[str, Any]:
-    cfg = Dinov2WithRegistersConfig.from_pretrained(name, revision=revision, local_files_only=offline)
-    return cfg.to_dict()
+    return AutoConfig.from_pretrained(name, revision=revision, local_files_only=offline).to_dict()
 
 
 @dataclass(frozen=True)
@@ -84,7 +104,7 @@ class EncoderFamily:
     what: str  # words for messages
     flag: str  # the CLI option that names it
     example_dir: str  # a plausible local directory for the error message
-    cls: type[torch.nn.Module]  # the model class (also what the identity records)
+    model_class: Callable[[dict[str, Any]], type[torch.nn.Module]]  # config → class (the identity records it)
     tiny_config: Callable[[], dict[str, Any]]  # the tiny-random architecture
     dim_key: str  # config field recorded as the identity's "dim"
     hub_config: Callable[[str, str, bool], dict[str, Any]]  # (id, revision, cached only) → config, no weights
@@ -92,11 +112,11 @@ class EncoderFamily:
 
 
 VAE = EncoderFamily(
-    "VAE", "--vae", "/path/to/sd-vae-ft-ema", AutoencoderKL, tiny_vae_config, "latent_channels",
+    "VAE", "--vae", "/path/to/sd-vae-ft-ema", _vae_class, tiny_vae_config, "latent_channels",
     _vae_hub_config, _build_vae,
 )
 DINO = EncoderFamily(
-    "DINOv2 encoder", "--encoder", "/path/to/dinov2-with-registers-base", Dinov2WithRegistersModel,
+    "DINOv2 encoder", "--encoder", "/path/to/dinov2-with-registers-base", _dino_class,
     tiny_dino_config, "hidden_size", _dino_hub_config, _build_dino,
 )
 
@@ -123,7 +143,7 @@ def offline() -> bool:
 
 def resolve(family: EncoderFamily, name: str, revision: str = "main") -> EncoderRef:
     """Find the config of `name` (tiny-random, local directory or hub id) without loading weights."""
-    base = {"id": name, "class": family.cls.__name__}
+    base = {"id": name}
     if name == TINY_RANDOM:
         config = family.tiny_config()
         ident = {**base, "kind": TINY_RANDOM, "hash": _config_hash(config, []), "seed": TINY_SEED}
@@ -144,6 +164,7 @@ def resolve(family: EncoderFamily, name: str, revision: str = "main") -> Encoder
         cached = try_to_load_from_cache(name, "config.json", revision=revision)
         if isinstance(cached, str):
             ident["commit"] = Path(cached).parent.name  # …/snapshots/<commit>/config.json
+    ident["class"] = family.model_class(config).__name__
     ident["dim"] = int(config[family.dim_key])
     return EncoderRef(family, name, revision, config, ident)
 
@@ -158,7 +179,7 @@ def load(ref: EncoderRef, device: torch.device | str = "cpu", dtype: torch.dtype
         hub = {"revision": ref.revision, "local_files_only": offline()} if kind == "hub" else {}
         try:
             with _quiet_hub():
-                model = ref.family.cls.from_pretrained(source, **hub)  # type: ignore[attr-defined]
+                model = ref.family.model_class(ref.config).from_pretrained(source, **hub)  # type: ignore[attr-defined]
         except OSError:
             raise _unavailable(ref.family, ref.name, ref.revision) from None
     model = model.to(device=device)
@@ -179,14 +200,6 @@ def load_vae(
 ) -> tuple[AutoencoderKL, dict[str, Any]]:
     """The frozen VAE and its identity (the sampler uses this to decode)."""
     ref = resolve(VAE, name, revision)
-    return load(ref, device, dtype), ref.identity  # type: ignore[return-value]
-
-
-def load_dino(
-    name: str, revision: str = "main", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[Dinov2WithRegistersModel, dict[str, Any]]:
-    """The frozen DINOv2-with-registers encoder and its identity."""
-    ref = resolve(DINO, name, revision)
     return load(ref, device, dtype), ref.identity  # type: ignore[return-value]
 
 
@@ -217,12 +230,12 @@ def dino_preprocess(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False, antialias=False)  # (N, 3, S, S)
 
 
-def dino_tokens(model: Dinov2WithRegistersModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dino_tokens(model: DinoModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, R, R, 3) → float32 CLS (N, D) and patch tokens (N, P, D) after the final LayerNorm."""
     x = dino_preprocess(images, images.shape[1]).to(model.dtype)  # (N, 3, S, S)
     h = model(pixel_values=x).last_hidden_state  # (N, 1 + registers + P, D)
     cls = h[:, 0]  # (N, D)
-    patch = h[:, 1 + model.config.num_register_tokens :]  # (N, P, D), registers dropped
+    patch = h[:, 1 + getattr(model.config, "num_register_tokens", 0) :]  # (N, P, D), registers dropped
     return cls.float(), patch.float()
 
 

@@ -259,3 +259,31 @@ def test_one_pass_with_features_equals_the_two_stages(images: Path, tmp_path: Pa
             assert (separate / stage / "manifest.json").read_text() == (data / stage / "manifest.json").read_text()
     code, out = redi("features", images, "--data", together, "--encoder", "tiny-random", *chunked)
     assert code == 0 and "nothing to do" in out
+
+
+def test_dinov2_without_registers_gives_repa_and_reg_their_targets(images: Path, tmp_path: Path) -> None:
+    """`--encoder facebook/dinov2-base` (Dinov2Model, no registers) is what REPA/REG align with."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from pipeline.encoders import tiny_dino_config
+
+    plain = {k: v for k, v in tiny_dino_config().items() if k != "num_register_tokens"}
+    torch.manual_seed(2)
+    Dinov2Model(Dinov2Config(**plain)).save_pretrained(tmp_path / "dinov2")
+    ref = resolve(DINO, str(tmp_path / "dinov2"))
+    assert ref.identity["class"] == "Dinov2Model" and ref.identity["dim"] == 32
+    code, out = redi("features", images, "--data", tmp_path / "data", "--encoder", tmp_path / "dinov2", *TINY)
+    assert code == 0, out
+    features = read_store(tmp_path / "data" / "features")
+    model = load(ref)
+    pixels = torch.from_numpy(np.stack([center_crop_arr(decode_rgb(open_source(images).read_bytes(i)), R) for i in (0, 5)]))
+    with torch.inference_mode():
+        h = model(pixel_values=dino_preprocess(pixels, R)).last_hidden_state  # (2, 1 + 16, 32): no registers
+    assert features["patch"].shape == (12, 16, 32)
+    np.testing.assert_allclose(features["patch"][[0, 5]], h[:, 1:].half().numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(features["cls"][[0, 5]], h[:, 0].half().numpy(), rtol=1e-3, atol=1e-3)
+
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text('{"model_type": "vit", "hidden_size": 32}')
+    code, out = redi("features", images, "--data", tmp_path / "other", "--encoder", tmp_path / "vit", *TINY)
+    assert code == 2 and "'vit' model" in out
