@@ -11,6 +11,7 @@ optimiser, EMA, copies) and the GPU's idle share: where the MFU is lost.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import tempfile
@@ -120,6 +121,36 @@ def profile_loop(shards: Path, run: Path, out: Path, *, model: str, method: str,
     return result
 
 
+def checkpoint_stall(model: str = "SiT-B/2", device: str = "cpu") -> dict[str, float]:
+    """Seconds the loop waits per checkpoint of `model` (model + EMA + AdamW state): the whole write when
+    saving in the loop, against only the copy into reused host buffers with the background checkpointer
+    (the first save also allocates them)."""
+    from trainer.checkpoint import BackgroundCheckpointer, save_checkpoint
+    from trainer.models import ModelConfig
+
+    net = build_model(ModelConfig(size=model.partition("-")[2], objective="sit", pca_rank=8)).to(device)
+    opt = torch.optim.AdamW(net.parameters())
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # creates the two moment buffers
+    state = {"model": net.state_dict(), "ema": copy.deepcopy(net).state_dict(), "opt": opt.state_dict(), "step": 1}
+    with tempfile.TemporaryDirectory(prefix="redi-bench-ckpt-") as tmp:
+        t0 = time.perf_counter()
+        save_checkpoint(Path(tmp) / "sync", 1, state, keep=1, milestone_every=0)
+        sync_s = time.perf_counter() - t0
+        with BackgroundCheckpointer() as checkpointer:
+            t0 = time.perf_counter()
+            checkpointer.save(Path(tmp) / "background", 1, state, keep=1, milestone_every=0)
+            first_s = time.perf_counter() - t0  # allocates the host buffers
+            checkpointer.wait()  # in training, the steps between two saves cover this
+            t0 = time.perf_counter()
+            checkpointer.save(Path(tmp) / "background", 2, state, keep=1, milestone_every=0)
+            background_s = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in (Path(tmp) / "sync").rglob("*.pt"))
+    return {"checkpoint_gb": size / 1e9, "loop_wait_s_in_loop_write": sync_s, "loop_wait_s_background_first": first_s,
+            "loop_wait_s_background": background_s}
+
+
 def reference_step(shards: Path, *, model: str, method: str, batch: int, steps: int, device: str) -> float:
     """Images/s of the public code's step: fp32, checkpointing on every block, DINOv2-B run on the images."""
     dev = torch.device(device)
@@ -178,6 +209,8 @@ def run(quick: bool = False, models: tuple[str, ...] | None = None, method: str 
                                      device=device)
                 figures[f"{model} reference-style images/s"] = ref
                 figures[f"{model} speed-up vs reference"] = row["images_per_s"] / ref
+    if not quick:
+        figures |= {f"{models[0]} {k}": v for k, v in checkpoint_stall(models[0], device).items()}
     return figures
 
 

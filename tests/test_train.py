@@ -293,3 +293,25 @@ def test_dit_learns_sigma_by_default_and_grad_clip_zero_turns_clipping_off(data:
     off, tiny = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("off", "tiny"))
     assert off[0]["grad_norm"] == tiny[0]["grad_norm"] > 0  # the same first step, the norm logged either way
     assert off[1]["loss"] != tiny[1]["loss"]  # unclipped, the first update moved the weights much further
+
+
+def test_background_checkpoint_holds_the_state_of_its_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.checkpoint import BackgroundCheckpointer, checkpoint_path, list_checkpoints
+
+    weights = torch.zeros(1000)
+    with BackgroundCheckpointer() as checkpointer:
+        for step in (1, 2, 3):
+            checkpointer.save(tmp_path, step, {"model": {"w": weights}, "step": step}, keep=2, milestone_every=0)
+            weights += 1  # the training loop goes on updating in place while the file is written
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]  # keep=2 rotated step 1 away
+    for step in (2, 3):
+        assert torch.equal(load_checkpoint(checkpoint_path(tmp_path, step))["model"]["w"], torch.full((1000,), step - 1.0))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match="No space left on device"):
+        with BackgroundCheckpointer() as checkpointer:
+            checkpointer.save(tmp_path, 4, {"w": weights}, keep=2, milestone_every=0)  # the error surfaces on leaving
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]

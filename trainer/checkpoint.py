@@ -1,9 +1,12 @@
-"""Checkpoints: atomic writes, keep-last-N plus milestones, safe (weights_only) loading."""
+"""Checkpoints: atomic writes (in a background thread from a CPU snapshot), keep-last-N plus milestones,
+safe (weights_only) loading."""
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -69,3 +72,60 @@ def load_newest_readable(run: Path, map_location: str | torch.device, warn: Call
 def newest_checkpoint(run: Path) -> Path | None:
     found = list_checkpoints(run)
     return found[-1][1] if found else None
+
+
+class BackgroundCheckpointer:
+    """Writes checkpoints from a host snapshot in one background thread, so training goes on during the disk write.
+
+    The snapshot goes into host buffers kept from one save to the next (pinned when the state is on a GPU,
+    where the copies are queued behind the step's kernels and waited for by the writer thread), so the loop
+    pays a memory copy, not an allocation or a write. At most one write is in flight: `save` first waits for
+    the previous one (and re-raises its error, e.g. a full disk); leaving the context waits for the last.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future[Path] | None = None
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}  # position in the state → its host copy
+
+    def __enter__(self) -> BackgroundCheckpointer:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            if kind is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)  # an interrupted run still finishes (or fails) its last write
+
+    def save(self, run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int) -> None:
+        self.wait()  # the buffers are free again
+        snapshot = self._snapshot(state, ())
+        copied = torch.cuda.Event() if torch.cuda.is_available() else None
+        if copied is not None:
+            copied.record()  # after the device-to-host copies queued above
+
+        def write() -> Path:
+            if copied is not None:
+                copied.synchronize()
+            return save_checkpoint(run, step, snapshot, keep, milestone_every)
+
+        self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _snapshot(self, obj: Any, key: tuple[Any, ...]) -> Any:
+        """`obj` with every tensor copied into its reused host buffer (other values are shared)."""
+        if isinstance(obj, torch.Tensor):
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = self._buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+            return buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
+        if isinstance(obj, dict):
+            return {k: self._snapshot(v, (*key, k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._snapshot(v, (*key, i)) for i, v in enumerate(obj))
+        return obj

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file
 from pipeline.errors import UserError
 from pipeline.readers import ShardInfo, make_loader, read_shard_info
-from trainer.checkpoint import load_checkpoint, load_newest_readable, save_checkpoint
+from trainer.checkpoint import BackgroundCheckpointer, load_checkpoint, load_newest_readable
 from trainer.config import TrainConfig, architecture_mismatch, resolve_shards_dir
 from trainer.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from trainer.ema import make_ema, update_ema
@@ -99,7 +99,7 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
     timer = time.perf_counter()
 
     stopped_by = 0
-    with StopRequest() as stop:  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, checkpoint, return
+    with BackgroundCheckpointer() as checkpointer, StopRequest() as stop:  # stop: finish the step, checkpoint, return
         while step < cfg.max_steps:
             model.train()
             sums: dict[str, torch.Tensor] = {}
@@ -147,10 +147,11 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
                 if dist_info.is_main:
                     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                              "config": cfg.to_json(), "model_config": dataclasses.asdict(model_cfg), "shards": shard_summary(info)}
-                    save_checkpoint(run, step, state, keep=cfg.keep, milestone_every=cfg.ckpt_every)
-                barrier()
+                    checkpointer.save(run, step, state, keep=cfg.keep, milestone_every=cfg.ckpt_every)
             if stopped_by:
                 break
+        checkpointer.wait()  # the last checkpoint is on disk before any rank leaves (torchrun stops the others)
+        barrier()
     progress.close()
     shutdown()
     seconds = time.perf_counter() - started
