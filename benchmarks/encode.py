@@ -60,9 +60,8 @@ def _one_at_a_time(source: ImageSource, vae_name: str, dino_name: str, resolutio
     """Images/s of decode → crop → VAE(batch 1) → DINOv2(batch 1) → one .npy per image and output."""
     vae, dino = load(resolve(VAE, vae_name), device), load(resolve(DINO, dino_name), device)
     out.mkdir()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as the stages do
     start = time.perf_counter()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode():  # float32, as the stages by default and the reference preprocessing
         for i in range(len(source)):
             pixels, _ = load_cropped(source, i, resolution)
             x = torch.from_numpy(pixels)[None].to(device)  # (1, R, R, 3) uint8

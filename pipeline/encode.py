@@ -56,7 +56,7 @@ class EncodeConfig:
     resolution: int = 256  # ADM crop side R; a multiple of 16 so DINOv2 gets whole 14-pixel patches
     batch_size: int = 64  # images per forward pass (part of the manifest: batches shape the numerics)
     device: str | None = None  # torch device; None → cuda if available, else cpu
-    precision: str | None = None  # bf16 | fp16 | fp32 autocast; None → bf16 on cuda, fp32 on cpu
+    precision: str | None = None  # bf16 | fp16 | fp32 autocast; None → fp32 (convolutions in TF32 on GPU, torch's default, as the references)
     chunk_size: int = 256  # images per committed unit and per Zarr chunk along N
     workers: int = 4  # DataLoader processes decoding and cropping images (0: in the main process)
     dtype: str = "float16"  # storage dtype of the output arrays
@@ -179,7 +179,7 @@ def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]], console: Console 
     source = open_source(cfg.source)
     with _distributed() as (rank, world):
         device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-        precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+        precision = cfg.precision or "fp32"  # the stored data outlives every experiment: exact unless asked
         opened = [_open_job(kind, c, source, precision, rank, world, console) for kind, c in jobs]
         active = [job for job in opened if job.pending]
         if active:
