@@ -100,7 +100,7 @@ def _print_stage_result(result: Any) -> None:
 def demo_data_command(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the images into (ImageFolder layout).")] = Path("data/demo-images"),
     num: Annotated[int, typer.Option("--num", help="Number of images (5 classes, cycled).")] = 64,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated images.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**40, help="Seed of the generated images.")] = 0,
 ) -> None:
     """Write the embedded demo image set: coloured shapes on textured backgrounds, generated in code."""
     from pipeline.demo_data import write_demo_images
@@ -178,7 +178,7 @@ def info_command(
 def pca_command(
     data: Annotated[Path, typer.Option("--data", help="Data root: reads DATA/features, writes DATA/pca.safetensors.")] = Path("data"),
     num_images: Annotated[int, typer.Option("--num-images", help="Images drawn at random (seeded) among the valid ones; all if fewer.")] = 76_800,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the image draw.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**40, help="Seed of the image draw.")] = 0,
     device: Annotated[str, typer.Option("--device", help="Where the float64 accumulation runs: auto, cpu, cuda or cuda:N.")] = "auto",
     batch_images: Annotated[int, typer.Option("--batch-images", help="Images read and accumulated per step (bounds memory).")] = 128,
     import_file: Annotated[Path | None, typer.Option("--import", help="Convert a reference ReDi dino_pca_model.pth instead of fitting.")] = None,
@@ -221,7 +221,7 @@ def shards_command(
     pcs: Annotated[int, typer.Option("--pcs", help="K: principal components of the patch tokens kept per sample (train with any rank r ≤ K).")] = 32,
     patch_tokens: Annotated[bool, typer.Option("--patch-tokens/--no-patch-tokens", help="Also store the full patch tokens (P×D), needed by REPA/REG alignment (large).")] = False,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per block: one tar, one zarr block, one committed unit.")] = 1024,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the write-time shuffle of the sample order.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**40, help="Seed of the write-time shuffle of the sample order.")] = 0,
     device: Annotated[str, typer.Option("--device", help="Where the PCA projection runs: auto, cpu, cuda or cuda:N.")] = "auto",
     force: Annotated[bool, typer.Option("--force/--no-force", help="Delete and redo shards made with other settings.")] = False,
 ) -> None:
@@ -307,7 +307,7 @@ def train_command(
     ema_decay: Annotated[float, typer.Option(help="EMA decay.")] = 0.9999,
     precision: Annotated[str, typer.Option(help="bf16 (autocast on GPU) or fp32.")] = "bf16",
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of weights, data order and noise.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**40, help="Seed of weights, data order and noise.")] = 0,
     data_format: Annotated[str, typer.Option("--format", help="zarr (one node) or wds (streaming).")] = "zarr",
     num_workers: Annotated[int, typer.Option(help="DataLoader workers per rank.")] = 4,
     log_every: Annotated[int, typer.Option(help="Steps between metrics lines.")] = 100,
@@ -376,7 +376,7 @@ def sample_command(
     sampler: Annotated[str | None, typer.Option("--sampler", help="sde, ode or heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT.", show_default=False)] = None,
     steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 250,
     num: Annotated[int, typer.Option("--num", help="Images to generate (indices 0…N−1); 50,000 for FID.")] = 50_000,
-    seed: Annotated[int, typer.Option("--seed", help="Image i is a function of (seed, i) only.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**40, help="Image i is a function of (seed, i) only.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass and process.")] = 64,
     class_labels: Annotated[str, typer.Option("--class-labels", help="'random' (drawn per image from seed and index) or a comma list cycled over the images.")] = "random",
     out: Annotated[Path | None, typer.Option("--out", help="Output directory; default: RUN/samples/NAME (or samples/NAME next to --ckpt), NAME from step, sampler, steps, guidance, scales, seed.", show_default=False)] = None,

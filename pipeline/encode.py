@@ -39,7 +39,8 @@ from pipeline.encoders import (
 from pipeline.errors import UserError
 from pipeline.runtime import RateColumn, resolve_device
 from pipeline.images import ImageSource, load_cropped, open_source
-from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors
+from pipeline.lock import exclusive
+from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STORE_DTYPES = ("float16", "float32")
@@ -177,10 +178,10 @@ def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]], console: Console 
     assert all(dataclasses.replace(c, model=cfg.model, revision=cfg.revision) == cfg for _, c in jobs), \
         "stages run together share every setting but the encoder"
     source = open_source(cfg.source)
-    with _distributed() as (rank, world):
+    with _distributed() as (rank, world), contextlib.ExitStack() as locks:  # rank 0 holds each stage's lock
         device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         precision = cfg.precision or "fp32"  # the stored data outlives every experiment: exact unless asked
-        opened = [_open_job(kind, c, source, precision, rank, world, console) for kind, c in jobs]
+        opened = [_open_job(kind, c, source, precision, rank, world, console, locks) for kind, c in jobs]
         active = [job for job in opened if job.pending]
         if active:
             for job in active:
@@ -198,7 +199,7 @@ def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]], console: Console 
 
 
 def _open_job(kind: StageKind, cfg: EncodeConfig, source: ImageSource, precision: str, rank: int, world: int,
-              console: Console) -> _Job:
+              console: Console, locks: contextlib.ExitStack) -> _Job:
     """Resolve the encoder, check or create the stage directory and find this rank's pending chunks."""
     ref = resolve(kind.family, cfg.model, cfg.revision)
     shapes = kind.shapes(ref.config, cfg.resolution)
@@ -207,7 +208,7 @@ def _open_job(kind: StageKind, cfg: EncodeConfig, source: ImageSource, precision
     manifest = Manifest(kind.name, params, ref.identity, source.describe(), ref.tiny_random)
     out = Path(cfg.data) / kind.subdir
     stage = StageDir(out, math.ceil(len(source) / cfg.chunk_size))
-    state = _open_stage(stage, manifest, cfg, source, shapes, rank, world)
+    state = _open_stage(stage, manifest, cfg, source, shapes, rank, world, locks)
     result = StageResult(kind.name, out, state, len(source), 0, 0, 0.0, ref.identity, ref.tiny_random, rank)
     if state is StageState.COMPLETE:
         result.skipped = len(read_errors(out))
@@ -240,15 +241,17 @@ def _close_job(job: _Job, rank: int, world: int) -> None:
 
 def _open_stage(
     stage: StageDir, manifest: Manifest, cfg: EncodeConfig, source: ImageSource,
-    shapes: dict[str, tuple[int, ...]], rank: int, world: int,
+    shapes: dict[str, tuple[int, ...]], rank: int, world: int, locks: contextlib.ExitStack,
 ) -> StageState:
-    """Rank 0 checks the manifest (refusing, wiping or creating) and lays out the store; the others follow."""
+    """Rank 0 takes the stage's lock, checks the manifest (refusing, wiping or creating) and lays out the
+    store; the others follow."""
     if rank != 0:
         refusal = _broadcast(None, world)
         if refusal:
             raise UserError(refusal)
         return stage.open(manifest, force=False)
     try:
+        locks.enter_context(exclusive(stage_lock(stage.root), f"{stage.root}"))
         state = stage.open(manifest, cfg.force)
     except UserError as e:
         _broadcast(str(e), world)

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file
 from pipeline.errors import UserError
+from pipeline.lock import exclusive
 from pipeline.runtime import RateColumn, resolve_device
 from pipeline.pca_file import PCAModel, load_pca
 from pipeline.stage import Manifest, diff_keys, read_errors, read_manifest
@@ -356,8 +357,13 @@ def _cached_result(data: Path) -> PCAResult:
 
 
 def run_pca(data: Path, cfg: PCAConfig) -> PCAResult:
-    """The `pca` stage: fit on DATA/features, write DATA/pca.safetensors and its plot (cached)."""
-    data = Path(data)
+    """The `pca` stage: fit on DATA/features, write DATA/pca.safetensors and its plot (cached); one process at a time."""
+    with exclusive(Path(data) / ".pca.lock", f"{Path(data) / 'pca.safetensors'}"):
+        return fit_stage(Path(data), cfg)
+
+
+def fit_stage(data: Path, cfg: PCAConfig) -> PCAResult:
+    """`run_pca` without the lock."""
     features = open_features(data / FEATURES_DIR)
     manifest = Manifest(
         stage="pca",

@@ -37,10 +37,11 @@ from zarr.codecs import Crc32cCodec
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.errors import UserError
+from pipeline.lock import exclusive
 from pipeline.pca import features_fingerprint
 from pipeline.runtime import RateColumn, resolve_device
 from pipeline.pca_file import PCAModel, load_pca, pca_hash
-from pipeline.stage import Manifest, StageDir, StageState, read_errors, read_manifest
+from pipeline.stage import Manifest, StageDir, StageState, read_errors, read_manifest, stage_lock
 
 SHARDS_FORMAT_VERSION = 1
 FORMATS = ("zarr", "wds")
@@ -450,9 +451,14 @@ def _all_checksums(root: Path, writer: ShardWriter) -> dict[str, str]:
 
 
 def build_shards(data: Path, cfg: ShardsConfig, *, progress: bool = True) -> ShardsResult:
-    """Run the `shards` stage on the data root `data`: cached, resumable, shards.json written last."""
+    """Run the `shards` stage on the data root `data`: cached, resumable, shards.json written last; one process at a time."""
+    with exclusive(stage_lock(Path(data) / "shards"), str(Path(data) / "shards")):
+        return write_stage(Path(data), cfg, progress)
+
+
+def write_stage(data: Path, cfg: ShardsConfig, progress: bool) -> ShardsResult:
+    """`build_shards` without the lock."""
     t0 = time.perf_counter()
-    data = Path(data)
     inputs = open_inputs(data)
     if cfg.pcs > inputs.pca.components.shape[0]:
         raise UserError(f"--pcs {cfg.pcs} exceeds the {inputs.pca.components.shape[0]} components stored in "

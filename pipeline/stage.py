@@ -69,22 +69,23 @@ class StageDir:
         return self.root / "progress" / f"{chunk:06d}.json"
 
     def open(self, manifest: Manifest, force: bool) -> StageState:
-        """Create, resume or refuse, comparing `manifest` with what is on disk."""
+        """Create, resume or refuse, comparing `manifest` with what is on disk; `force` redoes the stage whatever is there."""
         wanted = manifest.to_json()
-        if self.manifest_path.exists():
-            have = json.loads(self.manifest_path.read_text())
-            if have != wanted:
-                if not force:
-                    changed = sorted(diff_keys(have, wanted))
-                    raise UserError(
-                        f"{self.root} holds a '{manifest.stage}' stage made with different settings "
-                        f"({', '.join(changed)}); pass --force to redo it or choose another data root."
-                    )
+        if force:
+            if self.root.exists():
                 shutil.rmtree(self.root)
-            else:
-                return StageState.COMPLETE if self.is_complete() else StageState.RESUME
-        elif self.root.exists() and force:
-            shutil.rmtree(self.root)
+        elif self.manifest_path.exists():
+            try:
+                have = json.loads(self.manifest_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"{self.manifest_path} is damaged; pass --force to redo the stage.") from None
+            if have != wanted:
+                changed = sorted(diff_keys(have, wanted)) if isinstance(have, dict) else ["manifest"]
+                raise UserError(
+                    f"{self.root} holds a '{manifest.stage}' stage made with different settings "
+                    f"({', '.join(changed)}); pass --force to redo it or choose another data root."
+                )
+            return StageState.COMPLETE if self.is_complete() else StageState.RESUME
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.manifest_path, wanted)
@@ -117,6 +118,12 @@ class StageDir:
         errors = self.chunk_errors()
         atomic_write_bytes(self.errors_path, "".join(json.dumps(asdict(e)) + "\n" for e in errors).encode())
         return errors
+
+
+def stage_lock(stage_root: Path) -> Path:
+    """The lock file of a stage: a sibling in the data root, so `--force` can wipe the stage while holding it."""
+    root = Path(stage_root)
+    return root.parent / f".{root.name}.lock"
 
 
 def read_manifest(stage_root: Path) -> dict[str, Any]:

@@ -40,6 +40,7 @@ Public API:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -79,6 +80,9 @@ class GuidanceConfig:
             raise UserError(f"Unknown guidance mode {self.mode!r}; choose one of {', '.join(GUIDANCE_MODES)}.")
         if self.cfg_channels not in ("vae", "all"):
             raise UserError(f"cfg_channels must be 'vae' or 'all', not {self.cfg_channels!r}.")
+        scales = (self.cfg_scale, self.rg_scale, 0.0 if self.cls_cfg_scale is None else self.cls_cfg_scale)
+        if not all(math.isfinite(v) for v in scales):
+            raise UserError(f"Guidance scales must be finite numbers (got cfg {self.cfg_scale}, rg {self.rg_scale}, cls {self.cls_cfg_scale}).")
         if self.cfg_scale < 0 or self.rg_scale < 0:
             raise UserError(f"Guidance scales must be ≥ 0 (got cfg {self.cfg_scale}, rg {self.rg_scale}).")
         if self.interval is not None:

@@ -123,8 +123,8 @@ class SampleConfig:
             raise UserError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
         if self.num < 1 or self.steps < 1 or self.batch_size < 1:
             raise UserError("--num, --steps and --batch-size must be positive.")
-        if self.seed < 0:
-            raise UserError(f"--seed must be a non-negative integer, not {self.seed}.")
+        if not 0 <= self.seed < 2**40:
+            raise UserError(f"--seed must be a non-negative integer below 2^40, not {self.seed}.")
         if self.quantize not in QUANTIZE:
             raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}.")
         if self.precision is not None and self.precision not in PRECISIONS:

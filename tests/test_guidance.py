@@ -206,7 +206,8 @@ def test_check_guidance(case: Case) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"mode": "cfgg"}, {"cfg_scale": -1.0}, {"interval": (0.8, 0.2)}, {"interval": (0.0, 1.5)}, {"cfg_channels": "pc"}],
+    [{"mode": "cfgg"}, {"cfg_scale": -1.0}, {"interval": (0.8, 0.2)}, {"interval": (0.0, 1.5)}, {"cfg_channels": "pc"},
+     {"cfg_scale": float("nan")}, {"rg_scale": float("inf")}, {"cls_cfg_scale": float("nan")}],
 )
 def test_guidance_config_rejects_bad_values(kwargs: dict) -> None:
     with pytest.raises(UserError):

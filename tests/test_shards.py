@@ -188,3 +188,17 @@ def test_patch_tokens_are_stored_and_read_by_both_readers(tmp_path: Path) -> Non
         assert batch["patch_tokens"].shape == (8, GRID * GRID, DIM) and "moments" not in batch
         want = np.stack([patch[source_keys.index(key)] for key in batch["key"]])
         np.testing.assert_array_equal(batch["patch_tokens"].numpy(), want)
+
+
+def test_the_repair_that_verify_suggests_rebuilds_a_deleted_shard(built: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(built, data)
+    victim = sorted((data / "shards" / "wds").glob("*.tar"))[0]
+    want = victim.read_bytes()
+    victim.unlink()
+    result = runner.invoke(app, ["verify", str(data)])
+    assert result.exit_code == 2 and "--force" in result.output
+    result = runner.invoke(app, ["shards", "--data", str(data), "--format", "both", "--pcs", str(K), "--shard-size", str(S),
+                                 "--device", "cpu", "--force"])
+    assert result.exit_code == 0 and "nothing to do" not in result.output, result.output
+    assert victim.read_bytes() == want and runner.invoke(app, ["verify", str(data)]).exit_code == 0

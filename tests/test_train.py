@@ -315,3 +315,33 @@ def test_background_checkpoint_holds_the_state_of_its_step(tmp_path: Path, monke
         with BackgroundCheckpointer() as checkpointer:
             checkpointer.save(tmp_path, 4, {"w": weights}, keep=2, milestone_every=0)  # the error surfaces on leaving
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+
+
+def test_one_job_per_run_directory_and_no_resume_on_other_data(data: Path, tmp_path: Path) -> None:
+    from pipeline.lock import exclusive
+
+    run = tmp_path / "run"
+    with exclusive(run / ".lock", "held by the test"):
+        with pytest.raises(UserError, match="Another redi process is writing"):
+            train(config(data, run, max_steps=2), device="cpu")
+    train(config(data, run, max_steps=2), device="cpu")
+
+    other = tmp_path / "other-data"
+    make_stage_inputs(other, 96, latent_side=8, grid=4, dim=16, num_classes=4, seed=1)
+    build_shards(other, ShardsConfig(pcs=6, patch_tokens=True, shard_size=32), progress=False)
+    with pytest.raises(UserError, match="trained on other data"):
+        train(config(other, run, max_steps=4), device="cpu")
+
+
+def test_bad_values_are_refused_before_the_run_directory_is_written(data: Path, tmp_path: Path) -> None:
+    base = ["--shards", str(data), "--run", str(tmp_path / "run"), "--model", "SiT-debug", "--max-steps", "2",
+            "--num-workers", "0", "--device", "cpu"]
+    for bad, words in ((["--ema-decay", "2"], "--ema-decay"), (["--lr", "nan"], "--lr"), (["--log-every", "0"], "--log-every"),
+                       (["--epochs", "0"], "--epochs"), (["--micro-batch", "0"], "--micro-batch"),
+                       (["--method", "redi", "--pca-rank", "0"], "PCA rank")):
+        code, out = run_cli(*base, *bad)
+        assert code == 2 and words in " ".join(out.split()) and "Traceback" not in out, (bad, out)
+        assert not (tmp_path / "run" / "config.json").exists(), bad
+    (tmp_path / "file").write_text("")
+    code, out = run_cli(*base[:2], "--run", str(tmp_path / "file"), *base[4:])
+    assert code == 2 and "is a file" in out

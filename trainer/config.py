@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,6 @@ class TrainConfig(MethodParts):
             raise UserError(f"Unknown method '{self.method}': choose one of {', '.join(METHODS)}.")
         if self.learn_sigma is None:  # resolved here, so config.json and checkpoints record the value
             object.__setattr__(self, "learn_sigma", self.objective == "dit")
-        if self.grad_clip < 0:
-            raise UserError(f"--grad-clip must be ≥ 0 (0 turns clipping off), got {self.grad_clip}.")
         if self.fusion not in ("merged", "separate"):
             raise UserError(f"Unknown fusion '{self.fusion}': merged or separate.")
         if not 0.0 <= self.rep_drop < 1.0:
@@ -110,8 +109,20 @@ class TrainConfig(MethodParts):
             raise UserError(f"--format must be zarr or wds, got {self.data_format}.")
         if self.learn_sigma and self.objective != "dit":
             raise UserError("--learn-sigma applies to DiT models only.")
-        if self.batch_size < 1 or self.max_steps < 1:
-            raise UserError("--batch-size and --max-steps must be positive.")
+        if self.batch_size < 1 or self.max_steps < 1 or (self.micro_batch is not None and self.micro_batch < 1):
+            raise UserError("--batch-size, --micro-batch and --max-steps must be positive.")
+        if min(self.log_every, self.save_every, self.ckpt_every) < 1:
+            raise UserError("--log-every, --save-every and --ckpt-every must be positive.")
+        if self.epochs is not None and not self.epochs > 0:
+            raise UserError(f"--epochs must be positive, got {self.epochs}.")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a finite number ≥ 0, got {self.lr}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}.")
+        if not 0 <= self.seed < 2**62:
+            raise UserError(f"--seed must be a non-negative integer below 2^62, got {self.seed}.")
+        if not all(math.isfinite(v) and v >= 0 for v in (self.lambda_z, self.repa_weight, self.cls_weight, self.grad_clip)):
+            raise UserError("--lambda-z, --repa-weight, --cls-weight and --grad-clip must be finite and ≥ 0.")
 
     @property
     def objective(self) -> str:

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file
 from pipeline.errors import UserError
+from pipeline.lock import exclusive
 from pipeline.readers import ShardInfo, make_loader, read_shard_info
 from trainer.checkpoint import BackgroundCheckpointer, load_checkpoint, load_newest_readable
 from trainer.config import TrainConfig, architecture_mismatch, resolve_shards_dir
@@ -33,7 +34,7 @@ from trainer.ema import make_ema, update_ema
 from trainer.flops import train_flops_per_image
 from trainer.metrics import MetricsLog, peak_flops
 from trainer.models import ModelConfig, build_model
-from trainer.objectives import LossConfig, TrainBatch, compute_loss, prepare_batch
+from trainer.objectives import LossConfig, TrainBatch, check_compatible, compute_loss, prepare_batch
 from trainer.progress import TrainProgress
 from trainer.stop import StopRequest
 
@@ -51,7 +52,20 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], None] | None = None) -> TrainResult:
-    """Train (or resume) the run described by `cfg` until cfg.max_steps; `on_step` runs after each step (profilers)."""
+    """Train (or resume) the run described by `cfg` until cfg.max_steps; `on_step` runs after each step (profilers).
+
+    One job at a time per run directory: rank 0 holds RUN/.lock while it trains.
+    """
+    run = Path(cfg.run)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a run directory.")
+    is_rank0 = os.environ.get("RANK", "0") == "0"
+    with exclusive(run / ".lock", f"the run {run}") if is_rank0 else contextlib.nullcontext():
+        return run_training(cfg, device, on_step)
+
+
+def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], None] | None) -> TrainResult:
+    """The training loop itself (see `train`)."""
     dist_info = init_distributed(device)
     dev = dist_info.device
     shards = resolve_shards_dir(cfg.shards)
@@ -61,6 +75,7 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
         cfg = cfg.replace(max_steps=max(1, round(cfg.epochs * info.num_samples / cfg.batch_size)), epochs=None)
     model_cfg = model_config(cfg, info)
     loss_cfg = loss_config(cfg)
+    check_compatible(model_cfg, loss_cfg)  # every refusal before the run directory is written
     accum, micro = batch_plan(cfg, dist_info.world_size)
     run = Path(cfg.run)
     prepare_run_dir(run, cfg, model_cfg, info, dist_info)
@@ -275,13 +290,26 @@ def model_no_sync(net: torch.nn.Module) -> contextlib.AbstractContextManager:
     return inner.no_sync() if isinstance(inner, DistributedDataParallel) else contextlib.nullcontext()
 
 
+# What a resumed run's shards must share with the ones it started on (a copy elsewhere is fine).
+SAME_DATA_FIELDS = ("vae", "encoder", "num_samples", "num_classes", "resolution", "latent_shape", "pcs", "feature_dim",
+                    "vae_scale", "vae_shift", "pca_sha256")
+
+
 def prepare_run_dir(run: Path, cfg: TrainConfig, model_cfg: ModelConfig, info: ShardInfo, dist_info: DistInfo) -> None:
     """Write config.json for a new run; refuse an existing run whose architecture differs."""
     path = run / "config.json"
     if path.exists():
-        saved = json.loads(path.read_text())
-        if changed := architecture_mismatch(saved["train"], cfg):
+        try:
+            saved = json.loads(path.read_text())
+            saved_train, saved_shards = saved["train"], saved["shards"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise UserError(f"{path} is damaged: restore it from a checkpoint's `config` or use another --run directory.") from None
+        if changed := architecture_mismatch(saved_train, cfg):
             raise UserError(f"{run} holds a run with a different architecture ({', '.join(changed)}): use another --run directory.")
+        now = shard_summary(info)
+        if changed := [k for k in SAME_DATA_FIELDS if saved_shards.get(k) != now[k]]:
+            raise UserError(f"{run} was trained on other data than {info.root} ({', '.join(changed)} differ): "
+                            "resume it on its own shards, or use another --run directory.")
     if dist_info.is_main:
         if (pca := info.root.parent / "pca.safetensors").exists():  # the PCA the shards were projected with
             atomic_write_with(run / "pca.safetensors", lambda tmp: shutil.copyfile(pca, tmp))

@@ -1,0 +1,34 @@
+"""One writer at a time: an advisory lock file that a second redi process finds taken.
+
+The lock lives next to what it protects (a stage directory can be wiped by --force, so its
+lock is a sibling file in the data root). The operating system drops it when the process
+ends, however it ends, so a killed run never leaves a stale lock behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold `lock_file` for the duration; if another process holds it, one sentence naming `what`."""
+    lock_file = Path(lock_file)
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"Cannot write to {lock_file.parent}: {e.strerror}.") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"Another redi process is writing {what}; wait for it to finish or stop it.") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -1,0 +1,55 @@
+"""One writer per stage and per run: a second redi process gets one sentence, and the lock dies with its holder."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.demo_data import write_demo_images
+from pipeline.errors import UserError
+from pipeline.lock import exclusive
+from pipeline.stage import stage_lock
+
+
+def test_a_held_lock_refuses_a_second_writer_and_is_released(tmp_path: Path) -> None:
+    lock = tmp_path / ".thing.lock"
+    with exclusive(lock, "the thing"):
+        with pytest.raises(UserError, match="Another redi process is writing the thing"):
+            with exclusive(lock, "the thing"):
+                pass
+    with exclusive(lock, "the thing"):  # released on exit
+        pass
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
+    lock = tmp_path / ".latents.lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from pipeline.lock import exclusive
+with exclusive({str(lock)!r}, 'x'):
+    print('held', flush=True)
+    time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError):
+        with exclusive(lock, "x"):
+            pass
+    holder.kill()
+    holder.wait()
+    with exclusive(lock, "x"):
+        pass
+
+
+def test_encode_refuses_while_another_process_writes_the_stage(tmp_path: Path) -> None:
+    images = write_demo_images(tmp_path / "images", 4).out
+    data = tmp_path / "data"
+    args = ["encode", str(images), "--data", str(data), "--vae", "tiny-random", "--workers", "0", "--resolution", "64"]
+    with exclusive(stage_lock(data / "latents"), "held by the test"):
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Another redi process is writing" in result.output
+    assert not (data / "latents").exists()  # nothing was touched
+    assert CliRunner().invoke(app, args).exit_code == 0
