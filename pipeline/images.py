@@ -92,13 +92,19 @@ def _has_image_suffix(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
+MAX_LABEL = 2**31  # class labels are stored as int64 but embedded by index: non-negative and sane
+
+
 def labels_from_dataset_json(data: bytes, location: str) -> dict[str, int] | None:
     """Parse edm2/REPA `dataset.json` (`{"labels": [[relpath, int], ...]}` or null labels)."""
     try:
         labels = json.loads(data).get("labels")
-        return None if labels is None else {str(p).replace("\\", "/"): int(c) for p, c in labels}
+        parsed = None if labels is None else {str(p).replace("\\", "/"): int(c) for p, c in labels}
     except (ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{location}: dataset.json is not of the form {{\"labels\": [[relpath, int], ...]}} ({e}).") from None
+    if parsed is not None and (bad := next(((p, c) for p, c in parsed.items() if not 0 <= c < MAX_LABEL), None)):
+        raise UserError(f"{location}: dataset.json gives {bad[0]} the label {bad[1]}; labels must lie in [0, {MAX_LABEL}).")
+    return parsed
 
 
 def _label_entries(files: list[tuple[str, int]], labels: dict[str, int] | None, location: str) -> list[ImageEntry]:
@@ -260,9 +266,12 @@ def _scan_tar(path: Path) -> list[tuple[str, tarfile.TarInfo, bytes | None]]:
 
 def _parse_cls(data: bytes, name: str, location: str) -> int:
     try:
-        return int(data.decode().strip())
-    except ValueError:
+        label = int(data.decode().strip())
+    except (ValueError, UnicodeDecodeError):
         raise UserError(f"{location}: {name} does not hold an integer class label.") from None
+    if not 0 <= label < MAX_LABEL:
+        raise UserError(f"{location}: {name} holds the label {label}; labels must lie in [0, {MAX_LABEL}).")
+    return label
 
 
 def open_source(spec: str | Path) -> ImageSource:

@@ -76,16 +76,19 @@ def read_shard_info(shards_dir: Path) -> ShardInfo:
     path = root / SHARDS_JSON
     if not path.exists():
         raise UserError(f"No {SHARDS_JSON} in {root}: run `redi shards --data {root.parent}` (or let it finish).")
-    raw = json.loads(path.read_text())
-    fields = {name: FieldSpec(tuple(f["shape"]), f["dtype"]) for name, f in raw["fields"].items()}
-    k, p, _ = fields["pcs"].shape
-    return ShardInfo(
-        root=root, num_samples=raw["num_samples"], shard_size=raw["shard_size"], num_shards=raw["num_shards"],
-        num_classes=raw["num_classes"], resolution=raw["resolution"], latent_shape=tuple(raw["latent_shape"]),
-        pcs=k, grid=p, feature_dim=fields["cls"].shape[0], has_patch_tokens="patch_tokens" in fields,
-        vae_scale=float(raw["vae"]["scale"]), vae_shift=float(raw["vae"]["shift"]), pca_sha256=raw["pca"]["sha256"],
-        formats=tuple(raw["formats"]), fields=fields, files=raw["files"],
-    )
+    try:
+        raw = json.loads(path.read_text())
+        fields = {name: FieldSpec(tuple(f["shape"]), f["dtype"]) for name, f in raw["fields"].items()}
+        k, p, _ = fields["pcs"].shape
+        return ShardInfo(
+            root=root, num_samples=raw["num_samples"], shard_size=raw["shard_size"], num_shards=raw["num_shards"],
+            num_classes=raw["num_classes"], resolution=raw["resolution"], latent_shape=tuple(raw["latent_shape"]),
+            pcs=k, grid=p, feature_dim=fields["cls"].shape[0], has_patch_tokens="patch_tokens" in fields,
+            vae_scale=float(raw["vae"]["scale"]), vae_shift=float(raw["vae"]["shift"]), pca_sha256=raw["pca"]["sha256"],
+            formats=tuple(raw["formats"]), fields=fields, files=raw["files"],
+        )
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        raise UserError(f"{path} is damaged; rebuild the shards (`redi shards --data {root.parent} --force`).") from None
 
 
 @dataclass(frozen=True)

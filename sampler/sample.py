@@ -537,7 +537,9 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResul
         assembled = rank == 0 and missing == 0
         if assembled:
             report = json.loads((out / SAMPLE_JSON).read_text())
-            if work.images or not report.get("complete") or report.get("num") != cfg.num:
+            outputs = [NPZ_FILE, GRID_PNG] + ([PCS_PNG] if has_pcs else [])
+            if (work.images or not report.get("complete") or report.get("num") != cfg.num
+                    or not all((out / name).exists() for name in outputs)):  # e.g. samples.npz deleted
                 assemble(out, cfg.num, labels, grid_count, has_pcs, progress(console, "assembling", cfg.num))
                 atomic_write_json(out / SAMPLE_JSON, final_report(settings, ckpt, cfg, work, world, device, has_pcs))
     return SampleResult(

@@ -357,7 +357,10 @@ def test_refusals(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="Cannot read"):
         convert_checkpoint(ConvertConfig(tmp_path / "junk.pt", "dit", tmp_path / "f.pt"))
-    assert not any((tmp_path / n).exists() for n in ("b.pt", "c.pt", "e.pt", "f.pt"))
+    ours = convert_checkpoint(ConvertConfig(redi, "redi", tmp_path / "ours.pt")).out
+    with pytest.raises(UserError, match="already a redi checkpoint"):  # a second conversion would reverse time again
+        convert_checkpoint(ConvertConfig(ours, "redi", tmp_path / "g.pt"))
+    assert not any((tmp_path / n).exists() for n in ("b.pt", "c.pt", "e.pt", "f.pt", "g.pt"))
 
 
 def test_cli_convert(tmp_path: Path) -> None:

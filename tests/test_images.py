@@ -185,3 +185,13 @@ def test_load_cropped_reports_unreadable_files(tmp_path: Path) -> None:
         pixels, reason = results[bad]
         assert reason and pixels.shape == (32, 32, 3) and not pixels.any()
     assert src.entries[[e.relpath for e in src.entries].index("gone.png")].size == -1
+
+
+def test_negative_or_huge_labels_are_one_sentence(tmp_path: Path) -> None:
+    from pipeline.images import labels_from_dataset_json
+
+    with pytest.raises(UserError, match="labels must lie in"):
+        labels_from_dataset_json(b'{"labels": [["a.png", -1]]}', "x.zip")
+    with pytest.raises(UserError, match="labels must lie in"):
+        labels_from_dataset_json(b'{"labels": [["a.png", 99999999999999999999]]}', "x.zip")
+    assert labels_from_dataset_json(b'{"labels": [["a\\\\b.png", 3]]}', "x.zip") == {"a/b.png": 3}

@@ -187,6 +187,9 @@ def test_resume_regenerates_only_the_missing_images(sit_run: Path, tmp_path: Pat
     assert all(image_path(out, i).stat().st_mtime_ns == kept[i] for i in (0, 2, 4, 5, 7))
     idle = sample(sit_run, out, batch_size=2)
     assert idle.work.model_calls == 0 and idle.assembled
+    (out / "samples.npz").unlink()  # an assembled output lost: rebuilt from the images, nothing resampled
+    rebuilt = sample(sit_run, out, batch_size=2)
+    assert rebuilt.work.model_calls == 0 and np.array_equal(npz(out)[0], before)
 
 
 def test_refusals(sit_run: Path, tmp_path: Path) -> None:

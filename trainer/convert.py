@@ -420,6 +420,8 @@ def convert_checkpoint(cfg: ConvertConfig) -> ConvertResult:
     if out.resolve() == Path(cfg.checkpoint).resolve():
         raise UserError("--out must differ from the checkpoint being converted.")
     blob = load_public_checkpoint(cfg.checkpoint, cfg.trust_pickle)
+    if isinstance(blob, dict) and "model_config" in blob:  # converting ours would reverse time a second time
+        raise UserError(f"{cfg.checkpoint} is already a redi checkpoint: sample it or pass it to --init as it is.")
     state, weights, args, step = split_checkpoint(blob, Path(cfg.checkpoint))
     notes = [f"took the '{weights}' weights" if weights != "state dict" else "plain state dict (an EMA release)"]
     ours, model_cfg = convert_state(state, origin, args, cfg.repa_depth, notes)
