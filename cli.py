@@ -256,14 +256,15 @@ def shards_command(
 @user_errors
 def verify_command(
     data: Annotated[Path, typer.Argument(help="Data root to check (latents/, features/, pca.safetensors, shards/).")],
-    deep: Annotated[bool, typer.Option("--deep/--no-deep", help="Decode every input chunk and hash every shard file; --no-deep checks manifests, shapes and presence only.")] = True,
+    deep: Annotated[bool, typer.Option("--deep/--no-deep", help="Hash and decode every input chunk and hash every shard file; --no-deep checks manifests, shapes and presence only.")] = True,
+    repair: Annotated[bool, typer.Option("--repair", help="Forget the encode/features chunks whose files are missing or changed, so that rerunning the stage rewrites only them.")] = False,
 ) -> None:
     """Re-check every stage of a data root: manifests, committed chunks, arrays, PCA, shard checksums and counts."""
     from rich.table import Table
 
     from pipeline.verify import verify_data
 
-    checks = verify_data(data, deep=deep)
+    checks = verify_data(data, deep=deep, repair=repair)
     colours = {"ok": "green", "absent": "dim", "warning": "yellow", "FAILED": "bold red"}
     table = Table(title=f"verify {data}")
     for name in ("stage", "status", "details"):

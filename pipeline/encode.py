@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.atomic import atomic_write_json
+from pipeline.atomic import atomic_write_json, sha256_file
 from pipeline.encoders import (
     DINO, VAE, EncoderFamily, EncoderRef, describe_identity, dino_side, dino_tokens, load, resolve, vae_downsampling, vae_moments,
 )
@@ -377,7 +377,17 @@ def _write_and_commit(
         arrays[name][start:end] = values
     arrays["labels"][start:end] = labels[start:end]
     arrays["valid"][start:end] = valid
-    stage.commit(chunk, errors)
+    stage.commit(chunk, errors, chunk_checksums(stage.root, arrays, chunk))
+
+
+def chunk_checksums(root: Path, arrays: dict[str, zarr.Array], chunk: int) -> dict[str, str | None]:
+    """SHA-256 of the file holding chunk `chunk` of each array (None where zarr wrote none: all fill value)."""
+    sums: dict[str, str | None] = {}
+    for name, arr in arrays.items():
+        key = arr.metadata.chunk_key_encoding.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
+        path = root / "store.zarr" / name / key
+        sums[f"store.zarr/{name}/{key}"] = sha256_file(path) if path.is_file() else None
+    return sums
 
 
 def _device(requested: str | None, local_rank: int) -> torch.device:

@@ -34,7 +34,7 @@ from PIL import Image
 from rich.console import Console
 
 from pipeline.atomic import atomic_write_json
-from pipeline.encode import STORE_DTYPES, StageResult, open_arrays, image_progress
+from pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, image_progress, open_arrays
 from pipeline.errors import UserError
 from pipeline.images import ImageSource, labels_from_dataset_json, open_source
 from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors
@@ -213,6 +213,12 @@ def _read_moments(files: MomentFiles, index: int, shape: tuple[int, ...]) -> tup
     return value, ""
 
 
+def _fits(value: np.ndarray, dtype: str) -> bool:
+    """Whether every value survives the cast to the storage dtype (float16 turns |x| > 65504 into inf)."""
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(value.astype(dtype)).all())
+
+
 def import_repa(cfg: RepaImportConfig, console: Console | None = None) -> StageResult:
     """Write DATA/latents from REPA's vae-sd latents: cached, chunked and resumable like `encode`."""
     images = _default_part(cfg.root, cfg.images, "images")
@@ -247,6 +253,8 @@ def import_repa(cfg: RepaImportConfig, console: Console | None = None) -> StageR
             moments = np.zeros((hi - lo, *shape), dtype=cfg.dtype)  # (n, 8, h, h); zeros where unreadable
             errors = []
             for i, (value, reason) in zip(range(lo, hi), pool.map(lambda i: _read_moments(files, i, shape), range(lo, hi))):
+                if not reason and not _fits(value, cfg.dtype):
+                    reason = f"values that are not finite in {cfg.dtype} (largest |value| {np.abs(value).max():g})"
                 if reason:
                     errors.append(ChunkError(i, keys[i], f"{files.relpaths[i]}: {reason}"))
                 else:
@@ -256,7 +264,7 @@ def import_repa(cfg: RepaImportConfig, console: Console | None = None) -> StageR
             arrays["moments"][lo:hi] = moments
             arrays["labels"][lo:hi] = labels[lo:hi]
             arrays["valid"][lo:hi] = valid
-            stage.commit(chunk, errors)
+            stage.commit(chunk, errors, chunk_checksums(out, arrays, chunk))
             result.processed, result.skipped = result.processed + hi - lo, result.skipped + len(errors)
             advance(hi - lo)
     result.seconds = time.perf_counter() - start

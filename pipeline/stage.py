@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
@@ -99,15 +99,39 @@ class StageDir:
     def pending(self) -> list[int]:
         return [c for c in range(self.n_chunks) if not self.is_done(c)]
 
-    def commit(self, chunk: int, errors: list[ChunkError]) -> None:
-        """Mark a chunk committed; call only after its data is fully written."""
-        atomic_write_json(self._progress_path(chunk), [asdict(e) for e in errors])
+    def commit(self, chunk: int, errors: list[ChunkError], files: dict[str, str | None] | None = None) -> None:
+        """Mark a chunk committed; call only after its data is fully written. `files`: the SHA-256 of each file
+        the chunk wrote, by path relative to the stage (None: nothing written, as zarr skips fill-value chunks)."""
+        atomic_write_json(self._progress_path(chunk), {"errors": [asdict(e) for e in errors], "sha256": files or {}})
+
+    def _ledger(self, chunk: int) -> dict[str, Any]:
+        raw = json.loads(self._progress_path(chunk).read_text())
+        return {"errors": raw, "sha256": {}} if isinstance(raw, list) else raw  # a list: format 1 before checksums
 
     def chunk_errors(self) -> list[ChunkError]:
         out: list[ChunkError] = []
         for c in range(self.n_chunks):
-            out += [ChunkError(**e) for e in json.loads(self._progress_path(c).read_text())]
+            out += [ChunkError(**e) for e in self._ledger(c)["errors"]]
         return out
+
+    def damaged_files(self) -> list[str]:
+        """Files of committed chunks that are missing or differ from the SHA-256 recorded when they were written."""
+        bad = []
+        for c in range(self.n_chunks):
+            if self.is_done(c):
+                for rel, digest in self._ledger(c)["sha256"].items():
+                    path = self.root / rel
+                    if (sha256_file(path) if path.is_file() else None) != digest:
+                        bad.append(rel)
+        return bad
+
+    def uncommit(self, files: list[str]) -> list[int]:
+        """Forget the chunks that wrote `files` (a rerun of the stage writes them again); return those chunks."""
+        chunks = [c for c in range(self.n_chunks) if self.is_done(c) and set(self._ledger(c)["sha256"]) & set(files)]
+        for c in chunks:
+            self._progress_path(c).unlink()
+        self.errors_path.unlink(missing_ok=True)  # the stage is incomplete again
+        return chunks
 
     def is_complete(self) -> bool:
         return self.errors_path.exists() and not self.pending()

@@ -40,8 +40,9 @@ def _progress(enabled: bool) -> Progress:
                     console=Console(stderr=True), disable=not enabled, transient=True)
 
 
-def _check_array_stage(root: Path, deep: bool, bar: Progress) -> StageCheck:
-    """latents/ or features/: manifest, every chunk committed, errors.jsonl, arrays readable with the right shapes."""
+def _check_array_stage(root: Path, deep: bool, bar: Progress, repair: bool = False) -> StageCheck:
+    """latents/ or features/: manifest, every chunk committed, errors.jsonl, arrays readable with the right shapes;
+    deep: every chunk file against the SHA-256 recorded when it was written (`repair` forgets the damaged chunks)."""
     manifest = read_manifest(root)
     errors = read_errors(root)  # UserError unless the stage finished
     keys_path = root / KEYS_JSON
@@ -54,6 +55,13 @@ def _check_array_stage(root: Path, deep: bool, bar: Progress) -> StageCheck:
         if stage.pending():
             raise UserError(f"{root / 'progress' / f'{stage.pending()[0]:06d}.json'} is missing: that chunk was never "
                             f"committed; rerun the stage.")
+        if deep and (damaged := stage.damaged_files()):
+            if repair:
+                chunks = stage.uncommit(damaged)
+                raise UserError(f"{len(damaged)} files of {root} were missing or changed; forgot their {len(chunks)} "
+                                f"chunks: rerun the stage (same command) to write them again.")
+            raise UserError(f"{root / damaged[0]} is missing or changed since it was written ({len(damaged)} files in all); "
+                            f"`redi verify {root.parent} --repair`, then rerunning the stage, rewrites only those chunks.")
     shapes = []
     for name, ndim in STAGE_ARRAYS[root.name].items():
         path = root / "store.zarr" / name
@@ -136,14 +144,15 @@ def _guarded(stage: str, path: Path, check: Callable[[], StageCheck]) -> StageCh
         return StageCheck(stage, "FAILED", sentence, sentence)
 
 
-def verify_data(data: Path, *, deep: bool = True, progress: bool = True) -> list[StageCheck]:
-    """Check every stage present under `data`; deep=True also decodes every input chunk and hashes every shard file."""
+def verify_data(data: Path, *, deep: bool = True, progress: bool = True, repair: bool = False) -> list[StageCheck]:
+    """Check every stage present under `data`; deep=True also hashes and decodes every input chunk and hashes every
+    shard file; repair=True un-commits damaged input chunks so that rerunning their stage rewrites them."""
     data = Path(data)
     if not data.is_dir():
         raise UserError(f"{data} is not a directory: pass a data root (the --data of the stages).")
     with _progress(progress) as bar:
         checks = [
-            *(_guarded(f"{name}/", data / name, lambda name=name: _check_array_stage(data / name, deep, bar))
+            *(_guarded(f"{name}/", data / name, lambda name=name: _check_array_stage(data / name, deep, bar, repair))
               for name in STAGE_ARRAYS),
             _guarded("pca.safetensors", data / "pca.safetensors", lambda: _check_pca(data / "pca.safetensors", data)),
             _guarded("shards/", data / "shards", lambda: _check_shards(data / "shards", data, deep, bar)),

@@ -287,3 +287,26 @@ def test_dinov2_without_registers_gives_repa_and_reg_their_targets(images: Path,
     (tmp_path / "vit" / "config.json").write_text('{"model_type": "vit", "hidden_size": 32}')
     code, out = redi("features", images, "--data", tmp_path / "other", "--encoder", tmp_path / "vit", *TINY)
     assert code == 2 and "'vit' model" in out
+
+
+def test_verify_finds_a_damaged_chunk_and_repair_rewrites_only_it(images: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    args = ["encode", images, "--data", data, "--vae", "tiny-random", "--chunk-size", "5", *TINY]
+    assert redi(*args)[0] == 0
+    want = read_store(data / "latents")
+    chunk_file = data / "latents" / "store.zarr" / "moments" / "c" / "1" / "0" / "0" / "0"
+    chunk_file.write_bytes(chunk_file.read_bytes()[:-4] + b"\0\0\0\0")  # silently changed on disk
+    from pipeline.verify import verify_data
+
+    (check, *_) = verify_data(data, progress=False)
+    assert check.status == "FAILED" and "store.zarr/moments/c/1/0/0/0 is missing or changed" in check.details
+    assert "--repair" in check.details and redi("verify", data)[0] == 2
+    (check, *_) = verify_data(data, progress=False, repair=True)
+    assert "forgot their 1 chunks" in check.details
+    code, out = redi(*args)
+    assert code == 0 and "1 of 3 chunks to do" in out, out
+    got = read_store(data / "latents")
+    assert all(want[k].tobytes() == got[k].tobytes() for k in want)
+    chunk_file.unlink()  # a lost file is found the same way
+    assert "missing or changed" in verify_data(data, progress=False)[0].details
+    assert redi("verify", data, "--repair")[0] == 2 and redi(*args)[0] == 0 and redi("verify", data)[0] == 0

@@ -115,20 +115,22 @@ def test_rerun_resume_and_a_damaged_file(reference: tuple[Path, Path], tmp_path:
     repa, ours = reference
     shutil.copytree(repa, tmp_path / "repa")
     np.save(tmp_path / "repa" / "vae-sd" / repa_name(4, "img-mean-std-", "npy"), np.zeros((8, 3, 3), np.float32))
+    huge = np.load(tmp_path / "repa" / "vae-sd" / repa_name(5, "img-mean-std-", "npy"))
+    np.save(tmp_path / "repa" / "vae-sd" / repa_name(5, "img-mean-std-", "npy"), huge * 0 + 1e6)  # inf in float16
     cfg = RepaImportConfig(tmp_path / "repa", tmp_path / "data", resolution=R, chunk_size=CHUNK)
     first = import_repa(cfg)
-    assert first.skipped == 1
+    assert first.skipped == 2
     errors = [json.loads(line) for line in (tmp_path / "data" / "latents" / "errors.jsonl").read_text().splitlines()]
-    assert [e["index"] for e in errors] == [4] and "shape" in errors[0]["reason"]
+    assert [e["index"] for e in errors] == [4, 5] and "shape" in errors[0]["reason"] and "float16" in errors[1]["reason"]
     latents = store(tmp_path / "data", "latents")
-    assert not latents["valid"][4] and latents["valid"].sum() == N - 1 and not latents["moments"][4].any()
-    np.testing.assert_array_equal(latents["moments"][5:], store(ours, "latents")["moments"][5:])
+    assert not latents["valid"][4:6].any() and latents["valid"].sum() == N - 2 and not latents["moments"][4:6].any()
+    np.testing.assert_array_equal(latents["moments"][6:], store(ours, "latents")["moments"][6:])
 
     assert import_repa(cfg).state is StageState.COMPLETE
     (tmp_path / "data" / "latents" / "progress" / "000001.json").unlink()  # as if killed before chunk 1 committed
     (tmp_path / "data" / "latents" / "errors.jsonl").unlink()
     resumed = import_repa(cfg)
-    assert resumed.state is StageState.RESUME and resumed.processed == CHUNK and resumed.skipped == 1
+    assert resumed.state is StageState.RESUME and resumed.processed == CHUNK and resumed.skipped == 2
     np.testing.assert_array_equal(store(tmp_path / "data", "latents")["moments"], latents["moments"])
     with pytest.raises(UserError, match="different settings"):
         import_repa(RepaImportConfig(tmp_path / "repa", tmp_path / "data", resolution=R, chunk_size=2))
