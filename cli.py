@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import UserError
 
@@ -43,7 +44,11 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            console.print(f"[bold red]error:[/] {e}")
+            console.print(f"[bold red]error:[/] {escape(str(e))}")  # paths may hold [brackets]
+            sys.exit(2)
+        except json.JSONDecodeError as e:  # the long tail: a damaged JSON file the command reads
+            console.print(f"[bold red]error:[/] a JSON file this command reads is damaged ({escape(str(e))}); "
+                          "`redi verify DATA` or `redi info` names the stage to redo.")
             sys.exit(2)
         except Exception as e:
             if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here

@@ -147,7 +147,17 @@ def walk_images(root: Path) -> list[str]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(root)
         out += [(rel / f).as_posix() for f in filenames if _has_image_suffix(f) and not f.startswith(".")]
+    if bad := next((p for p in out if _not_utf8(p)), None):
+        raise UserError(f"{root}: the file name {bad!r} is not valid UTF-8 text; rename it (keys are stored as text).")
     return out
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by os as surrogate escapes
+        return True
+    return False
 
 
 def _size_or_minus_one(path: Path) -> int:
@@ -185,7 +195,7 @@ class ZipSource(ImageSource):
                 files = [(i.filename, i.file_size) for i in infos if _has_image_suffix(i.filename)]
                 names = {i.filename for i in infos}
                 labels = labels_from_dataset_json(z.read("dataset.json"), str(path)) if "dataset.json" in names else None
-        except (OSError, zipfile.BadZipFile) as e:
+        except (OSError, RuntimeError, zipfile.BadZipFile) as e:  # RuntimeError: an encrypted member
             raise UserError(f"Cannot read the zip file {path}: {e}.") from None
         super().__init__(str(self.path), _label_entries(files, labels, str(path)))
 
@@ -277,7 +287,7 @@ def _parse_cls(data: bytes, name: str, location: str) -> int:
 def open_source(spec: str | Path) -> ImageSource:
     """A folder, a `.zip`, a `.tar`, a folder of `.tar` files or a glob of them."""
     text = str(spec)
-    if any(c in text for c in "*?["):
+    if any(c in text for c in "*?[") and not Path(text).exists():  # a glob, unless a path of that name exists
         tars = [Path(p) for p in glob.glob(text) if p.endswith(".tar")]
         if not tars:
             raise UserError(f"No .tar files match {text}.")

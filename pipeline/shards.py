@@ -357,6 +357,17 @@ def _manifest(inputs: _Inputs, cfg: ShardsConfig, group_blocks: int) -> Manifest
     )
 
 
+def _rows(arr: zarr.Array, first: int, last: int) -> np.ndarray:
+    """Rows [first, last) of an input stage array; a chunk damaged on disk is one sentence naming the way out."""
+    try:
+        return arr[first:last]
+    except Exception:  # noqa: BLE001 — codecs raise ValueError, RuntimeError, … on damaged bytes
+        bad = unreadable_chunk(arr, first, last)
+        where = f"chunk {bad[0]} of {arr.path}" if bad else arr.path
+        raise UserError(f"The input {where} cannot be read ({bad[1] if bad else 'damaged'}): run `redi verify DATA "
+                        "--repair`, rerun that stage, then `redi shards`.") from None
+
+
 def _read_group(inputs: _Inputs, lo: int, hi: int, layout: ShardLayout, device: torch.device) -> dict[str, np.ndarray]:
     """Every field of the kept images at positions [lo, hi), in that order; PCs projected on `device`."""
     out = {name: np.empty((hi - lo, *spec.shape), spec.dtype) for name, spec in layout.fields.items()}
@@ -367,9 +378,9 @@ def _read_group(inputs: _Inputs, lo: int, hi: int, layout: ShardLayout, device: 
         sel = idx - first  # contiguous reads, then select: much faster than zarr's orthogonal indexing
         rows = slice(at - lo, at - lo + len(idx))
         out["label"][rows] = inputs.labels[idx]
-        out["moments"][rows] = inputs.moments[first:last][sel]
-        out["cls"][rows] = inputs.cls[first:last][sel]
-        patch = inputs.patch[first:last][sel]  # (n, P, D) float16
+        out["moments"][rows] = _rows(inputs.moments, first, last)[sel]
+        out["cls"][rows] = _rows(inputs.cls, first, last)[sel]
+        patch = _rows(inputs.patch, first, last)[sel]  # (n, P, D) float16
         tokens = torch.from_numpy(patch).to(device)
         z = inputs.pca.project(tokens, k)  # (n, P, K) float32
         out["pcs"][rows] = z.permute(0, 2, 1).reshape(len(idx), k, p, p).to(torch.float16).cpu().numpy()  # (n, K, p, p)

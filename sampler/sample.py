@@ -353,8 +353,13 @@ def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: str, guidance:
 def prepare_out(out: Path, settings: dict[str, Any], ckpt_path: Path, force: bool, writes: bool) -> None:
     """Refuse an output directory made with other settings (or clear it with force); start its sample.json."""
     path = out / SAMPLE_JSON
-    report = json.loads(path.read_text()) if path.exists() else {}
-    have = report.get("settings")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory.")
+    try:
+        report = json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is damaged; pass --force to start these samples over.") from None
+    have = report.get("settings") if isinstance(report, dict) else None
     if have is not None and have != settings:
         changed = sorted(k for k in settings.keys() | have.keys() if settings.get(k) != have.get(k))
         if not force:
@@ -365,7 +370,8 @@ def prepare_out(out: Path, settings: dict[str, Any], ckpt_path: Path, force: boo
         if writes:
             for name in (IMAGES_DIR, PCS_DIR):
                 shutil.rmtree(out / name, ignore_errors=True)
-            for name in (GRID_PNG, PCS_PNG, NPZ_FILE, SAMPLE_JSON):
+            eval_json = Path(NPZ_FILE).with_suffix(".eval.json").name  # redi eval's report on the old samples
+            for name in (GRID_PNG, PCS_PNG, NPZ_FILE, SAMPLE_JSON, eval_json):
                 (out / name).unlink(missing_ok=True)
         report = {}
     if writes and not report:

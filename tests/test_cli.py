@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -29,3 +30,15 @@ def test_bench_quick_loader_prints_measured_figures_as_json() -> None:
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output[result.output.index("{"):])["loader"]
     assert figures["zarr_samples_per_s"] > 0 and figures["wds_samples_per_s"] > 0
+
+
+def test_messages_keep_brackets_and_bracketed_paths_are_paths(tmp_path: Path) -> None:
+    from pipeline.demo_data import write_demo_images
+
+    folder = tmp_path / "set[1]"
+    write_demo_images(folder, 3)
+    result = CliRunner().invoke(app, ["encode", str(folder), "--data", str(tmp_path / "d"), "--vae", "tiny-random",
+                                      "--workers", "0", "--resolution", "64"])
+    assert result.exit_code == 0, result.output  # an existing folder, not a glob
+    result = CliRunner().invoke(app, ["encode", str(tmp_path / "[bold]nope"), "--data", str(tmp_path / "d2")])
+    assert result.exit_code == 2 and "[bold]nope" in result.output

@@ -202,3 +202,13 @@ def test_the_repair_that_verify_suggests_rebuilds_a_deleted_shard(built: Path, t
                                  "--device", "cpu", "--force"])
     assert result.exit_code == 0 and "nothing to do" not in result.output, result.output
     assert victim.read_bytes() == want and runner.invoke(app, ["verify", str(data)]).exit_code == 0
+
+
+def test_a_damaged_input_chunk_is_one_sentence(built: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(built, data)
+    chunk = next(p for p in sorted((data / "latents" / "store.zarr" / "moments" / "c").rglob("*")) if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:7])  # truncated on disk
+    result = runner.invoke(app, ["shards", "--data", str(data), "--format", "both", "--pcs", str(K), "--shard-size", str(S),
+                                 "--device", "cpu", "--force"])
+    assert result.exit_code == 2 and "cannot be read" in result.output and "--repair" in result.output, result.output

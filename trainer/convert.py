@@ -415,6 +415,8 @@ def convert_checkpoint(cfg: ConvertConfig) -> ConvertResult:
     start = time.perf_counter()
     origin = ORIGINS[cfg.origin]
     out = Path(cfg.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; name the checkpoint file to write.")
     if out.exists() and not cfg.force:
         raise UserError(f"{out} exists; pass --force to replace it.")
     if out.resolve() == Path(cfg.checkpoint).resolve():
