@@ -231,9 +231,10 @@ class TarSource(ImageSource):
         for t, path in enumerate(self.tars):
             for name, info, data in _scan_tar(path):
                 if name in members:
-                    raise UserError(f"{location}: the member {name} appears in two tar files.")
-                if _has_image_suffix(name):
-                    members[name] = _TarMember(t, info.offset_data, info.size)
+                    raise UserError(f"{location}: the member {name} appears twice ({self.tars[members[name].tar].name} "
+                                    f"and {path.name}).")
+                if _has_image_suffix(name):  # a link gets size -1: reading it fails, so errors.jsonl lists it
+                    members[name] = _TarMember(t, info.offset_data, info.size if info.isfile() else -1)
                 elif data is not None:
                     classes[name[: -len(".cls")]] = _parse_cls(data, name, location)
         entries = [ImageEntry(n, m.size, classes.get(str(PurePosixPath(n).with_suffix("")), 0)) for n, m in members.items()]
@@ -251,6 +252,8 @@ class TarSource(ImageSource):
 
     def read_bytes(self, index: int) -> bytes:
         m = self.members[index]
+        if m.size < 0:
+            raise OSError("a link inside the tar file (links are not followed)")
         f = self._file(m.tar)
         f.seek(m.offset)
         data = f.read(m.size)
@@ -260,14 +263,14 @@ class TarSource(ImageSource):
 
 
 def _scan_tar(path: Path) -> list[tuple[str, tarfile.TarInfo, bytes | None]]:
-    """(name without a leading `./`, info, bytes of a `.cls` member else None) for each regular member."""
+    """(name without a leading `./`, info, bytes of a `.cls` member else None) for each regular member and link."""
     try:
         with tarfile.open(path, "r:") as tf:
             out = []
             for info in tf:
                 name = info.name.removeprefix("./")
-                if info.isfile() and not PurePosixPath(name).name.startswith("."):
-                    data = tf.extractfile(info).read() if name.endswith(".cls") else None  # type: ignore[union-attr]
+                if (info.isfile() or info.issym() or info.islnk()) and not PurePosixPath(name).name.startswith("."):
+                    data = tf.extractfile(info).read() if info.isfile() and name.endswith(".cls") else None  # type: ignore[union-attr]
                     out.append((name, info, data))
             return out
     except (OSError, tarfile.TarError) as e:
@@ -297,7 +300,10 @@ def open_source(spec: str | Path) -> ImageSource:
         raise UserError(f"The image source {path} does not exist.")
     if path.is_dir():
         tars = sorted(path.glob("*.tar"))
-        if tars and not walk_images(path):
+        if tars and walk_images(path):
+            raise UserError(f"{path} holds both images and .tar files: pass the tars as a quoted glob ('{path}/*.tar') "
+                            "or move them out.")
+        if tars:
             return TarSource(tars, str(path))
         return FolderSource(path)
     if path.suffix.lower() == ".zip":

@@ -195,3 +195,22 @@ def test_negative_or_huge_labels_are_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="labels must lie in"):
         labels_from_dataset_json(b'{"labels": [["a.png", 99999999999999999999]]}', "x.zip")
     assert labels_from_dataset_json(b'{"labels": [["a\\\\b.png", 3]]}', "x.zip") == {"a/b.png": 3}
+
+
+def test_tar_links_are_listed_not_dropped_and_mixed_folders_are_refused(demo: Path, tmp_path: Path) -> None:
+    real = next(p for p in sorted(demo.rglob("*.png")))
+    with tarfile.open(tmp_path / "links.tar", "w") as tf:
+        tf.add(real, "a.png")
+        link = tarfile.TarInfo("b.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.png"
+        tf.addfile(link)
+    src = open_source(tmp_path / "links.tar")
+    assert src.keys == ["a", "b"]
+    assert load_cropped(src, 0, 32)[1] == "" and "link" in load_cropped(src, 1, 32)[1]
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "x.png").write_bytes(real.read_bytes())
+    (mixed / "s.tar").write_bytes((tmp_path / "links.tar").read_bytes())
+    with pytest.raises(UserError, match="both images and .tar files"):
+        open_source(mixed)

@@ -88,7 +88,10 @@ def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], Non
         fused=dev.type == "cuda",
     )
     step = 0
-    if (ckpt := load_newest_readable(run, dev, warn=Console(stderr=True).print if dist_info.is_main else print_nothing)) is not None:
+    warn = Console(stderr=True).print if dist_info.is_main else print_nothing
+    if (ckpt := load_newest_readable(run, dev, warn=warn)) is not None:
+        if cfg.init is not None:
+            warn(f"[yellow]--init {cfg.init} is ignored: {run} resumes from its own step-{ckpt['step']} checkpoint.[/]")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
