@@ -159,4 +159,15 @@ def verify_data(data: Path, *, deep: bool = True, progress: bool = True, repair:
         ]
     if all(c.status == "absent" for c in checks):
         raise UserError(f"{data} holds no stage output (latents/, features/, pca.safetensors, shards/) to verify.")
-    return checks
+    return _same_images(data, checks)
+
+
+def _same_images(data: Path, checks: list[StageCheck]) -> list[StageCheck]:
+    """latents/ and features/ must come from the same image source, or no shards can join them."""
+    lat, feat = checks[0], checks[1]
+    if lat.status != "ok" or feat.status != "ok":
+        return checks
+    if read_manifest(data / "latents").get("source") != read_manifest(data / "features").get("source"):
+        feat = StageCheck(feat.stage, "warning", feat.details + "; made from other images than latents/ "
+                          "(rerun one of the two stages on the other's source)")
+    return [lat, feat, *checks[2:]]

@@ -157,6 +157,8 @@ def _read_npy_header(f: zipfile.ZipExtFile, path: Path) -> tuple[tuple[int, ...]
 def read_adm_batch(path: Path, expected_dims: tuple[int, int]) -> AdmBatch:
     """Open and check an ADM .npz batch; `expected_dims` = (pool, spatial) widths of precomputed statistics."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass the .npz file (e.g. {path / 'samples.npz'}).")
     if not path.is_file():
         raise UserError(f"{path} does not exist.")
     try:

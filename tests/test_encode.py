@@ -310,3 +310,14 @@ def test_verify_finds_a_damaged_chunk_and_repair_rewrites_only_it(images: Path, 
     chunk_file.unlink()  # a lost file is found the same way
     assert "missing or changed" in verify_data(data, progress=False)[0].details
     assert redi("verify", data, "--repair")[0] == 2 and redi(*args)[0] == 0 and redi("verify", data)[0] == 0
+
+
+def test_verify_warns_when_latents_and_features_come_from_other_images(images: Path, tmp_path: Path) -> None:
+    from pipeline.verify import verify_data
+
+    other = write_demo_images(tmp_path / "other", 5).out
+    data = tmp_path / "data"
+    assert redi("encode", images, "--data", data, "--vae", "tiny-random", *TINY)[0] == 0
+    assert redi("features", other, "--data", data, "--encoder", "tiny-random", *TINY)[0] == 0
+    latents, features, *_ = verify_data(data, progress=False)
+    assert latents.status == "ok" and features.status == "warning" and "other images" in features.details
