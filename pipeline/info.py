@@ -35,7 +35,14 @@ def describe_data_root(root: Path) -> list[StageInfo]:
 
 
 def is_run_dir(root: Path) -> bool:
-    return (Path(root) / "config.json").is_file() and (Path(root) / "checkpoints").is_dir()
+    return (Path(root) / "config.json").is_file()  # written before the first step; data roots have none
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def describe_run(root: Path) -> list[StageInfo]:
@@ -50,7 +57,7 @@ def describe_run(root: Path) -> list[StageInfo]:
     entries.append(StageInfo("checkpoints/", f"{len(steps)} checkpoints" if steps else "missing",
                              [("steps", _short(steps)), ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
     lines = (root / "metrics.jsonl").read_text().splitlines() if (root / "metrics.jsonl").exists() else []
-    last = json.loads(lines[-1]) if lines else {}
+    last = next((row for row in map(_json_or_none, reversed(lines)) if isinstance(row, dict)), {})  # a cut last line
     entries.append(StageInfo("metrics.jsonl", f"{len(lines)} lines" if lines else "missing",
                              [(k, _short(v)) for k, v in last.items()]))
     samples = sorted(p.name for p in (root / "samples").iterdir()) if (root / "samples").is_dir() else []

@@ -147,6 +147,12 @@ def test_info_describes_a_run_directory(data: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["info", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "step-0000004.pt" in result.output and "SiT-debug" in result.output
+    young = tmp_path / "young"  # crashed before its first checkpoint, mid metrics line
+    young.mkdir()
+    (young / "config.json").write_text((tmp_path / "run" / "config.json").read_text())
+    (young / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    result = CliRunner().invoke(app, ["info", str(young)])
+    assert result.exit_code == 0 and "config.json" in result.output and "missing" in result.output, result.output
 
 
 def test_resume_after_a_crash_mid_metrics_line(data: Path, tmp_path: Path) -> None:
