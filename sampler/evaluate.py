@@ -157,6 +157,9 @@ def evaluate(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
     for batch in (samples, ref):
         if batch.num_images <= cfg.nearest_k:
             raise UserError(f"{batch.path} holds {batch.num_images} images; precision/recall with k={cfg.nearest_k} needs at least {cfg.nearest_k + 1}.")
+    if (samples.height, samples.width) != (ref.height, ref.width):
+        (console or Console(stderr=True)).print(f"[yellow]warning:[/] the samples are {samples.height}×{samples.width} and the reference "
+                      f"{ref.height}×{ref.width}; the papers' figures compare batches of one resolution.")
     sample_settings = _sample_settings(cfg.samples)
     device = resolve_device(cfg.device)
     net = load_fid_inception(cfg.inception, device)

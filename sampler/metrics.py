@@ -193,4 +193,6 @@ def _checked_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, dim: int, name
     """Precomputed statistics after a shape check against the network's feature width."""
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise UserError(f"{path}: {name} have shapes {mu.shape} and {sigma.shape}, expected ({dim},) and ({dim}, {dim}).")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path}: {name} hold values that are not finite; use another reference batch.")
     return FIDStatistics(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64))

@@ -271,6 +271,7 @@ def test_read_adm_batch_streams_images_with_and_without_statistics(tmp_path: Pat
         ({"arr_0": np.zeros((2, 8, 8), np.uint8)}, r"shape \(2, 8, 8\)"),
         ({"arr_0": np.zeros((2, 8, 8, 3), np.uint8), "mu": np.zeros(2048)}, "without mu_s, sigma, sigma_s"),
         ({"arr_0": np.zeros((2, 8, 8, 3), np.uint8), **_adm_stats(), "mu": np.zeros(7)}, r"mu/sigma have shapes \(7,\)"),
+        ({"arr_0": np.zeros((2, 8, 8, 3), np.uint8), **_adm_stats(), "sigma_s": np.full((2023, 2023), np.nan)}, "not finite"),
     ],
 )
 def test_read_adm_batch_rejects_malformed_files(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
