@@ -131,6 +131,8 @@ class SampleConfig:
             raise UserError(f"--precision must be bf16 or fp32, not {self.precision!r}.")
         if self.weights not in WEIGHTS:
             raise UserError(f"--weights must be ema or model, not {self.weights!r}.")
+        if self.interval is not None and self.guidance == "none":
+            raise UserError("--interval bounds guidance, but --guidance is none: pass cfg, rg or cfg+rg, or leave it out.")
         if self.class_labels is not None and (not self.class_labels or min(self.class_labels) < 0):
             raise UserError("--class-labels must be 'random' or a comma list of non-negative integers.")
         if (self.rank is None) != (self.world_size is None):
@@ -247,6 +249,8 @@ def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
 def class_labels(num: int, seed: int, labels: tuple[int, ...] | None, num_classes: int) -> np.ndarray:
     """int64 (N,) label of every index: 0 for unconditional models, labels cycled, or drawn from (seed, i)."""
     if num_classes == 1:
+        if labels is not None:
+            raise UserError("--class-labels has no effect on an unconditional model (num_classes 1): leave it out.")
         return np.zeros(num, dtype=np.int64)
     if labels is not None:
         if max(labels) >= num_classes:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.atomic import sha256_file
+from pipeline.errors import UserError
 from sampler.outputs import image_path, make_grid, pcs_path, pcs_to_rgb, read_png, write_adm_npz
 from sampler.sample import SampleConfig, SampleResult, batches_of, class_labels, run_sample
 from trainer.checkpoint import save_checkpoint
@@ -62,7 +63,10 @@ def cli(*args: object) -> tuple[int, str]:
 def sample(run: Path, out: Path, **changes: object) -> SampleResult:
     base = dict(run=run, out=out, num=8, steps=4, batch_size=8, seed=5, guidance="cfg", cfg_scale=2.0,
                 interval=(0.0, 0.7), device="cpu")
-    return run_sample(SampleConfig(**(base | changes)))
+    settings = base | changes
+    if settings["guidance"] == "none":
+        settings["interval"] = None  # an interval bounds guidance; there is none to bound
+    return run_sample(SampleConfig(**settings))
 
 
 def npz(out: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +131,9 @@ def test_labels_depend_on_seed_and_index_only() -> None:
     assert np.array_equal(a[10:20], class_labels(20, 9, None, 1000)[10:20])
     assert len(set(a.tolist())) > 20 and not np.array_equal(a, class_labels(40, 10, None, 1000))
     assert class_labels(5, 0, (7, 8), 10).tolist() == [7, 8, 7, 8, 7]
-    assert class_labels(3, 0, (7,), 1).tolist() == [0, 0, 0]  # unconditional: labels are ignored
+    assert class_labels(3, 0, None, 1).tolist() == [0, 0, 0]  # unconditional
+    with pytest.raises(UserError, match="no effect on an unconditional model"):
+        class_labels(3, 0, (7,), 1)
     assert batches_of(8, 3, 0, 2) == [[0, 1, 2], [6, 7]] and batches_of(8, 3, 1, 2) == [[3, 4, 5]]
 
 
