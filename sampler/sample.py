@@ -58,6 +58,8 @@ from trainer.models import DiffusionTransformer, ModelConfig, build_model
 PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}  # autocast dtype of the network
 WEIGHTS = ("ema", "model")
 DEFAULT_SAMPLER = {"sit": "sde", "dit": "ddpm"}
+DEFAULT_CFG_SCALE = 2.4  # ReDi's best table (CFG on the VAE channels)
+DEFAULT_RG_SCALE = 1.5  # ReDi, B models (1.1 for XL)
 LABEL_STREAM = 0x1ABE1  # SeedSequence word that keeps the label draws apart from the noise generators
 WRITER_THREADS = 4  # PNG encoding runs in threads (zlib releases the GIL) while the next batch samples
 
@@ -72,10 +74,10 @@ class SampleConfig:
     """A checkpoint file written by `redi train`."""
     guidance: str = "none"
     """none | cfg | rg | cfg+rg."""
-    cfg_scale: float = 2.4
-    """CFG weight w (ReDi's best table: 2.4); used when guidance includes cfg."""
-    rg_scale: float = 1.5
-    """Representation Guidance weight w_r (ReDi: 1.5 for B, 1.1 for XL); used when guidance includes rg."""
+    cfg_scale: float | None = None
+    """CFG weight w; None → 2.4 (ReDi's best table). Only with guidance cfg or cfg+rg."""
+    rg_scale: float | None = None
+    """Representation Guidance weight w_r; None → 1.5 (ReDi: 1.5 for B, 1.1 for XL). Only with guidance rg or cfg+rg."""
     cfg_channels: str = "vae"
     """CFG on the VAE channels only (ReDi default) or on all channels."""
     interval: tuple[float, float] | None = None
@@ -133,6 +135,9 @@ class SampleConfig:
             raise UserError(f"--weights must be ema or model, not {self.weights!r}.")
         if self.interval is not None and self.guidance == "none":
             raise UserError("--interval bounds guidance, but --guidance is none: pass cfg, rg or cfg+rg, or leave it out.")
+        for flag, value, mode in (("--cfg-scale", self.cfg_scale, "cfg"), ("--rg-scale", self.rg_scale, "rg")):
+            if value is not None and mode not in self.guidance:
+                raise UserError(f"{flag} has no effect with --guidance {self.guidance}: add {mode} to --guidance or leave it out.")
         if self.class_labels is not None and (not self.class_labels or min(self.class_labels) < 0):
             raise UserError("--class-labels must be 'random' or a comma list of non-negative integers.")
         if (self.rank is None) != (self.world_size is None):
@@ -238,8 +243,8 @@ def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
         raise UserError("--cls-cfg-scale guides REG's class token: it needs a REG model and --guidance cfg or cfg+rg.")
     return GuidanceConfig(
         mode=cfg.guidance,  # type: ignore[arg-type]
-        cfg_scale=cfg.cfg_scale if cfg_on else 1.0,
-        rg_scale=cfg.rg_scale if rg_on else 1.0,
+        cfg_scale=(DEFAULT_CFG_SCALE if cfg.cfg_scale is None else cfg.cfg_scale) if cfg_on else 1.0,
+        rg_scale=(DEFAULT_RG_SCALE if cfg.rg_scale is None else cfg.rg_scale) if rg_on else 1.0,
         cfg_channels=cfg.cfg_channels if cfg_on else "vae",  # type: ignore[arg-type]
         interval=cfg.interval if cfg_on or rg_on else None,
         cls_cfg_scale=cfg.cls_cfg_scale,

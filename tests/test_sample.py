@@ -66,6 +66,8 @@ def sample(run: Path, out: Path, **changes: object) -> SampleResult:
     settings = base | changes
     if settings["guidance"] == "none":
         settings["interval"] = None  # an interval bounds guidance; there is none to bound
+    if "cfg" not in settings["guidance"]:
+        settings["cfg_scale"] = None  # a CFG scale without CFG is refused
     return run_sample(SampleConfig(**settings))
 
 
@@ -204,6 +206,8 @@ def test_refusals(sit_run: Path, tmp_path: Path) -> None:
     assert code == 2 and "rep_drop 0" in text and "Traceback" not in text
     code, text = cli("--run", sit_run, "--num", 2, "--steps", 2, "--guidance", "cfg", "--cls-cfg-scale", 2)
     assert code == 2 and "needs a REG model" in text
+    code, text = cli("--run", sit_run, "--num", 2, "--steps", 2, "--guidance", "rg", "--cfg-scale", 2)
+    assert code == 2 and "--cfg-scale has no effect with --guidance rg" in text
     code, text = cli("--run", sit_run, "--num", 2, "--steps", 2, "--sampler", "ddpm")
     assert code == 2 and "ddpm for DiT" in text
     code, text = cli("--run", sit_run, "--num", 2, "--steps", 2, "--class-labels", "1,4")
