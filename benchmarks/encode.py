@@ -29,7 +29,7 @@ from pipeline.images import ImageSource, load_cropped, open_source
 
 
 def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, workers: int | None = None,
-        num: int | None = None) -> dict[str, float | str]:
+        num: int | None = None, batch_size: int | None = None) -> dict[str, float | str]:
     """Images/s of VAE+DINOv2 encoding, batched stages vs one at a time, and their ratio."""
     num = num or (8 if quick else (512 if real_arch else 64))
     resolution = 64 if quick else resolution
@@ -39,7 +39,7 @@ def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, wor
         root = Path(tmp)
         images = write_demo_images(root / "images", num).out
         vae_name, dino_name = _real_arch_dirs(root) if real_arch else (TINY_RANDOM, TINY_RANDOM)
-        common = {"resolution": resolution, "device": device, "workers": workers, "batch_size": 8 if quick else 128 if device == "cuda" else 64}
+        common = {"resolution": resolution, "device": device, "workers": workers, "batch_size": batch_size or (8 if quick else 128 if device == "cuda" else 64)}
         cfg = EncodeConfig(images, root / "data", vae_name, **common)
         enc, _ = run_stages([(ENCODE, cfg), (FEATURES, dataclasses.replace(cfg, model=dino_name))], Console(quiet=True))
         batched = num / enc.seconds

@@ -1,4 +1,5 @@
-"""Crash-safe file writes: write to a temporary sibling, fsync, then rename over the target."""
+"""Crash-safe file writes (write to a temporary sibling, fsync, then rename over the target), and the
+tolerant read of append-only files a crash can leave with a cut last line."""
 from __future__ import annotations
 
 import hashlib
@@ -59,6 +60,17 @@ def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
     """Atomic write for libraries that want a file name (torch.save, safetensors, PIL)."""
     with _replacing(path) as tmp:
         writer(tmp)
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The complete lines of an append-only .jsonl file (a line half-written when a process was killed is skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:

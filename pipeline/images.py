@@ -102,9 +102,16 @@ def labels_from_dataset_json(data: bytes, location: str) -> dict[str, int] | Non
         parsed = None if labels is None else {str(p).replace("\\", "/"): int(c) for p, c in labels}
     except (ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{location}: dataset.json is not of the form {{\"labels\": [[relpath, int], ...]}} ({e}).") from None
-    if parsed is not None and (bad := next(((p, c) for p, c in parsed.items() if not 0 <= c < MAX_LABEL), None)):
-        raise UserError(f"{location}: dataset.json gives {bad[0]} the label {bad[1]}; labels must lie in [0, {MAX_LABEL}).")
+    for relpath, label in (parsed or {}).items():
+        _check_label(label, f"{location}: dataset.json gives {relpath}")
     return parsed
+
+
+def _check_label(label: int, what: str) -> int:
+    """`label`, or one sentence (`what` names where it came from) when it is not a usable class index."""
+    if not 0 <= label < MAX_LABEL:
+        raise UserError(f"{what} the label {label}; labels must lie in [0, {MAX_LABEL}).")
+    return label
 
 
 def _label_entries(files: list[tuple[str, int]], labels: dict[str, int] | None, location: str) -> list[ImageEntry]:
@@ -282,9 +289,7 @@ def _parse_cls(data: bytes, name: str, location: str) -> int:
         label = int(data.decode().strip())
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{location}: {name} does not hold an integer class label.") from None
-    if not 0 <= label < MAX_LABEL:
-        raise UserError(f"{location}: {name} holds the label {label}; labels must lie in [0, {MAX_LABEL}).")
-    return label
+    return _check_label(label, f"{location}: {name} holds")
 
 
 def open_source(spec: str | Path) -> ImageSource:

@@ -9,6 +9,7 @@ from typing import Any
 import zarr
 from rich.table import Table
 
+from pipeline.atomic import read_jsonl
 from pipeline.encoders import describe_identity
 from pipeline.errors import UserError
 from pipeline.pca_file import load_pca
@@ -38,13 +39,6 @@ def is_run_dir(root: Path) -> bool:
     return (Path(root) / "config.json").is_file()  # written before the first step; data roots have none
 
 
-def _json_or_none(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
 def describe_run(root: Path) -> list[StageInfo]:
     """A run directory: its configuration, checkpoints, last logged metrics and sample folders."""
     root = Path(root)
@@ -56,8 +50,8 @@ def describe_run(root: Path) -> list[StageInfo]:
     steps = sorted(int(p.stem.split("-")[1]) for p in (root / "checkpoints").glob("step-*.pt"))
     entries.append(StageInfo("checkpoints/", f"{len(steps)} checkpoints" if steps else "missing",
                              [("steps", _short(steps)), ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
-    lines = (root / "metrics.jsonl").read_text().splitlines() if (root / "metrics.jsonl").exists() else []
-    last = next((row for row in map(_json_or_none, reversed(lines)) if isinstance(row, dict)), {})  # a cut last line
+    lines = read_jsonl(root / "metrics.jsonl") if (root / "metrics.jsonl").exists() else []
+    last = lines[-1] if lines else {}
     entries.append(StageInfo("metrics.jsonl", f"{len(lines)} lines" if lines else "missing",
                              [(k, _short(v)) for k, v in last.items()]))
     samples = sorted(p.name for p in (root / "samples").iterdir()) if (root / "samples").is_dir() else []

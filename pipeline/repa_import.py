@@ -200,16 +200,16 @@ def check_resolution(source: ImageSource, files: MomentFiles, cfg: RepaImportCon
                         f"{cfg.moments_shape} mean‖std of a {cfg.resolution}-pixel image.")
 
 
-def _read_moments(files: MomentFiles, index: int, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
-    """(moments, "") or (None, why file `index` cannot be used)."""
+def _read_moments(files: MomentFiles, index: int, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray | None, str]:
+    """(moments, "") or (None, why file `index` cannot be used, e.g. values that do not fit `dtype`)."""
     try:
         value = files.read(index)
     except Exception as e:  # noqa: BLE001 — a damaged file must never stop the import
         return None, f"{type(e).__name__}: {e}"
     if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
         return None, f"array of shape {value.shape} and dtype {value.dtype}, expected float {shape}"
-    if not np.isfinite(value).all():
-        return None, "non-finite values"
+    if not _fits(value, dtype):
+        return None, f"values that are not finite in {dtype} (largest |value| {np.abs(value).max():g})"
     return value, ""
 
 
@@ -252,9 +252,7 @@ def import_repa(cfg: RepaImportConfig, console: Console | None = None) -> StageR
             lo, hi = chunk * cfg.chunk_size, min((chunk + 1) * cfg.chunk_size, len(source))
             moments = np.zeros((hi - lo, *shape), dtype=cfg.dtype)  # (n, 8, h, h); zeros where unreadable
             errors = []
-            for i, (value, reason) in zip(range(lo, hi), pool.map(lambda i: _read_moments(files, i, shape), range(lo, hi))):
-                if not reason and not _fits(value, cfg.dtype):
-                    reason = f"values that are not finite in {cfg.dtype} (largest |value| {np.abs(value).max():g})"
+            for i, (value, reason) in zip(range(lo, hi), pool.map(lambda i: _read_moments(files, i, shape, cfg.dtype), range(lo, hi))):
                 if reason:
                     errors.append(ChunkError(i, keys[i], f"{files.relpaths[i]}: {reason}"))
                 else:

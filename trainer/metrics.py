@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pipeline.atomic import atomic_write_bytes
+from pipeline.atomic import read_jsonl as read_metrics  # complete lines only: a crash can cut the last one
 
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
@@ -33,14 +34,3 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a metrics.jsonl (a line half-written when a process was killed is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows

@@ -40,7 +40,8 @@ class StopRequest:
         self.signum = self.signum or signum
 
     def agreed(self, device: torch.device) -> int:
-        """The signal number if any rank received one (0 otherwise); the same on every rank."""
+        """The signal number if any rank received one (0 otherwise); the same on every rank. Under DDP this
+        reads the device, so call it where the step syncs anyway (before the optimiser step, not after it)."""
         if not dist.is_initialized():
             return self.signum
         flag = torch.tensor([self.signum], dtype=torch.int64, device=device)  # (1,)

@@ -133,7 +133,8 @@ def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], Non
                 for name, value in {"loss": out.loss.detach(), **out.terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.float() / accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # inf: norm only
-            if torch.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients); one host sync
+            stopped_by = stop.agreed(dev)  # (DDP: an all-reduce) read at the step's one host sync, just below
+            if torch.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients); the host sync
                 bad_in_a_row = 0
                 opt.step()
                 update_ema(ema, model, cfg.ema_decay)
@@ -145,7 +146,6 @@ def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], Non
             step += 1
             if on_step is not None:
                 on_step()
-            stopped_by = stop.agreed(dev)
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed, timer = time.perf_counter() - timer, time.perf_counter()
