@@ -302,6 +302,7 @@ def train_command(
     repa_depth: Annotated[Optional[int], typer.Option(help="Block feeding the REPA projector (default: 4 for S/B, 8 for L/XL).")] = None,
     repa_weight: Annotated[float, typer.Option(help="REPA alignment loss weight.")] = 0.5,
     cls_weight: Annotated[float, typer.Option(help="REG class-token loss weight.")] = 0.03,
+    weighting: Annotated[str, typer.Option(help="SiT time draw: uniform, or lognormal (REPA/REG --weighting: t = s/(1+s), ln s ~ N(0,1)).")] = "uniform",
     learn_sigma: Annotated[Optional[bool], typer.Option("--learn-sigma/--no-learn-sigma", help="DiT: learned variance with the VLB term (default: on for DiT, as DiT and the ReDi paper).", show_default=False)] = None,
     unconditional: Annotated[bool, typer.Option(help="Train without class labels.")] = False,
     batch_size: Annotated[int, typer.Option(help="Global batch over all ranks and accumulation steps.")] = 256,
@@ -331,7 +332,7 @@ def train_command(
     cfg = TrainConfig(
         shards=str(shards), run=str(run), model=model, method=method, pca_rank=pca_rank, fusion=fusion,
         lambda_z=lambda_z, rep_drop=rep_drop, rep_drop_mode=rep_drop_mode, rep_drop_target=rep_drop_target,
-        repa_depth=repa_depth, repa_weight=repa_weight, cls_weight=cls_weight, learn_sigma=learn_sigma,
+        repa_depth=repa_depth, repa_weight=repa_weight, cls_weight=cls_weight, weighting=weighting, learn_sigma=learn_sigma,
         unconditional=unconditional, batch_size=batch_size, micro_batch=micro_batch, max_steps=max_steps,
         epochs=epochs, lr=lr, grad_clip=grad_clip, ema_decay=ema_decay, precision=precision, compile=compile,
         seed=seed, data_format=data_format, num_workers=num_workers, log_every=log_every, save_every=save_every,

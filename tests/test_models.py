@@ -147,10 +147,10 @@ def test_reg_token_and_repa_projector():
     seen = {}
     model.blocks[0].register_forward_hook(lambda mod, args, out: seen.update(h_in=args[0], h_k=out))
     out = model(x, t, y, cls)
-    assert out.cls_out.shape == (2, 16) and out.repa.shape == (2, 16, 16)
+    assert out.cls_out.shape == (2, 16) and out.repa.shape == (2, 1 + 16, 16)
     cls_token = model.cls_norm(model.cls_embedder(cls))  # Linear then LayerNorm, no position embedding
     assert torch.allclose(seen["h_in"][:, 0], cls_token, atol=1e-6)
-    assert torch.allclose(out.repa, model.projector(seen["h_k"][:, 1:]), atol=1e-6)  # patch tokens only
+    assert torch.allclose(out.repa, model.projector(seen["h_k"]), atol=1e-6)  # REG: the class token and the patches
     assert sum(isinstance(m, torch.nn.Linear) for m in model.projector) == 3
     assert model.projector[0].out_features == model.projector[2].out_features == 2048
     with pytest.raises(AssertionError):

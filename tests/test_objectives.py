@@ -14,6 +14,7 @@ from trainer.objectives import (
     compute_loss,
     discretized_gaussian_log_likelihood,
     prepare_batch,
+    sample_time,
 )
 
 N, SIDE, D, L = 8, 4, 6, 4  # batch, latent side, encoder width, patch tokens ((4/2)²)
@@ -88,7 +89,7 @@ def hand_sit_loss(model: StandIn, batch: TrainBatch, cfg: LossConfig, seed: int)
             drop = (torch.rand(N, generator=g) < cfg.rep_drop).tolist()
         else:
             drop = [bool(torch.rand(1, generator=g) < cfg.rep_drop)] * N
-    t = torch.rand(N, generator=g)
+    t = torch.rand(N, generator=g) if cfg.weighting == "uniform" else 1 / (1 + torch.exp(-torch.randn(N, generator=g)))
     eps = torch.randn(batch.x0.shape, generator=g)
     eps_c = torch.randn(N, D, generator=g) if cfg.uses_reg else None
     total = 0.0
@@ -104,8 +105,9 @@ def hand_sit_loss(model: StandIn, batch: TrainBatch, cfg: LossConfig, seed: int)
         loss = float(err[:4].mean())
         if cfg.uses_pcs:
             loss += (0.0 if drop[i] else cfg.lambda_z) * float(err[4:].mean())
-        if cfg.uses_repa:
-            loss -= cfg.repa_weight * sum(cosine(model.repa_out[i, k], batch.patch_tokens[i, k]) for k in range(L)) / L
+        if cfg.uses_repa:  # REG aligns 1 + L rows: its projected class token with the DINOv2 CLS, then the patches
+            targets = ([batch.cls[i]] if cfg.uses_reg else []) + list(batch.patch_tokens[i])
+            loss -= cfg.repa_weight * sum(cosine(p, z) for p, z in zip(model.repa_out[i], targets)) / len(targets)
         if cfg.uses_reg:
             c = batch.cls[i]
             cls_t = (1 - t[i]) * c + t[i] * eps_c[i]
@@ -115,18 +117,20 @@ def hand_sit_loss(model: StandIn, batch: TrainBatch, cfg: LossConfig, seed: int)
 
 
 def stand_in(method: str, class_dropout: float = 0.0, objective: str = "sit", **extra) -> StandIn:
-    """A stand-in model for a method, with a fixed random REPA output."""
-    repa_out = torch.randn(N, L, D, generator=torch.Generator().manual_seed(7))
+    """A stand-in model for a method, with a fixed random REPA output (REG: 1 + L rows, its class token first)."""
+    rows = L + int(method == "reg")
+    repa_out = torch.randn(N, rows, D, generator=torch.Generator().manual_seed(7))
     return StandIn(model_config(method, objective, class_dropout, **extra), repa_out)
 
 
 @pytest.mark.parametrize(
-    "method,lambda_z,class_dropout",
-    [("baseline", 1.0, 0.0), ("redi", 0.7, 0.3), ("repa", 1.0, 0.0), ("reg", 1.0, 0.3), ("redi+repa", 1.0, 0.0)],
+    "method,lambda_z,class_dropout,weighting",
+    [("baseline", 1.0, 0.0, "uniform"), ("redi", 0.7, 0.3, "uniform"), ("repa", 1.0, 0.0, "lognormal"),
+     ("reg", 1.0, 0.3, "uniform"), ("reg", 1.0, 0.0, "lognormal"), ("redi+repa", 1.0, 0.0, "uniform")],
 )
-def test_sit_loss_matches_hand_computation(method, lambda_z, class_dropout):
+def test_sit_loss_matches_hand_computation(method, lambda_z, class_dropout, weighting):
     model = stand_in(method, class_dropout)
-    cfg = LossConfig(method=method, lambda_z=lambda_z, class_dropout=class_dropout)
+    cfg = LossConfig(method=method, lambda_z=lambda_z, class_dropout=class_dropout, weighting=weighting)
     batch = make_batch(model.cfg)
     result = compute_loss(model, batch, cfg, torch.Generator().manual_seed(3))
     expected, _ = hand_sit_loss(model, batch, cfg, seed=3)
@@ -135,6 +139,48 @@ def test_sit_loss_matches_hand_computation(method, lambda_z, class_dropout):
     wanted = {"vae"} | {name for name, on in optional if on}
     assert set(result.terms) == wanted
     assert all(not term.requires_grad and term.ndim == 0 for term in result.terms.values())
+
+
+def test_reg_aligns_its_class_token_with_the_dinov2_cls_among_1_plus_l_rows():
+    """REG train.py/loss.py: target [CLS; patches], projector on all 1 + L tokens, −cos averaged over the 1 + L rows."""
+    model = stand_in("reg")
+    batch = make_batch(model.cfg)
+    align = compute_loss(model, batch, LossConfig(method="reg", class_dropout=0.0), torch.Generator()).terms["repa"]
+    p, cls, tokens = model.repa_out, batch.cls, batch.patch_tokens  # (N, 1 + L, D), (N, D), (N, L, D)
+    rows = [[cosine(p[i, 0], cls[i])] + [cosine(p[i, 1 + k], tokens[i, k]) for k in range(L)] for i in range(N)]
+    assert align.item() == pytest.approx(-sum(sum(r) / (1 + L) for r in rows) / N, rel=1e-6)
+    patch_only = -sum(sum(r[1:]) / L for r in rows) / N  # what redi computed before: the CLS row left out
+    assert abs(align.item() - patch_only) > 1e-3
+
+
+def test_repa_still_aligns_the_patches_only():
+    model = stand_in("repa")
+    batch = make_batch(model.cfg)
+    align = compute_loss(model, batch, LossConfig(method="repa", class_dropout=0.0), torch.Generator()).terms["repa"]
+    expected = -sum(cosine(model.repa_out[i, k], batch.patch_tokens[i, k]) for i in range(N) for k in range(L)) / (N * L)
+    assert align.item() == pytest.approx(expected, rel=1e-6)
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def test_lognormal_weighting_draws_t_from_the_logit_normal_law():
+    """REPA loss.py: σ = exp(n), n ~ N(0, 1), t = σ/(1 + σ); so P(t ≤ u) = Φ(ln(u / (1 − u))) (a one-sample KS test)."""
+    n = 4000
+    t = sample_time(n, "lognormal", torch.device("cpu"), torch.Generator().manual_seed(0)).double().sort().values
+    cdf = torch.tensor([_normal_cdf(math.log(u / (1 - u))) for u in t.tolist()], dtype=torch.float64)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    ks = max((ranks / n - cdf).max().item(), (cdf - (ranks - 1) / n).max().item())
+    assert ks < 1.63 / math.sqrt(n)  # the 1% critical value
+    uniform = sample_time(n, "uniform", torch.device("cpu"), torch.Generator().manual_seed(0)).double().sort().values
+    cdf_u = torch.tensor([_normal_cdf(math.log(u / (1 - u))) for u in uniform.tolist()], dtype=torch.float64)
+    assert (ranks / n - cdf_u).abs().max().item() > 5 / math.sqrt(n)  # the test tells the two laws apart
+    with pytest.raises(UserError, match="weighting"):
+        LossConfig(method="baseline", weighting="cosine")
+    dit = stand_in("baseline", objective="dit")
+    with pytest.raises(UserError, match="SiT"):
+        compute_loss(dit, make_batch(dit.cfg), LossConfig(method="baseline", class_dropout=0.0, weighting="lognormal"))
 
 
 def test_label_dropout_uses_the_null_label():

@@ -53,16 +53,18 @@ def test_debug_model_learns(data: Path, tmp_path: Path) -> None:
     assert sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
 
 
-@pytest.mark.parametrize("method", ["redi", "reg", "redi+repa"])
-def test_resume_equals_uninterrupted(data: Path, tmp_path: Path, method: str) -> None:
-    straight = config(data, tmp_path / "straight", method=method)
+@pytest.mark.parametrize("method,weighting", [("redi", "uniform"), ("reg", "lognormal"), ("redi+repa", "uniform")])
+def test_resume_equals_uninterrupted(data: Path, tmp_path: Path, method: str, weighting: str) -> None:
+    straight = config(data, tmp_path / "straight", method=method, weighting=weighting)
     train(straight, device="cpu")
-    half = config(data, tmp_path / "resumed", method=method, max_steps=4)
+    half = config(data, tmp_path / "resumed", method=method, max_steps=4, weighting=weighting)
     train(half, device="cpu")  # stops after the step-4 checkpoint, as a killed run would have left it
-    train(config(data, tmp_path / "resumed", method=method), device="cpu")
+    train(config(data, tmp_path / "resumed", method=method, weighting=weighting), device="cpu")
     a = load_checkpoint(newest_checkpoint(tmp_path / "straight"))
     b = load_checkpoint(newest_checkpoint(tmp_path / "resumed"))
     assert a["step"] == b["step"] == 8
+    assert a["config"]["weighting"] == weighting
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["train"]["weighting"] == weighting
     for name in ("model", "ema"):
         for key, value in a[name].items():
             assert torch.equal(value, b[name][key]), f"{name}.{key} differs after resume"
@@ -344,7 +346,8 @@ def test_bad_values_are_refused_before_the_run_directory_is_written(data: Path, 
             "--num-workers", "0", "--device", "cpu"]
     for bad, words in ((["--ema-decay", "2"], "--ema-decay"), (["--lr", "nan"], "--lr"), (["--log-every", "0"], "--log-every"),
                        (["--epochs", "0"], "--epochs"), (["--micro-batch", "0"], "--micro-batch"),
-                       (["--method", "redi", "--pca-rank", "0"], "PCA rank")):
+                       (["--method", "redi", "--pca-rank", "0"], "PCA rank"), (["--weighting", "cosine"], "--weighting"),
+                       (["--model", "DiT-debug", "--weighting", "lognormal"], "--weighting lognormal")):
         code, out = run_cli(*base, *bad)
         assert code == 2 and words in " ".join(out.split()) and "Traceback" not in out, (bad, out)
         assert not (tmp_path / "run" / "config.json").exists(), bad

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from trainer.models import REPA_DEPTHS, SIZES
-from trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, MethodParts
+from trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts
 
 OBJECTIVES = {"SiT": "sit", "DiT": "dit"}
 
@@ -54,6 +54,8 @@ class TrainConfig(MethodParts):
     """Train without labels (num_classes 1)."""
     class_dropout: float = 0.1
     """Label dropout for classifier-free guidance."""
+    weighting: str = "uniform"
+    """SiT time draw: uniform t ~ U(0, 1) (every reference's default) or lognormal (REPA/REG `--weighting lognormal`)."""
     batch_size: int = 256
     """Global batch (all ranks, all accumulation steps)."""
     micro_batch: int | None = None
@@ -109,6 +111,10 @@ class TrainConfig(MethodParts):
             raise UserError(f"--format must be zarr or wds, got {self.data_format}.")
         if self.learn_sigma and self.objective != "dit":
             raise UserError("--learn-sigma applies to DiT models only.")
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(f"--weighting must be uniform or lognormal, got {self.weighting}.")
+        if self.weighting != "uniform" and self.objective != "sit":
+            raise UserError(f"--weighting {self.weighting} draws the SiT (flow) time; DiT models draw discrete timesteps.")
         if self.batch_size < 1 or self.max_steps < 1 or (self.micro_batch is not None and self.micro_batch < 1):
             raise UserError("--batch-size, --micro-batch and --max-steps must be positive.")
         if min(self.log_every, self.save_every, self.ckpt_every) < 1:

@@ -40,8 +40,9 @@ def forward_flops(cfg: ModelConfig) -> float:
     if cfg.reg_token:
         flops += linear_flops(1, cfg.repa_dim, d) + linear_flops(1, d, cfg.repa_dim)  # class-token embedding and head
     if cfg.repa_depth:
-        flops += linear_flops(n_patch, d, PROJECTOR_DIM) + linear_flops(n_patch, PROJECTOR_DIM, PROJECTOR_DIM)
-        flops += linear_flops(n_patch, PROJECTOR_DIM, cfg.repa_dim)  # REPA projector
+        aligned = n_patch + int(cfg.reg_token)  # REG projects its class token too
+        flops += linear_flops(aligned, d, PROJECTOR_DIM) + linear_flops(aligned, PROJECTOR_DIM, PROJECTOR_DIM)
+        flops += linear_flops(aligned, PROJECTOR_DIM, cfg.repa_dim)  # REPA projector
     return float(flops)
 
 

@@ -143,7 +143,8 @@ class ModelOutput:
     cls_out: Tensor | None
     """(N, repa_dim): REG class-token velocity, else None."""
     repa: Tensor | None
-    """(N, L, repa_dim): REPA projector on the (x-stream) patch tokens after block repa_depth, else None."""
+    """(N, L, repa_dim): REPA projector on the (x-stream) patch tokens after block repa_depth; (N, 1 + L, repa_dim)
+    with a REG token, which is projected too (REG `models/sit.py`); else None."""
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -403,7 +404,7 @@ class DiffusionTransformer(nn.Module):
             else:
                 h = block(h, c)  # (N, T, D)
             if i + 1 == cfg.repa_depth:
-                repa = self.projector(h[:, n_cls : n_cls + n_patch])  # (N, L, repa_dim): x-stream patch tokens
+                repa = self.projector(h[:, : n_cls + n_patch])  # (N, [1+]L, repa_dim): REG token, x-stream patches
         out, cls_out = self.final_layer(h[:, : n_cls + n_patch], c)  # (N, L, p·p·C_x), (N, repa_dim) | None
         out = unpatchify(out, p, self.final_layer.linear.out_features // (p * p))  # (N, C_x, H, W)
         if self.z_final_layer is not None:

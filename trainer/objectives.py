@@ -3,7 +3,8 @@
 Random draws, all from `generator` (on the batch's device) and in this order, so a resumed run
 repeats them exactly: label-dropout uniforms (N,) when class_dropout > 0; representation-drop
 uniforms ((N,) per sample, (1,) per batch) when the method trains PC channels and rep_drop > 0;
-the time t (N,); the noise ε like x0; the class-token noise ε_c (N, D) for REG.
+the time t (N,) (uniforms, or normals for lognormal weighting); the noise ε like x0; the
+class-token noise ε_c (N, D) for REG.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from trainer.models import ModelConfig
 
 METHODS = ("baseline", "redi", "repa", "reg", "redi+repa")
 PCS_METHODS = ("redi", "redi+repa")  # generate PC channels jointly with the latent
-REPA_METHODS = ("repa", "reg", "redi+repa")  # align hidden states with the DINOv2 patch tokens
+REPA_METHODS = ("repa", "reg", "redi+repa")  # align hidden states with the DINOv2 patch tokens (REG: and CLS)
 REP_DROP_MODES = ("sample", "batch")
 REP_DROP_TARGETS = ("noisy", "clean")
+WEIGHTINGS = ("uniform", "lognormal")  # REPA loss.py: how the SiT time t is drawn
 DDPM_STEPS = 1000  # DiT: 1000 discrete steps
 DDPM_BETA_START = 1e-4  # DiT: linear β schedule from 1e-4 …
 DDPM_BETA_END = 0.02  # … to 0.02
@@ -69,11 +71,15 @@ class LossConfig(MethodParts):
     """Weight of REG's class-token velocity loss."""
     class_dropout: float = 0.1
     """Probability of replacing a label by the null label (classifier-free guidance)."""
+    weighting: str = "uniform"
+    """SiT time draw: "uniform" t ~ U(0, 1) | "lognormal" t = σ/(1 + σ), ln σ ~ N(0, 1) (REPA `--weighting`)."""
 
     def __post_init__(self) -> None:
         """Refuse unknown names and out-of-range values with one clear sentence."""
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(f"unknown time weighting {self.weighting!r}; choose uniform or lognormal")
         if self.rep_drop_mode not in REP_DROP_MODES:
             raise UserError(f"unknown representation-drop mode {self.rep_drop_mode!r}; choose sample or batch")
         if self.rep_drop_target not in REP_DROP_TARGETS:
@@ -240,6 +246,8 @@ def check_compatible(model_cfg: ModelConfig, cfg: LossConfig) -> None:
         raise UserError(f"method {cfg.method!r} and the model's reg_token={model_cfg.reg_token} do not match")
     if cfg.uses_reg and model_cfg.objective != "sit":
         raise UserError("REG is defined for the SiT (flow) objective only")
+    if cfg.weighting != "uniform" and model_cfg.objective != "sit":
+        raise UserError(f"{cfg.weighting} time weighting is defined for the SiT (flow) objective only")
     if cfg.class_dropout != model_cfg.class_dropout:
         raise UserError(
             f"label dropout {cfg.class_dropout} differs from the {model_cfg.class_dropout} the model config records"
@@ -263,10 +271,24 @@ def representation_drop(n: int, cfg: LossConfig, device: torch.device, generator
     return (torch.rand(draws, generator=generator, device=device) < cfg.rep_drop).expand(n)  # (N,)
 
 
+def sample_time(n: int, weighting: str, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """(N,) SiT times in [0, 1], t = 1 noise: uniform, or REPA's lognormal t = σ/(1 + σ) with ln σ ~ N(0, 1)."""
+    if weighting == "uniform":
+        return torch.rand(n, generator=generator, device=device)  # (N,)
+    sigma = torch.randn(n, generator=generator, device=device).exp()  # (N,) EDM's log-normal noise level
+    return sigma / (1 + sigma)  # (N,): the linear path's t at noise-to-signal ratio σ
+
+
 def repa_loss(projected: Tensor, target: Tensor) -> Tensor:
-    """(N, L, D) projections and (N, L, D) encoder tokens → (N,) minus the mean cosine similarity over patches."""
-    cos = (F.normalize(projected, dim=-1) * F.normalize(target, dim=-1)).sum(dim=-1)  # (N, L)
+    """(N, T, D) projections and (N, T, D) encoder tokens → (N,) minus the mean cosine similarity over the T rows."""
+    cos = (F.normalize(projected, dim=-1) * F.normalize(target, dim=-1)).sum(dim=-1)  # (N, T)
     return -cos.mean(dim=1)  # (N,)
+
+
+def alignment_target(batch: TrainBatch, reg: bool) -> Tensor:
+    """(N, L, D) DINOv2 patch tokens, or REG's (N, 1 + L, D) [CLS; patch tokens] (REG `train.py`)."""
+    tokens = batch.patch_tokens.float()  # (N, L, D)
+    return torch.cat([batch.cls.float().unsqueeze(1), tokens], dim=1) if reg else tokens  # (N, [1+]L, D)
 
 
 def check_batch(model_cfg: ModelConfig, cfg: LossConfig, batch: TrainBatch) -> None:
@@ -312,7 +334,7 @@ def compute_loss(
         x0 = torch.cat([x0[:, :v], x0[:, v:] * keep_z], dim=1)  # (N, V + r, H, W): z_0 zeroed where dropped
     schedule = ddpm_schedule()
     if model_cfg.objective == "sit":
-        t = torch.rand(n, generator=generator, device=device)  # (N,) in [0, 1), t = 1 is noise
+        t = sample_time(n, cfg.weighting, device, generator)  # (N,) in [0, 1], t = 1 is noise
         eps = torch.randn(x0.shape, generator=generator, device=device)  # (N, V + r, H, W)
         t4 = t.view(n, 1, 1, 1)
         xt = (1.0 - t4) * x0 + t4 * eps  # (N, V + r, H, W)
@@ -354,7 +376,7 @@ def compute_loss(
         terms["vb"] = vb_sample.mean()
     loss = per_sample.mean()
     if cfg.uses_repa:
-        align = repa_loss(output.repa.float(), batch.patch_tokens.float()).mean()
+        align = repa_loss(output.repa.float(), alignment_target(batch, cfg.uses_reg)).mean()  # REG: 1 + L rows
         loss = loss + cfg.repa_weight * align
         terms["repa"] = align
     if cfg.uses_reg:

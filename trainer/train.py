@@ -237,7 +237,7 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
     return LossConfig(
         method=cfg.method, lambda_z=cfg.lambda_z, rep_drop=cfg.rep_drop if cfg.uses_pcs else 0.0,
         rep_drop_mode=cfg.rep_drop_mode, rep_drop_target=cfg.rep_drop_target, repa_weight=cfg.repa_weight,
-        cls_weight=cfg.cls_weight, class_dropout=cfg.class_dropout,
+        cls_weight=cfg.cls_weight, class_dropout=cfg.class_dropout, weighting=cfg.weighting,
     )
 
 
