@@ -19,7 +19,7 @@ from cli import app
 from pipeline.errors import UserError
 from sampler.guidance import GuidanceConfig, GuidedModel
 from sampler.samplers import ode_euler
-from trainer.convert import ConvertConfig, convert_checkpoint, fold_time_reversal
+from trainer.convert import ConvertConfig, ConvertResult, convert_checkpoint, fold_time_reversal
 from trainer.models import ModelConfig, build_model
 
 HIDDEN, DEPTH, HEADS, INPUT, CLASSES, Z_DIM, PROJ_DIM = 64, 2, 2, 8, 10, 16, 2048  # "debug" backbone
@@ -251,8 +251,7 @@ def test_converted_network_equals_the_public_one(origin: str, tmp_path: Path) ->
         full, zs, cls_out = net(x, t, y, cls if origin == "reg" else None)
         out = ours(x, t, y, cls if origin == "reg" else None)
         assert_same(out.out, full)
-        first = 1 if origin == "reg" else 0  # REG projects the class token too; ours projects the patches only
-        assert_same(out.repa, zs[0][:, first:])
+        assert_same(out.repa, zs[0])  # REG projects its class token too, and so do we
         if origin == "reg":
             assert_same(out.cls_out, cls_out)
     ema = torch.load(path, weights_only=True)
@@ -326,6 +325,30 @@ def test_pickled_args_need_trust_and_set_the_config(tmp_path: Path) -> None:
     _, path = public_checkpoint(tmp_path, "redi", args=bad)
     with pytest.raises(UserError, match="interpolant"):
         convert_checkpoint(ConvertConfig(path, "redi", tmp_path / "out2.pt", trust_pickle=True))
+
+
+def _converted_config(tmp_path: Path, origin: str, name: str, **args) -> tuple[dict, ConvertResult]:
+    """Convert a public training checkpoint whose pickled argparse args are `args`; its recorded config."""
+    _, path = public_checkpoint(tmp_path, origin, args=argparse.Namespace(**args))
+    result = convert_checkpoint(ConvertConfig(path, origin, tmp_path / f"{name}-ours.pt", trust_pickle=True))
+    ckpt = torch.load(result.out, map_location="cpu", weights_only=True)
+    assert ckpt["config"]["class_dropout"] == ckpt["model_config"]["class_dropout"]
+    return ckpt["config"], result
+
+
+def test_recorded_settings_are_what_the_reference_trained_with(tmp_path: Path) -> None:
+    """ReDi names the REPA weight --repa-weight; REPA/REG's network drops labels at 0.1 whatever --cfg-prob says."""
+    redi, _ = _converted_config(tmp_path, "redi", "redi", pca_rank=3, repa_loss=True, repa_weight=0.7, proj_coeff=0.2)
+    assert redi["repa_weight"] == 0.7 and redi["weighting"] == "uniform"
+    repa, _ = _converted_config(tmp_path, "repa", "repa", cfg_prob=0.0, proj_coeff=0.3, weighting="lognormal")
+    assert (repa["class_dropout"], repa["repa_weight"], repa["weighting"]) == (0.1, 0.3, "lognormal")
+    reg, _ = _converted_config(tmp_path, "reg", "reg", cfg_prob=0.0, weighting="uniform", cls=0.05)
+    assert (reg["class_dropout"], reg["cls_weight"], reg["weighting"]) == (0.1, 0.05, "uniform")
+    legacy, result = _converted_config(tmp_path, "repa", "legacy", cfg_prob=0.1, legacy=True)
+    assert legacy["class_dropout"] == pytest.approx(1 - 0.9 * 0.9)  # train.py's drop, then the network's
+    assert any("--legacy" in note for note in result.notes)
+    with pytest.raises(UserError, match="--weighting"):
+        _converted_config(tmp_path, "reg", "bad", weighting="cosine")
 
 
 def test_converted_redi_samples_with_representation_guidance_only_when_rep_drop_is_known(tmp_path: Path) -> None:

@@ -43,11 +43,12 @@ from pipeline.errors import UserError
 from pipeline.shards import VAE_SCALE, VAE_SHIFT
 from trainer.config import TrainConfig
 from trainer.models import PATCH_SIZE, REPA_DEPTHS, SIZES, ModelConfig, TimestepEmbedder, build_model
+from trainer.objectives import WEIGHTINGS
 
 VAE_CHANNELS = 4  # every public origin models the 4-channel SD-VAE latent
 VAE_DOWNSAMPLING = 8  # SD-VAE: latent side = image side / 8
 DINO_PATCH_PIXELS = 16  # DINOv2 patch 14 at 224·R/256 → one patch token per 16 image pixels
-DEFAULT_CLASS_DROPOUT = 0.1  # class_dropout_prob of every public model (REPA's --cfg-prob default too)
+DEFAULT_CLASS_DROPOUT = 0.1  # class_dropout_prob of every public model; none of their train.py passes another
 VAE = {"id": "stabilityai/sd-vae-ft-ema", "revision": "main", "kind": "hub", "scale": VAE_SCALE, "shift": VAE_SHIFT}
 DINOV2_REG = {"id": "facebook/dinov2-with-registers-base", "revision": "main", "kind": "hub",
               "class": "Dinov2WithRegistersModel", "dim": 768}  # ReDi: torch.hub dinov2_vitb14_reg
@@ -219,6 +220,9 @@ def _check_args(args: dict[str, Any]) -> None:
     prediction = str(args.get("prediction", "v")).lower()
     if prediction not in ("v", "velocity"):
         raise UserError(f"The checkpoint predicts {prediction!r}; redi's SiT objective predicts the velocity.")
+    if args.get("weighting", "uniform") not in WEIGHTINGS:
+        raise UserError(f"The checkpoint was trained with --weighting {args['weighting']}; redi implements "
+                        f"{' and '.join(WEIGHTINGS)}.")
 
 
 def _backbone(state: dict[str, Tensor], origin: Origin, args: dict[str, Any]) -> tuple[str, int, int]:
@@ -243,13 +247,30 @@ def _backbone(state: dict[str, Tensor], origin: Origin, args: dict[str, Any]) ->
     return size, grid * patch, pca_rank
 
 
-def _label_table(state: dict[str, Tensor], origin: Origin, args: dict[str, Any]) -> tuple[int, float]:
+def label_dropout(origin: Origin, args: dict[str, Any], notes: list[str]) -> float:
+    """The label dropout the network actually trained with.
+
+    Every public SiT/DiT keeps its class_dropout_prob default, 0.1 (REPA/REG's train.py never passes `--cfg-prob`
+    to it; it only sets `use_cfg`, which the network ignores). REPA/REG's `--legacy` also dropped labels in
+    train.py with probability cfg_prob before the network's own 0.1: a label then survived both.
+    """
+    if origin.name in ("repa", "reg") and args.get("legacy"):
+        cfg_prob = float(args.get("cfg_prob", DEFAULT_CLASS_DROPOUT))
+        p = 1.0 - (1.0 - cfg_prob) * (1.0 - DEFAULT_CLASS_DROPOUT)
+        notes.append(f"--legacy: labels dropped twice (--cfg-prob {cfg_prob:g}, then the network's "
+                     f"{DEFAULT_CLASS_DROPOUT:g}): recorded label dropout {p:g}")
+        return p
+    return DEFAULT_CLASS_DROPOUT
+
+
+def _label_table(state: dict[str, Tensor], origin: Origin, args: dict[str, Any],
+                 notes: list[str]) -> tuple[int, float]:
     """(number of classes, label dropout): a table of num_classes + 1 rows has the null (CFG) row."""
     rows = _require(state, "y_embedder.embedding_table.weight", origin).shape[0]
     num_classes = int(args.get("num_classes", rows - 1))
     if rows not in (num_classes, num_classes + 1):
         raise UserError(f"The label table has {rows} rows for {num_classes} classes.")
-    return num_classes, float(args.get("cfg_prob", DEFAULT_CLASS_DROPOUT)) if rows == num_classes + 1 else 0.0
+    return num_classes, label_dropout(origin, args, notes) if rows == num_classes + 1 else 0.0
 
 
 def _projector(state: dict[str, Tensor], origin: Origin, args: dict[str, Any], size: str, repa_depth: int | None,
@@ -281,7 +302,7 @@ def infer_model_config(state: dict[str, Tensor], origin: Origin, args: dict[str,
         notes.append("learned-sigma head: kept the mean half, as the origin's forward does")
     if origin.objective == "dit" and not learn_sigma:
         notes.append("no learned sigma: our DDPM sampler uses the fixed small posterior variance")
-    num_classes, class_dropout = _label_table(state, origin, args)
+    num_classes, class_dropout = _label_table(state, origin, args, notes)
     depth, repa_dim = _projector(state, origin, args, size, repa_depth, legacy_depth, notes)
     return ModelConfig(
         size=size, objective=origin.objective, input_size=input_size, vae_channels=VAE_CHANNELS, pca_rank=pca_rank,
@@ -370,13 +391,15 @@ def train_config(origin: Origin, cfg: ModelConfig, args: dict[str, Any], rep_dro
                 notes.append("representation drop unknown: recorded 0, so RG is refused (--rep-drop to set it)")
             rep_drop = float(known or 0.0)
     family = "DiT" if cfg.objective == "dit" else "SiT"
+    repa_weight = args.get("repa_weight" if origin.name == "redi" else "proj_coeff", 0.5)  # ReDi: --repa-weight
     train = TrainConfig(
         shards="", run=str(out), model=f"{family}-{cfg.size}", method=method, pca_rank=cfg.pca_rank,
         rep_drop=rep_drop or 0.0, rep_drop_mode="batch" if cfg.pca_rank else "sample",
         rep_drop_target="clean" if cfg.pca_rank else "noisy",  # ReDi's code: one draw per batch, zeroes z_0
-        repa_depth=cfg.repa_depth or None, repa_weight=float(args.get("proj_coeff", 0.5)),
+        repa_depth=cfg.repa_depth or None, repa_weight=float(repa_weight),
         cls_weight=float(args.get("cls", 0.03)), learn_sigma=cfg.learn_sigma, unconditional=cfg.num_classes == 1,
-        class_dropout=cfg.class_dropout, resolution=cfg.input_size * VAE_DOWNSAMPLING,
+        class_dropout=cfg.class_dropout, weighting=str(args.get("weighting", "uniform")),  # REPA/REG --weighting
+        resolution=cfg.input_size * VAE_DOWNSAMPLING,
     )
     return train.to_json()
 
