@@ -378,10 +378,15 @@ def sample_command(
     cfg_scale: Annotated[Optional[float], typer.Option("--cfg-scale", help="CFG weight w, with cfg or cfg+rg (default 2.4, ReDi's best table); 1 = no effect.", show_default=False)] = None,
     rg_scale: Annotated[Optional[float], typer.Option("--rg-scale", help="RG weight w_r, with rg or cfg+rg (default 1.5; ReDi: 1.5 for B, 1.1 for XL).", show_default=False)] = None,
     cfg_channels: Annotated[str, typer.Option("--cfg-channels", help="CFG on the VAE channels only (ReDi) or on all channels.")] = "vae",
-    cls_cfg_scale: Annotated[float | None, typer.Option("--cls-cfg-scale", help="REG models: CFG weight of the class token (REG's sampler: 2.3 with --cfg-scale 1.8); default: as --cfg-channels.", show_default=False)] = None,
+    cls_cfg_scale: Annotated[float | None, typer.Option("--cls-cfg-scale", help="REG models: CFG weight of the class token wherever CFG is on (default 1.5, REG's generate.py; 0 or 1: unguided).", show_default=False)] = None,
     interval: Annotated[str | None, typer.Option("--interval", help="LO,HI: guide only at noise levels t in [LO, HI] (t = 1 is noise), e.g. 0,0.7; default: every step.", show_default=False)] = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help="sde, ode or heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT.", show_default=False)] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 250,
+    steps: Annotated[int | None, typer.Option("--steps", help="Sampler steps (default 250; none with an adaptive --solver).", show_default=False)] = None,
+    solver: Annotated[str | None, typer.Option("--solver", help="With --sampler ode: torchdiffeq's odeint with this method: adaptive dopri5 (SiT/ReDi's ODE), dopri8, bosh3, fehlberg2, adaptive_heun, or --steps fixed steps of euler, midpoint, heun2, heun3, rk4, explicit_adams, implicit_adams; default: redi's own fixed-step Euler.", show_default=False)] = None,
+    atol: Annotated[float | None, typer.Option("--atol", help="Adaptive --solver (and implicit_adams): absolute tolerance (default 1e-6, SiT/ReDi).", show_default=False)] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Adaptive --solver (and implicit_adams): relative tolerance (default 1e-3, SiT/ReDi).", show_default=False)] = None,
+    last_step: Annotated[str | None, typer.Option("--last-step", help="With --sampler sde: the step from t = --last-step-size to 0: mean (default; SiT/ReDi/REPA), tweedie, euler, or none (Euler-Maruyama down to 0).", show_default=False)] = None,
+    last_step_size: Annotated[float | None, typer.Option("--last-step-size", help="With --sampler sde: the noise level where the last step starts (default 0.04, SiT/ReDi/REPA).", show_default=False)] = None,
     num: Annotated[int, typer.Option("--num", help="Images to generate (indices 0…N−1); 50,000 for FID.")] = 50_000,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**40, help="Image i is a function of (seed, i) only.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass and process.")] = 64,
@@ -399,7 +404,8 @@ def sample_command(
 
     cfg = SampleConfig(
         run=run, ckpt=ckpt, guidance=guidance, cfg_scale=cfg_scale, rg_scale=rg_scale, cfg_channels=cfg_channels,
-        cls_cfg_scale=cls_cfg_scale, interval=parse_interval(interval), sampler=sampler, steps=steps, num=num, seed=seed, batch_size=batch_size,
+        cls_cfg_scale=cls_cfg_scale, interval=parse_interval(interval), sampler=sampler, steps=steps, solver=solver,
+        atol=atol, rtol=rtol, last_step=last_step, last_step_size=last_step_size, num=num, seed=seed, batch_size=batch_size,
         class_labels=parse_class_labels(class_labels), out=out, vae=vae, device=device, precision=precision,
         quantize=quantize, weights=weights, force=force,
     )

@@ -12,7 +12,9 @@ writes only the missing files; since every batch is recomputed with the same com
 resumed or multi-process run gives the same bits as one uninterrupted process at the same batch
 size B. Between different batch sizes the pixels agree up to floating-point rounding:
 batched kernels (GEMM, convolutions) may round a row differently for another batch shape
-(PyTorch's numerical-accuracy notes), which moves a rare pixel by one grey level.
+(PyTorch's numerical-accuracy notes), which moves a rare pixel by one grey level. An adaptive
+ODE solver (`--solver dopri5`) picks one step sequence per batch, as SiT/ReDi's does, so there
+images of another batch size agree only within the solver's tolerances.
 
 Multi-process: under torchrun each rank samples its batches on its own GPU, then after an
 all-reduce rank 0 assembles the grid, the PC picture and the .npz from the per-image files.
@@ -50,7 +52,9 @@ from sampler.outputs import (
     GRID_MAX, GRID_PNG, IMAGES_DIR, NPZ_FILE, PCS_DIR, PCS_PNG, SAMPLE_JSON, image_path, make_grid, pcs_path,
     QUANTIZE, pcs_to_rgb, read_png, to_uint8, write_adm_npz, write_pcs, write_picture, write_png,
 )
-from sampler.samplers import SAMPLERS, DDPMSchedule, sample_latents, space_timesteps
+from sampler.samplers import (
+    SAMPLERS, DDPMSchedule, SamplerOptions, sample_latents, sde_min_steps, space_timesteps,
+)
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.distributed import init_distributed, shutdown
 from trainer.models import DiffusionTransformer, ModelConfig, build_model
@@ -60,6 +64,8 @@ WEIGHTS = ("ema", "model")
 DEFAULT_SAMPLER = {"sit": "sde", "dit": "ddpm"}
 DEFAULT_CFG_SCALE = 2.4  # ReDi's best table (CFG on the VAE channels)
 DEFAULT_RG_SCALE = 1.5  # ReDi, B models (1.1 for XL)
+DEFAULT_CLS_CFG_SCALE = 1.5  # REG generate.py's --cls-cfg-scale: its class token is guided unless told otherwise
+DEFAULT_STEPS = 250  # SiT/ReDi --num-sampling-steps, REPA/REG's evaluation
 LABEL_STREAM = 0x1ABE1  # SeedSequence word that keeps the label draws apart from the noise generators
 WRITER_THREADS = 4  # PNG encoding runs in threads (zlib releases the GIL) while the next batch samples
 
@@ -83,11 +89,23 @@ class SampleConfig:
     interval: tuple[float, float] | None = None
     """Guide only at noise levels t in [lo, hi] (t = 1 is noise); None guides every step."""
     cls_cfg_scale: float | None = None
-    """REG models: CFG weight of the class token (REG's sampler: 2.3 with --cfg-scale 1.8); None follows cfg_channels."""
+    """REG models: CFG weight of the class token wherever CFG is active; None → 1.5 (REG's generate.py); ≤ 0 or 1:
+    unguided."""
     sampler: str | None = None
     """sde | ode | heun (SiT) or ddpm (DiT); None picks sde for SiT and ddpm for DiT."""
-    steps: int = 250
-    """Sampler steps (SDE: 249 Euler–Maruyama steps and a last mean step; Heun spends 2·steps − 1 calls)."""
+    steps: int | None = None
+    """Sampler steps; None → 250 (none with an adaptive solver). SDE: steps − 1 Euler–Maruyama steps and the last
+    step; Heun spends 2·steps − 1 calls."""
+    solver: str | None = None
+    """ode only: a torchdiffeq method (dopri5: SiT/ReDi's default ODE); None → redi's fixed-step Euler loop."""
+    atol: float | None = None
+    """Tolerance solvers only: absolute tolerance; None → 1e-6 (SiT/ReDi)."""
+    rtol: float | None = None
+    """Tolerance solvers only: relative tolerance; None → 1e-3 (SiT/ReDi)."""
+    last_step: str | None = None
+    """sde only: mean | tweedie | euler | none; None → mean (SiT/ReDi/REPA)."""
+    last_step_size: float | None = None
+    """sde only: where the last step starts; None → 0.04 (SiT/ReDi/REPA)."""
     num: int = 50_000
     """N: images to generate, global indices 0…N−1 (ADM's FID-50K by default)."""
     seed: int = 0
@@ -123,7 +141,7 @@ class SampleConfig:
             raise UserError(f"Unknown guidance {self.guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}.")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise UserError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-        if self.num < 1 or self.steps < 1 or self.batch_size < 1:
+        if self.num < 1 or (self.steps is not None and self.steps < 1) or self.batch_size < 1:
             raise UserError("--num, --steps and --batch-size must be positive.")
         if not 0 <= self.seed < 2**40:
             raise UserError(f"--seed must be a non-negative integer below 2^40, not {self.seed}.")
@@ -222,16 +240,64 @@ def sampling_network(ckpt: Checkpoint, device: torch.device) -> DiffusionTransfo
     return model.to(device).eval().requires_grad_(False)
 
 
-def resolve_sampler(name: str | None, objective: str, steps: int) -> str:
-    """The sampler for this objective (default sde for SiT, ddpm for DiT); a mismatch is refused."""
-    sampler = name or DEFAULT_SAMPLER[objective]
+@dataclass(frozen=True)
+class SamplerChoice:
+    """The resolved sampler: its name, step count (None for an adaptive solver) and options."""
+
+    name: str
+    steps: int | None
+    options: SamplerOptions
+
+    def settings(self) -> dict[str, Any]:
+        """The options that apply to this sampler, for sample.json."""
+        o = self.options
+        if self.name == "sde":
+            return {"last_step": o.last_step, "last_step_size": o.last_step_size}
+        if o.solver is None:
+            return {}
+        return {"solver": o.solver} | ({"atol": o.atol, "rtol": o.rtol} if o.uses_tolerances else {})
+
+    def label(self) -> str:
+        """Short name for directories and tables, e.g. sde250, ode-dopri5-atol1e-06-rtol0.001, ode-rk4-50."""
+        o = self.options
+        if o.solver is not None:
+            tolerances = f"-atol{o.atol:g}-rtol{o.rtol:g}" if o.uses_tolerances else ""
+            return f"ode-{o.solver}" + ("" if self.steps is None else f"-{self.steps}") + tolerances
+        last = "" if (o.last_step, o.last_step_size) == ("mean", 0.04) or self.name != "sde" else (
+            f"-last{o.last_step}" + ("" if o.last_step == "none" else f"{o.last_step_size:g}"))
+        return f"{self.name}{self.steps}{last}"
+
+
+def resolve_sampler(cfg: SampleConfig, objective: str) -> SamplerChoice:
+    """The sampler for this objective (default sde for SiT, ddpm for DiT) and its options; flags that do nothing
+    for it are refused."""
+    sampler = cfg.sampler or DEFAULT_SAMPLER[objective]
     if (sampler == "ddpm") != (objective == "dit"):
         raise UserError(
             f"The {sampler} sampler does not fit a {objective} model: use ddpm for DiT, sde, ode or heun for SiT."
         )
+    options = SamplerOptions(solver=cfg.solver, **{k: v for k, v in (
+        ("atol", cfg.atol), ("rtol", cfg.rtol), ("last_step", cfg.last_step), ("last_step_size", cfg.last_step_size),
+    ) if v is not None})
+    if cfg.solver is not None and sampler != "ode":
+        raise UserError(f"--solver picks the ODE integrator: it needs --sampler ode, not {sampler}.")
+    if (cfg.atol is not None or cfg.rtol is not None) and not options.uses_tolerances:
+        raise UserError("--atol/--rtol apply to an adaptive --solver (dopri5, …) or implicit_adams only.")
+    if (cfg.last_step is not None or cfg.last_step_size is not None) and sampler != "sde":
+        raise UserError(f"--last-step and --last-step-size shape the SDE's end: they need --sampler sde, not {sampler}.")
+    if cfg.last_step_size is not None and options.last_step == "none":
+        raise UserError("--last-step-size has no effect with --last-step none (Euler–Maruyama runs down to 0).")
+    if options.adaptive:
+        if cfg.steps is not None:
+            raise UserError(f"The adaptive {options.solver} solver chooses its own steps: leave --steps out "
+                            "(--atol/--rtol set its accuracy).")
+        return SamplerChoice(sampler, None, options)
+    steps = DEFAULT_STEPS if cfg.steps is None else cfg.steps
+    if sampler == "sde" and steps < sde_min_steps(options.last_step):
+        raise UserError(f"--last-step {options.last_step} needs --steps {sde_min_steps(options.last_step)} or more.")
     if sampler == "ddpm":
         space_timesteps(DDPMSchedule().num_train_timesteps, steps)  # refuses more steps than training timesteps
-    return sampler
+    return SamplerChoice(sampler, steps, options)
 
 
 def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
@@ -241,13 +307,14 @@ def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
     cfg_on, rg_on = "cfg" in cfg.guidance, "rg" in cfg.guidance
     if cfg.cls_cfg_scale is not None and not (mc.reg_token and cfg_on):
         raise UserError("--cls-cfg-scale guides REG's class token: it needs a REG model and --guidance cfg or cfg+rg.")
+    reg_cfg = mc.reg_token and cfg_on  # REG's generate.py guides its class token with its own weight
     return GuidanceConfig(
         mode=cfg.guidance,  # type: ignore[arg-type]
         cfg_scale=(DEFAULT_CFG_SCALE if cfg.cfg_scale is None else cfg.cfg_scale) if cfg_on else 1.0,
         rg_scale=(DEFAULT_RG_SCALE if cfg.rg_scale is None else cfg.rg_scale) if rg_on else 1.0,
         cfg_channels=cfg.cfg_channels if cfg_on else "vae",  # type: ignore[arg-type]
         interval=cfg.interval if cfg_on or rg_on else None,
-        cls_cfg_scale=cfg.cls_cfg_scale,
+        cls_cfg_scale=(DEFAULT_CLS_CFG_SCALE if cfg.cls_cfg_scale is None else cfg.cls_cfg_scale) if reg_cfg else None,
     )
 
 
@@ -278,10 +345,10 @@ def batches_of(num: int, batch_size: int, rank: int, world_size: int) -> list[li
     return [list(range(s, min(s + batch_size, num))) for s in starts]
 
 
-def default_out(ckpt: Checkpoint, run: Path | None, sampler: str, steps: int, guidance: GuidanceConfig,
+def default_out(ckpt: Checkpoint, run: Path | None, sampler: SamplerChoice, guidance: GuidanceConfig,
                 cfg: SampleConfig) -> Path:
-    """RUN/samples/NAME or CKPT_DIR/samples/NAME, NAME = step, sampler, steps, guidance, scales, interval, seed."""
-    parts = [f"step{ckpt.step:07d}", f"{sampler}{steps}"]
+    """RUN/samples/NAME or CKPT_DIR/samples/NAME, NAME = step, sampler (steps, options), guidance, scales, interval, seed."""
+    parts = [f"step{ckpt.step:07d}", sampler.label()]
     if guidance.uses_cfg:
         parts.append(f"cfg{guidance.cfg_scale:g}" + ("all" if guidance.cfg_channels == "all" else "")
                      + (f"cls{guidance.cls_cfg_scale:g}" if guidance.cls_cfg_scale is not None else ""))
@@ -339,14 +406,14 @@ def load_decoder(ckpt: Checkpoint, override: str | None, device: torch.device) -
                    float(ckpt.shards.get("vae_shift", recorded.get("shift", 0.0))))
 
 
-def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: str, guidance: GuidanceConfig,
+def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: SamplerChoice, guidance: GuidanceConfig,
                     decoder: Decoder, precision: str) -> dict[str, Any]:
     """Everything that decides the pixels of image i (as JSON reads it back); a rerun into the same directory must match it."""
     settings = {
         "checkpoint": {"sha256": ckpt.sha256, "step": ckpt.step, "weights": cfg.weights},
         "model": {"name": ckpt.train.get("model"), "method": ckpt.train.get("method"), "rep_drop": ckpt.rep_drop,
                   "config": dataclasses.asdict(ckpt.model_config)},
-        "sampler": sampler, "steps": cfg.steps, "seed": cfg.seed,
+        "sampler": sampler.name, "steps": sampler.steps, "sampler_options": sampler.settings(), "seed": cfg.seed,
         "guidance": {"mode": guidance.mode, "cfg_scale": guidance.cfg_scale, "rg_scale": guidance.rg_scale,
                      "cfg_channels": guidance.cfg_channels, "cls_cfg_scale": guidance.cls_cfg_scale,
                      "interval": list(guidance.interval) if guidance.interval is not None else None},
@@ -400,25 +467,34 @@ class Work:
     nfe: int = 0
     """Per-sample network evaluations, summed over the images of every sampled batch."""
     nfe_per_image: int = 0
-    """Network evaluations per image (active guidance branches summed over the steps)."""
+    """Network evaluations per image (active guidance branches summed over the steps); the most any batch spent
+    (adaptive solvers spend a different number per batch)."""
     seconds: float = 0.0
     """Wall time of sampling, decoding and writing (the slowest rank after `reduce`)."""
+    sampled: int = 0
+    """Images the sampled batches held (present ones recomputed with their batch included): nfe's denominator."""
 
     @property
     def images_per_s(self) -> float:
         """Generated images per second of wall time."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def nfe_mean_per_image(self) -> float:
+        """Network evaluations per sampled image, averaged over the batches."""
+        return self.nfe / self.sampled if self.sampled else 0.0
+
     def reduce(self, device: torch.device) -> Work:
         """Sum the counts and take the longest time over the process group (identity without one)."""
         if not dist.is_initialized():
             return self
-        counts = torch.tensor([self.images, self.batches, self.model_calls, self.nfe], dtype=torch.float64, device=device)
+        counts = torch.tensor([self.images, self.batches, self.model_calls, self.nfe, self.sampled],
+                              dtype=torch.float64, device=device)
         peaks = torch.tensor([self.seconds, self.nfe_per_image], dtype=torch.float64, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-        images, batches, calls, nfe = (int(v) for v in counts.tolist())
-        return Work(images, batches, calls, nfe, int(peaks[1]), float(peaks[0]))
+        images, batches, calls, nfe, sampled = (int(v) for v in counts.tolist())
+        return Work(images, batches, calls, nfe, int(peaks[1]), float(peaks[0]), sampled)
 
 
 @dataclass(frozen=True)
@@ -433,8 +509,7 @@ class SampleResult:
     rank: int
     world_size: int
     device: str
-    sampler: str
-    steps: int
+    sampler: SamplerChoice
     guidance: str
     missing: int
     """Images still missing after this process (other independently launched ranks have not run yet)."""
@@ -449,8 +524,13 @@ class SampleResult:
         t.add_column("")
         t.add_column("value", overflow="fold")
         t.add_row("images", f"{self.num:,} ({self.work.images:,} generated now, {self.present:,} already there)")
-        t.add_row("sampler", f"{self.sampler}, {self.steps} steps, guidance {self.guidance}")
-        t.add_row("NFE per image", str(self.work.nfe_per_image) if self.work.images else "–")
+        steps = "adaptive steps" if self.sampler.steps is None else f"{self.sampler.steps} steps"
+        t.add_row("sampler", f"{self.sampler.label()}, {steps}, guidance {self.guidance}")
+        nfe = self.work.nfe_per_image
+        if self.work.images and self.sampler.options.adaptive:
+            t.add_row("NFE per image", f"{self.work.nfe_mean_per_image:.1f} mean, {nfe} at most")
+        else:
+            t.add_row("NFE per image", str(nfe) if self.work.images else "–")
         t.add_row("model calls", f"{self.work.model_calls:,} in {self.work.batches:,} batches")
         t.add_row("images/s", f"{self.work.images_per_s:,.2f} ({self.world_size} process(es) on {self.device})")
         t.add_row("output directory", str(self.out))
@@ -505,20 +585,22 @@ class SamplingPlan:
     """How every batch is sampled."""
 
     sampler: str
-    steps: int
+    steps: int | None
     seed: int
     guidance: GuidanceConfig
     autocast: AutocastFactory | None
     """Context factory the network runs under (bf16 autocast), None for float32."""
     quantize: str = "nearest"
     """How decoded pixels become uint8 (sampler.outputs.QUANTIZE)."""
+    options: SamplerOptions = SamplerOptions()
+    """ODE solver and SDE last step."""
 
 
 def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResult:
     """Sample this process's missing images, then (rank 0, once every image exists) assemble the outputs."""
     ckpt = read_checkpoint(resolve_checkpoint(cfg.run, cfg.ckpt), cfg.weights)
     mc = ckpt.model_config
-    sampler = resolve_sampler(cfg.sampler, mc.objective, cfg.steps)
+    sampler = resolve_sampler(cfg, mc.objective)
     guidance = resolve_guidance(cfg, ckpt)
     if "rg" in guidance.mode and ckpt.train.get("rep_drop_target", "noisy") != "noisy" and console is not None:
         console.print("[yellow]warning:[/] this model was trained with the reference's clean-z drop (its dropped "
@@ -528,7 +610,7 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResul
         precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
         decoder = load_decoder(ckpt, cfg.vae, device)
         settings = sample_settings(cfg, ckpt, sampler, guidance, decoder, precision)
-        out = Path(cfg.out) if cfg.out is not None else default_out(ckpt, cfg.run, sampler, cfg.steps, guidance, cfg)
+        out = Path(cfg.out) if cfg.out is not None else default_out(ckpt, cfg.run, sampler, guidance, cfg)
         prepare_out(out, settings, ckpt.path, cfg.force, writes=rank == 0)
         if dist.is_initialized():
             dist.barrier()  # rank 0 has checked (and with --force cleared) the directory
@@ -544,7 +626,8 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResul
         present = sum(len(b) for b in mine) - to_generate
         model = sampling_network(ckpt, device)
         tag = " [yellow](tiny-random VAE)[/]" if settings["tiny_random"] else ""
-        plan = SamplingPlan(sampler, cfg.steps, cfg.seed, guidance, autocast_factory(device, precision), cfg.quantize)
+        plan = SamplingPlan(sampler.name, sampler.steps, cfg.seed, guidance, autocast_factory(device, precision),
+                            cfg.quantize, sampler.options)
         bar = progress(console if rank == 0 else None, f"sampling{tag}", to_generate)
         work = sample_batches(model, decoder, plan, todo, labels, out, done, grid_count, bar).reduce(device)
         present_all = int(Work(images=present).reduce(device).images)
@@ -559,7 +642,7 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResul
                 atomic_write_json(out / SAMPLE_JSON, final_report(settings, ckpt, cfg, work, world, device, has_pcs))
     return SampleResult(
         out=out, num=cfg.num, present=present_all, work=work, rank=rank, world_size=world, device=str(device),
-        sampler=sampler, steps=cfg.steps, guidance=guidance.mode, missing=missing, assembled=assembled,
+        sampler=sampler, guidance=guidance.mode, missing=missing, assembled=assembled,
         has_pcs=has_pcs, tiny_random=settings["tiny_random"],
     )
 
@@ -571,7 +654,7 @@ def final_report(settings: dict[str, Any], ckpt: Checkpoint, cfg: SampleConfig, 
         "settings": settings, "checkpoint_path": str(ckpt.path), "complete": True, "num": cfg.num,
         "batch_size": cfg.batch_size, "world_size": world, "device": str(device),
         "outputs": {"images": IMAGES_DIR, "npz": NPZ_FILE, "grid": GRID_PNG, "pcs": PCS_PNG if has_pcs else None},
-        "work": dataclasses.asdict(work) | {"images_per_s": work.images_per_s},
+        "work": dataclasses.asdict(work) | {"images_per_s": work.images_per_s, "nfe_mean_per_image": work.nfe_mean_per_image},
     }
 
 
@@ -592,7 +675,7 @@ def sample_batches(
             y = torch.from_numpy(labels[batch]).to(device)  # (B,)
             x, _, stats = sample_latents(
                 model, y, indices, plan.seed, plan.sampler, plan.steps, plan.guidance, plan.autocast,
-                latent_size=mc.input_size, cls_dim=mc.repa_dim if mc.reg_token else None,
+                latent_size=mc.input_size, cls_dim=mc.repa_dim if mc.reg_token else None, options=plan.options,
             )  # x (B, V + r, h, h)
             pixels = to_uint8(decoder(x[:, : mc.vae_channels]), plan.quantize)  # (B, H, W, 3)
             pcs = x[:, mc.vae_channels :].float().cpu().numpy()  # (B, r, h, h)
@@ -605,7 +688,8 @@ def sample_batches(
             work.batches += 1
             work.model_calls += stats.model_calls
             work.nfe += stats.nfe * len(batch)
-            work.nfe_per_image = stats.nfe
+            work.sampled += len(batch)
+            work.nfe_per_image = max(work.nfe_per_image, stats.nfe)
             advance(len(missing))
         for f in pending:
             f.result()

@@ -18,14 +18,22 @@ the state's device. The generator first draws the initial noise (x, then cls) an
 advanced step by step, the per-step noise of the SDE and DDPM samplers; so image i depends
 only on (seed, i), whatever the batch it is drawn in.
 
+Adaptive solvers (`ode_solve` with dopri5 & co.) choose one step sequence for the whole batch
+from the batch's error norm, as SiT/ReDi's `odeint` call does: their image i depends on the
+other images of its batch, within the tolerances (batches have a fixed composition, see
+sampler/sample.py, so a rerun at the same batch size repeats them exactly).
+
 Public API (what `redi sample` calls):
   sample_latents(model, labels, indices, seed, sampler, steps, guidance, autocast,
-                 latent_size=, cls_dim=, dtype=) -> (x (N, C, H, W), cls (N, D) | None, GuidanceStats)
+                 latent_size=, cls_dim=, dtype=, options=) -> (x (N, C, H, W), cls (N, D) | None, GuidanceStats)
   SAMPLERS = ("sde", "ode", "heun", "ddpm")   sde/ode/heun for SiT, ddpm for DiT
+  SamplerOptions(solver, atol, rtol, last_step, last_step_size)   ODE solver, SDE last step
   make_noise(seed, indices, shape, device) -> Tensor (N, *shape)
   PerSampleNoise(seed, indices, device, dtype).draw(shape) -> Tensor (N, *shape)
-  euler_maruyama(predict, state, steps, noise, t_last=0.04) -> State
+  euler_maruyama(predict, state, steps, noise, last_step="mean", last_step_size=0.04) -> State
+  sde_last_step(kind, x, v, t) -> Tensor
   ode_euler(predict, state, steps) -> State;  ode_heun(predict, state, steps) -> State
+  ode_solve(predict, state, solver, steps, atol, rtol) -> State      torchdiffeq's odeint
   ddpm_ancestral(predict, state, steps, noise, schedule=DDPMSchedule()) -> State
   score_from_velocity(v, x_t, t) -> Tensor
   DDPMSchedule, space_timesteps(num_train_timesteps, steps), RespacedDDPM.create(schedule, steps)
@@ -39,6 +47,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torchdiffeq import odeint
 
 from pipeline.errors import UserError
 from sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats, GuidedModel, State
@@ -49,6 +58,49 @@ class Predict(Protocol):
         """Prediction per component at model time t, with the guidance active at guide_t (default t)."""
 SAMPLERS: tuple[str, ...] = ("sde", "ode", "heun", "ddpm")
 SEED_STRIDE = 1_000_003  # prime; sample_seed is injective for indices below it
+LAST_STEPS: tuple[str, ...] = ("mean", "tweedie", "euler", "none")  # SiT transport's last SDE step (None = "none")
+ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq
+FIXED_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+ODE_SOLVERS: tuple[str, ...] = ADAPTIVE_SOLVERS + FIXED_SOLVERS
+TOLERANCE_SOLVERS: tuple[str, ...] = ADAPTIVE_SOLVERS + ("implicit_adams",)  # its corrector iterates to atol/rtol
+TORCHDIFFEQ_FAILURES = ("non-finite values in state", "underflow in dt", "max_num_steps exceeded")  # its asserts
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """A sampler's settings beyond its name and steps; defaults are SiT/ReDi's `transport` sampler's."""
+
+    solver: str | None = None
+    """ode: a torchdiffeq method run by `odeint` (dopri5: SiT/ReDi's default ODE); None → redi's fixed-step Euler."""
+    atol: float = 1e-6
+    """Absolute tolerance of the adaptive solvers and implicit_adams (SiT/ReDi: 1e-6)."""
+    rtol: float = 1e-3
+    """Relative tolerance of the adaptive solvers and implicit_adams (SiT/ReDi: 1e-3)."""
+    last_step: str = "mean"
+    """sde: the step from t = last_step_size to 0: mean | tweedie | euler, or none (Euler–Maruyama down to t = 0)."""
+    last_step_size: float = 0.04
+    """sde: where the last step starts (SiT/ReDi/REPA: 0.04)."""
+
+    def __post_init__(self) -> None:
+        """Refuse unknown names and out-of-range values with one sentence."""
+        if self.solver is not None and self.solver not in ODE_SOLVERS:
+            raise UserError(f"Unknown ODE solver {self.solver!r}; choose one of {', '.join(ODE_SOLVERS)}.")
+        if not (math.isfinite(self.atol) and math.isfinite(self.rtol) and self.atol > 0 and self.rtol > 0):
+            raise UserError(f"--atol and --rtol must be positive numbers (got {self.atol}, {self.rtol}).")
+        if self.last_step not in LAST_STEPS:
+            raise UserError(f"Unknown last step {self.last_step!r}; choose one of {', '.join(LAST_STEPS)}.")
+        if not 0.0 < self.last_step_size < 1.0:
+            raise UserError(f"--last-step-size must lie in (0, 1), not {self.last_step_size}.")
+
+    @property
+    def adaptive(self) -> bool:
+        """The solver picks its own steps (no step count)."""
+        return self.solver in ADAPTIVE_SOLVERS
+
+    @property
+    def uses_tolerances(self) -> bool:
+        """atol/rtol change what the solver computes."""
+        return self.solver in TOLERANCE_SOLVERS
 
 
 class NoiseSource(Protocol):
@@ -96,20 +148,46 @@ def _sde_drift(v: Tensor, x: Tensor, t: float) -> Tensor:
     return v - t * score_from_velocity(v, x, t)
 
 
-def euler_maruyama(predict: Predict, state: State, steps: int, noise: NoiseSource, t_last: float = 0.04) -> State:
-    """SiT SDE (REPA's euler_maruyama_sampler): steps−1 EM steps 1 → t_last, then a mean step to 0."""
-    assert steps >= 1, "the SDE sampler needs at least one step"
-    grid = torch.linspace(1.0, t_last, steps, dtype=torch.float64).tolist() + [0.0]
-    for t_cur, t_next in zip(grid[:-2], grid[1:-1]):
+def sde_last_step(kind: str, x: Tensor, v: Tensor, t: float) -> Tensor:
+    """SiT transport's deterministic last step from noise level t to 0, in our time (α_t = 1 − t, σ_t = t).
+
+    mean: x + SDE drift·dt with dt = −t (SiT "Mean", REPA's last step); euler: x − t·v, the probability-flow
+    step (SiT "Euler"); tweedie: x/α_t + σ_t²/α_t·score = E[x_0 | x_t] (SiT "Tweedie"; on the linear path
+    this is x − t·v too, computed from the score as SiT does).
+    """
+    if kind == "mean":
+        return x - _sde_drift(v, x, t) * t
+    if kind == "euler":
+        return x - t * v
+    assert kind == "tweedie", f"no last step {kind!r}"
+    return x / (1.0 - t) + t**2 / (1.0 - t) * score_from_velocity(v, x, t)
+
+
+def sde_min_steps(last_step: str) -> int:
+    """Fewest SDE steps: "none" needs one EM step to reach 0; "tweedie" cannot start at t = 1 (α_1 = 0)."""
+    return 2 if last_step in ("none", "tweedie") else 1
+
+
+def euler_maruyama(
+    predict: Predict, state: State, steps: int, noise: NoiseSource, last_step: str = "mean",
+    last_step_size: float = 0.04,
+) -> State:
+    """SiT/ReDi transport SDE (REPA's euler_maruyama_sampler for "mean"): steps − 1 EM steps from 1 to
+    last_step_size, then `sde_last_step` to 0; "none": steps − 1 EM steps from 1 all the way to 0."""
+    assert steps >= sde_min_steps(last_step), f"too few SDE steps ({steps}) for last step {last_step!r}"
+    grid = torch.linspace(1.0, 0.0 if last_step == "none" else last_step_size, steps, dtype=torch.float64).tolist()
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
         dt = t_next - t_cur  # < 0
         v = predict(state, t_cur)
         state = tuple(
             x + _sde_drift(vk, x, t_cur) * dt + math.sqrt(2.0 * t_cur * abs(dt)) * noise.draw(x.shape[1:])
             for x, vk in zip(state, v)
         )
-    t_cur = grid[-2]
+    if last_step == "none":
+        return state
+    t_cur = grid[-1]
     v = predict(state, t_cur)
-    return tuple(x - _sde_drift(vk, x, t_cur) * t_cur for x, vk in zip(state, v))  # deterministic, dt = −t_cur
+    return tuple(sde_last_step(last_step, x, vk, t_cur) for x, vk in zip(state, v))
 
 
 def ode_euler(predict: Predict, state: State, steps: int) -> State:
@@ -134,6 +212,35 @@ def ode_heun(predict: Predict, state: State, steps: int) -> State:
         else:
             state = euler
     return state
+
+
+def ode_solve(predict: Predict, state: State, solver: str, steps: int | None, atol: float, rtol: float) -> State:
+    """Probability-flow ODE dx/dt = v from t = 1 to 0 with torchdiffeq's `odeint`, as SiT/ReDi's transport sampler.
+
+    Adaptive solvers integrate over [1, 0] (their steps do not depend on the output grid; the last step may
+    overshoot t = 0 and is interpolated back, as in SiT); fixed-grid solvers take `steps` uniform steps.
+    A REG state (x, cls) is one tuple, whose error norm is torchdiffeq's: the largest RMS of the components.
+    torchdiffeq hands the field its time in the state's dtype.
+    """
+    device = state[0].device
+    if solver in ADAPTIVE_SOLVERS:
+        grid = torch.tensor([1.0, 0.0], dtype=torch.float64, device=device)
+    else:
+        assert steps is not None and steps >= 1, f"the fixed-grid solver {solver} needs a step count"
+        grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
+
+    def field(t: Tensor, y: State) -> State:
+        return predict(y, float(t))
+
+    try:
+        path = odeint(field, state, grid, method=solver, atol=atol, rtol=rtol)  # each: (len(grid), N, ...)
+    except AssertionError as e:
+        if not str(e).startswith(TORCHDIFFEQ_FAILURES):
+            raise
+        reason = str(e).split(":")[0]
+        raise UserError(f"The {solver} solver stopped ({reason}): the model's velocity is not finite or too "
+                        "stiff for these tolerances; try larger --atol/--rtol or a fixed-step sampler.") from None
+    return tuple(p[-1] for p in path)
 
 
 # ---- DiT: DDPM, ε prediction ----------------------------------------------------------------
@@ -252,7 +359,7 @@ def sample_latents(
     indices: Tensor,
     seed: int,
     sampler: str,
-    steps: int,
+    steps: int | None,
     guidance: GuidanceConfig,
     autocast: AutocastFactory | None = None,
     *,
@@ -260,12 +367,14 @@ def sample_latents(
     cls_dim: int | None = None,
     dtype: torch.dtype = torch.float32,
     schedule: DDPMSchedule = DDPMSchedule(),
+    options: SamplerOptions = SamplerOptions(),
 ) -> tuple[Tensor, Tensor | None, GuidanceStats]:
     """Sample the joint latents of images `indices` (labels (N,) on the sampling device).
 
     Returns x (N, vae_channels + pca_rank, latent_size, latent_size), REG's class token
     (N, cls_dim) or None, and the network work spent. `autocast` is a factory of the
     context the network runs under (e.g. `lambda: torch.autocast("cuda", torch.bfloat16)`).
+    `steps` is unused (None) with an adaptive ODE solver.
     """
     cfg = model.cfg
     if sampler not in SAMPLERS:
@@ -274,8 +383,12 @@ def sample_latents(
         raise UserError(
             f"The {sampler} sampler does not fit a {cfg.objective} model: use ddpm for DiT, sde, ode or heun for SiT."
         )
-    if steps < 1:
-        raise UserError(f"The number of sampling steps must be at least 1, not {steps}.")
+    if options.solver is not None and sampler != "ode":
+        raise UserError(f"An ODE solver ({options.solver}) needs the ode sampler, not {sampler}.")
+    if options.adaptive:
+        steps = None
+    elif steps is None or steps < (sde_min_steps(options.last_step) if sampler == "sde" else 1):
+        raise UserError(f"Too few sampling steps ({steps}) for the {sampler} sampler.")
     assert labels.shape == indices.shape and labels.ndim == 1, "labels and indices must both be (N,)"
     assert not cfg.reg_token or cls_dim is not None, "a REG model needs cls_dim (the class token width)"
     noise = PerSampleNoise(seed, indices, labels.device, dtype)
@@ -284,7 +397,9 @@ def sample_latents(
     time_scale = float(schedule.num_train_timesteps) if cfg.objective == "dit" else 1.0
     predict = GuidedModel(model, labels, guidance, time_scale=time_scale, autocast=autocast)
     if sampler == "sde":
-        state = euler_maruyama(predict, state, steps, noise)
+        state = euler_maruyama(predict, state, steps, noise, options.last_step, options.last_step_size)
+    elif sampler == "ode" and options.solver is not None:
+        state = ode_solve(predict, state, options.solver, steps, options.atol, options.rtol)
     elif sampler == "ode":
         state = ode_euler(predict, state, steps)
     elif sampler == "heun":

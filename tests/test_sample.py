@@ -17,8 +17,10 @@ from cli import app
 from pipeline.atomic import sha256_file
 from pipeline.errors import UserError
 from sampler.outputs import image_path, make_grid, pcs_path, pcs_to_rgb, read_png, write_adm_npz
-from sampler.sample import SampleConfig, SampleResult, batches_of, class_labels, run_sample
-from trainer.checkpoint import save_checkpoint
+from sampler.sample import (
+    SampleConfig, SampleResult, batches_of, class_labels, read_checkpoint, resolve_guidance, run_sample,
+)
+from trainer.checkpoint import newest_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.models import ModelConfig, build_model
 
@@ -128,6 +130,37 @@ def test_reg_model_samples_without_its_repa_projector(tmp_path: Path) -> None:
     assert code == 0 and "cls2.3" in text, text
 
 
+def test_reg_guides_its_class_token_at_reg_s_default_unless_told(tmp_path: Path) -> None:
+    """REG generate.py: --cls-cfg-scale 1.5 unless given; only where CFG is on."""
+    run = make_run(tmp_path / "reg", method="reg")
+    assert cli("--run", run, "--num", 2, "--steps", 2, "--guidance", "cfg")[0] == 0
+    report = json.loads((run / "samples" / "step0000007-sde2-cfg2.4cls1.5-seed0" / "sample.json").read_text())
+    assert report["settings"]["guidance"]["cls_cfg_scale"] == 1.5
+    ckpt = read_checkpoint(newest_checkpoint(run), "ema")
+    told = resolve_guidance(SampleConfig(run=run, guidance="cfg", cls_cfg_scale=0.0), ckpt)
+    assert told.cls_cfg_scale == 0.0
+    assert resolve_guidance(SampleConfig(run=run, guidance="none"), ckpt).cls_cfg_scale is None
+    sit = read_checkpoint(newest_checkpoint(make_run(tmp_path / "sit")), "ema")
+    assert resolve_guidance(SampleConfig(run=run, guidance="cfg"), sit).cls_cfg_scale is None  # no class token
+
+
+def test_adaptive_ode_solver_reports_what_it_spent(sit_run: Path, tmp_path: Path) -> None:
+    result = sample(sit_run, tmp_path / "dopri5", num=4, batch_size=2, steps=None, sampler="ode", solver="dopri5",
+                    guidance="cfg")
+    report = json.loads((result.out / "sample.json").read_text())
+    s, work = report["settings"], report["work"]
+    assert s["sampler"] == "ode" and s["steps"] is None
+    assert s["sampler_options"] == {"solver": "dopri5", "atol": 1e-6, "rtol": 1e-3}
+    assert work["nfe"] == work["nfe_mean_per_image"] * 4 and work["nfe_per_image"] >= work["nfe_mean_per_image"] > 6
+    assert result.sampler.label() == "ode-dopri5-atol1e-06-rtol0.001" and npz(result.out)[0].shape == (4, 64, 64, 3)
+    fixed = sample(sit_run, tmp_path / "rk4", num=2, steps=3, sampler="ode", solver="rk4", guidance="none")
+    assert fixed.work.nfe_per_image == 12 and fixed.sampler.label() == "ode-rk4-3"
+    last = sample(sit_run, tmp_path / "none", num=2, steps=3, last_step="none", guidance="none")
+    assert last.work.nfe_per_image == 2
+    assert json.loads((last.out / "sample.json").read_text())["settings"]["sampler_options"] == {
+        "last_step": "none", "last_step_size": 0.04}
+
+
 def test_labels_depend_on_seed_and_index_only() -> None:
     a = class_labels(40, 9, None, 1000)
     assert np.array_equal(a[10:20], class_labels(20, 9, None, 1000)[10:20])
@@ -212,6 +245,17 @@ def test_refusals(sit_run: Path, tmp_path: Path) -> None:
     assert code == 2 and "ddpm for DiT" in text
     code, text = cli("--run", sit_run, "--num", 2, "--steps", 2, "--class-labels", "1,4")
     assert code == 2 and "classes 0…3" in text
+    for flags, words in ((["--solver", "dopri5"], "needs --sampler ode"),
+                         (["--sampler", "ode", "--solver", "dopri5", "--steps", "2"], "leave --steps out"),
+                         (["--sampler", "ode", "--atol", "1e-4"], "--atol/--rtol apply"),
+                         (["--sampler", "ode", "--solver", "rk4", "--rtol", "1e-4"], "--atol/--rtol apply"),
+                         (["--sampler", "ode", "--solver", "lsoda"], "Unknown ODE solver"),
+                         (["--sampler", "heun", "--last-step", "euler"], "need --sampler sde"),
+                         (["--last-step", "none", "--last-step-size", "0.1"], "no effect with --last-step none"),
+                         (["--last-step", "tweedie", "--steps", "1"], "--steps 2 or more"),
+                         (["--last-step-size", "0"], "--last-step-size must lie in")):
+        code, text = cli("--run", sit_run, "--num", 2, *flags)
+        assert code == 2 and words in text and "Traceback" not in text, (flags, text)
     out = tmp_path / "taken"
     assert cli("--run", sit_run, "--out", out, "--num", 2, "--steps", 2)[0] == 0
     code, text = cli("--run", sit_run, "--out", out, "--num", 2, "--steps", 3)

@@ -11,16 +11,21 @@ from torch import Tensor, nn
 from pipeline.errors import UserError
 from sampler.guidance import GuidanceConfig
 from sampler.samplers import (
+    ADAPTIVE_SOLVERS,
+    FIXED_SOLVERS,
     DDPMSchedule,
     PerSampleNoise,
     RespacedDDPM,
+    SamplerOptions,
     ddpm_ancestral,
     euler_maruyama,
     make_noise,
     ode_euler,
     ode_heun,
+    ode_solve,
     sample_latents,
     score_from_velocity,
+    sde_last_step,
     space_timesteps,
 )
 
@@ -108,6 +113,77 @@ def test_sit_samplers_reproduce_the_data_distribution(data: Mixture, method: str
     assert_moments(x0, data.mean(), data.cov(), bias=0.01 if method == "heun" else 0.04)
     if data is MIX:  # the modes keep their weights (component 0 sits at x < 0)
         assert abs((x0[:, 0] < -0.25).double().mean().item() - 0.3) < 0.02
+
+
+class Counted:
+    """A field that counts its evaluations and the times it was evaluated at."""
+
+    def __init__(self, field):
+        self.field, self.times = field, []
+
+    def __call__(self, state: tuple[Tensor, ...], t: float, guide_t: float | None = None) -> tuple[Tensor, ...]:
+        self.times.append(t)
+        return self.field(state, t)
+
+
+@pytest.mark.parametrize("data", [GAUSS, MIX], ids=["gauss", "mixture"])
+def test_dopri5_reaches_the_closed_form(data: Mixture) -> None:
+    """SiT/ReDi's default ODE: dopri5 at atol 1e-6, rtol 1e-3, adaptively from t = 1 to 0."""
+    x1 = BatchNoise(N, 0).draw((2,))
+    field = Counted(data.velocity)
+    (x0,) = ode_solve(field, (x1,), "dopri5", None, atol=1e-6, rtol=1e-3)
+    assert_moments(x0, data.mean(), data.cov(), bias=0.005)
+    if data is GAUSS:  # the flow of Gaussian data is affine: x_0 = μ + s ⊙ x_1, sample by sample
+        exact = GAUSS.means[0] + GAUSS.stds[0] * x1
+        rms = lambda v: v.pow(2).mean().sqrt().item()  # noqa: E731  torchdiffeq controls the batch's RMS error
+        assert rms(x0 - exact) <= 1e-3 * rms(exact) + 1e-6
+        (tight,) = ode_solve(data.velocity, (x1,), "dopri5", None, atol=1e-8, rtol=1e-6)
+        torch.testing.assert_close(tight, exact, rtol=0, atol=1e-5)
+    else:
+        assert abs((x0[:, 0] < -0.25).double().mean().item() - 0.3) < 0.02
+    assert 6 < len(field.times) < 200 and field.times[0] == 1.0  # adaptive: a few dozen evaluations
+
+
+def test_torchdiffeq_fixed_grid_euler_equals_ode_euler() -> None:
+    x1 = BatchNoise(64, 9).draw((2,))
+    ours, theirs = Counted(MIX.velocity), Counted(MIX.velocity)
+    (a,) = ode_euler(ours, (x1,), 25)
+    (b,) = ode_solve(theirs, (x1,), "euler", 25, atol=1e-6, rtol=1e-3)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert theirs.times == pytest.approx(ours.times, abs=1e-12) and len(ours.times) == 25
+
+
+def test_every_offered_solver_runs() -> None:
+    x1 = BatchNoise(256, 10).draw((2,))
+    for solver in ADAPTIVE_SOLVERS + FIXED_SOLVERS:
+        (x0,) = ode_solve(GAUSS.velocity, (x1,), solver, 20, atol=1e-5, rtol=1e-3)
+        tol = 0.5 if solver == "euler" else 0.05  # first order at 20 steps
+        torch.testing.assert_close(x0, GAUSS.means[0] + GAUSS.stds[0] * x1, rtol=0, atol=tol, msg=solver)
+
+
+def test_tweedie_last_step_is_its_formula_and_the_posterior_mean() -> None:
+    """SiT: x/α_t + σ_t²/α_t · score (α_t = 1 − t, σ_t = t here); for Gaussian data that is E[x_0 | x_t]."""
+    x = BatchNoise(16, 11).draw((2,)) * 0.3
+    t = 0.04
+    (v,) = GAUSS.velocity((x,), t)
+    score = -((1 - t) * v + x) / t
+    torch.testing.assert_close(sde_last_step("tweedie", x, v, t), x / (1 - t) + t**2 / (1 - t) * score)
+    mu, s2 = GAUSS.means[0], GAUSS.stds[0] ** 2
+    posterior_mean = mu + (1 - t) * s2 / ((1 - t) ** 2 * s2 + t**2) * (x - (1 - t) * mu)  # Gaussian conditioning
+    torch.testing.assert_close(sde_last_step("tweedie", x, v, t), posterior_mean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sde_last_step("euler", x, v, t), x - t * v)
+    torch.testing.assert_close(sde_last_step("mean", x, v, t), x - (v - t * score) * t)
+
+
+@pytest.mark.parametrize("last_step", ["mean", "tweedie", "euler", "none"])
+def test_sde_last_step_options(last_step: str) -> None:
+    """SiT transport: EM from t = 1 to last_step_size in steps − 1 steps, then the last step; none: EM to 0."""
+    field = Counted(MIX.velocity)
+    (x0,) = euler_maruyama(field, (BatchNoise(N, 2).draw((2,)),), 100, BatchNoise(N, 3), last_step, 0.05)
+    end = 0.0 if last_step == "none" else 0.05
+    grid = torch.linspace(1.0, end, 100, dtype=F64).tolist()
+    assert field.times == (grid[:-1] if last_step == "none" else grid)
+    assert_moments(x0, MIX.mean(), MIX.cov(), bias=0.05)
 
 
 def _ks(a: Tensor, b: Tensor) -> float:
@@ -278,13 +354,47 @@ def test_make_noise_is_the_initial_state_and_per_index() -> None:
     assert torch.equal(x, a)
 
 
-@pytest.mark.parametrize("sampler,steps,calls", [("sde", 6, 6), ("ode", 6, 6), ("heun", 6, 11)])
-def test_sit_samplers_count_network_calls(sampler: str, steps: int, calls: int) -> None:
+@pytest.mark.parametrize(
+    "sampler,steps,options,calls",
+    [("sde", 6, SamplerOptions(), 6), ("sde", 6, SamplerOptions(last_step="none"), 5), ("ode", 6, SamplerOptions(), 6),
+     ("heun", 6, SamplerOptions(), 11), ("ode", 6, SamplerOptions(solver="rk4"), 24),
+     ("ode", None, SamplerOptions(solver="dopri5"), None)],
+)
+def test_sit_samplers_count_network_calls(sampler: str, steps: int | None, options: SamplerOptions, calls: int | None) -> None:
     model = ElementwiseModel(StubConfig()).eval()
     _, _, stats = sample_latents(
-        model, torch.zeros(2, dtype=torch.long), torch.arange(2), 0, sampler, steps, GuidanceConfig(), latent_size=2
+        model, torch.zeros(2, dtype=torch.long), torch.arange(2), 0, sampler, steps, GuidanceConfig(), latent_size=2,
+        options=options,
     )
-    assert model.calls == stats.model_calls == stats.nfe == calls
+    assert model.calls == stats.model_calls == stats.nfe == (calls or model.calls)
+    if options.adaptive:
+        assert model.calls > 6  # dopri5: 6 stages a step, plus the initial-step selection: counted as they happen
+
+
+@pytest.mark.parametrize("reg", [False, True], ids=["sit", "reg"])
+def test_torchdiffeq_euler_guides_like_our_euler(reg: bool) -> None:
+    """Guidance (CFG and RG, with an interval) is inside the vector field, exactly as for the fixed-step loop."""
+    model = ElementwiseModel(StubConfig(reg_token=reg)).eval()
+    guidance = GuidanceConfig(mode="cfg+rg", cfg_scale=2.0, rg_scale=1.5, interval=(0.0, 0.7), cls_cfg_scale=1.5 if reg else None)
+    run = lambda options: sample_latents(  # noqa: E731
+        model, torch.arange(4) % 5, torch.arange(4), 1, "ode", 10, guidance, latent_size=2,
+        cls_dim=4 if reg else None, options=options)
+    x, cls, stats = run(SamplerOptions())
+    x2, cls2, stats2 = run(SamplerOptions(solver="euler"))
+    torch.testing.assert_close(x2, x, rtol=0, atol=1e-6)
+    if reg:
+        torch.testing.assert_close(cls2, cls, rtol=0, atol=1e-6)
+    assert stats2 == stats and stats.branch_evals == {"cond": 10, "uncond": 7, "noz": 7}
+    _, _, adaptive = run(SamplerOptions(solver="dopri5"))
+    assert adaptive.branch_evals["uncond"] < adaptive.branch_evals["cond"]  # outside [0, 0.7]: the cond branch only
+
+
+def test_a_failing_adaptive_solve_is_one_sentence() -> None:
+    def blows_up(state: tuple[Tensor, ...], t: float, guide_t: float | None = None) -> tuple[Tensor, ...]:
+        return (torch.full_like(state[0], float("nan")),)
+
+    with pytest.raises(UserError, match="dopri5 solver stopped"):
+        ode_solve(blows_up, (torch.zeros(2, 3),), "dopri5", None, 1e-6, 1e-3)
 
 
 def test_sample_latents_float64_and_sampler_checks() -> None:
@@ -300,3 +410,13 @@ def test_sample_latents_float64_and_sampler_checks() -> None:
         _sample(ElementwiseModel(StubConfig(objective="dit")).eval(), "sde", [0], GuidanceConfig())
     with pytest.raises(UserError, match="Unknown sampler"):
         _sample(model, "dpm++", [0], GuidanceConfig())
+    with pytest.raises(UserError, match="needs the ode sampler"):
+        sample_latents(model, torch.zeros(1, dtype=torch.long), torch.arange(1), 0, "sde", 3, GuidanceConfig(),
+                       latent_size=2, options=SamplerOptions(solver="dopri5"))
+    with pytest.raises(UserError, match="Too few"):
+        sample_latents(model, torch.zeros(1, dtype=torch.long), torch.arange(1), 0, "sde", 1, GuidanceConfig(),
+                       latent_size=2, options=SamplerOptions(last_step="tweedie"))
+    for bad in (dict(solver="lsoda"), dict(atol=0.0), dict(rtol=float("nan")), dict(last_step="Mean"),
+                dict(last_step_size=1.0)):
+        with pytest.raises(UserError):
+            SamplerOptions(**bad)
