@@ -28,7 +28,8 @@ w_r = rg_scale:
 - REG's class token `cls` is a representation channel: it is guided like the PC channels
   (CFG only when `cfg_channels="all"`; RG always), unless `cls_cfg_scale` is set: then its
   CFG weight is that scale wherever CFG is active, as REG's sampler does (a scale ≤ 0 keeps
-  the cond branch). The noz branch zeroes only the PC channels; `cls` is passed unchanged.
+  the cond branch; `redi sample` sets REG's default 1.5 unless told). The noz branch zeroes
+  only the PC channels; `cls` is passed unchanged.
 - DiT with learned sigma: the variance channels (the second half of `out`) always take the
   cond branch's values.
 
@@ -72,8 +73,8 @@ class GuidanceConfig:
     interval: tuple[float, float] | None = None
     """Guide only for noise level t in [lo, hi] (t = 1 is noise); None guides at every step."""
     cls_cfg_scale: float | None = None
-    """REG: CFG weight of the class token where CFG is active (REG's sampler: 2.3 with cfg 1.8; ≤ 0 keeps
-    the cond branch there); None follows cfg_channels."""
+    """REG: CFG weight of the class token where CFG is active (REG's generate.py: 1.5 by default; ≤ 0 keeps
+    the cond branch there); None follows cfg_channels (`redi sample` always sets it for a REG model)."""
 
     def __post_init__(self) -> None:
         if self.mode not in GUIDANCE_MODES:
