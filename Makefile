@@ -16,7 +16,7 @@ FORMAT ?= both
 PATCH_TOKENS ?= --no-patch-tokens   # --patch-tokens for REPA / REG (256×768 float16 per image)
 DEMO ?= data/demo
 
-.PHONY: install test demo encode pca shards train sample bench clean
+.PHONY: install test demo encode pca shards train sample bench bench-gpu gpu-wheels clean
 
 install: $(STAMP)
 
@@ -54,6 +54,21 @@ sample: install
 
 bench: install
 	$(REDI) bench all
+
+# The GPU suite (docs/BENCHMARKS.md): JSON per item in $OUT, else runs/bench-gpu. No `install`: on a bare GPU
+# machine (no .venv, no network) it runs on the system python3, which has torch, and installs the
+# packages that python3 lacks from .whl/ (see gpu-wheels). GPU_ARGS: e.g. --quick, --only ab, --budget 480.
+GPU_ARGS ?=
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu $(GPU_ARGS)
+
+# Wheels for that machine's python3 (3.12, x86-64; it has torch, numpy, transformers, huggingface-hub,
+# safetensors, typer, rich, pillow), fetched here from PyPI: the packages it lacks, at versions tested here.
+GPU_WHEELS := diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 zarr==3.1.6 numcodecs==0.16.6 \
+	donfig==0.8.1.post1 google-crc32c==1.9.0
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $(GPU_WHEELS)
 
 # The whole chain on the embedded default, offline, with tiny-random encoders (minutes on a laptop CPU).
 demo: install

@@ -520,9 +520,13 @@ BENCH_TARGETS = ("encode", "pca", "loader", "train", "sample", "eval")
 @app.command("bench")
 @user_errors
 def bench_command(
-    target: Annotated[str, typer.Argument(help=f"One of {', '.join(BENCH_TARGETS)}, or all.")] = "all",
+    target: Annotated[str, typer.Argument(help=f"One of {', '.join(BENCH_TARGETS)}, or all; or gpu: the GPU suite (docs/BENCHMARKS.md).")] = "all",
     quick: Annotated[bool, typer.Option(help="Seconds-long smoke version of each benchmark.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    samples: Annotated[Optional[int], typer.Option(help="loader: synthetic dataset size (default 8192).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="gpu: folder of the JSON files (default $OUT, else runs/bench-gpu).")] = None,
+    only: Annotated[Optional[str], typer.Option(help="gpu: the items to run, e.g. ab (default abcd).")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="gpu: seconds after which no further step starts.")] = None,
 ) -> None:
     """Measure throughput of the pipeline, trainer and sampler on this machine (figures for docs/BENCHMARKS.md)."""
     import importlib
@@ -530,18 +534,22 @@ def bench_command(
     from rich.table import Table
 
     targets = BENCH_TARGETS if target == "all" else (target,)
-    if any(t not in BENCH_TARGETS for t in targets):
-        raise UserError(f"Unknown benchmark '{target}': choose one of {', '.join(BENCH_TARGETS)} or all.")
-    results = {t: importlib.import_module(f"benchmarks.{t}").run(quick=quick) for t in targets}
+    if any(t not in (*BENCH_TARGETS, "gpu") for t in targets):
+        raise UserError(f"Unknown benchmark '{target}': choose one of {', '.join(BENCH_TARGETS)}, all or gpu.")
+    given = {"loader": {"samples": samples}, "gpu": {"out": out, "only": only, "budget": budget}}
+    options = {t: {k: v for k, v in kw.items() if v is not None} for t, kw in given.items()}
+    if stray := [f"--{k}" for t, kw in options.items() if t not in targets for k in kw]:
+        raise UserError(f"Not an option of `redi bench {target}`: {', '.join(stray)} (see `redi bench --help`).")
+    results = {t: importlib.import_module(f"benchmarks.{t}").run(quick=quick, **options.get(t, {})) for t in targets}
     if as_json:
         print(json.dumps(results, indent=2, default=str))
         return
-    out = Console()
+    console = Console()
     for name, figures in results.items():
         table = Table(title=f"redi bench {name}", show_header=False)
         for key, value in figures.items():
             table.add_row(key, _figure(value))
-        out.print(table)
+        console.print(table)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ side is the real stage runner (DataLoader workers, batches, Zarr chunks, commits
 decoded once for both stages, as `make encode` runs it). Both use
 the same models: tiny-random by default, or (`real_arch=True`) randomly initialised models
 of the real architectures (sd-vae-ft-ema, DINOv2-reg ViT-B/14) saved to a temporary local
-directory, on the GPU when there is one. Nothing is downloaded.
+directory, on the GPU when there is one. Nothing is downloaded. `models_images_per_s` times the
+two models alone on images already on the device: the ceiling of the batched stage.
 """
 from __future__ import annotations
 
@@ -29,31 +30,60 @@ from pipeline.images import ImageSource, load_cropped, open_source
 
 
 def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, workers: int | None = None,
-        num: int | None = None, batch_size: int | None = None) -> dict[str, float | str]:
-    """Images/s of VAE+DINOv2 encoding, batched stages vs one at a time, and their ratio."""
-    num = num or (8 if quick else (512 if real_arch else 64))
+        num: int | None = None, batch_size: int | None = None, one_at_a_time: bool = True,
+        images: Path | None = None) -> dict[str, float | str]:
+    """Images/s of VAE+DINOv2 encoding, batched stages vs one at a time (unless told not to), and their ratio.
+
+    `images`: a folder of images to encode (several runs can share one) instead of `num` new demo images.
+    """
+    num = len(open_source(images)) if images is not None else num or (8 if quick else (512 if real_arch else 64))
     resolution = 64 if quick else resolution
     device = "cuda" if real_arch and torch.cuda.is_available() else "cpu"
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     with tempfile.TemporaryDirectory(prefix="redi-bench-encode-") as tmp:
         root = Path(tmp)
-        images = write_demo_images(root / "images", num).out
+        images = images if images is not None else write_demo_images(root / "images", num).out
         vae_name, dino_name = _real_arch_dirs(root) if real_arch else (TINY_RANDOM, TINY_RANDOM)
         common = {"resolution": resolution, "device": device, "workers": workers, "batch_size": batch_size or (8 if quick else 128 if device == "cuda" else 64)}
         cfg = EncodeConfig(images, root / "data", vae_name, **common)
         enc, _ = run_stages([(ENCODE, cfg), (FEATURES, dataclasses.replace(cfg, model=dino_name))], Console(quiet=True))
         batched = num / enc.seconds
-        single = _one_at_a_time(open_source(images), vae_name, dino_name, resolution, torch.device(device), root / "npy")
-    return {
-        "models": "real architectures, random init" if real_arch else "tiny-random",
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "images": float(num),
-        "resolution": float(resolution),
-        "workers": float(workers),
-        "batched_images_per_s": batched,
-        "one_at_a_time_images_per_s": single,
-        "speedup": batched / single,
-    }
+        figures: dict[str, float | str] = {
+            "models": "real architectures, random init" if real_arch else "tiny-random",
+            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "images": float(num),
+            "resolution": float(resolution),
+            "workers": float(workers),
+            "batch_size": float(common["batch_size"]),
+            "batched_images_per_s": batched,
+        }
+        if one_at_a_time:
+            single = _one_at_a_time(open_source(images), vae_name, dino_name, resolution, torch.device(device), root / "npy")
+            figures |= {"one_at_a_time_images_per_s": single, "speedup": batched / single}
+    return figures
+
+
+def models_images_per_s(real_arch: bool, batch_size: int, resolution: int = 256, reps: int = 3) -> dict[str, float | str]:
+    """Images/s of the two encoders alone (`vae_moments` + `dino_tokens` on images already on the device), in the
+    stages' default fp32: the ceiling the batched stage would reach if decoding and writing cost nothing."""
+    device = torch.device("cuda" if real_arch and torch.cuda.is_available() else "cpu")
+    vae = random_init(VAE, sd_vae_config() if real_arch else VAE.tiny_config(), 0).to(device).eval()
+    dino = random_init(DINO, dinov2_base_config() if real_arch else DINO.tiny_config(), 0).to(device).eval()
+    images = torch.randint(0, 256, (batch_size, resolution, resolution, 3), dtype=torch.uint8, device=device)  # (B, R, R, 3)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds = {}
+    with torch.inference_mode():
+        for name, encode in (("vae", lambda: vae_moments(vae, images)), ("dinov2", lambda: dino_tokens(dino, images))):
+            encode()  # warm-up: kernel selection, allocator
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                encode()
+            sync()
+            seconds[name] = (time.perf_counter() - t0) / reps
+    return {"batch_size": float(batch_size), "vae_images_per_s": batch_size / seconds["vae"],
+            "dinov2_images_per_s": batch_size / seconds["dinov2"],
+            "both_images_per_s": batch_size / (seconds["vae"] + seconds["dinov2"])}
 
 
 def _one_at_a_time(source: ImageSource, vae_name: str, dino_name: str, resolution: int, device: torch.device, out: Path) -> float:

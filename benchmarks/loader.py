@@ -1,15 +1,17 @@
 """Shard reader throughput: Zarr and WebDataset readers vs the public one-file-per-sample layout.
 
-Builds synthetic `latents/`, `features/` and `pca.safetensors` (docs/FORMATS.md), runs the real
-`shards` stage on them, then times one process reading batches of 256 with the fields
-moments (8×32×32) + pcs (32×16×16) + cls. The baseline is the layout of the public REPA/ReDi
-code: one PNG (256×256) and one `.npy` (the moments) per sample, read per sample with
-`PIL.Image.open` + `np.load` through a DataLoader. The synthetic DINOv2 width is 64 instead of
+Builds `samples` synthetic `latents/`, `features/` and `pca.safetensors` (docs/FORMATS.md), runs
+the real `shards` stage on them, then times one process (no workers) reading two epochs in batches
+of 256 with the fields moments (8×32×32) + pcs (32×16×16) + cls: samples/s, and the CPU time per
+sample, which other work on a shared machine hardly moves. The baseline is the layout of the
+public REPA/ReDi code: one PNG (256×256) and one `.npy` (the moments) per sample, read per sample
+with `PIL.Image.open` + `np.load` through a DataLoader. The synthetic DINOv2 width is 64 instead of
 768 (a 768-wide patch-token store of 8k images would be 3 GB), so the CLS field is 128 bytes
 instead of 1.5 KB: 4% fewer bytes per sample than real shards.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
@@ -24,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.atomic import atomic_write_json
+from pipeline.errors import UserError
 from pipeline.pca import features_fingerprint
 from pipeline.pca_file import PCAModel
 from pipeline.readers import make_loader
@@ -107,20 +110,24 @@ def _write_public_layout(root: Path, moments: np.ndarray, seed: int) -> None:
         np.save(root / f"{i:06d}.npy", m)
 
 
-def _samples_per_second(batches: Iterable[Any], num_samples: int) -> float:
-    """Samples/s over the batches covering `num_samples` samples (the first batch included)."""
-    t0 = time.perf_counter()
+def _samples_per_second(batches: Iterable[Any], num_samples: int) -> tuple[float, float]:
+    """Samples/s over the batches covering `num_samples` samples (the first batch included), and this process's
+    CPU µs per sample over them: with no workers, the reader's own cost, which a busy shared machine hardly moves."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
     seen = 0
     for batch in batches:
         seen += len(batch["index"] if isinstance(batch, dict) else batch[0])  # shard batch or (images, moments)
         if seen >= num_samples:
             break
-    return seen / (time.perf_counter() - t0)
+    return seen / (time.perf_counter() - t0), (time.process_time() - cpu0) / seen * 1e6
 
 
-def run(quick: bool = False) -> dict[str, float | str]:
-    """Build synthetic shards, then measure samples/s of both readers and of the public layout."""
-    num, num_public = (1024, 64) if quick else (8192, 512)
+def run(quick: bool = False, samples: int | None = None) -> dict[str, float | str]:
+    """Build `samples` synthetic shard samples, then measure samples/s of both readers and of the public layout."""
+    num = samples or (1024 if quick else 8192)
+    num_public = 64 if quick else 512
+    if num < BATCH:
+        raise UserError(f"The loader benchmark needs at least one batch of samples ({BATCH}), not {num}.")
     with tempfile.TemporaryDirectory(prefix="redi-bench-loader-") as tmp:
         data = Path(tmp)
         make_stage_inputs(data, num, latent_side=32, grid=16, dim=64, chunk=256)
@@ -131,11 +138,12 @@ def run(quick: bool = False) -> dict[str, float | str]:
         figures: dict[str, float | str] = {"samples": num, "batch": BATCH, "stage_samples_per_s": num / stage_seconds}
         for fmt in ("zarr", "wds"):
             loader = make_loader(shards, batch_size=BATCH, format=fmt, seed=0)
-            figures[f"{fmt}_samples_per_s"] = _samples_per_second(iter(loader), 2 * result.num_samples)
-        moments = zarr.open_array(shards / "samples.zarr" / "moments", mode="r")[:num_public]
+            rate, cpu_us = _samples_per_second(iter(loader), 2 * result.num_samples)
+            figures |= {f"{fmt}_samples_per_s": rate, f"{fmt}_us_per_sample": 1e6 / rate, f"{fmt}_cpu_us_per_sample": cpu_us}
+        moments = zarr.open_array(shards / "samples.zarr" / "moments", mode="r")[:min(num, num_public)]
         _write_public_layout(data / "public", moments, seed=1)
-        public = DataLoader(PublicLayoutDataset(data / "public", num_public), batch_size=BATCH, shuffle=True)
-        figures["public_layout_samples_per_s"] = _samples_per_second(iter(public), num_public)
+        public = DataLoader(PublicLayoutDataset(data / "public", len(moments)), batch_size=BATCH, shuffle=True)
+        figures["public_layout_samples_per_s"] = _samples_per_second(iter(public), len(moments))[0]
     for fmt in ("zarr", "wds"):
         figures[f"{fmt}_vs_public"] = figures[f"{fmt}_samples_per_s"] / figures["public_layout_samples_per_s"]
     figures["fields"] = "moments(8x32x32) + pcs(32x16x16) + cls(64) + label, float16"
@@ -143,4 +151,8 @@ def run(quick: bool = False) -> dict[str, float | str]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick=False), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, help="synthetic dataset size (default 8192; 1024 with --quick)")
+    parser.add_argument("--quick", action="store_true")
+    a = parser.parse_args()
+    print(json.dumps(run(quick=a.quick, samples=a.samples), indent=2))

@@ -33,10 +33,11 @@ from pipeline.readers import read_shard_info
 WITH_PATCH_TOKENS = ("repa", "reg", "redi+repa")
 
 
-def make_shards(root: Path, num: int, patch_tokens: bool) -> Path:
-    """Synthetic stages at ImageNet-256 shapes and their zarr shards."""
-    make_stage_inputs(root, num, latent_side=32, grid=16, dim=768, num_classes=1000, chunk=256)
-    build_shards(root, ShardsConfig(pcs=32, patch_tokens=patch_tokens, shard_size=256), progress=False)
+def make_shards(root: Path, num: int, patch_tokens: bool, *, latent_side: int = 32, grid: int = 16, dim: int = 768,
+                pcs: int = 32) -> Path:
+    """Synthetic stages and their zarr shards; the defaults are ImageNet-256's shapes (smaller for --quick runs)."""
+    make_stage_inputs(root, num, latent_side=latent_side, grid=grid, dim=dim, num_classes=1000, chunk=256)
+    build_shards(root, ShardsConfig(pcs=pcs, patch_tokens=patch_tokens, shard_size=256), progress=False)
     return root / "shards"
 
 
@@ -49,7 +50,7 @@ def loop_throughput(shards: Path, run: Path, *, model: str, method: str, batch: 
                       compile=compile, num_workers=4, seed=0, micro_batch=micro_batch)
     train(cfg, device=device)
     last = read_metrics(run / "metrics.jsonl")[-1]
-    return {"model": model, "method": method, "batch": batch, "compile": compile,
+    return {"model": model, "method": method, "batch": batch, "micro_batch": micro_batch or batch, "compile": compile,
             "images_per_s": last["images_per_s"], "steps_per_s": last["steps_per_s"], "mfu": last["mfu"]}
 
 

@@ -209,11 +209,26 @@ class ShardDataset(IterableDataset, ABC):
         """Arrays of `self.fields` for shard samples [segment.start, segment.stop), in sample order."""
 
     def read_window(self, window: Window, skip: int = 0) -> Batch:
-        """The shuffled samples of `window`, without its first `skip` (after shuffling), as a batch dict."""
-        parts = [self.read_segment(s) for s in window.segments]
-        order = self.plan.shuffle(window)[skip:]  # (n,)
+        """The shuffled samples of `window`, without its first `skip` (after shuffling), as a batch dict.
+
+        Each segment is scattered straight into its shuffled rows of a preallocated batch: one copy per
+        sample, and only one segment in memory besides the batch, however many blocks a window holds.
+        """
+        order = self.plan.shuffle(window)[skip:]  # (n,) window position of each batch row
+        rows = np.full(window.size, -1, dtype=np.int64)  # (window.size,) batch row of each window position; -1: skipped
+        rows[order] = np.arange(len(order))
+        arrays: dict[str, np.ndarray] = {}
+        offset = 0
+        for segment in window.segments:
+            seg_rows = rows[offset:offset + segment.stop - segment.start]  # (m,)
+            offset += segment.stop - segment.start
+            kept = slice(None) if skip == 0 else seg_rows >= 0  # a view, not a copy, when nothing is skipped
+            for name, values in self.read_segment(segment).items():  # (m, ...) each
+                if name not in arrays:
+                    arrays[name] = np.empty((len(order), *values.shape[1:]), values.dtype)  # (n, ...)
+                arrays[name][seg_rows[kept]] = values[kept]
         index = np.concatenate([np.arange(s.start, s.stop) for s in window.segments])[order]
-        batch: Batch = {name: torch.from_numpy(np.concatenate([p[name] for p in parts])[order]) for name in self.fields}
+        batch: Batch = {name: torch.from_numpy(arrays[name]) for name in self.fields}
         batch["index"] = torch.from_numpy(index)
         batch["key"] = [self.keys[i] for i in index]
         return batch

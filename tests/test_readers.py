@@ -99,6 +99,25 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(shards: Path, fmt
     assert sorted(everything) == list(range(N - 1))
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_window_batch_is_bitwise_the_concatenated_window_gathered_in_shuffled_order(shards: Path, fmt: str) -> None:
+    """read_window scatters each segment into its rows; the batch must equal the plain concatenate-then-gather."""
+    dataset = make_loader(shards, batch_size=B, seed=6, rank=1, world_size=2, format=fmt, window_blocks=3).dataset
+    windows = dataset.plan.windows(1)
+    assert any(len(w.segments) > 1 for w in windows) and any(s.stop - s.start < S for w in windows for s in w.segments)
+    for window in windows:
+        parts = [dataset.read_segment(s) for s in window.segments]
+        for skip in (0, 1, window.size - 1):
+            order = dataset.plan.shuffle(window)[skip:]  # (n,)
+            batch = dataset.read_window(window, skip)
+            for name in dataset.fields:
+                expected = np.concatenate([p[name] for p in parts])[order]
+                got = batch[name].numpy()
+                assert (got.dtype, got.shape, got.tobytes()) == (expected.dtype, expected.shape, expected.tobytes())
+            expected_index = np.concatenate([np.arange(s.start, s.stop) for s in window.segments])[order]
+            np.testing.assert_array_equal(batch["index"].numpy(), expected_index)
+
+
 def test_plan_covers_each_epoch_for_many_world_sizes() -> None:
     for world in (1, 2, 3, 8):
         for epoch in (0, 1):
