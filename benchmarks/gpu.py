@@ -62,7 +62,7 @@ class Sizes:
     sample_steps: int
     sample_batch: int
     sample_batches: int  # timed, after one warm-up batch
-    real_arch: bool  # encoders: the real architectures (random weights) or tiny-random
+    real_arch: bool  # VAE (also the sampler's decoder) and DINOv2: real architectures, random weights; or tiny-random
     encode_images: int
     encode_batches: tuple[int, ...]
     resolution: int
@@ -126,8 +126,8 @@ class Suite:
     def steps(self) -> list[Step]:
         s = self.sizes
         steps = [self._profile(mb) for mb in s.profile_micro_batches]
-        steps += [self._throughput(model, mb, compile) for model, mb in ((s.big, s.big_micro_batch), (s.small, s.small_micro_batch))
-                  for compile in (True, False)]
+        for model, micro_batch in ((s.big, s.big_micro_batch), (s.small, s.small_micro_batch)):
+            steps += [self._throughput(model, micro_batch, compile) for compile in (True, False)]
         steps += [self._sample(interval) for interval in (GUIDANCE_INTERVAL, None)]
         steps += [self._encode(batch, first=i == 0) for i, batch in enumerate(s.encode_batches)]
         return steps
@@ -166,7 +166,7 @@ class Suite:
         def run(scratch: Path) -> Figures:
             from benchmarks import sample
 
-            return sample.run(quick=not s.real_arch, **config)
+            return sample.run(quick=not s.real_arch, **config)  # quick: the tiny-random decoder
 
         where = "off" if interval is None else f"{interval[0]:g},{interval[1]:g}"
         return Step("c", f"sample {s.sample_model} {s.sample_steps} steps, CFG, interval {where}", config, run)
@@ -223,7 +223,8 @@ def machine() -> Figures:
         commit = ""
     return {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "commit": commit or None, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "commit": commit or None,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def headline(record: Figures) -> str:
@@ -239,10 +240,12 @@ def headline(record: Figures) -> str:
     if "nfe_per_image" in f:
         parts.append(f"{f['nfe_per_image']:g} NFE")
     if "gpu_idle" in f:
-        parts.append(f"{f['wall_s_per_step']:.3f} s/step" + (f", GPU idle {f['gpu_idle']:.0%}" if f["gpu_idle"] is not None else ""))
+        idle = f", GPU idle {f['gpu_idle']:.0%}" if f["gpu_idle"] is not None else ""
+        parts.append(f"{f['wall_s_per_step']:.3f} s/step{idle}")
         parts.append(", ".join(f"{k} {v:.0%}" for k, v in list(f["shares"].items())[:3]))
     if "batched_images_per_s" in f:
-        parts.append(f"stage {f['batched_images_per_s']:,.1f} images/s, models alone {f['models_alone_both_images_per_s']:,.1f}")
+        parts.append(f"stage {f['batched_images_per_s']:,.1f} images/s, "
+                     f"models alone {f['models_alone_both_images_per_s']:,.1f}")
     if record["peak_memory_gib"] is not None:
         parts.append(f"peak {record['peak_memory_gib']:.1f} GiB")
     return "; ".join(parts + [f"{record['seconds']:.0f} s"])
@@ -332,7 +335,8 @@ def main() -> None:
         print(e, file=sys.stderr)
         raise SystemExit(2) from None
     width = max(map(len, summary))
-    print("\n".join(f"{k:<{width}}  {v:.0f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in summary.items()))
+    print("\n".join(f"{k:<{width}}  {v:.0f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                    for k, v in summary.items()))
 
 
 if __name__ == "__main__":
