@@ -63,9 +63,10 @@ bench-gpu:
 	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu $(GPU_ARGS)
 
 # Wheels for that machine's python3 (3.12, x86-64; it has torch, numpy, transformers, huggingface-hub,
-# safetensors, typer, rich, pillow), fetched here from PyPI: the packages it lacks, at versions tested here.
+# safetensors, typer, rich, pillow, torchdiffeq), fetched here from PyPI: the packages it lacks (torchdiffeq in
+# case a later image drops it), at versions tested here.
 GPU_WHEELS := diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 zarr==3.1.6 numcodecs==0.16.6 \
-	donfig==0.8.1.post1 google-crc32c==1.9.0
+	donfig==0.8.1.post1 google-crc32c==1.9.0 torchdiffeq==0.2.5
 gpu-wheels:
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $(GPU_WHEELS)
