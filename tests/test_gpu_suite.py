@@ -83,3 +83,12 @@ def test_suite_refusals_are_one_sentence(args: list[str], message: str, tmp_path
         pytest.skip("a CUDA device is present")
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)] if "gpu" in args else args)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_encoding_images_are_a_few_demo_images_and_links_to_them(tmp_path: Path) -> None:
+    from pipeline.images import open_source
+
+    out = gpu.demo_images(tmp_path / "images", 10, distinct=4)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert len(open_source(out)) == len(files) == 10
+    assert len({p.stat().st_ino for p in files}) == 4
