@@ -91,12 +91,12 @@ def _print_stage_result(result: Any) -> None:
     if result.rank != 0:
         return
     if result.state is StageState.COMPLETE:
-        console.print(f"[green]{result.out} is complete with these settings: nothing to do.[/]")
+        console.print(f"[green]{escape(str(result.out))} is complete with these settings: nothing to do.[/]")
     console.print(result.table())
     if result.skipped:
         console.print(
             f"[yellow]warning: {result.skipped} images could not be read and were skipped "
-            f"(listed in {result.out / 'errors.jsonl'}).[/]"
+            f"(listed in {escape(str(result.out / 'errors.jsonl'))}).[/]"
         )
 
 
@@ -111,7 +111,7 @@ def demo_data_command(
     from pipeline.demo_data import write_demo_images
 
     result = write_demo_images(out, num, seed)
-    console.print(f"[green]Wrote {result.count} demo images in {len(result.classes)} classes ({', '.join(result.classes)}) to {result.out}.[/]")
+    console.print(f"[green]Wrote {result.count} demo images in {len(result.classes)} classes ({', '.join(result.classes)}) to {escape(str(result.out))}.[/]")
 
 
 @app.command("encode")
@@ -211,10 +211,11 @@ def pca_command(
     source = m.source if len(m.source) <= 28 else m.source[:28] + "…"
     what = f"{m.n_images:,} images, {m.n_tokens:,} tokens of {m.dim} dims, source {source}"
     if result.up_to_date:
-        console.print(f"nothing to do: {result.path} is up to date ({what}).")
+        console.print(f"nothing to do: {escape(str(result.path))} is up to date ({what}).")
     else:
         rate = f", {m.n_tokens / result.seconds:,.0f} tokens/s" if import_file is None and result.seconds > 0 else ""
-        console.print(f"[green]wrote[/] {result.path} ({what}) in {result.seconds:.1f} s{rate}; plot: {result.plot}")
+        console.print(f"[green]wrote[/] {escape(str(result.path))} ({what}) in {result.seconds:.1f} s{rate}; "
+                      f"plot: {escape(str(result.plot))}")
 
 # --- shards, verify ---
 
@@ -240,8 +241,8 @@ def shards_command(
                        device=device, force=force)
     result = build_shards(data, cfg)
     if result.up_to_date:
-        console.print(f"[green]{result.root} is complete with these settings: nothing to do.[/]")
-    table = Table(title=f"shards → {result.root}")
+        console.print(f"[green]{escape(str(result.root))} is complete with these settings: nothing to do.[/]")
+    table = Table(title=f"shards → {escape(str(result.root))}")
     table.add_column("")
     table.add_column("value", justify="right")
     rate = f"{result.written_samples / result.seconds:,.0f}" if result.written_samples and result.seconds > 0 else "–"
@@ -254,33 +255,39 @@ def shards_command(
     console.print(table)
     if result.num_skipped:
         console.print(f"[yellow]warning: {result.num_skipped} images are invalid in latents/ or features/ and were left "
-                      f"out (listed under 'skipped' in {result.root / 'shards.json'}).[/]")
+                      f"out (listed under 'skipped' in {escape(str(result.root / 'shards.json'))}).[/]")
 
 
 @app.command("verify")
 @user_errors
 def verify_command(
-    data: Annotated[Path, typer.Argument(help="Data root to check (latents/, features/, pca.safetensors, shards/).")],
-    deep: Annotated[bool, typer.Option("--deep/--no-deep", help="Hash and decode every input chunk and hash every shard file; --no-deep checks manifests, shapes and presence only.")] = True,
+    data: Annotated[Path, typer.Argument(help="Data root to check (latents/, features/, pca.safetensors, shards/), or a run directory (config.json, checkpoints).")],
+    deep: Annotated[bool, typer.Option("--deep/--no-deep", help="Hash and decode every input chunk and hash every shard file and checkpoint; --no-deep checks manifests, shapes and presence only.")] = True,
     repair: Annotated[bool, typer.Option("--repair", help="Forget the encode/features chunks whose files are missing or changed, so that rerunning the stage rewrites only them.")] = False,
 ) -> None:
-    """Re-check every stage of a data root: manifests, committed chunks, arrays, PCA, shard checksums and counts."""
+    """Re-check every stage of a data root (manifests, committed chunks, arrays, PCA, shard checksums and counts), or every checkpoint of a run against its SHA-256."""
     from rich.table import Table
 
+    from pipeline.info import is_run_dir
     from pipeline.verify import verify_data
 
-    checks = verify_data(data, deep=deep, repair=repair)
+    if is_run_dir(data):
+        from trainer.verify import verify_run
+
+        checks = verify_run(data, deep=deep)
+    else:
+        checks = verify_data(data, deep=deep, repair=repair)
     colours = {"ok": "green", "absent": "dim", "warning": "yellow", "FAILED": "bold red"}
-    table = Table(title=f"verify {data}")
+    table = Table(title=f"verify {escape(str(data))}")
     for name in ("stage", "status", "details"):
         table.add_column(name)
     for check in checks:
-        table.add_row(check.stage, f"[{colours[check.status]}]{check.status}[/]", check.details)
+        table.add_row(check.stage, f"[{colours[check.status]}]{check.status}[/]", escape(check.details))
     console.print(table)
     failed = [check for check in checks if check.problem]
     if failed:
         raise UserError(failed[0].problem)
-    console.print(f"[green]{data}: every stage present is consistent.[/]")
+    console.print(f"[green]{escape(str(data))}: every {'part' if is_run_dir(data) else 'stage present'} is consistent.[/]")
 
 
 # --- train ---
@@ -354,16 +361,16 @@ def train_command(
                       f"rerun the same command to resume.[/]")
         raise typer.Exit(128 + result.stopped_by)  # what the shell reports for a process ended by that signal
     if result.steps_run == 0:
-        console.print(f"{result.run} is already at step {result.step} (--max-steps {cfg.max_steps}): nothing to do.")
+        console.print(f"{escape(str(result.run))} is already at step {result.step} (--max-steps {cfg.max_steps}): nothing to do.")
         return
     from rich.table import Table
 
-    table = Table(title=f"redi train → {result.run}", show_header=False)
+    table = Table(title=f"redi train → {escape(str(result.run))}", show_header=False)
     for key, value in (("steps", f"{result.steps_run:,} run now, at step {result.step:,}"),
                        ("skipped (non-finite)", f"{result.skipped_steps}"), ("last loss", f"{result.last_loss:.4f}"),
                        ("time", f"{result.seconds:,.1f} s"), ("images/s", f"{result.images_per_s:,.1f}"),
                        ("checkpoints", str(result.run / "checkpoints")), ("metrics", str(result.run / "metrics.jsonl"))):
-        table.add_row(key, value)
+        table.add_row(key, escape(value))
     console.print(table)
 
 
@@ -414,7 +421,7 @@ def sample_command(
         return
     console.print(result.table())
     if result.missing:
-        console.print(f"[yellow]{result.missing:,} images are still missing (other ranks): rerun to finish and assemble {result.out}.[/]")
+        console.print(f"[yellow]{result.missing:,} images are still missing (other ranks): rerun to finish and assemble {escape(str(result.out))}.[/]")
 
 # --- eval ---
 
@@ -446,7 +453,7 @@ def eval_command(
         console.print("[yellow]warning:[/] the Inception weights are not pt_inception-2015-12-05-6726825d.pth: these numbers are not comparable with published ones.")
     stats = "precomputed reference statistics" if result.precomputed_ref_stats else "reference statistics from its images"
     console.print(
-        f"[green]wrote[/] {result.out} in {result.seconds:.1f} s "
+        f"[green]wrote[/] {escape(str(result.out))} in {result.seconds:.1f} s "
         f"({result.images_per_s:,.1f} img/s on {result.device}, {stats})"
     )
 
@@ -470,7 +477,7 @@ def convert_command(
 
     result = convert_checkpoint(ConvertConfig(checkpoint, origin, out, rep_drop, repa_depth, trust_pickle, force))
     m, train = result.model_config, result.train_config
-    table = Table(title=f"convert → {result.out}")
+    table = Table(title=f"convert → {escape(str(result.out))}")
     table.add_column("")
     table.add_column("value")
     for name, value in [("origin", f"{result.origin.repository}, '{result.weights}' weights, step {result.step:,}"),
@@ -480,7 +487,7 @@ def convert_command(
                         ("origin time", result.origin.time_convention),
                         ("source sha256", result.source_sha256[:16] + "…"), ("time", f"{result.seconds:.1f} s"),
                         *(("note", note) for note in result.notes)]:
-        table.add_row(name, value)
+        table.add_row(name, escape(value))
     console.print(table)
 
 
@@ -503,7 +510,8 @@ def import_repa_command(
 
     result = import_repa(RepaImportConfig(root, data, images, latents, vae, resolution, chunk_size, dtype, workers, force), console)
     _print_stage_result(result)
-    console.print(f"next: redi features {images or root / 'images'} --data {data}  (same image index, so shards joins them)")
+    console.print(f"next: redi features {escape(str(images or root / 'images'))} --data {escape(str(data))}  "
+                  "(same image index, so shards joins them)")
 
 # --- bench ---
 

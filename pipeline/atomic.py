@@ -1,5 +1,5 @@
-"""Crash-safe file writes (write to a temporary sibling, fsync, then rename over the target), and the
-tolerant read of append-only files a crash can leave with a cut last line."""
+"""Crash-safe file writes (write to a temporary sibling, fsync, then rename over the target), and the two ways
+redi reads JSON back: strictly (a damaged file is one sentence) or, for append-only logs, skipping damaged lines."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from pipeline.errors import UserError
 
 
 def _umask_mode() -> int:
@@ -62,14 +64,35 @@ def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
-def read_jsonl(path: Path) -> list[Any]:
-    """The complete lines of an append-only .jsonl file (a line half-written when a process was killed is skipped)."""
+def read_json(path: Path, kind: type = dict, remedy: str = "") -> Any:
+    """The JSON value of `path`; a missing, unreadable or damaged file, or one holding another type than `kind`,
+    is one sentence ending with `remedy` (what the user runs to remake the file)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing{'; ' + remedy if remedy else ''}.") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}).") from None
+    except ValueError:  # not JSON, or not UTF-8 text
+        value = None
+    if not isinstance(value, kind):
+        what = {dict: "a JSON object", list: "a JSON list"}.get(kind, f"JSON {kind.__name__}")
+        raise UserError(f"{path} is damaged (it does not hold {what}){'; ' + remedy if remedy else ''}.")
+    return value
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete object lines of an append-only .jsonl log; a line cut by a killed process, or damaged on disk
+    (not UTF-8, not JSON, not an object), is skipped."""
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_bytes().splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except ValueError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import zarr
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
@@ -40,7 +41,7 @@ from pipeline.errors import UserError
 from pipeline.runtime import RateColumn, resolve_device
 from pipeline.images import ImageSource, load_cropped, open_source
 from pipeline.lock import exclusive
-from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
+from pipeline.stage import ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STORE_DTYPES = ("float16", "float32")
@@ -132,13 +133,13 @@ class StageResult:
     def table(self) -> Table:
         """One-screen summary."""
         t = Table(title=f"redi {self.stage}", show_header=False)
-        t.add_row("output", str(self.out))
+        t.add_row("output", escape(str(self.out)))  # paths may hold [brackets]
         t.add_row("images", str(self.images))
         t.add_row("encoded this run", str(self.processed))
         t.add_row("skipped (unreadable)", f"[yellow]{self.skipped}[/]" if self.skipped else "0")
         t.add_row("time", f"{self.seconds:.1f} s")
         t.add_row("throughput", f"{self.images_per_second:.1f} images/s")
-        t.add_row("encoder", describe_identity(self.encoder))
+        t.add_row("encoder", escape(describe_identity(self.encoder)))
         if self.tiny_random:
             t.add_row("[bold yellow]warning[/]", "[bold yellow]tiny-random weights: for tests and demos only[/]")
         return t
@@ -217,9 +218,9 @@ def _open_job(kind: StageKind, cfg: EncodeConfig, source: ImageSource, precision
     if rank == 0:
         tag = " [bold yellow](tiny-random weights)[/]" if ref.tiny_random else ""
         console.print(
-            f"[bold]{kind.name}[/]: {len(source)} images from {source.location} → {out}; "
+            f"[bold]{kind.name}[/]: {len(source)} images from {escape(source.location)} → {escape(str(out))}; "
             f"{len(todo)} of {stage.n_chunks} chunks to do{f' by {world} processes' if world > 1 else ''}; "
-            f"{describe_identity(ref.identity)}{tag}"
+            f"{escape(describe_identity(ref.identity))}{tag}"
         )
     return _Job(kind, ref, stage, result, {c for c in todo if c % world == rank})
 
@@ -277,16 +278,20 @@ def open_arrays(
     root: Path, n: int, shapes: dict[str, tuple[int, ...]], chunk: int, dtype: str
 ) -> dict[str, zarr.Array]:
     """The stage's Zarr arrays (outputs, `labels`, `valid`), created on first use, chunked along N."""
-    group = zarr.open_group(root / "store.zarr", mode="a")
     layout = {name: (shape, dtype) for name, shape in shapes.items()} | {"labels": ((), "int64"), "valid": ((), "bool")}
     arrays = {}
-    for name, (shape, dt) in layout.items():
-        if name in group:
-            arr = group[name]
-            assert arr.shape == (n, *shape), f"{root}/store.zarr/{name} has shape {arr.shape}, expected {(n, *shape)}"
-        else:
-            arr = group.create_array(name, shape=(n, *shape), chunks=(chunk, *shape), dtype=dt, fill_value=0)
-        arrays[name] = arr
+    try:
+        group = zarr.open_group(root / "store.zarr", mode="a")
+        for name, (shape, dt) in layout.items():
+            if name in group:
+                arrays[name] = arr = group[name]
+                if not isinstance(arr, zarr.Array) or arr.shape != (n, *shape):
+                    raise UserError(f"{root / 'store.zarr' / name} holds {getattr(arr, 'shape', 'no array')} where this "
+                                    f"stage writes {(n, *shape)}; pass --force to redo the stage.")
+            else:
+                arrays[name] = group.create_array(name, shape=(n, *shape), chunks=(chunk, *shape), dtype=dt, fill_value=0)
+    except (*ZARR_METADATA_ERRORS, OSError) as e:
+        raise UserError(f"{root / 'store.zarr'} is damaged ({type(e).__name__}); pass --force to redo the stage.") from None
     return arrays  # type: ignore[return-value]
 
 

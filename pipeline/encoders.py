@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
 
+from pipeline.atomic import read_json
 from pipeline.errors import UserError
 
 TINY_RANDOM = "tiny-random"
@@ -107,17 +108,18 @@ class EncoderFamily:
     model_class: Callable[[dict[str, Any]], type[torch.nn.Module]]  # config → class (the identity records it)
     tiny_config: Callable[[], dict[str, Any]]  # the tiny-random architecture
     dim_key: str  # config field recorded as the identity's "dim"
+    config_keys: tuple[str, ...]  # fields every config of this family has (a config without them is another model)
     hub_config: Callable[[str, str, bool], dict[str, Any]]  # (id, revision, cached only) → config, no weights
     build: Callable[[dict[str, Any]], torch.nn.Module]  # config → randomly initialised model
 
 
 VAE = EncoderFamily(
     "VAE", "--vae", "/path/to/sd-vae-ft-ema", _vae_class, tiny_vae_config, "latent_channels",
-    _vae_hub_config, _build_vae,
+    ("latent_channels", "block_out_channels"), _vae_hub_config, _build_vae,
 )
 DINO = EncoderFamily(
     "DINOv2 encoder", "--encoder", "/path/to/dinov2-with-registers-base", _dino_class,
-    tiny_dino_config, "hidden_size", _dino_hub_config, _build_dino,
+    tiny_dino_config, "hidden_size", ("hidden_size", "patch_size"), _dino_hub_config, _build_dino,
 )
 
 
@@ -151,7 +153,7 @@ def resolve(family: EncoderFamily, name: str, revision: str = "main") -> Encoder
         path = Path(name).expanduser().resolve()
         if not (path / "config.json").is_file():
             raise UserError(f"{name} is not a model directory (no config.json there); pass {family.flag} DIR or a hub id.")
-        config = json.loads((path / "config.json").read_text())
+        config = read_json(path / "config.json", dict, f"pass {family.flag} a model directory or a hub id")
         weights = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
         ident = {**base, "id": str(path), "kind": "local", "hash": _config_hash(config, weights)}
     else:
@@ -165,6 +167,10 @@ def resolve(family: EncoderFamily, name: str, revision: str = "main") -> Encoder
         if isinstance(cached, str):
             ident["commit"] = Path(cached).parent.name  # …/snapshots/<commit>/config.json
     ident["class"] = family.model_class(config).__name__
+    if missing := [k for k in family.config_keys if k not in config]:
+        kind = config.get("_class_name") or config.get("model_type") or "an unknown model"
+        raise UserError(f"{name} is not a {family.what}: its config ({kind}) lacks {', '.join(missing)}; pass "
+                        f"{family.flag} a {family.what} directory or hub id.")
     ident["dim"] = int(config[family.dim_key])
     return EncoderRef(family, name, revision, config, ident)
 

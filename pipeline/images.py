@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tarfile
+import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -92,7 +93,7 @@ def _has_image_suffix(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-MAX_LABEL = 2**31  # class labels are stored as int64 but embedded by index: non-negative and sane
+MAX_LABEL = 1_000_000  # a label is an index into the class embedding: ImageNet-21k has 21,841 classes
 
 
 def labels_from_dataset_json(data: bytes, location: str) -> dict[str, int] | None:
@@ -110,7 +111,7 @@ def labels_from_dataset_json(data: bytes, location: str) -> dict[str, int] | Non
 def _check_label(label: int, what: str) -> int:
     """`label`, or one sentence (`what` names where it came from) when it is not a usable class index."""
     if not 0 <= label < MAX_LABEL:
-        raise UserError(f"{what} the label {label}; labels must lie in [0, {MAX_LABEL}).")
+        raise UserError(f"{what} the label {label}; labels must lie in [0, {MAX_LABEL:,}).")
     return label
 
 
@@ -150,13 +151,31 @@ def walk_images(root: Path) -> list[str]:
     def fail(e: OSError) -> None:
         raise UserError(f"Cannot list {e.filename}: {e.strerror}.")
 
+    seen = {_folder_id(root)}  # each real folder once: a linked folder is followed once, a link loop is cut
     for dirpath, dirnames, filenames in os.walk(root, onerror=fail, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and _first_visit(Path(dirpath) / d, seen)]
         rel = Path(dirpath).relative_to(root)
         out += [(rel / f).as_posix() for f in filenames if _has_image_suffix(f) and not f.startswith(".")]
     if bad := next((p for p in out if _not_utf8(p)), None):
         raise UserError(f"{root}: the file name {bad!r} is not valid UTF-8 text; rename it (keys are stored as text).")
     return out
+
+
+def _folder_id(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _first_visit(folder: Path, seen: set[tuple[int, int]]) -> bool:
+    """True the first time the real folder behind `folder` is met (walked in sorted order, so deterministic)."""
+    try:
+        key = _folder_id(folder)
+    except OSError:  # vanished or unreadable: os.walk reports it through onerror
+        return True
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 def _not_utf8(text: str) -> bool:
@@ -318,13 +337,41 @@ def open_source(spec: str | Path) -> ImageSource:
     raise UserError(f"{path} is not a folder, a .zip or a .tar file.")
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode image bytes fully and convert any mode (L, LA, P, RGBA, CMYK, I;16, ...) to RGB."""
+def decode_rgb(data: bytes, resolution: int | None = None) -> Image.Image:
+    """Decode image bytes fully and convert any mode (L, LA, P, RGBA, CMYK, I;16, ...) to RGB; with `resolution`,
+    an image whose ADM crop would need too much memory is refused before it is decoded (`check_crop`)."""
     if not data:
         raise ValueError("empty file")
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ValueError(f"the image has more pixels than PIL's decompression-bomb limit of "
+                         f"{Image.MAX_IMAGE_PIXELS:,}; not decoded") from None
+    with im:
+        if resolution is not None:
+            check_crop(im.size, resolution)
         im.load()  # decode now, so truncated files fail here rather than later
         return to_rgb(im)
+
+
+MAX_ASPECT = 64  # long side / short side of an image that is encoded (the crop keeps 1/64 of it at most)
+MAX_RESIZED_PIXELS = 1 << 26  # pixels of the resize before the ADM crop (~200 MB as RGB)
+
+
+def check_crop(size: tuple[int, int], resolution: int) -> None:
+    """Refuse (ValueError) an image whose ADM crop would blow up in memory: the resize before the crop scales the
+    short side to R, so a 141-byte 20000×1 PNG would become 5,120,000×256 pixels (13 GB at R = 256)."""
+    w, h = size
+    short, long = min(w, h), max(w, h)
+    resized = long * resolution // max(short, 1) * resolution  # pixels after the resize (whatever BOX halving ran)
+    if short < 1 or long > MAX_ASPECT * short:
+        raise ValueError(f"{w}×{h} pixels: an aspect ratio beyond {MAX_ASPECT}:1, which the centre crop would first "
+                         f"resize to {long * resolution // max(short, 1):,}×{resolution} pixels; not decoded")
+    if resized > MAX_RESIZED_PIXELS:
+        raise ValueError(f"{w}×{h} pixels: the centre crop would first resize it to {resized:,} pixels, over the "
+                         f"budget of {MAX_RESIZED_PIXELS:,}; not decoded")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -354,6 +401,6 @@ def center_crop_arr(image: Image.Image, resolution: int) -> np.ndarray:
 def load_cropped(source: ImageSource, index: int, resolution: int) -> tuple[np.ndarray, str]:
     """Image `index` decoded and ADM-cropped, with "" — or zeros and the reason it could not be read."""
     try:
-        return center_crop_arr(decode_rgb(source.read_bytes(index)), resolution), ""
+        return center_crop_arr(decode_rgb(source.read_bytes(index), resolution), resolution), ""
     except Exception as e:  # noqa: BLE001 — one bad file (any decoder error) must never stop a stage
         return np.zeros((resolution, resolution, 3), dtype=np.uint8), f"{type(e).__name__}: {e}"

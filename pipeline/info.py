@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import zarr
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.atomic import read_jsonl
 from pipeline.encoders import describe_identity
 from pipeline.errors import UserError
+from pipeline.pca import checked_pca_sha256
 from pipeline.pca_file import load_pca
+from pipeline.stage import ZARR_METADATA_ERRORS, StageDir
 
 ARRAY_STAGES = ("latents", "features")
 
@@ -36,23 +39,27 @@ def describe_data_root(root: Path) -> list[StageInfo]:
 
 
 def is_run_dir(root: Path) -> bool:
-    return (Path(root) / "config.json").is_file()  # written before the first step; data roots have none
+    """config.json is written before the first step, checkpoints/ holds the steps; data roots have neither."""
+    return (Path(root) / "config.json").is_file() or (Path(root) / "checkpoints").is_dir()
 
 
 def describe_run(root: Path) -> list[StageInfo]:
     """A run directory: its configuration, checkpoints, last logged metrics and sample folders."""
     root = Path(root)
-    config = _read_json(root / "config.json") or {}
-    train, model = config.get("train", {}), config.get("model", {})
+    config = _read_json(root / "config.json")
+    train, model = (_dict(config, k) for k in ("train", "model"))
     keys = ("model", "method", "pca_rank", "fusion", "rep_drop", "batch_size", "max_steps", "precision", "shards")
-    entries = [StageInfo("config.json", "complete", [(k, _short(train.get(k))) for k in keys if k in train]
+    status = "complete" if train else "unreadable (damaged)" if (root / "config.json").exists() else "missing"
+    entries = [StageInfo("config.json", status,
+                         [(k, _short(train.get(k))) for k in keys if k in train]
                          + [("num_classes", _short(model.get("num_classes")))])]
     steps = sorted(int(p.stem.split("-")[1]) for p in (root / "checkpoints").glob("step-*.pt"))
     entries.append(StageInfo("checkpoints/", f"{len(steps)} checkpoints" if steps else "missing",
                              [("steps", _short(steps)), ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
     lines = read_jsonl(root / "metrics.jsonl") if (root / "metrics.jsonl").exists() else []
     last = lines[-1] if lines else {}
-    entries.append(StageInfo("metrics.jsonl", f"{len(lines)} lines" if lines else "missing",
+    unread = "unreadable (no complete line)" if (root / "metrics.jsonl").exists() else "missing"
+    entries.append(StageInfo("metrics.jsonl", f"{len(lines)} lines" if lines else unread,
                              [(k, _short(v)) for k, v in last.items()]))
     samples = sorted(p.name for p in (root / "samples").iterdir()) if (root / "samples").is_dir() else []
     entries.append(StageInfo("samples/", f"{len(samples)} sets" if samples else "missing", [("sets", _short(samples))]))
@@ -61,14 +68,14 @@ def describe_run(root: Path) -> list[StageInfo]:
 
 def info_table(root: Path) -> Table:
     """All stages of a data root, or the parts of a run directory, as one rich table."""
-    table = Table(title=f"redi info {root}", show_lines=True)
+    table = Table(title=f"redi info {escape(str(root))}", show_lines=True)
     for col in ("stage", "status", "contents"):
         table.add_column(col)
     for s in describe_run(root) if is_run_dir(root) else describe_data_root(root):
-        status = {"complete": "[green]complete[/]", "missing": "[dim]missing[/]"}.get(s.status, f"[yellow]{s.status}[/]")
+        status = {"complete": "[green]complete[/]", "missing": "[dim]missing[/]"}.get(s.status, f"[yellow]{escape(s.status)}[/]")
         if s.tiny_random:
             status += "\n[bold yellow]tiny-random[/]"
-        table.add_row(s.name, status, "\n".join(f"{k}: {v}" for k, v in s.rows))
+        table.add_row(s.name, status, escape("\n".join(f"{k}: {v}" for k, v in s.rows)))  # paths may hold [brackets]
     return table
 
 
@@ -77,15 +84,13 @@ def _array_stage(path: Path) -> StageInfo:
     name = f"{path.name}/"
     if not (path / "manifest.json").exists():
         return StageInfo(name, "missing")
-    manifest = json.loads((path / "manifest.json").read_text())
-    params, source = manifest.get("params", {}), manifest.get("source", {})
-    n_chunks = -(-int(source.get("count", 0)) // int(params.get("chunk_size", 1)))
-    done = sorted((path / "progress").glob("*.json")) if (path / "progress").is_dir() else []
-    errors_file = path / "errors.jsonl"
-    if errors_file.exists() and len(done) >= n_chunks:
-        status, n_errors = "complete", sum(1 for line in errors_file.read_text().splitlines() if line)
-    else:
-        status, n_errors = f"incomplete ({len(done)} of {n_chunks} chunks)", sum(len(json.loads(p.read_text())) for p in done)
+    manifest = _read_json(path / "manifest.json")
+    params, source = _dict(manifest, "params"), _dict(manifest, "source")
+    if not params or not isinstance(params.get("chunk_size"), int) or not isinstance(source.get("count"), int):
+        return StageInfo(name, "unreadable (manifest.json is damaged)")
+    stage = StageDir(path, -(-source["count"] // max(1, params["chunk_size"])))
+    status = "complete" if stage.is_complete() else f"incomplete ({stage.n_chunks - len(stage.pending())} of {stage.n_chunks} chunks)"
+    n_errors = len(stage.chunk_errors())
     rows = [
         ("images", str(source.get("count", "?"))),
         ("resolution", str(params.get("resolution", "?"))),
@@ -99,14 +104,18 @@ def _array_stage(path: Path) -> StageInfo:
 def _array_rows(store: Path) -> list[tuple[str, str]]:
     if not store.exists():
         return [("arrays", "none yet")]
-    group = zarr.open_group(store, mode="r")
-    return [(name, f"{tuple(arr.shape)} {arr.dtype}") for name, arr in sorted(group.arrays())]
+    try:
+        group = zarr.open_group(store, mode="r")
+        return [(name, f"{tuple(arr.shape)} {arr.dtype}") for name, arr in sorted(group.arrays())]
+    except ZARR_METADATA_ERRORS:
+        return [("arrays", "unreadable (damaged zarr.json)")]
 
 
 def _pca(path: Path) -> StageInfo:
     if not path.exists():
         return StageInfo(path.name, "missing")
     try:
+        checked_pca_sha256(path.parent)
         pca = load_pca(path)
     except UserError as e:
         return StageInfo(path.name, f"unreadable ({e})")
@@ -134,10 +143,17 @@ def _shards(path: Path) -> StageInfo:
 
 
 def _read_json(path: Path) -> Any:
+    """The JSON value of `path`, or None when it is missing or damaged (info shows what it can)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
+
+
+def _dict(value: Any, key: str) -> dict[str, Any]:
+    """value[key] when both are objects, else {}."""
+    inner = value.get(key) if isinstance(value, dict) else None
+    return inner if isinstance(inner, dict) else {}
 
 
 def _short(value: Any, width: int = 100) -> str:

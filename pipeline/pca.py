@@ -9,6 +9,7 @@ number of images.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -30,7 +31,7 @@ from pipeline.errors import UserError
 from pipeline.lock import exclusive
 from pipeline.runtime import RateColumn, resolve_device
 from pipeline.pca_file import PCAModel, load_pca
-from pipeline.stage import Manifest, diff_keys, read_errors, read_manifest
+from pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, open_array, diff_keys, read_errors, read_manifest
 
 FEATURES_DIR = "features"
 PCA_FILE = "pca.safetensors"
@@ -98,6 +99,7 @@ class FeatureStore:
     valid: np.ndarray  # (N,) bool
     fingerprint: str  # identifies the features stage's output (see features_fingerprint)
     manifest: dict[str, Any]
+    check: InputCheck | None = None  # the chunk files read are checked against the features stage's ledger
 
 
 @dataclass(frozen=True)
@@ -121,16 +123,15 @@ def open_features(features_dir: Path) -> FeatureStore:
     manifest = read_manifest(features_dir)
     read_errors(features_dir)  # raises unless every chunk was committed
     store_path = features_dir / "store.zarr"
-    try:
-        group = zarr.open_group(store_path, mode="r")
-        patch, valid_arr = group["patch"], group["valid"]
-    except (FileNotFoundError, KeyError) as e:
-        raise UserError(f"{store_path} lacks the arrays 'patch' and 'valid' ({e}); rerun `redi features`.") from None
-    assert isinstance(patch, zarr.Array) and isinstance(valid_arr, zarr.Array), f"{store_path}: not arrays"
+    patch, valid_arr = (open_array(store_path / name, "rerun `redi features` with --force") for name in ("patch", "valid"))
+    if not (patch.ndim == 3 and valid_arr.shape == (patch.shape[0],)):
+        raise UserError(f"{store_path} does not hold patch (N, P, D) and valid (N,) arrays; rerun `redi features` "
+                        "with --force.")
+    check = InputCheck(features_dir, patch.shape[0])
+    check.rows("valid", 0, patch.shape[0])
     valid = np.asarray(valid_arr[:], dtype=bool)
-    if patch.ndim != 3 or valid.shape != (patch.shape[0],):
-        raise UserError(f"{store_path} has patch {patch.shape} and valid {valid.shape}; expected (N, P, D) and (N,).")
-    return FeatureStore(patch=patch, valid=valid, fingerprint=features_fingerprint(manifest), manifest=manifest)
+    return FeatureStore(patch=patch, valid=valid, fingerprint=features_fingerprint(manifest), manifest=manifest,
+                        check=check)
 
 
 def select_images(valid: np.ndarray, num_images: int, seed: int) -> np.ndarray:
@@ -144,11 +145,15 @@ def select_images(valid: np.ndarray, num_images: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(candidates, size=num_images, replace=False))
 
 
-def read_batches(patch: zarr.Array, indices: np.ndarray, batch_images: int) -> Iterator[np.ndarray]:
-    """Yield (B, P, D) blocks of the given sorted rows, reading the next block while the caller works."""
+def read_batches(patch: zarr.Array, indices: np.ndarray, batch_images: int,
+                 check: Callable[[int, int], None] | None = None) -> Iterator[np.ndarray]:
+    """Yield (B, P, D) blocks of the given sorted rows, reading the next block while the caller works;
+    `check(first, last)` runs before rows [first, last) are read."""
 
     def read(start: int) -> np.ndarray:
         rows = indices[start : start + batch_images]
+        if check is not None:
+            check(int(rows[0]), int(rows[-1]) + 1)
         if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: a plain slice is the cheapest read
             return np.asarray(patch[int(rows[0]) : int(rows[-1]) + 1])
         return np.asarray(patch.get_orthogonal_selection((rows,)))
@@ -220,7 +225,8 @@ def fit_pca(
     """Fit the standardised PCA on the patch tokens of the selected images, streaming in image order."""
     selected = select_images(features.valid, cfg.num_images, cfg.seed)
     acc = MomentAccumulator(features.patch.shape[2], resolve_device(cfg.device))
-    for block in read_batches(features.patch, selected, cfg.batch_images):  # (B, P, D) float16
+    check = None if features.check is None else functools.partial(features.check.rows, "patch")
+    for block in read_batches(features.patch, selected, cfg.batch_images, check):  # (B, P, D) float16
         acc.update(block)
         if on_images is not None:
             on_images(block.shape[0])
@@ -321,22 +327,52 @@ def plot_explained_variance(model: PCAModel, path: Path, k: int = PLOT_COMPONENT
     atomic_write_with(Path(path), lambda tmp: img.save(tmp, format="PNG"))
 
 
+def _read_record(data: Path) -> dict[str, Any] | None:
+    """DATA/pca.json as {"manifest": {...}, "pca_sha256": "..."}, or None when it is missing or damaged."""
+    try:
+        record = json.loads((data / PCA_RECORD).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and isinstance(record.get("manifest"), dict) and isinstance(record.get("pca_sha256"), str):
+        return record
+    return None
+
+
+def checked_pca_sha256(data: Path) -> str:
+    """SHA-256 of DATA/pca.safetensors, refused (one sentence) when it differs from the hash its record pca.json
+    kept when it was written; a file without a record (made by other means) cannot be checked and is taken as is."""
+    pca_path, record_path = data / PCA_FILE, data / PCA_RECORD
+    if not pca_path.is_file():
+        raise UserError(f"No PCA file at {pca_path}: run `redi pca --data {data}` first.")
+    digest = sha256_file(pca_path)
+    if record_path.exists():
+        record = _read_record(data)
+        if record is None:
+            raise UserError(f"{record_path} is damaged, so {pca_path} cannot be checked: rerun the `redi pca` command "
+                            "that made it with --force.")
+        if record["pca_sha256"] != digest:
+            raise UserError(f"{pca_path} differs from the SHA-256 recorded in {record_path.name} when it was written "
+                            "(damaged or replaced): rerun the `redi pca` command that made it.")
+    return digest
+
+
 def _up_to_date(data: Path, manifest: Manifest, force: bool) -> bool:
     """True when DATA/pca.safetensors was made by an equal manifest; UserError when it was not and not force."""
     pca_path, record_path = data / PCA_FILE, data / PCA_RECORD
     wanted = manifest.to_json()
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        have = record.get("manifest", {})
+    if (record := _read_record(data)) is not None:
+        have = record["manifest"]
         if have == wanted:
             # An equal record but another (or no) file: an interrupted or replaced write, so redo it.
-            return pca_path.exists() and sha256_file(pca_path) == record.get("pca_sha256")
+            return pca_path.exists() and sha256_file(pca_path) == record["pca_sha256"]
         if not force:
             raise UserError(
                 f"{pca_path} was made with different settings ({', '.join(sorted(diff_keys(have, wanted)))}); "
                 "pass --force to replace it."
             )
     elif pca_path.exists() and not force:
+        if record_path.exists():
+            raise UserError(f"{record_path}, the record of {pca_path.name}, is damaged; pass --force to replace both.")
         raise UserError(f"{pca_path} exists without its record {record_path.name}; pass --force to replace it.")
     return False
 
@@ -391,7 +427,7 @@ def _patch_shape(store_path: Path) -> tuple[int, int] | None:
     """(P, D) of a features store's patch tokens, or None where there is no such store."""
     try:
         patch = zarr.open_group(store_path, mode="r")["patch"]
-    except (FileNotFoundError, KeyError):
+    except ZARR_METADATA_ERRORS:
         return None
     return int(patch.shape[1]), int(patch.shape[2])
 

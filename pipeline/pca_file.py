@@ -1,15 +1,16 @@
 """`pca.safetensors`: the fitted (or imported) PCA of DINOv2 patch tokens and its projection."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 from safetensors import safe_open
 
-from pipeline.atomic import atomic_write_with, sha256_file
+from pipeline.atomic import atomic_write_bytes, sha256_file
 from pipeline.errors import UserError
 
 PCA_FORMAT_VERSION = 1
@@ -56,7 +57,16 @@ class PCAModel:
             "n_images": str(self.n_images), "n_tokens": str(self.n_tokens), "seed": str(self.seed),
             "source": self.source, "format_version": str(PCA_FORMAT_VERSION),
         }
-        atomic_write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        atomic_write_bytes(Path(path), canonical_safetensors(save(tensors, metadata=meta)))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors writes the metadata in hash-map
+    order, which differs between processes, so equal PCAs would otherwise give files of different SHA-256."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header with spaces to 8 bytes
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]  # tensor offsets are relative to the data
 
 
 def load_pca(path: Path) -> PCAModel:

@@ -33,7 +33,9 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.atomic import read_json
 from pipeline.errors import UserError
+from pipeline.stage import ZARR_METADATA_ERRORS
 from pipeline.shards import DATA_FIELDS, KEYS_JSON, SHARDS_JSON, ZARR_DIR, FieldSpec, chunk_keys, decode_key, \
     tar_relpath, unreadable_chunk
 
@@ -202,7 +204,8 @@ class ShardDataset(IterableDataset, ABC):
         self.cursor = cursor  # first sample of the stream to yield
         self.epochs = epochs
         self.verify = verify  # WebDataset: check each tar's SHA-256 (zarr chunks always carry a CRC-32C)
-        self.keys: list[str] = json.loads((self.info.root / KEYS_JSON).read_text())
+        self.keys: list[str] = read_json(self.info.root / KEYS_JSON, list,
+                                         f"rebuild the shards (`redi shards --data {self.info.root.parent} --force`)")
 
     @abstractmethod
     def read_segment(self, segment: Segment) -> dict[str, np.ndarray]:
@@ -255,7 +258,7 @@ class ZarrShardDataset(ShardDataset):
             path = self.info.root / ZARR_DIR / name
             try:
                 self._arrays[name] = zarr.open_array(path, mode="r")
-            except (FileNotFoundError, zarr.errors.NodeNotFoundError, ValueError) as e:
+            except ZARR_METADATA_ERRORS as e:
                 raise UserError(f"{path} cannot be opened ({e}); run `redi verify` on the data root.") from None
         return self._arrays[name]
 

@@ -35,13 +35,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from zarr.codecs import Crc32cCodec
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, sha256_file
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from pipeline.errors import UserError
 from pipeline.lock import exclusive
-from pipeline.pca import features_fingerprint
+from pipeline.pca import checked_pca_sha256, features_fingerprint
 from pipeline.runtime import RateColumn, resolve_device
-from pipeline.pca_file import PCAModel, load_pca, pca_hash
-from pipeline.stage import Manifest, StageDir, StageState, read_errors, read_manifest, stage_lock
+from pipeline.pca_file import PCAModel, load_pca
+from pipeline.stage import InputCheck, open_array, Manifest, StageDir, StageState, read_errors, read_manifest, stage_lock
 
 SHARDS_FORMAT_VERSION = 1
 FORMATS = ("zarr", "wds")
@@ -188,8 +188,7 @@ class ShardWriter:
                 self.arrays[name] = group.require_array(
                     name, shape=(layout.num_samples, *spec.shape), dtype=spec.dtype,
                     chunks=(layout.chunk_rows(name), *spec.shape), compressors=[Crc32cCodec()], fill_value=0,
-                    config={"write_empty_chunks": True},
-                )
+                ).with_config({"write_empty_chunks": True})  # also when reopened: every chunk has a file to hash
 
     def write_block(self, block: int, keys: list[str], data: dict[str, np.ndarray]) -> dict[str, str]:
         """Write one block's samples in every format; return {relpath: sha256} of the files written."""
@@ -265,6 +264,7 @@ class _Inputs:
     patch: zarr.Array  # (N, P, D)
     labels: np.ndarray  # (N,) int64
     keys: list[str]  # N image keys
+    checks: dict[str, InputCheck]  # "latents", "features": reads checked against the stages' ledgers
     kept: np.ndarray  # (M,) image index of the images valid in both stages, increasing
     skipped: list[dict[str, Any]]  # {"index", "key", "stage", "reason"} per dropped image and stage
     latents_manifest: dict[str, Any]
@@ -279,20 +279,17 @@ class _Inputs:
 
 
 def _open_array(store: Path, name: str, ndim: int) -> zarr.Array:
-    try:
-        arr = zarr.open_array(store / name, mode="r")
-    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
-        raise UserError(f"{store} has no array '{name}'; rerun the stage that writes it.") from None
+    arr = open_array(store / name, "rerun the stage that writes it with --force")
     if arr.ndim != ndim:
         raise UserError(f"{store}/{name} has shape {arr.shape}; expected {ndim} dimensions (docs/FORMATS.md).")
     return arr
 
 
 def _read_keys(stage_root: Path) -> list[str]:
-    path = stage_root / KEYS_JSON
-    if not path.exists():
-        raise UserError(f"{path} is missing; rerun the stage that writes it.")
-    return json.loads(path.read_text())
+    keys = read_json(stage_root / KEYS_JSON, list, f"rerun the stage that writes {stage_root.name}/ with --force")
+    if not all(isinstance(k, str) for k in keys):
+        raise UserError(f"{stage_root / KEYS_JSON} is damaged (not a list of keys); rerun the stage with --force.")
+    return keys
 
 
 def _skipped(stage: str, valid: np.ndarray, errors: dict[int, str], keys: list[str]) -> list[dict[str, Any]]:
@@ -314,17 +311,20 @@ def open_inputs(data: Path) -> _Inputs:
     lat_store, feat_store = lat_root / "store.zarr", feat_root / "store.zarr"
     moments, cls, patch = _open_array(lat_store, "moments", 4), _open_array(feat_store, "cls", 2), \
         _open_array(feat_store, "patch", 3)
-    labels = np.asarray(_open_array(lat_store, "labels", 1)[:], dtype=np.int64)
-    lat_valid = np.asarray(_open_array(lat_store, "valid", 1)[:], dtype=bool)
-    feat_valid = np.asarray(_open_array(feat_store, "valid", 1)[:], dtype=bool)
     n = len(keys)
+    checks = {"latents": InputCheck(lat_root, n), "features": InputCheck(feat_root, n)}
+    whole = {(stage, name): _rows(_open_array(store, name, 1), name, 0, n, checks[stage])
+             for stage, store in (("latents", lat_store), ("features", feat_store)) for name in ("labels", "valid")}
+    labels = np.asarray(whole["latents", "labels"], dtype=np.int64)
+    lat_valid, feat_valid = (np.asarray(whole[stage, "valid"], dtype=bool) for stage in ("latents", "features"))
     if {moments.shape[0], cls.shape[0], patch.shape[0], len(labels), len(lat_valid), len(feat_valid)} != {n}:
         raise UserError(f"{lat_root} and {feat_root} hold different numbers of images (keys.json lists {n}).")
-    if not np.array_equal(labels, np.asarray(_open_array(feat_store, "labels", 1)[:], dtype=np.int64)):
+    if not np.array_equal(labels, np.asarray(whole["features", "labels"], dtype=np.int64)):
         raise UserError(f"{lat_store}/labels and {feat_store}/labels differ; rerun one of the stages.")
     if math.isqrt(patch.shape[1]) ** 2 != patch.shape[1] or cls.shape[1] != patch.shape[2]:
         raise UserError(f"{feat_store} holds patch {patch.shape} and cls {cls.shape}; expected (N, p², D) and (N, D).")
     pca_path = data / "pca.safetensors"
+    pca_sha256 = checked_pca_sha256(data)
     pca = load_pca(pca_path)
     if pca.dim != patch.shape[2]:
         raise UserError(f"{pca_path} is {pca.dim}-dimensional but the patch tokens are {patch.shape[2]}-dimensional.")
@@ -335,8 +335,7 @@ def open_inputs(data: Path) -> _Inputs:
         raise UserError(f"No image is valid in both {lat_root} and {feat_root}.")
     skipped = _skipped("latents", lat_valid, lat_errors, keys) + _skipped("features", feat_valid, feat_errors, keys)
     skipped.sort(key=lambda s: (s["index"], s["stage"]))
-    return _Inputs(moments, cls, patch, labels, keys, kept, skipped, lat_manifest, feat_manifest, pca,
-                   pca_hash(pca_path))
+    return _Inputs(moments, cls, patch, labels, keys, checks, kept, skipped, lat_manifest, feat_manifest, pca, pca_sha256)
 
 
 def _group_blocks(layout: ShardLayout) -> int:
@@ -357,13 +356,15 @@ def _manifest(inputs: _Inputs, cfg: ShardsConfig, group_blocks: int) -> Manifest
     )
 
 
-def _rows(arr: zarr.Array, first: int, last: int) -> np.ndarray:
-    """Rows [first, last) of an input stage array; a chunk damaged on disk is one sentence naming the way out."""
+def _rows(arr: zarr.Array, name: str, first: int, last: int, check: InputCheck) -> np.ndarray:
+    """Rows [first, last) of the input stage array `name`, its chunk files checked against their ledger first; a
+    chunk damaged on disk is one sentence naming the way out."""
+    check.rows(name, first, last)
     try:
         return arr[first:last]
     except Exception:  # noqa: BLE001 — codecs raise ValueError, RuntimeError, … on damaged bytes
         bad = unreadable_chunk(arr, first, last)
-        where = f"chunk {bad[0]} of {arr.path}" if bad else arr.path
+        where = f"chunk {bad[0]} of {check.root.name}/{name}" if bad else f"{check.root.name}/{name}"
         raise UserError(f"The input {where} cannot be read ({bad[1] if bad else 'damaged'}): run `redi verify DATA "
                         "--repair`, rerun that stage, then `redi shards`.") from None
 
@@ -378,9 +379,9 @@ def _read_group(inputs: _Inputs, lo: int, hi: int, layout: ShardLayout, device: 
         sel = idx - first  # contiguous reads, then select: much faster than zarr's orthogonal indexing
         rows = slice(at - lo, at - lo + len(idx))
         out["label"][rows] = inputs.labels[idx]
-        out["moments"][rows] = _rows(inputs.moments, first, last)[sel]
-        out["cls"][rows] = _rows(inputs.cls, first, last)[sel]
-        patch = _rows(inputs.patch, first, last)[sel]  # (n, P, D) float16
+        out["moments"][rows] = _rows(inputs.moments, "moments", first, last, inputs.checks["latents"])[sel]
+        out["cls"][rows] = _rows(inputs.cls, "cls", first, last, inputs.checks["features"])[sel]
+        patch = _rows(inputs.patch, "patch", first, last, inputs.checks["features"])[sel]  # (n, P, D) float16
         tokens = torch.from_numpy(patch).to(device)
         z = inputs.pca.project(tokens, k)  # (n, P, K) float32
         out["pcs"][rows] = z.permute(0, 2, 1).reshape(len(idx), k, p, p).to(torch.float16).cpu().numpy()  # (n, K, p, p)
@@ -451,14 +452,35 @@ def _write_pending(stage: StageDir, writer: ShardWriter, inputs: _Inputs, order:
     return written
 
 
+def _block_sums(root: Path, block: int) -> dict[str, str] | None:
+    """The {relpath: sha256} recorded for a block's files, or None when that record is missing or damaged."""
+    try:
+        sums = json.loads((root / CHECKSUMS_DIR / f"{block:06d}.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    valid = isinstance(sums, dict) and sums and all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items())
+    return sums if valid else None
+
+
 def _all_checksums(root: Path, writer: ShardWriter) -> dict[str, str]:
     """{relpath: sha256} of every file of the shards: the blocks' recorded sums, keys.json, zarr metadata."""
     files: dict[str, str] = {}
     for b in range(writer.layout.num_shards):
-        files.update(json.loads((root / CHECKSUMS_DIR / f"{b:06d}.json").read_text()))
+        sums = _block_sums(root, b)
+        assert sums is not None, f"block {b} is committed without its checksums"
+        files.update(sums)
     files[KEYS_JSON] = sha256_file(root / KEYS_JSON)
     files.update(writer.metadata_checksums())
     return files
+
+
+def _readable_info(path: Path) -> dict[str, Any] | None:
+    """shards.json's content, or None when it is missing or damaged (a complete stage then writes it again)."""
+    try:
+        info = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def build_shards(data: Path, cfg: ShardsConfig, *, progress: bool = True) -> ShardsResult:
@@ -482,9 +504,10 @@ def write_stage(data: Path, cfg: ShardsConfig, progress: bool) -> ShardsResult:
     root = data / "shards"
     stage = StageDir(root, n_chunks=layout.num_shards)
     state = stage.open(_manifest(inputs, cfg, group_blocks), cfg.force)
+    stage.forget([b for b in range(layout.num_shards) if stage.is_done(b) and _block_sums(root, b) is None])
     shards_json = root / SHARDS_JSON
-    if state is StageState.COMPLETE and shards_json.exists():
-        info = json.loads(shards_json.read_text())
+    info = _readable_info(shards_json)
+    if state is StageState.COMPLETE and not stage.pending() and info is not None:
         return ShardsResult(root, True, layout.num_samples, len(inputs.keys) - layout.num_samples, layout.num_shards,
                             0, tuple(sorted(cfg.formats)), time.perf_counter() - t0, info)
     order = write_order(layout.num_samples, cfg.shard_size, group_blocks, cfg.seed)

@@ -15,7 +15,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, sha256_file
+import zarr
+
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
@@ -76,8 +78,8 @@ class StageDir:
                 shutil.rmtree(self.root)
         elif self.manifest_path.exists():
             try:
-                have = json.loads(self.manifest_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                have = json.loads(self.manifest_path.read_bytes())
+            except ValueError:  # not JSON, or not UTF-8
                 raise UserError(f"{self.manifest_path} is damaged; pass --force to redo the stage.") from None
             if have != wanted:
                 changed = sorted(diff_keys(have, wanted)) if isinstance(have, dict) else ["manifest"]
@@ -86,6 +88,9 @@ class StageDir:
                     f"({', '.join(changed)}); pass --force to redo it or choose another data root."
                 )
             return StageState.COMPLETE if self.is_complete() else StageState.RESUME
+        elif self.root.is_dir() and any(self.root.iterdir()):  # the manifest is written before anything else
+            raise UserError(f"{self.root} holds stage output but no manifest.json saying what made it; pass --force "
+                            "to redo the stage or choose another data root.")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.manifest_path, wanted)
@@ -94,7 +99,7 @@ class StageDir:
         return StageState.NEW
 
     def is_done(self, chunk: int) -> bool:
-        return self._progress_path(chunk).exists()
+        return self._ledger(chunk) is not None
 
     def pending(self) -> list[int]:
         return [c for c in range(self.n_chunks) if not self.is_done(c)]
@@ -104,44 +109,103 @@ class StageDir:
         the chunk wrote, by path relative to the stage (None: nothing written, as zarr skips fill-value chunks)."""
         atomic_write_json(self._progress_path(chunk), {"errors": [asdict(e) for e in errors], "sha256": files or {}})
 
-    def _ledger(self, chunk: int) -> dict[str, Any]:
-        raw = json.loads(self._progress_path(chunk).read_text())
-        return {"errors": raw, "sha256": {}} if isinstance(raw, list) else raw  # a list: format 1 before checksums
+    def _ledger(self, chunk: int) -> dict[str, Any] | None:
+        """The chunk's commit record, or None when it is missing or damaged (the chunk is then redone)."""
+        try:
+            raw = json.loads(self._progress_path(chunk).read_bytes())
+        except (OSError, ValueError):
+            return None
+        ledger = {"errors": raw, "sha256": {}} if isinstance(raw, list) else raw  # a list: format 1 before checksums
+        if not (isinstance(ledger, dict) and isinstance(ledger.get("errors"), list) and isinstance(ledger.get("sha256"), dict)
+                and all(_is_error_record(e) for e in ledger["errors"])
+                and all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in ledger["sha256"].items())):
+            return None
+        return ledger
 
     def chunk_errors(self) -> list[ChunkError]:
-        out: list[ChunkError] = []
-        for c in range(self.n_chunks):
-            out += [ChunkError(**e) for e in self._ledger(c)["errors"]]
-        return out
+        """The errors recorded by the committed chunks, in chunk order."""
+        return [ChunkError(**e) for c in range(self.n_chunks) if (ledger := self._ledger(c)) for e in ledger["errors"]]
+
+    def _changed(self, chunk: int, prefix: str = "") -> list[str]:
+        """Files of committed `chunk` (under `prefix`) that are missing or differ from their recorded SHA-256."""
+        ledger = self._ledger(chunk) or {"sha256": {}}
+        bad = []
+        for rel, digest in ledger["sha256"].items():
+            path = self.root / rel
+            if rel.startswith(prefix) and (sha256_file(path) if path.is_file() else None) != digest:
+                bad.append(rel)
+        return bad
 
     def damaged_files(self) -> list[str]:
         """Files of committed chunks that are missing or differ from the SHA-256 recorded when they were written."""
-        bad = []
-        for c in range(self.n_chunks):
-            if self.is_done(c):
-                for rel, digest in self._ledger(c)["sha256"].items():
-                    path = self.root / rel
-                    if (sha256_file(path) if path.is_file() else None) != digest:
-                        bad.append(rel)
-        return bad
+        return [rel for c in range(self.n_chunks) for rel in self._changed(c)]
+
+    def check_chunk(self, chunk: int, prefix: str = "") -> None:
+        """One sentence (UserError) when committed `chunk`'s files under `prefix` are not those it wrote, so a
+        stage never reads damaged input; `redi verify --repair` and a rerun of the stage rewrite them."""
+        if not self.is_done(chunk):
+            raise UserError(f"{self._progress_path(chunk)} is missing or damaged, so chunk {chunk} of {self.root} cannot "
+                            f"be checked: run `redi verify {self.root.parent} --repair`, then rerun the stage that writes "
+                            f"{self.root.name}/.")
+        if bad := self._changed(chunk, prefix):
+            raise UserError(f"{self.root / bad[0]} (chunk {chunk}) differs from the SHA-256 recorded when it was written: "
+                            f"run `redi verify {self.root.parent} --repair`, then rerun the stage that writes "
+                            f"{self.root.name}/.")
 
     def uncommit(self, files: list[str]) -> list[int]:
         """Forget the chunks that wrote `files` (a rerun of the stage writes them again); return those chunks."""
-        chunks = [c for c in range(self.n_chunks) if self.is_done(c) and set(self._ledger(c)["sha256"]) & set(files)]
-        for c in chunks:
-            self._progress_path(c).unlink()
-        self.errors_path.unlink(missing_ok=True)  # the stage is incomplete again
+        chunks = [c for c in range(self.n_chunks) if set((self._ledger(c) or {"sha256": {}})["sha256"]) & set(files)]
+        self.forget(chunks)
         return chunks
 
+    def forget(self, chunks: list[int]) -> None:
+        """Uncommit `chunks`: the stage is incomplete again and a rerun writes them."""
+        for c in chunks:
+            self._progress_path(c).unlink(missing_ok=True)
+        if chunks:
+            self.errors_path.unlink(missing_ok=True)
+
+    def _errors_bytes(self) -> bytes:
+        return "".join(json.dumps(asdict(e)) + "\n" for e in self.chunk_errors()).encode()
+
     def is_complete(self) -> bool:
-        return self.errors_path.exists() and not self.pending()
+        """Every chunk committed and errors.jsonl written from their records (a damaged one is rewritten by finish)."""
+        if self.pending() or not self.errors_path.is_file():
+            return False
+        return self.errors_path.read_bytes() == self._errors_bytes()
 
     def finish(self) -> list[ChunkError]:
         """Write `errors.jsonl` once every chunk is committed; return the errors."""
         assert not self.pending(), f"finish() with {len(self.pending())} chunks missing"
-        errors = self.chunk_errors()
-        atomic_write_bytes(self.errors_path, "".join(json.dumps(asdict(e)) + "\n" for e in errors).encode())
-        return errors
+        atomic_write_bytes(self.errors_path, self._errors_bytes())
+        return self.chunk_errors()
+
+
+def _is_error_record(e: Any) -> bool:
+    return (isinstance(e, dict) and set(e) == {"index", "key", "reason"} and type(e["index"]) is int
+            and isinstance(e["key"], str) and isinstance(e["reason"], str))
+
+
+class InputCheck:
+    """What a stage reads of an earlier stage, checked against the SHA-256s recorded when it was written (each
+    chunk file once): the hash costs one more pass over bytes that are read anyway. Stages made without a
+    chunk size or checksums in their records (older formats) are read unchecked."""
+
+    def __init__(self, stage_root: Path, rows: int):
+        self.root = Path(stage_root)
+        chunk_size = read_manifest(self.root).get("params", {}).get("chunk_size")
+        self.chunk_size = chunk_size if type(chunk_size) is int and chunk_size > 0 else None
+        self.stage = StageDir(self.root, -(-rows // self.chunk_size) if self.chunk_size else 0)
+        self._checked: set[tuple[int, str]] = set()
+
+    def rows(self, array: str, first: int, last: int) -> None:
+        """Check the chunk files of `array` that hold rows [first, last)."""
+        if self.chunk_size is None:
+            return
+        for c in range(first // self.chunk_size, (last - 1) // self.chunk_size + 1):
+            if (c, array) not in self._checked:
+                self.stage.check_chunk(c, f"store.zarr/{array}/")
+                self._checked.add((c, array))
 
 
 def stage_lock(stage_root: Path) -> Path:
@@ -150,18 +214,36 @@ def stage_lock(stage_root: Path) -> Path:
     return root.parent / f".{root.name}.lock"
 
 
+ZARR_METADATA_ERRORS = (FileNotFoundError, KeyError, TypeError, ValueError, AttributeError)  # zarr's, for bad zarr.json
+
+
+def open_array(path: Path, remedy: str) -> zarr.Array:
+    """The zarr array at `path`, for reading; absent or with a zarr.json zarr cannot parse, one sentence ending in
+    `remedy`."""
+    try:
+        return zarr.open_array(path, mode="r")
+    except ZARR_METADATA_ERRORS:
+        raise UserError(f"{path} is missing or its zarr.json is damaged; {remedy}.") from None
+
+
 def read_manifest(stage_root: Path) -> dict[str, Any]:
     path = Path(stage_root) / "manifest.json"
     if not path.exists():
         raise UserError(f"{stage_root} has no manifest.json: run the stage that writes it first.")
-    return json.loads(path.read_text())
+    return read_json(path, dict, "rerun the stage that writes it with --force")
 
 
 def read_errors(stage_root: Path) -> list[ChunkError]:
     path = Path(stage_root) / "errors.jsonl"
     if not path.exists():
         raise UserError(f"{stage_root} is not complete (no errors.jsonl): rerun the stage to finish it.")
-    return [ChunkError(**json.loads(line)) for line in path.read_text().splitlines() if line]
+    try:
+        records = [json.loads(line) for line in path.read_bytes().splitlines() if line]
+    except ValueError:
+        records = [None]
+    if not all(_is_error_record(r) for r in records):
+        raise UserError(f"{path} is damaged; rerun the stage (the same command) to write it again from its chunk records.")
+    return [ChunkError(**r) for r in records]
 
 
 def diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

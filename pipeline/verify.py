@@ -1,22 +1,21 @@
 """`redi verify`: re-check every stage of a data root: manifests, committed chunks, arrays, PCA, shard checksums."""
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import zarr
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.atomic import sha256_file
+from pipeline.atomic import read_json, sha256_file
 from pipeline.errors import UserError
+from pipeline.pca import PCA_RECORD, checked_pca_sha256
 from pipeline.pca_file import load_pca, pca_hash
 from pipeline.readers import read_shard_info
 from pipeline.shards import KEYS_JSON, ZARR_DIR, tar_relpath, unreadable_chunk
-from pipeline.stage import StageDir, read_errors, read_manifest
+from pipeline.stage import StageDir, open_array, read_errors, read_manifest
 
 # Arrays of each input stage and their number of dimensions (docs/FORMATS.md).
 STAGE_ARRAYS = {
@@ -45,16 +44,13 @@ def _check_array_stage(root: Path, deep: bool, bar: Progress, repair: bool = Fal
     deep: every chunk file against the SHA-256 recorded when it was written (`repair` forgets the damaged chunks)."""
     manifest = read_manifest(root)
     errors = read_errors(root)  # UserError unless the stage finished
-    keys_path = root / KEYS_JSON
-    if not keys_path.exists():
-        raise UserError(f"{keys_path} is missing; rerun the stage.")
-    n = len(json.loads(keys_path.read_text()))
+    n = len(read_json(root / KEYS_JSON, list, "rerun the stage with --force"))
     chunk_size = manifest.get("params", {}).get("chunk_size")
-    if chunk_size:
+    if isinstance(chunk_size, int) and chunk_size > 0:
         stage = StageDir(root, math.ceil(n / chunk_size))
         if stage.pending():
-            raise UserError(f"{root / 'progress' / f'{stage.pending()[0]:06d}.json'} is missing: that chunk was never "
-                            f"committed; rerun the stage.")
+            raise UserError(f"{root / 'progress' / f'{stage.pending()[0]:06d}.json'} is missing or damaged: that chunk "
+                            f"is not committed; rerun the stage (the same command) to write it again.")
         if deep and (damaged := stage.damaged_files()):
             if repair:
                 chunks = stage.uncommit(damaged)
@@ -65,10 +61,7 @@ def _check_array_stage(root: Path, deep: bool, bar: Progress, repair: bool = Fal
     shapes = []
     for name, ndim in STAGE_ARRAYS[root.name].items():
         path = root / "store.zarr" / name
-        try:
-            arr = zarr.open_array(path, mode="r")
-        except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeNotFoundError):
-            raise UserError(f"{path} is missing or unreadable; rerun the stage with --force.") from None
+        arr = open_array(path, "rerun the stage with --force")
         if arr.ndim != ndim or arr.shape[0] != n or (name == "moments" and arr.shape[1] != 8):
             raise UserError(f"{path} has shape {arr.shape}; expected {ndim} dimensions and {n} rows (keys.json).")
         if deep:
@@ -84,15 +77,19 @@ def _check_array_stage(root: Path, deep: bool, bar: Progress, repair: bool = Fal
 
 
 def _check_pca(path: Path, data: Path) -> StageCheck:
-    """pca.safetensors loads and matches the features' width."""
+    """pca.safetensors is the file its record pca.json names, loads, and matches the features' width."""
+    digest = checked_pca_sha256(data)
     pca = load_pca(path)
     patch = data / "features" / "store.zarr" / "patch"
     if patch.exists():
-        dim = zarr.open_array(patch, mode="r").shape[-1]
+        dim = open_array(patch, "rerun `redi features` with --force").shape[-1]
         if dim != pca.dim:
             raise UserError(f"{path} is {pca.dim}-dimensional but {patch} holds {dim}-dimensional tokens.")
-    return StageCheck(path.name, "ok", f"{pca.dim} dims, {pca.components.shape[0]} components, "
-                                       f"{pca.n_images} images, sha256 {pca_hash(path)[:12]}")
+    details = f"{pca.dim} dims, {pca.components.shape[0]} components, {pca.n_images} images, sha256 {digest[:12]}"
+    if not (data / PCA_RECORD).exists():
+        return StageCheck(path.name, "warning", details + f"; no record {PCA_RECORD} to check it against (made "
+                                                          "outside `redi pca`, or its record was deleted)")
+    return StageCheck(path.name, "ok", details)
 
 
 def _check_shards(root: Path, data: Path, deep: bool, bar: Progress) -> StageCheck:
@@ -100,7 +97,8 @@ def _check_shards(root: Path, data: Path, deep: bool, bar: Progress) -> StageChe
     info = read_shard_info(root)
     pending = StageDir(root, info.num_shards).pending()
     if pending:
-        raise UserError(f"{root / 'progress' / f'{pending[0]:06d}.json'} is missing: that shard was never committed.")
+        raise UserError(f"{root / 'progress' / f'{pending[0]:06d}.json'} is missing or damaged: that shard is not "
+                        f"committed; rerun `redi shards` (the same command) to write it again.")
     task = bar.add_task("shards/ checksums", total=len(info.files))
     for rel, digest in info.files.items():
         path = root / rel
@@ -110,7 +108,7 @@ def _check_shards(root: Path, data: Path, deep: bool, bar: Progress) -> StageChe
             raise UserError(f"{path} does not match its SHA-256 in shards.json (damaged or changed on disk); "
                             f"rebuild the shards (`redi shards --data {data} --force`).")
         bar.advance(task)
-    keys = json.loads((root / KEYS_JSON).read_text())
+    keys = read_json(root / KEYS_JSON, list, f"rebuild the shards (`redi shards --data {data} --force`)")
     if len(keys) != info.num_samples:
         raise UserError(f"{root / KEYS_JSON} lists {len(keys)} keys where shards.json says {info.num_samples} samples.")
     if "wds" in info.formats:
@@ -119,7 +117,7 @@ def _check_shards(root: Path, data: Path, deep: bool, bar: Progress) -> StageChe
             raise UserError(f"shards.json lists no checksum for {root / absent[0]}; rebuild the shards.")
     if "zarr" in info.formats:
         for name in info.fields:
-            arr = zarr.open_array(root / ZARR_DIR / name, mode="r")
+            arr = open_array(root / ZARR_DIR / name, f"rebuild the shards (`redi shards --data {data} --force`)")
             if arr.shape != (info.num_samples, *info.fields[name].shape):
                 raise UserError(f"{root / ZARR_DIR / name} has shape {arr.shape}, not the "
                                 f"{(info.num_samples, *info.fields[name].shape)} of shards.json.")
@@ -154,7 +152,8 @@ def verify_data(data: Path, *, deep: bool = True, progress: bool = True, repair:
         checks = [
             *(_guarded(f"{name}/", data / name, lambda name=name: _check_array_stage(data / name, deep, bar, repair))
               for name in STAGE_ARRAYS),
-            _guarded("pca.safetensors", data / "pca.safetensors", lambda: _check_pca(data / "pca.safetensors", data)),
+            _guarded("pca.safetensors", data / ("pca.safetensors" if (data / "pca.safetensors").exists() else PCA_RECORD),
+                     lambda: _check_pca(data / "pca.safetensors", data)),
             _guarded("shards/", data / "shards", lambda: _check_shards(data / "shards", data, deep, bar)),
         ]
     if all(c.status == "absent" for c in checks):

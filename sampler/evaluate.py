@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.atomic import atomic_write_json, sha256_file
@@ -105,7 +106,7 @@ def compute_activations(
     pool = np.empty((n, POOL_DIM), np.float32)
     spatial = np.empty((n, SPATIAL_DIM), np.float32)
     probs = np.empty((n, NUM_CLASSES), np.float32)
-    task = progress.add_task(f"Inception {batch.path.name}", total=n)
+    task = progress.add_task(f"Inception {escape(batch.path.name)}", total=n)
     start = 0
     reader = batch.batches(batch_size)
     images = next(reader, None)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -432,10 +433,12 @@ def prepare_out(out: Path, settings: dict[str, Any], ckpt_path: Path, force: boo
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory.")
     try:
-        report = json.loads(path.read_text()) if path.exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is damaged; pass --force to start these samples over.") from None
-    have = report.get("settings") if isinstance(report, dict) else None
+        report = json.loads(path.read_bytes()) if path.exists() else {}
+    except ValueError:  # not JSON, or not UTF-8
+        report = None
+    if not isinstance(report, dict):
+        raise UserError(f"{path} is damaged; pass --force to start these samples over.")
+    have = report.get("settings")
     if have is not None and have != settings:
         changed = sorted(k for k in settings.keys() | have.keys() if settings.get(k) != have.get(k))
         if not force:
@@ -533,7 +536,7 @@ class SampleResult:
             t.add_row("NFE per image", str(nfe) if self.work.images else "–")
         t.add_row("model calls", f"{self.work.model_calls:,} in {self.work.batches:,} batches")
         t.add_row("images/s", f"{self.work.images_per_s:,.2f} ({self.world_size} process(es) on {self.device})")
-        t.add_row("output directory", str(self.out))
+        t.add_row("output directory", escape(str(self.out)))  # paths may hold [brackets]
         files = [f"{IMAGES_DIR}/"]
         if self.assembled:
             files += [NPZ_FILE, GRID_PNG] + ([PCS_PNG] if self.has_pcs else [])

@@ -3,11 +3,11 @@
 A tiny data root, run and sample set are built once per session; each case copies them, damages one
 file (delete, truncate, zero-fill, flip a byte, random bytes, valid JSON of the wrong type) and runs
 one command on the copy. A case passes when the command
-- succeeds with the same result as on the undamaged copy (the baseline, computed the same way), or
-- refuses with one sentence (one `error:` line, no traceback) and exit code 2, or
-- succeeds while naming the damaged file in a warning (it was passed over, e.g. an older checkpoint used).
-Anything else fails: another exception, a traceback, or a different result reported as success
-(`verify` calling damaged data consistent, a stage or run built from damaged bytes).
+- succeeds with the same result as on the undamaged copy (the baseline, computed the same way: a stage
+  rewrites a damaged record of its own, training resumes from the checkpoint before a damaged one), or
+- refuses with one sentence (one `error:` line, no traceback) and exit code 2.
+`verify` must not call a damaged file consistent (it fails, or warns); `info` must only not crash.
+Anything else fails: another exception, a traceback, or a different result reported as success.
 
 Only the CLI and the files on disk are used, so the cases survive a reorganisation of the modules.
 Select with `-m fuzz`; seeded, so every run damages the same bytes.
@@ -246,11 +246,6 @@ def refused(output: str) -> bool:
     return output.count("error:") == 1 and "Traceback" not in output
 
 
-def listed(output: str, path: Path) -> bool:
-    """The output warns about the damaged file by name."""
-    return path.name in output and ("warning" in output.lower() or "damaged" in output.lower())
-
-
 def verdict(built: Built, kind: str, mutation: str, name: str, tmp: Path) -> str | None:
     """None when the case passes, else what went wrong."""
     command = COMMANDS[name]
@@ -272,7 +267,7 @@ def verdict(built: Built, kind: str, mutation: str, name: str, tmp: Path) -> str
         got = command.product(tree)  # type: ignore[misc]
     except Exception as e:  # noqa: BLE001 — an output the command claims but cannot be read back
         got = f"unreadable product: {type(e).__name__}: {e}"
-    if got == expected or listed(output, target):
+    if got == expected:
         return None
     return f"succeeded with a different result:\n{output[-1500:]}"
 

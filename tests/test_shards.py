@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from benchmarks.loader import make_stage_inputs
 from cli import app
+from pipeline.atomic import atomic_write_json, sha256_file
 from pipeline.errors import UserError
 from pipeline.pca_file import load_pca
 from pipeline.readers import make_loader
@@ -29,6 +30,8 @@ runner = CliRunner()
 def make_data(root: Path) -> Path:
     make_stage_inputs(root, N, latent_side=H, grid=GRID, dim=DIM, invalid_latents=BAD_LATENTS,
                       invalid_features=BAD_FEATURES)
+    # the record `redi pca` keeps of its file, which verify and shards check the file against
+    atomic_write_json(root / "pca.json", {"manifest": {"stage": "pca"}, "pca_sha256": sha256_file(root / "pca.safetensors")})
     return root
 
 

@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes (in a background thread from a CPU snapshot), keep-last-N plus milestones,
-safe (weights_only) loading."""
+safe (weights_only) loading, and a SHA-256 per checkpoint (`step-N.pt.sha256`, sha256sum's format) written before
+the checkpoint itself and checked when it is loaded, so a file damaged on disk is never trained or sampled from."""
 from __future__ import annotations
 
 import re
@@ -10,15 +11,44 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from rich.markup import escape
 
-from pipeline.atomic import atomic_write_with
+from pipeline.atomic import atomic_write_bytes, atomic_write_with, sha256_file
 from pipeline.errors import UserError
 
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
+CHECKSUM_SUFFIX = ".sha256"
 
 
 def checkpoint_path(run: Path, step: int) -> Path:
     return Path(run) / "checkpoints" / f"step-{step:07d}.pt"
+
+
+def checksum_path(path: Path) -> Path:
+    """The SHA-256 record of a checkpoint: `step-N.pt.sha256`, checkable with `sha256sum -c`."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The SHA-256 recorded when `path` was saved; None when there is no record (older or foreign checkpoints)."""
+    record = checksum_path(path)
+    if not record.exists():
+        return None
+    try:
+        digest = record.read_bytes().split()[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        digest = ""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise UserError(f"{record} is damaged, so {path.name} cannot be checked: delete the record to use the "
+                        "checkpoint unchecked.")
+    return digest
+
+
+def check_checkpoint(path: Path) -> None:
+    """One sentence (UserError) when `path` differs from the SHA-256 recorded when it was saved."""
+    recorded = recorded_sha256(path)
+    if recorded is not None and sha256_file(path) != recorded:
+        raise UserError(f"Checkpoint {path} differs from the SHA-256 recorded when it was saved: it was damaged on disk.")
 
 
 def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -30,11 +60,21 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save `state` to `path` atomically, its SHA-256 record first: every checkpoint in place has one."""
+
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp)
+        atomic_write_bytes(checksum_path(path), f"{sha256_file(tmp)}  {path.name}\n".encode())
+
+    atomic_write_with(path, write)
+
+
 def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int) -> Path:
     """Write step-<7-digit step>.pt atomically, then delete older non-milestone checkpoints beyond `keep`."""
     path = checkpoint_path(run, step)
     try:
-        atomic_write_with(path, lambda tmp: torch.save(state, tmp))
+        write_checkpoint(path, state)
     except OSError as e:  # a full or failing disk: the temporary file is gone, older checkpoints are untouched
         raise UserError(f"Could not write checkpoint {path} ({e.strerror or e}); the older checkpoints are intact: "
                         "free space and rerun the same command to resume.") from None
@@ -42,6 +82,7 @@ def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, mile
     for _, old in rolling[:-keep] if keep > 0 else []:
         if old != path:
             old.unlink(missing_ok=True)
+            checksum_path(old).unlink(missing_ok=True)
     return path
 
 
@@ -50,6 +91,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", unsafe
     path = Path(path)
     if not path.exists():
         raise UserError(f"No checkpoint at {path}.")
+    check_checkpoint(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=not unsafe)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
@@ -63,7 +105,7 @@ def load_newest_readable(run: Path, map_location: str | torch.device, warn: Call
         try:
             return load_checkpoint(path, map_location=map_location)
         except UserError as e:
-            warn(f"{e} Resuming from the checkpoint before it instead.")
+            warn(f"[yellow]warning:[/] {escape(str(e))} Resuming from the checkpoint before it instead.")
     if found:
         raise UserError(f"No checkpoint in {Path(run) / 'checkpoints'} can be read: move them away to start the run over.")
     return None

@@ -119,8 +119,8 @@ class TrainConfig(MethodParts):
             raise UserError("--batch-size, --micro-batch and --max-steps must be positive.")
         if min(self.log_every, self.save_every, self.ckpt_every) < 1:
             raise UserError("--log-every, --save-every and --ckpt-every must be positive.")
-        if self.epochs is not None and not self.epochs > 0:
-            raise UserError(f"--epochs must be positive, got {self.epochs}.")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise UserError(f"--epochs must be a finite positive number, got {self.epochs}.")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr must be a finite number ≥ 0, got {self.lr}.")
         if not 0.0 <= self.ema_decay < 1.0:

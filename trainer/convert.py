@@ -38,9 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.atomic import atomic_write_with, sha256_file
+from pipeline.atomic import sha256_file
 from pipeline.errors import UserError
 from pipeline.shards import VAE_SCALE, VAE_SHIFT
+from trainer.checkpoint import write_checkpoint
 from trainer.config import TrainConfig
 from trainer.models import PATCH_SIZE, REPA_DEPTHS, SIZES, ModelConfig, TimestepEmbedder, build_model
 from trainer.objectives import WEIGHTINGS
@@ -461,7 +462,7 @@ def convert_checkpoint(cfg: ConvertConfig) -> ConvertResult:
                    "sha256": source_sha, "weights": weights, "time_convention": origin.time_convention,
                    "time_reversed_into_weights": origin.time_reversed, "notes": list(notes)},
     }
-    atomic_write_with(out, lambda tmp: torch.save(checkpoint, tmp))
+    write_checkpoint(out, checkpoint)
     return ConvertResult(out=out, origin=origin, model_config=model_cfg, train_config=train, weights=weights,
                          step=step, num_params=num_params, source_sha256=source_sha, notes=notes,
                          seconds=time.perf_counter() - start)

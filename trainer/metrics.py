@@ -28,7 +28,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int):
         self.path = Path(path)
         if self.path.exists():
-            kept = [json.dumps(row) for row in read_metrics(self.path) if row["step"] <= resume_step]
+            kept = [json.dumps(row) for row in read_metrics(self.path)
+                    if isinstance(row.get("step"), int) and row["step"] <= resume_step]
             atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
 
     def write(self, row: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file
@@ -91,7 +92,8 @@ def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], Non
     warn = Console(stderr=True).print if dist_info.is_main else print_nothing
     if (ckpt := load_newest_readable(run, dev, warn=warn)) is not None:
         if cfg.init is not None:
-            warn(f"[yellow]--init {cfg.init} is ignored: {run} resumes from its own step-{ckpt['step']} checkpoint.[/]")
+            warn(f"[yellow]--init {escape(str(cfg.init))} is ignored: {escape(str(run))} resumes from its own "
+                 f"step-{ckpt['step']} checkpoint.[/]")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
