@@ -42,3 +42,42 @@ def test_messages_keep_brackets_and_bracketed_paths_are_paths(tmp_path: Path) ->
     assert result.exit_code == 0, result.output  # an existing folder, not a glob
     result = CliRunner().invoke(app, ["encode", str(tmp_path / "[bold]nope"), "--data", str(tmp_path / "d2")])
     assert result.exit_code == 2 and "[bold]nope" in result.output
+
+
+def _sentence(args: list[str]) -> str:
+    """Run a command that must be refused: exit 2, one `error:` sentence, no traceback; the sentence."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.output.count("error:") == 1 and "Traceback" not in result.output, result.output
+    return " ".join(result.output.split())
+
+
+def test_impossible_flags_and_a_wrong_encoder_are_one_sentence(tmp_path: Path) -> None:
+    import torch
+
+    from pipeline.demo_data import write_demo_images
+    from pipeline.encoders import tiny_vae_config
+
+    train = ["train", "--shards", str(tmp_path), "--run", str(tmp_path / "run"), "--model", "SiT-debug"]
+    assert "--epochs must be a finite positive number" in _sentence([*train, "--epochs", "inf"])
+    assert "not a torch device" in _sentence([*train, "--device", "tpu"])
+    if not torch.cuda.is_available():
+        assert "torch sees no CUDA device" in _sentence([*train, "--device", "cuda"])
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **tiny_vae_config()}))
+    images = write_demo_images(tmp_path / "images", 2).out
+    said = _sentence(["features", str(images), "--data", str(tmp_path / "d"), "--encoder", str(tmp_path / "vae")])
+    assert "is not a DINOv2 encoder" in said and "AutoencoderKL" in said
+
+
+def test_paths_with_markup_are_printed_as_they_are(tmp_path: Path) -> None:
+    """A data root named `x[/]` or `y[red]` is a path, not rich markup (no MarkupError, nothing vanishes)."""
+    from pipeline.demo_data import write_demo_images
+
+    images = write_demo_images(tmp_path / "images", 2).out
+    for name in ("x[/]", "y[red]"):
+        data = tmp_path / name / "data"
+        args = ["encode", str(images), "--data", str(data), "--vae", "tiny-random", "--workers", "0", "--resolution", "32"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0 and name in "".join(result.output.split()), result.output
+        result = CliRunner().invoke(app, ["verify", str(data)])
+        assert result.exit_code == 0 and f"{name}/data:everystage" in "".join(result.output.split()), result.output

@@ -285,3 +285,48 @@ def test_every_listed_file_exists_in_the_built_tree(built: Built) -> None:
     """The fuzzer damages real files: a path that no longer exists would make its cases vacuous."""
     missing = [path for path, _ in FILES.values() if not (built.root / path).is_file()]
     assert not missing and len(CASES) == 6 * sum(len(names) for _, names in FILES.values())
+
+
+# --- the repros of issue 12, with the sentences they must give ---
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _said(result: Any) -> str:
+    return " ".join(result.output.split())
+
+
+def test_shards_refuses_a_flipped_input_byte_until_verify_repair_and_a_rerun_rewrite_it(built: Built, tmp_path: Path) -> None:
+    tree = copy_tree(built, tmp_path, COMMANDS["shards --force"])
+    chunk = tree / "data" / "latents" / "store.zarr" / "moments" / "c" / "0" / "0" / "0" / "0"
+    _flip(chunk, chunk.stat().st_size // 2)
+    result = invoke(*COMMANDS["shards --force"].argv(tree, built.root / "images"))
+    said = _said(result)
+    assert result.exit_code == 2 and "moments/c/0/0/0/0 (chunk 0) differs" in said and "--repair" in said, said
+    assert invoke("verify", tree / "data", "--repair").exit_code == 2  # forgets latents chunk 0
+    ok(*COMMANDS["encode"].argv(tree, built.root / "images"))  # writes only that chunk again
+    ok(*COMMANDS["shards --force"].argv(tree, built.root / "images"))
+    assert _files(tree / "data" / "shards") == _files(built.root / "data" / "shards")
+
+
+def test_a_bit_flipped_checkpoint_is_refused_by_sample_and_named_by_verify(built: Built, tmp_path: Path) -> None:
+    tree = copy_tree(built, tmp_path, COMMANDS["sample (new)"])
+    newest = tree / "run" / "checkpoints" / "step-0000002.pt"
+    _flip(newest, newest.stat().st_size // 2)  # inside the tensor data: torch.load reads it without complaint
+    result = invoke(*COMMANDS["sample (new)"].argv(tree, built.root / "images"))
+    assert result.exit_code == 2 and "differs from the SHA-256 recorded when it was saved" in _said(result), result.output
+    result = invoke("verify", tree / "run")
+    assert result.exit_code == 2 and "FAILED" in result.output and "differs from the SHA-256" in _said(result)
+    assert "step-0000002.pt" in "".join(result.output.split())  # the problem names the checkpoint
+
+
+def test_damaged_pca_tensor_data_fails_verify_and_is_refused_by_shards(built: Built, tmp_path: Path) -> None:
+    tree = copy_tree(built, tmp_path, COMMANDS["verify"])
+    pca = tree / "data" / "pca.safetensors"
+    _flip(pca, pca.stat().st_size - 100)  # a component value: the file still loads
+    for argv in (COMMANDS["verify"].argv(tree, built.root / "images"), COMMANDS["shards --force"].argv(tree, built.root)):
+        result = invoke(*argv)
+        assert result.exit_code == 2 and "differs from the SHA-256 recorded in pca.json" in _said(result), result.output

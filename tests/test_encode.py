@@ -321,3 +321,20 @@ def test_verify_warns_when_latents_and_features_come_from_other_images(images: P
     assert redi("features", other, "--data", data, "--encoder", "tiny-random", *TINY)[0] == 0
     latents, features, *_ = verify_data(data, progress=False)
     assert latents.status == "ok" and features.status == "warning" and "other images" in features.details
+
+
+def test_a_stage_without_its_manifest_is_refused_not_trusted(images: Path, tmp_path: Path) -> None:
+    """Without manifest.json nothing says what the chunks hold: encoding other images there is refused."""
+    from pipeline.encode import open_arrays
+    from pipeline.errors import UserError
+
+    data = tmp_path / "data"
+    assert redi("encode", images, "--data", data, "--vae", "tiny-random", *TINY)[0] == 0
+    (data / "latents" / "manifest.json").unlink()
+    other = write_demo_images(tmp_path / "other", 5).out
+    code, out = redi("encode", other, "--data", data, "--vae", "tiny-random", *TINY)
+    assert code == 2 and "no manifest.json" in out and "--force" in out, out
+    code, out = redi("encode", other, "--data", data, "--vae", "tiny-random", *TINY, "--force")
+    assert code == 0 and len(json.loads((data / "latents" / "keys.json").read_text())) == 5, out
+    with pytest.raises(UserError, match="pass --force"):  # a store of another image count: one sentence
+        open_arrays(data / "latents", 12, {"moments": (8, R // 8, R // 8)}, 256, "float16")

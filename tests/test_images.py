@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -194,6 +195,8 @@ def test_negative_or_huge_labels_are_one_sentence(tmp_path: Path) -> None:
         labels_from_dataset_json(b'{"labels": [["a.png", -1]]}', "x.zip")
     with pytest.raises(UserError, match="labels must lie in"):
         labels_from_dataset_json(b'{"labels": [["a.png", 99999999999999999999]]}', "x.zip")
+    with pytest.raises(UserError, match="labels must lie in"):  # fits int32, but no class embedding that large
+        labels_from_dataset_json(b'{"labels": [["a.png", 2000000000]]}', "x.zip")
     assert labels_from_dataset_json(b'{"labels": [["a\\\\b.png", 3]]}', "x.zip") == {"a/b.png": 3}
 
 
@@ -214,3 +217,42 @@ def test_tar_links_are_listed_not_dropped_and_mixed_folders_are_refused(demo: Pa
     (mixed / "s.tar").write_bytes((tmp_path / "links.tar").read_bytes())
     with pytest.raises(UserError, match="both images and .tar files"):
         open_source(mixed)
+
+
+def test_images_whose_crop_would_blow_up_memory_are_listed_not_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 141-byte 20000×1 PNG would be resized to 5,120,000×256 pixels before the crop; a decompression bomb is
+    a listed error of one line, not a warning."""
+    (tmp_path / "x").mkdir()
+    Image.new("L", (20000, 1)).save(tmp_path / "x" / "line.png")
+    Image.new("L", (640, 10)).save(tmp_path / "x" / "wide.png")  # 64:1, the widest accepted
+    Image.new("L", (650, 10)).save(tmp_path / "x" / "wider.png")
+    assert (tmp_path / "x" / "line.png").stat().st_size < 200
+    (tmp_path / "y").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "y" / "bomb.png")
+    Image.new("RGB", (50, 50)).save(tmp_path / "y" / "bigger-bomb.png")
+
+    def reasons(folder: Path) -> dict[str, str]:
+        src = open_source(folder)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no raw warning reaches the user
+            return {e.relpath: load_cropped(src, i, 32)[1] for i, e in enumerate(src.entries)}
+
+    wide = reasons(tmp_path / "x")
+    assert wide["wide.png"] == ""
+    for name in ("line.png", "wider.png"):
+        assert "aspect ratio beyond 64:1" in wide[name] and "\n" not in wide[name]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL warns above it and raises above twice it
+    for reason in reasons(tmp_path / "y").values():
+        assert "decompression-bomb limit" in reason and "\n" not in reason
+
+
+def test_folder_links_are_followed_once_and_loops_are_cut(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "img.png").write_bytes(_encode(Image.new("RGB", (8, 8))))
+    (root / "a" / "loop").symlink_to("..")  # a/loop/a/loop/… would list the image 40 times
+    (root / "b").symlink_to("a")  # the same folder under another name
+    (root / "c").mkdir()
+    (root / "c" / "up").symlink_to(root / "c")
+    (root / "c" / "img.png").write_bytes(_encode(Image.new("RGB", (8, 8))))
+    assert open_source(root).keys == ["a/img", "c/img"]

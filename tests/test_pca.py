@@ -1,6 +1,8 @@
 """Stage `pca`: exactness against scikit-learn, streaming, subset draw, reference import, cache."""
 from __future__ import annotations
 
+import hashlib
+import json
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -218,3 +220,19 @@ def test_cuda_fit_equals_cpu_fit(small_data: tuple[Path, np.ndarray, np.ndarray]
     gpu = fit_pca(features, PCAConfig(num_images=100, device="cuda", batch_images=5))
     for name in ("mu", "std", "explained_variance", "components"):
         np.testing.assert_allclose(getattr(gpu, name), getattr(cpu, name), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_refits_of_the_same_features_give_the_same_bytes(small_data: tuple[Path, np.ndarray, np.ndarray]) -> None:
+    """safetensors writes its metadata in hash-map order; the saved file sorts it, so rebuilt shards keep their
+    pca_sha256 and still serve the runs trained on them."""
+    data, _, _ = small_data
+    args = ["pca", "--data", str(data), "--num-images", "100", "--device", "cpu"]
+    digests = set()
+    for _ in range(4):
+        for name in (PCA_FILE, "pca.json"):  # a fit from scratch each time (an equal record means nothing to do)
+            (data / name).unlink(missing_ok=True)
+        result = CliRunner().invoke(REDI, args)
+        assert result.exit_code == 0, result.output
+        digests.add(hashlib.sha256((data / PCA_FILE).read_bytes()).hexdigest())
+    assert len(digests) == 1
+    assert json.loads((data / "pca.json").read_text())["pca_sha256"] in digests

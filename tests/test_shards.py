@@ -27,9 +27,9 @@ CFG = ShardsConfig(formats=("zarr", "wds"), pcs=K, shard_size=S, device="cpu")
 runner = CliRunner()
 
 
-def make_data(root: Path) -> Path:
+def make_data(root: Path, num_classes: int = 5) -> Path:
     make_stage_inputs(root, N, latent_side=H, grid=GRID, dim=DIM, invalid_latents=BAD_LATENTS,
-                      invalid_features=BAD_FEATURES)
+                      invalid_features=BAD_FEATURES, num_classes=num_classes)
     # the record `redi pca` keeps of its file, which verify and shards check the file against
     atomic_write_json(root / "pca.json", {"manifest": {"stage": "pca"}, "pca_sha256": sha256_file(root / "pca.safetensors")})
     return root
@@ -215,3 +215,17 @@ def test_a_damaged_input_chunk_is_one_sentence(built: Path, tmp_path: Path) -> N
     result = runner.invoke(app, ["shards", "--data", str(data), "--format", "both", "--pcs", str(K), "--shard-size", str(S),
                                  "--device", "cpu", "--force"])
     assert result.exit_code == 2 and "cannot be read" in result.output and "--repair" in result.output, result.output
+
+
+def test_an_interrupted_run_on_unlabelled_images_finishes_with_the_same_bytes(tmp_path: Path) -> None:
+    """Labels all 0 make all-zero label chunks: the resumed run must still write (and hash) them."""
+    data = make_data(tmp_path / "data", num_classes=1)
+    args = ["shards", "--data", str(data), "--pcs", str(K), "--shard-size", str(S), "--format", "both"]
+    assert runner.invoke(app, args).exit_code == 0
+    root = data / "shards"
+    want = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    for name in ("progress/000002.json", "progress/000003.json", "errors.jsonl", "shards.json"):  # = kill -9 at block 2
+        (root / name).unlink()
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()} == want
