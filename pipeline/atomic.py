@@ -64,18 +64,21 @@ def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
+def try_read_json(path: Path) -> Any:
+    """The JSON value of `path`, or None when it is missing, unreadable, or not UTF-8 JSON (a record to redo)."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
 def read_json(path: Path, kind: type = dict, remedy: str = "") -> Any:
     """The JSON value of `path`; a missing, unreadable or damaged file, or one holding another type than `kind`,
     is one sentence ending with `remedy` (what the user runs to remake the file)."""
     path = Path(path)
-    try:
-        value = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing{'; ' + remedy if remedy else ''}.") from None
-    except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror}).") from None
-    except ValueError:  # not JSON, or not UTF-8 text
-        value = None
+    if not path.exists():
+        raise UserError(f"{path} is missing{'; ' + remedy if remedy else ''}.")
+    value = try_read_json(path)
     if not isinstance(value, kind):
         what = {dict: "a JSON object", list: "a JSON list"}.get(kind, f"JSON {kind.__name__}")
         raise UserError(f"{path} is damaged (it does not hold {what}){'; ' + remedy if remedy else ''}.")

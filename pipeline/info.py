@@ -10,7 +10,7 @@ import zarr
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.atomic import read_jsonl
+from pipeline.atomic import read_jsonl, try_read_json
 from pipeline.encoders import describe_identity
 from pipeline.errors import UserError
 from pipeline.pca import checked_pca_sha256
@@ -46,7 +46,7 @@ def is_run_dir(root: Path) -> bool:
 def describe_run(root: Path) -> list[StageInfo]:
     """A run directory: its configuration, checkpoints, last logged metrics and sample folders."""
     root = Path(root)
-    config = _read_json(root / "config.json")
+    config = try_read_json(root / "config.json")
     train, model = (_dict(config, k) for k in ("train", "model"))
     keys = ("model", "method", "pca_rank", "fusion", "rep_drop", "batch_size", "max_steps", "precision", "shards")
     status = "complete" if train else "unreadable (damaged)" if (root / "config.json").exists() else "missing"
@@ -84,7 +84,7 @@ def _array_stage(path: Path) -> StageInfo:
     name = f"{path.name}/"
     if not (path / "manifest.json").exists():
         return StageInfo(name, "missing")
-    manifest = _read_json(path / "manifest.json")
+    manifest = try_read_json(path / "manifest.json")
     params, source = _dict(manifest, "params"), _dict(manifest, "source")
     if not params or not isinstance(params.get("chunk_size"), int) or not isinstance(source.get("count"), int):
         return StageInfo(name, "unreadable (manifest.json is damaged)")
@@ -133,21 +133,13 @@ def _shards(path: Path) -> StageInfo:
     name = f"{path.name}/"
     if not path.exists():
         return StageInfo(name, "missing")
-    manifest = _read_json(path / "manifest.json")
+    manifest = try_read_json(path / "manifest.json")
     tiny = bool(manifest.get("tiny_random")) if isinstance(manifest, dict) else False
-    summary = _read_json(path / "shards.json")
+    summary = try_read_json(path / "shards.json")
     if not isinstance(summary, dict):
         return StageInfo(name, "incomplete (no shards.json)", [], tiny)
     rows = [(k, _short(v)) for k, v in sorted(summary.items()) if not isinstance(v, (dict, list)) or len(v) <= 8]
     return StageInfo(name, "complete", rows, tiny)
-
-
-def _read_json(path: Path) -> Any:
-    """The JSON value of `path`, or None when it is missing or damaged (info shows what it can)."""
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
 
 
 def _dict(value: Any, key: str) -> dict[str, Any]:

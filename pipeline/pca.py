@@ -26,12 +26,12 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file
+from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file, try_read_json
 from pipeline.errors import UserError
 from pipeline.lock import exclusive
 from pipeline.runtime import RateColumn, resolve_device
 from pipeline.pca_file import PCAModel, load_pca
-from pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, open_array, diff_keys, read_errors, read_manifest
+from pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, diff_keys, open_array, read_errors, read_manifest
 
 FEATURES_DIR = "features"
 PCA_FILE = "pca.safetensors"
@@ -329,10 +329,7 @@ def plot_explained_variance(model: PCAModel, path: Path, k: int = PLOT_COMPONENT
 
 def _read_record(data: Path) -> dict[str, Any] | None:
     """DATA/pca.json as {"manifest": {...}, "pca_sha256": "..."}, or None when it is missing or damaged."""
-    try:
-        record = json.loads((data / PCA_RECORD).read_bytes())
-    except (OSError, ValueError):
-        return None
+    record = try_read_json(data / PCA_RECORD)
     if isinstance(record, dict) and isinstance(record.get("manifest"), dict) and isinstance(record.get("pca_sha256"), str):
         return record
     return None

@@ -20,7 +20,6 @@ first dot of its basename, and keys hold '/' and may hold dots); `decode_key` re
 from __future__ import annotations
 
 import io
-import json
 import math
 import tarfile
 import time
@@ -35,13 +34,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from zarr.codecs import Crc32cCodec
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, read_json, sha256_file, try_read_json
 from pipeline.errors import UserError
 from pipeline.lock import exclusive
 from pipeline.pca import checked_pca_sha256, features_fingerprint
 from pipeline.runtime import RateColumn, resolve_device
 from pipeline.pca_file import PCAModel, load_pca
-from pipeline.stage import InputCheck, open_array, Manifest, StageDir, StageState, read_errors, read_manifest, stage_lock
+from pipeline.stage import InputCheck, Manifest, StageDir, StageState, open_array, read_errors, read_manifest, stage_lock
 
 SHARDS_FORMAT_VERSION = 1
 FORMATS = ("zarr", "wds")
@@ -454,10 +453,7 @@ def _write_pending(stage: StageDir, writer: ShardWriter, inputs: _Inputs, order:
 
 def _block_sums(root: Path, block: int) -> dict[str, str] | None:
     """The {relpath: sha256} recorded for a block's files, or None when that record is missing or damaged."""
-    try:
-        sums = json.loads((root / CHECKSUMS_DIR / f"{block:06d}.json").read_bytes())
-    except (OSError, ValueError):
-        return None
+    sums = try_read_json(root / CHECKSUMS_DIR / f"{block:06d}.json")
     valid = isinstance(sums, dict) and sums and all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items())
     return sums if valid else None
 
@@ -476,10 +472,7 @@ def _all_checksums(root: Path, writer: ShardWriter) -> dict[str, str]:
 
 def _readable_info(path: Path) -> dict[str, Any] | None:
     """shards.json's content, or None when it is missing or damaged (a complete stage then writes it again)."""
-    try:
-        info = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
+    info = try_read_json(path)
     return info if isinstance(info, dict) else None
 
 

@@ -4,7 +4,11 @@ A stage directory holds `manifest.json` (what was asked for), `progress/CCCCCC.j
 (one file per committed chunk, written atomically *after* the chunk's data) and, once
 every chunk is committed, `errors.jsonl` (the union of the chunks' errors, index order).
 A killed run leaves at most one half-written chunk without its progress file; the rerun
-writes that chunk again, so the result equals an uninterrupted run.
+writes that chunk again, so the result equals an uninterrupted run. A progress file that is
+damaged counts as missing (its chunk is written again), and an errors.jsonl that differs from
+the progress files is written again, so a stage's own records mend on the rerun. Each progress
+file keeps the SHA-256 of the files its chunk wrote: `InputCheck` holds a later stage's reads
+to them.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Any
 
 import zarr
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, read_json, sha256_file, try_read_json
 from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
@@ -88,7 +92,7 @@ class StageDir:
                     f"({', '.join(changed)}); pass --force to redo it or choose another data root."
                 )
             return StageState.COMPLETE if self.is_complete() else StageState.RESUME
-        elif self.root.is_dir() and any(self.root.iterdir()):  # the manifest is written before anything else
+        elif self.root.is_dir() and any(not _temporary(p) for p in self.root.iterdir()):  # the manifest comes first
             raise UserError(f"{self.root} holds stage output but no manifest.json saying what made it; pass --force "
                             "to redo the stage or choose another data root.")
         try:
@@ -111,10 +115,7 @@ class StageDir:
 
     def _ledger(self, chunk: int) -> dict[str, Any] | None:
         """The chunk's commit record, or None when it is missing or damaged (the chunk is then redone)."""
-        try:
-            raw = json.loads(self._progress_path(chunk).read_bytes())
-        except (OSError, ValueError):
-            return None
+        raw = try_read_json(self._progress_path(chunk))
         ledger = {"errors": raw, "sha256": {}} if isinstance(raw, list) else raw  # a list: format 1 before checksums
         if not (isinstance(ledger, dict) and isinstance(ledger.get("errors"), list) and isinstance(ledger.get("sha256"), dict)
                 and all(_is_error_record(e) for e in ledger["errors"])
@@ -181,6 +182,11 @@ class StageDir:
         return self.chunk_errors()
 
 
+def _temporary(path: Path) -> bool:
+    """A file an interrupted atomic write left behind (see pipeline.atomic)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
 def _is_error_record(e: Any) -> bool:
     return (isinstance(e, dict) and set(e) == {"index", "key", "reason"} and type(e["index"]) is int
             and isinstance(e["key"], str) and isinstance(e["reason"], str))
@@ -193,7 +199,8 @@ class InputCheck:
 
     def __init__(self, stage_root: Path, rows: int):
         self.root = Path(stage_root)
-        chunk_size = read_manifest(self.root).get("params", {}).get("chunk_size")
+        params = read_manifest(self.root).get("params")
+        chunk_size = params.get("chunk_size") if isinstance(params, dict) else None
         self.chunk_size = chunk_size if type(chunk_size) is int and chunk_size > 0 else None
         self.stage = StageDir(self.root, -(-rows // self.chunk_size) if self.chunk_size else 0)
         self._checked: set[tuple[int, str]] = set()
