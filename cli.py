@@ -79,7 +79,7 @@ PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="Autocast 
 ForceOpt = Annotated[bool, typer.Option("--force/--no-force", help="Delete and redo a stage that was made with different settings.")]
 ChunkSizeOpt = Annotated[int, typer.Option("--chunk-size", help="Images per committed unit (what a killed run redoes) and per Zarr chunk.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader processes decoding and cropping images (0: in the main process).")]
-EncoderOpt = Annotated[str, typer.Option("--encoder", help="DINOv2-with-registers: hub id, local directory, or tiny-random (tests and demos only).")]
+EncoderOpt = Annotated[str, typer.Option("--encoder", help="Representation encoder: hub id or local directory of a DINOv2, DINOv3, SigLIP, SigLIP2, CLIP, MAE or I-JEPA model (the family is read from its config; docs/ENCODERS.md), or tiny-random[:FAMILY] (tests and demos only).")]
 DINO_DEFAULT = "facebook/dinov2-with-registers-base"
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Storage dtype of the output arrays: float16 or float32.")]
 
@@ -159,7 +159,7 @@ def features_command(
     workers: WorkersOpt = 4,
     dtype: DtypeOpt = "float16",
 ) -> None:
-    """Stage features: DINOv2-with-registers CLS and patch tokens of every centre-cropped image → DATA/features."""
+    """Stage features: the encoder's patch tokens (and its CLS or pooled global token) of every centre-cropped image → DATA/features."""
     from pipeline.encode import EncodeConfig, run_features
 
     cfg = EncodeConfig(source, data, encoder, revision, resolution, batch_size, device, precision, chunk_size, workers, dtype, force)

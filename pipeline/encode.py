@@ -1,4 +1,4 @@
-"""The `encode` (VAE moments) and `features` (DINOv2 tokens) stages: one chunked, cached, resumable runner.
+"""The `encode` (VAE moments) and `features` (representation tokens) stages: one chunked, cached, resumable runner.
 
 The two stages differ only in the frozen model and the per-batch map (`StageKind`), so one
 run can serve both: `run_stages` decodes each image once and feeds every stage that still
@@ -35,12 +35,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.atomic import atomic_write_json, sha256_file
 from pipeline.encoders import (
-    DINO, VAE, EncoderFamily, EncoderRef, describe_identity, dino_side, dino_tokens, load, resolve, vae_downsampling, vae_moments,
+    DINO, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar, vae_downsampling, vae_moments,
 )
 from pipeline.errors import UserError
 from pipeline.runtime import RateColumn, resolve_device
 from pipeline.images import ImageSource, load_cropped, open_source
 from pipeline.lock import exclusive
+from pipeline.representations import encode_features, feature_spec
 from pipeline.stage import ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -55,7 +56,7 @@ class EncodeConfig:
     data: Path  # data root: the stage writes DATA/latents or DATA/features
     model: str  # hub id, local directory or "tiny-random"
     revision: str = "main"  # hub revision (branch, tag or commit), recorded in the manifest
-    resolution: int = 256  # ADM crop side R; a multiple of 16 so DINOv2 gets whole 14-pixel patches
+    resolution: int = 256  # ADM crop side R; a multiple of 16: the encoders see a whole R/16 × R/16 patch grid
     batch_size: int = 64  # images per forward pass (part of the manifest: batches shape the numerics)
     device: str | None = None  # torch device; None → cuda if available, else cpu
     precision: str | None = None  # bf16 | fp16 | fp32 autocast; None → fp32 (convolutions in TF32 on GPU, torch's default, as the references)
@@ -77,38 +78,45 @@ class EncodeConfig:
             raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)} (got {self.dtype}).")
 
 
+Forward = Callable[[torch.nn.Module, torch.Tensor], dict[str, torch.Tensor]]  # uint8 (B, R, R, 3) → name → (B, ...)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a stage computes with one encoder at one resolution."""
+
+    shapes: dict[str, tuple[int, ...]]  # per-image array shapes
+    record: dict[str, Any]  # manifest parameters beyond the run's settings (how the encoder is fed)
+    forward: Forward  # float32 outputs per batch
+
+
 @dataclass(frozen=True)
 class StageKind:
-    """What makes `encode` and `features` different: the model and its per-batch map."""
+    """What makes `encode` and `features` different: the model and its plan."""
 
     name: str  # stage name in the manifest
     subdir: str  # directory under the data root
     family: EncoderFamily  # which frozen encoder
-    shapes: Callable[[dict[str, Any], int], dict[str, tuple[int, ...]]]  # per-image array shapes from (config, R)
-    forward: Callable[[torch.nn.Module, torch.Tensor], dict[str, torch.Tensor]]  # uint8 (B, R, R, 3) → float32
+    plan: Callable[[EncoderRef, int], StagePlan]  # (encoder, R) → shapes, record, per-batch map
 
 
-def _vae_shapes(config: dict[str, Any], resolution: int) -> dict[str, tuple[int, ...]]:
-    f = vae_downsampling(config)
+def _vae_plan(ref: EncoderRef, resolution: int) -> StagePlan:
+    f = vae_downsampling(ref.config)
     if resolution % f:
         raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {f}.")
-    return {"moments": (2 * int(config["latent_channels"]), resolution // f, resolution // f)}
+    side = resolution // f
+    return StagePlan({"moments": (2 * int(ref.config["latent_channels"]), side, side)}, {},
+                     lambda vae, x: {"moments": vae_moments(vae, x)})
 
 
-def _dino_shapes(config: dict[str, Any], resolution: int) -> dict[str, tuple[int, ...]]:
-    side, patch, dim = dino_side(resolution), int(config["patch_size"]), int(config["hidden_size"])
-    if side % patch:
-        raise UserError(f"DINOv2 input side {side} (for --resolution {resolution}) is not a multiple of its patch {patch}.")
-    return {"cls": (dim,), "patch": ((side // patch) ** 2, dim)}
+def _features_plan(ref: EncoderRef, resolution: int) -> StagePlan:
+    spec = feature_spec(ref.config, resolution, sidecar(ref, "preprocessor_config.json"))
+    return StagePlan(spec.shapes(), {"representation": spec.record()},
+                     lambda model, x: encode_features(model, x, spec))  # type: ignore[arg-type]
 
 
-def _dino_forward(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    cls, patch = dino_tokens(model, images)  # (B, D), (B, P, D)
-    return {"cls": cls, "patch": patch}
-
-
-ENCODE = StageKind("encode", "latents", VAE, _vae_shapes, lambda vae, x: {"moments": vae_moments(vae, x)})
-FEATURES = StageKind("features", "features", DINO, _dino_shapes, _dino_forward)
+ENCODE = StageKind("encode", "latents", VAE, _vae_plan)
+FEATURES = StageKind("features", "features", DINO, _features_plan)
 
 
 @dataclass
@@ -151,7 +159,7 @@ def run_encode(cfg: EncodeConfig, console: Console | None = None) -> StageResult
 
 
 def run_features(cfg: EncodeConfig, console: Console | None = None) -> StageResult:
-    """Stage `features`: DINOv2-with-registers CLS and patch tokens of every image into DATA/features."""
+    """Stage `features`: the encoder's patch tokens (and global token, if it has one) of every image into DATA/features."""
     return run_stages([(FEATURES, cfg)], console)[0]
 
 
@@ -161,6 +169,7 @@ class _Job:
 
     kind: StageKind
     ref: EncoderRef
+    plan: StagePlan
     stage: StageDir
     result: StageResult
     pending: set[int]  # this rank's uncommitted chunks (empty when the stage is complete)
@@ -187,8 +196,7 @@ def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]], console: Console 
         if active:
             for job in active:
                 job.model = load(job.ref, device)
-                job.arrays = open_arrays(job.stage.root, len(source), job.kind.shapes(job.ref.config, cfg.resolution),
-                                         cfg.chunk_size, cfg.dtype)
+                job.arrays = open_arrays(job.stage.root, len(source), job.plan.shapes, cfg.chunk_size, cfg.dtype)
             start = time.perf_counter()
             _encode_chunks(active, cfg, source, device, precision, console if rank == 0 else None)
             for job in active:
@@ -203,9 +211,10 @@ def _open_job(kind: StageKind, cfg: EncodeConfig, source: ImageSource, precision
               console: Console, locks: contextlib.ExitStack) -> _Job:
     """Resolve the encoder, check or create the stage directory and find this rank's pending chunks."""
     ref = resolve(kind.family, cfg.model, cfg.revision)
-    shapes = kind.shapes(ref.config, cfg.resolution)
+    plan = kind.plan(ref, cfg.resolution)
+    shapes = plan.shapes
     params = {"resolution": cfg.resolution, "dtype": cfg.dtype, "chunk_size": cfg.chunk_size,
-              "batch_size": cfg.batch_size, "precision": precision, "arrays": shapes}
+              "batch_size": cfg.batch_size, "precision": precision, "arrays": shapes, **plan.record}
     manifest = Manifest(kind.name, params, ref.identity, source.describe(), ref.tiny_random)
     out = Path(cfg.data) / kind.subdir
     stage = StageDir(out, math.ceil(len(source) / cfg.chunk_size))
@@ -213,7 +222,7 @@ def _open_job(kind: StageKind, cfg: EncodeConfig, source: ImageSource, precision
     result = StageResult(kind.name, out, state, len(source), 0, 0, 0.0, ref.identity, ref.tiny_random, rank)
     if state is StageState.COMPLETE:
         result.skipped = len(read_errors(out))
-        return _Job(kind, ref, stage, result, set())
+        return _Job(kind, ref, plan, stage, result, set())
     todo = stage.pending()
     if rank == 0:
         tag = " [bold yellow](tiny-random weights)[/]" if ref.tiny_random else ""
@@ -222,7 +231,7 @@ def _open_job(kind: StageKind, cfg: EncodeConfig, source: ImageSource, precision
             f"{len(todo)} of {stage.n_chunks} chunks to do{f' by {world} processes' if world > 1 else ''}; "
             f"{escape(describe_identity(ref.identity))}{tag}"
         )
-    return _Job(kind, ref, stage, result, {c for c in todo if c % world == rank})
+    return _Job(kind, ref, plan, stage, result, {c for c in todo if c % world == rank})
 
 
 def _close_job(job: _Job, rank: int, world: int) -> None:
@@ -351,7 +360,7 @@ def _encode_chunks(
             needed = [job for job in jobs if chunk in job.pending]
             pixels = pixels.to(device, non_blocking=True)  # (B, R, R, 3) uint8
             for job in needed:
-                for array, value in job.kind.forward(job.model, pixels).items():  # name → (B, ...) float32
+                for array, value in job.plan.forward(job.model, pixels).items():  # name → (B, ...) float32
                     parts[id(job)].setdefault(array, []).append(value.to(store_dtype).cpu().numpy())
             errors += [ChunkError(i, keys[i], r) for i, r in zip(indices, reasons) if r]
             advance(len(indices))

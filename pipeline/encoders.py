@@ -1,14 +1,10 @@
-"""The two frozen encoders: the SD VAE (diffusers `AutoencoderKL`) and DINOv2-with-registers (transformers).
+"""The frozen encoders' identity and loading: the SD VAE (diffusers `AutoencoderKL`) and the representation
+encoders (transformers; the families, pre-processing and tokens kept are `pipeline.representations`).
 
-DINOv2 without registers (`facebook/dinov2-base`, transformers' `Dinov2Model`) is accepted too:
-it is what REPA and REG aligned with, so `--encoder facebook/dinov2-base` gives their exact
-targets (the class is read from the config's `model_type`).
-
-An encoder is named by a hub id, a local directory or `tiny-random` (the same classes with
-tiny widths and a fixed seed, for tests and the offline demo). `resolve_*` reads only the
-config and returns the identity a manifest records; `load_*` builds the model. The
-per-batch maps from uint8 images to stored outputs (`vae_moments`, `dino_tokens`) live
-here too, so the sampler and the stages share one definition of the pre-processing.
+An encoder is named by a hub id, a local directory or `tiny-random[:VARIANT]` (the same classes with
+tiny widths and a fixed seed, for tests and the offline demo). `resolve` reads only the config and
+returns the identity a manifest records; `load` builds the model. The per-batch map from uint8
+images to VAE moments (`vae_moments`) lives here too, so the sampler and the stages share it.
 """
 from __future__ import annotations
 
@@ -23,18 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from huggingface_hub import try_to_load_from_cache
-from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import AutoConfig
 
+from pipeline import representations
 from pipeline.atomic import read_json
 from pipeline.errors import UserError
+from pipeline.representations import (  # noqa: F401 (importable from here, where the benchmarks and tests look)
+    IMAGENET_MEAN, IMAGENET_STD, dinov2_base_config, encoder_tokens, tiny_dino_config,
+)
 
+dino_tokens = encoder_tokens  # the name the benchmarks import; any family, not only DINOv2
 TINY_RANDOM = "tiny-random"
 TINY_SEED = 0  # torch seed of the tiny-random weights
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -52,49 +51,19 @@ def sd_vae_config() -> dict[str, Any]:
     return {**tiny_vae_config(), "layers_per_block": 2, "norm_num_groups": 32, "block_out_channels": [128, 256, 512, 512]}
 
 
-def tiny_dino_config() -> dict[str, Any]:
-    """DINOv2-with-registers with patch 14 at 224 and 4 registers (16×16 tokens at R=256), width 32, 2 layers."""
-    return {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 4,
-        "patch_size": 14, "image_size": 224, "num_register_tokens": 4, "layerscale_value": 1.0,
-    }
-
-
-def dinov2_base_config() -> dict[str, Any]:
-    """The real ViT-B/14 with 4 registers (768 wide, 12 layers, 12 heads) of `dinov2-with-registers-base`."""
-    return {**tiny_dino_config(), "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
-
-
-DinoModel = Dinov2WithRegistersModel | Dinov2Model
-DINO_CLASSES: dict[str, type[DinoModel]] = {"dinov2_with_registers": Dinov2WithRegistersModel, "dinov2": Dinov2Model}
-
-
 def _vae_class(config: dict[str, Any]) -> type[AutoencoderKL]:
     return AutoencoderKL
-
-
-def _dino_class(config: dict[str, Any]) -> type[DinoModel]:
-    """Dinov2WithRegistersModel (ReDi; also the tiny-random configs, which carry no model_type) or Dinov2Model."""
-    kind = config.get("model_type", "dinov2_with_registers")
-    if kind not in DINO_CLASSES:
-        raise UserError(f"The --encoder config is a {kind!r} model; expected DINOv2 ({', '.join(DINO_CLASSES)}).")
-    return DINO_CLASSES[kind]
 
 
 def _build_vae(config: dict[str, Any]) -> AutoencoderKL:
     return AutoencoderKL.from_config(config)
 
 
-def _build_dino(config: dict[str, Any]) -> DinoModel:
-    cls = _dino_class(config)
-    return cls(cls.config_class(**config))
-
-
 def _vae_hub_config(name: str, revision: str, offline: bool) -> dict[str, Any]:
     return dict(AutoencoderKL.load_config(name, revision=revision, local_files_only=offline))
 
 
-def _dino_hub_config(name: str, revision: str, offline: bool) -> dict[str, Any]:
+def _transformers_hub_config(name: str, revision: str, offline: bool) -> dict[str, Any]:
     return AutoConfig.from_pretrained(name, revision=revision, local_files_only=offline).to_dict()
 
 
@@ -106,20 +75,29 @@ class EncoderFamily:
     flag: str  # the CLI option that names it
     example_dir: str  # a plausible local directory for the error message
     model_class: Callable[[dict[str, Any]], type[torch.nn.Module]]  # config → class (the identity records it)
-    tiny_config: Callable[[], dict[str, Any]]  # the tiny-random architecture
+    tiny_configs: Callable[[], dict[str, Callable[[], dict[str, Any]]]]  # tiny-random[:VARIANT] ("" plain) → config
     dim_key: str  # config field recorded as the identity's "dim"
     config_keys: tuple[str, ...]  # fields every config of this family has (a config without them is another model)
     hub_config: Callable[[str, str, bool], dict[str, Any]]  # (id, revision, cached only) → config, no weights
     build: Callable[[dict[str, Any]], torch.nn.Module]  # config → randomly initialised model
+    pretrained: Callable[..., torch.nn.Module]  # (config, source, **hub kwargs) → the pretrained model
+    model_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda config: config  # checkpoint config → the model's
+
+    def tiny_config(self) -> dict[str, Any]:
+        """The plain `tiny-random` architecture."""
+        return self.tiny_configs()[""]()
 
 
 VAE = EncoderFamily(
-    "VAE", "--vae", "/path/to/sd-vae-ft-ema", _vae_class, tiny_vae_config, "latent_channels",
+    "VAE", "--vae", "/path/to/sd-vae-ft-ema", _vae_class, lambda: {"": tiny_vae_config}, "latent_channels",
     ("latent_channels", "block_out_channels"), _vae_hub_config, _build_vae,
+    lambda config, source, **hub: AutoencoderKL.from_pretrained(source, **hub),
 )
-DINO = EncoderFamily(
-    "DINOv2 encoder", "--encoder", "/path/to/dinov2-with-registers-base", _dino_class,
-    tiny_dino_config, "hidden_size", ("hidden_size", "patch_size"), _dino_hub_config, _build_dino,
+DINO = EncoderFamily(  # every representation family (pipeline/representations.py), named for the default
+    "representation encoder", "--encoder", "/path/to/dinov2-with-registers-base",
+    lambda config: representations.family_of(config).model_class, representations.tiny_configs, "hidden_size",
+    ("hidden_size", "patch_size"), _transformers_hub_config, representations.build, representations.from_pretrained,
+    representations.vision_config,
 )
 
 
@@ -130,7 +108,7 @@ class EncoderRef:
     family: EncoderFamily
     name: str  # hub id, local directory or "tiny-random"
     revision: str  # hub revision asked for ("main" unless pinned)
-    config: dict[str, Any]  # the model config (diffusers / transformers fields)
+    config: dict[str, Any]  # the model config (diffusers / transformers fields; a full CLIP/SigLIP's vision tower)
     identity: dict[str, Any]  # {"kind", "id", "revision" | "hash", "class", "dim"} for the manifest
 
     @property
@@ -144,24 +122,31 @@ def offline() -> bool:
 
 
 def resolve(family: EncoderFamily, name: str, revision: str = "main") -> EncoderRef:
-    """Find the config of `name` (tiny-random, local directory or hub id) without loading weights."""
+    """Find the config of `name` (tiny-random[:VARIANT], local directory or hub id) without loading weights."""
     base = {"id": name}
-    if name == TINY_RANDOM:
-        config = family.tiny_config()
+    if name == TINY_RANDOM or name.startswith(TINY_RANDOM + ":"):
+        variants = family.tiny_configs()
+        variant = name.removeprefix(TINY_RANDOM).removeprefix(":")
+        if variant not in variants:
+            names = ", ".join(TINY_RANDOM + (f":{v}" if v else "") for v in variants)
+            raise UserError(f"{family.flag} {name} is not a tiny-random model; choose one of {names}.")
+        config = variants[variant]()
         ident = {**base, "kind": TINY_RANDOM, "hash": _config_hash(config, []), "seed": TINY_SEED}
     elif Path(name).expanduser().exists() or name.startswith(("/", ".", "~")):
         path = Path(name).expanduser().resolve()
         if not (path / "config.json").is_file():
             raise UserError(f"{name} is not a model directory (no config.json there); pass {family.flag} DIR or a hub id.")
-        config = read_json(path / "config.json", dict, f"pass {family.flag} a model directory or a hub id")
+        raw = read_json(path / "config.json", dict, f"pass {family.flag} a model directory or a hub id")
         weights = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
-        ident = {**base, "id": str(path), "kind": "local", "hash": _config_hash(config, weights)}
+        ident = {**base, "id": str(path), "kind": "local", "hash": _config_hash(raw, weights)}
+        config = family.model_config(raw)
     else:
         try:
             with _quiet_hub():
-                config = family.hub_config(name, revision, offline())
+                raw = family.hub_config(name, revision, offline())
         except (OSError, ValueError):  # missing files, no network, or an id the hub rejects
             raise _unavailable(family, name, revision) from None
+        config = family.model_config(raw)
         ident = {**base, "kind": "hub", "revision": revision}
         cached = try_to_load_from_cache(name, "config.json", revision=revision)
         if isinstance(cached, str):
@@ -185,13 +170,30 @@ def load(ref: EncoderRef, device: torch.device | str = "cpu", dtype: torch.dtype
         hub = {"revision": ref.revision, "local_files_only": offline()} if kind == "hub" else {}
         try:
             with _quiet_hub():
-                model = ref.family.model_class(ref.config).from_pretrained(source, **hub)  # type: ignore[attr-defined]
+                model = ref.family.pretrained(ref.config, source, **hub)
         except OSError:
             raise _unavailable(ref.family, ref.name, ref.revision) from None
     model = model.to(device=device)
     if dtype != torch.float32:
         model = model.to(dtype=dtype)
     return model.eval().requires_grad_(False)
+
+
+def sidecar(ref: EncoderRef, filename: str) -> dict[str, Any] | None:
+    """A JSON file of the model's directory or hub repo besides its config (e.g. preprocessor_config.json), if it has one."""
+    if ref.tiny_random:
+        return None
+    if ref.identity["kind"] == "local":
+        path: Path | None = Path(ref.identity["id"]) / filename
+    else:
+        try:
+            with _quiet_hub():
+                path = Path(hf_hub_download(ref.name, filename, revision=ref.revision, local_files_only=offline()))
+        except (OSError, ValueError, EntryNotFoundError):  # not in the repo, not cached, no network
+            path = None
+    if path is None or not path.is_file():
+        return None
+    return read_json(path, dict, "repair or delete it")
 
 
 def random_init(family: EncoderFamily, config: dict[str, Any], seed: int) -> torch.nn.Module:
@@ -214,35 +216,11 @@ def vae_downsampling(config: dict[str, Any]) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def dino_side(resolution: int) -> int:
-    """DINOv2 input side for crop resolution R: 224·R/256 (SPEC §3)."""
-    return 224 * resolution // 256
-
-
 def vae_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, R, R, 3) images → float32 (N, 2C, R/f, R/f): posterior mean, then std = exp(½·logvar)."""
     x = images.permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1  # (N, 3, R, R) in [-1, 1]
     posterior = vae.encode(x).latent_dist
     return torch.cat([posterior.mean, posterior.std], dim=1).float()  # (N, 2C, R/f, R/f)
-
-
-def dino_preprocess(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """uint8 (N, R, R, 3) → float32 (N, 3, S, S): /255, ImageNet mean/std, THEN bicubic resize to S = 224·R/256."""
-    x = images.permute(0, 3, 1, 2).float() / 255  # (N, 3, R, R) in [0, 1]
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std  # (N, 3, R, R)
-    side = dino_side(resolution)
-    return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False, antialias=False)  # (N, 3, S, S)
-
-
-def dino_tokens(model: DinoModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, R, R, 3) → float32 CLS (N, D) and patch tokens (N, P, D) after the final LayerNorm."""
-    x = dino_preprocess(images, images.shape[1]).to(model.dtype)  # (N, 3, S, S)
-    h = model(pixel_values=x).last_hidden_state  # (N, 1 + registers + P, D)
-    cls = h[:, 0]  # (N, D)
-    patch = h[:, 1 + getattr(model.config, "num_register_tokens", 0) :]  # (N, P, D), registers dropped
-    return cls.float(), patch.float()
 
 
 def describe_identity(identity: dict[str, Any]) -> str:

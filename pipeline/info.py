@@ -96,9 +96,16 @@ def _array_stage(path: Path) -> StageInfo:
         ("resolution", str(params.get("resolution", "?"))),
         *_array_rows(path / "store.zarr"),
         ("encoder", describe_identity(manifest.get("encoder", {}))),
+        *(_tokens(params["representation"]) if "representation" in params else []),
         ("skipped images", str(n_errors)),
     ]
     return StageInfo(name, status, rows, bool(manifest.get("tiny_random")))
+
+
+def _tokens(rep: dict[str, Any]) -> list[tuple[str, str]]:
+    """features/: the encoder's token grid, input side and global token, from the manifest."""
+    g = rep.get("grid")
+    return [("token grid", f"{g}×{g} at {rep.get('input_side')} px"), ("global token", str(rep.get("global_token") or "none"))]
 
 
 def _array_rows(store: Path) -> list[tuple[str, str]]:

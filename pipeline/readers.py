@@ -58,7 +58,7 @@ class ShardInfo:
     latent_shape: tuple[int, int, int]  # (C, h, h) of the VAE latent z; the moments hold 2C channels
     pcs: int  # K principal components stored per sample
     grid: int  # p, side of the PC / patch grid
-    feature_dim: int  # D, DINOv2 width (CLS and patch tokens)
+    feature_dim: int  # D, the encoder's width (global and patch tokens), from its config
     has_patch_tokens: bool
     vae_scale: float  # z = (mean + std·ε) · scale + shift
     vae_shift: float
@@ -85,12 +85,19 @@ def read_shard_info(shards_dir: Path) -> ShardInfo:
         return ShardInfo(
             root=root, num_samples=raw["num_samples"], shard_size=raw["shard_size"], num_shards=raw["num_shards"],
             num_classes=raw["num_classes"], resolution=raw["resolution"], latent_shape=tuple(raw["latent_shape"]),
-            pcs=k, grid=p, feature_dim=fields["cls"].shape[0], has_patch_tokens="patch_tokens" in fields,
+            pcs=k, grid=p, feature_dim=_feature_dim(fields, raw), has_patch_tokens="patch_tokens" in fields,
             vae_scale=float(raw["vae"]["scale"]), vae_shift=float(raw["vae"]["shift"]), pca_sha256=raw["pca"]["sha256"],
             formats=tuple(raw["formats"]), fields=fields, files=raw["files"],
         )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise UserError(f"{path} is damaged; rebuild the shards (`redi shards --data {root.parent} --force`).") from None
+
+
+def _feature_dim(fields: dict[str, FieldSpec], raw: dict[str, Any]) -> int:
+    """D from the stored tokens, or from the encoder's config when the shards hold neither `cls` nor patch tokens."""
+    if "cls" in fields:
+        return fields["cls"].shape[0]
+    return fields["patch_tokens"].shape[1] if "patch_tokens" in fields else int(raw["encoder"]["dim"])
 
 
 @dataclass(frozen=True)

@@ -111,10 +111,12 @@ class ShardLayout:
 
 
 def make_layout(num_samples: int, shard_size: int, moments: tuple[int, int, int], pcs: tuple[int, int, int],
-                dim: int, num_patches: int | None) -> ShardLayout:
-    """The layout of the shards: label, moments (8,h,h), pcs (K,p,p), cls (D,), optional patch_tokens (P,D)."""
-    fields = {"label": FieldSpec((), "int64"), "moments": FieldSpec(moments, "float16"),
-              "pcs": FieldSpec(pcs, "float16"), "cls": FieldSpec((dim,), "float16")}
+                dim: int, num_patches: int | None, cls: bool = True) -> ShardLayout:
+    """The layout of the shards: label, moments (8,h,h), pcs (K,p,p), cls (D,) unless the encoder has no global
+    token, optional patch_tokens (P,D)."""
+    fields = {"label": FieldSpec((), "int64"), "moments": FieldSpec(moments, "float16"), "pcs": FieldSpec(pcs, "float16")}
+    if cls:
+        fields["cls"] = FieldSpec((dim,), "float16")
     if num_patches is not None:
         fields["patch_tokens"] = FieldSpec((num_patches, dim), "float16")
     return ShardLayout(num_samples, shard_size, fields)
@@ -259,7 +261,7 @@ class _Inputs:
     """The opened, cross-checked inputs of the stage."""
 
     moments: zarr.Array  # (N, 8, h, h)
-    cls: zarr.Array  # (N, D)
+    cls: zarr.Array | None  # (N, D) global token; None when the encoder has none (I-JEPA)
     patch: zarr.Array  # (N, P, D)
     labels: np.ndarray  # (N,) int64
     keys: list[str]  # N image keys
@@ -273,7 +275,7 @@ class _Inputs:
 
     @property
     def grid(self) -> int:
-        """p: side of the DINOv2 patch grid."""
+        """p: side of the encoder's patch grid."""
         return math.isqrt(self.patch.shape[1])
 
 
@@ -308,19 +310,21 @@ def open_inputs(data: Path) -> _Inputs:
     if _read_keys(feat_root) != keys:
         raise UserError(f"{lat_root}/keys.json and {feat_root}/keys.json list different images; rerun one stage.")
     lat_store, feat_store = lat_root / "store.zarr", feat_root / "store.zarr"
-    moments, cls, patch = _open_array(lat_store, "moments", 4), _open_array(feat_store, "cls", 2), \
-        _open_array(feat_store, "patch", 3)
+    moments, patch = _open_array(lat_store, "moments", 4), _open_array(feat_store, "patch", 3)
+    arrays = feat_manifest.get("params", {}).get("arrays")  # recorded by the stage (synthetic stores may not)
+    cls = _open_array(feat_store, "cls", 2) if arrays is None or "cls" in arrays else None  # no global token: none
     n = len(keys)
     checks = {"latents": InputCheck(lat_root, n), "features": InputCheck(feat_root, n)}
     whole = {(stage, name): _rows(_open_array(store, name, 1), name, 0, n, checks[stage])
              for stage, store in (("latents", lat_store), ("features", feat_store)) for name in ("labels", "valid")}
     labels = np.asarray(whole["latents", "labels"], dtype=np.int64)
     lat_valid, feat_valid = (np.asarray(whole[stage, "valid"], dtype=bool) for stage in ("latents", "features"))
-    if {moments.shape[0], cls.shape[0], patch.shape[0], len(labels), len(lat_valid), len(feat_valid)} != {n}:
+    rows = {a.shape[0] for a in (moments, patch, cls) if a is not None} | {len(labels), len(lat_valid), len(feat_valid)}
+    if rows != {n}:
         raise UserError(f"{lat_root} and {feat_root} hold different numbers of images (keys.json lists {n}).")
     if not np.array_equal(labels, np.asarray(whole["features", "labels"], dtype=np.int64)):
         raise UserError(f"{lat_store}/labels and {feat_store}/labels differ; rerun one of the stages.")
-    if math.isqrt(patch.shape[1]) ** 2 != patch.shape[1] or cls.shape[1] != patch.shape[2]:
+    if math.isqrt(patch.shape[1]) ** 2 != patch.shape[1] or (cls is not None and cls.shape[1] != patch.shape[2]):
         raise UserError(f"{feat_store} holds patch {patch.shape} and cls {cls.shape}; expected (N, p², D) and (N, D).")
     pca_path = data / "pca.safetensors"
     pca_sha256 = checked_pca_sha256(data)
@@ -379,7 +383,8 @@ def _read_group(inputs: _Inputs, lo: int, hi: int, layout: ShardLayout, device: 
         rows = slice(at - lo, at - lo + len(idx))
         out["label"][rows] = inputs.labels[idx]
         out["moments"][rows] = _rows(inputs.moments, "moments", first, last, inputs.checks["latents"])[sel]
-        out["cls"][rows] = _rows(inputs.cls, "cls", first, last, inputs.checks["features"])[sel]
+        if inputs.cls is not None:
+            out["cls"][rows] = _rows(inputs.cls, "cls", first, last, inputs.checks["features"])[sel]
         patch = _rows(inputs.patch, "patch", first, last, inputs.checks["features"])[sel]  # (n, P, D) float16
         tokens = torch.from_numpy(patch).to(device)
         z = inputs.pca.project(tokens, k)  # (n, P, K) float32
@@ -492,7 +497,7 @@ def write_stage(data: Path, cfg: ShardsConfig, progress: bool) -> ShardsResult:
     device = resolve_device(cfg.device)
     p = inputs.grid
     layout = make_layout(len(inputs.kept), cfg.shard_size, tuple(inputs.moments.shape[1:]), (cfg.pcs, p, p),
-                         inputs.cls.shape[1], inputs.patch.shape[1] if cfg.patch_tokens else None)
+                         inputs.patch.shape[2], inputs.patch.shape[1] if cfg.patch_tokens else None, inputs.cls is not None)
     group_blocks = _group_blocks(layout)
     root = data / "shards"
     stage = StageDir(root, n_chunks=layout.num_shards)

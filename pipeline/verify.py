@@ -20,7 +20,7 @@ from pipeline.stage import StageDir, open_array, read_errors, read_manifest
 # Arrays of each input stage and their number of dimensions (docs/FORMATS.md).
 STAGE_ARRAYS = {
     "latents": {"moments": 4, "labels": 1, "valid": 1},
-    "features": {"cls": 2, "patch": 3, "labels": 1, "valid": 1},
+    "features": {"cls": 2, "patch": 3, "labels": 1, "valid": 1},  # cls: only with a global token
 }
 
 
@@ -60,6 +60,8 @@ def _check_array_stage(root: Path, deep: bool, bar: Progress, repair: bool = Fal
                             f"`redi verify {root.parent} --repair`, then rerunning the stage, rewrites only those chunks.")
     shapes = []
     for name, ndim in STAGE_ARRAYS[root.name].items():
+        if name == "cls" and "cls" not in manifest.get("params", {}).get("arrays", {"cls": None}):
+            continue  # an encoder without a global token (I-JEPA) has no `cls`
         path = root / "store.zarr" / name
         arr = open_array(path, "rerun the stage with --force")
         if arr.ndim != ndim or arr.shape[0] != n or (name == "moments" and arr.shape[1] != 8):

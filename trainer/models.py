@@ -62,7 +62,7 @@ class ModelConfig:
     repa_depth: int = 0
     """0 = no REPA projector; else the block index k (1-based) whose output feeds the projector."""
     repa_dim: int = 768
-    """Encoder (DINOv2) width D of the REPA targets and of the REG class token."""
+    """Encoder width D of the REPA targets and of the REG class token (shards.json: 768 for DINOv2-B)."""
     reg_token: bool = False
     """REG: one entangled class token prepended to the sequence."""
     learn_sigma: bool = False

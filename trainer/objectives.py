@@ -308,7 +308,7 @@ def check_batch(model_cfg: ModelConfig, cfg: LossConfig, batch: TrainBatch) -> N
                 f"{model_cfg.num_patches} tokens of width {model_cfg.repa_dim}: the two token grids must match"
             )
     if cfg.uses_reg and (batch.cls is None or batch.cls.shape[1] != model_cfg.repa_dim):
-        raise UserError(f"REG needs the DINOv2 class token of width {model_cfg.repa_dim} in every batch")
+        raise UserError(f"REG needs the encoder's global token of width {model_cfg.repa_dim} in every batch")
 
 
 def compute_loss(

@@ -226,7 +226,10 @@ def model_config(cfg: TrainConfig, info: ShardInfo) -> ModelConfig:
     if rank > info.pcs:
         raise UserError(f"--pca-rank {rank} is larger than the {info.pcs} components stored in the shards: rebuild them with `redi shards --pcs {rank}`.")
     if cfg.uses_repa and not info.has_patch_tokens:
-        raise UserError(f"--method {cfg.method} aligns with the DINOv2 patch tokens, which these shards lack: rebuild them with `redi shards --patch-tokens`.")
+        raise UserError(f"--method {cfg.method} aligns with the encoder's patch tokens, which these shards lack: rebuild them with `redi shards --patch-tokens`.")
+    if cfg.method == "reg" and "cls" not in info.fields:
+        raise UserError("--method reg needs the encoder's global token, and these shards' encoder has none (no CLS token "
+                        "or pooled output, e.g. I-JEPA): use --method repa or an encoder with one (docs/ENCODERS.md).")
     return ModelConfig(
         size=cfg.size, objective=cfg.objective, input_size=info.latent_shape[1], vae_channels=info.latent_shape[0],
         pca_rank=rank, fusion=cfg.fusion, num_classes=1 if cfg.unconditional else info.num_classes,
