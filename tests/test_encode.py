@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.demo_data import CLASSES, write_demo_images
-from pipeline.encoders import DINO, IMAGENET_MEAN, IMAGENET_STD, VAE, dino_preprocess, dino_tokens, load, resolve, vae_moments
+from pipeline.encoders import DINO, IMAGENET_MEAN, IMAGENET_STD, VAE, dino_tokens, load, resolve, vae_moments
 from pipeline.images import center_crop_arr, decode_rgb, open_source
+from pipeline.representations import CLIP_MEAN, CLIP_STD, HALF, feature_spec, tiny_configs, tiny_dino_config
 
 R = 64  # crop side: 8×8 latents, 4×4 DINOv2 patches (56-pixel input)
 TINY = ["--resolution", str(R), "--workers", "0", "--batch-size", "4"]
@@ -102,16 +103,53 @@ def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     return m
 
 
-def test_dino_preprocessing_matches_spec() -> None:
+def _triangle_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of antialiased bilinear downsampling (torchvision/PIL): a triangle stretched by n_in/n_out."""
+    scale = n_in / n_out
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        centre = (i + 0.5) * scale - 0.5
+        m[i] = np.maximum(0.0, 1 - np.abs(np.arange(n_in) - centre) / scale)
+    return m / m.sum(axis=1, keepdims=True)
+
+
+def dino_input(pixels: torch.Tensor, resolution: int) -> torch.Tensor:
+    """DINOv2's input for uint8 crops (REPA's pre-processing at 224·R/256)."""
+    spec = feature_spec(tiny_dino_config(), resolution)
+    return spec.preprocess(pixels, spec.side)
+
+
+@pytest.mark.parametrize("family, mean, std, resize_first", [
+    ("dinov2-reg", IMAGENET_MEAN, IMAGENET_STD, False),  # REPA: normalise, then bicubic to 224·R/256 (SPEC §3)
+    ("clip", CLIP_MEAN, CLIP_STD, True),  # REPA: bicubic to 224·R/256, then CLIP's mean/std
+])
+def test_repa_preprocessing_by_hand(family: str, mean: tuple[float, ...], std: tuple[float, ...], resize_first: bool) -> None:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (2, R, R, 3), dtype=np.uint8)
-    got = dino_preprocess(torch.from_numpy(img), R).numpy()  # (2, 3, 56, 56)
+    spec = feature_spec(tiny_configs()[family](), R)
+    got = spec.preprocess(torch.from_numpy(img), spec.side).numpy()  # (2, 3, 56, 56)
     side = 224 * R // 256
-    x = (img / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)  # normalise first (SPEC §3)
     w = _bicubic_matrix(R, side)
-    want = np.einsum("yh,nhwc,xw->ncyx", w, x, w)  # separable bicubic resize
-    assert got.shape == (2, 3, side, side)
-    np.testing.assert_allclose(got, want, atol=1e-4)  # float32 vs float64
+    resize = lambda x: np.einsum("yh,nhwc,xw->nyxc", w, x, w)  # separable bicubic resize  # noqa: E731
+    normalise = lambda x: (x - np.array(mean)) / np.array(std)  # noqa: E731
+    x = img / 255.0
+    want = normalise(resize(x)) if resize_first else resize(normalise(x))
+    assert spec.side == side and got.shape == (2, 3, side, side)
+    np.testing.assert_allclose(got, want.transpose(0, 3, 1, 2), atol=1e-4)  # float32 vs float64
+
+
+def test_siglip_preprocessing_follows_its_preprocessor_config() -> None:
+    """A SigLIP/14 (so400m-like): resized to 14·R/16 with the json's bilinear, antialiased, then its mean/std."""
+    config = {**tiny_configs()["siglip"](), "patch_size": 14}
+    processor = {"resample": 2, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.5], "rescale_factor": 1 / 255}
+    spec = feature_spec(config, R, processor)
+    img = np.random.default_rng(1).integers(0, 256, (2, R, R, 3), dtype=np.uint8)
+    got = spec.preprocess(torch.from_numpy(img), spec.side).numpy()
+    w = _triangle_matrix(R, 56)
+    want = (np.einsum("yh,nhwc,xw->nyxc", w, img / 255.0, w) - processor["image_mean"]) / processor["image_std"]
+    assert spec.side == 56 and spec.preprocess.source == "preprocessor_config.json"
+    np.testing.assert_allclose(got, want.transpose(0, 3, 1, 2), atol=1e-4)
+    assert feature_spec(config, R).preprocess.mean == HALF  # without the json: SiglipImageProcessor's defaults
 
 
 def test_dino_tokens_keep_cls_and_patches_drop_registers() -> None:
@@ -119,7 +157,7 @@ def test_dino_tokens_keep_cls_and_patches_drop_registers() -> None:
     pixels = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)
     with torch.inference_mode():
         cls, patch = dino_tokens(dino, pixels)
-        h = dino(pixel_values=dino_preprocess(pixels, 128)).last_hidden_state  # (2, 1 + 4 + 64, 32)
+        h = dino(pixel_values=dino_input(pixels, 128)).last_hidden_state  # (2, 1 + 4 + 64, 32)
     assert h.shape == (2, 1 + 4 + 64, 32)
     torch.testing.assert_close(cls, h[:, 0])
     torch.testing.assert_close(patch, h[:, 5:])
@@ -278,7 +316,7 @@ def test_dinov2_without_registers_gives_repa_and_reg_their_targets(images: Path,
     model = load(ref)
     pixels = torch.from_numpy(np.stack([center_crop_arr(decode_rgb(open_source(images).read_bytes(i)), R) for i in (0, 5)]))
     with torch.inference_mode():
-        h = model(pixel_values=dino_preprocess(pixels, R)).last_hidden_state  # (2, 1 + 16, 32): no registers
+        h = model(pixel_values=dino_input(pixels, R)).last_hidden_state  # (2, 1 + 16, 32): no registers
     assert features["patch"].shape == (12, 16, 32)
     np.testing.assert_allclose(features["patch"][[0, 5]], h[:, 1:].half().numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(features["cls"][[0, 5]], h[:, 0].half().numpy(), rtol=1e-3, atol=1e-3)
