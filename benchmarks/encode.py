@@ -8,6 +8,8 @@ the same models: tiny-random by default, or (`real_arch=True`) randomly initiali
 of the real architectures (sd-vae-ft-ema, DINOv2-reg ViT-B/14) saved to a temporary local
 directory, on the GPU when there is one. Nothing is downloaded. `models_images_per_s` times the
 two models alone on images already on the device: the ceiling of the batched stage.
+`encoder_throughput` times the `features` stage alone with the real representation architectures
+(DINOv2-B/L, SigLIP2-B) at random weights; `run` reports it too unless `quick`.
 """
 from __future__ import annotations
 
@@ -27,12 +29,15 @@ from pipeline.encoders import (
     DINO, TINY_RANDOM, VAE, dino_tokens, dinov2_base_config, load, random_init, resolve, sd_vae_config, vae_moments,
 )
 from pipeline.images import ImageSource, load_cropped, open_source
+from pipeline.representations import ARCHITECTURES
 
 
 def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, workers: int | None = None,
         num: int | None = None, batch_size: int | None = None, one_at_a_time: bool = True,
-        images: Path | None = None) -> dict[str, float | str]:
-    """Images/s of VAE+DINOv2 encoding, batched stages vs one at a time (unless told not to), and their ratio.
+        images: Path | None = None, encoders: tuple[str, ...] | None = None) -> dict[str, float | str]:
+    """Images/s of VAE+DINOv2 encoding, batched stages vs one at a time (unless told not to), and their ratio; then
+    `features` alone with each of `encoders` (default: every real architecture of ARCHITECTURES for the plain
+    `redi bench encode` run, none when quick, real_arch or given images, as the GPU suite's calls are).
 
     `images`: a folder of images to encode (several runs can share one) instead of `num` new demo images.
     """
@@ -60,6 +65,27 @@ def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, wor
         if one_at_a_time:
             single = _one_at_a_time(open_source(images), vae_name, dino_name, resolution, torch.device(device), root / "npy")
             figures |= {"one_at_a_time_images_per_s": single, "speedup": batched / single}
+    plain = not (quick or real_arch or images is not None)
+    names = encoders if encoders is not None else tuple(ARCHITECTURES) if plain else ()
+    return figures | encoder_throughput(names, workers=workers)
+
+
+def encoder_throughput(names: tuple[str, ...], num: int | None = None, resolution: int = 256, batch_size: int | None = None,
+                       workers: int = 0) -> dict[str, float]:
+    """Images/s of the `features` stage with each named real architecture (ARCHITECTURES) at random weights."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    num = num or (256 if device == "cuda" else 16)
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="redi-bench-encoders-") as tmp:
+        root = Path(tmp)
+        images = write_demo_images(root / "images", num).out
+        for name in names:
+            model_dir = root / name
+            random_init(DINO, ARCHITECTURES[name](), 0).save_pretrained(model_dir)  # type: ignore[operator]
+            cfg = EncodeConfig(images, root / f"data-{name}", str(model_dir), resolution=resolution, device=device,
+                               workers=workers, batch_size=batch_size or (128 if device == "cuda" else 8))
+            (result,) = run_stages([(FEATURES, cfg)], Console(quiet=True))
+            figures[f"features_{name}_images_per_s"] = result.images_per_second
     return figures
 
 
