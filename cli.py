@@ -261,7 +261,7 @@ def shards_command(
 @app.command("verify")
 @user_errors
 def verify_command(
-    data: Annotated[Path, typer.Argument(help="Data root to check (latents/, features/, pca.safetensors, shards/), or a run directory (config.json, checkpoints).")],
+    data: Annotated[str, typer.Argument(help="Data root to check (latents/, features/, pca.safetensors, shards/), a URL that `redi publish` wrote (its shards/), or a run directory (config.json, checkpoints).", show_default=False)],
     deep: Annotated[bool, typer.Option("--deep/--no-deep", help="Hash and decode every input chunk and hash every shard file and checkpoint; --no-deep checks manifests, shapes and presence only.")] = True,
     repair: Annotated[bool, typer.Option("--repair", help="Forget the encode/features chunks whose files are missing or changed, so that rerunning the stage rewrites only them.")] = False,
 ) -> None:
@@ -269,16 +269,19 @@ def verify_command(
     from rich.table import Table
 
     from pipeline.info import is_run_dir
+    from pipeline.remote import is_url, redact
     from pipeline.verify import verify_data
 
-    if is_run_dir(data):
+    is_run = not is_url(data) and is_run_dir(Path(data))
+    if is_run:
         from trainer.verify import verify_run
 
-        checks = verify_run(data, deep=deep)
+        checks = verify_run(Path(data), deep=deep)
     else:
         checks = verify_data(data, deep=deep, repair=repair)
+    shown = escape(redact(data))  # a URL without its credentials
     colours = {"ok": "green", "absent": "dim", "warning": "yellow", "FAILED": "bold red"}
-    table = Table(title=f"verify {escape(str(data))}")
+    table = Table(title=f"verify {shown}")
     for name in ("stage", "status", "details"):
         table.add_column(name)
     for check in checks:
@@ -287,7 +290,31 @@ def verify_command(
     failed = [check for check in checks if check.problem]
     if failed:
         raise UserError(failed[0].problem)
-    console.print(f"[green]{escape(str(data))}: every {'part' if is_run_dir(data) else 'stage present'} is consistent.[/]")
+    console.print(f"[green]{shown}: every {'part' if is_run else 'stage present'} is consistent.[/]")
+
+
+@app.command("publish")
+@user_errors
+def publish_command(
+    data: Annotated[Path, typer.Argument(help="Data root whose finished shards/ (and pca.safetensors) to copy.", show_default=False)],
+    dest: Annotated[str, typer.Argument(help="Where: s3://bucket/prefix, gs://…, any fsspec URL or a local path; it gets DEST/shards/ and DEST/pca.safetensors. Credentials come from the environment.", show_default=False)],
+) -> None:
+    """Copy finished shards to a bucket (each file checked against shards.json, shards.json last), for `redi train --shards DEST`."""
+    from rich.table import Table
+
+    from pipeline.publish import publish_shards
+
+    result = publish_shards(data, dest)
+    if result.up_to_date:
+        console.print(f"[green]{escape(str(result.dest))} already holds these shards: nothing to do.[/]")
+        return
+    table = Table(title="redi publish", show_header=False)
+    for name, value in [("to", escape(str(result.dest))), ("files", f"{result.files:,}" + ("" if result.pca else " (no pca.safetensors: absent, or fitted after these shards)")),
+                        ("bytes", f"{result.bytes / 1e6:,.1f} MB"), ("time", f"{result.seconds:.1f} s"),
+                        ("MB/s", f"{result.bytes / 1e6 / max(result.seconds, 1e-9):,.1f}")]:
+        table.add_row(name, value)
+    console.print(table)
+    console.print(f"next: redi verify {escape(str(result.dest))}   then   redi train --shards {escape(str(result.dest))} --format wds …")
 
 
 # --- train ---
@@ -296,7 +323,7 @@ def verify_command(
 @app.command("train")
 @user_errors
 def train_command(
-    shards: Annotated[Path, typer.Option(help="Data root (or its shards/ directory) made by `redi shards`.")],
+    shards: Annotated[str, typer.Option(help="Data root (or its shards/ directory) made by `redi shards`: a path or a URL (s3://, gs://, https://, file://; see `redi publish`).", show_default=False)],
     run: Annotated[Path, typer.Option(help="Run directory; an existing one is resumed from its newest checkpoint.")],
     model: Annotated[str, typer.Option(help="SiT-{S,B,L,XL}/2, DiT-{S,B,L,XL}/2, or SiT-debug / DiT-debug.")] = "SiT-B/2",
     method: Annotated[str, typer.Option(help="baseline | redi | repa | reg | redi+repa.")] = "redi",
@@ -322,8 +349,9 @@ def train_command(
     precision: Annotated[str, typer.Option(help="bf16 (autocast on GPU) or fp32.")] = "bf16",
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     seed: Annotated[int, typer.Option(min=0, max=2**40, help="Seed of weights, data order and noise.")] = 0,
-    data_format: Annotated[str, typer.Option("--format", help="zarr (one node) or wds (streaming).")] = "zarr",
+    data_format: Annotated[str, typer.Option("--format", help="zarr (random access: a local disk) or wds (whole tars: a network file system or a URL).")] = "zarr",
     num_workers: Annotated[int, typer.Option(help="DataLoader workers per rank.")] = 4,
+    read_ahead: Annotated[int, typer.Option(help="wds: tars downloading ahead of the one being decoded, per worker (each held whole in memory).")] = 2,
     log_every: Annotated[int, typer.Option(help="Steps between metrics lines.")] = 100,
     save_every: Annotated[int, typer.Option(help="Steps between resume checkpoints.")] = 1_000,
     ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints kept for ever.")] = 10_000,
@@ -342,7 +370,7 @@ def train_command(
         repa_depth=repa_depth, repa_weight=repa_weight, cls_weight=cls_weight, weighting=weighting, learn_sigma=learn_sigma,
         unconditional=unconditional, batch_size=batch_size, micro_batch=micro_batch, max_steps=max_steps,
         epochs=epochs, lr=lr, grad_clip=grad_clip, ema_decay=ema_decay, precision=precision, compile=compile,
-        seed=seed, data_format=data_format, num_workers=num_workers, log_every=log_every, save_every=save_every,
+        seed=seed, data_format=data_format, num_workers=num_workers, read_ahead=read_ahead, log_every=log_every, save_every=save_every,
         ckpt_every=ckpt_every, keep=keep, init=None if init is None else str(init),
     )
     if dry_run:
@@ -531,7 +559,8 @@ def bench_command(
     target: Annotated[str, typer.Argument(help=f"One of {', '.join(BENCH_TARGETS)}, or all; or gpu: the GPU suite (docs/BENCHMARKS.md).")] = "all",
     quick: Annotated[bool, typer.Option(help="Seconds-long smoke version of each benchmark.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-    samples: Annotated[Optional[int], typer.Option(help="loader: synthetic dataset size (default 8192).")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="loader: synthetic dataset size (default 8192); with --shards, samples to read (default one epoch).")] = None,
+    shards: Annotated[Optional[str], typer.Option(help="loader: read these shards (a data root, local or a URL) instead of synthetic ones.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="gpu: folder of the JSON files (default $OUT, else runs/bench-gpu).")] = None,
     only: Annotated[Optional[str], typer.Option(help="gpu: the items to run, e.g. ab (default abcd).")] = None,
     budget: Annotated[Optional[float], typer.Option(help="gpu: seconds after which no further step starts.")] = None,
@@ -544,7 +573,7 @@ def bench_command(
     targets = BENCH_TARGETS if target == "all" else (target,)
     if any(t not in (*BENCH_TARGETS, "gpu") for t in targets):
         raise UserError(f"Unknown benchmark '{target}': choose one of {', '.join(BENCH_TARGETS)}, all or gpu.")
-    given = {"loader": {"samples": samples}, "gpu": {"out": out, "only": only, "budget": budget}}
+    given = {"loader": {"samples": samples, "shards": shards}, "gpu": {"out": out, "only": only, "budget": budget}}
     options = {t: {k: v for k, v in kw.items() if v is not None} for t, kw in given.items()}
     if stray := [f"--{k}" for t, kw in options.items() if t not in targets for k in kw]:
         raise UserError(f"Not an option of `redi bench {target}`: {', '.join(stray)} (see `redi bench --help`).")

@@ -73,12 +73,16 @@ def try_read_json(path: Path) -> Any:
 
 
 def read_json(path: Path, kind: type = dict, remedy: str = "") -> Any:
-    """The JSON value of `path`; a missing, unreadable or damaged file, or one holding another type than `kind`,
-    is one sentence ending with `remedy` (what the user runs to remake the file)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} is missing{'; ' + remedy if remedy else ''}.")
-    value = try_read_json(path)
+    """The JSON value of `path` (or of a pipeline.remote.RemotePath: anything with read_bytes); a missing, unreadable
+    or damaged file, or one holding another type than `kind`, is one sentence ending with `remedy` (what the user
+    runs to remake the file)."""
+    path = Path(path) if isinstance(path, str) else path
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing{'; ' + remedy if remedy else ''}.") from None
+    except (OSError, ValueError):
+        value = None
     if not isinstance(value, kind):
         what = {dict: "a JSON object", list: "a JSON list"}.get(kind, f"JSON {kind.__name__}")
         raise UserError(f"{path} is damaged (it does not hold {what}){'; ' + remedy if remedy else ''}.")

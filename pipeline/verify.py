@@ -1,21 +1,28 @@
-"""`redi verify`: re-check every stage of a data root: manifests, committed chunks, arrays, PCA, shard checksums."""
+"""`redi verify`: re-check every stage of a data root: manifests, committed chunks, arrays, PCA, shard checksums.
+
+A data root at a URL (what `redi publish` writes) holds shards/ only (and the PCA file): that is what is checked there.
+"""
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.atomic import read_json, sha256_file
+from pipeline.atomic import read_json
 from pipeline.errors import UserError
 from pipeline.pca import PCA_RECORD, checked_pca_sha256
-from pipeline.pca_file import load_pca, pca_hash
+from pipeline.pca_file import load_pca
 from pipeline.readers import read_shard_info
+from pipeline.remote import CONCURRENT_REQUESTS, Location, RemotePath, as_location, open_zarr_array, read_if_exists, \
+    redact, sha256_of
 from pipeline.shards import KEYS_JSON, ZARR_DIR, tar_relpath, unreadable_chunk
-from pipeline.stage import StageDir, open_array, read_errors, read_manifest
+from pipeline.stage import ZARR_METADATA_ERRORS, StageDir, open_array, read_errors, read_manifest
 
 # Arrays of each input stage and their number of dimensions (docs/FORMATS.md).
 STAGE_ARRAYS = {
@@ -94,23 +101,42 @@ def _check_pca(path: Path, data: Path) -> StageCheck:
     return StageCheck(path.name, "ok", details)
 
 
-def _check_shards(root: Path, data: Path, deep: bool, bar: Progress) -> StageCheck:
+def _rebuild(data: Location) -> str:
+    """How to replace damaged shards: rebuild them here, or publish a good copy again to a URL."""
+    if isinstance(data, RemotePath):
+        return f"publish them again (`redi publish DATA {data}`)"
+    return f"rebuild the shards (`redi shards --data {data} --force`)"
+
+
+def _check_files(root: Location, data: Location, files: dict[str, str], deep: bool, bar: Progress) -> None:
+    """Every file shards.json lists is there, and with deep=True has its SHA-256 (a URL: a few requests at once)."""
+    def check(rel: str) -> None:
+        path = root / rel
+        try:
+            if not deep and not path.is_file():
+                raise FileNotFoundError(rel)
+            if deep and sha256_of(path) != files[rel]:
+                raise UserError(f"{path} does not match its SHA-256 in shards.json (damaged or changed since it was "
+                                f"written); {_rebuild(data)}.")
+        except FileNotFoundError:
+            raise UserError(f"{path} is missing; {_rebuild(data)}.") from None
+
+    task = bar.add_task("shards/ checksums", total=len(files))
+    with ThreadPoolExecutor(CONCURRENT_REQUESTS if isinstance(root, RemotePath) else 1) as pool:
+        for _ in pool.map(check, files):  # in order: the first bad file of the listing is the one named
+            bar.advance(task)
+
+
+def _check_shards(root: Location, data: Location, deep: bool, bar: Progress) -> StageCheck:
     """shards/: shards.json present, every listed file present with its SHA-256, counts consistent."""
     info = read_shard_info(root)
-    pending = StageDir(root, info.num_shards).pending()
+    made_here = isinstance(root, Path) and (root / "progress").is_dir()  # a published copy has no stage records
+    pending = StageDir(root, info.num_shards).pending() if made_here else []
     if pending:
         raise UserError(f"{root / 'progress' / f'{pending[0]:06d}.json'} is missing or damaged: that shard is not "
                         f"committed; rerun `redi shards` (the same command) to write it again.")
-    task = bar.add_task("shards/ checksums", total=len(info.files))
-    for rel, digest in info.files.items():
-        path = root / rel
-        if not path.is_file():
-            raise UserError(f"{path} is missing; rebuild the shards (`redi shards --data {data} --force`).")
-        if deep and sha256_file(path) != digest:
-            raise UserError(f"{path} does not match its SHA-256 in shards.json (damaged or changed on disk); "
-                            f"rebuild the shards (`redi shards --data {data} --force`).")
-        bar.advance(task)
-    keys = read_json(root / KEYS_JSON, list, f"rebuild the shards (`redi shards --data {data} --force`)")
+    _check_files(root, data, info.files, deep, bar)
+    keys = read_json(root / KEYS_JSON, list, _rebuild(data))
     if len(keys) != info.num_samples:
         raise UserError(f"{root / KEYS_JSON} lists {len(keys)} keys where shards.json says {info.num_samples} samples.")
     if "wds" in info.formats:
@@ -119,35 +145,45 @@ def _check_shards(root: Path, data: Path, deep: bool, bar: Progress) -> StageChe
             raise UserError(f"shards.json lists no checksum for {root / absent[0]}; rebuild the shards.")
     if "zarr" in info.formats:
         for name in info.fields:
-            arr = open_array(root / ZARR_DIR / name, f"rebuild the shards (`redi shards --data {data} --force`)")
+            try:
+                arr = open_zarr_array(root / ZARR_DIR / name)
+            except ZARR_METADATA_ERRORS:
+                raise UserError(f"{root / ZARR_DIR / name} is missing or its zarr.json is damaged; {_rebuild(data)}.") \
+                    from None
             if arr.shape != (info.num_samples, *info.fields[name].shape):
                 raise UserError(f"{root / ZARR_DIR / name} has shape {arr.shape}, not the "
                                 f"{(info.num_samples, *info.fields[name].shape)} of shards.json.")
     details = (f"{info.num_samples} samples in {info.num_shards} shards ({', '.join(info.formats)}), K={info.pcs}, "
                f"{len(info.files)} files {'hashed' if deep else 'present'}")
     pca_path = data / "pca.safetensors"
-    if pca_path.exists() and pca_hash(pca_path) != info.pca_sha256:
+    if (pca := read_if_exists(pca_path)) is not None and hashlib.sha256(pca).hexdigest() != info.pca_sha256:
         return StageCheck("shards/", "warning", details + f"; made with another PCA than the current {pca_path.name}")
     return StageCheck("shards/", "ok", details)
 
 
-def _guarded(stage: str, path: Path, check: Callable[[], StageCheck]) -> StageCheck:
-    """Run one stage's check: absent when its output is not there, FAILED with the sentence on a UserError."""
-    if not path.exists():
+def _guarded(stage: str, path: Location, check: Callable[[], StageCheck]) -> StageCheck:
+    """Run one stage's check: absent when its local output is not there, FAILED with the sentence on a UserError."""
+    if isinstance(path, Path) and not path.exists():
         return StageCheck(stage, "absent", "not built")
     try:
         return check()
     except UserError as e:
         return StageCheck(stage, "FAILED", str(e), str(e))
     except (OSError, ValueError, KeyError) as e:  # unreadable JSON, metadata or files
-        sentence = f"{path} cannot be read ({type(e).__name__}: {e})."
+        sentence = f"{path} cannot be read ({type(e).__name__}: {redact(str(e))})."
         return StageCheck(stage, "FAILED", sentence, sentence)
 
 
-def verify_data(data: Path, *, deep: bool = True, progress: bool = True, repair: bool = False) -> list[StageCheck]:
+def verify_data(data: Location | str, *, deep: bool = True, progress: bool = True,
+                repair: bool = False) -> list[StageCheck]:
     """Check every stage present under `data`; deep=True also hashes and decodes every input chunk and hashes every
     shard file; repair=True un-commits damaged input chunks so that rerunning their stage rewrites them."""
-    data = Path(data)
+    data = as_location(data)
+    if isinstance(data, RemotePath):
+        if repair:
+            raise UserError("--repair rewrites input stages, which live on a local data root, not at a URL.")
+        with _progress(progress) as bar:
+            return [_guarded("shards/", data / "shards", lambda: _check_shards(data / "shards", data, deep, bar))]
     if not data.is_dir():
         raise UserError(f"{data} is not a directory: pass a data root (the --data of the stages).")
     with _progress(progress) as bar:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.remote import Location, as_location, read_if_exists, redact
 from trainer.models import REPA_DEPTHS, SIZES
 from trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts
 
@@ -24,7 +25,7 @@ class TrainConfig(MethodParts):
     """Everything `redi train` needs; defaults follow SPEC §7."""
 
     shards: str
-    """Data root (or its shards/ directory) written by `redi shards`."""
+    """Data root (or its shards/ directory) written by `redi shards`: a local path or a URL (s3://, https://, …)."""
     run: str
     """Run directory: config.json, metrics.jsonl, checkpoints/. An existing one is resumed."""
     model: str = "SiT-B/2"
@@ -78,6 +79,8 @@ class TrainConfig(MethodParts):
     data_format: str = "zarr"
     """zarr (random access, one node) or wds (streaming WebDataset)."""
     num_workers: int = 4
+    read_ahead: int = 2
+    """wds: tars downloading ahead of the one being decoded, per reader process (each held whole in memory)."""
     log_every: int = 100
     ckpt_every: int = 10_000
     """Steps between kept checkpoints (never deleted)."""
@@ -117,6 +120,8 @@ class TrainConfig(MethodParts):
             raise UserError(f"--weighting {self.weighting} draws the SiT (flow) time; DiT models draw discrete timesteps.")
         if self.batch_size < 1 or self.max_steps < 1 or (self.micro_batch is not None and self.micro_batch < 1):
             raise UserError("--batch-size, --micro-batch and --max-steps must be positive.")
+        if self.num_workers < 0 or self.read_ahead < 0:
+            raise UserError("--num-workers and --read-ahead must be ≥ 0.")
         if min(self.log_every, self.save_every, self.ckpt_every) < 1:
             raise UserError("--log-every, --save-every and --ckpt-every must be positive.")
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -145,7 +150,8 @@ class TrainConfig(MethodParts):
         return self.repa_depth if self.repa_depth is not None else REPA_DEPTHS[self.size]
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as saved in the run and its checkpoints: a --shards URL without its credentials."""
+        return dataclasses.asdict(self) | {"shards": redact(self.shards)}
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -157,11 +163,10 @@ def architecture_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return [k for k in ARCHITECTURE_FIELDS if k in saved and saved[k] != now[k]]
 
 
-def resolve_shards_dir(path: str | Path) -> Path:
-    """Accept either the data root or its shards/ directory."""
-    p = Path(path)
-    if (p / "shards.json").exists():
-        return p
-    if (p / "shards" / "shards.json").exists():
-        return p / "shards"
+def resolve_shards_dir(path: str | Path) -> Location:
+    """Accept either the data root or its shards/ directory, local or at a URL."""
+    p = as_location(path)
+    for root in (p, p / "shards"):
+        if read_if_exists(root / "shards.json") is not None:  # a read, not an exists(): http's hides network errors
+            return root
     raise UserError(f"No shards at {p}: run `redi shards --data {p}` first (looked for shards.json).")

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,9 +23,10 @@ from rich.console import Console
 from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file
+from pipeline.atomic import atomic_write_bytes, atomic_write_json
 from pipeline.errors import UserError
 from pipeline.lock import exclusive
+from pipeline.remote import Location, read_if_exists
 from pipeline.readers import ShardInfo, make_loader, read_shard_info
 from trainer.checkpoint import BackgroundCheckpointer, load_checkpoint, load_newest_readable
 from trainer.config import TrainConfig, architecture_mismatch, resolve_shards_dir
@@ -210,10 +210,9 @@ def describe(cfg: TrainConfig) -> dict:
 
 def shard_summary(info: ShardInfo) -> dict:
     """What a checkpoint records of its shards (plain types, so weights_only loading accepts it)."""
-    raw = json.loads((info.root / "shards.json").read_text())
     return {
-        "root": str(info.root), "shards_json_sha256": sha256_file(info.root / "shards.json"),
-        "vae": raw["vae"], "encoder": raw.get("encoder", {}),
+        "root": str(info.root), "shards_json_sha256": info.sha256,  # str(): a URL without its credentials
+        "vae": info.raw["vae"], "encoder": info.raw.get("encoder", {}),
         "num_samples": info.num_samples, "num_classes": info.num_classes, "resolution": info.resolution,
         "latent_shape": list(info.latent_shape), "pcs": info.pcs, "grid": info.grid, "feature_dim": info.feature_dim,
         "vae_scale": info.vae_scale, "vae_shift": info.vae_shift, "pca_sha256": info.pca_sha256,
@@ -260,7 +259,7 @@ def data_fields(cfg: TrainConfig) -> tuple[str, ...]:
     return fields + (("patch_tokens",) if cfg.uses_repa else ())
 
 
-def micro_batch_streams(shards: Path, cfg: TrainConfig, dist_info: DistInfo, accum: int, micro: int,
+def micro_batch_streams(shards: Location, cfg: TrainConfig, dist_info: DistInfo, accum: int, micro: int,
                         step: int) -> list[Iterator[dict]]:
     """One batch iterator per accumulation step k: virtual rank r·accum + k's stream, from sample step·micro on."""
     loaders = [
@@ -268,6 +267,7 @@ def micro_batch_streams(shards: Path, cfg: TrainConfig, dist_info: DistInfo, acc
             shards, batch_size=micro, rank=dist_info.rank * accum + k, world_size=dist_info.world_size * accum,
             seed=cfg.seed, cursor=step * micro, fields=data_fields(cfg), format=cfg.data_format,
             num_workers=min(-(-cfg.num_workers // accum), os.cpu_count() or 1), pin_memory=dist_info.device.type == "cuda",
+            read_ahead=cfg.read_ahead,
         )
         for k in range(accum)
     ]
@@ -319,8 +319,8 @@ def prepare_run_dir(run: Path, cfg: TrainConfig, model_cfg: ModelConfig, info: S
             raise UserError(f"{run} was trained on other data than {info.root} ({', '.join(changed)} differ): "
                             "resume it on its own shards, or use another --run directory.")
     if dist_info.is_main:
-        if (pca := info.root.parent / "pca.safetensors").exists():  # the PCA the shards were projected with
-            atomic_write_with(run / "pca.safetensors", lambda tmp: shutil.copyfile(pca, tmp))
+        if (pca := read_if_exists(info.root.parent / "pca.safetensors")) is not None:  # the shards' projection
+            atomic_write_bytes(run / "pca.safetensors", pca)
         atomic_write_json(path, {"train": cfg.to_json(), "model": dataclasses.asdict(model_cfg), "shards": shard_summary(info),
                                  "world_size": dist_info.world_size})
     barrier()

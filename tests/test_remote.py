@@ -1,0 +1,352 @@
+"""Shards from a URL: the readers, train, verify and publish over loopback HTTP and S3 (moto), retries, read-ahead,
+and two torchrun "nodes" reading the same shards over HTTP."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from benchmarks import loader as loader_bench
+from benchmarks.loader import make_stage_inputs
+from cli import app
+from pipeline.errors import UserError
+from pipeline.readers import make_loader
+from pipeline.remote import RemotePath, as_location, is_transient, read_ahead, redact
+from pipeline.shards import ShardsConfig, build_shards
+from trainer.checkpoint import list_checkpoints, load_checkpoint, newest_checkpoint
+from trainer.config import TrainConfig
+from trainer.metrics import read_metrics
+from trainer.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--model", "SiT-debug", "--method", "redi", "--pca-rank", "4", "--batch-size", "8", "--log-every", "1",
+         "--save-every", "1000", "--num-workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root with 96 samples in 3 blocks of both formats (latent 8×8, 4×4 patch grid, D = 16)."""
+    root = tmp_path_factory.mktemp("remote") / "data"
+    make_stage_inputs(root, 96, latent_side=8, grid=4, dim=16, num_classes=4)
+    build_shards(root, ShardsConfig(pcs=6, shard_size=32, formats=("zarr", "wds"), device="cpu"), progress=False)
+    return root
+
+
+class Served:
+    """What the loopback server saw, and what it is told to do wrong."""
+
+    def __init__(self) -> None:
+        self.gets: Counter[str] = Counter()  # GET requests per path
+        self.drop_once: set[str] = set()  # paths whose next GET is cut off halfway
+        self.lock = threading.Lock()
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *args, served: Served, **kwargs):
+        self.served = served
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        with self.served.lock:
+            self.served.gets[self.path] += 1
+            self.drop = self.path in self.served.drop_once
+            self.served.drop_once.discard(self.path)
+        super().do_GET()
+
+    def copyfile(self, source, outputfile) -> None:
+        if not self.drop:
+            return super().copyfile(source, outputfile)
+        body = source.read()
+        outputfile.write(body[:len(body) // 2])  # then the connection closes: fewer bytes than Content-Length
+        self.close_connection = True
+
+
+@contextlib.contextmanager
+def serve(directory: Path) -> Iterator[tuple[str, Served]]:
+    """An http.server on 127.0.0.1 serving `directory`: (its base URL, what it saw)."""
+    served = Served()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_Handler, served=served, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", served
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def batches(shards: str | Path, fmt: str, **kwargs) -> list[dict]:
+    return list(make_loader(shards, batch_size=10, format=fmt, seed=5, epochs=1, drop_last=False, **kwargs))
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and x["key"] == y["key"]
+        assert all(torch.equal(x[k], y[k]) for k in x if k != "key")
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, " ".join(result.output.split())
+
+
+def said(output: str, text: str) -> bool:
+    """`text` is in the CLI output, wherever the console wrapped its lines."""
+    return "".join(text.split()) in "".join(output.split())
+
+
+def losses(run: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(run / "metrics.jsonl")]
+
+
+def test_both_readers_over_http_give_the_local_batches_with_one_request_per_tar_and_a_dropped_one_retried(
+        data: Path) -> None:
+    local = {fmt: batches(data / "shards", fmt) for fmt in ("wds", "zarr")}
+    with serve(data.parent) as (base, served):
+        served.drop_once.add("/data/shards/wds/shard-000001.tar")
+        remote = batches(f"{base}/data/shards", "wds", num_workers=2)
+        tars = {path: n for path, n in served.gets.items() if path.endswith(".tar")}
+        assert_same_batches(local["wds"], remote)
+        assert tars == {"/data/shards/wds/shard-000000.tar": 1, "/data/shards/wds/shard-000001.tar": 2,
+                        "/data/shards/wds/shard-000002.tar": 1}  # whole tars, once each; the cut one again
+        assert_same_batches(local["zarr"], batches(f"{base}/data/shards", "zarr"))
+
+
+def test_a_corrupted_or_missing_tar_at_a_url_is_one_sentence_naming_it(data: Path, tmp_path: Path) -> None:
+    shutil.copytree(data / "shards", tmp_path / "data" / "shards")
+    tar = tmp_path / "data" / "shards" / "wds" / "shard-000002.tar"
+    raw = bytearray(tar.read_bytes())
+    raw[2000] ^= 0x01
+    tar.write_bytes(bytes(raw))
+    with serve(tmp_path) as (base, _):
+        with pytest.raises(UserError, match=rf"^{base}/data/shards/wds/shard-000002.tar is corrupted \(its SHA-256"):
+            batches(f"{base}/data/shards", "wds")
+        tar.unlink()
+        with pytest.raises(UserError, match=rf"^{base}/data/shards/wds/shard-000002.tar is missing"):
+            batches(f"{base}/data/shards", "wds")
+        chunk = tmp_path / "data" / "shards" / "samples.zarr" / "pcs" / "c" / "1" / "0" / "0" / "0"
+        chunk.unlink()  # zarr alone would give zeros for it
+        with pytest.raises(UserError, match=rf"^{base}/data/shards/samples.zarr/pcs/c/1/0/0/0 is missing"):
+            batches(f"{base}/data/shards", "zarr")
+
+
+def test_train_over_http_has_the_local_losses_and_verify_of_the_url_catches_a_corrupted_tar(
+        data: Path, tmp_path: Path) -> None:
+    shutil.copytree(data / "shards", tmp_path / "served" / "data" / "shards")
+    with serve(tmp_path / "served") as (base, _):
+        for name, shards in (("local", str(data)), ("http", f"{base}/data")):
+            code, out = cli("train", "--shards", shards, "--run", str(tmp_path / name), "--format", "wds",
+                            "--max-steps", "5", *TRAIN)
+            assert code == 0, out
+        assert len(losses(tmp_path / "http")) == 5 and losses(tmp_path / "http") == losses(tmp_path / "local")
+        summary = load_checkpoint(newest_checkpoint(tmp_path / "http"))["shards"]
+        assert summary["root"] == f"{base}/data/shards"
+
+        secret = base.replace("http://", "http://someone:s3cr3t@")  # credentials in a URL are used, never shown
+        code, out = cli("verify", f"{secret}/data")
+        assert code == 0 and said(out, "every stage present is consistent") and "s3cr3t" not in out, out
+        tar = tmp_path / "served" / "data" / "shards" / "wds" / "shard-000001.tar"
+        raw = bytearray(tar.read_bytes())
+        raw[100] ^= 0x01
+        tar.write_bytes(bytes(raw))
+        code, out = cli("verify", f"{secret}/data")
+        assert code == 2 and "s3cr3t" not in out, out
+        assert said(out, f"error: {base}/data/shards/wds/shard-000001.tar does not match its SHA-256 in shards.json")
+        assert said(out, "publish them again")
+        code, out = cli("train", "--shards", f"{secret}/data", "--run", str(tmp_path / "bad"), "--format", "wds",
+                        "--max-steps", "5", *TRAIN)
+        assert code == 2 and said(out, "shard-000001.tar is corrupted") and "s3cr3t" not in out, out
+        assert "s3cr3t" not in (tmp_path / "bad" / "config.json").read_text()
+
+
+def test_publish_to_a_local_path_then_again_is_up_to_date_and_refuses_a_damaged_file(
+        data: Path, tmp_path: Path) -> None:
+    code, out = cli("publish", str(data), f"file://{tmp_path}/bucket")
+    assert code == 0 and "publish" in out, out
+    assert sorted(p.name for p in (tmp_path / "bucket").iterdir()) == ["pca.safetensors", "shards"]
+    assert cli("verify", str(tmp_path / "bucket"))[0] == 0
+    assert_same_batches(batches(data / "shards", "wds"), batches(tmp_path / "bucket" / "shards", "wds"))
+    assert said(cli("publish", str(data), str(tmp_path / "bucket"))[1], "nothing to do")
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(data, copy)
+    chunk = copy / "shards" / "samples.zarr" / "moments" / "c" / "2" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-3])
+    code, out = cli("publish", str(copy), str(tmp_path / "other"))
+    assert code == 2 and said(out, f"{chunk} does not match its SHA-256"), out
+    assert not (tmp_path / "other" / "shards" / "shards.json").exists()  # an incomplete copy has no listing
+
+
+@pytest.fixture(scope="module")
+def s3(data: Path) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 holding `data` published to s3://redi-test/data (AWS_* set for s3fs)."""
+    try:
+        from moto.server import ThreadedMotoServer
+        import s3fs
+    except ImportError as e:
+        pytest.skip(f"moto[server] and s3fs are needed for the S3 tests ({e}); `pip install -e '.[dev,remote]'`")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    try:
+        server.start()
+    except OSError as e:
+        pytest.skip(f"the moto S3 server cannot start here ({e})")
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.delenv("AWS_PROFILE", raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()
+        code, out = cli("publish", str(data), "s3://redi-test/data")
+        assert code == 0, out
+        yield "s3://redi-test/data"
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_train_and_verify_through_s3(data: Path, s3: str, tmp_path: Path) -> None:
+    for name, shards in (("local", str(data)), ("s3", s3)):
+        code, out = cli("train", "--shards", shards, "--run", str(tmp_path / name), "--format", "wds",
+                        "--max-steps", "5", *TRAIN)
+        assert code == 0, out
+    assert len(losses(tmp_path / "s3")) == 5 and losses(tmp_path / "s3") == losses(tmp_path / "local")
+    assert (tmp_path / "s3" / "pca.safetensors").read_bytes() == (data / "pca.safetensors").read_bytes()
+    assert_same_batches(batches(data / "shards", "zarr"), batches(f"{s3}/shards", "zarr", num_workers=2))
+    code, out = cli("verify", s3)
+    assert code == 0 and "testing-secret" not in out, out
+
+    tar = as_location(f"{s3}/shards/wds/shard-000000.tar")
+    good = tar.read_bytes()
+    try:
+        tar.write_bytes(good[:512] + bytes([good[512] ^ 1]) + good[513:])
+        code, out = cli("verify", s3)
+        assert code == 2 and said(out, f"error: {s3}/shards/wds/shard-000000.tar does not match its SHA-256"), out
+    finally:
+        tar.write_bytes(good)
+
+
+def test_transient_errors_are_retried_and_others_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    class ClientPayloadError(Exception):  # aiohttp's name for a body cut short
+        pass
+
+    class ClientResponseError(Exception):
+        def __init__(self, status: int):
+            self.status = status
+
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError()) and is_transient(ClientPayloadError())
+    assert is_transient(ClientResponseError(503)) and not is_transient(ClientResponseError(403))
+    assert not is_transient(FileNotFoundError()) and not is_transient(PermissionError()) and not is_transient(ValueError())
+    assert redact("http://user:pw@host:1/a?X-Amz-Signature=abc b") == "http://host:1/a b"
+
+    monkeypatch.setattr("pipeline.remote.BACKOFF_S", 0.001)
+    calls = []
+
+    class Flaky:
+        def cat_file(self, path: str) -> bytes:
+            calls.append(path)
+            if len(calls) < 3:
+                raise ConnectionResetError("reset by peer")
+            return b"tar"
+
+        def unstrip_protocol(self, path: str) -> str:
+            return f"s3://{path}"
+
+    assert RemotePath(Flaky(), "b/k").read_bytes() == b"tar" and len(calls) == 3
+    calls.clear()
+    Flaky.cat_file = lambda self, path: (calls.append(path), (_ for _ in ()).throw(ConnectionResetError("down")))
+    with pytest.raises(UserError, match=r"^s3://b/k could not be read after 5 attempts \(ConnectionResetError: down\)"):
+        RemotePath(Flaky(), "b/k").read_bytes()
+    assert len(calls) == 5
+
+
+def test_read_ahead_keeps_order_and_at_most_depth_fetches_in_flight() -> None:
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def fetch(key: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return key * key
+
+    assert list(read_ahead(fetch, range(20), depth=3)) == [k * k for k in range(20)]
+    assert 1 < most[0] <= 3
+    assert list(read_ahead(fetch, range(5), depth=0)) == [0, 1, 4, 9, 16]
+
+
+def test_loader_benchmark_reads_shards_at_a_url(data: Path) -> None:
+    with serve(data.parent) as (base, _):
+        figures = loader_bench.run(shards=f"{base}/data")
+    for name in ("wds_samples_per_s", "wds_no_read_ahead_samples_per_s", "zarr_samples_per_s"):
+        assert isinstance(figures[name], float) and figures[name] > 0, name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_over_http_equal_one_process_and_a_sigterm_to_one_node_stops_both_with_one_checkpoint(
+        data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "two-nodes"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    with serve(data.parent) as (base, _):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--local-addr", "127.0.0.1",
+               "--", str(Path(sys.executable).parent / "redi"), "train", "--shards", f"{base}/data", "--run", str(run),
+               "--format", "wds", "--max-steps", "100000", *TRAIN]
+        nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True) for _ in range(2)]  # a process group per node
+        try:
+            deadline = time.monotonic() + 240
+            while not ((run / "metrics.jsonl").exists() and len(read_metrics(run / "metrics.jsonl")) >= 3):
+                assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline, \
+                    "the two nodes never logged 3 steps:\n" + "\n".join(n.communicate(timeout=60)[0][-3000:] for n in nodes)
+                time.sleep(0.05)
+            os.killpg(nodes[1].pid, signal.SIGTERM)  # one node's torchrun and its worker
+            outputs = [n.communicate(timeout=120)[0] for n in nodes]
+        finally:
+            for n in nodes:
+                if n.poll() is None:
+                    os.killpg(n.pid, signal.SIGKILL)
+    assert "Stopped by SIGTERM" in "".join(outputs), "\n".join(o[-3000:] for o in outputs)
+    ((stop_step, path),) = list_checkpoints(run)
+    assert load_checkpoint(path)["step"] == stop_step == read_metrics(run / "metrics.jsonl")[-1]["step"]
+
+    one = TrainConfig(shards=str(data), run=str(tmp_path / "one"), model="SiT-debug", method="redi", pca_rank=4,
+                      batch_size=8, micro_batch=4, max_steps=stop_step, log_every=1, save_every=1000, num_workers=0,
+                      seed=3, lr=1e-3, data_format="wds")
+    train(one, device="cpu")  # the same global batch of 8: one process accumulating 2 micro-batches of 4
+    a, b = load_checkpoint(newest_checkpoint(tmp_path / "one"))["model"], load_checkpoint(path)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{key} differs between 1 process and 2 nodes")
+    assert losses(tmp_path / "one") == pytest.approx(losses(run), rel=1e-5)
