@@ -12,17 +12,22 @@ own tar parser and .npy decoder against `tarfile` and `np.load` on one of those 
 
 With `shards` (`redi bench loader --shards URL`) it reads existing shards instead, local or at any
 fsspec URL: samples/s and MB/s of each format they hold, the WebDataset reader with and without
-read-ahead.
+read-ahead. `python -m benchmarks.loader --shards DIR --link-latency-ms 50 --link-mb-per-s 100`
+serves local shards through a loopback HTTP server that waits and paces like a distant object store.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import http.server
 import io
 import json
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,10 +165,43 @@ def shard_rates(shards: str, samples: int | None = None) -> dict[str, float | st
     figures: dict[str, float | str] = {"shards": str(root), "samples": num, "sample_bytes": sample_bytes}
     runs = [("zarr", "zarr", 0)] + [("wds", "wds", 2), ("wds_no_read_ahead", "wds", 0)]
     for name, fmt, depth in (r for r in runs if r[1] in info.formats):
-        loader = make_loader(root, batch_size=min(BATCH, num), format=fmt, seed=0, read_ahead=depth)
+        loader = make_loader(root, batch_size=min(BATCH, num), format=fmt, seed=0, read_ahead=depth,
+                             epochs=-(-num // info.num_samples))  # finite: no tar fetched ahead goes unread
         rate, _ = _samples_per_second(iter(loader), num)
         figures |= {f"{name}_samples_per_s": rate, f"{name}_MB_per_s": rate * sample_bytes / 1e6}
     return figures
+
+
+class _SlowLink(http.server.SimpleHTTPRequestHandler):
+    """Serves files as a distant store would: `latency_s` before each body, then `bytes_per_s` per connection."""
+
+    latency_s = 0.0
+    bytes_per_s = float("inf")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        time.sleep(self.latency_s)
+        t0, sent = time.perf_counter(), 0
+        while chunk := source.read(1 << 16):
+            outputfile.write(chunk)
+            sent += len(chunk)
+            time.sleep(max(0.0, sent / self.bytes_per_s - (time.perf_counter() - t0)))
+
+
+@contextlib.contextmanager
+def slow_link(directory: Path, latency_ms: float, mb_per_s: float) -> Iterator[str]:
+    """A loopback HTTP server of `directory` behind a simulated link; yields its URL."""
+    handler = type("Link", (_SlowLink,), {"latency_s": latency_ms / 1e3, "bytes_per_s": mb_per_s * 1e6})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def run(quick: bool = False, samples: int | None = None, shards: str | None = None) -> dict[str, float | str]:
@@ -185,7 +223,7 @@ def run(quick: bool = False, samples: int | None = None, shards: str | None = No
         figures: dict[str, float | str] = {"samples": num, "batch": BATCH, "stage_samples_per_s": num / stage_seconds}
         figures |= parser_speedups((shards / tar_relpath(0)).read_bytes(), repeats=2 if quick else 20)
         for fmt in ("zarr", "wds"):
-            loader = make_loader(shards, batch_size=BATCH, format=fmt, seed=0)
+            loader = make_loader(shards, batch_size=BATCH, format=fmt, seed=0, epochs=2)
             rate, cpu_us = _samples_per_second(iter(loader), 2 * result.num_samples)
             figures |= {f"{fmt}_samples_per_s": rate, f"{fmt}_us_per_sample": 1e6 / rate, f"{fmt}_cpu_us_per_sample": cpu_us}
         moments = zarr.open_array(shards / "samples.zarr" / "moments", mode="r")[:min(num, num_public)]
@@ -203,5 +241,15 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, help="synthetic dataset size (default 8192; 1024 with --quick)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shards", help="read these shards (a data root or shards/ directory, a path or a URL)")
+    parser.add_argument("--link-latency-ms", type=float, help="serve the local --shards DIR over a loopback link "
+                        "with this wait before each response …")
+    parser.add_argument("--link-mb-per-s", type=float, default=100.0, help="… and this bandwidth per connection")
     a = parser.parse_args()
-    print(json.dumps(run(quick=a.quick, samples=a.samples, shards=a.shards), indent=2))
+    if a.link_latency_ms is None:
+        print(json.dumps(run(quick=a.quick, samples=a.samples, shards=a.shards), indent=2))
+    else:
+        root = Path(a.shards).resolve()
+        with slow_link(root.parent, a.link_latency_ms, a.link_mb_per_s) as url:
+            figures = run(samples=a.samples, shards=f"{url}/{root.name}")
+        print(json.dumps(figures | {"link": f"{a.link_latency_ms:g} ms, {a.link_mb_per_s:g} MB/s per connection"},
+                         indent=2))

@@ -328,7 +328,8 @@ def _pax_path(body: bytes) -> str | None:
 def tar_members(data: bytes, path: Location) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of each regular file of an in-memory tar (ustar, pax and GNU long names).
 
-    Kept hand-written: `tarfile` lists our shards 11× slower (`redi bench loader`: tar_listing_vs_tarfile, 2-core CPU)."""
+    Kept hand-written: about 10× faster than `tarfile` at listing a shard (`redi bench loader`: tar_listing_vs_tarfile,
+    6–12× over runs on the busy 2-core CPU machine of docs/BENCHMARKS.md)."""
     pos, long_name = 0, None
     while pos + _TAR_BLOCK <= len(data):
         header = data[pos:pos + _TAR_BLOCK]
@@ -355,8 +356,8 @@ def tar_members(data: bytes, path: Location) -> Iterator[tuple[str, int, int]]:
 
 
 class _NpyDecoder:
-    """Decodes `.npy` members without copying, parsing each distinct header once: 25× faster than `np.load` of
-    each member (`redi bench loader`: npy_decoding_vs_np_load, 2-core CPU)."""
+    """Decodes `.npy` members without copying, parsing each distinct header once: about 30× faster than `np.load`
+    of each member (`redi bench loader`: npy_decoding_vs_np_load, 25–35× over runs on the same machine)."""
 
     def __init__(self) -> None:
         self._headers: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import random
 import re
@@ -62,47 +63,44 @@ def is_transient(error: BaseException) -> bool:
     return any(cls.__name__ in _TRANSIENT_TYPES for cls in type(error).__mro__)
 
 
-def _backoff(attempt: int) -> float:
-    return BACKOFF_S * 2**attempt * (1 + random.random() / 2)
-
-
 def _unreadable(what: object, error: BaseException, attempts: int) -> UserError:
     """One sentence for a request that failed for good (never the credentials: URLs and messages are redacted)."""
     detail = redact(str(error).splitlines()[0] if str(error) else "")
     tried = f" after {attempts} attempts" if attempts > 1 else ""
     hint = ("check the credentials in the environment" if isinstance(error, PermissionError) or
             getattr(error, "status", None) in (401, 403) else "check the network, the server and the credentials")
-    return UserError(f"{what} could not be read{tried} ({type(error).__name__}: {detail}); {hint}.")
+    return UserError(f"{redact(str(what))} could not be read{tried} ({type(error).__name__}: {detail}); {hint}.")
+
+
+def _wait_before_retry(error: Exception, attempt: int, what: object) -> float:
+    """Seconds to wait before attempt `attempt` + 1 (exponential, with jitter); raises if there is to be none.
+
+    FileNotFoundError passes through (callers name the missing file); any other failure for good is one UserError.
+    """
+    if isinstance(error, (FileNotFoundError, UserError)):
+        raise error
+    if not is_transient(error) or attempt + 1 == RETRIES:
+        raise _unreadable(what, error, attempt + 1) from None
+    return BACKOFF_S * 2**attempt * (1 + random.random() / 2)
 
 
 def retried(request: Callable[[], T], what: object) -> T:
-    """`request()`, tried up to RETRIES times with exponential backoff while it fails transiently.
-
-    FileNotFoundError passes through (callers name the missing file); any other failure is one UserError.
-    """
-    for attempt in range(RETRIES):
+    """`request()`, tried up to RETRIES times with exponential backoff while it fails transiently."""
+    for attempt in itertools.count():
         try:
             return request()
-        except FileNotFoundError:
-            raise
         except Exception as e:
-            if not is_transient(e) or attempt == RETRIES - 1:
-                raise _unreadable(what, e, attempt + 1) from None
-        time.sleep(_backoff(attempt))
+            time.sleep(_wait_before_retry(e, attempt, what))
     raise AssertionError("unreachable")
 
 
 async def retried_async(request: Callable[[], Awaitable[T]], what: object) -> T:
     """`retried` for coroutines (zarr's store calls)."""
-    for attempt in range(RETRIES):
+    for attempt in itertools.count():
         try:
             return await request()
-        except FileNotFoundError:
-            raise
         except Exception as e:
-            if not is_transient(e) or attempt == RETRIES - 1:
-                raise _unreadable(what, e, attempt + 1) from None
-        await asyncio.sleep(_backoff(attempt))
+            await asyncio.sleep(_wait_before_retry(e, attempt, what))
     raise AssertionError("unreachable")
 
 
@@ -256,10 +254,17 @@ class ReadStore(WrapperStore):
     """A read-only zarr store that refuses missing chunks and retries transient network errors."""
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        value = await retried_async(lambda: self._store.get(key, prototype, byte_range), f"{self._store} {key}")
+        value = await retried_async(lambda: self._store.get(key, prototype, byte_range), self._where(key))
         if value is None and key.startswith("c/"):  # the default chunk key encoding of zarr v3: c/0/0/…
             raise MissingChunk(key)
         return value
+
+    def _where(self, key: str) -> str:
+        """The file or URL of `key`, for messages."""
+        store = self._store
+        if isinstance(store, FsspecStore):
+            return f"{store.fs.unstrip_protocol(store.path)}/{key}"
+        return f"{getattr(store, 'root', store)}/{key}"
 
 
 def open_zarr_array(path: Location) -> zarr.Array:

@@ -131,7 +131,10 @@ def test_both_readers_over_http_give_the_local_batches_with_one_request_per_tar_
         assert_same_batches(local["wds"], remote)
         assert tars == {"/data/shards/wds/shard-000000.tar": 1, "/data/shards/wds/shard-000001.tar": 2,
                         "/data/shards/wds/shard-000002.tar": 1}  # whole tars, once each; the cut one again
+        chunk = "/data/shards/samples.zarr/pcs/c/1/0/0/0"
+        served.drop_once.add(chunk)
         assert_same_batches(local["zarr"], batches(f"{base}/data/shards", "zarr"))
+        assert served.gets[chunk] == 2  # zarr's chunk requests are retried the same way
 
 
 def test_a_corrupted_or_missing_tar_at_a_url_is_one_sentence_naming_it(data: Path, tmp_path: Path) -> None:
