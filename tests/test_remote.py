@@ -264,6 +264,9 @@ def test_transient_errors_are_retried_and_others_are_not(monkeypatch: pytest.Mon
     assert is_transient(ClientResponseError(503)) and not is_transient(ClientResponseError(403))
     assert not is_transient(FileNotFoundError()) and not is_transient(PermissionError()) and not is_transient(ValueError())
     assert redact("http://user:pw@host:1/a?X-Amz-Signature=abc b") == "http://host:1/a b"
+    with pytest.raises(UserError, match=r"^nosuch://bucket/x cannot be opened .*redi\[remote\]"):
+        as_location("nosuch://user:pw@bucket/x")
+    assert as_location("file:///tmp/x") == Path("/tmp/x")
 
     monkeypatch.setattr("pipeline.remote.BACKOFF_S", 0.001)
     calls = []
