@@ -348,7 +348,8 @@ def test_bad_values_are_refused_before_the_run_directory_is_written(data: Path, 
     for bad, words in ((["--ema-decay", "2"], "--ema-decay"), (["--lr", "nan"], "--lr"), (["--log-every", "0"], "--log-every"),
                        (["--epochs", "0"], "--epochs"), (["--micro-batch", "0"], "--micro-batch"),
                        (["--method", "redi", "--pca-rank", "0"], "PCA rank"), (["--weighting", "cosine"], "--weighting"),
-                       (["--model", "DiT-debug", "--weighting", "lognormal"], "--weighting lognormal")):
+                       (["--model", "DiT-debug", "--weighting", "lognormal"], "--weighting lognormal"),
+                       (["--read-ahead", "-1"], "--read-ahead")):
         code, out = run_cli(*base, *bad)
         assert code == 2 and words in " ".join(out.split()) and "Traceback" not in out, (bad, out)
         assert not (tmp_path / "run" / "config.json").exists(), bad
