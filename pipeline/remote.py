@@ -118,8 +118,7 @@ class RemotePath:
     def fs(self) -> fsspec.AbstractFileSystem:
         """The file system, made again in a forked DataLoader worker (fsspec's async ones are not fork-safe)."""
         if self._pid != os.getpid():
-            self._fs, self._pid = fsspec.filesystem(self._fs.protocol if isinstance(self._fs.protocol, str)
-                                                    else self._fs.protocol[0], **self._fs.storage_options), os.getpid()
+            self._fs, self._pid = type(self._fs)(**self._fs.storage_options), os.getpid()
         return self._fs
 
     @classmethod
@@ -143,12 +142,6 @@ class RemotePath:
     def __repr__(self) -> str:
         return f"RemotePath({str(self)!r})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RemotePath) and (self._fs, self.path) == (other._fs, other.path)
-
-    def __hash__(self) -> int:
-        return hash(self.path)
-
     def __truediv__(self, rel: str) -> RemotePath:
         return RemotePath(self.fs, f"{self.path}/{rel}")
 
@@ -163,9 +156,6 @@ class RemotePath:
     def read_bytes(self) -> bytes:
         """The whole file in one request (FileNotFoundError if it is not there)."""
         return retried(lambda: self.fs.cat_file(self.path), self)
-
-    def read_text(self) -> str:
-        return self.read_bytes().decode()
 
     def is_file(self) -> bool:
         return retried(lambda: self.fs.isfile(self.path), self)
