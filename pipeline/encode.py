@@ -38,7 +38,7 @@ from pipeline.encoders import (
     DINO, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar, vae_downsampling, vae_moments,
 )
 from pipeline.errors import UserError
-from pipeline.runtime import RateColumn, resolve_device
+from pipeline.runtime import RateColumn, loader_worker_init, resolve_device
 from pipeline.images import ImageSource, load_cropped, open_source
 from pipeline.lock import exclusive
 from pipeline.representations import encode_features, feature_spec
@@ -342,7 +342,7 @@ def _encode_chunks(
     chunks = sorted(set().union(*(job.pending for job in jobs)))
     loader = DataLoader(
         _CroppedImages(source, cfg.resolution), batch_sampler=_chunk_batches(chunks, len(source), cfg.chunk_size, cfg.batch_size),
-        num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=loader_worker_init,
     )
     total = sum(min((c + 1) * cfg.chunk_size, len(source)) - c * cfg.chunk_size for c in chunks)
     parts: dict[int, dict[str, list[np.ndarray]]] = {id(job): {} for job in jobs}  # job → array name → batches

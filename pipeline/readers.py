@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.atomic import read_json
 from pipeline.errors import UserError
 from pipeline.remote import Location, MissingChunk, as_location, open_zarr_array, read_ahead
+from pipeline.runtime import loader_worker_init
 from pipeline.shards import DATA_FIELDS, KEYS_JSON, SHARDS_JSON, ZARR_DIR, FieldSpec, decode_key, tar_relpath, \
     unreadable_chunk
 from pipeline.stage import ZARR_METADATA_ERRORS
@@ -516,7 +517,8 @@ class ShardLoader:
                 yield {k: v.pin_memory() if self.pin_memory and k != "key" else v for k, v in window.items()}
             return
         loader = DataLoader(_ErrorsAsItems(self.dataset), batch_size=None, num_workers=self.num_workers,
-                            collate_fn=_identity, prefetch_factor=2, pin_memory=self.pin_memory)
+                            collate_fn=_identity, prefetch_factor=2, pin_memory=self.pin_memory,
+                            worker_init_fn=loader_worker_init)
         for window in loader:
             if "error" in window:
                 raise UserError(window["error"])

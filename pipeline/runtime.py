@@ -1,5 +1,9 @@
-"""What every long command shares: choosing the torch device, and the items/s column of its progress bar."""
+"""What every long command shares: choosing the torch device, the items/s column of its progress bar, and
+DataLoader workers that leave the stop signals to the main process."""
 from __future__ import annotations
+
+import ctypes
+import signal
 
 import torch
 from rich.progress import ProgressColumn, Task
@@ -22,6 +26,27 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+# Preemption (SIGTERM; SIGUSR1 with SLURM's --signal) and Ctrl-C: the main process (each torchrun rank) decides.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: ignore the stop signals, and die with the main process.
+
+    Schedulers signal the whole process group (SLURM, `kill -TERM -PGID`): a worker killed by that
+    signal would fail the main process's next batch ("DataLoader worker … killed") instead of letting
+    it finish the step and checkpoint. A worker that outlived its main process (kill -9) would keep
+    the inherited stage or run lock held for seconds; the kernel kills it instead (Linux).
+    """
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: torch's own watchdog ends orphaned workers within seconds
+        pass
 
 
 class RateColumn(ProgressColumn):
