@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, disk_full
 
 app = typer.Typer(
     name="redi",
@@ -37,7 +37,7 @@ MEMORY_HINTS = {
 
 
 def user_errors(fn: F) -> F:
-    """Turn a UserError (or running out of GPU memory) into one red sentence and exit code 2 instead of a traceback."""
+    """Turn a UserError (or a full disk, or running out of GPU memory) into one red sentence and exit code 2 instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -51,6 +51,9 @@ def user_errors(fn: F) -> F:
                           "`redi verify DATA` or `redi info` names the stage to redo.")
             sys.exit(2)
         except Exception as e:
+            if (full := disk_full(e)) is not None:  # a write outside the atomic helper (zarr chunks, metrics lines)
+                console.print(f"[bold red]error:[/] {escape(str(full))}")
+                sys.exit(2)
             if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
                 raise
             detail = str(e).split(".")[0].strip()

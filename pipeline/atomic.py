@@ -1,17 +1,19 @@
-"""Crash-safe file writes (write to a temporary sibling, fsync, then rename over the target), and the two ways
-redi reads JSON back: strictly (a damaged file is one sentence) or, for append-only logs, skipping damaged lines."""
+"""Crash-safe file writes (write to a temporary sibling, fsync, then rename over the target), the sweep of
+the temporaries a killed writer leaves, and the two ways redi reads JSON back: strictly (a damaged file is
+one sentence) or, for append-only logs, skipping damaged lines."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipeline.errors import UserError
+from pipeline.errors import DiskFull, UserError, disk_full
 
 
 def _umask_mode() -> int:
@@ -22,13 +24,25 @@ def _umask_mode() -> int:
 
 
 FILE_MODE = _umask_mode()  # read once: os.umask is process-wide, and writer threads run concurrently
+NO_ROOM_BYTES = 1 << 20  # a failed write with less than this left free is a full disk, whatever the library says
+# The temporaries of `_replacing` (mkstemp: ".NAME." + 8 characters + ".tmp") and of zarr's LocalStore.
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|\.[0-9a-f]{32}\.partial$")
+
 
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary sibling of `path` to fill; on clean exit it is fsynced and renamed over `path`, else removed."""
+    """A temporary sibling of `path` to fill; on clean exit it is fsynced and renamed over `path`, else removed.
+
+    A write that fails on a full disk raises `DiskFull` (one sentence naming `path`), also when the
+    writing library (torch.save, numpy) dropped the OSError: the space left is checked before the
+    temporary file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise disk_full(e, path) or e from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -37,9 +51,29 @@ def _replacing(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(e, path) or (DiskFull(path) if isinstance(e, Exception) and _no_room(tmp.parent) else None)
         tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from None
         raise
+
+
+def _no_room(folder: Path) -> bool:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize < NO_ROOM_BYTES
+
+
+def remove_temporaries(folder: Path, recursive: bool = True) -> None:
+    """Delete the temporary files that writers killed half-way (kill -9, power loss) left in `folder`.
+
+    Call it only while holding the lock of everything written there: a live writer's temporary looks the same.
+    """
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.rglob("*") if recursive else folder.iterdir():
+            if _TEMPORARY.search(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
 
 
 @contextmanager

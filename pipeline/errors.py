@@ -1,5 +1,41 @@
 """User-facing errors: one clear sentence, a non-zero exit, no traceback (the CLI catches these)."""
+from __future__ import annotations
+
+import errno
+from pathlib import Path
 
 
 class UserError(Exception):
     """An error the user caused and can fix (bad path, incompatible data, refused rerun)."""
+
+
+class DiskFull(UserError):
+    """A write failed because its file system (or the user's quota) is full."""
+
+    def __init__(self, path: Path | str | None = None):
+        where = f" while writing {path}" if path else ""
+        super().__init__(f"No space left on device{where}: free some space (or point the command at another disk) "
+                         "and rerun the same command, which keeps everything committed so far.")
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How libraries that drop the OSError say it: safetensors ("os error 28"), and the strerror texts.
+_FULL_WORDS = ("No space left on device", "Disk quota exceeded", f"os error {errno.ENOSPC}", f"os error {errno.EDQUOT}")
+
+
+def disk_full(exc: BaseException, path: Path | str | None = None) -> DiskFull | None:
+    """The one sentence for a write that failed on a full disk, or None for any other failure.
+
+    Libraries wrap the OSError (torch.save: a RuntimeError with it as __context__; zarr, threads:
+    re-raised as is; safetensors: only in the message), so the whole exception chain is read.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DiskFull):  # from a nested atomic write: name the file the caller writes
+            return e if path is None else DiskFull(path)
+        if (isinstance(e, OSError) and e.errno in _FULL_ERRNOS) or any(w in str(e) for w in _FULL_WORDS):
+            return DiskFull(path or (e.filename if isinstance(e, OSError) else None))
+        e = e.__cause__ or e.__context__
+    return None

@@ -375,11 +375,18 @@ def _up_to_date(data: Path, manifest: Manifest, force: bool) -> bool:
 
 
 def _write(data: Path, model: PCAModel, manifest: Manifest) -> None:
-    """Save the PCA file, its plot, then the cache record naming the file's hash (each write atomic)."""
-    pca_path = data / PCA_FILE
-    model.save(pca_path)
+    """Commit the PCA file with its cache record, then draw the plot (each write atomic).
+
+    The record naming the new file's hash is written before the file replaces the old one, so an
+    interruption (kill, full disk) leaves a record whose file does not match it, which a rerun
+    redoes, never a file without its record (which a rerun would refuse). A missing plot is redrawn.
+    """
+    def save_then_record(tmp: Path) -> None:
+        model.save(tmp)
+        atomic_write_json(data / PCA_RECORD, {"manifest": manifest.to_json(), "pca_sha256": sha256_file(tmp)})
+
+    atomic_write_with(data / PCA_FILE, save_then_record)
     plot_explained_variance(model, data / PLOT_FILE)
-    atomic_write_json(data / PCA_RECORD, {"manifest": manifest.to_json(), "pca_sha256": sha256_file(pca_path)})
 
 
 def _cached_result(data: Path) -> PCAResult:
