@@ -451,6 +451,13 @@ def sample_command(
     if result.rank != 0:
         return
     console.print(result.table())
+    if result.work.nonfinite:
+        from sampler.outputs import ERRORS_JSONL
+
+        console.print(f"[bold red]error:[/] {len(result.work.nonfinite):,} of {result.num:,} samples are not finite (NaN or inf) "
+                      f"and were not written (listed in {escape(str(result.out / ERRORS_JSONL))}): lower --cfg-scale or "
+                      "--rg-scale, or check the checkpoint.")
+        raise typer.Exit(2)
     if result.missing:
         console.print(f"[yellow]{result.missing:,} images are still missing (other ranks): rerun to finish and assemble {escape(str(result.out))}.[/]")
 

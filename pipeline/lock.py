@@ -16,8 +16,9 @@ from pipeline.errors import UserError
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: Path, what: str) -> Iterator[None]:
-    """Hold `lock_file` for the duration; if another process holds it, one sentence naming `what`."""
+def exclusive(lock_file: Path, what: str, shared: bool = False) -> Iterator[None]:
+    """Hold `lock_file` for the duration; if another process holds it, one sentence naming `what`.
+    `shared`: any number of shared holders at once (the parts of one job), but never with an exclusive one."""
     lock_file = Path(lock_file)
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
@@ -26,7 +27,7 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
         raise UserError(f"Cannot write to {lock_file.parent}: {e.strerror}.") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"Another redi process is writing {what}; wait for it to finish or stop it.") from None
         yield

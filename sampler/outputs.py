@@ -7,11 +7,14 @@
     pcs.png             the same images' first three generated PCs as RGB (models with PC channels)
     samples.npz         ADM format: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,) labels
     sample.json         every setting, the checkpoint's identity and the work spent
+    errors.jsonl        the indices whose sample was not finite (NaN or inf), one JSON object per line;
+                        only while some are (no image is written for them, so nothing is assembled)
 
 The grid, the PC picture and the .npz are assembled once, at the end, from the per-image files.
 """
 from __future__ import annotations
 
+import json
 import math
 import zipfile
 from collections.abc import Iterable
@@ -22,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pipeline.atomic import atomic_open, atomic_write_with
+from pipeline.atomic import atomic_open, atomic_write_bytes, atomic_write_with
 from pipeline.errors import UserError
 
 IMAGES_DIR = "images"
@@ -31,6 +34,7 @@ GRID_PNG = "grid.png"
 PCS_PNG = "pcs.png"
 NPZ_FILE = "samples.npz"
 SAMPLE_JSON = "sample.json"
+ERRORS_JSONL = "errors.jsonl"
 GRID_MAX = 64  # images shown in grid.png and pcs.png
 GRID_PADDING = 2  # black pixels between grid cells (torchvision's make_grid default)
 PNG_COMPRESS_LEVEL = 1  # zlib level: ~3× faster than PIL's default 6, files ~15% larger, still lossless
@@ -80,6 +84,11 @@ def write_pcs(path: Path, pcs: np.ndarray) -> None:
     """One image's generated PCs (r, h, h) float32 as .npy, atomically."""
     with atomic_open(path) as f:
         np.save(f, np.ascontiguousarray(pcs, dtype=np.float32))
+
+
+def write_errors(path: Path, indices: list[int], reason: str) -> None:
+    """errors.jsonl: one {"index", "reason"} object per line, atomically."""
+    atomic_write_bytes(path, "".join(json.dumps({"index": i, "reason": reason}) + "\n" for i in indices).encode())
 
 
 def make_grid(images: np.ndarray, padding: int = GRID_PADDING) -> np.ndarray:

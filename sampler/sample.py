@@ -32,7 +32,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pipeline.atomic import atomic_write_json, sha256_file
+from pipeline.atomic import atomic_write_json, remove_temporaries, sha256_file
 from pipeline.encoders import TINY_RANDOM, load_vae
 from pipeline.errors import UserError
+from pipeline.lock import exclusive
 from pipeline.runtime import RateColumn, resolve_device
 from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig, check_guidance
 from sampler.outputs import (
-    GRID_MAX, GRID_PNG, IMAGES_DIR, NPZ_FILE, PCS_DIR, PCS_PNG, SAMPLE_JSON, image_path, make_grid, pcs_path,
-    QUANTIZE, pcs_to_rgb, read_png, to_uint8, write_adm_npz, write_pcs, write_picture, write_png,
+    ERRORS_JSONL, GRID_MAX, GRID_PNG, IMAGES_DIR, NPZ_FILE, PCS_DIR, PCS_PNG, SAMPLE_JSON, image_path, make_grid, pcs_path,
+    QUANTIZE, pcs_to_rgb, read_png, to_uint8, write_adm_npz, write_errors, write_pcs, write_picture, write_png,
 )
 from sampler.samplers import (
     SAMPLERS, DDPMSchedule, SamplerOptions, sample_latents, sde_min_steps, space_timesteps,
@@ -69,6 +70,9 @@ DEFAULT_CLS_CFG_SCALE = 1.5  # REG generate.py's --cls-cfg-scale: its class toke
 DEFAULT_STEPS = 250  # SiT/ReDi --num-sampling-steps, REPA/REG's evaluation
 LABEL_STREAM = 0x1ABE1  # SeedSequence word that keeps the label draws apart from the noise generators
 WRITER_THREADS = 4  # PNG encoding runs in threads (zlib releases the GIL) while the next batch samples
+LOCK_FILE = ".lock"  # in the output directory: one sampling job at a time
+NONFINITE_REASON = ("the sample or its decoded image is not finite (NaN or inf), so no image was written: "
+                    "lower --cfg-scale or --rg-scale, or check the checkpoint")
 
 
 @dataclass(frozen=True)
@@ -427,11 +431,26 @@ def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: SamplerChoice,
     return json.loads(json.dumps(settings))
 
 
-def prepare_out(out: Path, settings: dict[str, Any], ckpt_path: Path, force: bool, writes: bool) -> None:
-    """Refuse an output directory made with other settings (or clear it with force); start its sample.json."""
-    path = out / SAMPLE_JSON
+@contextlib.contextmanager
+def out_lock(out: Path, cfg: SampleConfig, rank: int) -> Iterator[None]:
+    """One sampling job per output directory: its rank 0 holds OUT/.lock, so a second job is refused with one
+    sentence; independently launched parts (cfg.rank/world_size) share it, and each part runs once."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory.")
+    what = f"the samples in {out}"
+    if cfg.world_size is None:
+        with exclusive(out / LOCK_FILE, what) if rank == 0 else contextlib.nullcontext():
+            yield
+    else:
+        part = out / f"{LOCK_FILE}-part-{rank}-of-{cfg.world_size}"
+        with exclusive(out / LOCK_FILE, what, shared=True), exclusive(part, f"part {rank} of {what}"):
+            yield
+
+
+def prepare_out(out: Path, settings: dict[str, Any], ckpt_path: Path, force: bool, writes: bool) -> None:
+    """Refuse an output directory made with other settings, or holding images that no sample.json describes
+    (or clear it, with force); start its sample.json."""
+    path = out / SAMPLE_JSON
     try:
         report = json.loads(path.read_bytes()) if path.exists() else {}
     except ValueError:  # not JSON, or not UTF-8
@@ -447,14 +466,24 @@ def prepare_out(out: Path, settings: dict[str, Any], ckpt_path: Path, force: boo
                 "choose another --out or pass --force to replace them."
             )
         if writes:
-            for name in (IMAGES_DIR, PCS_DIR):
-                shutil.rmtree(out / name, ignore_errors=True)
-            eval_json = Path(NPZ_FILE).with_suffix(".eval.json").name  # redi eval's report on the old samples
-            for name in (GRID_PNG, PCS_PNG, NPZ_FILE, SAMPLE_JSON, eval_json):
-                (out / name).unlink(missing_ok=True)
+            clear_out(out)
         report = {}
+    elif have is None and writes and any((out / IMAGES_DIR).glob("*.png")):  # e.g. sample.json deleted
+        if not force:
+            raise UserError(f"{out} holds images but no {SAMPLE_JSON} saying how they were made; choose another --out "
+                            "or pass --force to replace them.")
+        clear_out(out)
     if writes and not report:
         atomic_write_json(path, {"settings": settings, "checkpoint_path": str(ckpt_path), "complete": False})
+
+
+def clear_out(out: Path) -> None:
+    """Delete every file `redi sample` writes in `out` (--force on samples of other or unknown settings)."""
+    for name in (IMAGES_DIR, PCS_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    eval_json = Path(NPZ_FILE).with_suffix(".eval.json").name  # redi eval's report on the old samples
+    for name in (GRID_PNG, PCS_PNG, NPZ_FILE, SAMPLE_JSON, ERRORS_JSONL, eval_json):
+        (out / name).unlink(missing_ok=True)
 
 
 @dataclass
@@ -476,6 +505,8 @@ class Work:
     """Wall time of sampling, decoding and writing (the slowest rank after `reduce`)."""
     sampled: int = 0
     """Images the sampled batches held (present ones recomputed with their batch included): nfe's denominator."""
+    nonfinite: list[int] = field(default_factory=list)
+    """Indices whose sample or decoded image held NaN or inf: listed in errors.jsonl, never written as images."""
 
     @property
     def images_per_s(self) -> float:
@@ -497,7 +528,10 @@ class Work:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
         images, batches, calls, nfe, sampled = (int(v) for v in counts.tolist())
-        return Work(images, batches, calls, nfe, int(peaks[1]), float(peaks[0]), sampled)
+        lists: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(lists, self.nonfinite)
+        return Work(images, batches, calls, nfe, int(peaks[1]), float(peaks[0]), sampled,
+                    sorted(i for part in lists for i in part))
 
 
 @dataclass(frozen=True)
@@ -536,11 +570,14 @@ class SampleResult:
             t.add_row("NFE per image", str(nfe) if self.work.images else "–")
         t.add_row("model calls", f"{self.work.model_calls:,} in {self.work.batches:,} batches")
         t.add_row("images/s", f"{self.work.images_per_s:,.2f} ({self.world_size} process(es) on {self.device})")
+        if self.work.nonfinite:
+            t.add_row("[bold red]not finite[/]", f"[bold red]{len(self.work.nonfinite):,} images (NaN or inf), not written: "
+                                                 f"listed in {ERRORS_JSONL}[/]")
         t.add_row("output directory", escape(str(self.out)))  # paths may hold [brackets]
         files = [f"{IMAGES_DIR}/"]
         if self.assembled:
             files += [NPZ_FILE, GRID_PNG] + ([PCS_PNG] if self.has_pcs else [])
-        t.add_row("files", ", ".join(files + [SAMPLE_JSON]))
+        t.add_row("files", ", ".join(files + [SAMPLE_JSON] + ([ERRORS_JSONL] if self.work.nonfinite else [])))
         return t
 
 
@@ -609,12 +646,15 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResul
         console.print("[yellow]warning:[/] this model was trained with the reference's clean-z drop (its dropped "
                       "samples saw t·ε in the PC channels); Representation Guidance feeds zeros, as the paper does.")
     labels = class_labels(cfg.num, cfg.seed, cfg.class_labels, mc.num_classes)
-    with process_group(cfg) as (rank, world, device):
+    with process_group(cfg) as (rank, world, device), contextlib.ExitStack() as held:
         precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
         decoder = load_decoder(ckpt, cfg.vae, device)
         settings = sample_settings(cfg, ckpt, sampler, guidance, decoder, precision)
         out = Path(cfg.out) if cfg.out is not None else default_out(ckpt, cfg.run, sampler, guidance, cfg)
-        prepare_out(out, settings, ckpt.path, cfg.force, writes=rank == 0)
+        held.enter_context(out_lock(out, cfg, rank))
+        if rank == 0 and cfg.world_size is None:  # the job's lock holder, before any rank writes
+            remove_temporaries(out)
+        prepare_out(out, settings, ckpt.path, cfg.force, writes=rank == 0 or cfg.world_size is not None)
         if dist.is_initialized():
             dist.barrier()  # rank 0 has checked (and with --force cleared) the directory
         grid_count = min(cfg.num, GRID_MAX)
@@ -636,7 +676,10 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResul
         present_all = int(Work(images=present).reduce(device).images)
         missing = sum(1 for i in range(cfg.num) if not done(i)) if rank == 0 else 0
         assembled = rank == 0 and missing == 0
+        if rank == 0 and work.nonfinite:
+            write_errors(out / ERRORS_JSONL, work.nonfinite, NONFINITE_REASON)
         if assembled:
+            (out / ERRORS_JSONL).unlink(missing_ok=True)  # every image is there now
             report = json.loads((out / SAMPLE_JSON).read_text())
             outputs = [NPZ_FILE, GRID_PNG] + ([PCS_PNG] if has_pcs else [])
             if (work.images or not report.get("complete") or report.get("num") != cfg.num
@@ -680,11 +723,14 @@ def sample_batches(
                 model, y, indices, plan.seed, plan.sampler, plan.steps, plan.guidance, plan.autocast,
                 latent_size=mc.input_size, cls_dim=mc.repa_dim if mc.reg_token else None, options=plan.options,
             )  # x (B, V + r, h, h)
-            pixels = to_uint8(decoder(x[:, : mc.vae_channels]), plan.quantize)  # (B, H, W, 3)
+            decoded = decoder(x[:, : mc.vae_channels])  # (B, 3, H, W)
+            finite = (torch.isfinite(x).flatten(1).all(1) & torch.isfinite(decoded).flatten(1).all(1)).tolist()  # (B,)
+            pixels = to_uint8(decoded, plan.quantize)  # (B, H, W, 3)
             pcs = x[:, mc.vae_channels :].float().cpu().numpy()  # (B, r, h, h)
             for f in pending:  # the previous batch's files are on disk (a write error surfaces here)
                 f.result()
-            missing = [(k, i) for k, i in enumerate(batch) if not done(i)]
+            work.nonfinite += [i for k, i in enumerate(batch) if not finite[k]]
+            missing = [(k, i) for k, i in enumerate(batch) if not done(i) and finite[k]]
             pending = [pool.submit(_write_image, out, i, pixels[k], pcs[k] if mc.pca_rank and i < grid_count else None)
                        for k, i in missing]
             work.images += len(missing)
