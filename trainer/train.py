@@ -77,6 +77,7 @@ def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], Non
     model_cfg = model_config(cfg, info)
     loss_cfg = loss_config(cfg)
     check_compatible(model_cfg, loss_cfg)  # every refusal before the run directory is written
+    check_fits(model_cfg, info, dist_info.device)
     accum, micro = batch_plan(cfg, dist_info.world_size)
     run = Path(cfg.run)
     prepare_run_dir(run, cfg, model_cfg, info, dist_info)
@@ -202,10 +203,35 @@ def describe(cfg: TrainConfig) -> dict:
     info = read_shard_info(resolve_shards_dir(cfg.shards))
     cfg = cfg.replace(resolution=info.resolution)
     model_cfg = model_config(cfg, info)
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(model_cfg).parameters())
+    params = parameter_count(model_cfg)
     return {"train": cfg.to_json(), "model": dataclasses.asdict(model_cfg), "parameters": params,
             "train_gflops_per_image": train_flops_per_image(model_cfg) / 1e9, "shards": shard_summary(info)}
+
+
+def parameter_count(model_cfg: ModelConfig) -> int:
+    """Parameters of the network, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(model_cfg).parameters())
+
+
+FLOAT32_COPIES = 5  # weights, EMA, gradients and AdamW's two moments, float32 each
+
+
+def check_fits(model_cfg: ModelConfig, info: ShardInfo, dev: torch.device) -> None:
+    """Refuse, before allocating, a network whose training state exceeds the device's whole memory
+    (e.g. a class embedding sized by a label of 2e9 in the shards)."""
+    params = parameter_count(model_cfg)
+    need = params * 4 * FLOAT32_COPIES
+    if dev.type == "cuda":
+        have = torch.cuda.get_device_properties(dev).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        labels = f", for {model_cfg.num_classes:,} classes: the largest label in {info.root} is {info.num_classes - 1:,}"
+        raise UserError(
+            f"Training this network needs at least {need / 2**30:,.1f} GiB ({params:,} parameters"
+            f"{labels if model_cfg.num_classes > 1 else ''}), more than the {have / 2**30:,.1f} GiB of {dev}: "
+            f"{'check the labels, or ' if model_cfg.num_classes > 1 else ''}pick a smaller --model.")
 
 
 def shard_summary(info: ShardInfo) -> dict:
