@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.atomic import atomic_write_json, sha256_file
+from pipeline.atomic import atomic_write_json, remove_temporaries, sha256_file
 from pipeline.encoders import (
     DINO, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar, vae_downsampling, vae_moments,
 )
@@ -262,6 +262,7 @@ def _open_stage(
         return stage.open(manifest, force=False)
     try:
         locks.enter_context(exclusive(stage_lock(stage.root), f"{stage.root}"))
+        remove_temporaries(stage.root)  # left by a killed run; the other ranks write nothing before the broadcast
         state = stage.open(manifest, cfg.force)
     except UserError as e:
         _broadcast(str(e), world)

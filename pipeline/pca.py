@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.atomic import atomic_write_json, atomic_write_with, sha256_file, try_read_json
+from pipeline.atomic import atomic_write_json, atomic_write_with, remove_temporaries, sha256_file, try_read_json
 from pipeline.errors import UserError
 from pipeline.lock import exclusive
 from pipeline.runtime import RateColumn, resolve_device
@@ -399,6 +399,7 @@ def _cached_result(data: Path) -> PCAResult:
 def run_pca(data: Path, cfg: PCAConfig) -> PCAResult:
     """The `pca` stage: fit on DATA/features, write DATA/pca.safetensors and its plot (cached); one process at a time."""
     with exclusive(Path(data) / ".pca.lock", f"{Path(data) / 'pca.safetensors'}"):
+        remove_temporaries(Path(data), recursive=False)  # a killed run's; the stages write only in their folders
         return fit_stage(Path(data), cfg)
 
 

@@ -33,11 +33,12 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
-from pipeline.atomic import atomic_write_json
+from pipeline.atomic import atomic_write_json, remove_temporaries
 from pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, image_progress, open_arrays
 from pipeline.errors import UserError
 from pipeline.images import ImageSource, labels_from_dataset_json, open_source
-from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors
+from pipeline.lock import exclusive
+from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
 
 DECODER_VAE = "stabilityai/sd-vae-ft-ema"  # recorded VAE: REPA's default sd-vae-ft-mse has the same encoder weights
 VAE_CHANNELS = 4  # SD VAE latent channels: a moments file holds 2 × 4
@@ -220,7 +221,15 @@ def _fits(value: np.ndarray, dtype: str) -> bool:
 
 
 def import_repa(cfg: RepaImportConfig, console: Console | None = None) -> StageResult:
-    """Write DATA/latents from REPA's vae-sd latents: cached, chunked and resumable like `encode`."""
+    """Write DATA/latents from REPA's vae-sd latents: cached, chunked and resumable like `encode`, one process at a time."""
+    out = Path(cfg.data) / "latents"
+    with exclusive(stage_lock(out), str(out)):
+        remove_temporaries(out)  # left by a killed run
+        return _import(cfg, console)
+
+
+def _import(cfg: RepaImportConfig, console: Console | None) -> StageResult:
+    """`import_repa` without the lock."""
     images = _default_part(cfg.root, cfg.images, "images")
     source = open_source(images)
     files = MomentFiles(_default_part(cfg.root, cfg.latents, "vae-sd"))

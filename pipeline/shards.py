@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from zarr.codecs import Crc32cCodec
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, read_json, sha256_file, try_read_json
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, read_json, remove_temporaries, sha256_file, try_read_json
 from pipeline.errors import UserError
 from pipeline.lock import exclusive
 from pipeline.pca import checked_pca_sha256, features_fingerprint
@@ -484,6 +484,7 @@ def _readable_info(path: Path) -> dict[str, Any] | None:
 def build_shards(data: Path, cfg: ShardsConfig, *, progress: bool = True) -> ShardsResult:
     """Run the `shards` stage on the data root `data`: cached, resumable, shards.json written last; one process at a time."""
     with exclusive(stage_lock(Path(data) / "shards"), str(Path(data) / "shards")):
+        remove_temporaries(Path(data) / "shards")  # left by a killed run
         return write_stage(Path(data), cfg, progress)
 
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, remove_temporaries
 from pipeline.errors import UserError
 from pipeline.lock import exclusive
 from pipeline.remote import Location, read_if_exists
@@ -62,6 +62,8 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
         raise UserError(f"--run {run} is a file, not a run directory.")
     is_rank0 = os.environ.get("RANK", "0") == "0"
     with exclusive(run / ".lock", f"the run {run}") if is_rank0 else contextlib.nullcontext():
+        if is_rank0:
+            remove_temporaries(run)  # e.g. a checkpoint whose write was killed: gigabytes nothing else deletes
         return run_training(cfg, device, on_step)
 
 
