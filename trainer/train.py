@@ -55,20 +55,21 @@ class TrainResult:
 def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], None] | None = None) -> TrainResult:
     """Train (or resume) the run described by `cfg` until cfg.max_steps; `on_step` runs after each step (profilers).
 
-    One job at a time per run directory: rank 0 holds RUN/.lock while it trains.
+    One job at a time per run directory: rank 0 holds RUN/.lock while it trains. A stop signal from the
+    start on (even during the set-up) ends the run after a step, with a checkpoint.
     """
     run = Path(cfg.run)
     if run.exists() and not run.is_dir():
         raise UserError(f"--run {run} is a file, not a run directory.")
     is_rank0 = os.environ.get("RANK", "0") == "0"
-    with exclusive(run / ".lock", f"the run {run}") if is_rank0 else contextlib.nullcontext():
+    with StopRequest() as stop, exclusive(run / ".lock", f"the run {run}") if is_rank0 else contextlib.nullcontext():
         if is_rank0:
             remove_temporaries(run)  # e.g. a checkpoint whose write was killed: gigabytes nothing else deletes
-        return run_training(cfg, device, on_step)
+        return run_training(cfg, device, on_step, stop)
 
 
-def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], None] | None) -> TrainResult:
-    """The training loop itself (see `train`)."""
+def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], None] | None, stop: StopRequest) -> TrainResult:
+    """The training loop itself (see `train`); `stop` records the stop signals."""
     dist_info = init_distributed(device)
     dev = dist_info.device
     shards = resolve_shards_dir(cfg.shards)
@@ -122,7 +123,7 @@ def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], Non
     timer = time.perf_counter()
 
     stopped_by = 0
-    with BackgroundCheckpointer() as checkpointer, StopRequest() as stop:  # stop: finish the step, checkpoint, return
+    with BackgroundCheckpointer() as checkpointer:  # on a stop signal: finish the step, checkpoint, return
         while step < cfg.max_steps:
             model.train()
             sums: dict[str, torch.Tensor] = {}

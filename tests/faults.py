@@ -1,0 +1,220 @@
+"""Fault injection for the reliability tests, through the CLI and the files on disk only: a small tmpfs filled
+to leave N bytes, signals at seeded points to a `redi` process or its whole process group, and the
+comparison of what a faulted-then-rerun command left with what an uninterrupted one wrote."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPORARY = re.compile(r"\.tmp$|\.partial$")  # what an interrupted atomic write (ours or zarr's) leaves
+LOCKS = re.compile(r"^\.(.+\.)?lock")  # lock files (empty, never compared)
+
+
+def redi(*args: object) -> tuple[int, str]:
+    """Run the CLI in this process: (exit code, output with whitespace collapsed)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, " ".join(result.output.split())
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root` but lock files (a single file: {name: sha256})."""
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not LOCKS.match(p.name))
+    return {str(p.relative_to(root.parent if root.is_file() else root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files}
+
+
+def temporaries(root: Path) -> list[str]:
+    """Temporary files of interrupted writes left under `root`."""
+    return sorted(str(p) for p in Path(root).rglob("*") if TEMPORARY.search(p.name))
+
+
+def same_value(a: Any, b: Any, where: str = "") -> None:
+    """Assert two loaded checkpoints (nested dicts of tensors and plain values) are bitwise equal."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where} keys differ"
+        for key in a:
+            same_value(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where} differs"
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_value(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to PATH.ref and return that: the faulted run then writes at the very same path (outputs
+    record their paths), and what it leaves is compared with the reference byte for byte."""
+    ref = path.with_name(path.name + ".ref")
+    path.rename(ref)
+    return ref
+
+
+def copy_in(ref: Path, path: Path, names: tuple[str, ...]) -> None:
+    """Fresh `path` holding copies of `names` from `ref` (a faulted command's inputs)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    for name in names:
+        (shutil.copytree if (ref / name).is_dir() else shutil.copy2)(ref / name, path / name)
+
+
+# ----------------------------------------------------------------------------------------------- disks
+
+
+@contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `where` for the duration (skips the test where mounting is not permitted)."""
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def free_bytes(disk: Path) -> int:
+    st = os.statvfs(disk)
+    return st.f_bavail * st.f_frsize
+
+
+@contextmanager
+def filled(disk: Path, leave: int) -> Iterator[None]:
+    """Fill `disk` with one file so that `leave` bytes stay free; removed on exit (the space comes back)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(0, free_bytes(disk) - leave))
+    try:
+        yield
+    finally:
+        filler.unlink()
+
+
+# ----------------------------------------------------------------------------------------------- signals
+
+
+class Launcher:
+    """Starts `redi ARGS` processes fast: a helper Python imports the CLI and every command's modules once, then
+    forks one child per run, which runs the `redi` entry point in its own session (so a group kill reaches it and
+    its DataLoader workers, and nothing else) with its output in a log file. A fresh `redi` pays 10-20 s of
+    imports on a loaded 2-core machine; a fork, nothing, so each command can be interrupted at several points."""
+
+    def __init__(self) -> None:
+        env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+        self.proc = subprocess.Popen([sys.executable, "-c", "import faults; faults.serve()"], cwd=REPO, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def start(self, args: list[object], log: Path) -> int:
+        """Fork a child running `redi ARGS` (output to `log`); its pid."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"args": [str(a) for a in args], "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        return int(json.loads(self.proc.stdout.readline())["pid"])
+
+    def wait(self) -> int:
+        """The exit code of the child started last (−N when signal N ended it), once it has ended."""
+        assert self.proc.stdout is not None
+        return int(json.loads(self.proc.stdout.readline())["code"])
+
+    def close(self) -> None:
+        self.proc.communicate(timeout=60)
+
+
+def serve() -> None:
+    """The launcher's helper process: one JSON request per line, answered with the child's pid, then its exit code."""
+    import cli  # noqa: F401  (and below: the modules the commands import lazily, paid once here)
+    import pipeline.encode, pipeline.pca, pipeline.shards, sampler.sample, trainer.train  # noqa: E401, F401
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _run_redi(request["args"], request["log"])
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+def _run_redi(args: list[str], log: str) -> None:
+    """In the forked child: what the `redi` console script does, in a new session, output to `log`."""
+    code = 1
+    try:
+        os.setsid()
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        from cli import app
+
+        app(args=args, prog_name="redi")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def holds_a_lock(pid: int) -> bool:
+    """True once process `pid` holds an advisory lock (a stage, pca, run or sample lock): it is past start-up."""
+    return any(fields[4] == str(pid) for fields in map(str.split, Path("/proc/locks").read_text().splitlines())
+               if len(fields) > 4 and fields[1] == "FLOCK")
+
+
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def interrupt(launcher: Launcher, args: list[object], log: Path, sig: signal.Signals, group: bool,
+              ready: Callable[[], bool], delay: float, timeout: float = 180.0) -> tuple[int, str]:
+    """Start `redi ARGS`; once it holds its lock and `ready()`, wait `delay` seconds more, then send `sig` to it (or to
+    its whole process group, DataLoader workers included); (exit code, output). Exit 0: it ended first."""
+    pid = launcher.start(args, log)
+    deadline = time.monotonic() + timeout
+    while running(pid) and not (holds_a_lock(pid) and ready()):
+        assert time.monotonic() < deadline, f"redi {args[0]} never reached the kill point"
+        time.sleep(0.01)
+    time.sleep(delay)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    code = launcher.wait()
+    return code, log.read_text()
+
+
+def count(folder: Path, pattern: str = "*") -> int:
+    return sum(1 for _ in Path(folder).glob(pattern)) if Path(folder).is_dir() else 0
