@@ -3,7 +3,9 @@ DataLoader workers that leave the stop signals to the main process."""
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
+import threading
 
 import torch
 from rich.progress import ProgressColumn, Task
@@ -34,19 +36,31 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def loader_worker_init(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: ignore the stop signals, and die with the main process.
+    """DataLoader `worker_init_fn`: leave the stop signals to the main process, and die with it.
 
     Schedulers signal the whole process group (SLURM, `kill -TERM -PGID`): a worker killed by that
     signal would fail the main process's next batch ("DataLoader worker … killed") instead of letting
-    it finish the step and checkpoint. A worker that outlived its main process (kill -9) would keep
-    the inherited stage or run lock held for seconds; the kernel kills it instead (Linux).
+    it finish the step and checkpoint. So a worker ignores SIGTERM, SIGUSR1 and SIGINT, but for a
+    SIGTERM from its own main process, which is how multiprocessing and torch end their workers. A
+    worker that outlived its main process (kill -9) is killed by the kernel (Linux).
     """
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    parent = os.getppid()
+    # Blocked before the worker starts any other thread, so that every thread inherits the mask and
+    # only the waiting thread below ever receives these signals (and sees who sent them).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_end_on_the_main_process_sigterm, args=(parent,), name="stop-signals", daemon=True).start()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: torch's own watchdog ends orphaned workers within seconds
         pass
+
+
+def _end_on_the_main_process_sigterm(parent: int) -> None:
+    """A worker's signal thread: exit on SIGTERM sent by `parent` (its main process), drop every other stop signal."""
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)  # what terminate() asked for; 0 keeps torch's SIGCHLD check quiet at the main process's exit
 
 
 class RateColumn(ProgressColumn):

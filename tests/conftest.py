@@ -4,6 +4,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every command's uninterrupted output on a tiny image set (tests/faults.py), for the fault-injection tests."""
+    from faults import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("pipeline"))

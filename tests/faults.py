@@ -21,19 +21,63 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from cli import app
+from pipeline.atomic import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPORARY = re.compile(r"\.tmp$|\.partial$")  # what an interrupted atomic write (ours or zarr's) leaves
 LOCKS = re.compile(r"^\.(.+\.)?lock")  # lock files (empty, never compared)
 
+# The tiny pipeline every fault is injected into: 16 images of 64², one committed chunk or block per image.
+IMAGES = 16
+TINY = ["--resolution", 64, "--batch-size", 1, "--chunk-size", 1]
+ENCODE = ["--vae", "tiny-random", "--with-features", "--encoder", "tiny-random", *TINY]
+SHARDS = ["--pcs", 4, "--shard-size", 1, "--format", "both"]
+STEPS, NUM = 12, 12  # training steps (one metrics line each), images sampled
+TIMING = {"steps_per_s", "images_per_s", "mfu"}  # metrics that are wall-clock measurements
+
 
 def redi(*args: object) -> tuple[int, str]:
-    """Run the CLI in this process: (exit code, output with whitespace collapsed)."""
+    """Run the CLI in this process: (exit code, output with whitespace collapsed, and the traceback of a crash)."""
     result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, " ".join(result.output.split())
+    crash = result.exception if not isinstance(result.exception, (SystemExit, type(None))) else None
+    output = result.output + ("".join(traceback.format_exception(crash)) if crash is not None else "")
+    return result.exit_code, " ".join(output.split())
+
+
+def build_pipeline(root: Path) -> dict[str, Path]:
+    """Uninterrupted outputs of every command (data root, run, samples), each moved aside (PATH.ref) from the path
+    that the faulted runs of the same command then write."""
+    from pipeline.demo_data import write_demo_images
+
+    images = write_demo_images(root / "images", IMAGES).out
+    data = root / "data"
+    for args in (["encode", images, "--data", data, *ENCODE, "--workers", 0], ["pca", "--data", data],
+                 ["shards", "--data", data, *SHARDS]):
+        code, out = redi(*args)
+        assert code == 0, out
+    ref_data = move_aside(data)
+    code, out = redi("train", *train_args(ref_data, root / "run"))
+    assert code == 0, out
+    ref_run = move_aside(root / "run")
+    code, out = redi("sample", *sample_args(ref_run, root / "samples"))
+    assert code == 0, out
+    return {"root": root, "images": images, "data": data, "ref_data": ref_data, "run": root / "run", "ref_run": ref_run,
+            "samples": root / "samples", "ref_samples": move_aside(root / "samples")}
+
+
+def train_args(shards: Path, run: Path) -> list[object]:
+    return ["--shards", shards, "--run", run, "--model", "SiT-debug", "--method", "redi", "--pca-rank", 4, "--batch-size", 4,
+            "--max-steps", STEPS, "--log-every", 1, "--save-every", 4, "--seed", 3, "--lr", "1e-3", "--device", "cpu",
+            "--num-workers", 2]
+
+
+def sample_args(ref_run: Path, out: Path) -> list[object]:
+    ckpt = ref_run / "checkpoints" / f"step-{STEPS:07d}.pt"  # the same file for every sampler run
+    return ["--ckpt", ckpt, "--out", out, "--num", NUM, "--steps", 6, "--batch-size", 1, "--device", "cpu"]
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -66,6 +110,24 @@ def same_value(a: Any, b: Any, where: str = "") -> None:
             same_value(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def same_metrics(run: Path, ref_run: Path) -> None:
+    """metrics.jsonl of two runs hold the same rows, but for the wall-clock figures."""
+    rows = [[{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(r / "metrics.jsonl")] for r in (run, ref_run)]
+    assert rows[0] == rows[1]
+
+
+def same_pca(data: Path, ref: Path) -> None:
+    """DATA's pca.safetensors, pca.json and plot equal REF's: the same tensors and metadata, the same record but for
+    the file hash, the same plot (the safetensors header's order is not yet reproducible: issue 12, item 6)."""
+    def content(root: Path) -> tuple[dict[str, bytes], dict[str, str], dict[str, Any]]:
+        with safe_open(str(root / "pca.safetensors"), framework="numpy") as f:
+            tensors, meta = {k: f.get_tensor(k).tobytes() for k in f.keys()}, f.metadata()
+        return tensors, meta, json.loads((root / "pca.json").read_text())["manifest"]
+
+    assert content(data) == content(ref)
+    assert digest_tree(data / "pca_explained_variance.png") == digest_tree(ref / "pca_explained_variance.png")
 
 
 def move_aside(path: Path) -> Path:

@@ -1,8 +1,11 @@
 """One writer per stage and per run: a second redi process gets one sentence, and the lock dies with its holder."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,23 @@ def test_encode_refuses_while_another_process_writes_the_stage(tmp_path: Path) -
     assert result.exit_code == 2 and "Another redi process is writing" in result.output
     assert not (data / "latents").exists()  # nothing was touched
     assert CliRunner().invoke(app, args).exit_code == 0
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
+    """DataLoader workers are forked while the stage or run lock is held; a worker that outlives a failed run
+    (in a process that goes on, or orphaned by kill -9) must not keep the lock held."""
+    lock = tmp_path / ".run.lock"
+    ready, started = os.pipe()
+    with exclusive(lock, "the run"):
+        child = os.fork()
+        if child == 0:  # the worker: inherited the lock's descriptor, lives on
+            os.write(started, b"1")
+            time.sleep(30)
+            os._exit(0)
+        os.read(ready, 1)  # the child runs (past its at-fork hooks)
+    try:
+        with exclusive(lock, "the run"):  # released with the parent's descriptor, the child alive
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

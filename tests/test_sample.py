@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline.atomic import sha256_file
 from pipeline.errors import UserError
+from pipeline.lock import exclusive
 from sampler.outputs import image_path, make_grid, pcs_path, pcs_to_rgb, read_png, write_adm_npz
 from sampler.sample import (
     SampleConfig, SampleResult, batches_of, class_labels, read_checkpoint, resolve_guidance, run_sample,
@@ -263,6 +264,38 @@ def test_refusals(sit_run: Path, tmp_path: Path) -> None:
     code, text = cli("--run", sit_run, "--out", out, "--num", 2, "--steps", 3, "--force")
     assert code == 0, text
     assert json.loads((out / "sample.json").read_text())["settings"]["steps"] == 3
+
+
+def test_one_sampler_per_output_directory(sit_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "busy"
+    with exclusive(out / ".lock", "held by the test"):  # another `redi sample` writing there
+        code, text = cli("--run", sit_run, "--out", out, "--num", 2, "--steps", 2)
+    assert code == 2 and f"Another redi process is writing the samples in {out}" in text
+    assert not (out / "sample.json").exists() and not (out / "images").exists()
+
+
+def test_images_that_no_sample_json_describes_are_not_relabelled(sit_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "orphans"
+    assert cli("--run", sit_run, "--out", out, "--num", 2, "--steps", 2)[0] == 0
+    (out / "sample.json").unlink()  # lost: nothing says which settings made images/000000.png
+    code, text = cli("--run", sit_run, "--out", out, "--num", 2, "--steps", 3)
+    assert code == 2 and "holds images but no sample.json" in text and "--force" in text
+    assert cli("--run", sit_run, "--out", out, "--num", 2, "--steps", 3, "--force")[0] == 0
+    report = json.loads((out / "sample.json").read_text())
+    assert report["complete"] and report["settings"]["steps"] == 3 and report["work"]["images"] == 2  # made anew
+
+
+def test_non_finite_samples_are_listed_and_fail_the_command(sit_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "overflow"
+    code, text = cli("--run", sit_run, "--out", out, "--num", 3, "--steps", 2, "--guidance", "cfg", "--cfg-scale", "1e30")
+    assert code == 2 and "3 of 3 samples are not finite" in text and "Traceback" not in text
+    assert "not finite" in text and "errors.jsonl" in text  # the summary table says it too
+    listed = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in listed] == [0, 1, 2] and "NaN or inf" in listed[0]["reason"]
+    assert not list(out.glob("images/*.png")) and not (out / "samples.npz").exists()  # no black images, nothing assembled
+    code, text = cli("--run", sit_run, "--out", out, "--num", 3, "--steps", 2, "--guidance", "cfg", "--cfg-scale", "2",
+                     "--force")
+    assert code == 0 and (out / "samples.npz").exists() and not (out / "errors.jsonl").exists(), text
 
 
 def test_pc_picture_and_grid_layout() -> None:
