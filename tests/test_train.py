@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,6 +277,17 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_a_full_disk_is_one_sente
                         "--pca-rank", "4", "--max-steps", "2", "--num-workers", "0", "--device", "cpu")
     assert code == 2 and "No space left on device" in out and "rerun the same command" in " ".join(out.split())
     assert not list((tmp_path / "full" / "checkpoints").glob("*"))  # no temporary file left behind
+
+
+def test_a_class_embedding_larger_than_memory_is_refused_before_allocating(data: Path, tmp_path: Path) -> None:
+    shutil.copytree(data / "shards", tmp_path / "d" / "shards")
+    info = json.loads((tmp_path / "d" / "shards" / "shards.json").read_text())
+    info["num_classes"] = 2_000_000_001  # a label of 2e9 in the data: 2e9 × hidden float32 rows, five times over
+    (tmp_path / "d" / "shards" / "shards.json").write_text(json.dumps(info))
+    code, out = run_cli("--shards", str(tmp_path / "d"), "--run", str(tmp_path / "run"), "--model", "SiT-debug",
+                        "--pca-rank", "4", "--max-steps", "1", "--num-workers", "0", "--device", "cpu")
+    assert code == 2 and "2,000,000,001 classes" in out and "largest label" in out and "GiB" in out, out
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_running_out_of_gpu_memory_names_the_flag_to_lower(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
