@@ -232,18 +232,28 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(data: Path, tm
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29523",
            "--", str(Path(sys.executable).parent / "redi"), "train", "--shards", str(data), "--run", str(run),
            "--model", "SiT-debug", "--method", "redi", "--pca-rank", "4", "--batch-size", "8", "--max-steps", "100000",
-           "--log-every", "1", "--save-every", "1000", "--num-workers", "0", "--device", "cpu"]
+           "--log-every", "1", "--save-every", "1000", "--num-workers", "1", "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and len(read_metrics(run / "metrics.jsonl")) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, "training never logged 3 steps"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    # As a cluster scheduler does: every process of the job gets it (torchrun, which forwards it to the ranks, the
+    # ranks, which run in sessions of their own, and the ranks' DataLoader workers).
+    for group in {os.getpgid(pid) for pid in descendants(proc.pid)} | {proc.pid}:
+        os.killpg(group, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert "Stopped by SIGTERM" in output, output[-3000:]
+    assert output.count("Stopped by SIGTERM") == 1 and "DataLoader worker" not in output, output[-3000:]
     ((stop_step, path),) = list_checkpoints(run)
     assert load_checkpoint(path)["step"] == stop_step == read_metrics(run / "metrics.jsonl")[-1]["step"]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return children + [d for c in children for d in descendants(c)]
 
 
 def test_a_damaged_newest_checkpoint_is_passed_over_and_a_full_disk_is_one_sentence(
