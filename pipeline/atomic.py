@@ -64,6 +64,11 @@ def _no_room(folder: Path) -> bool:
     return st.f_bavail * st.f_frsize < NO_ROOM_BYTES
 
 
+def is_temporary(path: Path) -> bool:
+    """A file an atomic write (ours or zarr's) is filling, or that a killed one left behind."""
+    return bool(_TEMPORARY.search(Path(path).name))
+
+
 def remove_temporaries(folder: Path, recursive: bool = True) -> None:
     """Delete the temporary files that writers killed half-way (kill -9, power loss) left in `folder`.
 
@@ -72,7 +77,7 @@ def remove_temporaries(folder: Path, recursive: bool = True) -> None:
     folder = Path(folder)
     if folder.is_dir():
         for p in folder.rglob("*") if recursive else folder.iterdir():
-            if _TEMPORARY.search(p.name) and p.is_file():
+            if is_temporary(p) and p.is_file():
                 p.unlink(missing_ok=True)
 
 

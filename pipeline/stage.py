@@ -21,7 +21,7 @@ from typing import Any
 
 import zarr
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, read_json, sha256_file, try_read_json
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, is_temporary, read_json, sha256_file, try_read_json
 from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
@@ -92,7 +92,7 @@ class StageDir:
                     f"({', '.join(changed)}); pass --force to redo it or choose another data root."
                 )
             return StageState.COMPLETE if self.is_complete() else StageState.RESUME
-        elif self.root.is_dir() and any(not _temporary(p) for p in self.root.iterdir()):  # the manifest comes first
+        elif self.root.is_dir() and any(not is_temporary(p) for p in self.root.iterdir()):  # the manifest comes first
             raise UserError(f"{self.root} holds stage output but no manifest.json saying what made it; pass --force "
                             "to redo the stage or choose another data root.")
         try:
@@ -180,11 +180,6 @@ class StageDir:
         assert not self.pending(), f"finish() with {len(self.pending())} chunks missing"
         atomic_write_bytes(self.errors_path, self._errors_bytes())
         return self.chunk_errors()
-
-
-def _temporary(path: Path) -> bool:
-    """A file an interrupted atomic write left behind (see pipeline.atomic)."""
-    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def _is_error_record(e: Any) -> bool:
