@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import UserError, disk_full
+from common.errors import UserError, disk_full
 
 app = typer.Typer(
     name="redi",

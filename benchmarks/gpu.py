@@ -269,8 +269,8 @@ def run(quick: bool = False, out: Path | None = None, only: str = "abcd", budget
     `budget`: no step starts after this many seconds (the ones left are recorded as skipped), so a
     caller with a hard time limit still gets a clean end and every file.
     """
-    from pipeline.atomic import atomic_write_json
-    from pipeline.errors import UserError
+    from common.atomic import atomic_write_json
+    from common.errors import UserError
 
     if not quick and not torch.cuda.is_available():
         raise UserError("The GPU suite needs a CUDA device; on a CPU run it with --quick (tiny sizes, same steps).")
@@ -339,7 +339,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built locally; a GPU machine may have no network
     if missing := install_missing():
         print(f"installed from {WHEELS}: {', '.join(missing)} (and the other wheels there)", flush=True)
-    from pipeline.errors import UserError
+    from common.errors import UserError
 
     try:
         summary = run(quick=a.quick, out=a.out, only=a.only, budget=a.budget)

@@ -37,8 +37,8 @@ import zarr
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.atomic import atomic_write_json
-from pipeline.errors import UserError
+from common.atomic import atomic_write_json
+from common.errors import UserError
 from pipeline.pca import features_fingerprint
 from pipeline.pca_file import PCAModel
 from pipeline.readers import DEFAULT_FIELDS, _NpyDecoder, make_loader, read_shard_info, tar_members

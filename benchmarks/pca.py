@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from pipeline.pca import PCAConfig, FeatureStore, MomentAccumulator, fit_pca, read_batches
-from pipeline.runtime import resolve_device
+from common.runtime import resolve_device
 
 SPEC_IMAGES = 76_800  # SPEC §4: images in the reference fit
 CHUNK_IMAGES = 32  # images per zarr chunk of the synthetic store

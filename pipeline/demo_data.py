@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.atomic import atomic_write_with
-from pipeline.errors import UserError
+from common.atomic import atomic_write_with
+from common.errors import UserError
 from pipeline.images import walk_images
 
 CLASSES = ("circle", "ring", "square", "stripes", "triangle")

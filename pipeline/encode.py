@@ -33,14 +33,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.atomic import atomic_write_json, remove_temporaries, sha256_file
+from common.atomic import atomic_write_json, remove_temporaries, sha256_file
 from pipeline.encoders import (
     DINO, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar, vae_downsampling, vae_moments,
 )
-from pipeline.errors import UserError
-from pipeline.runtime import RateColumn, loader_worker_init, resolve_device
+from common.errors import UserError
+from common.runtime import RateColumn, loader_worker_init, resolve_device
 from pipeline.images import ImageSource, load_cropped, open_source
-from pipeline.lock import exclusive
+from common.lock import exclusive
 from pipeline.representations import encode_features, feature_spec
 from pipeline.stage import ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
 

@@ -25,8 +25,8 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoConfig
 
 from pipeline import representations
-from pipeline.atomic import read_json
-from pipeline.errors import UserError
+from common.atomic import read_json
+from common.errors import UserError
 from pipeline.representations import (  # noqa: F401 (importable from here, where the benchmarks and tests look)
     IMAGENET_MEAN, IMAGENET_STD, dinov2_base_config, encoder_tokens, tiny_dino_config,
 )

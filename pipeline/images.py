@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import UserError
+from common.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")

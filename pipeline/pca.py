@@ -26,10 +26,10 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.atomic import atomic_write_json, atomic_write_with, remove_temporaries, sha256_file, try_read_json
-from pipeline.errors import UserError
-from pipeline.lock import exclusive
-from pipeline.runtime import RateColumn, resolve_device
+from common.atomic import atomic_write_json, atomic_write_with, remove_temporaries, sha256_file, try_read_json
+from common.errors import UserError
+from common.lock import exclusive
+from common.runtime import RateColumn, resolve_device
 from pipeline.pca_file import PCAModel, load_pca
 from pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, diff_keys, open_array, read_errors, read_manifest
 

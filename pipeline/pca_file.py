@@ -10,8 +10,8 @@ import torch
 from safetensors.numpy import load_file, save
 from safetensors import safe_open
 
-from pipeline.atomic import atomic_write_bytes, sha256_file
-from pipeline.errors import UserError
+from common.atomic import atomic_write_bytes, sha256_file
+from common.errors import UserError
 
 PCA_FORMAT_VERSION = 1
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.readers import read_shard_info
 from pipeline.remote import CONCURRENT_REQUESTS, Location, RemotePath, as_location, read_if_exists, write_file
 from pipeline.shards import SHARDS_JSON

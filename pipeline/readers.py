@@ -36,10 +36,10 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.atomic import read_json
-from pipeline.errors import UserError
+from common.atomic import read_json
+from common.errors import UserError
 from pipeline.remote import Location, MissingChunk, as_location, open_zarr_array, read_ahead
-from pipeline.runtime import loader_worker_init
+from common.runtime import loader_worker_init
 from pipeline.shards import DATA_FIELDS, KEYS_JSON, SHARDS_JSON, ZARR_DIR, FieldSpec, decode_key, tar_relpath, \
     unreadable_chunk
 from pipeline.stage import ZARR_METADATA_ERRORS

@@ -25,8 +25,8 @@ import fsspec
 import zarr
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from pipeline.atomic import atomic_write_bytes, sha256_file
-from pipeline.errors import UserError
+from common.atomic import atomic_write_bytes, sha256_file
+from common.errors import UserError
 
 RETRIES = 5  # attempts of one request before a transient error is reported
 BACKOFF_S = 0.5  # wait after the first failed attempt; doubled after each further one (with jitter)

@@ -33,11 +33,11 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
-from pipeline.atomic import atomic_write_json, remove_temporaries
+from common.atomic import atomic_write_json, remove_temporaries
 from pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, image_progress, open_arrays
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.images import ImageSource, labels_from_dataset_json, open_source
-from pipeline.lock import exclusive
+from common.lock import exclusive
 from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
 
 DECODER_VAE = "stabilityai/sd-vae-ft-ema"  # recorded VAE: REPA's default sd-vae-ft-mse has the same encoder weights

@@ -25,7 +25,7 @@ from transformers import (
     Siglip2VisionModel, SiglipVisionModel, ViTMAEModel,
 )
 
-from pipeline.errors import UserError
+from common.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -34,11 +34,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from zarr.codecs import Crc32cCodec
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, read_json, remove_temporaries, sha256_file, try_read_json
-from pipeline.errors import UserError
-from pipeline.lock import exclusive
+from common.atomic import atomic_write_bytes, atomic_write_json, read_json, remove_temporaries, sha256_file, try_read_json
+from common.errors import UserError
+from common.lock import exclusive
 from pipeline.pca import checked_pca_sha256, features_fingerprint
-from pipeline.runtime import RateColumn, resolve_device
+from common.runtime import RateColumn, resolve_device
 from pipeline.pca_file import PCAModel, load_pca
 from pipeline.stage import InputCheck, Manifest, StageDir, StageState, open_array, read_errors, read_manifest, stage_lock
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import zarr
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, is_temporary, read_json, sha256_file, try_read_json
-from pipeline.errors import UserError
+from common.atomic import atomic_write_bytes, atomic_write_json, is_temporary, read_json, sha256_file, try_read_json
+from common.errors import UserError
 
 FORMAT_VERSION = 1
 

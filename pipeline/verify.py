@@ -14,8 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.atomic import read_json
-from pipeline.errors import UserError
+from common.atomic import read_json
+from common.errors import UserError
 from pipeline.pca import PCA_RECORD, checked_pca_sha256
 from pipeline.pca_file import load_pca
 from pipeline.readers import read_shard_info

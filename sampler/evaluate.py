@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.atomic import atomic_write_json, sha256_file
-from pipeline.errors import UserError
-from pipeline.runtime import RateColumn, resolve_device
+from common.atomic import atomic_write_json, sha256_file
+from common.errors import UserError
+from common.runtime import RateColumn, resolve_device
 from sampler.inception import FID_WEIGHTS_SHA256_PREFIX, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception
 from sampler.metrics import (
     AdmBatch,

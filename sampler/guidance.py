@@ -50,7 +50,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from pipeline.errors import UserError
+from common.errors import UserError
 
 State = tuple[Tensor, ...]  # (x,) or (x, cls) for REG; each component (N, ...)
 GuidanceMode = Literal["none", "cfg", "rg", "cfg+rg"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from common.errors import UserError
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")  # ADM's precomputed pool_3 and spatial statistics
 

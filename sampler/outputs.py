@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pipeline.atomic import atomic_open, atomic_write_bytes, atomic_write_with
-from pipeline.errors import UserError
+from common.atomic import atomic_open, atomic_write_bytes, atomic_write_with
+from common.errors import UserError
 
 IMAGES_DIR = "images"
 PCS_DIR = "pcs"

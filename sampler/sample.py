@@ -44,11 +44,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pipeline.atomic import atomic_write_json, remove_temporaries, sha256_file
+from common.atomic import atomic_write_json, remove_temporaries, sha256_file
 from pipeline.encoders import TINY_RANDOM, load_vae
-from pipeline.errors import UserError
-from pipeline.lock import exclusive
-from pipeline.runtime import RateColumn, resolve_device
+from common.errors import UserError
+from common.lock import exclusive
+from common.runtime import RateColumn, resolve_device
 from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig, check_guidance
 from sampler.outputs import (
     ERRORS_JSONL, GRID_MAX, GRID_PNG, IMAGES_DIR, NPZ_FILE, PCS_DIR, PCS_PNG, SAMPLE_JSON, image_path, make_grid, pcs_path,
@@ -58,7 +58,7 @@ from sampler.samplers import (
     SAMPLERS, DDPMSchedule, SamplerOptions, sample_latents, sde_min_steps, space_timesteps,
 )
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
-from trainer.distributed import init_distributed, shutdown
+from common.distributed import init_distributed, shutdown
 from trainer.models import DiffusionTransformer, ModelConfig, build_model
 
 PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}  # autocast dtype of the network

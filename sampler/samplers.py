@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats, GuidedModel, State
 from trainer.objectives import DDPM_BETA_END, DDPM_BETA_START, DDPM_STEPS, ddpm_schedule
 

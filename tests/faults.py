@@ -24,7 +24,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.atomic import read_jsonl
+from common.atomic import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPORARY = re.compile(r"\.tmp$|\.partial$")  # what an interrupted atomic write (ours or zarr's) leaves

@@ -16,7 +16,7 @@ import torch.nn as nn
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.errors import UserError
+from common.errors import UserError
 from sampler.guidance import GuidanceConfig, GuidedModel
 from sampler.samplers import ode_euler
 from trainer.convert import ConvertConfig, ConvertResult, convert_checkpoint, fold_time_reversal

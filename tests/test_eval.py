@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.errors import UserError
+from common.errors import UserError
 from sampler.inception import FIDInceptionV3, he_init_, load_fid_inception, tf_resize_bilinear
 from sampler.metrics import (
     FIDStatistics,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from sampler.guidance import GuidanceConfig, GuidedModel, check_guidance
 from sampler.samplers import ode_euler
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.demo_data import CLASSES, write_demo_images
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.images import center_crop_arr, decode_rgb, load_cropped, open_source
 
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.demo_data import write_demo_images
-from pipeline.errors import UserError
-from pipeline.lock import exclusive
+from common.errors import UserError
+from common.lock import exclusive
 from pipeline.stage import stage_lock
 
 
@@ -32,7 +32,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
     lock = tmp_path / ".latents.lock"
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
-from pipeline.lock import exclusive
+from common.lock import exclusive
 with exclusive({str(lock)!r}, 'x'):
     print('held', flush=True)
     time.sleep(60)

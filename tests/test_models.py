@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from trainer.flops import forward_flops, train_flops_per_image
 from trainer.models import (
     Attention,

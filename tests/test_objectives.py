@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from trainer.models import ModelConfig, ModelOutput, build_model
 from trainer.objectives import (
     LossConfig,

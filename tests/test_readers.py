@@ -12,7 +12,7 @@ import zarr
 
 from benchmarks import loader as loader_bench
 from benchmarks.loader import make_stage_inputs
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.readers import StreamPlan, make_loader, read_shard_info
 from pipeline.shards import ShardsConfig, build_shards
 

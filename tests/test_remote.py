@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from benchmarks import loader as loader_bench
 from benchmarks.loader import make_stage_inputs
 from cli import app
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.readers import make_loader
 from pipeline.remote import RemotePath, as_location, is_transient, read_ahead, redact
 from pipeline.shards import ShardsConfig, build_shards

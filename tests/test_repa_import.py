@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.encode import EncodeConfig, run_encode, run_features
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.pca import PCAConfig, run_pca
 from pipeline.readers import read_shard_info
 from pipeline.repa_import import RepaImportConfig, import_repa

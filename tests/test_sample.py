@@ -14,9 +14,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.atomic import sha256_file
-from pipeline.errors import UserError
-from pipeline.lock import exclusive
+from common.atomic import sha256_file
+from common.errors import UserError
+from common.lock import exclusive
 from sampler.outputs import image_path, make_grid, pcs_path, pcs_to_rgb, read_png, write_adm_npz
 from sampler.sample import (
     SampleConfig, SampleResult, batches_of, class_labels, read_checkpoint, resolve_guidance, run_sample,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from sampler.guidance import GuidanceConfig
 from sampler.samplers import (
     ADAPTIVE_SOLVERS,

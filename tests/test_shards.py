@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from benchmarks.loader import make_stage_inputs
 from cli import app
-from pipeline.atomic import atomic_write_json, sha256_file
-from pipeline.errors import UserError
+from common.atomic import atomic_write_json, sha256_file
+from common.errors import UserError
 from pipeline.pca_file import load_pca
 from pipeline.readers import make_loader
 from pipeline.shards import ShardsConfig, ShardWriter, build_shards, decode_key, encode_key

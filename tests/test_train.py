@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from benchmarks.loader import make_stage_inputs
 from cli import app
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.shards import ShardsConfig, build_shards
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.config import TrainConfig
@@ -349,7 +349,7 @@ def test_background_checkpoint_holds_the_state_of_its_step(tmp_path: Path, monke
 
 
 def test_one_job_per_run_directory_and_no_resume_on_other_data(data: Path, tmp_path: Path) -> None:
-    from pipeline.lock import exclusive
+    from common.lock import exclusive
 
     run = tmp_path / "run"
     with exclusive(run / ".lock", "held by the test"):

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from rich.markup import escape
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_with, sha256_file
-from pipeline.errors import UserError
+from common.atomic import atomic_write_bytes, atomic_write_with, sha256_file
+from common.errors import UserError
 
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
 CHECKSUM_SUFFIX = ".sha256"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.remote import Location, as_location, read_if_exists, redact
 from trainer.models import REPA_DEPTHS, SIZES
 from trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts

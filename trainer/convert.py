@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.atomic import sha256_file
-from pipeline.errors import UserError
+from common.atomic import sha256_file
+from common.errors import UserError
 from pipeline.shards import VAE_SCALE, VAE_SHIFT
 from trainer.checkpoint import write_checkpoint
 from trainer.config import TrainConfig

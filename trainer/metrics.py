@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from pipeline.atomic import atomic_write_bytes
-from pipeline.atomic import read_jsonl as read_metrics  # complete lines only: a crash can cut the last one
+from common.atomic import atomic_write_bytes
+from common.atomic import read_jsonl as read_metrics  # complete lines only: a crash can cut the last one
 
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}

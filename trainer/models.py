@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.errors import UserError
+from common.errors import UserError
 
 PATCH_SIZE = 2  # every backbone here is a "/2" model
 MLP_RATIO = 4  # MLP hidden width = 4 × hidden

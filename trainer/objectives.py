@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from trainer.models import ModelConfig
 
 METHODS = ("baseline", "redi", "repa", "reg", "redi+repa")

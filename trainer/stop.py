@@ -15,7 +15,7 @@ from types import FrameType, TracebackType
 import torch
 import torch.distributed as dist
 
-from pipeline.runtime import STOP_SIGNALS
+from common.runtime import STOP_SIGNALS
 
 
 class StopRequest:

@@ -23,14 +23,14 @@ from rich.console import Console
 from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, remove_temporaries
-from pipeline.errors import UserError
-from pipeline.lock import exclusive
+from common.atomic import atomic_write_bytes, atomic_write_json, remove_temporaries
+from common.errors import UserError
+from common.lock import exclusive
 from pipeline.remote import Location, read_if_exists
 from pipeline.readers import ShardInfo, make_loader, read_shard_info
 from trainer.checkpoint import BackgroundCheckpointer, load_checkpoint, load_newest_readable
 from trainer.config import TrainConfig, architecture_mismatch, resolve_shards_dir
-from trainer.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from common.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from trainer.ema import make_ema, update_ema
 from trainer.flops import train_flops_per_image
 from trainer.metrics import MetricsLog, peak_flops

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.atomic import read_json, sha256_file
-from pipeline.errors import UserError
+from common.atomic import read_json, sha256_file
+from common.errors import UserError
 from pipeline.verify import StageCheck
 from trainer.checkpoint import CHECKSUM_SUFFIX, checksum_path, list_checkpoints, recorded_sha256
 

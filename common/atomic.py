@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipeline.errors import DiskFull, UserError, disk_full
+from common.errors import DiskFull, UserError, disk_full
 
 
 def _umask_mode() -> int:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import UserError
+from common.errors import UserError
 
 _HELD: set[int] = set()  # descriptors of the locks this process holds
 

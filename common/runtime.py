@@ -11,7 +11,7 @@ import torch
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
-from pipeline.errors import UserError
+from common.errors import UserError
 
 
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:

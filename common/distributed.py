@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.runtime import resolve_device
+from common.runtime import resolve_device
 
 
 @dataclass(frozen=True)
