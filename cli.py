@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from common.display import configure_logging
 from common.errors import UserError, disk_full
 
 app = typer.Typer(
@@ -25,6 +26,11 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@app.callback()
+def _display() -> None:
+    configure_logging()  # before any command: the library's log lines and warnings go through one rich handler
 
 
 # What to lower when a command runs out of GPU memory.
@@ -81,7 +87,7 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="Torch device, e
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="Autocast precision: bf16, fp16 or fp32; default: fp32, as the reference preprocessing (bf16 is faster on a GPU and less exact).", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force/--no-force", help="Delete and redo a stage that was made with different settings.")]
 ChunkSizeOpt = Annotated[int, typer.Option("--chunk-size", help="Images per committed unit (what a killed run redoes) and per Zarr chunk.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader processes decoding and cropping images (0: in the main process).")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="DataLoader processes decoding and cropping images (0: in the main process); default: one per core, at most 4.", show_default=False)]
 EncoderOpt = Annotated[str, typer.Option("--encoder", help="Representation encoder: hub id or local directory of a DINOv2, DINOv3, SigLIP, SigLIP2, CLIP, MAE or I-JEPA model (the family is read from its config; docs/ENCODERS.md), or tiny-random[:FAMILY] (tests and demos only).")]
 DINO_DEFAULT = "facebook/dinov2-with-registers-base"
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Storage dtype of the output arrays: float16 or float32.")]
@@ -130,7 +136,7 @@ def encode_command(
     precision: PrecisionOpt = None,
     force: ForceOpt = False,
     chunk_size: ChunkSizeOpt = 256,
-    workers: WorkersOpt = 4,
+    workers: WorkersOpt = None,
     dtype: DtypeOpt = "float16",
     with_features: Annotated[bool, typer.Option("--with-features", help="Also run the features stage in the same pass, decoding each image once (what `make encode` does).")] = False,
     encoder: EncoderOpt = DINO_DEFAULT,
@@ -142,7 +148,7 @@ def encode_command(
 
     cfg = EncodeConfig(source, data, vae, revision, resolution, batch_size, device, precision, chunk_size, workers, dtype, force)
     jobs = [(ENCODE, cfg)] + ([(FEATURES, dataclasses.replace(cfg, model=encoder, revision=encoder_revision))] if with_features else [])
-    for result in run_stages(jobs, console):
+    for result in run_stages(jobs):
         _print_stage_result(result)
 
 
@@ -159,14 +165,14 @@ def features_command(
     precision: PrecisionOpt = None,
     force: ForceOpt = False,
     chunk_size: ChunkSizeOpt = 256,
-    workers: WorkersOpt = 4,
+    workers: WorkersOpt = None,
     dtype: DtypeOpt = "float16",
 ) -> None:
     """Stage features: the encoder's patch tokens (and its CLS or pooled global token) of every centre-cropped image → DATA/features."""
     from pipeline.encode import EncodeConfig, run_features
 
     cfg = EncodeConfig(source, data, encoder, revision, resolution, batch_size, device, precision, chunk_size, workers, dtype, force)
-    _print_stage_result(run_features(cfg, console))
+    _print_stage_result(run_features(cfg))
 
 
 @app.command("info")
@@ -353,7 +359,7 @@ def train_command(
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     seed: Annotated[int, typer.Option(min=0, max=2**40, help="Seed of weights, data order and noise.")] = 0,
     data_format: Annotated[str, typer.Option("--format", help="zarr (random access: a local disk) or wds (whole tars: a network file system or a URL).")] = "zarr",
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers per rank.")] = 4,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per rank; default: one per core (of the rank's share of the node), at most 4.", show_default=False)] = None,
     read_ahead: Annotated[int, typer.Option(help="wds: tars downloading ahead of the one being decoded, per worker (each held whole in memory).")] = 2,
     log_every: Annotated[int, typer.Option(help="Steps between metrics lines.")] = 100,
     save_every: Annotated[int, typer.Option(help="Steps between resume checkpoints.")] = 1_000,
@@ -447,7 +453,7 @@ def sample_command(
         class_labels=parse_class_labels(class_labels), out=out, vae=vae, device=device, precision=precision,
         quantize=quantize, weights=weights, force=force,
     )
-    result = run_sample(cfg, console)
+    result = run_sample(cfg)
     if result.rank != 0:
         return
     console.print(result.table())
@@ -479,7 +485,7 @@ def eval_command(
     from sampler.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(samples=samples, ref=ref, inception=inception, batch_size=batch_size, device=device, out=out)
-    result = evaluate(cfg, console)
+    result = evaluate(cfg)
     table = Table(title=f"{result.num_samples:,} samples vs {result.num_ref:,} reference images")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -546,7 +552,7 @@ def import_repa_command(
     """Stage encode from REPA's latents: copy vae-sd/*.npy into DATA/latents without running the VAE."""
     from pipeline.repa_import import RepaImportConfig, import_repa
 
-    result = import_repa(RepaImportConfig(root, data, images, latents, vae, resolution, chunk_size, dtype, workers, force), console)
+    result = import_repa(RepaImportConfig(root, data, images, latents, vae, resolution, chunk_size, dtype, workers, force))
     _print_stage_result(result)
     console.print(f"next: redi features {escape(str(images or root / 'images'))} --data {escape(str(data))}  "
                   "(same image index, so shards joins them)")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from pipeline.demo_data import write_demo_images
 from pipeline.encode import ENCODE, FEATURES, EncodeConfig, run_stages
@@ -51,7 +50,7 @@ def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, wor
         vae_name, dino_name = _real_arch_dirs(root) if real_arch else (TINY_RANDOM, TINY_RANDOM)
         common = {"resolution": resolution, "device": device, "workers": workers, "batch_size": batch_size or (8 if quick else 128 if device == "cuda" else 64)}
         cfg = EncodeConfig(images, root / "data", vae_name, **common)
-        enc, _ = run_stages([(ENCODE, cfg), (FEATURES, dataclasses.replace(cfg, model=dino_name))], Console(quiet=True))
+        enc, _ = run_stages([(ENCODE, cfg), (FEATURES, dataclasses.replace(cfg, model=dino_name))])
         batched = num / enc.seconds
         figures: dict[str, float | str] = {
             "models": "real architectures, random init" if real_arch else "tiny-random",
@@ -84,7 +83,7 @@ def encoder_throughput(names: tuple[str, ...], num: int | None = None, resolutio
             random_init(DINO, ARCHITECTURES[name](), 0).save_pretrained(model_dir)  # type: ignore[operator]
             cfg = EncodeConfig(images, root / f"data-{name}", str(model_dir), resolution=resolution, device=device,
                                workers=workers, batch_size=batch_size or (128 if device == "cuda" else 8))
-            (result,) = run_stages([(FEATURES, cfg)], Console(quiet=True))
+            (result,) = run_stages([(FEATURES, cfg)])
             figures[f"features_{name}_images_per_s"] = result.images_per_second
     return figures
 

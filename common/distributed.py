@@ -1,7 +1,9 @@
-"""Process-group set-up from torchrun's environment: NCCL on GPU, gloo on CPU, or a single process."""
+"""The one place a command joins torchrun's process group: NCCL on GPU, gloo on CPU, or a single process."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,18 +24,24 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick the device from LOCAL_RANK."""
+@contextlib.contextmanager
+def process_group(device: str | None = None) -> Iterator[DistInfo]:
+    """This process's place in the job: under torchrun (WORLD_SIZE > 1) joins the process group, and leaves it after
+    if it joined it here; the device is `device` (None/'auto': this rank's GPU by LOCAL_RANK, else the CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device)  # one sentence for a device that is not there (cuda without a GPU, tpu)
+    dev = resolve_device(device, local_rank)  # one sentence for a device that is not there (cuda without a GPU, tpu)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    joined = world > 1 and not dist.is_initialized()
+    if joined:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    try:
+        yield DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -48,8 +56,3 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / dist.get_world_size()
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

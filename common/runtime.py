@@ -1,5 +1,5 @@
-"""What every long command shares: choosing the torch device, the items/s column of its progress bar, and
-DataLoader workers that leave the stop signals to the main process."""
+"""What every long command shares: choosing the torch device, and DataLoader workers (how many, and that they leave
+the stop signals to the main process)."""
 from __future__ import annotations
 
 import ctypes
@@ -8,8 +8,6 @@ import signal
 import threading
 
 import torch
-from rich.progress import ProgressColumn, Task
-from rich.text import Text
 
 from common.errors import UserError
 
@@ -28,6 +26,19 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+AUTO_WORKERS = 4  # DataLoader processes per process when not asked for: enough to keep one GPU fed with decoded data
+
+
+def loader_workers(requested: int | None, loaders: int = 1) -> int:
+    """DataLoader processes for each of this process's `loaders` loaders: `requested` in all (None: AUTO_WORKERS, fewer
+    where this node's cores shared by its torchrun ranks are fewer), never more than the cores torch's "suggested max
+    number of worker" warning counts."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested is None:
+        requested = min(AUTO_WORKERS, max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return min(-(-requested // loaders), cores)
 
 
 # Preemption (SIGTERM; SIGUSR1 with SLURM's --signal) and Ctrl-C: the main process (each torchrun rank) decides.
@@ -61,15 +72,3 @@ def _end_on_the_main_process_sigterm(parent: int) -> None:
         info = signal.sigwaitinfo(STOP_SIGNALS)
         if info.si_signo == signal.SIGTERM and info.si_pid == parent:
             os._exit(0)  # what terminate() asked for; 0 keeps torch's SIGCHLD check quiet at the main process's exit
-
-
-class RateColumn(ProgressColumn):
-    """Items per second of a progress task (its finished speed once done)."""
-
-    def __init__(self, unit: str = "img/s"):
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else 0.0)
-        return Text(f"{speed:,.1f} {self.unit}", style="progress.data.speed")

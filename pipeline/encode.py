@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,25 +27,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import zarr
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
 from common.atomic import atomic_write_json, remove_temporaries, sha256_file
+from common.display import counting
+from common.distributed import barrier, process_group
+from common.errors import UserError
+from common.lock import exclusive
+from common.runtime import loader_worker_init, loader_workers
 from pipeline.encoders import (
     DINO, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar, vae_downsampling, vae_moments,
 )
-from common.errors import UserError
-from common.runtime import RateColumn, loader_worker_init, resolve_device
 from pipeline.images import ImageSource, load_cropped, open_source
-from common.lock import exclusive
 from pipeline.representations import encode_features, feature_spec
 from pipeline.stage import ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STORE_DTYPES = ("float16", "float32")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class EncodeConfig:
     device: str | None = None  # torch device; None → cuda if available, else cpu
     precision: str | None = None  # bf16 | fp16 | fp32 autocast; None → fp32 (convolutions in TF32 on GPU, torch's default, as the references)
     chunk_size: int = 256  # images per committed unit and per Zarr chunk along N
-    workers: int = 4  # DataLoader processes decoding and cropping images (0: in the main process)
+    workers: int | None = None  # DataLoader processes decoding and cropping images (0: in the main process; None: from the cores)
     dtype: str = "float16"  # storage dtype of the output arrays
     force: bool = False  # delete and redo a stage made with different settings
 
@@ -69,7 +70,7 @@ class EncodeConfig:
         if self.resolution < 16 or self.resolution % 16:
             raise UserError(f"--resolution must be a positive multiple of 16 (got {self.resolution}).")
         for name, value, low in (("--batch-size", self.batch_size, 1), ("--chunk-size", self.chunk_size, 1),
-                                 ("--workers", self.workers, 0)):
+                                 ("--workers", 0 if self.workers is None else self.workers, 0)):
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value}).")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -153,14 +154,14 @@ class StageResult:
         return t
 
 
-def run_encode(cfg: EncodeConfig, console: Console | None = None) -> StageResult:
+def run_encode(cfg: EncodeConfig) -> StageResult:
     """Stage `encode`: VAE posterior moments of every image into DATA/latents."""
-    return run_stages([(ENCODE, cfg)], console)[0]
+    return run_stages([(ENCODE, cfg)])[0]
 
 
-def run_features(cfg: EncodeConfig, console: Console | None = None) -> StageResult:
+def run_features(cfg: EncodeConfig) -> StageResult:
     """Stage `features`: the encoder's patch tokens (and global token, if it has one) of every image into DATA/features."""
-    return run_stages([(FEATURES, cfg)], console)[0]
+    return run_stages([(FEATURES, cfg)])[0]
 
 
 @dataclass
@@ -177,28 +178,27 @@ class _Job:
     arrays: dict[str, zarr.Array] | None = None
 
 
-def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]], console: Console | None = None) -> list[StageResult]:
+def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]]) -> list[StageResult]:
     """Create, resume or confirm each stage directory, decoding every image once for all stages that need it.
 
     Each stage keeps its own manifest, chunk ledger and errors file, exactly as when it runs
     alone: `redi encode --features` followed by `redi features` has nothing left to do.
     """
-    console = console or Console(stderr=True)
     cfg = jobs[0][1]
     assert all(dataclasses.replace(c, model=cfg.model, revision=cfg.revision) == cfg for _, c in jobs), \
         "stages run together share every setting but the encoder"
     source = open_source(cfg.source)
-    with _distributed() as (rank, world), contextlib.ExitStack() as locks:  # rank 0 holds each stage's lock
-        device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    with process_group(cfg.device) as job, contextlib.ExitStack() as locks:  # rank 0 holds each stage's lock
+        rank, world, device = job.rank, job.world_size, job.device
         precision = cfg.precision or "fp32"  # the stored data outlives every experiment: exact unless asked
-        opened = [_open_job(kind, c, source, precision, rank, world, console, locks) for kind, c in jobs]
+        opened = [_open_job(kind, c, source, precision, rank, world, locks) for kind, c in jobs]
         active = [job for job in opened if job.pending]
         if active:
             for job in active:
                 job.model = load(job.ref, device)
                 job.arrays = open_arrays(job.stage.root, len(source), job.plan.shapes, cfg.chunk_size, cfg.dtype)
             start = time.perf_counter()
-            _encode_chunks(active, cfg, source, device, precision, console if rank == 0 else None)
+            _encode_chunks(active, cfg, source, device, precision)
             for job in active:
                 job.result.seconds = time.perf_counter() - start
         for job in opened:
@@ -208,7 +208,7 @@ def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]], console: Console 
 
 
 def _open_job(kind: StageKind, cfg: EncodeConfig, source: ImageSource, precision: str, rank: int, world: int,
-              console: Console, locks: contextlib.ExitStack) -> _Job:
+              locks: contextlib.ExitStack) -> _Job:
     """Resolve the encoder, check or create the stage directory and find this rank's pending chunks."""
     ref = resolve(kind.family, cfg.model, cfg.revision)
     plan = kind.plan(ref, cfg.resolution)
@@ -224,13 +224,9 @@ def _open_job(kind: StageKind, cfg: EncodeConfig, source: ImageSource, precision
         result.skipped = len(read_errors(out))
         return _Job(kind, ref, plan, stage, result, set())
     todo = stage.pending()
-    if rank == 0:
-        tag = " [bold yellow](tiny-random weights)[/]" if ref.tiny_random else ""
-        console.print(
-            f"[bold]{kind.name}[/]: {len(source)} images from {escape(source.location)} → {escape(str(out))}; "
-            f"{len(todo)} of {stage.n_chunks} chunks to do{f' by {world} processes' if world > 1 else ''}; "
-            f"{escape(describe_identity(ref.identity))}{tag}"
-        )
+    log.info(f"{kind.name}: {len(source)} images from {source.location} → {out}; {len(todo)} of {stage.n_chunks} chunks "
+             f"to do{f' by {world} processes' if world > 1 else ''}; {describe_identity(ref.identity)}"
+             f"{' (tiny-random weights)' if ref.tiny_random else ''}")
     return _Job(kind, ref, plan, stage, result, {c for c in todo if c % world == rank})
 
 
@@ -244,7 +240,7 @@ def _close_job(job: _Job, rank: int, world: int) -> None:
         result.seconds = max(s[2] for s in shares)
     if rank == 0 and not job.stage.pending():
         job.stage.finish()
-    _barrier(world)
+    barrier()
     if job.stage.is_complete():
         result.skipped = len(read_errors(job.stage.root))
 
@@ -335,7 +331,7 @@ def _chunk_batches(chunks: list[int], n: int, chunk_size: int, batch_size: int) 
 
 
 def _encode_chunks(
-    jobs: list[_Job], cfg: EncodeConfig, source: ImageSource, device: torch.device, precision: str, console: Console | None,
+    jobs: list[_Job], cfg: EncodeConfig, source: ImageSource, device: torch.device, precision: str,
 ) -> None:
     """Encode every chunk some job still needs (each image decoded once); a writer thread stores and commits
     chunk c for each job while chunk c+1 is encoded."""
@@ -343,7 +339,7 @@ def _encode_chunks(
     chunks = sorted(set().union(*(job.pending for job in jobs)))
     loader = DataLoader(
         _CroppedImages(source, cfg.resolution), batch_sampler=_chunk_batches(chunks, len(source), cfg.chunk_size, cfg.batch_size),
-        num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=loader_worker_init,
+        num_workers=loader_workers(cfg.workers), collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=loader_worker_init,
     )
     total = sum(min((c + 1) * cfg.chunk_size, len(source)) - c * cfg.chunk_size for c in chunks)
     parts: dict[int, dict[str, list[np.ndarray]]] = {id(job): {} for job in jobs}  # job → array name → batches
@@ -352,7 +348,7 @@ def _encode_chunks(
     name = "+".join(job.kind.name for job in jobs)
     with (
         ThreadPoolExecutor(max_workers=1) as writer,
-        image_progress(console, name, total, any(job.ref.tiny_random for job in jobs)) as advance,
+        counting(name + (" [yellow](tiny-random)[/]" if any(job.ref.tiny_random for job in jobs) else ""), total) as advance,
         torch.inference_mode(),
         _autocast(device, precision),
     ):
@@ -405,50 +401,8 @@ def chunk_checksums(root: Path, arrays: dict[str, zarr.Array], chunk: int) -> di
     return sums
 
 
-def _device(requested: str | None, local_rank: int) -> torch.device:
-    """The requested device, or cuda (this rank's GPU under torchrun) when available, else cpu."""
-    device = resolve_device(requested, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
-
-
-@contextlib.contextmanager
-def _distributed() -> Iterator[tuple[int, int]]:
-    """(rank, world size): joins the torchrun process group when WORLD_SIZE > 1 (and leaves it after)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        yield 0, 1
-        return
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        if owned:
-            dist.destroy_process_group()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def image_progress(console: Console | None, name: str, total: int, tiny_random: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar (images/s, ETA) on `console`; a no-op advance function when console is None."""
-    if console is None:
-        yield lambda n: None
-        return
-    label = f"{name} [yellow](tiny-random)[/]" if tiny_random else name
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)

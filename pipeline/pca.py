@@ -23,13 +23,12 @@ import numpy as np
 import torch
 import zarr
 from PIL import Image, ImageDraw, ImageFont
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from common.atomic import atomic_write_json, atomic_write_with, remove_temporaries, sha256_file, try_read_json
 from common.errors import UserError
 from common.lock import exclusive
-from common.runtime import RateColumn, resolve_device
+from common.display import counting
+from common.runtime import resolve_device
 from pipeline.pca_file import PCAModel, load_pca
 from pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, diff_keys, open_array, read_errors, read_manifest
 
@@ -417,12 +416,8 @@ def fit_stage(data: Path, cfg: PCAConfig) -> PCAResult:
         return _cached_result(data)
     n_selected = len(select_images(features.valid, cfg.num_images, cfg.seed))
     start = time.perf_counter()
-    with Progress(
-        TextColumn("pca"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=True,
-    ) as progress:
-        task = progress.add_task("pca", total=n_selected)
-        model = fit_pca(features, cfg, on_images=lambda n: progress.advance(task, n))
+    with counting("pca", n_selected, transient=True) as advance:
+        model = fit_pca(features, cfg, on_images=advance)
     seconds = time.perf_counter() - start
     _write(data, model, manifest)
     return PCAResult(path=data / PCA_FILE, plot=data / PLOT_FILE, model=model, up_to_date=False, seconds=seconds)

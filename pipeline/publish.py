@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from common.display import progress_bar
 from common.errors import UserError
 from pipeline.readers import read_shard_info
 from pipeline.remote import CONCURRENT_REQUESTS, Location, RemotePath, as_location, read_if_exists, write_file
@@ -64,8 +63,7 @@ def publish_shards(data: Path, dest: str, *, progress: bool = True) -> PublishRe
     with_pca = pca is not None and hashlib.sha256(pca).hexdigest() == info.pca_sha256  # not a PCA fitted since
     if with_pca:
         jobs.append((data / PCA_FILE, target / PCA_FILE, info.pca_sha256))  # a run directory keeps a copy
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), disable=not progress, transient=True)
+    bar = progress_bar(None, transient=True, enabled=progress)
     copied = 0
     with bar, ThreadPoolExecutor(CONCURRENT_REQUESTS if isinstance(target, RemotePath) else 1) as pool:
         task = bar.add_task(f"publish → {target}", total=len(jobs) + 1)

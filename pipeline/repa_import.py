@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from rich.console import Console
 
 from common.atomic import atomic_write_json, remove_temporaries
-from pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, image_progress, open_arrays
+from common.display import counting
+from pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, open_arrays
 from common.errors import UserError
 from pipeline.images import ImageSource, labels_from_dataset_json, open_source
 from common.lock import exclusive
@@ -220,15 +220,15 @@ def _fits(value: np.ndarray, dtype: str) -> bool:
         return bool(np.isfinite(value.astype(dtype)).all())
 
 
-def import_repa(cfg: RepaImportConfig, console: Console | None = None) -> StageResult:
+def import_repa(cfg: RepaImportConfig) -> StageResult:
     """Write DATA/latents from REPA's vae-sd latents: cached, chunked and resumable like `encode`, one process at a time."""
     out = Path(cfg.data) / "latents"
     with exclusive(stage_lock(out), str(out)):
         remove_temporaries(out)  # left by a killed run
-        return _import(cfg, console)
+        return _import(cfg)
 
 
-def _import(cfg: RepaImportConfig, console: Console | None) -> StageResult:
+def _import(cfg: RepaImportConfig) -> StageResult:
     """`import_repa` without the lock."""
     images = _default_part(cfg.root, cfg.images, "images")
     source = open_source(images)
@@ -256,7 +256,7 @@ def _import(cfg: RepaImportConfig, console: Console | None) -> StageResult:
     start = time.perf_counter()
     pending = stage.pending()
     total = sum(min((c + 1) * cfg.chunk_size, len(source)) - c * cfg.chunk_size for c in pending)
-    with ThreadPoolExecutor(max_workers=cfg.workers) as pool, image_progress(console, "import-repa", total, False) as advance:
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool, counting("import-repa", total) as advance:
         for chunk in pending:
             lo, hi = chunk * cfg.chunk_size, min((chunk + 1) * cfg.chunk_size, len(source))
             moments = np.zeros((hi - lo, *shape), dtype=cfg.dtype)  # (n, 8, h, h); zeros where unreadable

@@ -30,15 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from zarr.codecs import Crc32cCodec
 
+from common.display import progress_bar
 from common.atomic import atomic_write_bytes, atomic_write_json, read_json, remove_temporaries, sha256_file, try_read_json
 from common.errors import UserError
 from common.lock import exclusive
 from pipeline.pca import checked_pca_sha256, features_fingerprint
-from common.runtime import RateColumn, resolve_device
+from common.runtime import resolve_device
 from pipeline.pca_file import PCAModel, load_pca
 from pipeline.stage import InputCheck, Manifest, StageDir, StageState, open_array, read_errors, read_manifest, stage_lock
 
@@ -428,17 +427,12 @@ def _shards_json(inputs: _Inputs, cfg: ShardsConfig, layout: ShardLayout, group_
     }
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("samples/s"),
-                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
-
-
 def _write_pending(stage: StageDir, writer: ShardWriter, inputs: _Inputs, order: np.ndarray, group_blocks: int,
                    device: torch.device, progress: bool) -> int:
     """Write and commit every pending block, reading each write-shuffle group once; return the samples written."""
     layout, pending = writer.layout, stage.pending()
     written = 0
-    with _progress(progress) as bar:
+    with progress_bar("samples/s", enabled=progress) as bar:
         task = bar.add_task("shards", total=sum(layout.block_range(b)[1] - layout.block_range(b)[0] for b in pending))
         span = group_blocks * layout.shard_size  # kept images per write-time shuffle group
         for g in sorted({b // group_blocks for b in pending}):

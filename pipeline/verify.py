@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from common.atomic import read_json
+from common.display import progress_bar
 from common.errors import UserError
 from pipeline.pca import PCA_RECORD, checked_pca_sha256
 from pipeline.pca_file import load_pca
@@ -39,11 +39,6 @@ class StageCheck:
     status: str  # "ok", "absent" (not built: fine), "warning" (usable, see details) or "FAILED"
     details: str  # what was checked, or what is wrong
     problem: str | None = None  # for FAILED: one sentence naming the bad file
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=True)
 
 
 def _check_array_stage(root: Path, deep: bool, bar: Progress, repair: bool = False) -> StageCheck:
@@ -182,11 +177,11 @@ def verify_data(data: Location | str, *, deep: bool = True, progress: bool = Tru
     if isinstance(data, RemotePath):
         if repair:
             raise UserError("--repair rewrites input stages, which live on a local data root, not at a URL.")
-        with _progress(progress) as bar:
+        with progress_bar(None, transient=True, enabled=progress) as bar:
             return [_guarded("shards/", data / "shards", lambda: _check_shards(data / "shards", data, deep, bar))]
     if not data.is_dir():
         raise UserError(f"{data} is not a directory: pass a data root (the --data of the stages).")
-    with _progress(progress) as bar:
+    with progress_bar(None, transient=True, enabled=progress) as bar:
         checks = [
             *(_guarded(f"{name}/", data / name, lambda name=name: _check_array_stage(data / name, deep, bar, repair))
               for name in STAGE_ARRAYS),

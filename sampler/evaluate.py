@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from common.atomic import atomic_write_json, sha256_file
+from common.display import progress_bar
 from common.errors import UserError
-from common.runtime import RateColumn, resolve_device
+from common.runtime import resolve_device
 from sampler.inception import FID_WEIGHTS_SHA256_PREFIX, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception
 from sampler.metrics import (
     AdmBatch,
@@ -29,7 +30,7 @@ from sampler.metrics import (
     read_adm_batch,
 )
 
-METRIC_KEYS = ("inception_score", "fid", "sfid", "precision", "recall")  # what every report holds
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class EvalConfig:
 class EvalResult:
     """What `redi eval` measured and where it wrote it."""
 
-    metrics: dict[str, float]  # METRIC_KEYS → value
+    metrics: dict[str, float]  # inception_score, fid, sfid, precision, recall → value
     out: Path  # the JSON report
     num_samples: int  # images in the sample batch
     num_ref: int  # images in the reference batch
@@ -150,7 +151,7 @@ def _batch_summary(batch: AdmBatch) -> dict[str, Any]:
     }
 
 
-def evaluate(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
+def evaluate(cfg: EvalConfig) -> EvalResult:
     """Compute the ADM metrics of `cfg.samples` against `cfg.ref` and write the JSON report."""
     t0 = time.perf_counter()
     dims = (POOL_DIM, SPATIAL_DIM)
@@ -159,8 +160,8 @@ def evaluate(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
         if batch.num_images <= cfg.nearest_k:
             raise UserError(f"{batch.path} holds {batch.num_images} images; precision/recall with k={cfg.nearest_k} needs at least {cfg.nearest_k + 1}.")
     if (samples.height, samples.width) != (ref.height, ref.width):
-        (console or Console(stderr=True)).print(f"[yellow]warning:[/] the samples are {samples.height}×{samples.width} and the reference "
-                      f"{ref.height}×{ref.width}; the papers' figures compare batches of one resolution.")
+        log.warning(f"the samples are {samples.height}×{samples.width} and the reference {ref.height}×{ref.width}; the "
+                    "papers' figures compare batches of one resolution.")
     sample_settings = _sample_settings(cfg.samples)
     device = resolve_device(cfg.device)
     net = load_fid_inception(cfg.inception, device)
@@ -168,8 +169,7 @@ def evaluate(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
     inception_sha256 = sha256_file(cfg.inception)
 
     t_net = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console or Console(stderr=True), transient=True) as progress:
+    with progress_bar(transient=True) as progress:
         ref_acts = compute_activations(net, ref, cfg.batch_size, device, progress)
         sample_acts = compute_activations(net, samples, cfg.batch_size, device, progress)
     images_per_s = (ref.num_images + samples.num_images) / (time.perf_counter() - t_net)

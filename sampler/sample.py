@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -39,16 +39,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from common.atomic import atomic_write_json, remove_temporaries, sha256_file
-from pipeline.encoders import TINY_RANDOM, load_vae
+from common.display import counting
+from common.distributed import process_group
 from common.errors import UserError
 from common.lock import exclusive
-from common.runtime import RateColumn, resolve_device
+from common.runtime import resolve_device
+from pipeline.encoders import TINY_RANDOM, load_vae
 from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig, check_guidance
 from sampler.outputs import (
     ERRORS_JSONL, GRID_MAX, GRID_PNG, IMAGES_DIR, NPZ_FILE, PCS_DIR, PCS_PNG, SAMPLE_JSON, image_path, make_grid, pcs_path,
@@ -58,9 +58,9 @@ from sampler.samplers import (
     SAMPLERS, DDPMSchedule, SamplerOptions, sample_latents, sde_min_steps, space_timesteps,
 )
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
-from common.distributed import init_distributed, shutdown
 from trainer.models import DiffusionTransformer, ModelConfig, build_model
 
+log = logging.getLogger(__name__)
 PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}  # autocast dtype of the network
 WEIGHTS = ("ema", "model")
 DEFAULT_SAMPLER = {"sit": "sde", "dit": "ddpm"}
@@ -582,37 +582,20 @@ class SampleResult:
 
 
 @contextlib.contextmanager
-def process_group(cfg: SampleConfig) -> Iterator[tuple[int, int, torch.device]]:
-    """(rank, world size, device): the explicit split, torchrun's process group (joined and left here), or one process."""
+def sample_ranks(cfg: SampleConfig) -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world size, device): the explicit split, else torchrun's process group or one process."""
     if cfg.world_size is not None:
         assert cfg.rank is not None, "SampleConfig gives rank and world_size together"
         yield cfg.rank, cfg.world_size, resolve_device(cfg.device)
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        yield 0, 1, resolve_device(cfg.device)
-        return
-    owned = not dist.is_initialized()
-    info = init_distributed(None if cfg.device == "auto" else cfg.device)
-    try:
-        yield info.rank, info.world_size, info.device
-    finally:
-        if owned:
-            shutdown()
+    with process_group(cfg.device) as job:
+        yield job.rank, job.world_size, job.device
 
 
 def autocast_factory(device: torch.device, precision: str) -> AutocastFactory | None:
     """The network's autocast context factory for sample_latents (None: plain float32)."""
     dtype = PRECISIONS[precision]
     return None if dtype is None else (lambda: torch.autocast(device.type, dtype=dtype))
-
-
-@contextlib.contextmanager
-def progress(console: Console | None, label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar (images/s, ETA) yielding an advance(n) function; silent without a console."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=console is None) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def is_done(out: Path, index: int, needs_pcs: bool) -> bool:
@@ -636,17 +619,17 @@ class SamplingPlan:
     """ODE solver and SDE last step."""
 
 
-def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResult:
+def run_sample(cfg: SampleConfig) -> SampleResult:
     """Sample this process's missing images, then (rank 0, once every image exists) assemble the outputs."""
     ckpt = read_checkpoint(resolve_checkpoint(cfg.run, cfg.ckpt), cfg.weights)
     mc = ckpt.model_config
     sampler = resolve_sampler(cfg, mc.objective)
     guidance = resolve_guidance(cfg, ckpt)
-    if "rg" in guidance.mode and ckpt.train.get("rep_drop_target", "noisy") != "noisy" and console is not None:
-        console.print("[yellow]warning:[/] this model was trained with the reference's clean-z drop (its dropped "
-                      "samples saw t·ε in the PC channels); Representation Guidance feeds zeros, as the paper does.")
+    if "rg" in guidance.mode and ckpt.train.get("rep_drop_target", "noisy") != "noisy":
+        log.warning("this model was trained with the reference's clean-z drop (its dropped samples saw t·ε in the PC "
+                    "channels); Representation Guidance feeds zeros, as the paper does.")
     labels = class_labels(cfg.num, cfg.seed, cfg.class_labels, mc.num_classes)
-    with process_group(cfg) as (rank, world, device), contextlib.ExitStack() as held:
+    with sample_ranks(cfg) as (rank, world, device), contextlib.ExitStack() as held:
         precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
         decoder = load_decoder(ckpt, cfg.vae, device)
         settings = sample_settings(cfg, ckpt, sampler, guidance, decoder, precision)
@@ -671,7 +654,7 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResul
         tag = " [yellow](tiny-random VAE)[/]" if settings["tiny_random"] else ""
         plan = SamplingPlan(sampler.name, sampler.steps, cfg.seed, guidance, autocast_factory(device, precision),
                             cfg.quantize, sampler.options)
-        bar = progress(console if rank == 0 else None, f"sampling{tag}", to_generate)
+        bar = counting(f"sampling{tag}", to_generate, enabled=rank == 0)
         work = sample_batches(model, decoder, plan, todo, labels, out, done, grid_count, bar).reduce(device)
         present_all = int(Work(images=present).reduce(device).images)
         missing = sum(1 for i in range(cfg.num) if not done(i)) if rank == 0 else 0
@@ -684,7 +667,7 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> SampleResul
             outputs = [NPZ_FILE, GRID_PNG] + ([PCS_PNG] if has_pcs else [])
             if (work.images or not report.get("complete") or report.get("num") != cfg.num
                     or not all((out / name).exists() for name in outputs)):  # e.g. samples.npz deleted
-                assemble(out, cfg.num, labels, grid_count, has_pcs, progress(console, "assembling", cfg.num))
+                assemble(out, cfg.num, labels, grid_count, has_pcs, counting("assembling", cfg.num))
                 atomic_write_json(out / SAMPLE_JSON, final_report(settings, ckpt, cfg, work, world, device, has_pcs))
     return SampleResult(
         out=out, num=cfg.num, present=present_all, work=work, rank=rank, world_size=world, device=str(device),

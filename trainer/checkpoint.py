@@ -3,21 +3,21 @@ safe (weights_only) loading, and a SHA-256 per checkpoint (`step-N.pt.sha256`, s
 the checkpoint itself and checked when it is loaded, so a file damaged on disk is never trained or sampled from."""
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import torch
-from rich.markup import escape
 
 from common.atomic import atomic_write_bytes, atomic_write_with, sha256_file
 from common.errors import UserError
 
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
 CHECKSUM_SUFFIX = ".sha256"
+log = logging.getLogger(__name__)
 
 
 def checkpoint_path(run: Path, step: int) -> Path:
@@ -98,14 +98,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", unsafe
         raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
 
 
-def load_newest_readable(run: Path, map_location: str | torch.device, warn: Callable[[str], None]) -> dict[str, Any] | None:
+def load_newest_readable(run: Path, map_location: str | torch.device) -> dict[str, Any] | None:
     """The newest checkpoint of `run` that loads (a damaged one is reported and passed over); None if there are none."""
     found = list_checkpoints(run)
     for _, path in reversed(found):
         try:
             return load_checkpoint(path, map_location=map_location)
         except UserError as e:
-            warn(f"[yellow]warning:[/] {escape(str(e))} Resuming from the checkpoint before it instead.")
+            log.warning(f"{e} Resuming from the checkpoint before it instead.")
     if found:
         raise UserError(f"No checkpoint in {Path(run) / 'checkpoints'} can be read: move them away to start the run over.")
     return None

@@ -78,7 +78,8 @@ class TrainConfig(MethodParts):
     seed: int = 0
     data_format: str = "zarr"
     """zarr (random access, one node) or wds (streaming WebDataset)."""
-    num_workers: int = 4
+    num_workers: int | None = None
+    """DataLoader processes per rank; None: from the cores (common.runtime.loader_workers)."""
     read_ahead: int = 2
     """wds: tars downloading ahead of the one being decoded, per reader process (each held whole in memory)."""
     log_every: int = 100
@@ -120,7 +121,7 @@ class TrainConfig(MethodParts):
             raise UserError(f"--weighting {self.weighting} draws the SiT (flow) time; DiT models draw discrete timesteps.")
         if self.batch_size < 1 or self.max_steps < 1 or (self.micro_batch is not None and self.micro_batch < 1):
             raise UserError("--batch-size, --micro-batch and --max-steps must be positive.")
-        if self.num_workers < 0 or self.read_ahead < 0:
+        if (self.num_workers is not None and self.num_workers < 0) or self.read_ahead < 0:
             raise UserError("--num-workers and --read-ahead must be ≥ 0.")
         if min(self.log_every, self.save_every, self.ckpt_every) < 1:
             raise UserError("--log-every, --save-every and --ckpt-every must be positive.")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+
+from common.display import progress_bar
 
 
 class TrainProgress:
@@ -12,11 +13,10 @@ class TrainProgress:
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool):
         self.last_step = start_step
-        self._progress = Progress(
+        self._progress = progress_bar(enabled=enabled, columns=(
             TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-            TextColumn("{task.description}"), TimeRemainingColumn(), disable=not enabled,
-            console=Console(stderr=True),
-        )
+            TextColumn("{task.description}"), TimeRemainingColumn(),
+        ))
         self._task = self._progress.add_task("", total=total_steps, completed=start_step)
         self._progress.start()
 

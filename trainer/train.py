@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -19,18 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
 from common.atomic import atomic_write_bytes, atomic_write_json, remove_temporaries
+from common.distributed import DistInfo, all_reduce_mean, barrier, process_group
 from common.errors import UserError
 from common.lock import exclusive
+from common.runtime import loader_workers
 from pipeline.remote import Location, read_if_exists
 from pipeline.readers import ShardInfo, make_loader, read_shard_info
 from trainer.checkpoint import BackgroundCheckpointer, load_checkpoint, load_newest_readable
 from trainer.config import TrainConfig, architecture_mismatch, resolve_shards_dir
-from common.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from trainer.ema import make_ema, update_ema
 from trainer.flops import train_flops_per_image
 from trainer.metrics import MetricsLog, peak_flops
@@ -38,6 +38,8 @@ from trainer.models import ModelConfig, build_model
 from trainer.objectives import LossConfig, TrainBatch, check_compatible, compute_loss, prepare_batch
 from trainer.progress import TrainProgress
 from trainer.stop import StopRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,12 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
     with StopRequest() as stop, exclusive(run / ".lock", f"the run {run}") if is_rank0 else contextlib.nullcontext():
         if is_rank0:
             remove_temporaries(run)  # e.g. a checkpoint whose write was killed: gigabytes nothing else deletes
-        return run_training(cfg, device, on_step, stop)
+        with process_group(device) as dist_info:
+            return run_training(cfg, dist_info, on_step, stop)
 
 
-def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], None] | None, stop: StopRequest) -> TrainResult:
+def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], None] | None, stop: StopRequest) -> TrainResult:
     """The training loop itself (see `train`); `stop` records the stop signals."""
-    dist_info = init_distributed(device)
     dev = dist_info.device
     shards = resolve_shards_dir(cfg.shards)
     info = read_shard_info(shards)
@@ -93,11 +95,9 @@ def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], Non
         fused=dev.type == "cuda",
     )
     step = 0
-    warn = Console(stderr=True).print if dist_info.is_main else print_nothing
-    if (ckpt := load_newest_readable(run, dev, warn=warn)) is not None:
-        if cfg.init is not None:
-            warn(f"[yellow]--init {escape(str(cfg.init))} is ignored: {escape(str(run))} resumes from its own "
-                 f"step-{ckpt['step']} checkpoint.[/]")
+    if (ckpt := load_newest_readable(run, dev)) is not None:
+        if cfg.init is not None and dist_info.is_main:
+            log.warning(f"--init {cfg.init} is ignored: {run} resumes from its own step-{ckpt['step']} checkpoint.")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -177,7 +177,6 @@ def run_training(cfg: TrainConfig, device: str | None, on_step: Callable[[], Non
         checkpointer.wait()  # the last checkpoint is on disk before any rank leaves (torchrun stops the others)
         barrier()
     progress.close()
-    shutdown()
     seconds = time.perf_counter() - started
     return TrainResult(run=run, step=step, steps_run=step - start_step, skipped_steps=skipped, last_loss=loss_value,
                        seconds=seconds, images_per_s=(step - start_step) * cfg.batch_size / max(seconds, 1e-9),
@@ -195,10 +194,6 @@ def load_initial_weights(path: Path, model: torch.nn.Module, ema: torch.nn.Modul
     weights = init["ema"] if init.get("ema") is not None else init["model"]
     model.load_state_dict(weights)
     ema.load_state_dict(weights)
-
-
-def print_nothing(message: str) -> None:
-    """The warning sink of ranks other than 0."""
 
 
 def describe(cfg: TrainConfig) -> dict:
@@ -295,7 +290,7 @@ def micro_batch_streams(shards: Location, cfg: TrainConfig, dist_info: DistInfo,
         make_loader(
             shards, batch_size=micro, rank=dist_info.rank * accum + k, world_size=dist_info.world_size * accum,
             seed=cfg.seed, cursor=step * micro, fields=data_fields(cfg), format=cfg.data_format,
-            num_workers=min(-(-cfg.num_workers // accum), os.cpu_count() or 1), pin_memory=dist_info.device.type == "cuda",
+            num_workers=loader_workers(cfg.num_workers, loaders=accum), pin_memory=dist_info.device.type == "cuda",
             read_ahead=cfg.read_ahead,
         )
         for k in range(accum)
