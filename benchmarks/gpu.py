@@ -37,7 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"  # written by `make gpu-wheels` on a machine with PyPI
-NEEDED = {"zarr": "3", "diffusers": "0.30", "torchdiffeq": "0.2.5"}  # import name → lowest version pyproject.toml admits
+NEEDED = {"zarr": "3.1.3", "diffusers": "0.29", "torchdiffeq": "0.2.5"}  # import name → lowest version pyproject.toml admits
 ITEMS = {"a": "train-profile", "b": "train-throughput", "c": "sample", "d": "encode"}
 GUIDANCE_INTERVAL = (0.0, 0.7)  # REPA/REG's interval (docs/METHOD.md)
 Figures = dict[str, Any]

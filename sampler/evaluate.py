@@ -23,6 +23,7 @@ from sampler.inception import FID_WEIGHTS_SHA256_PREFIX, NUM_CLASSES, POOL_DIM, 
 from sampler.metrics import (
     AdmBatch,
     FIDStatistics,
+    faiss_module,
     feature_statistics,
     frechet_distance,
     inception_score,
@@ -162,6 +163,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if (samples.height, samples.width) != (ref.height, ref.width):
         log.warning(f"the samples are {samples.height}×{samples.width} and the reference {ref.height}×{ref.width}; the "
                     "papers' figures compare batches of one resolution.")
+    faiss_module()  # before the long Inception pass: one sentence if the `eval` extra is missing
     sample_settings = _sample_settings(cfg.samples)
     device = resolve_device(cfg.device)
     net = load_fid_inception(cfg.inception, device)

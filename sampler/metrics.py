@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -74,13 +75,20 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
+def faiss_module() -> ModuleType:
+    """faiss, imported only here: precision/recall need it, sampling and training must not (the `eval` extra)."""
+    try:
+        import faiss
+    except ImportError:
+        raise UserError("redi eval needs faiss for precision and recall: pip install 'redi[eval]'.") from None
+    return faiss
+
+
 def manifold_radii(features: np.ndarray, k: int = 3) -> np.ndarray:
     """Squared L2 distance of each feature to its k-th nearest neighbour, itself counted as the 0-th (ADM)."""
     assert len(features) > k, f"need more than k={k} features for the k-NN radii, got {len(features)}"
     x = np.ascontiguousarray(features, dtype=np.float32)  # (N, D)
-    import faiss  # only precision/recall needs it; sampling must not
-
-    index = faiss.IndexFlatL2(x.shape[1])  # exact search
+    index = faiss_module().IndexFlatL2(x.shape[1])  # exact search
     index.add(x)
     dist, _ = index.search(x, k + 1)  # (N, k+1) squared distances, ascending, self first
     return dist[:, k].astype(np.float64)  # (N,)
@@ -96,9 +104,7 @@ def manifold_fraction(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarr
     q = queries.astype(np.float64)  # (Q, D)
     db = np.concatenate([m, (radii - (m * m).sum(axis=1))[:, None]], axis=1)  # (M, D+1)
     qs = np.concatenate([2.0 * q, np.ones((len(q), 1))], axis=1)  # (Q, D+1)
-    import faiss
-
-    index = faiss.IndexFlatIP(db.shape[1])
+    index = faiss_module().IndexFlatIP(db.shape[1])
     index.add(np.ascontiguousarray(db, dtype=np.float32))
     best, _ = index.search(np.ascontiguousarray(qs, dtype=np.float32), 1)  # (Q, 1)
     return float(np.mean(best[:, 0] >= (q * q).sum(axis=1)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from common.errors import UserError
 from sampler.inception import FIDInceptionV3, he_init_, load_fid_inception, tf_resize_bilinear
 from sampler.metrics import (
     FIDStatistics,
+    faiss_module,
     feature_statistics,
     frechet_distance,
     inception_score,
@@ -352,3 +354,9 @@ def test_evaluate_uses_the_reference_files_statistics(tmp_path: Path, monkeypatc
     assert sample_pool.factor is not None and sample_spatial.mu.shape == (2023,)  # computed from the 4 samples
     assert result.precomputed_ref_stats and json.loads(out.read_text())["ref"]["precomputed_stats"]
     assert result.out == out and result.num_ref == 4
+
+
+def test_eval_without_faiss_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if the `eval` extra were not installed
+    with pytest.raises(UserError, match=r"pip install 'redi\[eval\]'"):
+        faiss_module()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,8 @@ from sklearn.decomposition import PCA
 
 from benchmarks.pca import peak_rss_growth
 from cli import app
-from pipeline.pca import PCA_FILE, PLOT_FILE, PCAConfig, fit_pca, open_features, select_images
+from common.errors import UserError
+from pipeline.pca import PCA_FILE, PLOT_FILE, PCAConfig, fit_pca, load_reference_pca, open_features, select_images
 from pipeline.pca_file import load_pca
 from pipeline.stage import ChunkError, Manifest, StageDir
 
@@ -185,6 +187,15 @@ def test_import_reference_file(tmp_path: Path) -> None:
     odd = runner.invoke(REDI, ["pca", "--data", str(tmp_path / "d2"), "--import", str(tmp_path / "odd.pth"),
                               "--trust-pickle"])
     assert odd.exit_code == 2 and "average" in odd.output
+
+
+def test_import_reference_file_without_scikit_learn_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "dino_pca_model.pth"
+    torch.save({"pca_model": PCA().fit(np.eye(4)), "mean": np.zeros(4), "std": np.ones(4)}, file)
+    for name in [m for m in sys.modules if m.split(".")[0] == "sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if scikit-learn were not installed
+    with pytest.raises(UserError, match=r"needs scikit-learn, pip install 'redi\[reference\]'"):
+        load_reference_pca(file, trust_pickle=True, patch_tokens=4)
 
 
 def test_rerun_is_cached_and_changed_settings_refused(small_data: tuple[Path, np.ndarray, np.ndarray]) -> None:
