@@ -25,10 +25,10 @@ import torch
 from pipeline.demo_data import write_demo_images
 from pipeline.encode import ENCODE, FEATURES, EncodeConfig, run_stages
 from pipeline.encoders import (
-    DINO, TINY_RANDOM, VAE, dino_tokens, dinov2_base_config, load, random_init, resolve, sd_vae_config, vae_moments,
+    ENCODER, TINY_RANDOM, VAE, load, random_init, resolve, sd_vae_config, tiny_vae_config, vae_moments,
 )
 from pipeline.images import ImageSource, load_cropped, open_source
-from pipeline.representations import ARCHITECTURES
+from pipeline.representations import ARCHITECTURES, dinov2_base_config, encoder_tokens, tiny_dino_config
 
 
 def run(quick: bool = False, real_arch: bool = False, resolution: int = 256, workers: int | None = None,
@@ -80,7 +80,7 @@ def encoder_throughput(names: tuple[str, ...], num: int | None = None, resolutio
         images = write_demo_images(root / "images", num).out
         for name in names:
             model_dir = root / name
-            random_init(DINO, ARCHITECTURES[name](), 0).save_pretrained(model_dir)  # type: ignore[operator]
+            random_init(ENCODER, ARCHITECTURES[name](), 0).save_pretrained(model_dir)  # type: ignore[operator]
             cfg = EncodeConfig(images, root / f"data-{name}", str(model_dir), resolution=resolution, device=device,
                                workers=workers, batch_size=batch_size or (128 if device == "cuda" else 8))
             (result,) = run_stages([(FEATURES, cfg)])
@@ -89,16 +89,16 @@ def encoder_throughput(names: tuple[str, ...], num: int | None = None, resolutio
 
 
 def models_images_per_s(real_arch: bool, batch_size: int, resolution: int = 256, reps: int = 3) -> dict[str, float | str]:
-    """Images/s of the two encoders alone (`vae_moments` + `dino_tokens` on images already on the device), in the
+    """Images/s of the two encoders alone (`vae_moments` + `encoder_tokens` on images already on the device), in the
     stages' default fp32: the ceiling the batched stage would reach if decoding and writing cost nothing."""
     device = torch.device("cuda" if real_arch and torch.cuda.is_available() else "cpu")
-    vae = random_init(VAE, sd_vae_config() if real_arch else VAE.tiny_config(), 0).to(device).eval()
-    dino = random_init(DINO, dinov2_base_config() if real_arch else DINO.tiny_config(), 0).to(device).eval()
+    vae = random_init(VAE, sd_vae_config() if real_arch else tiny_vae_config(), 0).to(device).eval()
+    dino = random_init(ENCODER, dinov2_base_config() if real_arch else tiny_dino_config(), 0).to(device).eval()
     images = torch.randint(0, 256, (batch_size, resolution, resolution, 3), dtype=torch.uint8, device=device)  # (B, R, R, 3)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds = {}
     with torch.inference_mode():
-        for name, encode in (("vae", lambda: vae_moments(vae, images)), ("dinov2", lambda: dino_tokens(dino, images))):
+        for name, encode in (("vae", lambda: vae_moments(vae, images)), ("dinov2", lambda: encoder_tokens(dino, images))):
             encode()  # warm-up: kernel selection, allocator
             sync()
             t0 = time.perf_counter()
@@ -113,7 +113,7 @@ def models_images_per_s(real_arch: bool, batch_size: int, resolution: int = 256,
 
 def _one_at_a_time(source: ImageSource, vae_name: str, dino_name: str, resolution: int, device: torch.device, out: Path) -> float:
     """Images/s of decode → crop → VAE(batch 1) → DINOv2(batch 1) → one .npy per image and output."""
-    vae, dino = load(resolve(VAE, vae_name), device), load(resolve(DINO, dino_name), device)
+    vae, dino = load(resolve(VAE, vae_name), device), load(resolve(ENCODER, dino_name), device)
     out.mkdir()
     start = time.perf_counter()
     with torch.inference_mode():  # float32, as the stages by default and the reference preprocessing
@@ -121,7 +121,7 @@ def _one_at_a_time(source: ImageSource, vae_name: str, dino_name: str, resolutio
             pixels, _ = load_cropped(source, i, resolution)
             x = torch.from_numpy(pixels)[None].to(device)  # (1, R, R, 3) uint8
             moments = vae_moments(vae, x)  # (1, 8, R/8, R/8)
-            cls, patch = dino_tokens(dino, x)  # (1, D), (1, P, D)
+            cls, patch = encoder_tokens(dino, x)  # (1, D), (1, P, D)
             np.save(out / f"{i:08d}.moments.npy", moments[0].half().cpu().numpy())
             np.save(out / f"{i:08d}.cls.npy", cls[0].half().cpu().numpy())
             np.save(out / f"{i:08d}.patch.npy", patch[0].half().cpu().numpy())
@@ -132,6 +132,6 @@ def _real_arch_dirs(root: Path) -> tuple[str, str]:
     """Random-init models of the real architectures, saved as local model directories."""
     vae_dir, dino_dir = root / "sd-vae-ft-ema-random", root / "dinov2-reg-base-random"
     random_init(VAE, sd_vae_config(), 0).save_pretrained(vae_dir)  # type: ignore[operator]
-    random_init(DINO, dinov2_base_config(), 0).save_pretrained(dino_dir)  # type: ignore[operator]
+    random_init(ENCODER, dinov2_base_config(), 0).save_pretrained(dino_dir)  # type: ignore[operator]
     return str(vae_dir), str(dino_dir)
 

@@ -47,7 +47,6 @@ from pipeline.stage import ChunkError, Manifest, StageDir
 from trainer.config import resolve_shards_dir
 
 BATCH = 256
-STAGE_CHUNK = 64  # images per committed chunk of the synthetic input stages
 
 
 def _write_input_stage(root: Path, stage: str, arrays: dict[str, np.ndarray], keys: list[str],

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.loader import make_stage_inputs
-from pipeline.encoders import dinov2_base_config, random_init, DINO
+from pipeline.encoders import ENCODER, random_init
+from pipeline.representations import dinov2_base_config
 from pipeline.shards import ShardsConfig, build_shards
 from trainer.config import TrainConfig
 from trainer.metrics import read_metrics
@@ -159,7 +160,7 @@ def reference_step(shards: Path, *, model: str, method: str, batch: int, steps: 
     cfg = TrainConfig(shards=str(shards), run="unused", model=model, method=method, batch_size=batch)
     net = build_model(model_config(cfg, info)).to(dev)
     net.grad_checkpointing = True
-    dino = random_init(DINO, dinov2_base_config(), seed=0).to(dev).eval()
+    dino = random_init(ENCODER, dinov2_base_config(), seed=0).to(dev).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     gen = torch.Generator(device=dev).manual_seed(0)
     in_ch, side = net.cfg.in_channels, net.cfg.input_size

@@ -38,7 +38,7 @@ from common.errors import UserError
 from common.lock import exclusive
 from common.runtime import loader_worker_init, loader_workers
 from pipeline.encoders import (
-    DINO, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar, vae_downsampling, vae_moments,
+    ENCODER, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar, vae_downsampling, vae_moments,
 )
 from pipeline.images import ImageSource, load_cropped, open_source
 from pipeline.representations import encode_features, feature_spec
@@ -117,7 +117,7 @@ def _features_plan(ref: EncoderRef, resolution: int) -> StagePlan:
 
 
 ENCODE = StageKind("encode", "latents", VAE, _vae_plan)
-FEATURES = StageKind("features", "features", DINO, _features_plan)
+FEATURES = StageKind("features", "features", ENCODER, _features_plan)
 
 
 @dataclass

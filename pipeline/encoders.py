@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -24,14 +25,10 @@ from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoConfig
 
-from pipeline import representations
 from common.atomic import read_json
 from common.errors import UserError
-from pipeline.representations import (  # noqa: F401 (importable from here, where the benchmarks and tests look)
-    IMAGENET_MEAN, IMAGENET_STD, dinov2_base_config, encoder_tokens, tiny_dino_config,
-)
+from pipeline import representations
 
-dino_tokens = encoder_tokens  # the name the benchmarks import; any family, not only DINOv2
 TINY_RANDOM = "tiny-random"
 TINY_SEED = 0  # torch seed of the tiny-random weights
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -83,17 +80,13 @@ class EncoderFamily:
     pretrained: Callable[..., torch.nn.Module]  # (config, source, **hub kwargs) → the pretrained model
     model_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda config: config  # checkpoint config → the model's
 
-    def tiny_config(self) -> dict[str, Any]:
-        """The plain `tiny-random` architecture."""
-        return self.tiny_configs()[""]()
-
 
 VAE = EncoderFamily(
     "VAE", "--vae", "/path/to/sd-vae-ft-ema", _vae_class, lambda: {"": tiny_vae_config}, "latent_channels",
     ("latent_channels", "block_out_channels"), _vae_hub_config, _build_vae,
     lambda config, source, **hub: AutoencoderKL.from_pretrained(source, **hub),
 )
-DINO = EncoderFamily(  # every representation family (pipeline/representations.py), named for the default
+ENCODER = EncoderFamily(  # every representation family (pipeline/representations.py)
     "representation encoder", "--encoder", "/path/to/dinov2-with-registers-base",
     lambda config: representations.family_of(config).model_class, representations.tiny_configs, "hidden_size",
     ("hidden_size", "patch_size"), _transformers_hub_config, representations.build, representations.from_pretrained,
@@ -244,7 +237,17 @@ def _unavailable(family: EncoderFamily, name: str, revision: str) -> UserError:
 
 @contextlib.contextmanager
 def _quiet_hub() -> Iterator[None]:
-    """Silence the deprecation chatter diffusers triggers inside huggingface_hub."""
+    """Load without the libraries' chatter: diffusers' and transformers' warnings (`accelerate` advice, a full
+    image-text checkpoint's unused text weights; what a model lacks is our own sentence) and the deprecation
+    warnings diffusers triggers inside huggingface_hub. Errors still show; downloads keep their progress bars."""
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    levels = [log.level for log in loggers]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
-        yield
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels, strict=True):
+                log.setLevel(level)

@@ -506,11 +506,6 @@ class ShardLoader:
         """Samples this rank sees per epoch (all ranks together: every sample once)."""
         return self.dataset.plan.epoch_size
 
-    @property
-    def epoch(self) -> int:
-        """The epoch of the next sample (fractional progress: cursor / samples_per_epoch)."""
-        return self._cursor // self.samples_per_epoch
-
     def _windows(self) -> Iterator[Batch]:
         if self.num_workers == 0:
             for window in self.dataset:

@@ -13,7 +13,6 @@ docs/ENCODERS.md tabulates all of it.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -263,17 +262,11 @@ def build(config: dict[str, Any]) -> PreTrainedModel:
 
 
 def from_pretrained(config: dict[str, Any], source: str, **hub: Any) -> PreTrainedModel:
-    """The pretrained vision model of `source` (a full image-text checkpoint: its vision tower). transformers' key
-    report is silenced (a full checkpoint's text weights are unused by design); weights the model needs but the
-    checkpoint lacks are one sentence, not random values."""
+    """The pretrained vision model of `source` (a full image-text checkpoint: its vision tower). Weights the model
+    needs but the checkpoint lacks are one sentence, not random values (the caller silences transformers' own key
+    report: a full checkpoint's text weights are unused by design)."""
     family = family_of(config)
-    log = logging.getLogger("transformers.modeling_utils")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        model, info = family.model_class.from_pretrained(source, output_loading_info=True, **hub, **family.overrides)
-    finally:
-        log.setLevel(level)
+    model, info = family.model_class.from_pretrained(source, output_loading_info=True, **hub, **family.overrides)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise UserError(f"{source} lacks {len(missing)} weights of {family.model_class.__name__} (e.g. {missing[0]}): "

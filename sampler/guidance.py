@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -134,10 +134,6 @@ class GuidanceStats:
     """Per-sample network evaluations: the sum over calls of the number of active branches."""
     branch_evals: dict[str, int] = field(default_factory=dict)
     """How many calls included each branch (cond, uncond, noz)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain dict for summaries and JSON."""
-        return asdict(self)
 
 
 class GuidedModel:

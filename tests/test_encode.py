@@ -18,9 +18,11 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.demo_data import CLASSES, write_demo_images
-from pipeline.encoders import DINO, IMAGENET_MEAN, IMAGENET_STD, VAE, dino_tokens, load, resolve, vae_moments
+from pipeline.encoders import ENCODER, VAE, load, resolve, vae_moments
 from pipeline.images import center_crop_arr, decode_rgb, open_source
-from pipeline.representations import CLIP_MEAN, CLIP_STD, HALF, feature_spec, tiny_configs, tiny_dino_config
+from pipeline.representations import (
+    CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, encoder_tokens, feature_spec, tiny_configs, tiny_dino_config,
+)
 
 R = 64  # crop side: 8×8 latents, 4×4 DINOv2 patches (56-pixel input)
 TINY = ["--resolution", str(R), "--workers", "0", "--batch-size", "4"]
@@ -72,12 +74,12 @@ def test_encode_and_features_with_tiny_random(images: Path, tmp_path: Path) -> N
         assert (data / stage / "errors.jsonl").read_text() == ""
 
     # Row i of each array is image i, encoded exactly as the per-batch maps do it.
-    vae, dino = load(resolve(VAE, "tiny-random")), load(resolve(DINO, "tiny-random"))
+    vae, dino = load(resolve(VAE, "tiny-random")), load(resolve(ENCODER, "tiny-random"))
     src = open_source(images)
     pixels = torch.from_numpy(np.stack([center_crop_arr(decode_rgb(src.read_bytes(i)), R) for i in (0, 7, 11)]))
     with torch.inference_mode():
         moments = vae_moments(vae, pixels).half().numpy()
-        cls, patch = dino_tokens(dino, pixels)
+        cls, patch = encoder_tokens(dino, pixels)
     np.testing.assert_allclose(latents["moments"][[0, 7, 11]], moments, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(features["cls"][[0, 7, 11]], cls.half().numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(features["patch"][[0, 7, 11]], patch.half().numpy(), rtol=1e-3, atol=1e-3)
@@ -153,10 +155,10 @@ def test_siglip_preprocessing_follows_its_preprocessor_config() -> None:
 
 
 def test_dino_tokens_keep_cls_and_patches_drop_registers() -> None:
-    dino = load(resolve(DINO, "tiny-random"))
+    dino = load(resolve(ENCODER, "tiny-random"))
     pixels = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)
     with torch.inference_mode():
-        cls, patch = dino_tokens(dino, pixels)
+        cls, patch = encoder_tokens(dino, pixels)
         h = dino(pixel_values=dino_input(pixels, 128)).last_hidden_state  # (2, 1 + 4 + 64, 32)
     assert h.shape == (2, 1 + 4 + 64, 32)
     torch.testing.assert_close(cls, h[:, 0])
@@ -303,12 +305,10 @@ def test_dinov2_without_registers_gives_repa_and_reg_their_targets(images: Path,
     """`--encoder facebook/dinov2-base` (Dinov2Model, no registers) is what REPA/REG align with."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from pipeline.encoders import tiny_dino_config
-
     plain = {k: v for k, v in tiny_dino_config().items() if k != "num_register_tokens"}
     torch.manual_seed(2)
     Dinov2Model(Dinov2Config(**plain)).save_pretrained(tmp_path / "dinov2")
-    ref = resolve(DINO, str(tmp_path / "dinov2"))
+    ref = resolve(ENCODER, str(tmp_path / "dinov2"))
     assert ref.identity["class"] == "Dinov2Model" and ref.identity["dim"] == 32
     code, out = redi("features", images, "--data", tmp_path / "data", "--encoder", tmp_path / "dinov2", *TINY)
     assert code == 0, out

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.demo_data import write_demo_images
-from pipeline.encoders import DINO, load, random_init, resolve
+from pipeline.encoders import ENCODER, load, random_init, resolve
 from common.errors import UserError
 from pipeline.representations import FAMILIES, encode_features, feature_spec, siglip2_patches, tiny_configs, tiny_dino_config
 
@@ -41,7 +41,7 @@ def encoded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def saved(family: str, where: Path) -> Path:
     """The tiny-random model of `family` written with save_pretrained: loading it by path is the real-weights path."""
-    load(resolve(DINO, f"tiny-random:{family}")).save_pretrained(where)  # type: ignore[operator]
+    load(resolve(ENCODER, f"tiny-random:{family}")).save_pretrained(where)  # type: ignore[operator]
     return where
 
 
@@ -91,7 +91,7 @@ def test_a_full_image_text_checkpoint_gives_its_vision_tower(family: str, full: 
     model = cls(cls.config_class(vision_config=vision, text_config=text, projection_dim=16) if family == "clip"
                 else cls.config_class(vision_config=vision, text_config=text))
     model.save_pretrained(tmp_path / "full")
-    ref = resolve(DINO, str(tmp_path / "full"))
+    ref = resolve(ENCODER, str(tmp_path / "full"))
     tower = load(ref)
     assert type(tower).__name__ == ref.identity["class"] == type(model.vision_model).__name__ and ref.identity["dim"] == 32
     want = model.vision_model.state_dict()
@@ -101,16 +101,16 @@ def test_a_full_image_text_checkpoint_gives_its_vision_tower(family: str, full: 
 def test_a_checkpoint_lacking_weights_is_refused(tmp_path: Path) -> None:
     """A SigLIP config with the pooling head over weights without it: one sentence, not a random head."""
     headless = {**tiny_configs()["siglip"](), "vision_use_head": False}
-    random_init(DINO, headless, 0).save_pretrained(tmp_path / "siglip")  # type: ignore[operator]
+    random_init(ENCODER, headless, 0).save_pretrained(tmp_path / "siglip")  # type: ignore[operator]
     config = json.loads((tmp_path / "siglip" / "config.json").read_text())
     (tmp_path / "siglip" / "config.json").write_text(json.dumps({**config, "vision_use_head": True}))
     with pytest.raises(UserError, match=r"lacks \d+ weights of SiglipVisionModel \(e\.g\. head\."):
-        load(resolve(DINO, str(tmp_path / "siglip")))
+        load(resolve(ENCODER, str(tmp_path / "siglip")))
 
 
 def test_mae_keeps_every_patch_in_grid_order() -> None:
     """ViTMAEModel masks 75% and shuffles by default; the features are the unmasked encoder in raster order."""
-    model = load(resolve(DINO, "tiny-random:mae"))
+    model = load(resolve(ENCODER, "tiny-random:mae"))
     assert model.config.mask_ratio == 0.0 and tiny_configs()["mae"]()["mask_ratio"] == 0.75
     pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     spec = feature_spec(tiny_configs()["mae"](), 64)
@@ -129,7 +129,7 @@ def test_mae_keeps_every_patch_in_grid_order() -> None:
 
 def test_siglip_global_token_is_the_attention_pooled_output() -> None:
     for family in ("siglip", "siglip2"):
-        model = load(resolve(DINO, f"tiny-random:{family}"))
+        model = load(resolve(ENCODER, f"tiny-random:{family}"))
         spec = feature_spec(tiny_configs()[family](), 64)
         pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
         with torch.inference_mode():
@@ -156,7 +156,7 @@ def test_registers_are_dropped_and_grids_follow_the_resolution() -> None:
         spec = feature_spec(config, 512)
         assert spec.prefix == tokens_dropped and spec.grid == 32 and spec.side == 32 * config["patch_size"]
         with torch.inference_mode():
-            out = encode_features(load(resolve(DINO, f"tiny-random:{family}")), torch.zeros(1, 128, 128, 3, dtype=torch.uint8),
+            out = encode_features(load(resolve(ENCODER, f"tiny-random:{family}")), torch.zeros(1, 128, 128, 3, dtype=torch.uint8),
                                   feature_spec(config, 128))  # type: ignore[arg-type]
         assert out["patch"].shape == (1, 64, 32)
     assert feature_spec(tiny_dino_config(), 256).side == 224  # DINOv2 at 224·R/256, as REPA
@@ -197,7 +197,7 @@ def test_dinov2_features_are_byte_identical_to_before(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)).save(tmp_path / "images" / f"img{i}.png")
-    random_init(DINO, tiny_dino_config(), 0).save_pretrained(tmp_path / "reg-dir")  # type: ignore[operator]
+    random_init(ENCODER, tiny_dino_config(), 0).save_pretrained(tmp_path / "reg-dir")  # type: ignore[operator]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         plain = {k: v for k, v in tiny_dino_config().items() if k != "num_register_tokens"}
