@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -342,16 +342,16 @@ def train_command(
     rep_drop: Annotated[float, typer.Option(help="Representation drop probability (needed for RG sampling; 0 disables).")] = 0.2,
     rep_drop_mode: Annotated[str, typer.Option(help="sample (paper) or batch (reference code).")] = "sample",
     rep_drop_target: Annotated[str, typer.Option(help="noisy: zero z_t (paper) or clean: zero z_0 (reference code).")] = "noisy",
-    repa_depth: Annotated[Optional[int], typer.Option(help="Block feeding the REPA projector (default: 4 for S/B, 8 for L/XL).")] = None,
+    repa_depth: Annotated[int | None, typer.Option(help="Block feeding the REPA projector (default: 4 for S/B, 8 for L/XL).")] = None,
     repa_weight: Annotated[float, typer.Option(help="REPA alignment loss weight.")] = 0.5,
     cls_weight: Annotated[float, typer.Option(help="REG class-token loss weight.")] = 0.03,
     weighting: Annotated[str, typer.Option(help="SiT time draw: uniform, or lognormal (REPA/REG --weighting: t = s/(1+s), ln s ~ N(0,1)).")] = "uniform",
-    learn_sigma: Annotated[Optional[bool], typer.Option("--learn-sigma/--no-learn-sigma", help="DiT: learned variance with the VLB term (default: on for DiT, as DiT and the ReDi paper).", show_default=False)] = None,
+    learn_sigma: Annotated[bool | None, typer.Option("--learn-sigma/--no-learn-sigma", help="DiT: learned variance with the VLB term (default: on for DiT, as DiT and the ReDi paper).", show_default=False)] = None,
     unconditional: Annotated[bool, typer.Option(help="Train without class labels.")] = False,
     batch_size: Annotated[int, typer.Option(help="Global batch over all ranks and accumulation steps.")] = 256,
-    micro_batch: Annotated[Optional[int], typer.Option(help="Per-rank batch per forward (default: batch / ranks).")] = None,
+    micro_batch: Annotated[int | None, typer.Option(help="Per-rank batch per forward (default: batch / ranks).")] = None,
     max_steps: Annotated[int, typer.Option("--max-steps", "--steps", help="Optimiser steps.")] = 400_000,
-    epochs: Annotated[Optional[float], typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
     grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (REPA/REG; the ReDi/SiT/DiT references do not clip); 0 turns it off.")] = 1.0,
     ema_decay: Annotated[float, typer.Option(help="EMA decay.")] = 0.9999,
@@ -359,14 +359,14 @@ def train_command(
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     seed: Annotated[int, typer.Option(min=0, max=2**40, help="Seed of weights, data order and noise.")] = 0,
     data_format: Annotated[str, typer.Option("--format", help="zarr (random access: a local disk) or wds (whole tars: a network file system or a URL).")] = "zarr",
-    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per rank; default: one per core (of the rank's share of the node), at most 4.", show_default=False)] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers per rank; default: one per core (of the rank's share of the node), at most 4.", show_default=False)] = None,
     read_ahead: Annotated[int, typer.Option(help="wds: tars downloading ahead of the one being decoded, per worker (each held whole in memory).")] = 2,
     log_every: Annotated[int, typer.Option(help="Steps between metrics lines.")] = 100,
     save_every: Annotated[int, typer.Option(help="Steps between resume checkpoints.")] = 1_000,
     ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints kept for ever.")] = 10_000,
     keep: Annotated[int, typer.Option(help="Resume checkpoints kept.")] = 2,
-    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda if available).")] = None,
-    init: Annotated[Optional[Path], typer.Option(help="Start a new run from these weights (a redi checkpoint or `redi convert` output).")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if available).")] = None,
+    init: Annotated[Path | None, typer.Option(help="Start a new run from these weights (a redi checkpoint or `redi convert` output).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and parameter count, then exit.")] = False,
 ) -> None:
     """Train SiT/DiT with baseline, ReDi, REPA, REG or ReDi+REPA on prepared shards (resumes an existing run)."""
@@ -419,8 +419,8 @@ def sample_command(
     run: Annotated[Path | None, typer.Option("--run", help="Run directory: sample its newest checkpoint.", show_default=False)] = None,
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="Checkpoint file written by redi train (instead of --run).", show_default=False)] = None,
     guidance: Annotated[str, typer.Option("--guidance", help="none, cfg (classifier-free), rg (Representation Guidance) or cfg+rg.")] = "none",
-    cfg_scale: Annotated[Optional[float], typer.Option("--cfg-scale", help="CFG weight w, with cfg or cfg+rg (default 2.4, ReDi's best table); 1 = no effect.", show_default=False)] = None,
-    rg_scale: Annotated[Optional[float], typer.Option("--rg-scale", help="RG weight w_r, with rg or cfg+rg (default 1.5; ReDi: 1.5 for B, 1.1 for XL).", show_default=False)] = None,
+    cfg_scale: Annotated[float | None, typer.Option("--cfg-scale", help="CFG weight w, with cfg or cfg+rg (default 2.4, ReDi's best table); 1 = no effect.", show_default=False)] = None,
+    rg_scale: Annotated[float | None, typer.Option("--rg-scale", help="RG weight w_r, with rg or cfg+rg (default 1.5; ReDi: 1.5 for B, 1.1 for XL).", show_default=False)] = None,
     cfg_channels: Annotated[str, typer.Option("--cfg-channels", help="CFG on the VAE channels only (ReDi) or on all channels.")] = "vae",
     cls_cfg_scale: Annotated[float | None, typer.Option("--cls-cfg-scale", help="REG models: CFG weight of the class token wherever CFG is on (default 1.5, REG's generate.py; 0 or 1: unguided).", show_default=False)] = None,
     interval: Annotated[str | None, typer.Option("--interval", help="LO,HI: guide only at noise levels t in [LO, HI] (t = 1 is noise), e.g. 0,0.7; default: every step.", show_default=False)] = None,
@@ -575,11 +575,11 @@ def bench_command(
     target: Annotated[str, typer.Argument(help=f"One of {', '.join(BENCH_TARGETS)}, or all; or gpu: the GPU suite (docs/BENCHMARKS.md).")] = "all",
     quick: Annotated[bool, typer.Option(help="Seconds-long smoke version of each benchmark.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-    samples: Annotated[Optional[int], typer.Option(help="loader: synthetic dataset size (default 8192); with --shards, samples to read (default one epoch).")] = None,
-    shards: Annotated[Optional[str], typer.Option(help="loader: read these shards (a data root, local or a URL) instead of synthetic ones.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="gpu: folder of the JSON files (default $OUT, else runs/bench-gpu).")] = None,
-    only: Annotated[Optional[str], typer.Option(help="gpu: the items to run, e.g. ab (default abcd).")] = None,
-    budget: Annotated[Optional[float], typer.Option(help="gpu: seconds after which no further step starts.")] = None,
+    samples: Annotated[int | None, typer.Option(help="loader: synthetic dataset size (default 8192); with --shards, samples to read (default one epoch).")] = None,
+    shards: Annotated[str | None, typer.Option(help="loader: read these shards (a data root, local or a URL) instead of synthetic ones.")] = None,
+    out: Annotated[Path | None, typer.Option(help="gpu: folder of the JSON files (default $OUT, else runs/bench-gpu).")] = None,
+    only: Annotated[str | None, typer.Option(help="gpu: the items to run, e.g. ab (default abcd).")] = None,
+    budget: Annotated[float | None, typer.Option(help="gpu: seconds after which no further step starts.")] = None,
 ) -> None:
     """Measure throughput of the pipeline, trainer and sampler on this machine (figures for docs/BENCHMARKS.md)."""
     import importlib

@@ -112,7 +112,7 @@ class Suite:
             try:
                 self._inputs[name] = build()
                 built[name] = {"seconds": time.perf_counter() - t0}
-            except Exception as e:  # noqa: BLE001 — recorded; the steps that need other inputs still run
+            except Exception as e:  # recorded; the steps that need other inputs still run
                 self._inputs[name] = f"the suite's {name} could not be built ({type(e).__name__}: {e})"
                 built[name] = {"error": self._inputs[name]}
         return built
@@ -215,7 +215,7 @@ def run_step(step: Step, scratch: Path) -> Figures:
     t0 = time.perf_counter()
     try:
         record |= {"status": "ok", "figures": step.run(scratch)}
-    except Exception as e:  # noqa: BLE001 — recorded, and the suite goes on to the next step
+    except Exception as e:  # recorded, and the suite goes on to the next step
         record |= {"status": "error", "error": f"{type(e).__name__}: {e}",
                    "traceback": traceback.format_exc().splitlines()[-12:]}
     record["seconds"] = time.perf_counter() - t0
@@ -236,7 +236,7 @@ def machine() -> Figures:
     return {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "commit": commit or None,
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def headline(record: Figures) -> str:
@@ -260,7 +260,7 @@ def headline(record: Figures) -> str:
                      f"models alone {f['models_alone_both_images_per_s']:,.1f}")
     if record["peak_memory_gib"] is not None:
         parts.append(f"peak {record['peak_memory_gib']:.1f} GiB")
-    return "; ".join(parts + [f"{record['seconds']:.0f} s"])
+    return "; ".join([*parts, f"{record['seconds']:.0f} s"])
 
 
 def run(quick: bool = False, out: Path | None = None, only: str = "abcd", budget: float | None = None) -> Figures:
@@ -308,9 +308,11 @@ def run(quick: bool = False, out: Path | None = None, only: str = "abcd", budget
     return summary
 
 
-def install_missing(wheels: Path = WHEELS, target: Path = Path(tempfile.gettempdir()) / "redi-bench-site") -> list[str]:
+def install_missing(wheels: Path = WHEELS, target: Path | None = None) -> list[str]:
     """Install the wheels in `wheels` into `target` (put first on sys.path) when a package in NEEDED is missing or
-    too old, as on a bare GPU machine whose python3 has torch but no network. Returns what was missing."""
+    too old, as on a bare GPU machine whose python3 has torch but no network (default target: a folder in the temporary
+    directory). Returns what was missing."""
+    target = target or Path(tempfile.gettempdir()) / "redi-bench-site"
     from packaging.version import Version
 
     missing = [name for name, lowest in NEEDED.items()

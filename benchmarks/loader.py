@@ -134,6 +134,11 @@ def _samples_per_second(batches: Iterable[Any], num_samples: int) -> tuple[float
     return seen / (time.perf_counter() - t0), (time.process_time() - cpu0) / seen * 1e6
 
 
+def _tarfile_members(tar: bytes) -> list[tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(tar)) as f:
+        return f.getmembers()
+
+
 def _best_seconds(work: Callable[[], object], repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -148,7 +153,7 @@ def parser_speedups(tar: bytes, repeats: int = 20) -> dict[str, float]:
     npy = [(offset, size) for name, offset, size in tar_members(tar, Path("shard.tar")) if name.endswith(".npy")]
     decode = _NpyDecoder()
     ours_list = _best_seconds(lambda: list(tar_members(tar, Path("shard.tar"))), repeats)
-    tarfile_list = _best_seconds(lambda: tarfile.open(fileobj=io.BytesIO(tar)).getmembers(), repeats)
+    tarfile_list = _best_seconds(lambda: _tarfile_members(tar), repeats)
     ours_decode = _best_seconds(lambda: [decode(tar, offset, size) for offset, size in npy], repeats)
     np_load = _best_seconds(lambda: [np.load(io.BytesIO(tar[offset:offset + size])) for offset, size in npy], repeats)
     return {"tar_members": len(npy), "tar_listing_vs_tarfile": tarfile_list / ours_list,
@@ -162,7 +167,7 @@ def shard_rates(shards: str, samples: int | None = None) -> dict[str, float | st
     num = samples or info.num_samples
     sample_bytes = sum(info.fields[name].nbytes for name in ("label", *DEFAULT_FIELDS))
     figures: dict[str, float | str] = {"shards": str(root), "samples": num, "sample_bytes": sample_bytes}
-    runs = [("zarr", "zarr", 0)] + [("wds", "wds", 2), ("wds_no_read_ahead", "wds", 0)]
+    runs = [("zarr", "zarr", 0), ("wds", "wds", 2), ("wds_no_read_ahead", "wds", 0)]
     for name, fmt, depth in (r for r in runs if r[1] in info.formats):
         loader = make_loader(root, batch_size=min(BATCH, num), format=fmt, seed=0, read_ahead=depth,
                              epochs=-(-num // info.num_samples))  # finite: no tar fetched ahead goes unread

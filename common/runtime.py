@@ -2,6 +2,7 @@
 the stop signals to the main process)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -60,10 +61,8 @@ def loader_worker_init(worker_id: int) -> None:
     # only the waiting thread below ever receives these signals (and sees who sent them).
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     threading.Thread(target=_end_on_the_main_process_sigterm, args=(parent,), name="stop-signals", daemon=True).start()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: torch's own watchdog ends orphaned workers within seconds
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: torch's own watchdog ends orphaned workers within seconds
-        pass
 
 
 def _end_on_the_main_process_sigterm(parent: int) -> None:

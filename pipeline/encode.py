@@ -317,7 +317,7 @@ class _CroppedImages(Dataset):
 
 
 def _collate(items: list[tuple[int, np.ndarray, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
-    indices, pixels, reasons = zip(*items)
+    indices, pixels, reasons = zip(*items, strict=True)
     return list(indices), torch.from_numpy(np.stack(pixels)), list(reasons)  # (B, R, R, 3) uint8
 
 
@@ -359,7 +359,7 @@ def _encode_chunks(
             for job in needed:
                 for array, value in job.plan.forward(job.model, pixels).items():  # name → (B, ...) float32
                     parts[id(job)].setdefault(array, []).append(value.to(store_dtype).cpu().numpy())
-            errors += [ChunkError(i, keys[i], r) for i, r in zip(indices, reasons) if r]
+            errors += [ChunkError(i, keys[i], r) for i, r in zip(indices, reasons, strict=True) if r]
             advance(len(indices))
             if end == min((chunk + 1) * cfg.chunk_size, len(source)):
                 for future in in_flight:

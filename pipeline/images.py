@@ -273,7 +273,7 @@ class TarSource(ImageSource):
             handles = (os.getpid(), {})
             self._handles = handles
         if tar not in handles[1]:
-            handles[1][tar] = open(self.tars[tar], "rb")
+            handles[1][tar] = open(self.tars[tar], "rb")  # noqa: SIM115 — kept open: this process reads its next members
         return handles[1][tar]
 
     def read_bytes(self, index: int) -> bytes:
@@ -402,5 +402,5 @@ def load_cropped(source: ImageSource, index: int, resolution: int) -> tuple[np.n
     """Image `index` decoded and ADM-cropped, with "" — or zeros and the reason it could not be read."""
     try:
         return center_crop_arr(decode_rgb(source.read_bytes(index), resolution), resolution), ""
-    except Exception as e:  # noqa: BLE001 — one bad file (any decoder error) must never stop a stage
+    except Exception as e:  # one bad file (any decoder error) must never stop a stage
         return np.zeros((resolution, resolution, 3), dtype=np.uint8), f"{type(e).__name__}: {e}"

@@ -470,7 +470,7 @@ def _slice(batch: Batch, lo: int, hi: int) -> Batch:
 
 
 def _concat(parts: list[Batch]) -> Batch:
-    return {name: sum((p[name] for p in parts), []) if name == "key" else torch.cat([p[name] for p in parts])
+    return {name: [k for p in parts for k in p[name]] if name == "key" else torch.cat([p[name] for p in parts])
             for name in parts[0]}
 
 

@@ -130,7 +130,7 @@ class MomentFiles:
     def fingerprint(self) -> str:
         """SHA-256 over `relpath\\tsize` lines and the labels file: identifies the imported latents."""
         h = hashlib.sha256()
-        for name, size in zip(self.relpaths, self.sizes):
+        for name, size in zip(self.relpaths, self.sizes, strict=True):
             h.update(f"{name}\t{size}\n".encode())
         h.update(repr(self.labels).encode())
         return h.hexdigest()
@@ -159,7 +159,7 @@ def check_pairing(source: ImageSource, files: MomentFiles) -> None:
     if len(source) != len(files):
         raise UserError(f"{source.location} holds {len(source)} images but {files.location} holds {len(files)} "
                         ".npy files; REPA pairs them one to one.")
-    for entry, name in zip(source.entries, files.relpaths):
+    for entry, name in zip(source.entries, files.relpaths, strict=True):
         image, moments = IMAGE_NAME.search(entry.relpath), MOMENTS_NAME.search(name)
         if image and moments and int(image.group(1)) != int(moments.group(1)):
             raise UserError(f"{files.location}/{name} does not belong to {source.location}/{entry.relpath} "
@@ -189,7 +189,7 @@ def check_resolution(source: ImageSource, files: MomentFiles, cfg: RepaImportCon
     try:
         with Image.open(io.BytesIO(source.read_bytes(0))) as im:
             size = im.size
-    except Exception as e:  # noqa: BLE001 — any decoder error on the probe image
+    except Exception as e:  # any decoder error on the probe image
         raise UserError(f"Cannot read {source.location}/{source.entries[0].relpath} ({type(e).__name__}: {e}).") from None
     if size != (cfg.resolution, cfg.resolution):
         raise UserError(f"The images in {source.location} are {size[0]}×{size[1]}, "
@@ -205,7 +205,7 @@ def _read_moments(files: MomentFiles, index: int, shape: tuple[int, ...], dtype:
     """(moments, "") or (None, why file `index` cannot be used, e.g. values that do not fit `dtype`)."""
     try:
         value = files.read(index)
-    except Exception as e:  # noqa: BLE001 — a damaged file must never stop the import
+    except Exception as e:  # a damaged file must never stop the import
         return None, f"{type(e).__name__}: {e}"
     if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
         return None, f"array of shape {value.shape} and dtype {value.dtype}, expected float {shape}"
@@ -261,7 +261,7 @@ def _import(cfg: RepaImportConfig) -> StageResult:
             lo, hi = chunk * cfg.chunk_size, min((chunk + 1) * cfg.chunk_size, len(source))
             moments = np.zeros((hi - lo, *shape), dtype=cfg.dtype)  # (n, 8, h, h); zeros where unreadable
             errors = []
-            for i, (value, reason) in zip(range(lo, hi), pool.map(lambda i: _read_moments(files, i, shape, cfg.dtype), range(lo, hi))):
+            for i, (value, reason) in zip(range(lo, hi), pool.map(lambda i: _read_moments(files, i, shape, cfg.dtype), range(lo, hi)), strict=True):
                 if reason:
                     errors.append(ChunkError(i, keys[i], f"{files.relpaths[i]}: {reason}"))
                 else:

@@ -364,7 +364,7 @@ def _rows(arr: zarr.Array, name: str, first: int, last: int, check: InputCheck) 
     check.rows(name, first, last)
     try:
         return arr[first:last]
-    except Exception:  # noqa: BLE001 — codecs raise ValueError, RuntimeError, … on damaged bytes
+    except Exception:  # codecs raise ValueError, RuntimeError, … on damaged bytes
         bad = unreadable_chunk(arr, first, last)
         where = f"chunk {bad[0]} of {check.root.name}/{name}" if bad else f"{check.root.name}/{name}"
         raise UserError(f"The input {where} cannot be read ({bad[1] if bad else 'damaged'}): run `redi verify DATA "

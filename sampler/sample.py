@@ -615,7 +615,7 @@ class SamplingPlan:
     """Context factory the network runs under (bf16 autocast), None for float32."""
     quantize: str = "nearest"
     """How decoded pixels become uint8 (sampler.outputs.QUANTIZE)."""
-    options: SamplerOptions = SamplerOptions()
+    options: SamplerOptions = field(default_factory=SamplerOptions)
     """ODE solver and SDE last step."""
 
 

@@ -40,6 +40,7 @@ Public API (what `redi sample` calls):
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ LAST_STEPS: tuple[str, ...] = ("mean", "tweedie", "euler", "none")  # SiT transp
 ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq
 FIXED_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
 ODE_SOLVERS: tuple[str, ...] = ADAPTIVE_SOLVERS + FIXED_SOLVERS
-TOLERANCE_SOLVERS: tuple[str, ...] = ADAPTIVE_SOLVERS + ("implicit_adams",)  # its corrector iterates to atol/rtol
+TOLERANCE_SOLVERS: tuple[str, ...] = (*ADAPTIVE_SOLVERS, "implicit_adams")  # its corrector iterates to atol/rtol
 TORCHDIFFEQ_FAILURES = ("non-finite values in state", "underflow in dt", "max_num_steps exceeded")  # its asserts
 
 
@@ -176,39 +177,39 @@ def euler_maruyama(
     last_step_size, then `sde_last_step` to 0; "none": steps − 1 EM steps from 1 all the way to 0."""
     assert steps >= sde_min_steps(last_step), f"too few SDE steps ({steps}) for last step {last_step!r}"
     grid = torch.linspace(1.0, 0.0 if last_step == "none" else last_step_size, steps, dtype=torch.float64).tolist()
-    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+    for t_cur, t_next in itertools.pairwise(grid):
         dt = t_next - t_cur  # < 0
         v = predict(state, t_cur)
         state = tuple(
             x + _sde_drift(vk, x, t_cur) * dt + math.sqrt(2.0 * t_cur * abs(dt)) * noise.draw(x.shape[1:])
-            for x, vk in zip(state, v)
+            for x, vk in zip(state, v, strict=True)
         )
     if last_step == "none":
         return state
     t_cur = grid[-1]
     v = predict(state, t_cur)
-    return tuple(sde_last_step(last_step, x, vk, t_cur) for x, vk in zip(state, v))
+    return tuple(sde_last_step(last_step, x, vk, t_cur) for x, vk in zip(state, v, strict=True))
 
 
 def ode_euler(predict: Predict, state: State, steps: int) -> State:
     """Probability-flow ODE dx/dt = v, Euler, `steps` uniform steps from t = 1 to 0."""
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+    for t_cur, t_next in itertools.pairwise(grid):
         v = predict(state, t_cur)
-        state = tuple(x + (t_next - t_cur) * vk for x, vk in zip(state, v))
+        state = tuple(x + (t_next - t_cur) * vk for x, vk in zip(state, v, strict=True))
     return state
 
 
 def ode_heun(predict: Predict, state: State, steps: int) -> State:
     """Probability-flow ODE, Heun (2nd order) on every step but the last one to t = 0 (EDM/REPA)."""
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+    for i, (t_cur, t_next) in enumerate(itertools.pairwise(grid)):
         dt = t_next - t_cur
         d_cur = predict(state, t_cur)
-        euler = tuple(x + dt * d for x, d in zip(state, d_cur))
+        euler = tuple(x + dt * d for x, d in zip(state, d_cur, strict=True))
         if i < steps - 1:
             d_next = predict(euler, t_next, guide_t=t_cur)  # REPA: the corrector guides as the step's start does
-            state = tuple(x + dt * 0.5 * (a + b) for x, a, b in zip(state, d_cur, d_next))
+            state = tuple(x + dt * 0.5 * (a + b) for x, a, b in zip(state, d_cur, d_next, strict=True))
         else:
             state = euler
     return state
@@ -337,10 +338,10 @@ def ddpm_ancestral(
     process = RespacedDDPM.create(schedule, steps)
     for i in reversed(range(len(process.timesteps))):
         pred = predict(state, float(process.timesteps[i]))
-        posteriors = [process.posterior(i, x, p) for x, p in zip(state, pred)]
+        posteriors = [process.posterior(i, x, p) for x, p in zip(state, pred, strict=True)]
         state = tuple(
             mean if i == 0 else mean + _std(log_var) * noise.draw(x.shape[1:])
-            for x, (mean, log_var) in zip(state, posteriors)
+            for x, (mean, log_var) in zip(state, posteriors, strict=True)
         )
     return state
 

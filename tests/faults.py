@@ -105,7 +105,7 @@ def same_value(a: Any, b: Any, where: str = "") -> None:
             same_value(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b), f"{where} differs"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             same_value(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
@@ -206,7 +206,7 @@ class Launcher:
 def serve() -> None:
     """The launcher's helper process: one JSON request per line, answered with the child's pid, then its exit code."""
     import cli  # noqa: F401  (and below: the modules the commands import lazily, paid once here)
-    import pipeline.encode, pipeline.pca, pipeline.shards, sampler.sample, trainer.train  # noqa: E401, F401
+    import pipeline.encode, pipeline.pca, pipeline.shards, sampler.sample, trainer.train  # noqa: F401
 
     for line in sys.stdin:
         request = json.loads(line)

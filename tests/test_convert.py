@@ -6,6 +6,7 @@ timm's PatchEmbed/Attention/Mlp), minimal and literal, with their exact key name
 """
 from __future__ import annotations
 
+import itertools
 import argparse
 import math
 from pathlib import Path
@@ -188,7 +189,7 @@ def randomize(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Random non-zero weights (REG's class-token position row stays zero, as get_2d_sincos_pos_embed makes it)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.15 if p.ndim > 1 else 0.05))
         if getattr(model, "reg", False):
             model.pos_embed[:, 0] = 0
@@ -274,7 +275,7 @@ def test_sampler_steps_of_a_converted_sit_model_equal_the_sit_convention(steps: 
     (ours_x,) = ode_euler(GuidedModel(ours, y, GuidanceConfig()), (x.clone(),), steps)  # t: 1 → 0 (noise → data)
     sit_x = x.clone()
     grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()  # SiT: s = 0 noise → 1 data
-    for s, s_next in zip(grid[:-1], grid[1:]):
+    for s, s_next in itertools.pairwise(grid):
         v = net(sit_x, torch.full((len(x),), s), y)[0].chunk(2, dim=1)[0]
         sit_x = sit_x + (s_next - s) * v
     assert_same(ours_x, sit_x)

@@ -132,8 +132,8 @@ def test_repa_preprocessing_by_hand(family: str, mean: tuple[float, ...], std: t
     got = spec.preprocess(torch.from_numpy(img), spec.side).numpy()  # (2, 3, 56, 56)
     side = 224 * R // 256
     w = _bicubic_matrix(R, side)
-    resize = lambda x: np.einsum("yh,nhwc,xw->nyxc", w, x, w)  # separable bicubic resize  # noqa: E731
-    normalise = lambda x: (x - np.array(mean)) / np.array(std)  # noqa: E731
+    resize = lambda x: np.einsum("yh,nhwc,xw->nyxc", w, x, w)  # separable bicubic resize
+    normalise = lambda x: (x - np.array(mean)) / np.array(std)
     x = img / 255.0
     want = normalise(resize(x)) if resize_first else resize(normalise(x))
     assert spec.side == side and got.shape == (2, 3, side, side)

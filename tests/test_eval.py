@@ -132,7 +132,7 @@ def test_load_fid_inception_reads_a_file_and_refuses_bad_ones(tmp_path: Path) ->
         load_fid_inception(None, torch.device("cpu"))
     del state["fc.bias"]
     torch.save(state, tmp_path / "partial.pth")
-    with pytest.raises(UserError, match="fc.bias"):
+    with pytest.raises(UserError, match=r"fc\.bias"):
         load_fid_inception(tmp_path / "partial.pth", torch.device("cpu"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a PyTorch state dict"):
@@ -284,7 +284,7 @@ def test_read_adm_batch_rejects_malformed_files(tmp_path: Path, arrays: dict[str
 
 def test_read_adm_batch_rejects_a_non_npz_and_a_truncated_one(tmp_path: Path) -> None:
     (tmp_path / "text.npz").write_text("hello")
-    with pytest.raises(UserError, match="not an .npz file"):
+    with pytest.raises(UserError, match=r"not an \.npz file"):
         read_adm_batch(tmp_path / "text.npz", DIMS)
     header = np.lib.format.header_data_from_array_1_0(np.zeros((4, 8, 8, 3), np.uint8))
     buf = io.BytesIO()

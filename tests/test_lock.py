@@ -20,10 +20,9 @@ from pipeline.stage import stage_lock
 
 def test_a_held_lock_refuses_a_second_writer_and_is_released(tmp_path: Path) -> None:
     lock = tmp_path / ".thing.lock"
-    with exclusive(lock, "the thing"):
-        with pytest.raises(UserError, match="Another redi process is writing the thing"):
-            with exclusive(lock, "the thing"):
-                pass
+    with (exclusive(lock, "the thing"), pytest.raises(UserError, match="Another redi process is writing the thing"),
+          exclusive(lock, "the thing")):
+        pass
     with exclusive(lock, "the thing"):  # released on exit
         pass
 
@@ -38,9 +37,8 @@ with exclusive({str(lock)!r}, 'x'):
     time.sleep(60)
 """], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(UserError):
-        with exclusive(lock, "x"):
-            pass
+    with pytest.raises(UserError), exclusive(lock, "x"):
+        pass
     holder.kill()
     holder.wait()
     with exclusive(lock, "x"):

@@ -107,7 +107,7 @@ def hand_sit_loss(model: StandIn, batch: TrainBatch, cfg: LossConfig, seed: int)
             loss += (0.0 if drop[i] else cfg.lambda_z) * float(err[4:].mean())
         if cfg.uses_repa:  # REG aligns 1 + L rows: its projected class token with the DINOv2 CLS, then the patches
             targets = ([batch.cls[i]] if cfg.uses_reg else []) + list(batch.patch_tokens[i])
-            loss -= cfg.repa_weight * sum(cosine(p, z) for p, z in zip(model.repa_out[i], targets)) / len(targets)
+            loss -= cfg.repa_weight * sum(cosine(p, z) for p, z in zip(model.repa_out[i], targets, strict=True)) / len(targets)
         if cfg.uses_reg:
             c = batch.cls[i]
             cls_t = (1 - t[i]) * c + t[i] * eps_c[i]

@@ -47,7 +47,7 @@ def read_keys(shards: Path) -> list[str]:
 
 def assert_same_batches(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys() and x["key"] == y["key"]
         for name in x:
             if name != "key":
@@ -161,11 +161,11 @@ def test_corrupted_tar_is_named_by_the_reader(shards: Path, tmp_path: Path) -> N
     raw[3000] ^= 0x01
     tar.write_bytes(bytes(raw))
     for workers in (0, 2):
-        with pytest.raises(UserError, match="shard-000003.tar is corrupted") as err:
+        with pytest.raises(UserError, match=r"shard-000003\.tar is corrupted") as err:
             list(make_loader(copy, batch_size=B, format="wds", epochs=1, num_workers=workers))
         assert "Traceback" not in str(err.value)
     tar.write_bytes(bytes(raw[:len(raw) // 2]))  # truncated: caught by the tar parser even without checksums
-    with pytest.raises(UserError, match="shard-000003.tar"):
+    with pytest.raises(UserError, match=r"shard-000003\.tar"):
         list(make_loader(copy, batch_size=B, format="wds", epochs=1, verify=False))
 
 

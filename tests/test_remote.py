@@ -102,7 +102,7 @@ def batches(shards: str | Path, fmt: str, **kwargs) -> list[dict]:
 
 def assert_same_batches(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b) > 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys() and x["key"] == y["key"]
         assert all(torch.equal(x[k], y[k]) for k in x if k != "key")
 

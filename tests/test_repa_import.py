@@ -156,7 +156,7 @@ def test_refusals(reference: tuple[Path, Path], tmp_path: Path) -> None:
     meta = json.loads((root / "vae-sd" / "dataset.json").read_text())
     meta["labels"][2][1] += 1
     (root / "vae-sd" / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="1 labels .* differ"):
+    with pytest.raises(UserError, match=r"1 labels .* differ"):
         import_repa(RepaImportConfig(root, tmp_path / "b", resolution=R))
     shutil.copy(repa / "vae-sd" / "dataset.json", root / "vae-sd" / "dataset.json")
     moved = root / "vae-sd" / repa_name(6, "img-mean-std-", "npy")
@@ -166,7 +166,7 @@ def test_refusals(reference: tuple[Path, Path], tmp_path: Path) -> None:
     moved.with_name("img-mean-std-00000009.npy").unlink()
     with pytest.raises(UserError, match="one to one"):
         import_repa(RepaImportConfig(root, tmp_path / "d", resolution=R))
-    with pytest.raises(UserError, match="no .npy files"):
+    with pytest.raises(UserError, match=r"no \.npy files"):
         import_repa(RepaImportConfig(root, tmp_path / "e", latents=root / "images", resolution=R))
     assert not any((tmp_path / n / "latents").exists() for n in "abcde"), "refused before writing anything"
 

@@ -59,7 +59,7 @@ class Mixture:
         return (self.weights[:, None] * self.means).sum(0)
 
     def cov(self) -> Tensor:
-        second = sum(w * (torch.diag(s**2) + torch.outer(m, m)) for w, m, s in zip(self.weights, self.means, self.stds))
+        second = sum(w * (torch.diag(s**2) + torch.outer(m, m)) for w, m, s in zip(self.weights, self.means, self.stds, strict=True))
         return second - torch.outer(self.mean(), self.mean())
 
     def velocity(self, state: tuple[Tensor, ...], t: float, guide_t: float | None = None) -> tuple[Tensor, ...]:
@@ -135,7 +135,7 @@ def test_dopri5_reaches_the_closed_form(data: Mixture) -> None:
     assert_moments(x0, data.mean(), data.cov(), bias=0.005)
     if data is GAUSS:  # the flow of Gaussian data is affine: x_0 = μ + s ⊙ x_1, sample by sample
         exact = GAUSS.means[0] + GAUSS.stds[0] * x1
-        rms = lambda v: v.pow(2).mean().sqrt().item()  # noqa: E731  torchdiffeq controls the batch's RMS error
+        rms = lambda v: v.pow(2).mean().sqrt().item()  # torchdiffeq controls the batch's RMS error
         assert rms(x0 - exact) <= 1e-3 * rms(exact) + 1e-6
         (tight,) = ode_solve(data.velocity, (x1,), "dopri5", None, atol=1e-8, rtol=1e-6)
         torch.testing.assert_close(tight, exact, rtol=0, atol=1e-5)
@@ -376,7 +376,7 @@ def test_torchdiffeq_euler_guides_like_our_euler(reg: bool) -> None:
     """Guidance (CFG and RG, with an interval) is inside the vector field, exactly as for the fixed-step loop."""
     model = ElementwiseModel(StubConfig(reg_token=reg)).eval()
     guidance = GuidanceConfig(mode="cfg+rg", cfg_scale=2.0, rg_scale=1.5, interval=(0.0, 0.7), cls_cfg_scale=1.5 if reg else None)
-    run = lambda options: sample_latents(  # noqa: E731
+    run = lambda options: sample_latents(
         model, torch.arange(4) % 5, torch.arange(4), 1, "ode", 10, guidance, latent_size=2,
         cls_dim=4 if reg else None, options=options)
     x, cls, stats = run(SamplerOptions())

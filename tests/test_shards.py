@@ -187,7 +187,7 @@ def test_patch_tokens_are_stored_and_read_by_both_readers(tmp_path: Path) -> Non
     batches = {fmt: next(iter(make_loader(data / "shards", batch_size=8, format=fmt, fields=("pcs", "patch_tokens"))))
                for fmt in ("zarr", "wds")}
     assert batches["zarr"]["key"] == batches["wds"]["key"]
-    for fmt, batch in batches.items():
+    for batch in batches.values():
         assert batch["patch_tokens"].shape == (8, GRID * GRID, DIM) and "moments" not in batch
         want = np.stack([patch[source_keys.index(key)] for key in batch["key"]])
         np.testing.assert_array_equal(batch["patch_tokens"].numpy(), want)

@@ -45,7 +45,7 @@ def interrupt_repeatedly(launcher: Launcher, name: str, args: list[object], kill
     rng = random.Random(f"{SEED}-{name}")
     targets = sorted(rng.sample(range(1, max(len(kills) + 1, total * 3 // 4)), len(kills)))
     results = []
-    for k, ((sig, group), target) in enumerate(zip(kills, targets)):
+    for k, ((sig, group), target) in enumerate(zip(kills, targets, strict=True)):
         results.append(interrupt(launcher, args, log_dir / f"{name}-{k}.log", sig, group,
                                  lambda target=target: progress() >= target, rng.uniform(0.0, 0.1)))
     return results
@@ -53,7 +53,7 @@ def interrupt_repeatedly(launcher: Launcher, name: str, args: list[object], kill
 
 def killed_by(results: list[tuple[int, str]], kills: list[tuple[signal.Signals, bool]], on_term: int | None = None) -> None:
     """Each run ended by its signal (SIGTERM: exit `on_term` where the command stops gracefully), never by a traceback."""
-    for (code, output), (sig, _) in zip(results, kills):
+    for (code, output), (sig, _) in zip(results, kills, strict=True):
         want = on_term if sig == TERM and on_term is not None else -sig
         assert code == want, f"exit {code} after {sig.name}, expected {want}:\n{output[-3000:]}"
         assert "Traceback" not in output, output[-3000:]
@@ -63,7 +63,7 @@ def test_encode_with_workers(launcher: Launcher, pipeline: dict[str, Path], tmp_
     data = pipeline["data"]
     copy_in(pipeline["ref_data"], data, ())
     args = ["encode", pipeline["images"], "--data", data, *ENCODE, "--workers", 2]
-    progress = lambda: count(data / "latents" / "progress") + count(data / "features" / "progress")  # noqa: E731
+    progress = lambda: count(data / "latents" / "progress") + count(data / "features" / "progress")
     killed_by(interrupt_repeatedly(launcher, "encode", args, EVERY_WAY, progress, 2 * IMAGES, tmp_path), EVERY_WAY)
     code, out = redi(*args)  # at once: no DataLoader worker outlives its main process, holding the stage locks
     assert code == 0, out
@@ -77,7 +77,7 @@ def test_features_without_workers(launcher: Launcher, pipeline: dict[str, Path],
     copy_in(pipeline["ref_data"], data, ())
     args = ["features", pipeline["images"], "--data", data, "--encoder", "tiny-random", *TINY, "--workers", 0]
     kills = EVERY_WAY[:2]
-    progress = lambda: count(data / "features" / "progress")  # noqa: E731
+    progress = lambda: count(data / "features" / "progress")
     killed_by(interrupt_repeatedly(launcher, "features", args, kills, progress, IMAGES, tmp_path), kills)
     code, out = redi(*args)
     assert code == 0, out
@@ -113,7 +113,7 @@ def test_shards(launcher: Launcher, pipeline: dict[str, Path], tmp_path: Path) -
     args = ["shards", "--data", data, *SHARDS]
     results = interrupt_repeatedly(launcher, "shards", args, EVERY_WAY, lambda: count(data / "shards" / "progress"), IMAGES,
                                    tmp_path)
-    for (code, output), (sig, _) in zip(results, EVERY_WAY):  # a block is milliseconds: the run may end first
+    for (code, output), (sig, _) in zip(results, EVERY_WAY, strict=True):  # a block is milliseconds: the run may end first
         assert code in (0, -sig) and "Traceback" not in output, output[-3000:]
     code, out = redi(*args)
     assert code == 0, out
@@ -124,10 +124,10 @@ def test_shards(launcher: Launcher, pipeline: dict[str, Path], tmp_path: Path) -
 def test_train_with_workers(launcher: Launcher, pipeline: dict[str, Path], tmp_path: Path) -> None:
     run, ref_run = pipeline["run"], pipeline["ref_run"]
     args = ["train", *train_args(pipeline["ref_data"], run)]
-    progress = lambda: len(read_metrics(run / "metrics.jsonl")) if (run / "metrics.jsonl").exists() else 0  # noqa: E731
+    progress = lambda: len(read_metrics(run / "metrics.jsonl")) if (run / "metrics.jsonl").exists() else 0
     results = interrupt_repeatedly(launcher, "train", args, EVERY_WAY, progress, STEPS, tmp_path)
     killed_by(results, EVERY_WAY, on_term=128 + TERM)  # SIGTERM: the current step, a checkpoint, exit 143
-    for (_, output), (sig, _) in zip(results, EVERY_WAY):
+    for (_, output), (sig, _) in zip(results, EVERY_WAY, strict=True):
         assert sig != TERM or "Stopped by SIGTERM" in output, output[-3000:]
     code, out = redi(*args)
     assert code == 0, out

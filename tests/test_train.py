@@ -342,9 +342,8 @@ def test_background_checkpoint_holds_the_state_of_its_step(tmp_path: Path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(UserError, match="No space left on device"):
-        with BackgroundCheckpointer() as checkpointer:
-            checkpointer.save(tmp_path, 4, {"w": weights}, keep=2, milestone_every=0)  # the error surfaces on leaving
+    with pytest.raises(UserError, match="No space left on device"), BackgroundCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path, 4, {"w": weights}, keep=2, milestone_every=0)  # the error surfaces on leaving
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
 
 
@@ -352,9 +351,8 @@ def test_one_job_per_run_directory_and_no_resume_on_other_data(data: Path, tmp_p
     from common.lock import exclusive
 
     run = tmp_path / "run"
-    with exclusive(run / ".lock", "held by the test"):
-        with pytest.raises(UserError, match="Another redi process is writing"):
-            train(config(data, run, max_steps=2), device="cpu")
+    with exclusive(run / ".lock", "held by the test"), pytest.raises(UserError, match="Another redi process is writing"):
+        train(config(data, run, max_steps=2), device="cpu")
     train(config(data, run, max_steps=2), device="cpu")
 
     other = tmp_path / "other-data"

@@ -385,12 +385,11 @@ def train_config(origin: Origin, cfg: ModelConfig, args: dict[str, Any], rep_dro
                  out: Path, notes: list[str]) -> dict[str, Any]:
     """The TrainConfig the origin implies, as the plain dict our checkpoints carry."""
     method = {"redi": "redi+repa" if cfg.repa_depth else "redi", "repa": "repa", "reg": "reg"}.get(origin.name, "baseline")
-    if cfg.pca_rank:
-        if rep_drop is None:
-            known = args.get("dino_drop_prob")
-            if "dino_drop_prob" not in args:
-                notes.append("representation drop unknown: recorded 0, so RG is refused (--rep-drop to set it)")
-            rep_drop = float(known or 0.0)
+    if cfg.pca_rank and rep_drop is None:
+        known = args.get("dino_drop_prob")
+        if "dino_drop_prob" not in args:
+            notes.append("representation drop unknown: recorded 0, so RG is refused (--rep-drop to set it)")
+        rep_drop = float(known or 0.0)
     family = "DiT" if cfg.objective == "dit" else "SiT"
     repa_weight = args.get("repa_weight" if origin.name == "redi" else "proj_coeff", 0.5)  # ReDi: --repa-weight
     train = TrainConfig(

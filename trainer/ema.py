@@ -20,5 +20,5 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_params = [p for p in ema.parameters()]
     params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
+    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
         b_ema.copy_(b)

@@ -328,7 +328,7 @@ def build_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Se
 
 def join_heads(out_x: Tensor, out_z: Tensor, groups: int) -> Tensor:
     """Concatenate the two heads of separate fusion so channels read [pred_x, pred_z, (var_x, var_z)] like merged."""
-    pairs = zip(out_x.chunk(groups, dim=1), out_z.chunk(groups, dim=1))  # groups × ((N, V, H, W), (N, r, H, W))
+    pairs = zip(out_x.chunk(groups, dim=1), out_z.chunk(groups, dim=1), strict=True)  # groups × ((N, V, H, W), (N, r, H, W))
     return torch.cat([part for pair in pairs for part in pair], dim=1)  # (N, out_channels, H, W)
 
 

@@ -158,7 +158,7 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
                 steps_done = min(cfg.log_every, step - progress.last_step)
                 images_per_s = steps_done * cfg.batch_size / elapsed
                 losses = all_reduce_mean(torch.stack(list(sums.values())))  # one all-reduce, on logging steps only
-                row = dict(zip(sums, losses.tolist())) | {
+                row = dict(zip(sums, losses.tolist(), strict=True)) | {
                     "step": step, "grad_norm": float(grad_norm), "lr": cfg.lr, "skipped_steps": skipped,
                     "steps_per_s": steps_done / elapsed, "images_per_s": images_per_s,
                     "mfu": flops_per_image * images_per_s / (peak * dist_info.world_size) if peak else None,
@@ -167,11 +167,11 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
                 if metrics is not None:
                     metrics.write(row)
                 progress.update(row)
-            if stopped_by or step % cfg.save_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-                if dist_info.is_main:
-                    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                             "config": cfg.to_json(), "model_config": dataclasses.asdict(model_cfg), "shards": shard_summary(info)}
-                    checkpointer.save(run, step, state, keep=cfg.keep, milestone_every=cfg.ckpt_every)
+            if dist_info.is_main and (stopped_by or step % cfg.save_every == 0 or step % cfg.ckpt_every == 0
+                                      or step == cfg.max_steps):
+                state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                         "config": cfg.to_json(), "model_config": dataclasses.asdict(model_cfg), "shards": shard_summary(info)}
+                checkpointer.save(run, step, state, keep=cfg.keep, milestone_every=cfg.ckpt_every)
             if stopped_by:
                 break
         checkpointer.wait()  # the last checkpoint is on disk before any rank leaves (torchrun stops the others)
