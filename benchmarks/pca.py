@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.pca import PCAConfig, FeatureStore, MomentAccumulator, fit_pca, read_batches
 from common.runtime import resolve_device
+from pipeline.pca import PCAConfig, FeatureStore, MomentAccumulator, fit_pca, read_batches
 
 SPEC_IMAGES = 76_800  # SPEC §4: images in the reference fit
 CHUNK_IMAGES = 32  # images per zarr chunk of the synthetic store

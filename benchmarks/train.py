@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.loader import make_stage_inputs
 from pipeline.encoders import ENCODER, random_init
+from pipeline.readers import read_shard_info
 from pipeline.representations import dinov2_base_config
 from pipeline.shards import ShardsConfig, build_shards
 from trainer.config import TrainConfig
@@ -29,7 +30,6 @@ from trainer.metrics import read_metrics
 from trainer.models import build_model
 from trainer.objectives import TrainBatch, compute_loss
 from trainer.train import loss_config, model_config, train
-from pipeline.readers import read_shard_info
 
 WITH_PATCH_TOKENS = ("repa", "reg", "redi+repa")
 

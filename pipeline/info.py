@@ -11,8 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.atomic import read_jsonl, try_read_json
-from pipeline.encoders import describe_identity
 from common.errors import UserError
+from pipeline.encoders import describe_identity
 from pipeline.pca import checked_pca_sha256
 from pipeline.pca_file import load_pca
 from pipeline.stage import ZARR_METADATA_ERRORS, StageDir

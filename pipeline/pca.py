@@ -25,9 +25,9 @@ import zarr
 from PIL import Image, ImageDraw, ImageFont
 
 from common.atomic import atomic_write_json, atomic_write_with, remove_temporaries, sha256_file, try_read_json
+from common.display import counting
 from common.errors import UserError
 from common.lock import exclusive
-from common.display import counting
 from common.runtime import resolve_device
 from pipeline.pca_file import PCAModel, load_pca
 from pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, diff_keys, open_array, read_errors, read_manifest

@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file, save
 from safetensors import safe_open
 
-from common.atomic import atomic_write_bytes, sha256_file
+from common.atomic import atomic_write_bytes
 from common.errors import UserError
 
 PCA_FORMAT_VERSION = 1
@@ -85,7 +85,3 @@ def load_pca(path: Path) -> PCAModel:
         n_images=int(meta.get("n_images", 0)), n_tokens=int(meta.get("n_tokens", 0)),
         seed=int(meta.get("seed", -1)), source=meta.get("source", ""),
     )
-
-
-def pca_hash(path: Path) -> str:
-    return sha256_file(Path(path))

@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.atomic import read_json
 from common.errors import UserError
-from pipeline.remote import Location, MissingChunk, as_location, open_zarr_array, read_ahead
 from common.runtime import loader_worker_init
+from pipeline.remote import Location, MissingChunk, as_location, open_zarr_array, read_ahead
 from pipeline.shards import DATA_FIELDS, KEYS_JSON, SHARDS_JSON, ZARR_DIR, FieldSpec, decode_key, tar_relpath, \
     unreadable_chunk
 from pipeline.stage import ZARR_METADATA_ERRORS

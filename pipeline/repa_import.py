@@ -34,10 +34,10 @@ from PIL import Image
 
 from common.atomic import atomic_write_json, remove_temporaries
 from common.display import counting
-from pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, open_arrays
 from common.errors import UserError
-from pipeline.images import ImageSource, labels_from_dataset_json, open_source
 from common.lock import exclusive
+from pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, open_arrays
+from pipeline.images import ImageSource, labels_from_dataset_json, open_source
 from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
 
 DECODER_VAE = "stabilityai/sd-vae-ft-ema"  # recorded VAE: REPA's default sd-vae-ft-mse has the same encoder weights

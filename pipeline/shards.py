@@ -32,12 +32,12 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from common.display import progress_bar
 from common.atomic import atomic_write_bytes, atomic_write_json, read_json, remove_temporaries, sha256_file, try_read_json
+from common.display import progress_bar
 from common.errors import UserError
 from common.lock import exclusive
-from pipeline.pca import checked_pca_sha256, features_fingerprint
 from common.runtime import resolve_device
+from pipeline.pca import checked_pca_sha256, features_fingerprint
 from pipeline.pca_file import PCAModel, load_pca
 from pipeline.stage import InputCheck, Manifest, StageDir, StageState, open_array, read_errors, read_manifest, stage_lock
 

@@ -15,9 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from common.errors import UserError
 from pipeline.demo_data import write_demo_images
 from pipeline.encoders import ENCODER, load, random_init, resolve
-from common.errors import UserError
 from pipeline.representations import FAMILIES, encode_features, feature_spec, siglip2_patches, tiny_configs, tiny_dino_config
 
 R = ["--resolution", "64", "--workers", "0", "--batch-size", "4"]  # 64 px: a 4×4 token grid, SiT-debug's

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.demo_data import CLASSES, write_demo_images
 from common.errors import UserError
+from pipeline.demo_data import CLASSES, write_demo_images
 from pipeline.images import center_crop_arr, decode_rgb, load_cropped, open_source
 
 

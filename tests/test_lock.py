@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.demo_data import write_demo_images
 from common.errors import UserError
 from common.lock import exclusive
+from pipeline.demo_data import write_demo_images
 from pipeline.stage import stage_lock
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.encode import EncodeConfig, run_encode, run_features
 from common.errors import UserError
+from pipeline.encode import EncodeConfig, run_encode, run_features
 from pipeline.pca import PCAConfig, run_pca
 from pipeline.readers import read_shard_info
 from pipeline.repa_import import RepaImportConfig, import_repa

@@ -27,8 +27,8 @@ from common.distributed import DistInfo, all_reduce_mean, barrier, process_group
 from common.errors import UserError
 from common.lock import exclusive
 from common.runtime import loader_workers
-from pipeline.remote import Location, read_if_exists
 from pipeline.readers import ShardInfo, make_loader, read_shard_info
+from pipeline.remote import Location, read_if_exists
 from trainer.checkpoint import BackgroundCheckpointer, load_checkpoint, load_newest_readable
 from trainer.config import TrainConfig, architecture_mismatch, resolve_shards_dir
 from trainer.ema import make_ema, update_ema
