@@ -49,9 +49,10 @@ def test_other_ranks_log_only_warnings_with_their_rank(monkeypatch: pytest.Monke
 
 
 def test_progress_bars_show_on_a_terminal_of_rank_0_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("RANK", raising=False)
+    for name in ("RANK", "TTY_COMPATIBLE", "FORCE_COLOR"):
+        monkeypatch.delenv(name, raising=False)
     assert progress_bar().disable  # stderr is captured here: not a terminal
-    monkeypatch.setenv("FORCE_TERMINAL", "1")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: treat stderr as a terminal
     assert not progress_bar().disable and progress_bar(enabled=False).disable
     monkeypatch.setenv("RANK", "1")
     assert progress_bar().disable
