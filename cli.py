@@ -371,7 +371,8 @@ def train_command(
 ) -> None:
     """Train SiT/DiT with baseline, ReDi, REPA, REG or ReDi+REPA on prepared shards (resumes an existing run)."""
     from trainer.config import TrainConfig
-    from trainer.train import describe, train
+    from trainer.plan import describe
+    from trainer.train import train
 
     cfg = TrainConfig(
         shards=str(shards), run=str(run), model=model, method=method, pca_rank=pca_rank, fusion=fusion,

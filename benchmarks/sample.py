@@ -20,7 +20,9 @@ import torch
 
 from pipeline.encoders import VAE, random_init, sd_vae_config, tiny_vae_config
 from sampler.guidance import GuidanceConfig
-from sampler.sample import DEFAULT_SAMPLER, Decoder, SamplingPlan, autocast_factory, class_labels, sample_batches
+from sampler.decoder import Decoder
+from sampler.sample import SamplingPlan, autocast_factory, sample_batches
+from sampler.settings import DEFAULT_SAMPLER, class_labels
 from trainer.flops import forward_flops
 from trainer.metrics import peak_flops
 from trainer.models import ModelConfig, build_model

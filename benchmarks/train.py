@@ -29,7 +29,8 @@ from trainer.config import TrainConfig
 from trainer.metrics import read_metrics
 from trainer.models import build_model
 from trainer.objectives import TrainBatch, compute_loss
-from trainer.train import loss_config, model_config, train
+from trainer.plan import loss_config, model_config
+from trainer.train import train
 
 WITH_PATCH_TOKENS = ("repa", "reg", "redi+repa")
 
@@ -158,12 +159,13 @@ def reference_step(shards: Path, *, model: str, method: str, batch: int, steps: 
     dev = torch.device(device)
     info = read_shard_info(shards)
     cfg = TrainConfig(shards=str(shards), run="unused", model=model, method=method, batch_size=batch)
-    net = build_model(model_config(cfg, info)).to(dev)
+    model_cfg = model_config(cfg, info)
+    net = build_model(model_cfg).to(dev)
     net.grad_checkpointing = True
     dino = random_init(ENCODER, dinov2_base_config(), seed=0).to(dev).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     gen = torch.Generator(device=dev).manual_seed(0)
-    in_ch, side = net.cfg.in_channels, net.cfg.input_size
+    in_ch, side = model_cfg.in_channels, model_cfg.input_size
     images = torch.randn(batch, 3, 224, 224, device=dev)
 
     def step() -> None:
@@ -173,7 +175,7 @@ def reference_step(shards: Path, *, model: str, method: str, batch: int, steps: 
         tokens = torch.randn(batch, info.grid**2, info.feature_dim, device=dev, generator=gen)
         tb = TrainBatch(x0=x0, y=torch.zeros(batch, dtype=torch.long, device=dev),
                         cls=torch.randn(batch, info.feature_dim, device=dev), patch_tokens=tokens)
-        compute_loss(net, tb, loss_config(cfg), gen).loss.backward()
+        compute_loss(net, model_cfg, tb, loss_config(cfg), gen).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

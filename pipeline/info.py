@@ -45,15 +45,17 @@ def is_run_dir(root: Path) -> bool:
 
 def describe_run(root: Path) -> list[StageInfo]:
     """A run directory: its configuration, checkpoints, last logged metrics and sample folders."""
+    from trainer.checkpoint import CONFIG_JSON, RunConfig, list_checkpoints  # the trainer owns a run's formats
+
     root = Path(root)
-    config = try_read_json(root / "config.json")
-    train, model = (_dict(config, k) for k in ("train", "model"))
     keys = ("model", "method", "pca_rank", "fusion", "rep_drop", "batch_size", "max_steps", "precision", "shards")
-    status = "complete" if train else "unreadable (damaged)" if (root / "config.json").exists() else "missing"
-    entries = [StageInfo("config.json", status,
-                         [(k, _short(train.get(k))) for k in keys if k in train]
-                         + [("num_classes", _short(model.get("num_classes")))])]
-    steps = sorted(int(p.stem.split("-")[1]) for p in (root / "checkpoints").glob("step-*.pt"))
+    try:
+        config = RunConfig.load(root)
+        entries = [StageInfo(CONFIG_JSON, "complete", [(k, _short(config.train[k])) for k in keys if k in config.train]
+                             + [("num_classes", _short(config.model_config.num_classes))])]
+    except UserError:
+        entries = [StageInfo(CONFIG_JSON, "unreadable (damaged)" if (root / CONFIG_JSON).exists() else "missing")]
+    steps = [step for step, _ in list_checkpoints(root)]
     entries.append(StageInfo("checkpoints/", f"{len(steps)} checkpoints" if steps else "missing",
                              [("steps", _short(steps)), ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
     lines = read_jsonl(root / "metrics.jsonl") if (root / "metrics.jsonl").exists() else []

@@ -10,23 +10,36 @@
     errors.jsonl        the indices whose sample was not finite (NaN or inf), one JSON object per line;
                         only while some are (no image is written for them, so nothing is assembled)
 
-The grid, the PC picture and the .npz are assembled once, at the end, from the per-image files.
+The directory's name says its settings (`default_out`); sample.json's settings must match a rerun's (`prepare_out`),
+and one job at a time writes it (`out_lock`). The grid, the PC picture and the .npz are assembled once, at the end,
+from the per-image files (`assemble`).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import shutil
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from common.atomic import atomic_open, atomic_write_bytes, atomic_write_with
+from common.atomic import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_with
 from common.errors import UserError
+from common.lock import exclusive
+from sampler.guidance import GuidanceConfig
+from sampler.settings import SamplerChoice
+from trainer.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from sampler.sample import SampleConfig
 
 IMAGES_DIR = "images"
 PCS_DIR = "pcs"
@@ -35,6 +48,7 @@ PCS_PNG = "pcs.png"
 NPZ_FILE = "samples.npz"
 SAMPLE_JSON = "sample.json"
 ERRORS_JSONL = "errors.jsonl"
+LOCK_FILE = ".lock"  # one sampling job at a time
 GRID_MAX = 64  # images shown in grid.png and pcs.png
 GRID_PADDING = 2  # black pixels between grid cells (torchvision's make_grid default)
 PNG_COMPRESS_LEVEL = 1  # zlib level: ~3× faster than PIL's default 6, files ~15% larger, still lossless
@@ -146,3 +160,110 @@ def write_adm_npz(path: Path, images: Iterable[np.ndarray], shape: tuple[int, in
             assert count == shape[0], f"{count} images streamed for an arr_0 of {shape[0]}"
         with zf.open("arr_1.npy", "w") as member:
             np.lib.format.write_array(member, labels.astype(np.int64))
+
+
+def default_out(ckpt: Checkpoint, run: Path | None, sampler: SamplerChoice, guidance: GuidanceConfig,
+                cfg: SampleConfig) -> Path:
+    """RUN/samples/NAME or CKPT_DIR/samples/NAME, NAME = step, sampler (steps, options), guidance, scales, interval, seed."""
+    parts = [f"step{ckpt.step:07d}", sampler.label()]
+    if guidance.uses_cfg:
+        parts.append(f"cfg{guidance.cfg_scale:g}" + ("all" if guidance.cfg_channels == "all" else "")
+                     + (f"cls{guidance.cls_cfg_scale:g}" if guidance.cls_cfg_scale is not None else ""))
+    if guidance.uses_rg:
+        parts.append(f"rg{guidance.rg_scale:g}")
+    if guidance.interval is not None and (guidance.uses_cfg or guidance.uses_rg):
+        parts.append(f"interval{guidance.interval[0]:g}-{guidance.interval[1]:g}")
+    if cfg.class_labels is not None and ckpt.model_config.num_classes > 1:
+        parts.append("labels" + hashlib.sha256(repr(cfg.class_labels).encode()).hexdigest()[:8])
+    if cfg.weights != "ema":
+        parts.append(cfg.weights)
+    parts.append(f"seed{cfg.seed}")
+    base = Path(run) if run is not None else ckpt.path.parent
+    return base / "samples" / "-".join(parts)
+
+
+@contextlib.contextmanager
+def out_lock(out: Path, cfg: SampleConfig, rank: int) -> Iterator[None]:
+    """One sampling job per output directory: its rank 0 holds OUT/.lock, so a second job is refused with one
+    sentence; independently launched parts (cfg.rank/world_size) share it, and each part runs once."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory.")
+    what = f"the samples in {out}"
+    if cfg.world_size is None:
+        with exclusive(out / LOCK_FILE, what) if rank == 0 else contextlib.nullcontext():
+            yield
+    else:
+        part = out / f"{LOCK_FILE}-part-{rank}-of-{cfg.world_size}"
+        with exclusive(out / LOCK_FILE, what, shared=True), exclusive(part, f"part {rank} of {what}"):
+            yield
+
+
+def prepare_out(out: Path, settings: dict[str, Any], ckpt_path: Path, force: bool, writes: bool) -> None:
+    """Refuse an output directory made with other settings, or holding images that no sample.json describes
+    (or clear it, with force); start its sample.json."""
+    path = out / SAMPLE_JSON
+    try:
+        report = json.loads(path.read_bytes()) if path.exists() else {}
+    except ValueError:  # not JSON, or not UTF-8
+        report = None
+    if not isinstance(report, dict):
+        raise UserError(f"{path} is damaged; pass --force to start these samples over.")
+    have = report.get("settings")
+    if have is not None and have != settings:
+        changed = sorted(k for k in settings.keys() | have.keys() if settings.get(k) != have.get(k))
+        if not force:
+            raise UserError(
+                f"{out} holds samples made with other settings ({', '.join(changed)}); "
+                "choose another --out or pass --force to replace them."
+            )
+        if writes:
+            clear_out(out)
+        report = {}
+    elif have is None and writes and any((out / IMAGES_DIR).glob("*.png")):  # e.g. sample.json deleted
+        if not force:
+            raise UserError(f"{out} holds images but no {SAMPLE_JSON} saying how they were made; choose another --out "
+                            "or pass --force to replace them.")
+        clear_out(out)
+    if writes and not report:
+        atomic_write_json(path, {"settings": settings, "checkpoint_path": str(ckpt_path), "complete": False})
+
+
+def clear_out(out: Path) -> None:
+    """Delete every file `redi sample` writes in `out` (--force on samples of other or unknown settings)."""
+    for name in (IMAGES_DIR, PCS_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    eval_json = Path(NPZ_FILE).with_suffix(".eval.json").name  # redi eval's report on the old samples
+    for name in (GRID_PNG, PCS_PNG, NPZ_FILE, SAMPLE_JSON, ERRORS_JSONL, eval_json):
+        (out / name).unlink(missing_ok=True)
+
+
+def is_done(out: Path, index: int, needs_pcs: bool) -> bool:
+    """The image exists (and its PCs, for a grid image of a model with PC channels)."""
+    return image_path(out, index).exists() and (not needs_pcs or pcs_path(out, index).exists())
+
+
+def write_image(out: Path, index: int, pixels: np.ndarray, pcs: np.ndarray | None) -> None:
+    """One image's files: its PCs first (grid images), then the PNG that marks the image as done."""
+    if pcs is not None:
+        write_pcs(pcs_path(out, index), pcs)
+    write_png(image_path(out, index), pixels)
+
+
+def assemble(out: Path, num: int, labels: np.ndarray, grid_count: int, has_pcs: bool,
+             bar: contextlib.AbstractContextManager[Callable[[int], None]]) -> None:
+    """grid.png, pcs.png and samples.npz from the per-image files (lossless PNGs), each written atomically."""
+    shape = read_png(image_path(out, 0)).shape  # (H, W, 3); every other image must match it
+    grid = np.stack([read_png(image_path(out, i), shape) for i in range(grid_count)])  # (G, H, W, 3)
+    write_picture(out / GRID_PNG, make_grid(grid))
+    if has_pcs:
+        pcs = np.stack([np.load(pcs_path(out, i)) for i in range(grid_count)])  # (G, r, h, h)
+        write_picture(out / PCS_PNG, make_grid(pcs_to_rgb(pcs, shape[0])))
+    with bar as advance:
+
+        def images() -> Iterator[np.ndarray]:
+            for i in range(num):
+                yield read_png(image_path(out, i), shape)
+                advance(1)
+
+        write_adm_npz(out / NPZ_FILE, images(), (num, *shape), labels)
+

@@ -1,15 +1,19 @@
 """Checkpoints written by older redi versions keep loading, resuming and sampling (tests/fixtures/README.md)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.loader import make_stage_inputs
+from common.errors import UserError
+from faults import same_value
 from pipeline.shards import ShardsConfig, build_shards
-from sampler.sample import SampleConfig, read_checkpoint, run_sample
-from trainer.checkpoint import list_checkpoints
+from sampler.sample import SampleConfig, run_sample
+from trainer.checkpoint import CONFIG_JSON, Checkpoint, RunConfig, list_checkpoints
 from trainer.config import TrainConfig
 from trainer.metrics import read_metrics
 from trainer.models import ModelConfig
@@ -28,12 +32,29 @@ def old_run(tmp_path: Path) -> Path:
     return Path(shutil.copytree(FIXTURE, tmp_path / "run"))
 
 
-def test_old_checkpoint_loads(old_run: Path) -> None:
-    ckpt = read_checkpoint(old_run / "checkpoints" / f"step-{STEP:07d}.pt", "ema")
-    assert ckpt.step == STEP and ckpt.train["method"] == "redi" and ckpt.rep_drop == 0.2
+def test_old_checkpoint_and_config_load(old_run: Path) -> None:
+    ckpt = Checkpoint.load(old_run / "checkpoints" / f"step-{STEP:07d}.pt")
+    assert ckpt.step == STEP and ckpt.train["method"] == "redi" and ckpt.rep_drop == 0.2  # its `config`
     assert ckpt.model_config == ModelConfig(size="debug", objective="sit", input_size=8, vae_channels=4, pca_rank=4,
                                             num_classes=4, repa_dim=16)
-    assert ckpt.shards["vae"]["kind"] == "tiny-random" and ckpt.shards["latent_shape"] == [4, 8, 8]
+    assert ckpt.shards.vae["kind"] == "tiny-random" and ckpt.shards.latent_shape == [4, 8, 8]
+    assert ckpt.opt is not None and ckpt.origin is None and ckpt.sha256 == (old_run / "checkpoints" / (
+        f"step-{STEP:07d}.pt.sha256")).read_text().split()[0]
+    config = RunConfig.load(old_run)  # its `model`
+    assert (config.train, config.model_config, config.shards) == (ckpt.train, ckpt.model_config, ckpt.shards)
+
+
+def test_a_checkpoint_round_trips_under_config_json_names(old_run: Path, tmp_path: Path) -> None:
+    ckpt = Checkpoint.load(old_run / "checkpoints" / f"step-{STEP:07d}.pt")
+    ckpt.save(tmp_path / "again.pt")
+    raw = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert {"train", "model_config", "shards"} <= raw.keys() and "config" not in raw
+    same_value(Checkpoint.load(tmp_path / "again.pt").to_state(), ckpt.to_state())
+    RunConfig.load(old_run).save(tmp_path)
+    assert {"train", "model_config", "shards"} <= json.loads((tmp_path / CONFIG_JSON).read_text()).keys()
+    with pytest.raises(UserError, match="not a `redi train` checkpoint"):
+        torch.save({"model": ckpt.model}, tmp_path / "weights.pt")
+        Checkpoint.load(tmp_path / "weights.pt")
 
 
 def test_old_run_resumes(old_run: Path, tmp_path: Path) -> None:
@@ -42,6 +63,7 @@ def test_old_run_resumes(old_run: Path, tmp_path: Path) -> None:
     result = train(cfg, device="cpu")
     assert result.steps_run == STEP and [s for s, _ in list_checkpoints(old_run)] == [2, 4]
     assert [r["step"] for r in read_metrics(old_run / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert "model_config" in json.loads((old_run / CONFIG_JSON).read_text())  # rewritten in today's names
 
 
 def test_old_checkpoint_samples(old_run: Path, tmp_path: Path) -> None:

@@ -260,10 +260,10 @@ def test_converted_network_equals_the_public_one(origin: str, tmp_path: Path) ->
         assert ckpt["origin"]["weights"] == "ema" and ckpt["step"] == 123
     assert ckpt["origin"]["name"] == origin and len(ckpt["origin"]["sha256"]) == 64
     assert ckpt["shards"]["vae"]["id"] == "stabilityai/sd-vae-ft-ema" and ckpt["shards"]["vae"]["scale"] == 0.18215
-    assert ckpt["config"]["class_dropout"] == 0.1 and not ckpt["config"]["unconditional"]
-    assert ckpt["config"]["method"] == {"dit": "baseline", "sit": "baseline", "repa": "repa", "reg": "reg",
+    assert ckpt["train"]["class_dropout"] == 0.1 and not ckpt["train"]["unconditional"]
+    assert ckpt["train"]["method"] == {"dit": "baseline", "sit": "baseline", "repa": "repa", "reg": "reg",
                                         "redi": "redi+repa"}[origin]
-    assert ckpt["config"]["resolution"] == INPUT * 8 and ckpt["shards"]["latent_shape"] == [4, INPUT, INPUT]
+    assert ckpt["train"]["resolution"] == INPUT * 8 and ckpt["shards"]["latent_shape"] == [4, INPUT, INPUT]
 
 
 @torch.no_grad()
@@ -319,7 +319,7 @@ def test_pickled_args_need_trust_and_set_the_config(tmp_path: Path) -> None:
     assert not (tmp_path / "out.pt").exists()
     result = convert_checkpoint(ConvertConfig(path, "redi", tmp_path / "out.pt", trust_pickle=True))
     _, ckpt = load_converted(result.out)
-    config = ckpt["config"]
+    config = ckpt["train"]
     assert (config["rep_drop"], config["rep_drop_mode"], config["rep_drop_target"]) == (0.2, "batch", "clean")
     assert config["pca_rank"] == 3 and ckpt["shards"]["pcs"] == 3
     bad = argparse.Namespace(path_type="GVP")
@@ -333,8 +333,8 @@ def _converted_config(tmp_path: Path, origin: str, name: str, **args) -> tuple[d
     _, path = public_checkpoint(tmp_path, origin, args=argparse.Namespace(**args))
     result = convert_checkpoint(ConvertConfig(path, origin, tmp_path / f"{name}-ours.pt", trust_pickle=True))
     ckpt = torch.load(result.out, map_location="cpu", weights_only=True)
-    assert ckpt["config"]["class_dropout"] == ckpt["model_config"]["class_dropout"]
-    return ckpt["config"], result
+    assert ckpt["train"]["class_dropout"] == ckpt["model_config"]["class_dropout"]
+    return ckpt["train"], result
 
 
 def test_recorded_settings_are_what_the_reference_trained_with(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from faults import (
     small_disk, temporaries, train_args,
 )
 from sampler.inception import FIDInceptionV3, he_init_
-from trainer.checkpoint import list_checkpoints, load_checkpoint, newest_checkpoint
+from trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
 
 PAGE = 4096  # tmpfs allocates whole pages
 REDI = str(Path(sys.executable).parent / "redi")
@@ -117,7 +117,7 @@ def test_train_checkpoints_metrics_and_config(pipeline: dict[str, Path], disk: P
 
     def loadable() -> None:  # every checkpoint left is whole
         for _, path in list_checkpoints(run):
-            load_checkpoint(path)
+            Checkpoint.load(path)
 
     run_out_of_space(args, disk, [0], loadable)  # room for nothing: config.json
     with filled(disk, ckpt // 2):  # for half a checkpoint, in a real `redi`: failing with its DataLoader workers alive, it exits
@@ -127,7 +127,7 @@ def test_train_checkpoints_metrics_and_config(pipeline: dict[str, Path], disk: P
     run_out_of_space(args, disk, [ckpt * 3 // 2], loadable)  # for one checkpoint and a half
     code, out = redi(*args)
     assert code == 0, out
-    same_value(load_checkpoint(newest_checkpoint(run)), load_checkpoint(newest_checkpoint(ref)))
+    same_value(Checkpoint.load(newest_checkpoint(run)).to_state(), Checkpoint.load(newest_checkpoint(ref)).to_state())
     same_metrics(run, ref)
     for name in ("config.json", "pca.safetensors"):
         assert digest_tree(run / name) == digest_tree(ref / name), name

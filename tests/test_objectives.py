@@ -11,6 +11,8 @@ from trainer.models import ModelConfig, ModelOutput, build_model
 from trainer.objectives import (
     LossConfig,
     TrainBatch,
+    check_batch,
+    check_compatible,
     compute_loss,
     discretized_gaussian_log_likelihood,
     prepare_batch,
@@ -132,7 +134,7 @@ def test_sit_loss_matches_hand_computation(method, lambda_z, class_dropout, weig
     model = stand_in(method, class_dropout)
     cfg = LossConfig(method=method, lambda_z=lambda_z, class_dropout=class_dropout, weighting=weighting)
     batch = make_batch(model.cfg)
-    result = compute_loss(model, batch, cfg, torch.Generator().manual_seed(3))
+    result = compute_loss(model, model.cfg, batch, cfg, torch.Generator().manual_seed(3))
     expected, _ = hand_sit_loss(model, batch, cfg, seed=3)
     assert result.loss.item() == pytest.approx(expected, rel=1e-5)
     optional = [("pcs", cfg.uses_pcs), ("repa", cfg.uses_repa), ("cls", cfg.uses_reg)]
@@ -145,7 +147,7 @@ def test_reg_aligns_its_class_token_with_the_dinov2_cls_among_1_plus_l_rows():
     """REG train.py/loss.py: target [CLS; patches], projector on all 1 + L tokens, −cos averaged over the 1 + L rows."""
     model = stand_in("reg")
     batch = make_batch(model.cfg)
-    align = compute_loss(model, batch, LossConfig(method="reg", class_dropout=0.0), torch.Generator()).terms["repa"]
+    align = compute_loss(model, model.cfg, batch, LossConfig(method="reg", class_dropout=0.0), torch.Generator()).terms["repa"]
     p, cls, tokens = model.repa_out, batch.cls, batch.patch_tokens  # (N, 1 + L, D), (N, D), (N, L, D)
     rows = [[cosine(p[i, 0], cls[i])] + [cosine(p[i, 1 + k], tokens[i, k]) for k in range(L)] for i in range(N)]
     assert align.item() == pytest.approx(-sum(sum(r) / (1 + L) for r in rows) / N, rel=1e-6)
@@ -156,7 +158,7 @@ def test_reg_aligns_its_class_token_with_the_dinov2_cls_among_1_plus_l_rows():
 def test_repa_still_aligns_the_patches_only():
     model = stand_in("repa")
     batch = make_batch(model.cfg)
-    align = compute_loss(model, batch, LossConfig(method="repa", class_dropout=0.0), torch.Generator()).terms["repa"]
+    align = compute_loss(model, model.cfg, batch, LossConfig(method="repa", class_dropout=0.0), torch.Generator()).terms["repa"]
     expected = -sum(cosine(model.repa_out[i, k], batch.patch_tokens[i, k]) for i in range(N) for k in range(L)) / (N * L)
     assert align.item() == pytest.approx(expected, rel=1e-6)
 
@@ -180,13 +182,13 @@ def test_lognormal_weighting_draws_t_from_the_logit_normal_law():
         LossConfig(method="baseline", weighting="cosine")
     dit = stand_in("baseline", objective="dit")
     with pytest.raises(UserError, match="SiT"):
-        compute_loss(dit, make_batch(dit.cfg), LossConfig(method="baseline", class_dropout=0.0, weighting="lognormal"))
+        check_compatible(dit.cfg, LossConfig(method="baseline", class_dropout=0.0, weighting="lognormal"))
 
 
 def test_label_dropout_uses_the_null_label():
     model = stand_in("baseline", class_dropout=0.5)
     batch = make_batch(model.cfg)
-    compute_loss(model, batch, LossConfig(method="baseline", class_dropout=0.5), torch.Generator().manual_seed(0))
+    compute_loss(model, model.cfg, batch, LossConfig(method="baseline", class_dropout=0.5), torch.Generator().manual_seed(0))
     dropped = torch.rand(N, generator=torch.Generator().manual_seed(0)) < 0.5
     assert 0 < dropped.sum() < N
     assert torch.equal(model.seen["y"], torch.where(dropped, 10, batch.y))
@@ -198,7 +200,7 @@ def test_unconditional_model_still_drops_labels_to_its_null_row():
     model = StandIn(cfg)
     batch = make_batch(cfg)
     batch.y.zero_()
-    compute_loss(model, batch, LossConfig(method="baseline", class_dropout=0.5), torch.Generator().manual_seed(0))
+    compute_loss(model, model.cfg, batch, LossConfig(method="baseline", class_dropout=0.5), torch.Generator().manual_seed(0))
     dropped = torch.rand(N, generator=torch.Generator().manual_seed(0)) < 0.5
     assert 0 < dropped.sum() < N
     assert torch.equal(model.seen["y"], dropped.long())  # label 0, or the null label 1
@@ -208,7 +210,7 @@ def test_per_sample_representation_drop_zeroes_z_t_and_the_pc_loss():
     model = stand_in("redi")
     cfg = LossConfig(method="redi", rep_drop=0.5, class_dropout=0.0)
     batch = make_batch(model.cfg)
-    result = compute_loss(model, batch, cfg, torch.Generator().manual_seed(5))
+    result = compute_loss(model, model.cfg, batch, cfg, torch.Generator().manual_seed(5))
     expected, drop = hand_sit_loss(model, batch, cfg, seed=5)
     assert 0 < sum(drop) < N, "the seed should drop some samples and keep others"
     z_in = model.seen["x"][:, 4:]
@@ -222,7 +224,7 @@ def test_clean_representation_drop_shows_noise_and_drops_the_pc_loss():
     model = stand_in("redi")
     cfg = LossConfig(method="redi", rep_drop=0.5, rep_drop_target="clean", class_dropout=0.0)
     batch = make_batch(model.cfg)
-    result = compute_loss(model, batch, cfg, torch.Generator().manual_seed(5))
+    result = compute_loss(model, model.cfg, batch, cfg, torch.Generator().manual_seed(5))
     expected, drop = hand_sit_loss(model, batch, cfg, seed=5)
     g = torch.Generator().manual_seed(5)
     torch.rand(N, generator=g)  # the drop draws
@@ -239,7 +241,7 @@ def test_per_batch_representation_drop_is_all_or_none():
     batch = make_batch(model.cfg)
     outcomes = set()
     for seed in range(8):
-        result = compute_loss(model, batch, cfg, torch.Generator().manual_seed(seed))
+        result = compute_loss(model, model.cfg, batch, cfg, torch.Generator().manual_seed(seed))
         zeroed = [bool(torch.count_nonzero(model.seen["x"][i, 4:]) == 0) for i in range(N)]
         assert len(set(zeroed)) == 1
         outcomes.add(zeroed[0])
@@ -258,7 +260,7 @@ def test_dit_eps_loss_matches_hand_computation(method):
     model = stand_in(method, objective="dit")
     cfg = LossConfig(method=method, lambda_z=0.5, class_dropout=0.0)
     batch = make_batch(model.cfg)
-    result = compute_loss(model, batch, cfg, torch.Generator().manual_seed(2))
+    result = compute_loss(model, model.cfg, batch, cfg, torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(2)
     t = torch.randint(0, 1000, (N,), generator=g)
     eps = torch.randn(batch.x0.shape, generator=g)
@@ -283,7 +285,7 @@ def test_dit_learned_sigma_adds_the_vlb_term():
     eps = torch.randn(batch.x0.shape, generator=g)
     assert bool((t > 0).all())
     model.fixed_out = torch.cat([eps, torch.ones_like(eps)], dim=1)  # exact ε and variance β_t
-    result = compute_loss(model, batch, cfg, torch.Generator().manual_seed(4))
+    result = compute_loss(model, model.cfg, batch, cfg, torch.Generator().manual_seed(4))
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     ab = dit_alphas_cumprod()
     expected = 0.0
@@ -326,19 +328,19 @@ def test_prepare_batch_samples_scales_and_upsamples():
 def test_incompatible_settings_raise_user_errors():
     baseline = stand_in("baseline")
     with pytest.raises(UserError, match="PCA rank"):
-        compute_loss(baseline, make_batch(baseline.cfg), LossConfig(method="redi", class_dropout=0.0))
+        check_compatible(baseline.cfg, LossConfig(method="redi", class_dropout=0.0))
     with pytest.raises(UserError, match="REPA projector"):
-        compute_loss(baseline, make_batch(baseline.cfg), LossConfig(method="repa", class_dropout=0.0))
+        check_compatible(baseline.cfg, LossConfig(method="repa", class_dropout=0.0))
     with pytest.raises(UserError, match="representation drop"):
         LossConfig(method="repa", rep_drop=0.2)
     model = stand_in("repa")
     batch = make_batch(model.cfg)
     batch.patch_tokens = torch.randn(N, 9, D)
     with pytest.raises(UserError, match="token grids"):
-        compute_loss(model, batch, LossConfig(method="repa", class_dropout=0.0))
+        check_batch(model.cfg, LossConfig(method="repa", class_dropout=0.0), batch)
     batch.patch_tokens = None
     with pytest.raises(UserError, match="patch tokens"):
-        compute_loss(model, batch, LossConfig(method="repa", class_dropout=0.0))
+        check_batch(model.cfg, LossConfig(method="repa", class_dropout=0.0), batch)
 
 
 @pytest.mark.parametrize("method", ["baseline", "redi", "repa", "reg", "redi+repa"])
@@ -348,8 +350,8 @@ def test_real_model_trains_with_every_method(method):
     model = build_model(mcfg)
     cfg = LossConfig(method=method, rep_drop=0.2 if method == "redi" else 0.0)
     batch = make_batch(mcfg)
-    first = compute_loss(model, batch, cfg, torch.Generator().manual_seed(0))
-    again = compute_loss(model, batch, cfg, torch.Generator().manual_seed(0))
+    first = compute_loss(model, model.cfg, batch, cfg, torch.Generator().manual_seed(0))
+    again = compute_loss(model, model.cfg, batch, cfg, torch.Generator().manual_seed(0))
     assert torch.isfinite(first.loss) and first.loss.item() == again.loss.item()  # deterministic given the generator
     first.loss.backward()
     assert model.final_layer.linear.weight.grad.abs().sum() > 0

@@ -29,7 +29,7 @@ from common.errors import UserError
 from pipeline.readers import make_loader
 from pipeline.remote import RemotePath, as_location, is_transient, read_ahead, redact
 from pipeline.shards import ShardsConfig, build_shards
-from trainer.checkpoint import list_checkpoints, load_checkpoint, newest_checkpoint
+from trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
 from trainer.config import TrainConfig
 from trainer.metrics import read_metrics
 from trainer.train import train
@@ -164,8 +164,8 @@ def test_train_over_http_has_the_local_losses_and_verify_of_the_url_catches_a_co
                             "--max-steps", "5", *TRAIN)
             assert code == 0, out
         assert len(losses(tmp_path / "http")) == 5 and losses(tmp_path / "http") == losses(tmp_path / "local")
-        summary = load_checkpoint(newest_checkpoint(tmp_path / "http"))["shards"]
-        assert summary["root"] == f"{base}/data/shards"
+        summary = Checkpoint.load(newest_checkpoint(tmp_path / "http")).shards
+        assert summary.root == f"{base}/data/shards"
 
         secret = base.replace("http://", "http://someone:s3cr3t@")  # credentials in a URL are used, never shown
         code, out = cli("verify", f"{secret}/data")
@@ -346,13 +346,13 @@ def test_two_nodes_over_http_equal_one_process_and_a_sigterm_to_one_node_stops_b
                     os.killpg(n.pid, signal.SIGKILL)
     assert "Stopped by SIGTERM" in "".join(outputs), "\n".join(o[-3000:] for o in outputs)
     ((stop_step, path),) = list_checkpoints(run)
-    assert load_checkpoint(path)["step"] == stop_step == read_metrics(run / "metrics.jsonl")[-1]["step"]
+    assert Checkpoint.load(path).step == stop_step == read_metrics(run / "metrics.jsonl")[-1]["step"]
 
     one = TrainConfig(shards=str(data), run=str(tmp_path / "one"), model="SiT-debug", method="redi", pca_rank=4,
                       batch_size=8, micro_batch=4, max_steps=stop_step, log_every=1, save_every=1000, num_workers=0,
                       seed=3, lr=1e-3, data_format="wds")
     train(one, device="cpu")  # the same global batch of 8: one process accumulating 2 micro-batches of 4
-    a, b = load_checkpoint(newest_checkpoint(tmp_path / "one"))["model"], load_checkpoint(path)["model"]
+    a, b = Checkpoint.load(newest_checkpoint(tmp_path / "one")).model, Checkpoint.load(path).model
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{key} differs between 1 process and 2 nodes")
     assert losses(tmp_path / "one") == pytest.approx(losses(run), rel=1e-5)

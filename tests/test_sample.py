@@ -1,7 +1,6 @@
 """`redi sample`: outputs and their formats, per-index reproducibility, multi-process split, resume, refusals."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -18,10 +17,10 @@ from common.atomic import sha256_file
 from common.errors import UserError
 from common.lock import exclusive
 from sampler.outputs import image_path, make_grid, pcs_path, pcs_to_rgb, read_png, write_adm_npz
-from sampler.sample import (
-    SampleConfig, SampleResult, batches_of, class_labels, read_checkpoint, resolve_guidance, run_sample,
-)
-from trainer.checkpoint import newest_checkpoint, save_checkpoint
+from sampler.report import SampleResult
+from sampler.sample import SampleConfig, batches_of, run_sample
+from sampler.settings import class_labels, resolve_guidance
+from trainer.checkpoint import Checkpoint, ShardSummary, checkpoint_path, newest_checkpoint
 from trainer.config import TrainConfig
 from trainer.models import ModelConfig, build_model
 
@@ -44,12 +43,11 @@ def make_run(root: Path, model: str = "SiT-debug", method: str = "redi", rep_dro
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))  # zero-initialised output layers would make every sample alike
-    shards = {"root": str(root / "data"), "shards_json_sha256": "0" * 64, "vae": VAE, "encoder": {}, "num_samples": 96,
-              "num_classes": 4, "resolution": 8 * LATENT, "latent_shape": [4, LATENT, LATENT], "pcs": 6, "grid": 4,
-              "feature_dim": 16, "vae_scale": 0.18215, "vae_shift": 0.0, "pca_sha256": "0" * 64}
-    state = {"model": net.state_dict(), "ema": net.state_dict(), "opt": {}, "step": STEP, "config": train.to_json(),
-             "model_config": dataclasses.asdict(mc), "shards": shards}
-    save_checkpoint(root, STEP, state, keep=2, milestone_every=0)
+    shards = ShardSummary(root=str(root / "data"), shards_json_sha256="0" * 64, vae=VAE, encoder={}, num_samples=96,
+                          num_classes=4, resolution=8 * LATENT, latent_shape=[4, LATENT, LATENT], pcs=6, grid=4,
+                          feature_dim=16, vae_scale=0.18215, vae_shift=0.0, pca_sha256="0" * 64)
+    Checkpoint(step=STEP, train=train.to_json(), model_config=mc, shards=shards, model=net.state_dict(),
+               ema=net.state_dict(), opt={}).save(checkpoint_path(root, STEP))
     return root
 
 
@@ -137,11 +135,11 @@ def test_reg_guides_its_class_token_at_reg_s_default_unless_told(tmp_path: Path)
     assert cli("--run", run, "--num", 2, "--steps", 2, "--guidance", "cfg")[0] == 0
     report = json.loads((run / "samples" / "step0000007-sde2-cfg2.4cls1.5-seed0" / "sample.json").read_text())
     assert report["settings"]["guidance"]["cls_cfg_scale"] == 1.5
-    ckpt = read_checkpoint(newest_checkpoint(run), "ema")
+    ckpt = Checkpoint.load(newest_checkpoint(run))
     told = resolve_guidance(SampleConfig(run=run, guidance="cfg", cls_cfg_scale=0.0), ckpt)
     assert told.cls_cfg_scale == 0.0
     assert resolve_guidance(SampleConfig(run=run, guidance="none"), ckpt).cls_cfg_scale is None
-    sit = read_checkpoint(newest_checkpoint(make_run(tmp_path / "sit")), "ema")
+    sit = Checkpoint.load(newest_checkpoint(make_run(tmp_path / "sit")))
     assert resolve_guidance(SampleConfig(run=run, guidance="cfg"), sit).cls_cfg_scale is None  # no class token
 
 

@@ -1,23 +1,194 @@
-"""Checkpoints: atomic writes (in a background thread from a CPU snapshot), keep-last-N plus milestones,
-safe (weights_only) loading, and a SHA-256 per checkpoint (`step-N.pt.sha256`, sha256sum's format) written before
-the checkpoint itself and checked when it is loaded, so a file damaged on disk is never trained or sampled from."""
+"""The checkpoint and config.json: one owner of their layout, and of their files.
+
+The record. A checkpoint is a `Checkpoint`; a run's config.json is a `RunConfig`; the parts they share carry the same
+names in both: `train` (the TrainConfig as resolved), `model_config` (the network) and `shards` (a `ShardSummary`:
+what sampling needs of the shards, and what a resumed run's shards must match). A checkpoint adds `step`, the
+weights `model` and `ema`, the optimiser state `opt`, and for `redi convert` output, `origin`. Files of the
+layout before (redi up to main 5cb68c9) still load: there a checkpoint's `train` was called `config`, and
+config.json's `model_config` was called `model` (tests/fixtures/run-v0).
+
+The files. Atomic writes (in a background thread from a CPU snapshot), keep-last-N plus milestones, safe
+(weights_only) loading, and a SHA-256 per checkpoint (`step-N.pt.sha256`, sha256sum's format) written before the
+checkpoint itself and checked when it is loaded, so a file damaged on disk is never trained or sampled from."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
-from common.atomic import atomic_write_bytes, atomic_write_with, sha256_file
+from common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_with, sha256_file
 from common.errors import UserError
+from pipeline.readers import ShardInfo
+from trainer.models import ModelConfig
 
-_NAME = re.compile(r"^step-(\d{7,})\.pt$")
+CONFIG_JSON = "config.json"
 CHECKSUM_SUFFIX = ".sha256"
+_NAME = re.compile(r"^step-(\d{7,})\.pt$")
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What a run records of its shards (plain types, so weights_only loading accepts it)."""
+
+    root: str | None
+    """The shards directory (str(): a URL without its credentials); None for a converted public checkpoint."""
+    shards_json_sha256: str | None
+    vae: dict[str, Any]
+    """The VAE's identity (id, revision, kind) and its scale and shift."""
+    encoder: dict[str, Any]
+    """The representation encoder's identity; {} when unknown."""
+    num_samples: int | None
+    num_classes: int
+    resolution: int
+    latent_shape: list[int]
+    """(V, h, h) of the VAE latent."""
+    pcs: int
+    """K: principal components stored per sample."""
+    grid: int
+    """p: side of the PC / patch-token grid."""
+    feature_dim: int
+    vae_scale: float
+    vae_shift: float
+    pca_sha256: str | None
+
+    SAME_DATA: ClassVar[tuple[str, ...]] = (  # what a resumed run's shards must share (a copy elsewhere is fine)
+        "vae", "encoder", "num_samples", "num_classes", "resolution", "latent_shape", "pcs", "feature_dim",
+        "vae_scale", "vae_shift", "pca_sha256")
+
+    @classmethod
+    def of(cls, info: ShardInfo) -> ShardSummary:
+        return cls(
+            root=str(info.root), shards_json_sha256=info.sha256, vae=info.raw["vae"], encoder=info.raw.get("encoder", {}),
+            num_samples=info.num_samples, num_classes=info.num_classes, resolution=info.resolution,
+            latent_shape=list(info.latent_shape), pcs=info.pcs, grid=info.grid, feature_dim=info.feature_dim,
+            vae_scale=info.vae_scale, vae_shift=info.vae_shift, pca_sha256=info.pca_sha256,
+        )
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> ShardSummary:
+        """As saved; a field an older file lacks is None (and `vae` {}), so sampling can fall back or ask."""
+        return cls(**{f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": value.get("vae") or {}})
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def differences(self, other: ShardSummary) -> list[str]:
+        """The SAME_DATA fields in which `other` differs."""
+        return [k for k in self.SAME_DATA if getattr(self, k) != getattr(other, k)]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """config.json: what a run is, written when it starts, under the names its checkpoints use."""
+
+    train: dict[str, Any]
+    """TrainConfig.to_json() as resolved (resolution from the shards, max_steps from --epochs)."""
+    model_config: ModelConfig
+    shards: ShardSummary
+    world_size: int = 1
+
+    def save(self, run: Path) -> None:
+        atomic_write_json(Path(run) / CONFIG_JSON, {"train": self.train, "model_config": dataclasses.asdict(self.model_config),
+                                                    "shards": self.shards.to_json(), "world_size": self.world_size})
+
+    @classmethod
+    def load(cls, run: Path) -> RunConfig:
+        """config.json of `run`; a damaged one is one sentence."""
+        path = Path(run) / CONFIG_JSON
+        try:
+            saved = json.loads(path.read_bytes())
+            model_config = saved["model_config"] if "model_config" in saved else saved["model"]  # older layout: model
+            return cls(train=dict(saved["train"]), model_config=ModelConfig(**model_config),
+                       shards=ShardSummary.from_json(saved["shards"]), world_size=int(saved.get("world_size", 1)))
+        except FileNotFoundError:
+            raise UserError(f"{run} has no {CONFIG_JSON}: it is not a `redi train` run directory.") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):
+            raise UserError(f"{path} is damaged: restore it from a checkpoint's `train` or use another --run directory.") from None
+
+
+@dataclass(eq=False)  # tensors have no truth value: compare to_state() (tests/faults.py same_value)
+class Checkpoint:
+    """One checkpoint file: a step's whole training state and everything sampling needs (nanoGPT's idea: the file
+    carries the model arguments), as edm2's CheckpointIO owns all state."""
+
+    step: int
+    train: dict[str, Any]
+    """TrainConfig.to_json() of the run (or what a converted origin implies)."""
+    model_config: ModelConfig
+    shards: ShardSummary
+    model: dict[str, Tensor]
+    """The optimiser's weights."""
+    ema: dict[str, Tensor] | None
+    """The EMA weights (what sampling and --init use)."""
+    opt: dict[str, Any] | None = None
+    """AdamW's state; None in a converted checkpoint (it does not resume)."""
+    origin: dict[str, Any] | None = None
+    """`redi convert`: the public file the weights came from and how they were mapped."""
+    path: Path | None = None
+    """Where `load` read it (not saved)."""
+    sha256: str | None = None
+    """The SHA-256 of the file `load` read (not saved)."""
+
+    @property
+    def rep_drop(self) -> float:
+        """The representation drop the model was trained with (0 for methods without PC channels)."""
+        return float(self.train.get("rep_drop", 0.0)) if self.model_config.pca_rank > 0 else 0.0
+
+    def weights(self, which: str) -> dict[str, Tensor]:
+        """The `ema` or `model` weights."""
+        chosen = self.ema if which == "ema" else self.model
+        if chosen is None:
+            raise UserError(f"{self.path} holds no {which} weights: pass --weights {'model' if which == 'ema' else 'ema'}.")
+        return chosen
+
+    def to_state(self) -> dict[str, Any]:
+        """What torch.save writes: tensors and plain types only."""
+        state = {"step": self.step, "train": self.train, "model_config": dataclasses.asdict(self.model_config),
+                 "shards": self.shards.to_json(), "model": self.model, "ema": self.ema, "opt": self.opt}
+        return state | ({"origin": self.origin} if self.origin is not None else {})
+
+    @classmethod
+    def from_state(cls, state: Any, path: Path) -> Checkpoint:
+        """The record of a loaded file (of this layout or the one before); another file is one sentence."""
+        train = state.get("train", state.get("config")) if isinstance(state, dict) else None  # older layout: config
+        missing = [k for k in ("step", "model_config", "shards", "model") if not isinstance(state, dict) or k not in state]
+        if missing or train is None:
+            raise UserError(f"{path} is not a `redi train` checkpoint (it lacks {', '.join(missing or ['train'])}).")
+        try:
+            model_config = ModelConfig(**state["model_config"])
+        except TypeError as e:
+            raise UserError(f"{path} holds a network redi does not know ({e}).") from None
+        return cls(step=int(state["step"]), train=train, model_config=model_config,
+                   shards=ShardSummary.from_json(state["shards"]), model=state["model"], ema=state.get("ema"),
+                   opt=state.get("opt"), origin=state.get("origin"), path=Path(path))
+
+    @classmethod
+    def load(cls, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+        """Read and check a checkpoint (weights_only: no pickled code runs)."""
+        path = Path(path)
+        digest = check_checkpoint(path)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
+            raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
+        record = cls.from_state(state, path)
+        record.sha256 = digest
+        return record
+
+    def save(self, path: Path) -> None:
+        """Write it at `path` atomically, with its SHA-256 record (for `redi convert`; train saves through the
+        BackgroundCheckpointer)."""
+        write_checkpoint(path, self.to_state())
 
 
 def checkpoint_path(run: Path, step: int) -> Path:
@@ -44,11 +215,15 @@ def recorded_sha256(path: Path) -> str | None:
     return digest
 
 
-def check_checkpoint(path: Path) -> None:
-    """One sentence (UserError) when `path` differs from the SHA-256 recorded when it was saved."""
-    recorded = recorded_sha256(path)
-    if recorded is not None and sha256_file(path) != recorded:
+def check_checkpoint(path: Path) -> str:
+    """The SHA-256 of `path`; one sentence (UserError) when it is missing or differs from the one recorded when it
+    was saved."""
+    if not path.exists():
+        raise UserError(f"No checkpoint at {path}.")
+    recorded, digest = recorded_sha256(path), sha256_file(path)
+    if recorded is not None and digest != recorded:
         raise UserError(f"Checkpoint {path} differs from the SHA-256 recorded when it was saved: it was damaged on disk.")
+    return digest
 
 
 def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -86,24 +261,12 @@ def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, mile
     return path
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", unsafe: bool = False) -> dict[str, Any]:
-    """Load a checkpoint without executing pickled code (unless `unsafe`, for foreign files)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"No checkpoint at {path}.")
-    check_checkpoint(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=not unsafe)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
-        raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
-
-
-def load_newest_readable(run: Path, map_location: str | torch.device) -> dict[str, Any] | None:
+def load_newest_readable(run: Path, map_location: str | torch.device) -> Checkpoint | None:
     """The newest checkpoint of `run` that loads (a damaged one is reported and passed over); None if there are none."""
     found = list_checkpoints(run)
     for _, path in reversed(found):
         try:
-            return load_checkpoint(path, map_location=map_location)
+            return Checkpoint.load(path, map_location=map_location)
         except UserError as e:
             log.warning(f"{e} Resuming from the checkpoint before it instead.")
     if found:

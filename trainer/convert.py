@@ -26,7 +26,6 @@ plain redi network that needs no special case anywhere.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import pickle
 import re
@@ -41,7 +40,7 @@ from torch import Tensor
 from common.atomic import sha256_file
 from common.errors import UserError
 from pipeline.shards import VAE_SCALE, VAE_SHIFT
-from trainer.checkpoint import write_checkpoint
+from trainer.checkpoint import Checkpoint, ShardSummary
 from trainer.config import TrainConfig
 from trainer.models import PATCH_SIZE, REPA_DEPTHS, SIZES, ModelConfig, TimestepEmbedder, build_model
 from trainer.objectives import WEIGHTINGS
@@ -404,17 +403,16 @@ def train_config(origin: Origin, cfg: ModelConfig, args: dict[str, Any], rep_dro
     return train.to_json()
 
 
-def shard_summary(origin: Origin, cfg: ModelConfig) -> dict[str, Any]:
-    """The "shards" entry of a converted checkpoint: the data the origin trained on, as far as it is known."""
+def shard_summary(origin: Origin, cfg: ModelConfig) -> ShardSummary:
+    """The data the origin trained on, as far as it is known."""
     resolution = cfg.input_size * VAE_DOWNSAMPLING
     encoder = {"redi": DINOV2_REG, "repa": DINOV2, "reg": DINOV2}.get(origin.name, {})
-    return {
-        "root": None, "shards_json_sha256": None, "vae": dict(VAE), "encoder": dict(encoder), "num_samples": None,
-        "num_classes": cfg.num_classes, "resolution": resolution,
-        "latent_shape": [cfg.vae_channels, cfg.input_size, cfg.input_size], "pcs": cfg.pca_rank,
-        "grid": resolution // DINO_PATCH_PIXELS, "feature_dim": cfg.repa_dim, "vae_scale": VAE_SCALE,
-        "vae_shift": VAE_SHIFT, "pca_sha256": None,
-    }
+    return ShardSummary(
+        root=None, shards_json_sha256=None, vae=dict(VAE), encoder=dict(encoder), num_samples=None,
+        num_classes=cfg.num_classes, resolution=resolution, latent_shape=[cfg.vae_channels, cfg.input_size, cfg.input_size],
+        pcs=cfg.pca_rank, grid=resolution // DINO_PATCH_PIXELS, feature_dim=cfg.repa_dim, vae_scale=VAE_SCALE,
+        vae_shift=VAE_SHIFT, pca_sha256=None,
+    )
 
 
 def convert_state(state: dict[str, Tensor], origin: Origin, args: dict[str, Any], repa_depth: int | None,
@@ -454,14 +452,11 @@ def convert_checkpoint(cfg: ConvertConfig) -> ConvertResult:
     ours = {k: v.detach().clone().contiguous() for k, v in ours.items()}  # own memory, off the mmap
     source_sha = sha256_file(Path(cfg.checkpoint))
     train = train_config(origin, model_cfg, args, cfg.rep_drop, out, notes)
-    checkpoint = {
-        "model": ours, "ema": ours, "opt": None, "step": step, "config": train,
-        "model_config": dataclasses.asdict(model_cfg), "shards": shard_summary(origin, model_cfg),
-        "origin": {"name": origin.name, "repository": origin.repository, "file": Path(cfg.checkpoint).name,
-                   "sha256": source_sha, "weights": weights, "time_convention": origin.time_convention,
-                   "time_reversed_into_weights": origin.time_reversed, "notes": list(notes)},
-    }
-    write_checkpoint(out, checkpoint)
+    origin_record = {"name": origin.name, "repository": origin.repository, "file": Path(cfg.checkpoint).name,
+                     "sha256": source_sha, "weights": weights, "time_convention": origin.time_convention,
+                     "time_reversed_into_weights": origin.time_reversed, "notes": list(notes)}
+    Checkpoint(step=step, train=train, model_config=model_cfg, shards=shard_summary(origin, model_cfg), model=ours,
+               ema=ours, opt=None, origin=origin_record).save(out)
     return ConvertResult(out=out, origin=origin, model_config=model_cfg, train_config=train, weights=weights,
                          step=step, num_params=num_params, source_sha256=source_sha, notes=notes,
                          seconds=time.perf_counter() - start)

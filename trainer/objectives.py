@@ -312,7 +312,7 @@ def check_batch(model_cfg: ModelConfig, cfg: LossConfig, batch: TrainBatch) -> N
 
 
 def compute_loss(
-    model: nn.Module, batch: TrainBatch, cfg: LossConfig, generator: torch.Generator | None = None
+    model: nn.Module, model_cfg: ModelConfig, batch: TrainBatch, cfg: LossConfig, generator: torch.Generator | None = None
 ) -> LossOutput:
     """One training loss: denoising (per channel group, λ_z on the PCs) + REPA alignment + REG class-token velocity.
 
@@ -320,10 +320,10 @@ def compute_loss(
     paper) zeroes the model's z_t input; "clean" (the ReDi reference, which zeroes the clean PCs
     and sets λ = 0) zeroes z_0 before noising, so the model sees pure noise t·ε there. Either way
     no gradient comes from a dropped sample's PC channels, and the model learns p(x) without z.
+
+    `model` (any wrapper of a network of `model_cfg`) and `batch` must have passed check_compatible and check_batch,
+    which the training loop runs once.
     """
-    model_cfg: ModelConfig = model.cfg
-    check_compatible(model_cfg, cfg)
-    check_batch(model_cfg, cfg, batch)
     x0, device = batch.x0.float(), batch.x0.device
     n, v, c_in = x0.shape[0], model_cfg.vae_channels, model_cfg.in_channels
     y = drop_labels(batch.y, model_cfg.num_classes, cfg.class_dropout, generator)  # (N,)

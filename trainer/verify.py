@@ -3,20 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.atomic import read_json, sha256_file
+from common.atomic import sha256_file
 from common.errors import UserError
 from pipeline.verify import StageCheck
-from trainer.checkpoint import CHECKSUM_SUFFIX, checksum_path, list_checkpoints, recorded_sha256
+from trainer.checkpoint import CHECKSUM_SUFFIX, CONFIG_JSON, RunConfig, checksum_path, list_checkpoints, recorded_sha256
 
 
 def _check_config(run: Path) -> StageCheck:
     try:
-        config = read_json(run / "config.json", dict, "it is written when the run starts")
-        if not all(isinstance(config.get(k), dict) for k in ("train", "model", "shards")):
-            raise UserError(f"{run / 'config.json'} is damaged (it lacks train, model or shards).")
+        config = RunConfig.load(run)
     except UserError as e:
-        return StageCheck("config.json", "FAILED", str(e), str(e))
-    return StageCheck("config.json", "ok", f"{config['train'].get('model')} {config['train'].get('method')}")
+        return StageCheck(CONFIG_JSON, "FAILED", str(e), str(e))
+    return StageCheck(CONFIG_JSON, "ok", f"{config.train.get('model')} {config.train.get('method')}")
 
 
 def _check_checkpoint(path: Path, deep: bool) -> StageCheck:
