@@ -14,7 +14,8 @@ from common.errors import UserError
 from pipeline.encoders import TINY_RANDOM
 from sampler.decoder import Decoder
 from sampler.guidance import GuidanceConfig, check_guidance
-from sampler.samplers import DDPMSchedule, SamplerOptions, sde_min_steps, space_timesteps
+from sampler.ddpm import DIT_SCHEDULE, space_timesteps
+from sampler.samplers import SamplerOptions, sde_min_steps
 from trainer.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def resolve_sampler(cfg: SampleConfig, objective: str) -> SamplerChoice:
     if sampler == "sde" and steps < sde_min_steps(options.last_step):
         raise UserError(f"--last-step {options.last_step} needs --steps {sde_min_steps(options.last_step)} or more.")
     if sampler == "ddpm":
-        space_timesteps(DDPMSchedule().num_train_timesteps, steps)  # refuses more steps than training timesteps
+        space_timesteps(DIT_SCHEDULE.num_train_timesteps, steps)  # refuses more steps than training timesteps
     return SamplerChoice(sampler, steps, options)
 
 

@@ -10,14 +10,12 @@ from torch import Tensor, nn
 
 from common.errors import UserError
 from sampler.guidance import GuidanceConfig
+from sampler.ddpm import DDPMSchedule, RespacedDDPM, ddpm_ancestral, space_timesteps
 from sampler.samplers import (
     ADAPTIVE_SOLVERS,
     FIXED_SOLVERS,
-    DDPMSchedule,
     PerSampleNoise,
-    RespacedDDPM,
     SamplerOptions,
-    ddpm_ancestral,
     euler_maruyama,
     make_noise,
     ode_euler,
@@ -26,7 +24,6 @@ from sampler.samplers import (
     sample_latents,
     score_from_velocity,
     sde_last_step,
-    space_timesteps,
 )
 
 F64 = torch.float64
