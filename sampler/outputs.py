@@ -242,6 +242,13 @@ def is_done(out: Path, index: int, needs_pcs: bool) -> bool:
     return image_path(out, index).exists() and (not needs_pcs or pcs_path(out, index).exists())
 
 
+def is_assembled(out: Path, num: int, has_pcs: bool) -> bool:
+    """sample.json says the outputs of these `num` images are complete, and each of them is there."""
+    report = json.loads((out / SAMPLE_JSON).read_text())
+    outputs = [NPZ_FILE, GRID_PNG] + ([PCS_PNG] if has_pcs else [])
+    return bool(report.get("complete")) and report.get("num") == num and all((out / name).exists() for name in outputs)
+
+
 def write_image(out: Path, index: int, pixels: np.ndarray, pcs: np.ndarray | None) -> None:
     """One image's files: its PCs first (grid images), then the PNG that marks the image as done."""
     if pcs is not None:

@@ -1,8 +1,8 @@
 """`redi sample`: a checkpoint in; per-image PNGs, a grid, the generated PCs, an ADM .npz and sample.json out.
 
-Everything the sampler needs comes from the checkpoint: the network (`model_config`), the method
-and representation drop (`config`), the latent scale and the VAE (`shards`); the shards themselves
-are not read.
+Everything the sampler needs comes from the checkpoint (trainer/checkpoint.py): the network
+(`model_config`), the method and representation drop (`train`), the latent scale and the VAE
+(`shards`); the shards themselves are not read.
 
 Reproducibility. Image i's noise comes from its own generator seeded by (seed, i) and its random
 label from (seed, i) too, so image i does not depend on which batch or process draws it. Work is
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,13 +43,13 @@ from common.runtime import resolve_device
 from sampler.decoder import Decoder, load_decoder
 from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig
 from sampler.outputs import (
-    ERRORS_JSONL, GRID_MAX, GRID_PNG, NPZ_FILE, PCS_PNG, QUANTIZE, SAMPLE_JSON, assemble, default_out, is_done,
-    out_lock, prepare_out, to_uint8, write_errors, write_image,
+    ERRORS_JSONL, GRID_MAX, QUANTIZE, SAMPLE_JSON, assemble, default_out, is_assembled, is_done, out_lock, prepare_out,
+    to_uint8, write_errors, write_image,
 )
 from sampler.report import SampleResult, Work, final_report
 from sampler.samplers import SAMPLERS, SamplerOptions, sample_latents
 from sampler.settings import class_labels, resolve_guidance, resolve_sampler, sample_settings
-from trainer.checkpoint import Checkpoint, newest_checkpoint
+from trainer.checkpoint import Checkpoint, resolve_checkpoint
 from trainer.models import DiffusionTransformer, build_model
 
 PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}  # autocast dtype of the network
@@ -175,19 +174,6 @@ def parse_class_labels(text: str) -> tuple[int, ...] | None:
         raise UserError(f"--class-labels takes 'random' or a comma list of integers, not {text!r}.") from None
 
 
-def resolve_checkpoint(run: Path | None, ckpt: Path | None) -> Path:
-    """The checkpoint file: --ckpt as given, or the newest one of --run."""
-    if ckpt is not None:
-        return Path(ckpt)
-    assert run is not None, "SampleConfig guarantees one of run and ckpt"
-    if not Path(run).is_dir():
-        raise UserError(f"No run directory at {run}.")
-    newest = newest_checkpoint(Path(run))
-    if newest is None:
-        raise UserError(f"{run} holds no checkpoint yet (looked in {Path(run) / 'checkpoints'}).")
-    return newest
-
-
 def sampling_network(ckpt: Checkpoint, weights: str, device: torch.device) -> DiffusionTransformer:
     """The network with the chosen weights in eval mode, float32, without the REPA projector (it only serves the
     training loss)."""
@@ -272,10 +258,7 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
             write_errors(out / ERRORS_JSONL, work.nonfinite, NONFINITE_REASON)
         if rank == 0 and missing == 0:
             (out / ERRORS_JSONL).unlink(missing_ok=True)  # every image is there now
-            report = json.loads((out / SAMPLE_JSON).read_text())
-            outputs = [NPZ_FILE, GRID_PNG] + ([PCS_PNG] if has_pcs else [])
-            if (work.images or not report.get("complete") or report.get("num") != cfg.num
-                    or not all((out / name).exists() for name in outputs)):  # e.g. samples.npz deleted
+            if work.images or not is_assembled(out, cfg.num, has_pcs):  # e.g. samples.npz deleted
                 assemble(out, cfg.num, labels, grid_count, has_pcs, counting("assembling", cfg.num))
                 atomic_write_json(out / SAMPLE_JSON, final_report(settings, ckpt, cfg, work, world, device, has_pcs))
     return SampleResult(

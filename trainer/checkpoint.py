@@ -274,6 +274,19 @@ def load_newest_readable(run: Path, map_location: str | torch.device) -> Checkpo
     return None
 
 
+def resolve_checkpoint(run: Path | None, ckpt: Path | None) -> Path:
+    """The checkpoint file: `ckpt` as given, or the newest one of the run directory `run`."""
+    if ckpt is not None:
+        return Path(ckpt)
+    assert run is not None, "one of run and ckpt is given"
+    if not Path(run).is_dir():
+        raise UserError(f"No run directory at {run}.")
+    newest = newest_checkpoint(Path(run))
+    if newest is None:
+        raise UserError(f"{run} holds no checkpoint yet (looked in {Path(run) / 'checkpoints'}).")
+    return newest
+
+
 def newest_checkpoint(run: Path) -> Path | None:
     found = list_checkpoints(run)
     return found[-1][1] if found else None
