@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from pipeline.encoders import VAE, random_init, sd_vae_config, tiny_vae_config
-from sampler.guidance import GuidanceConfig
 from sampler.decoder import Decoder
+from sampler.guidance import GuidanceConfig
 from sampler.sample import SamplingPlan, autocast_factory, sample_batches
 from sampler.settings import DEFAULT_SAMPLER, class_labels
 from trainer.flops import forward_flops
