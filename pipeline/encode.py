@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from common.atomic import atomic_write_json, remove_temporaries, sha256_file
 from common.display import counting
 from common.distributed import barrier, process_group
 from common.errors import UserError
+from common.flags import OneOf
 from common.lock import exclusive
 from common.runtime import loader_worker_init, loader_workers
 from pipeline.encoders import (
@@ -53,18 +54,35 @@ log = logging.getLogger(__name__)
 class EncodeConfig:
     """One `encode` or `features` run; the CLI builds it from flags."""
 
-    source: str | Path  # image folder, .zip, .tar, folder of .tar files, or a glob of them
-    data: Path  # data root: the stage writes DATA/latents or DATA/features
-    model: str  # hub id, local directory or "tiny-random"
-    revision: str = "main"  # hub revision (branch, tag or commit), recorded in the manifest
-    resolution: int = 256  # ADM crop side R; a multiple of 16: the encoders see a whole R/16 × R/16 patch grid
-    batch_size: int = 64  # images per forward pass (part of the manifest: batches shape the numerics)
-    device: str | None = None  # torch device; None → cuda if available, else cpu
-    precision: str | None = None  # bf16 | fp16 | fp32 autocast; None → fp32 (convolutions in TF32 on GPU, torch's default, as the references)
-    chunk_size: int = 256  # images per committed unit and per Zarr chunk along N
-    workers: int | None = None  # DataLoader processes decoding and cropping images (0: in the main process; None: from the cores)
-    dtype: str = "float16"  # storage dtype of the output arrays
-    force: bool = False  # delete and redo a stage made with different settings
+    source: str | Path
+    """Images: a folder (ImageFolder or flat), an edm2 .zip with dataset.json, a WebDataset .tar, a folder of .tar
+    files or a quoted glob of them."""
+    data: Path
+    """Data root: the stage writes DATA/latents or DATA/features."""
+    model: str
+    """The VAE or the representation encoder: hub id, local directory or tiny-random."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit) of the model; recorded in the manifest."""
+    resolution: int = 256
+    """ADM centre-crop side R in pixels: a multiple of 16 (the papers use 256 or 512).
+
+    The encoders see a whole R/16 × R/16 patch grid."""
+    batch_size: int = 64
+    """Images per forward pass (recorded: batches shape the numerics)."""
+    device: str | None = None
+    """Torch device, e.g. cpu, cuda, cuda:1; default: cuda if available, else cpu."""
+    precision: Annotated[str | None, OneOf(tuple(PRECISIONS))] = None
+    """Autocast; default fp32, as the reference preprocessing (bf16: faster on a GPU, less exact).
+
+    fp32 runs the convolutions in TF32 on a GPU, torch's default, as the references."""
+    chunk_size: int = 256
+    """Images per committed unit (what a killed run redoes) and per Zarr chunk."""
+    workers: int | None = None
+    """DataLoader processes decoding and cropping images (0: none); default: one per core, at most 4."""
+    dtype: Annotated[str, OneOf(STORE_DTYPES)] = "float16"
+    """Storage dtype of the output arrays."""
+    force: bool = False
+    """Delete and redo a stage that was made with different settings."""
 
     def __post_init__(self) -> None:
         if self.resolution < 16 or self.resolution % 16:

@@ -1,4 +1,4 @@
-"""`redi info DATA | RUN`: what each stage of a data root holds, or what a training run holds."""
+"""`redi info DATA | RUN`: what each stage of a data root holds, or what a training run holds, as a table or JSON."""
 from __future__ import annotations
 
 import json
@@ -30,6 +30,11 @@ class StageInfo:
     tiny_random: bool = False  # made with tiny-random encoders
 
 
+def describe(root: Path) -> list[StageInfo]:
+    """The parts of a run directory, or the stages of a data root."""
+    return describe_run(root) if is_run_dir(root) else describe_data_root(root)
+
+
 def describe_data_root(root: Path) -> list[StageInfo]:
     """Inspect every stage under `root`; missing stages are reported as such, never an error."""
     root = Path(root)
@@ -57,28 +62,38 @@ def describe_run(root: Path) -> list[StageInfo]:
         entries = [StageInfo(CONFIG_JSON, "unreadable (damaged)" if (root / CONFIG_JSON).exists() else "missing")]
     steps = [step for step, _ in list_checkpoints(root)]
     entries.append(StageInfo("checkpoints/", f"{len(steps)} checkpoints" if steps else "missing",
-                             [("steps", _short(steps)), ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
+                             [("steps", ", ".join(f"{s:,}" for s in steps) if len(steps) <= 8 else
+                               f"{steps[0]:,}, {steps[1]:,}, … {steps[-1]:,}"),
+                              ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
     lines = read_jsonl(root / "metrics.jsonl") if (root / "metrics.jsonl").exists() else []
     last = lines[-1] if lines else {}
     unread = "unreadable (no complete line)" if (root / "metrics.jsonl").exists() else "missing"
     entries.append(StageInfo("metrics.jsonl", f"{len(lines)} lines" if lines else unread,
                              [(k, _short(v)) for k, v in last.items()]))
     samples = sorted(p.name for p in (root / "samples").iterdir()) if (root / "samples").is_dir() else []
-    entries.append(StageInfo("samples/", f"{len(samples)} sets" if samples else "missing", [("sets", _short(samples))]))
+    entries.append(StageInfo("samples/", f"{len(samples)} sets" if samples else "missing",
+                             [("sets", ", ".join(samples))] if samples else []))
     return entries
 
 
-def info_table(root: Path) -> Table:
-    """All stages of a data root, or the parts of a run directory, as one rich table."""
+def info_table(root: Path, parts: list[StageInfo]) -> Table:
+    """The stages of a data root, or the parts of a run directory, as one rich table."""
     table = Table(title=f"redi info {escape(str(root))}", show_lines=True)
     for col in ("stage", "status", "contents"):
         table.add_column(col)
-    for s in describe_run(root) if is_run_dir(root) else describe_data_root(root):
+    for s in parts:
         status = {"complete": "[green]complete[/]", "missing": "[dim]missing[/]"}.get(s.status, f"[yellow]{escape(s.status)}[/]")
         if s.tiny_random:
             status += "\n[bold yellow]tiny-random[/]"
         table.add_row(s.name, status, escape("\n".join(f"{k}: {v}" for k, v in s.rows)))  # paths may hold [brackets]
     return table
+
+
+def info_json(root: Path, parts: list[StageInfo]) -> dict[str, Any]:
+    """What `info_table` shows, for scripts: each part's status and contents."""
+    return {"root": str(root), "kind": "run" if is_run_dir(root) else "data",
+            "parts": [{"name": s.name, "status": s.status, "tiny_random": s.tiny_random, "contents": dict(s.rows)}
+                      for s in parts]}
 
 
 def _array_stage(path: Path) -> StageInfo:
@@ -147,8 +162,31 @@ def _shards(path: Path) -> StageInfo:
     summary = try_read_json(path / "shards.json")
     if not isinstance(summary, dict):
         return StageInfo(name, "incomplete (no shards.json)", [], tiny)
-    rows = [(k, _short(v)) for k, v in sorted(summary.items()) if not isinstance(v, (dict, list)) or len(v) <= 8]
-    return StageInfo(name, "complete", rows, tiny)
+    try:
+        return StageInfo(name, "complete", _shard_rows(summary), tiny)
+    except (KeyError, TypeError, ValueError, AttributeError):  # a shards.json of another version, or damaged
+        return StageInfo(name, "unreadable (shards.json lacks the expected entries)", [], tiny)
+
+
+def _shard_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a person asks of shards: how many samples, in which stores, made from what, holding which arrays."""
+    vae, pca, order = _dict(s, "vae"), _dict(s, "pca"), _dict(s, "write_order")
+    fraction = pca.get("explained_variance_fraction")
+    return [
+        ("samples", f"{s['num_samples']:,} in {s['num_shards']:,} shards of {s['shard_size']:,} "
+                    f"({', '.join(s['formats'])})"),
+        ("skipped images", f"{s['num_skipped']:,}"),
+        ("classes", f"{s['num_classes']:,}"),
+        ("images", f"{s['resolution']} px; source {_dict(s, 'source').get('kind', '?')}"),
+        ("VAE", f"{vae.get('id')}, latent {'×'.join(map(str, s['latent_shape']))}, scale {vae.get('scale')}, "
+                f"shift {vae.get('shift')}"),
+        ("encoder", describe_identity(_dict(s, "encoder"))),
+        ("PCs", f"K = {pca['K']}" + (f", {fraction:.1%} of the variance" if isinstance(fraction, float) else "")),
+        *((field, f"{'×'.join(map(str, spec['shape'])) or 'scalar'} {spec['dtype']}")
+          for field, spec in _dict(s, "fields").items()),
+        ("order", f"shuffled with seed {order.get('seed')}"),
+        ("checksums", f"SHA-256 of {len(_dict(s, 'files')):,} files"),
+    ]
 
 
 def _dict(value: Any, key: str) -> dict[str, Any]:
@@ -158,5 +196,6 @@ def _dict(value: Any, key: str) -> dict[str, Any]:
 
 
 def _short(value: Any, width: int = 100) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    """A config or metrics value in one line: floats to 4 significant digits, the rest as JSON, cut at `width`."""
+    text = value if isinstance(value, str) else f"{value:.4g}" if isinstance(value, float) else json.dumps(value, sort_keys=True)
     return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,4 +1,4 @@
-"""Stage `pca`: fit (or import) the standardised PCA of DINOv2 patch tokens (SPEC §4).
+"""Stage `pca`: fit (or import) the standardised PCA of DINOv2 patch tokens (docs/METHOD.md).
 
 The fit is exact and streams: one pass over the selected images accumulates, in float64,
 the sum and the sum of outer products of the raw tokens (shifted by the first batch's mean
@@ -47,16 +47,20 @@ REFERENCE_STD_KEYS = ("std", "sigma")
 
 @dataclass(frozen=True)
 class PCAConfig:
-    """How to fit the PCA of SPEC §4 on the patch tokens of a features store."""
+    """How to fit the PCA (docs/METHOD.md) on the patch tokens of a features store: the flags of `redi pca`."""
 
     num_images: int = 76_800
-    """Images drawn uniformly at random without replacement among the valid ones (all if fewer)."""
+    """Images drawn at random (seeded) among the valid ones; all if fewer.
+
+    Uniformly, without replacement."""
     seed: int = 0
-    """Seed of that draw."""
+    """Seed of the image draw."""
     device: str = "auto"
-    """Where the float64 accumulation runs: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available)."""
+    """Where the float64 accumulation runs: auto, cpu, cuda or cuda:N."""
     batch_images: int = 128
-    """Images read and accumulated per step; the working set is about batch_images·P·D·10 bytes."""
+    """Images read and accumulated per step (bounds memory).
+
+    The working set is about batch_images·P·D·10 bytes."""
     force: bool = False
     """Replace a pca.safetensors made with other settings instead of refusing."""
 

@@ -27,7 +27,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
@@ -35,6 +35,7 @@ from PIL import Image
 from common.atomic import atomic_write_json, remove_temporaries
 from common.display import counting
 from common.errors import UserError
+from common.flags import OneOf
 from common.lock import exclusive
 from pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, open_arrays
 from pipeline.images import ImageSource, labels_from_dataset_json, open_source
@@ -50,27 +51,28 @@ MOMENTS_NAME = re.compile(r"(?:^|/)img-mean-std-(\d+)\.npy$")  # dataset_tools e
 
 @dataclass(frozen=True)
 class RepaImportConfig:
-    """One `redi import-repa` run."""
+    """One `redi import-repa` run: the flags of `redi import-repa`."""
 
     root: Path
-    """REPA data directory holding images/ and vae-sd/ (folders or .zip files)."""
+    """REPA data directory with images/ and vae-sd/ (folders or .zip) from its preprocessing/dataset_tools.py."""
     data: Path
     """Our data root: the import writes DATA/latents."""
     images: Path | None = None
-    """The image source; None → ROOT/images (or ROOT/images.zip)."""
+    """The image source that was encoded; default: ROOT/images, else ROOT/images.zip."""
     latents: Path | None = None
-    """REPA's encoded latents; None → ROOT/vae-sd (or ROOT/vae-sd.zip)."""
+    """REPA's encoded latents; default: ROOT/vae-sd, else ROOT/vae-sd.zip."""
     vae: str = DECODER_VAE
-    """The VAE recorded for the latents (the sampler decodes with it); sd-vae-ft-mse, REPA's default, and
-    sd-vae-ft-ema share the encoder, so REPA's latents are ft-ema latents."""
+    """VAE recorded for the latents and used to decode samples (REPA's sd-vae-ft-mse has the same encoder).
+
+    sd-vae-ft-mse, REPA's default, and sd-vae-ft-ema share the encoder, so REPA's latents are ft-ema latents."""
     resolution: int = 256
     """Side R of REPA's images; the moments are (8, R/8, R/8)."""
     chunk_size: int = 256
     """Images per committed unit and per Zarr chunk."""
-    dtype: str = "float16"
+    dtype: Annotated[str, OneOf(STORE_DTYPES)] = "float16"
     """Storage dtype of the moments (REPA's files are float32)."""
     workers: int = 8
-    """Threads reading .npy files."""
+    """Threads reading the .npy files."""
     force: bool = False
     """Delete and redo a latents/ stage made with other settings."""
 

@@ -214,22 +214,24 @@ class ShardWriter:
 
 @dataclass(frozen=True)
 class ShardsConfig:
-    """Parameters of the `shards` stage."""
+    """Parameters of the `shards` stage: the flags of `redi shards`."""
 
     formats: tuple[str, ...] = ("zarr",)
-    """Which stores to write: "zarr" (random access, one node) and/or "wds" (streaming tars)."""
+    """Stores to write: zarr (random access, one node), wds (WebDataset tars, streaming) or both.
+
+    "zarr" and/or "wds"."""
     pcs: int = 32
-    """K: principal components of the patch tokens kept per sample (the trainer picks r ≤ K)."""
+    """K: principal components kept per sample (train with any rank r ≤ K)."""
     patch_tokens: bool = False
-    """Also store the full patch tokens (P, D), needed by REPA / REG alignment (large)."""
+    """Also store the full patch tokens (P×D), needed by REPA/REG alignment (large)."""
     shard_size: int = 1024
-    """S: samples per block (one tar, one zarr block, one committed unit)."""
+    """Samples per block: one tar, one zarr block, one committed unit."""
     seed: int = 0
     """Seed of the write-time shuffle of the sample order."""
     device: str = "auto"
-    """Torch device of the PCA projection: "auto" (cuda if available), "cpu", "cuda", "cuda:1", …"""
+    """Where the PCA projection runs: auto, cpu, cuda or cuda:N."""
     force: bool = False
-    """Redo the stage even if it was made with other settings."""
+    """Delete and redo shards made with other settings."""
 
     def __post_init__(self) -> None:
         if not self.formats or any(f not in FORMATS for f in self.formats):

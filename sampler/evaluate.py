@@ -36,20 +36,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Settings of one `redi eval` run."""
+    """Settings of one `redi eval` run: the flags of `redi eval`."""
 
     samples: Path
-    """ADM-format .npz of generated images: arr_0 uint8 N×H×W×3 (arr_1 labels are ignored)."""
+    """ADM-format .npz of samples (arr_0 uint8 N×H×W×3), e.g. from `redi sample`.
+
+    arr_1 (labels) is ignored."""
     ref: Path
-    """ADM reference batch .npz: arr_0, optionally precomputed mu/sigma/mu_s/sigma_s (used when present)."""
-    inception: Path | None
-    """pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the TF FID graph's weights); no download is made."""
+    """ADM reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz (openai/guided-diffusion's evaluations).
+
+    Its precomputed mu/sigma/mu_s/sigma_s are used when present."""
+    inception: Path | None = None
+    """pytorch-fid's FID weights pt_inception-2015-12-05-6726825d.pth (its fid_weights release).
+
+    The TF FID graph's weights; never downloaded."""
     batch_size: int = 64
-    """Images per Inception forward pass (ADM: 64); changes speed, not results."""
+    """Images per Inception forward pass; changes speed, not results (ADM: 64)."""
     device: str = "auto"
-    """Torch device for the network: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', …"""
+    """Where the network runs: auto, cpu, cuda or cuda:N."""
     out: Path | None = None
-    """JSON report; None writes SAMPLES.eval.json next to the samples."""
+    """JSON report; default: SAMPLES.eval.json next to the samples."""
     split_size: int = 5000
     """Images per Inception Score split (ADM: 5000, i.e. 10 splits for 50K samples)."""
     nearest_k: int = 3

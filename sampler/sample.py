@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from common.atomic import atomic_write_json, remove_temporaries
 from common.display import counting
 from common.distributed import process_group
 from common.errors import UserError
+from common.flags import OneOf
 from common.runtime import resolve_device
 from sampler.decoder import Decoder, load_decoder
 from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig
@@ -47,7 +49,7 @@ from sampler.outputs import (
     to_uint8, write_errors, write_image,
 )
 from sampler.report import SampleResult, Work, final_report
-from sampler.samplers import SAMPLERS, SamplerOptions, sample_latents
+from sampler.samplers import LAST_STEPS, ODE_SOLVERS, SAMPLERS, SamplerOptions, sample_latents
 from sampler.settings import class_labels, resolve_guidance, resolve_sampler, sample_settings
 from trainer.checkpoint import Checkpoint, resolve_checkpoint
 from trainer.models import DiffusionTransformer, build_model
@@ -61,62 +63,78 @@ NONFINITE_REASON = ("the sample or its decoded image is not finite (NaN or inf),
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Every setting of one `redi sample` run."""
+    """Every setting of one `redi sample` run: its flags and their help are these fields."""
 
     run: Path | None = None
-    """Run directory: its newest checkpoint is sampled (exactly one of run and ckpt)."""
+    """Run directory: sample its newest checkpoint.
+
+    Exactly one of run and ckpt."""
     ckpt: Path | None = None
-    """A checkpoint file written by `redi train`."""
-    guidance: str = "none"
-    """none | cfg | rg | cfg+rg."""
+    """A checkpoint file written by `redi train` or `redi convert` (instead of --run)."""
+    guidance: Annotated[str, OneOf(GUIDANCE_MODES)] = "none"
+    """Classifier-free (cfg), Representation Guidance (rg), both, or none."""
     cfg_scale: float | None = None
-    """CFG weight w; None → 2.4 (ReDi's best table). Only with guidance cfg or cfg+rg."""
+    """CFG weight w (1: no effect); default 2.4, ReDi's best table."""
     rg_scale: float | None = None
-    """Representation Guidance weight w_r; None → 1.5 (ReDi: 1.5 for B, 1.1 for XL). Only with guidance rg or cfg+rg."""
-    cfg_channels: str = "vae"
-    """CFG on the VAE channels only (ReDi default) or on all channels."""
+    """RG weight w_r; default 1.5 (ReDi: 1.5 for B, 1.1 for XL)."""
+    cfg_channels: Literal["vae", "all"] = "vae"
+    """CFG on the VAE channels only (ReDi) or on all channels."""
     interval: tuple[float, float] | None = None
-    """Guide only at noise levels t in [lo, hi] (t = 1 is noise); None guides every step."""
+    """LO,HI: guide only at noise levels t in [LO, HI] (t = 1 is noise); default: every step."""
     cls_cfg_scale: float | None = None
-    """REG models: CFG weight of the class token wherever CFG is active; None → 1.5 (REG's generate.py); ≤ 0 or 1:
-    unguided."""
-    sampler: str | None = None
-    """sde | ode | heun (SiT) or ddpm (DiT); None picks sde for SiT and ddpm for DiT."""
+    """REG: CFG weight of the class token where CFG is on; default 1.5 (0 or 1: unguided).
+
+    1.5 as REG's generate.py."""
+    sampler: Annotated[str | None, OneOf(SAMPLERS)] = None
+    """sde, ode or heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT."""
     steps: int | None = None
-    """Sampler steps; None → 250 (none with an adaptive solver). SDE: steps − 1 Euler–Maruyama steps and the last
-    step; Heun spends 2·steps − 1 calls."""
-    solver: str | None = None
-    """ode only: a torchdiffeq method (dopri5: SiT/ReDi's default ODE); None → redi's fixed-step Euler loop."""
+    """Sampler steps; default 250 (none with an adaptive --solver).
+
+    SDE: steps − 1 Euler–Maruyama steps and the last step; Heun spends 2·steps − 1 calls."""
+    solver: Annotated[str | None, OneOf(ODE_SOLVERS)] = None
+    """--sampler ode with a torchdiffeq method (dopri5: SiT/ReDi's); default: redi's fixed-step Euler.
+
+    Adaptive: dopri5, dopri8, bosh3, fehlberg2, adaptive_heun; fixed (--steps): the others."""
     atol: float | None = None
-    """Tolerance solvers only: absolute tolerance; None → 1e-6 (SiT/ReDi)."""
+    """Adaptive --solver (and implicit_adams): absolute tolerance; default 1e-6 (SiT/ReDi)."""
     rtol: float | None = None
-    """Tolerance solvers only: relative tolerance; None → 1e-3 (SiT/ReDi)."""
-    last_step: str | None = None
-    """sde only: mean | tweedie | euler | none; None → mean (SiT/ReDi/REPA)."""
+    """Adaptive --solver (and implicit_adams): relative tolerance; default 1e-3 (SiT/ReDi)."""
+    last_step: Annotated[str | None, OneOf(LAST_STEPS)] = None
+    """--sampler sde: the step from t = --last-step-size to 0; default mean (SiT/ReDi/REPA).
+
+    none: Euler–Maruyama down to 0."""
     last_step_size: float | None = None
-    """sde only: where the last step starts; None → 0.04 (SiT/ReDi/REPA)."""
+    """--sampler sde: the noise level where the last step starts; default 0.04 (SiT/ReDi/REPA)."""
     num: int = 50_000
-    """N: images to generate, global indices 0…N−1 (ADM's FID-50K by default)."""
+    """Images to generate (indices 0…N−1); 50,000 for FID."""
     seed: int = 0
     """Image i is a function of (seed, i) only."""
     batch_size: int = 64
-    """Images per forward pass and per process (B; the network sees up to 3·B rows with cfg+rg)."""
+    """Images per forward pass and process.
+
+    B; the network sees up to 3·B rows with cfg+rg."""
     class_labels: tuple[int, ...] | None = None
-    """Labels cycled over the indices (label of i = labels[i % len]); None draws one per index from (seed, i)."""
+    """random (drawn per image from seed and index) or a comma list cycled over the images.
+
+    Label of i = labels[i % len]; None draws one per index from (seed, i)."""
     out: Path | None = None
-    """Output directory; None → RUN/samples/NAME (or samples/NAME next to --ckpt), NAME built from the settings."""
+    """Output directory; default RUN/samples/NAME (or samples/NAME by --ckpt), NAME from the settings."""
     vae: str | None = None
-    """Decoder override: hub id, local directory or tiny-random; None → the VAE recorded in the checkpoint."""
+    """Decode with this VAE (hub id, directory, tiny-random); default: the checkpoint's."""
     device: str = "auto"
-    """auto | cpu | cuda | cuda:N (torchrun ranks use cuda:LOCAL_RANK)."""
-    precision: str | None = None
-    """Network autocast: bf16 | fp32; None → bf16 on cuda, fp32 elsewhere. Weights and sampler state stay float32."""
-    quantize: str = "nearest"
-    """Decoded pixels → uint8: nearest (DiT/SiT/ReDi scripts) or floor (REPA/REG generate.py); FID moves with it."""
-    weights: str = "ema"
-    """Which weights of the checkpoint: ema (default, as the papers) or model (the raw optimiser weights)."""
+    """auto, cpu, cuda or cuda:N (torchrun ranks use their local GPU)."""
+    precision: Annotated[str | None, OneOf(tuple(PRECISIONS))] = None
+    """Network autocast; default bf16 on cuda, fp32 elsewhere.
+
+    Weights and sampler state stay float32."""
+    quantize: Annotated[str, OneOf(tuple(QUANTIZE))] = "nearest"
+    """Pixels to uint8: nearest (DiT/SiT/ReDi scripts) or floor (REPA/REG, for their FID protocol).
+
+    FID moves with it."""
+    weights: Annotated[str, OneOf(WEIGHTS)] = "ema"
+    """The checkpoint's EMA weights (as the papers) or its raw weights (model)."""
     force: bool = False
-    """Delete the outputs of other settings found in `out` instead of refusing."""
+    """Replace samples of other settings in --out instead of refusing."""
     rank: int | None = None
     """This process's part when processes are launched independently; None → torchrun's RANK (or 0)."""
     world_size: int | None = None

@@ -248,7 +248,7 @@ def test_refusals(sit_run: Path, tmp_path: Path) -> None:
                          (["--sampler", "ode", "--solver", "dopri5", "--steps", "2"], "leave --steps out"),
                          (["--sampler", "ode", "--atol", "1e-4"], "--atol/--rtol apply"),
                          (["--sampler", "ode", "--solver", "rk4", "--rtol", "1e-4"], "--atol/--rtol apply"),
-                         (["--sampler", "ode", "--solver", "lsoda"], "Unknown ODE solver"),
+                         (["--sampler", "ode", "--solver", "lsoda"], "'lsoda' is not one of"),  # Typer's usage error
                          (["--sampler", "heun", "--last-step", "euler"], "need --sampler sde"),
                          (["--last-step", "none", "--last-step-size", "0.1"], "no effect with --last-step none"),
                          (["--last-step", "tweedie", "--steps", "1"], "--steps 2 or more"),

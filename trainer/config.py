@@ -5,14 +5,18 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from common.errors import UserError
+from common.flags import OneOf
 from pipeline.remote import Location, as_location, read_if_exists, redact
-from trainer.models import REPA_DEPTHS, SIZES
+from pipeline.shards import FORMATS
+from trainer.models import FUSIONS, REPA_DEPTHS, SIZES
 from trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts
 
 OBJECTIVES = {"SiT": "sit", "DiT": "dit"}
+MODELS = tuple(f"{family}-{size}" for family in OBJECTIVES for size in SIZES)  # the --model choices
+PRECISIONS = ("bf16", "fp32")
 
 # Fields that define the network and its objective: a run directory refuses a change in these.
 ARCHITECTURE_FIELDS = (
@@ -22,76 +26,100 @@ ARCHITECTURE_FIELDS = (
 
 @dataclass(frozen=True)
 class TrainConfig(MethodParts):
-    """Everything `redi train` needs; defaults follow SPEC §7."""
+    """Everything `redi train` needs: its flags and their help are these fields; defaults follow the papers (docs/METHOD.md)."""
 
     shards: str
-    """Data root (or its shards/ directory) written by `redi shards`: a local path or a URL (s3://, https://, …)."""
+    """Data root (or its shards/) written by `redi shards`: a path or a URL."""
     run: str
-    """Run directory: config.json, metrics.jsonl, checkpoints/. An existing one is resumed."""
-    model: str = "SiT-B/2"
-    """Backbone: {SiT,DiT}-{S,B,L,XL}/2 or {SiT,DiT}-debug; the prefix picks the objective."""
-    method: str = "redi"
-    """baseline | redi | repa | reg | redi+repa."""
+    """Run directory; an existing one is resumed from its newest checkpoint.
+
+    It holds config.json, metrics.jsonl and checkpoints/."""
+    model: Annotated[str, OneOf(MODELS)] = "SiT-B/2"
+    """Backbone; the prefix picks the objective (SiT: flow, DiT: DDPM)."""
+    method: Annotated[str, OneOf(METHODS)] = "redi"
+    """What is generated and aligned besides the latent (docs/METHOD.md)."""
     pca_rank: int = 8
-    """r: principal components generated jointly with the latent (redi methods); ≤ K in the shards."""
-    fusion: str = "merged"
-    """merged (one token per patch) or separate (latent and PC tokens; ~2x compute)."""
+    """r: PCs generated with the latent (redi methods); at most K of the shards."""
+    fusion: Annotated[str, OneOf(FUSIONS)] = "merged"
+    """One token per patch, or separate latent and PC tokens (~2x compute)."""
     lambda_z: float = 1.0
-    """Weight of the PC-channel velocity loss."""
+    """Weight of the PC velocity loss."""
     rep_drop: float = 0.2
-    """Representation drop probability, needed for Representation Guidance (0 disables it)."""
-    rep_drop_mode: str = "sample"
-    """sample (paper: one draw per sample) or batch (reference code: one draw per batch)."""
-    rep_drop_target: str = "noisy"
-    """noisy (paper: zero z_t) or clean (reference code: zero z_0)."""
+    """Representation drop probability; Representation Guidance needs it > 0."""
+    rep_drop_mode: Annotated[str, OneOf(REP_DROP_MODES)] = "sample"
+    """One drop draw per sample (paper) or per batch (reference code)."""
+    rep_drop_target: Annotated[str, OneOf(REP_DROP_TARGETS)] = "noisy"
+    """Zero the noisy z_t (paper) or the clean z_0 (reference code)."""
     repa_depth: int | None = None
-    """Block whose output feeds the REPA projector; None → 4 for S/B, 8 for L/XL, 1 for debug."""
+    """Block feeding the REPA projector; default 4 for S/B, 8 for L/XL, 1 for debug."""
     repa_weight: float = 0.5
+    """Weight of the REPA alignment loss."""
     cls_weight: float = 0.03
-    """REG class-token velocity loss weight."""
+    """Weight of REG's class-token velocity loss."""
     learn_sigma: bool | None = None
-    """DiT only: learned variance with the VLB term; None → on for DiT (as DiT and the ReDi paper's DiT runs)."""
+    """DiT: learned variance with the VLB term; default on for DiT.
+
+    As DiT and the ReDi paper's DiT runs; None is resolved in __post_init__, so config.json records the value."""
     unconditional: bool = False
-    """Train without labels (num_classes 1)."""
+    """Train without class labels (num_classes 1)."""
     class_dropout: float = 0.1
-    """Label dropout for classifier-free guidance."""
-    weighting: str = "uniform"
-    """SiT time draw: uniform t ~ U(0, 1) (every reference's default) or lognormal (REPA/REG `--weighting lognormal`)."""
+    """Label drop probability, for classifier-free guidance."""
+    weighting: Annotated[str, OneOf(WEIGHTINGS)] = "uniform"
+    """SiT time draw: uniform, or lognormal (REPA/REG: t = s/(1+s), ln s ~ N(0,1))."""
     batch_size: int = 256
-    """Global batch (all ranks, all accumulation steps)."""
+    """Global batch over all ranks and accumulation steps."""
     micro_batch: int | None = None
-    """Per-rank batch per forward; None → batch_size / world (no accumulation)."""
+    """Per-rank batch per forward; default: batch / ranks (no accumulation)."""
     max_steps: int = 400_000
-    """Optimiser steps (the run stops there)."""
+    """Optimiser steps: the run stops there."""
     epochs: float | None = None
-    """If set, replaces max_steps by epochs × samples / batch_size."""
+    """Train this many epochs instead of --max-steps.
+
+    Replaces max_steps by epochs × samples / batch_size."""
     lr: float = 1e-4
+    """AdamW learning rate (constant)."""
     beta1: float = 0.9
+    """AdamW β1."""
     beta2: float = 0.999
+    """AdamW β2."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     grad_clip: float = 1.0
-    """Gradient-norm clip (REPA/REG; the ReDi, SiT and DiT references do not clip); 0 turns clipping off."""
+    """Gradient-norm clip; 0 turns it off.
+
+    REPA/REG clip at 1; the ReDi, SiT and DiT references do not clip."""
     ema_decay: float = 0.9999
-    precision: str = "bf16"
-    """bf16 (autocast on GPU, fp32 master weights) or fp32; CPU always runs fp32."""
+    """Decay of the EMA weights (what `redi sample` uses by default)."""
+    precision: Annotated[str, OneOf(PRECISIONS)] = "bf16"
+    """Autocast on GPU (fp32 master weights); the CPU always runs fp32."""
     compile: bool = False
+    """torch.compile the model."""
     seed: int = 0
-    data_format: str = "zarr"
-    """zarr (random access, one node) or wds (streaming WebDataset)."""
+    """Seed of the weights, the data order and the noise."""
+    data_format: Annotated[str, OneOf(FORMATS)] = "zarr"
+    """Read zarr (random access: a local disk) or wds (whole tars: a network disk or a URL)."""
     num_workers: int | None = None
-    """DataLoader processes per rank; None: from the cores (common.runtime.loader_workers)."""
+    """DataLoader processes per rank; default: one per core of the rank's share, at most 4.
+
+    None: common.runtime.loader_workers."""
     read_ahead: int = 2
-    """wds: tars downloading ahead of the one being decoded, per reader process (each held whole in memory)."""
+    """wds: tars downloading ahead of the one being decoded, per worker.
+
+    Each is held whole in memory."""
     log_every: int = 100
+    """Steps between metrics lines."""
     ckpt_every: int = 10_000
-    """Steps between kept checkpoints (never deleted)."""
+    """Steps between checkpoints kept for ever."""
     save_every: int = 1_000
-    """Steps between resume checkpoints (only the last `keep` are kept)."""
+    """Steps between resume checkpoints (the last --keep are kept)."""
     keep: int = 2
+    """Resume checkpoints kept."""
     max_bad_steps: int = 10
     """Consecutive non-finite losses before the run stops."""
     init: str | None = None
-    """Weights to start a new run from (a redi checkpoint or `redi convert` output); unused when resuming."""
+    """Start a new run from these weights (a redi checkpoint or `redi convert` output).
+
+    Unused when resuming."""
     resolution: int = 0
     """Image resolution, filled from the shards."""
 
@@ -103,15 +131,15 @@ class TrainConfig(MethodParts):
             raise UserError(f"Unknown method '{self.method}': choose one of {', '.join(METHODS)}.")
         if self.learn_sigma is None:  # resolved here, so config.json and checkpoints record the value
             object.__setattr__(self, "learn_sigma", self.objective == "dit")
-        if self.fusion not in ("merged", "separate"):
+        if self.fusion not in FUSIONS:
             raise UserError(f"Unknown fusion '{self.fusion}': merged or separate.")
         if not 0.0 <= self.rep_drop < 1.0:
             raise UserError(f"--rep-drop must be in [0, 1), got {self.rep_drop}.")
         if self.rep_drop_mode not in REP_DROP_MODES or self.rep_drop_target not in REP_DROP_TARGETS:
             raise UserError("--rep-drop-mode is sample|batch and --rep-drop-target is noisy|clean.")
-        if self.precision not in ("bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be bf16 or fp32, got {self.precision}.")
-        if self.data_format not in ("zarr", "wds"):
+        if self.data_format not in FORMATS:
             raise UserError(f"--format must be zarr or wds, got {self.data_format}.")
         if self.learn_sigma and self.objective != "dit":
             raise UserError("--learn-sigma applies to DiT models only.")

@@ -32,13 +32,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from common.atomic import sha256_file
 from common.errors import UserError
+from common.flags import OneOf
 from pipeline.shards import VAE_SCALE, VAE_SHIFT
 from trainer.checkpoint import Checkpoint, ShardSummary
 from trainer.config import TrainConfig
@@ -88,22 +89,22 @@ ORIGINS: dict[str, Origin] = {
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    """One `redi convert` run."""
+    """One `redi convert` run: the flags of `redi convert`."""
 
     checkpoint: Path
-    """The public checkpoint (.pt / .pth)."""
-    origin: str
-    """Which code wrote it: redi | repa | reg | sit | dit."""
+    """Public checkpoint: a DiT/SiT EMA release or a REPA/REG/ReDi training checkpoint (.pt, .pth)."""
+    origin: Annotated[str, OneOf(tuple(ORIGINS))]
+    """The code that wrote it: redi (zelaki/ReDi), repa, reg, sit (willisma/SiT) or dit."""
     out: Path
-    """Where the converted redi checkpoint goes."""
+    """The redi checkpoint to write (then: redi sample --ckpt OUT)."""
     rep_drop: float | None = None
-    """ReDi: the representation-drop probability it was trained with (needed for RG); None → from its args, else 0."""
+    """ReDi: the representation-drop probability it was trained with (RG needs it); default: its args, else 0."""
     repa_depth: int | None = None
-    """Block whose output feeds the REPA projector; None → the file's args (encoder_depth), else the paper's."""
+    """Block feeding the REPA projector; default: its args (encoder_depth), else 4 for S/B, 8 for L/XL."""
     trust_pickle: bool = False
-    """Allow unpickling (REPA/REG/ReDi training checkpoints hold an argparse Namespace); unpickling can run code."""
+    """Allow unpickling (training checkpoints store argparse args); unpickling can run code."""
     force: bool = False
-    """Replace an existing output file."""
+    """Replace an existing --out file."""
 
     def __post_init__(self) -> None:
         """Refuse unknown origins and out-of-range values with one sentence."""
