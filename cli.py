@@ -402,8 +402,6 @@ def eval_command(cfg: EvalConfig) -> None:
     for key, name in names.items():
         table.add_row(name, f"{result.metrics[key]:.4f}")
     out.print(table)
-    if not result.inception_official:
-        err.print("[yellow]warning:[/] the Inception weights are not pt_inception-2015-12-05-6726825d.pth: these numbers are not comparable with published ones.")
     stats = "precomputed reference statistics" if result.precomputed_ref_stats else "reference statistics from its images"
     out.print(f"[green]wrote[/] {escape(str(result.out))} in {result.seconds:.1f} s "
               f"({result.images_per_s:,.1f} img/s on {result.device}, {stats})")

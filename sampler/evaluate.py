@@ -32,6 +32,7 @@ from sampler.metrics import (
 )
 
 log = logging.getLogger(__name__)
+REF_BATCHES_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/"  # ADM's evaluations
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class EvalResult:
     seconds: float  # wall time of the whole evaluation
     inception_official: bool  # the weights are the published pt_inception-2015-12-05-6726825d.pth
     precomputed_ref_stats: bool  # the reference's mu/sigma/mu_s/sigma_s came from its file
+    warnings: list[str]  # why these numbers may not mean what the papers' do (also logged, and in the report)
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,15 @@ def _stats(precomputed: FIDStatistics | None, features: np.ndarray) -> FIDStatis
     return precomputed if precomputed is not None else feature_statistics(features)
 
 
+def too_few_images(batch: AdmBatch) -> str | None:
+    """The warning for a batch whose covariance is estimated from fewer images than features: it is rank-deficient,
+    so the Fréchet distance (and sFID's, POOL_DIM ≈ SPATIAL_DIM) says little; ADM's protocol uses 50,000 samples."""
+    if batch.pool_stats is not None or batch.num_images >= POOL_DIM:
+        return None
+    return (f"{batch.path.name} holds {batch.num_images:,} images, fewer than the {POOL_DIM:,} Inception features: its "
+            f"covariance is rank-deficient, so FID and sFID are not meaningful (the papers use 50,000 samples).")
+
+
 def _batch_summary(batch: AdmBatch) -> dict[str, Any]:
     return {
         "path": str(batch.path),
@@ -162,6 +173,10 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     """Compute the ADM metrics of `cfg.samples` against `cfg.ref` and write the JSON report."""
     t0 = time.perf_counter()
     dims = (POOL_DIM, SPATIAL_DIM)
+    if not cfg.ref.exists():
+        raise UserError(f"The reference batch {cfg.ref} does not exist: download ADM's VIRTUAL_imagenet256_labeled.npz "
+                        f"(openai/guided-diffusion's evaluations) from {REF_BATCHES_URL}256/ (512 px: "
+                        f"{REF_BATCHES_URL}512/VIRTUAL_imagenet512.npz) and pass it with --ref.")
     samples, ref = read_adm_batch(cfg.samples, dims), read_adm_batch(cfg.ref, dims)
     for batch in (samples, ref):
         if batch.num_images <= cfg.nearest_k:
@@ -175,6 +190,13 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     net = load_fid_inception(cfg.inception, device)
     assert cfg.inception is not None  # load_fid_inception refused None
     inception_sha256 = sha256_file(cfg.inception)
+    official = inception_sha256.startswith(FID_WEIGHTS_SHA256_PREFIX)
+    warnings = [w for w in (too_few_images(samples), too_few_images(ref)) if w]
+    if not official:
+        warnings.append("the Inception weights are not pt_inception-2015-12-05-6726825d.pth: these numbers are not "
+                        "comparable with published ones.")
+    for warning in warnings:  # before the long Inception pass
+        log.warning(warning)
 
     t_net = time.perf_counter()
     with progress_bar(transient=True) as progress:
@@ -192,7 +214,6 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         "precision": precision,
         "recall": recall,
     }
-    official = inception_sha256.startswith(FID_WEIGHTS_SHA256_PREFIX)
     seconds = time.perf_counter() - t0
     report = {
         "metrics": metrics,
@@ -206,6 +227,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             "nearest_k": cfg.nearest_k,
         },
         "sample_settings": sample_settings,
+        "warnings": warnings,
         "images_per_s": images_per_s,
         "seconds": seconds,
     }
@@ -223,4 +245,5 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         seconds=seconds,
         inception_official=official,
         precomputed_ref_stats=ref.pool_stats is not None,
+        warnings=warnings,
     )

@@ -354,6 +354,19 @@ def test_evaluate_uses_the_reference_files_statistics(tmp_path: Path, monkeypatc
     assert sample_pool.factor is not None and sample_spatial.mu.shape == (2023,)  # computed from the 4 samples
     assert result.precomputed_ref_stats and json.loads(out.read_text())["ref"]["precomputed_stats"]
     assert result.out == out and result.num_ref == 4
+    # 4 samples against 2048 features: said, once (the reference's statistics are its file's), and in the report.
+    few = [w for w in result.warnings if "fewer than the 2,048 Inception features" in w]
+    assert len(few) == 1 and few[0].startswith("samples.npz holds 4 images")
+    assert json.loads(out.read_text())["warnings"] == result.warnings
+
+
+def test_eval_without_the_reference_batch_says_where_to_get_it(tmp_path: Path) -> None:
+    from sampler.evaluate import EvalConfig, evaluate
+
+    np.savez(tmp_path / "samples.npz", _images(4, seed=1))
+    cfg = EvalConfig(samples=tmp_path / "samples.npz", ref=tmp_path / "VIRTUAL_imagenet256_labeled.npz", device="cpu")
+    with pytest.raises(UserError, match=r"does not exist: download .*guided-diffusion.*ref_batches/imagenet/256/"):
+        evaluate(cfg)
 
 
 def test_eval_without_faiss_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
