@@ -140,7 +140,7 @@ def _print_stage_result(result: Any) -> None:
 def demo_data_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the images into (ImageFolder layout).")] = Path("data/demo-images"),
     num: Annotated[int, typer.Option("--num", help="Number of images (5 classes, cycled).")] = 64,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=2**40, help="Seed of the generated images.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the generated images.")] = 0,
 ) -> None:
     """Write the embedded demo image set: coloured shapes on textured backgrounds, generated in code."""
     from pipeline.demo_data import write_demo_images
@@ -384,11 +384,10 @@ EVAL = FromConfig("sampler.evaluate:EvalConfig", panels={},
 def eval_command(cfg: EvalConfig) -> None:
     """FID, sFID, Inception Score, precision and recall against an ADM reference batch, as ADM's evaluator computes them.
 
-    Two files, never downloaded by redi: the reference batch VIRTUAL_imagenet256_labeled.npz (512: VIRTUAL_imagenet512.npz)
-    from openai/guided-diffusion's evaluations, https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/,
-    and pytorch-fid's Inception weights pt_inception-2015-12-05-6726825d.pth from
-    https://github.com/mseitzer/pytorch-fid/releases/tag/fid_weights (--inception, or REDI_INCEPTION). FID needs
-    thousands of samples: below 2,048 (the Inception feature width) it is not meaningful, and redi eval warns.
+    Two files that redi never downloads: the reference batch (VIRTUAL_imagenet256_labeled.npz; 512 px:
+    VIRTUAL_imagenet512.npz), linked from openai/guided-diffusion's evaluations/README.md, and pytorch-fid's
+    Inception weights pt_inception-2015-12-05-6726825d.pth, from its GitHub release "fid_weights".
+    FID needs thousands of samples: with fewer than 2,048 (the Inception feature width) it is not meaningful.
     """
     from rich.table import Table
 

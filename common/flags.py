@@ -64,7 +64,7 @@ class Flag:
     type: Any = None
     """The flag's type when `parse` turns its value into the field's (e.g. str "LO,HI" → tuple)."""
     parse: Callable[[Any], Any] | str | None = None
-    """Flag value → field value: a function, or "module:function" to import with the config."""
+    """Flag value → field value: a function, or "module:function" to import with the config; None stays None."""
     argument: bool = False
     """A positional argument instead of an option."""
     envvar: str | None = None
@@ -95,7 +95,7 @@ def config_command(app: typer.Typer, name: str, spec: FromConfig, guard: Callabl
             raise AssertionError(f"`redi {name}` runs through ConfigGroup, which builds its flags first")
 
         stand_in.build_command = functools.partial(_build_command, name, spec, fn, guard, command)  # type: ignore[attr-defined]
-        app.command(name, help=fn.__doc__, **command)(stand_in)
+        app.command(name, help=reflow(fn.__doc__), **command)(stand_in)
         return fn
 
     return decorator
@@ -130,6 +130,11 @@ class ConfigGroup(TyperGroup):
         return name, command, rest
 
 
+def reflow(doc: str | None) -> str:
+    """A docstring's paragraphs each on one line, for rich to wrap (Typer keeps a docstring's line breaks)."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc or "").split("\n\n"))
+
+
 def field_help(cls: type) -> dict[str, str]:
     """Field name → the first paragraph of its docstring (the string literal under it), through the base classes."""
     docs: dict[str, str] = {}
@@ -138,7 +143,7 @@ def field_help(cls: type) -> dict[str, str]:
         for node, after in itertools.pairwise(body):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
                     and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-                docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split("\n\n")[0].split())
+                docs[node.target.id] = reflow(after.value.value).split("\n\n")[0]
     return docs
 
 
@@ -155,7 +160,7 @@ def _build_command(name: str, spec: FromConfig, fn: Callable[..., Any], guard: C
 
     def run(**values: Any) -> Any:
         own_values = {p.name: values.pop(p.name) for p in own}
-        return fn(cls(**{k: parsers[k](v) for k, v in values.items()}), **own_values)
+        return fn(cls(**{k: v if v is None else parsers[k](v) for k, v in values.items()}), **own_values)
 
     call = guard(functools.wraps(fn)(run))
     parameters = [p for p, _ in flags] + own
@@ -163,7 +168,7 @@ def _build_command(name: str, spec: FromConfig, fn: Callable[..., Any], guard: C
     call.__annotations__ = {p.name: p.annotation for p in parameters}
     del call.__wrapped__  # Typer reads the signature above, not fn's
     app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-    app.command(name, help=fn.__doc__, cls=Command, **command)(call)
+    app.command(name, help=reflow(fn.__doc__), cls=Command, **command)(call)
     return typer.main.get_command(app)
 
 
@@ -234,7 +239,6 @@ def _unpack(hint: Any) -> tuple[Any, tuple[str, ...]]:
     return hint, choices
 
 
-def _plain(parse: Callable[[Any], Any] | None, value: StrEnum | None) -> Any:
-    """An Enum flag's value as the config's plain str (None stays None)."""
-    plain = None if value is None else str(value.value)
-    return parse(plain) if parse else plain
+def _plain(parse: Callable[[Any], Any] | None, value: StrEnum) -> Any:
+    """An Enum flag's value as the config's plain str, parsed if the flag says so."""
+    return parse(value.value) if parse else value.value

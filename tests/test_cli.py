@@ -1,10 +1,16 @@
 """The `redi` command surface: every command has help, bad input is one sentence and exit 2."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from cli import app
@@ -81,3 +87,59 @@ def test_paths_with_markup_are_printed_as_they_are(tmp_path: Path) -> None:
         assert result.exit_code == 0 and name in "".join(result.output.split()), result.output
         result = CliRunner().invoke(app, ["verify", str(data)])
         assert result.exit_code == 0 and f"{name}/data:everystage" in "".join(result.output.split()), result.output
+
+
+def _command(name: str) -> Any:
+    """The click command `redi NAME` runs (a config command's flags built)."""
+    group = typer.main.get_command(app)
+    ctx = group.make_context("redi", [name], resilient_parsing=True)
+    return group.resolve_command(ctx, [name])[1]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_reads_at_80_columns(command: str) -> None:
+    """Every flag name whole (no "…"), and at least 30 columns left for every description."""
+    text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"}).output
+    assert max(map(len, text.splitlines())) <= 80 and "SPEC" not in text
+    shown = set(re.findall(r"(?<![\w-])--?[\w-]+\w", text))
+    for param in _command(command).params:
+        if param.param_type_name == "option":
+            hidden = param.default is False  # a flag's --no-x that restates its default is left out
+            assert set(param.opts) | (set() if hidden else set(param.secondary_opts)) <= shown, (param.opts, text)
+    rows = re.findall(r"^│ (?:\*  | {3})?-[-\w,]+(?: +-\w)? +\S+ +(?=\S)", text, re.MULTILINE)
+    assert rows and all(len(row) <= 80 - 2 - 30 for row in rows), [row for row in rows if len(row) > 48]
+
+
+def test_version_is_the_packages() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"redi {importlib.metadata.version('redi')}\n"
+
+
+@pytest.mark.parametrize(("args", "choices"), [
+    (["train", "--shards", ".", "--run", ".", "--method", "redii"], "'baseline', 'redi', 'repa', 'reg', 'redi+repa'"),
+    (["sample", "--run", ".", "--guidance", "cgf"], "'none', 'cfg', 'rg', 'cfg+rg'"),
+    (["shards", "--format", "tar"], "'zarr', 'wds', 'both'"),
+])
+def test_a_choice_typo_is_a_usage_error_listing_the_choices(args: list[str], choices: str) -> None:
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and f"'{args[-1]}' is not one of {choices}" in text, result.output
+
+
+def test_info_and_verify_print_results_on_stdout_and_json_with_json(pipeline: dict) -> None:
+    """Tables and JSON on stdout, nothing else there: `redi info DATA > f` and `redi verify DATA --json | jq` work."""
+    data, run = pipeline["ref_data"], pipeline["ref_run"]
+    piped = subprocess.run([sys.executable, "-m", "cli", "info", str(data), "--json"], capture_output=True, text=True,
+                           check=True, cwd=Path(__file__).parent.parent)
+    info = json.loads(piped.stdout)
+    assert info["kind"] == "data" and [p["name"] for p in info["parts"]] == ["latents/", "features/", "pca.safetensors", "shards/"]
+    shards = info["parts"][3]
+    assert shards["status"] == "complete" and shards["contents"]["pcs"].endswith("float16")
+    table = CliRunner().invoke(app, ["info", str(data)], env={"COLUMNS": "80"})
+    assert table.exit_code == 0 and "shards/" in table.stdout and "…" not in table.stdout and not table.stderr
+    assert json.loads(CliRunner().invoke(app, ["info", str(run), "--json"]).stdout)["kind"] == "run"
+    for root, kind in ((data, "data"), (run, "run")):
+        result = CliRunner().invoke(app, ["verify", str(root), "--json", "--no-deep"])
+        report = json.loads(result.stdout)
+        assert result.exit_code == 0 and report["kind"] == kind and report["consistent"] is True
+        assert {c["status"] for c in report["checks"]} <= {"ok", "absent", "warning"}
