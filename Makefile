@@ -72,7 +72,8 @@ gpu-wheels:
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $(GPU_WHEELS)
 
-# The whole chain on the embedded default, offline, with tiny-random encoders (minutes on a laptop CPU).
+# The whole chain on the embedded default, offline, with tiny-random encoders (minutes on a laptop CPU). It samples
+# the raw weights: after 300 steps the papers' EMA (decay 0.9999, the default) is still the initial network.
 demo: install
 	$(REDI) demo-data --out $(DEMO)/images
 	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae tiny-random --with-features --encoder tiny-random --workers 2
@@ -82,7 +83,10 @@ demo: install
 	$(REDI) train --shards $(DEMO) --run $(DEMO)/runs/sit-debug-redi --model SiT-debug --method redi \
 		--pca-rank 8 --batch-size 16 --max-steps 300 --log-every 50 --save-every 100 --lr 1e-3 --num-workers 0
 	$(REDI) sample --run $(DEMO)/runs/sit-debug-redi --guidance rg --rg-scale 1.5 --steps 25 --num 16 \
-		--out $(DEMO)/samples
+		--weights model --out $(DEMO)/samples-raw-weights
+	$(REDI) preview $(DEMO) --samples $(DEMO)/samples-raw-weights
+	@echo "Pictures: $(DEMO)/preview.png (the rows above); $(DEMO)/samples-raw-weights/grid.png and pcs.png (the 16"
+	@echo "samples and their generated PCs); $(DEMO)/pca_explained_variance.png (the PCA's spectrum)."
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the commands' config classes; their modules import torch, s
     from pipeline.repa_import import RepaImportConfig
     from pipeline.shards import ShardsConfig
     from sampler.evaluate import EvalConfig
+    from sampler.preview import PreviewConfig
     from sampler.sample import SampleConfig
     from trainer.config import TrainConfig
     from trainer.convert import ConvertConfig
@@ -372,6 +373,33 @@ def sample_command(cfg: SampleConfig) -> None:
         raise typer.Exit(2)
     if result.missing:
         err.print(f"[yellow]{result.missing:,} images are still missing (other ranks): rerun to finish and assemble {escape(str(result.out))}.[/]")
+
+PREVIEW = FromConfig("sampler.preview:PreviewConfig", panels={}, flags={"data": Flag(argument=True)})
+TINY_RANDOM_NOTE = (
+    "The VAE here is tiny-random: random weights decode any latent to texture, the training latents too, so the "
+    "pictures of the first and third rows look like noise however well the model learns (at best the first shows "
+    "where each shape lies). The PCs come from the encoder's features through a fitted PCA, so they show the "
+    "images' shapes and colours: compare the generated PCs with the training ones. With a real VAE and encoder "
+    "(`make encode`), the same rows show images."
+)
+
+
+@stage_command("preview", PREVIEW, MODEL_PANEL)
+def preview_command(cfg: PreviewConfig) -> None:
+    """One captioned picture: the shards' training latents decoded by their VAE and their PCs, and with --samples,
+    a `redi sample` folder's images and generated PCs beside them."""
+    from rich.table import Table
+
+    from sampler.preview import preview
+
+    result = preview(cfg)
+    table = Table(title=f"redi preview → {escape(str(result.out))}", show_header=False)
+    for i, row in enumerate(result.rows, 1):
+        table.add_row(f"row {i}", escape(f"{row.caption}: {row.meaning}."))
+    out.print(table)
+    if result.tiny_random:
+        out.print(TINY_RANDOM_NOTE)
+
 
 # --- eval ---
 

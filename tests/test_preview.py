@@ -1,0 +1,42 @@
+"""`redi preview`: the training latents decoded, their PCs, and a sample folder's images and PCs, captioned."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.encoders import load_vae
+from sampler.outputs import to_uint8
+from sampler.preview import CAPTION_HEIGHT, CELL, PAD, _cells
+
+
+def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples(pipeline: dict, tmp_path: Path) -> None:
+    data, samples, out = pipeline["ref_data"], pipeline["ref_samples"], tmp_path / "preview.png"
+    result = CliRunner().invoke(app, ["preview", str(data), "--samples", str(samples), "--num", "5", "--out", str(out)],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "row 4" in text and "step 12, ema weights, guidance none" in text and "tiny-random" in text
+    sheet = np.asarray(Image.open(out))  # 4 rows of 5 cells, each under its caption
+    assert sheet.shape == (PAD + 4 * (CAPTION_HEIGHT + CELL + PAD), max(640, PAD + 5 * (CELL + PAD)), 3)
+
+    moments = zarr.open_array(data / "shards" / "samples.zarr" / "moments", mode="r")[:5]  # (5, 2C, h, h)
+    vae, _ = load_vae("tiny-random")
+    with torch.no_grad():
+        decoded = _cells(to_uint8(vae.decode(torch.from_numpy(moments[:, : moments.shape[1] // 2].astype(np.float32))).sample))
+    for i in range(5):  # row 1: what the VAE makes of each training latent (the lower half: no class label there)
+        left, top = PAD + i * (CELL + PAD), PAD + CAPTION_HEIGHT
+        assert np.array_equal(sheet[top + CELL // 2: top + CELL, left: left + CELL], decoded[i, CELL // 2:])
+    for row in (1, 3):  # the PC rows are pictures, not a constant
+        top = PAD + row * (CAPTION_HEIGHT + CELL + PAD) + CAPTION_HEIGHT
+        assert sheet[top: top + CELL, PAD: PAD + 5 * (CELL + PAD)].std() > 10
+
+    alone = CliRunner().invoke(app, ["preview", str(data), "--num", "3", "--out", str(tmp_path / "alone.png")])
+    assert alone.exit_code == 0 and np.asarray(Image.open(tmp_path / "alone.png")).shape[0] == PAD + 2 * (CAPTION_HEIGHT + CELL + PAD)
+    refused = CliRunner().invoke(app, ["preview", str(data), "--samples", str(tmp_path)])
+    assert refused.exit_code == 2 and "not a `redi sample` output folder" in " ".join(refused.output.split())
