@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev,remote,eval,reference]'
+	$(PY) -m pip install -q -e '.[dev,remote,eval,reference,wandb]'
 	touch $(STAMP)
 
 test: install
