@@ -486,14 +486,18 @@ def info_command(
     data: Annotated[Path, typer.Argument(help="Data root (latents/, features/, pca.safetensors, shards/) or run directory.", show_default=False)],
     as_json: AsJson = False,
 ) -> None:
-    """Show what each stage of a data root holds (counts, shapes, encoders, completeness, skipped images), or a run's state."""
-    from pipeline.info import describe, info_json, info_table
+    """Show what each stage of a data root holds (counts, shapes, encoders, completeness, skipped images), or a run's
+    state; draws the PCA and per-channel histograms of a data root, or a run's training curves (curves.png)."""
+    from pipeline.info import describe, info_json, info_plots, info_table
 
     parts = describe(data)
+    plots = info_plots(data)
     if as_json:
-        print_json(info_json(data, parts))
+        print_json(info_json(data, parts) | {"plots": [str(p) for p in plots]})
     else:
         out.print(info_table(data, parts))
+        for path in plots:
+            out.print(f"plot: {escape(str(path))}")
 
 @app.command("verify", cls=Command, rich_help_panel=CHECK_PANEL)
 @user_errors

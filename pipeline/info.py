@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 from rich.markup import escape
 from rich.table import Table
@@ -13,11 +14,16 @@ from rich.table import Table
 from common.atomic import read_jsonl, try_read_json
 from common.errors import UserError
 from pipeline.encoders import describe_identity
-from pipeline.pca import checked_pca_sha256
+from pipeline.pca import PLOT_FILE, checked_pca_sha256, plot_explained_variance
 from pipeline.pca_file import load_pca
 from pipeline.stage import ZARR_METADATA_ERRORS, StageDir
 
 ARRAY_STAGES = ("latents", "features")
+HISTOGRAMS_PNG = "channel_histograms.png"  # per-channel histograms of a data root's latents and PCs
+CURVES_PNG = "curves.png"  # a run's training curves
+HIST_SAMPLES = 512  # images whose every latent and PC value enters the histograms (the shards' first, shuffled at write)
+HIST_LATENT_CHANNELS = 16  # VAE channels shown at most
+HIST_PCS = 8  # principal components shown at most (the default rank r)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,62 @@ def info_json(root: Path, parts: list[StageInfo]) -> dict[str, Any]:
     return {"root": str(root), "kind": "run" if is_run_dir(root) else "data",
             "parts": [{"name": s.name, "status": s.status, "tiny_random": s.tiny_random, "contents": dict(s.rows)}
                       for s in parts]}
+
+
+def info_plots(root: Path) -> list[Path]:
+    """The pictures of a run (RUN/curves.png) or a data root (the PCA plot, DATA/channel_histograms.png), drawn now;
+    a part that is missing or unreadable is left out (the table says why)."""
+    root = Path(root)
+    if is_run_dir(root):
+        from trainer.metrics import plot_curves
+
+        return [path] if (path := plot_curves(root, root / CURVES_PNG)) is not None else []
+    plots = []
+    if (root / "pca.safetensors").exists():
+        try:
+            checked_pca_sha256(root)
+            plot_explained_variance(load_pca(root / "pca.safetensors"), root / PLOT_FILE)
+            plots.append(root / PLOT_FILE)
+        except UserError:
+            pass
+    if groups := channel_values(root):
+        from common.plots import histograms_figure, save_png
+
+        title = f"{root.resolve().name}: every value of each channel, first {HIST_SAMPLES} images"
+        plots.append(save_png(histograms_figure(groups, title), root / HISTOGRAMS_PNG))
+    return plots
+
+
+def channel_values(root: Path) -> list[tuple[str, np.ndarray, list[str]]]:
+    """(group, values (N, C), channel names) of the latents as the trainer scales them and of the first PCs, from the
+    shards' first samples (shuffled at write); the latent store's posterior means when there are no Zarr shards."""
+    shards = root / "shards"
+    try:
+        info = json.loads((shards / "shards.json").read_text())
+        store = zarr.open_group(shards / "samples.zarr", mode="r")
+        channels = int(info["latent_shape"][0])
+        scale, shift = float(info["vae"]["scale"]), float(info["vae"]["shift"])
+        shown = min(channels, HIST_LATENT_CHANNELS)
+        z = np.asarray(store["moments"][:HIST_SAMPLES, :shown], np.float64) * scale + shift  # (N, C, h, h): mean·s + b
+        pcs = np.asarray(store["pcs"][:HIST_SAMPLES, :HIST_PCS], np.float64)  # (N, k, p, p)
+        return [(f"latent (mean × {scale:g} + {shift:g})", _per_channel(z), [f"c{i}" for i in range(shown)]),
+                ("PC", _per_channel(pcs), [str(i + 1) for i in range(pcs.shape[1])])]
+    except (OSError, *ZARR_METADATA_ERRORS):
+        pass
+    try:  # no (readable) Zarr shards: the encode stage's posterior means, unscaled
+        store = zarr.open_group(root / "latents" / "store.zarr", mode="r")
+        valid = np.flatnonzero(np.asarray(store["valid"][:]))[:HIST_SAMPLES]
+        moments = store["moments"]
+        shown = min(moments.shape[1] // 2, HIST_LATENT_CHANNELS)
+        mean = np.asarray(moments.get_orthogonal_selection((valid, slice(0, shown))), np.float64)  # (N, C, h, h)
+        return [("posterior mean", _per_channel(mean), [f"c{i}" for i in range(shown)])] if len(valid) else []
+    except (OSError, *ZARR_METADATA_ERRORS):
+        return []
+
+
+def _per_channel(x: np.ndarray) -> np.ndarray:
+    """(N, C, h, w) → (N·h·w, C): every value of each channel."""
+    return x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def _array_stage(path: Path) -> StageInfo:

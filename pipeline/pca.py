@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from PIL import Image, ImageDraw, ImageFont
 
 from common.atomic import atomic_write_json, atomic_write_with, remove_temporaries, sha256_file, try_read_json
 from common.display import counting
 from common.errors import UserError
 from common.lock import exclusive
+from common.plots import explained_variance_figure, save_png
 from common.runtime import resolve_device
 from pipeline.pca_file import PCAModel, load_pca
 from pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, diff_keys, open_array, read_errors, read_manifest
@@ -303,34 +303,7 @@ def explained_variance_rows(model: PCAModel, k: int = PLOT_COMPONENTS) -> list[t
 
 def plot_explained_variance(model: PCAModel, path: Path, k: int = PLOT_COMPONENTS) -> None:
     """PNG: bars of the explained-variance ratio of the first k components, the cumulative ratio as a line."""
-    rows = explained_variance_rows(model, k)
-    width, height, left, right, top, bottom = 760, 440, 70, 70, 56, 52
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=13)
-    x0, x1, y0, y1 = left, width - right, height - bottom, top  # plot box; y grows downwards
-    ratio_max = max(r[2] for r in rows) * 1.1 or 1.0
-    draw.text((width // 2, 20), f"PCA of {model.dim}-d patch tokens: explained variance, first {len(rows)} components",
-              fill="black", font=font, anchor="mm")
-    for f in np.linspace(0.0, 1.0, 6):  # left axis: ratio per component; right axis: cumulative
-        y = y0 - f * (y0 - y1)
-        draw.line([(x0, y), (x1, y)], fill=(225, 225, 225))
-        draw.text((x0 - 6, y), f"{f * ratio_max:.1%}", fill=(40, 90, 160), font=font, anchor="rm")
-        draw.text((x1 + 6, y), f"{f:.0%}", fill=(200, 80, 30), font=font, anchor="lm")
-    slot = (x1 - x0) / len(rows)
-    points = []
-    for i, (index, _, ratio, cumulative) in enumerate(rows):
-        bx = x0 + i * slot
-        draw.rectangle([bx + slot * 0.15, y0 - ratio / ratio_max * (y0 - y1), bx + slot * 0.85, y0], fill=(70, 120, 190))
-        points.append((bx + slot / 2, y0 - cumulative * (y0 - y1)))
-        if index == 1 or index % 4 == 0:
-            draw.text((bx + slot / 2, y0 + 6), str(index), fill="black", font=font, anchor="mt")
-    draw.line(points, fill=(200, 80, 30), width=2)
-    draw.rectangle([x0, y1, x1, y0], outline="black")
-    draw.text((width // 2, height - 14), "component", fill="black", font=font, anchor="mm")
-    draw.text((x0, y1 - 8), "ratio (bars)", fill=(40, 90, 160), font=font, anchor="ls")
-    draw.text((x1, y1 - 8), "cumulative (line)", fill=(200, 80, 30), font=font, anchor="rs")
-    atomic_write_with(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+    save_png(explained_variance_figure(model.explained_variance_ratio, model.dim, k), path)
 
 
 def _read_record(data: Path) -> dict[str, Any] | None:

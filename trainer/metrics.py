@@ -35,3 +35,22 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+LOSS_TERMS = ("loss", "vae", "pcs", "vb", "repa", "cls")  # what compute_loss logs: the total, then each term
+
+
+def plot_curves(run: Path, path: Path) -> Path | None:
+    """RUN/curves.png from metrics.jsonl (the source of truth) and config.json's batch; None when nothing is logged."""
+    from common.atomic import try_read_json
+    from common.plots import curves_figure, save_png
+
+    rows = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+    rows = [r for r in rows if isinstance(r.get("step"), int)]
+    if not any("loss" in r for r in rows):
+        return None
+    config = try_read_json(run / "config.json")
+    train = config.get("train") if isinstance(config, dict) and isinstance(config.get("train"), dict) else {}
+    batch = train.get("batch_size") if isinstance(train.get("batch_size"), int) and train["batch_size"] > 0 else 1
+    title = f"{run.resolve().name}: {train.get('model', '?')} {train.get('method', '?')}, batch {batch}"
+    return save_png(curves_figure(rows, batch, LOSS_TERMS, title), path)

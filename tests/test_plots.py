@@ -1,0 +1,88 @@
+"""The pictures: the PCA plot, a data root's channel histograms and a run's training curves (`redi info`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from benchmarks.loader import make_stage_inputs
+from cli import app
+from common.plots import curves_figure, explained_variance_figure, histograms_figure, save_png
+from pipeline.info import CURVES_PNG, HISTOGRAMS_PNG, channel_values
+from pipeline.pca import PLOT_FILE
+from pipeline.shards import ShardsConfig, build_shards
+from trainer.metrics import LOSS_TERMS
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("plots-data")
+    make_stage_inputs(root, 48, latent_side=4, grid=2, dim=8, num_classes=3)
+    build_shards(root, ShardsConfig(pcs=6, shard_size=16, formats=("zarr",)), progress=False)
+    return root
+
+
+def test_the_same_pca_gives_the_same_png_bytes(tmp_path: Path) -> None:
+    ratio = np.linspace(2, 1, 40) / np.linspace(2, 1, 40).sum()
+    fig = explained_variance_figure(ratio, 40, k=32)
+    bars = fig.axes[0].patches
+    assert len(bars) == 32 and bars[0].get_height() == pytest.approx(ratio[0])
+    assert fig.axes[1].lines[0].get_ydata()[-1] == pytest.approx(ratio[:32].sum())  # the cumulative line
+    a, b = save_png(fig, tmp_path / "a.png"), save_png(explained_variance_figure(ratio, 40, k=32), tmp_path / "b.png")
+    assert a.read_bytes() == b.read_bytes()  # no version or time in the metadata: equal PCAs, equal files
+
+
+def test_channel_values_scale_the_latents_as_training_does(data: Path) -> None:
+    import zarr
+
+    groups = channel_values(data)
+    (latent_name, latents, latent_names), (pc_name, pcs, pc_names) = groups
+    info = json.loads((data / "shards" / "shards.json").read_text())
+    store = zarr.open_group(data / "shards" / "samples.zarr", mode="r")
+    first = np.asarray(store["moments"][0, 0], np.float64) * info["vae"]["scale"] + info["vae"]["shift"]  # (h, h)
+    assert latents.shape == (48 * 4 * 4, 4) and latent_names == ["c0", "c1", "c2", "c3"] and "0.18215" in latent_name
+    assert np.allclose(latents[: 16, 0], first.ravel())  # image 0's channel 0, row-major
+    assert pcs.shape == (48 * 2 * 2, 6) and pc_names == ["1", "2", "3", "4", "5", "6"] and pc_name == "PC"
+    fig = histograms_figure(groups, "t")
+    assert len(fig.axes) == 4 + 6  # one panel per channel
+    assert sum(p.get_height() for p in fig.axes[0].patches) == len(latents)  # every value counted, tails included
+
+
+def test_curves_plot_losses_on_a_log_scale_and_fid_against_images_seen() -> None:
+    rows = [{"step": s, "loss": 2.0 / s, "vae": 1.0 / s, "pcs": 1.5 / s, "grad_norm": 0.5, "images_per_s": 100.0}
+            for s in range(10, 110, 10)]
+    rows += [{"step": 50, "fid": 80.0, "card": {"num_samples": 16, "sampler": "ode", "steps": 50,
+                                                  "guidance": {"mode": "rg"}}}, {"step": 100, "fid": 60.0}]
+    fig = curves_figure(rows, batch_size=256, loss_terms=LOSS_TERMS, title="t")
+    losses, grad, speed, fid = fig.axes[:4]
+    assert [line.get_label() for line in losses.lines] == ["loss", "vae", "pcs"]
+    assert losses.get_yscale() == grad.get_yscale() == "log" and speed.get_yscale() == "linear"
+    assert list(fid.lines[0].get_xdata()) == [50, 100] and list(fid.lines[0].get_ydata()) == [80.0, 60.0]
+    assert "16 samples, ode 50 steps, guidance rg" in fid.get_title()
+    fig.draw_without_rendering()  # lays out the secondary axes
+    top = losses.child_axes[0]  # the secondary axis: images seen = step × batch
+    assert top.get_xlabel() == "images seen" and top.get_xlim() == pytest.approx(tuple(256 * x for x in losses.get_xlim()))
+
+
+def test_info_draws_a_data_roots_pictures_and_a_runs_curves(data: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["info", str(data)])
+    assert result.exit_code == 0, result.output
+    for name in (PLOT_FILE, HISTOGRAMS_PNG):
+        assert f"plot: {data / name}" in " ".join(result.output.split()).replace(" ", "") or name in result.output
+        with Image.open(data / name) as img:
+            assert img.format == "PNG" and img.size[0] > 600
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"batch_size": 8, "model": "SiT-debug", "method": "redi"}}))
+    empty = CliRunner().invoke(app, ["info", str(run)])
+    assert empty.exit_code == 0 and not (run / CURVES_PNG).exists()  # nothing logged yet: no picture
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "grad_norm": 1.0}) + "\n"
+                                               for s in (1, 2, 3)))
+    drawn = CliRunner().invoke(app, ["info", str(run)])
+    assert drawn.exit_code == 0 and CURVES_PNG in drawn.output
+    with Image.open(run / CURVES_PNG) as img:
+        assert img.format == "PNG" and img.size == (1200, 750)
