@@ -346,11 +346,11 @@ SAMPLE = FromConfig(
         "Checkpoint": ("run", "ckpt", "weights", "vae"),
         "Guidance": ("guidance", "cfg_scale", "rg_scale", "cfg_channels", "cls_cfg_scale", "interval"),
         "Sampler": ("sampler", "steps", "solver", "atol", "rtol", "last_step", "last_step_size"),
-        "Output": ("num", "seed", "class_labels", "out", "quantize", "force"),
+        "Output": ("num", "seed", "labels", "class_labels", "out", "quantize", "force"),
         "Run": ("batch_size", "device", "precision"),
     },
     flags={"interval": Flag(type=str | None, parse="sampler.sample:parse_interval"),
-           "class_labels": Flag(type=str, default="random", parse="sampler.sample:parse_class_labels")},
+           "class_labels": Flag(type=str, default="random", parse="sampler.labels:parse_class_labels")},
     skip=("rank", "world_size"),  # torchrun's; a Python caller may split the work itself
 )
 

@@ -21,8 +21,9 @@ import torch
 from pipeline.encoders import VAE, random_init, sd_vae_config, tiny_vae_config
 from sampler.decoder import Decoder
 from sampler.guidance import GuidanceConfig
+from sampler.labels import class_labels
 from sampler.sample import SamplingPlan, autocast_factory, sample_batches
-from sampler.settings import DEFAULT_SAMPLER, class_labels
+from sampler.settings import DEFAULT_SAMPLER
 from trainer.flops import forward_flops
 from trainer.metrics import peak_flops
 from trainer.models import ModelConfig, build_model

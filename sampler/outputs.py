@@ -175,6 +175,8 @@ def default_out(ckpt: Checkpoint, run: Path | None, sampler: SamplerChoice, guid
         parts.append(f"interval{guidance.interval[0]:g}-{guidance.interval[1]:g}")
     if cfg.class_labels is not None and ckpt.model_config.num_classes > 1:
         parts.append("labels" + hashlib.sha256(repr(cfg.class_labels).encode()).hexdigest()[:8])
+    elif cfg.labels != "random" and ckpt.model_config.num_classes > 1:
+        parts.append(cfg.labels)
     if cfg.weights != "ema":
         parts.append(cfg.weights)
     parts.append(f"seed{cfg.seed}")

@@ -44,13 +44,14 @@ from common.flags import OneOf
 from common.runtime import resolve_device
 from sampler.decoder import Decoder, load_decoder
 from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig
+from sampler.labels import LABEL_MODES, class_labels
 from sampler.outputs import (
     ERRORS_JSONL, GRID_MAX, QUANTIZE, SAMPLE_JSON, assemble, default_out, is_assembled, is_done, out_lock, prepare_out,
     to_uint8, write_errors, write_image,
 )
 from sampler.report import SampleResult, Work, final_report
 from sampler.samplers import LAST_STEPS, ODE_SOLVERS, SAMPLERS, SamplerOptions, sample_latents
-from sampler.settings import class_labels, resolve_guidance, resolve_sampler, sample_settings
+from sampler.settings import resolve_guidance, resolve_sampler, sample_settings
 from trainer.checkpoint import Checkpoint, resolve_checkpoint
 from trainer.models import DiffusionTransformer, build_model
 
@@ -114,9 +115,14 @@ class SampleConfig:
 
     B; the network sees up to 3·B rows with cfg+rg."""
     class_labels: tuple[int, ...] | None = None
-    """random (drawn per image from seed and index) or a comma list cycled over the images.
+    """random (chosen by --labels) or a comma list cycled over the images.
 
-    Label of i = labels[i % len]; None draws one per index from (seed, i)."""
+    Label of i = labels[i % len]; None: chosen by `labels`."""
+    labels: Annotated[str, OneOf(LABEL_MODES)] = "random"
+    """random (one per image from seed and index, as the papers evaluate) or balanced (N / classes of each class,
+    shuffled by the seed, as REPA-E, RAE and LightningDiT evaluate).
+
+    A balanced label depends on N too, which sample.json records."""
     out: Path | None = None
     """Output directory; default RUN/samples/NAME (or samples/NAME by --ckpt), NAME from the settings."""
     vae: str | None = None
@@ -165,6 +171,10 @@ class SampleConfig:
                 raise UserError(f"{flag} has no effect with --guidance {self.guidance}: add {mode} to --guidance or leave it out.")
         if self.class_labels is not None and (not self.class_labels or min(self.class_labels) < 0):
             raise UserError("--class-labels must be 'random' or a comma list of non-negative integers.")
+        if self.labels not in LABEL_MODES:
+            raise UserError(f"--labels must be one of {', '.join(LABEL_MODES)}, not {self.labels!r}.")
+        if self.labels != "random" and self.class_labels is not None:
+            raise UserError(f"--labels {self.labels} draws the labels, --class-labels lists them: give one of the two.")
         if (self.rank is None) != (self.world_size is None):
             raise UserError("Give both rank and world_size, or neither.")
         if self.world_size is not None and not 0 <= self.rank < self.world_size:
@@ -180,16 +190,6 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     except ValueError:
         raise UserError(f"--interval takes LO,HI (two numbers in [0, 1]), not {text!r}.") from None
     return lo, hi
-
-
-def parse_class_labels(text: str) -> tuple[int, ...] | None:
-    """'random' → None; '1,2,3' → (1, 2, 3)."""
-    if text.strip().lower() == "random":
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UserError(f"--class-labels takes 'random' or a comma list of integers, not {text!r}.") from None
 
 
 def sampling_network(ckpt: Checkpoint, weights: str, device: torch.device) -> DiffusionTransformer:
@@ -244,7 +244,7 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
     ckpt = Checkpoint.load(resolve_checkpoint(cfg.run, cfg.ckpt).resolve())
     mc = ckpt.model_config
     sampler, guidance = resolve_sampler(cfg, mc.objective), resolve_guidance(cfg, ckpt)
-    labels = class_labels(cfg.num, cfg.seed, cfg.class_labels, mc.num_classes)
+    labels = class_labels(cfg.num, cfg.seed, cfg.class_labels, mc.num_classes, cfg.labels)
     grid_count, has_pcs = min(cfg.num, GRID_MAX), mc.pca_rank > 0
     with sample_ranks(cfg) as (rank, world, device), contextlib.ExitStack() as held:
         precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")

@@ -1,5 +1,5 @@
 """What the flags of one `redi sample` run resolve to for its checkpoint: the sampler and its steps, the guidance
-weights, the label of every index, and the settings that sample.json records (they decide every pixel)."""
+weights, and the settings that sample.json records (they decide every pixel; the labels are sampler/labels.py's)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,12 +8,12 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 
 from common.errors import UserError
 from pipeline.encoders import TINY_RANDOM
 from sampler.decoder import Decoder
 from sampler.guidance import GuidanceConfig, check_guidance
+from sampler.labels import labels_setting
 from sampler.ddpm import DIT_SCHEDULE, space_timesteps
 from sampler.samplers import SamplerOptions, sde_min_steps
 from trainer.checkpoint import Checkpoint
@@ -27,7 +27,6 @@ DEFAULT_CFG_SCALE = 2.4  # ReDi's best table (CFG on the VAE channels)
 DEFAULT_RG_SCALE = 1.5  # ReDi, B models (1.1 for XL)
 DEFAULT_CLS_CFG_SCALE = 1.5  # REG generate.py's --cls-cfg-scale: its class token is guided unless told otherwise
 DEFAULT_STEPS = 250  # SiT/ReDi --num-sampling-steps, REPA/REG's evaluation
-LABEL_STREAM = 0x1ABE1  # SeedSequence word that keeps the label draws apart from the noise generators
 
 
 @dataclass(frozen=True)
@@ -111,27 +110,6 @@ def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
     )
 
 
-def class_labels(num: int, seed: int, labels: tuple[int, ...] | None, num_classes: int) -> np.ndarray:
-    """int64 (N,) label of every index: 0 for unconditional models, labels cycled, or drawn from (seed, i)."""
-    if num_classes == 1:
-        if labels is not None:
-            raise UserError("--class-labels has no effect on an unconditional model (num_classes 1): leave it out.")
-        return np.zeros(num, dtype=np.int64)
-    if labels is not None:
-        if max(labels) >= num_classes:
-            raise UserError(f"--class-labels has {max(labels)}, but the model knows classes 0…{num_classes - 1}.")
-        return np.resize(np.asarray(labels, dtype=np.int64), num)  # labels[i % len(labels)]
-    draws = [np.random.default_rng([LABEL_STREAM, seed, i]).integers(num_classes) for i in range(num)]
-    return np.asarray(draws, dtype=np.int64)
-
-
-def labels_setting(labels: tuple[int, ...] | None, num_classes: int) -> dict[str, Any]:
-    """How the labels were chosen, for sample.json."""
-    if num_classes == 1:
-        return {"mode": "unconditional"}
-    return {"mode": "random"} if labels is None else {"mode": "list", "values": list(labels)}
-
-
 def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: SamplerChoice, guidance: GuidanceConfig,
                     decoder: Decoder, precision: str) -> dict[str, Any]:
     """Everything that decides the pixels of image i (as JSON reads it back); a rerun into the same directory must match it."""
@@ -143,7 +121,7 @@ def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: SamplerChoice,
         "guidance": {"mode": guidance.mode, "cfg_scale": guidance.cfg_scale, "rg_scale": guidance.rg_scale,
                      "cfg_channels": guidance.cfg_channels, "cls_cfg_scale": guidance.cls_cfg_scale,
                      "interval": list(guidance.interval) if guidance.interval is not None else None},
-        "labels": labels_setting(cfg.class_labels, ckpt.model_config.num_classes),
+        "labels": labels_setting(cfg.labels, cfg.class_labels, ckpt.model_config.num_classes, cfg.num),
         "vae": {"identity": decoder.identity, "scale": decoder.scale, "shift": decoder.shift},
         "precision": precision,
         "quantize": cfg.quantize,

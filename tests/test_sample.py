@@ -19,7 +19,8 @@ from common.lock import exclusive
 from sampler.outputs import image_path, make_grid, pcs_path, pcs_to_rgb, read_png, write_adm_npz
 from sampler.report import SampleResult
 from sampler.sample import SampleConfig, batches_of, run_sample
-from sampler.settings import class_labels, resolve_guidance
+from sampler.labels import class_labels
+from sampler.settings import resolve_guidance
 from trainer.checkpoint import Checkpoint, ShardSummary, checkpoint_path, newest_checkpoint
 from trainer.config import TrainConfig
 from trainer.models import ModelConfig, build_model
@@ -331,3 +332,14 @@ def test_pixels_are_quantised_as_the_reference_scripts() -> None:
     floor = to_uint8(x, "floor")[0, 0, :, 0].tolist()  # REPA/REG: clamp(255·(x + 1)/2) truncated
     assert nearest == [0, 0, 1, 128, 191, 255, 255, 255]
     assert floor == [0, 0, 0, 127, 191, 254, 255, 255]
+
+
+def test_balanced_labels_are_recorded_and_have_exact_counts(sit_run: Path) -> None:
+    code, text = cli("--run", sit_run, "--num", 8, "--batch-size", 8, "--steps", 2, "--labels", "balanced", "--seed", 1)
+    assert code == 0, text
+    out = sit_run / "samples" / "step0000007-sde2-balanced-seed1"
+    _, labels = npz(out)
+    assert np.bincount(labels, minlength=4).tolist() == [2, 2, 2, 2]  # 8 images, 4 classes
+    assert json.loads((out / "sample.json").read_text())["settings"]["labels"] == {"mode": "balanced", "num": 8}
+    code, text = cli("--run", sit_run, "--num", 12, "--batch-size", 8, "--steps", 2, "--labels", "balanced", "--seed", 1)
+    assert code == 2 and "other settings (labels)" in text  # 12 balanced labels are not the 8's: never mixed
