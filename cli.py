@@ -404,13 +404,16 @@ def preview_command(cfg: PreviewConfig) -> None:
 # --- eval ---
 
 EVAL = FromConfig("sampler.evaluate:EvalConfig", panels={},
-                  flags={"samples": Flag(argument=True), "inception": Flag(envvar="REDI_INCEPTION")},
+                  flags={"samples": Flag(argument=True), "inception": Flag(envvar="REDI_INCEPTION"),
+                         "metrics": Flag(type=str, default="fid,sfid,is,pr", parse="sampler.evaluate:parse_metrics")},
                   skip=("split_size", "nearest_k"))  # ADM's protocol: 10 Inception Score splits of 5,000, k = 3
 
 
 @stage_command("eval", EVAL, MODEL_PANEL)
 def eval_command(cfg: EvalConfig) -> None:
-    """FID, sFID, Inception Score, precision and recall against an ADM reference batch, as ADM's evaluator computes them.
+    """FID, sFID, Inception Score, precision and recall against an ADM reference batch, as ADM's evaluator computes them,
+    and FD-DINOv2 (--metrics …,fd_dinov2); the JSON report carries an eval card (checkpoint, sampler, NFE, guidance,
+    labels, hashes, time).
 
     Two files that redi never downloads: the reference batch (VIRTUAL_imagenet256_labeled.npz; 512 px:
     VIRTUAL_imagenet512.npz), linked from openai/guided-diffusion's evaluations/README.md, and pytorch-fid's
@@ -425,9 +428,10 @@ def eval_command(cfg: EvalConfig) -> None:
     table = Table(title=f"{result.num_samples:,} samples vs {result.num_ref:,} reference images")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
-    for key, name in names.items():
-        table.add_row(name, f"{result.metrics[key]:.4f}")
+    names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
+             "recall": "Recall", "fd_dinov2": "FD-DINOv2"}
+    for key, value in result.metrics.items():
+        table.add_row(names[key], f"{value:.4f}")
     out.print(table)
     stats = "precomputed reference statistics" if result.precomputed_ref_stats else "reference statistics from its images"
     out.print(f"[green]wrote[/] {escape(str(result.out))} in {result.seconds:.1f} s "

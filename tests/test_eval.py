@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
+from common.atomic import sha256_file
 from common.errors import UserError
 from sampler.inception import FIDInceptionV3, he_init_, load_fid_inception, tf_resize_bilinear
 from sampler.metrics import (
@@ -328,6 +329,9 @@ def test_redi_eval_end_to_end(tmp_path: Path) -> None:
     assert report["sample_settings"] == {"guidance": "cfg+rg", "num": 4}
     assert not report["ref"]["precomputed_stats"] and not report["samples"]["precomputed_stats"]
     assert report["inception"]["official"] is False and "not comparable" in result.output
+    card = report["card"]
+    assert card["inception_sha256"] == sha256_file(weights) and card["ref_sha256"] == sha256_file(tmp_path / "ref.npz")
+    assert card["num_samples"] == 4 and card["metrics"] == ["fid", "sfid", "is", "pr"] and card["seconds"] > 0
     assert (report["samples"]["num_images"], report["ref"]["num_images"]) == (4, 5)
 
     bad = tmp_path / "bad.npz"
@@ -373,3 +377,62 @@ def test_eval_without_faiss_says_how_to_install_it(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if the `eval` extra were not installed
     with pytest.raises(UserError, match=r"pip install 'redi\[eval\]'"):
         faiss_module()
+
+
+# ---------------------------------------------------------------- FD-DINOv2
+
+
+def test_fd_dinov2_preprocessing_is_edm2s() -> None:
+    from sampler.fd_dinov2 import EDM2_PREPROCESS, INPUT_SIDE
+
+    images = torch.from_numpy(_images(3, side=64, seed=4))  # uint8 (3, 64, 64, 3)
+    x = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2).float(), size=(224, 224), mode="bicubic",
+                                        antialias=True)  # edm2: resize the [0, 255] floats first
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    edm2 = (x / 255 - mean) / std
+    assert torch.allclose(EDM2_PREPROCESS(images, INPUT_SIDE), edm2, atol=1e-5)
+
+
+def test_fd_dinov2_takes_the_normed_cls_token_and_refuses_encoders_without_one() -> None:
+    from sampler.fd_dinov2 import EDM2_PREPROCESS, DinoV2Features
+
+    fd = DinoV2Features("tiny-random", torch.device("cpu"))
+    images = torch.from_numpy(_images(2, side=32, seed=5))
+    hidden = fd._model(pixel_values=EDM2_PREPROCESS(images, 224)).last_hidden_state  # (2, 1 + 4 + 256, 32)
+    assert torch.equal(fd(images), hidden[:, 0]) and fd.dim == 32 and not fd.comparable
+    normed = fd._model.layernorm.weight.detach()  # the final LayerNorm ran: unit variance times its weight
+    assert torch.allclose(fd(images).var(dim=1, unbiased=False), torch.full((2,), float(normed.pow(2).mean())), rtol=0.2)
+    with pytest.raises(UserError, match="no CLS token"):
+        DinoV2Features("tiny-random:ijepa", torch.device("cpu"))
+
+
+def test_fd_dinov2_of_a_shifted_and_scaled_set_equals_the_closed_form() -> None:
+    from sampler.evaluate import score
+    from sampler.metrics import AdmBatch
+
+    rng = np.random.default_rng(0)
+    # Columns orthonormal and orthogonal to the ones vector: 64 features of exactly zero mean and unit covariance.
+    f = np.linalg.qr(np.c_[np.ones(64), rng.standard_normal((64, 8))])[0][:, 1:] * np.sqrt(63)  # (64, 8)
+    ref = AdmBatch(Path("ref.npz"), 64, 8, 8, None, None)
+    shift = rng.standard_normal(8)
+    same = score(("fd_dinov2",), {"dinov2": f}, {"dinov2": f}, ref)["fd_dinov2"]
+    moved = score(("fd_dinov2",), {"dinov2": 1.5 * f + shift}, {"dinov2": f}, ref)["fd_dinov2"]
+    assert abs(same) < 1e-9
+    assert moved == pytest.approx(shift @ shift + 8 * (1.5 - 1.0) ** 2, rel=1e-9)  # ‖Δμ‖² + Σ (σa − σb)²
+
+
+def test_redi_eval_fd_dinov2_alone_needs_no_inception_and_a_set_against_itself_is_zero(tmp_path: Path) -> None:
+    np.savez(tmp_path / "samples.npz", _images(40, side=32, seed=6))
+    args = ["eval", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "samples.npz"), "--metrics", "fd_dinov2",
+            "--fd-encoder", "tiny-random", "--device", "cpu", "--out", str(tmp_path / "report.json")]
+    result = CliRunner().invoke(app, args, env={"REDI_INCEPTION": ""})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["metrics"]) == ["fd_dinov2"] and abs(report["metrics"]["fd_dinov2"]) < 1e-6
+    assert report["inception"] is None and report["fd_encoder"]["identity"]["kind"] == "tiny-random"
+    assert "FD-DINOv2" in result.output and "not comparable" in result.output
+    card = report["card"]
+    assert card["metrics"] == ["fd_dinov2"] and card["num_samples"] == 40 and card["inception_sha256"] is None
+    assert card["ref_sha256"] == report["ref"]["sha256"] and card["checkpoint"] is None  # no sample.json: not known
+    unknown = CliRunner().invoke(app, [*args[:4], "--metrics", "fid,kid"])
+    assert unknown.exit_code == 2 and "--metrics takes a comma list" in unknown.output

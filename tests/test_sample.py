@@ -343,3 +343,14 @@ def test_balanced_labels_are_recorded_and_have_exact_counts(sit_run: Path) -> No
     assert json.loads((out / "sample.json").read_text())["settings"]["labels"] == {"mode": "balanced", "num": 8}
     code, text = cli("--run", sit_run, "--num", 12, "--batch-size", 8, "--steps", 2, "--labels", "balanced", "--seed", 1)
     assert code == 2 and "other settings (labels)" in text  # 12 balanced labels are not the 8's: never mixed
+
+    # The eval card: how these samples were made, from sample.json, next to what they were compared with.
+    evaluated = CliRunner().invoke(app, ["eval", str(out / "samples.npz"), "--ref", str(out / "samples.npz"), "--metrics",
+                                         "fd_dinov2", "--fd-encoder", "tiny-random", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    card = json.loads((out / "samples.eval.json").read_text())["card"]
+    ckpt = sit_run / "checkpoints" / "step-0000007.pt"
+    assert card["checkpoint"] == {"sha256": sha256_file(ckpt), "step": STEP, "weights": "ema"}
+    assert (card["model"], card["sampler"], card["steps"], card["nfe_per_image"]) == ("SiT-debug", "sde", 2, 2)
+    assert card["guidance"]["mode"] == "none" and card["labels"] == "balanced" and card["precision"] == "fp32"
+    assert card["num_samples"] == 8 and card["ref_sha256"] == sha256_file(out / "samples.npz") and card["seconds"] > 0
