@@ -293,8 +293,11 @@ TRAIN = FromConfig(
                          "grad_clip", "ema_decay"),
         "Run": ("run", "init", "seed", "precision", "compile", "log_every", "save_every", "ckpt_every", "keep",
                 "max_bad_steps"),
+        "Watching": ("tracker", "sample_every", "sample_num", "sample_steps", "sample_guidance", "eval_every",
+                     "eval_ref", "inception", "eval_num", "eval_labels"),
     },
-    flags={"data_format": Flag(("--format",)), "max_steps": Flag(("--max-steps", "--steps"))},
+    flags={"data_format": Flag(("--format",)), "max_steps": Flag(("--max-steps", "--steps")),
+           "inception": Flag(envvar="REDI_INCEPTION")},
     skip=("resolution",),  # read from the shards
 )
 
@@ -332,8 +335,11 @@ def train_command(
     table = Table(title=f"redi train → {escape(str(result.run))}", show_header=False)
     for key, value in (("steps", f"{result.steps_run:,} run now, at step {result.step:,}"),
                        ("skipped (non-finite)", f"{result.skipped_steps}"), ("last loss", f"{result.last_loss:.4f}"),
-                       ("time", f"{result.seconds:,.1f} s"), ("images/s", f"{result.images_per_s:,.1f}"),
-                       ("checkpoints", str(result.run / "checkpoints")), ("metrics", str(result.run / "metrics.jsonl"))):
+                       ("time", f"{result.seconds:,.1f} s" + (f" ({result.watch_seconds:,.1f} s of sample grids and "
+                                                               "evaluations)" if result.watch_seconds else "")),
+                       ("images/s", f"{result.images_per_s:,.1f}"),
+                       ("checkpoints", str(result.run / "checkpoints")), ("metrics", str(result.run / "metrics.jsonl")),
+                       *((("sample grids", str(result.run / "samples")),) if result.watch_seconds else ())):
         table.add_row(key, escape(value))
     out.print(table)
 

@@ -98,7 +98,7 @@ def curves_figure(rows: list[dict[str, Any]], batch_size: int, loss_terms: Seque
     _line(grad, [(r["step"], r["grad_norm"]) for r in logged if _positive(r.get("grad_norm"))], "grad norm", BLUE)
     _finish(grad, "gradient norm (before clipping)", log=True)
     _line(speed, [(r["step"], r["images_per_s"]) for r in logged if _positive(r.get("images_per_s"))], "images/s", BLUE)
-    _finish(speed, "images/s (previews and evaluations excluded)")
+    _finish(speed, "images/s (sample grids and evaluations left out)")
     evals = [r for r in rows if "fid" in r]
     for name, colour in (("fid", BLUE), ("fd_dinov2", ORANGE)):
         _line(fid, [(r["step"], r[name]) for r in evals if _positive(r.get(name))], name.replace("_", "-").upper(), colour)
@@ -133,7 +133,9 @@ def _finish(ax: Axes, title: str, log: bool = False, legend: bool = False) -> No
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(color="0.9")
-    if log and ax.has_data():
+    if not log or not ax.has_data():
+        ax.ticklabel_format(axis="y", useOffset=False)  # 68.35, not +6.834e1 and a tick of 0.0092
+    else:
         ax.set_yscale("log")
         for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
             axis(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 0.6, 2, 40 rather than 6×10⁻¹

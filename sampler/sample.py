@@ -43,7 +43,7 @@ from common.errors import UserError
 from common.flags import OneOf
 from common.runtime import resolve_device
 from sampler.decoder import Decoder, load_decoder
-from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig
+from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig, GuidanceStats
 from sampler.labels import LABEL_MODES, class_labels
 from sampler.outputs import (
     ERRORS_JSONL, GRID_MAX, QUANTIZE, SAMPLE_JSON, assemble, default_out, is_assembled, is_done, out_lock, prepare_out,
@@ -293,19 +293,12 @@ def sample_batches(
 ) -> Work:
     """Sample, decode and write each batch in `todo`; only missing files are written (PCs before the PNG)."""
     mc = model.cfg
-    device = next(model.parameters()).device
     work = Work()
     start = time.perf_counter()
     pending: list[Future[None]] = []
     with bar as advance, ThreadPoolExecutor(WRITER_THREADS) as pool:
         for batch in todo:
-            indices = torch.tensor(batch, dtype=torch.long)
-            y = torch.from_numpy(labels[batch]).to(device)  # (B,)
-            x, _, stats = sample_latents(
-                model, y, indices, plan.seed, plan.sampler, plan.steps, plan.guidance, plan.autocast,
-                latent_size=mc.input_size, cls_dim=mc.repa_dim if mc.reg_token else None, options=plan.options,
-            )  # x (B, V + r, h, h)
-            decoded = decoder(x[:, : mc.vae_channels])  # (B, 3, H, W)
+            x, decoded, stats = sample_decoded(model, decoder, plan, batch, labels)  # (B, V + r, h, h), (B, 3, H, W)
             finite = (torch.isfinite(x).flatten(1).all(1) & torch.isfinite(decoded).flatten(1).all(1)).tolist()  # (B,)
             pixels = to_uint8(decoded, plan.quantize)  # (B, H, W, 3)
             pcs = x[:, mc.vae_channels :].float().cpu().numpy()  # (B, r, h, h)
@@ -328,3 +321,14 @@ def sample_batches(
     return work
 
 
+def sample_decoded(model: DiffusionTransformer, decoder: Decoder, plan: SamplingPlan, batch: list[int],
+                   labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, GuidanceStats]:
+    """Sample the global indices `batch` (labels[batch]) and decode them: x (B, V + r, h, h), images (B, 3, H, W)
+    in ≈[−1, 1], and the network work spent."""
+    mc = model.cfg
+    y = torch.from_numpy(labels[batch]).to(next(model.parameters()).device)  # (B,)
+    x, _, stats = sample_latents(
+        model, y, torch.tensor(batch, dtype=torch.long), plan.seed, plan.sampler, plan.steps, plan.guidance,
+        plan.autocast, latent_size=mc.input_size, cls_dim=mc.repa_dim if mc.reg_token else None, options=plan.options,
+    )  # x (B, V + r, h, h)
+    return x, decoder(x[:, : mc.vae_channels]), stats

@@ -11,8 +11,11 @@ from common.errors import UserError
 from common.flags import OneOf
 from pipeline.remote import Location, as_location, read_if_exists, redact
 from pipeline.shards import FORMATS
+from sampler.guidance import GUIDANCE_MODES
+from sampler.labels import LABEL_MODES
 from trainer.models import FUSIONS, REPA_DEPTHS, SIZES
 from trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts
+from trainer.trackers import TRACKERS
 
 OBJECTIVES = {"SiT": "sit", "DiT": "dit"}
 MODELS = tuple(f"{family}-{size}" for family in OBJECTIVES for size in SIZES)  # the --model choices
@@ -116,6 +119,32 @@ class TrainConfig(MethodParts):
     """Resume checkpoints kept."""
     max_bad_steps: int = 10
     """Consecutive non-finite losses before the run stops."""
+    tracker: Annotated[str | None, OneOf(TRACKERS)] = None
+    """Where rank 0 also writes every metrics.jsonl number; default: tensorboard when installed.
+
+    tensorboard: RUN/tensorboard; wandb: RUN/wandb (WANDB_MODE=offline needs no network); none."""
+    sample_every: int = 10_000
+    """Steps between sample grids RUN/samples/step-N.png (EMA weights, fixed labels and noise); 0: none."""
+    sample_num: int = 16
+    """Images per sample grid."""
+    sample_steps: int = 50
+    """Sampler steps of the grids and the in-training FID (ODE Euler for SiT, DDPM for DiT)."""
+    sample_guidance: Annotated[str | None, OneOf(GUIDANCE_MODES)] = None
+    """Guidance of the grids and the in-training FID; default: rg for a model trained with --rep-drop, else none.
+
+    The scales are `redi sample`'s defaults."""
+    eval_every: int = 0
+    """Steps between in-training FID, sFID, IS, precision and recall of the EMA weights; 0: none.
+
+    Needs --eval-ref and --inception, checked when the run starts."""
+    eval_ref: str | None = None
+    """ADM reference batch .npz of the in-training evaluation (VIRTUAL_imagenet256_labeled.npz)."""
+    inception: str | None = None
+    """pt_inception-2015-12-05-6726825d.pth for the in-training evaluation."""
+    eval_num: int = 10_000
+    """Images per in-training evaluation, sampled over all ranks."""
+    eval_labels: Annotated[str, OneOf(LABEL_MODES)] = "random"
+    """Labels of the evaluation's images: random (the papers) or balanced (N / classes of each)."""
     init: str | None = None
     """Start a new run from these weights (a redi checkpoint or `redi convert` output).
 
@@ -161,6 +190,17 @@ class TrainConfig(MethodParts):
             raise UserError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}.")
         if not 0 <= self.seed < 2**62:
             raise UserError(f"--seed must be a non-negative integer below 2^62, got {self.seed}.")
+        if self.tracker is not None and self.tracker not in TRACKERS:
+            raise UserError(f"--tracker must be one of {', '.join(TRACKERS)}, not {self.tracker!r}.")
+        if min(self.sample_every, self.eval_every) < 0 or min(self.sample_num, self.sample_steps, self.eval_num) < 1:
+            raise UserError("--sample-every and --eval-every must be ≥ 0; --sample-num, --sample-steps and --eval-num positive.")
+        if self.sample_guidance is not None and self.sample_guidance not in GUIDANCE_MODES:
+            raise UserError(f"--sample-guidance must be one of {', '.join(GUIDANCE_MODES)}, not {self.sample_guidance!r}.")
+        if self.eval_labels not in LABEL_MODES:
+            raise UserError(f"--eval-labels must be one of {', '.join(LABEL_MODES)}, not {self.eval_labels!r}.")
+        if self.eval_every and (self.eval_ref is None or self.inception is None):
+            raise UserError("--eval-every needs the reference batch and the Inception weights: pass --eval-ref REF.npz "
+                            "and --inception pt_inception-2015-12-05-6726825d.pth.")
         if not all(math.isfinite(v) and v >= 0 for v in (self.lambda_z, self.repa_weight, self.cls_weight, self.grad_clip)):
             raise UserError("--lambda-z, --repa-weight, --cls-weight and --grad-clip must be finite and ≥ 0.")
 

@@ -32,12 +32,13 @@ from trainer.checkpoint import CONFIG_JSON, BackgroundCheckpointer, Checkpoint, 
 from trainer.config import TrainConfig, architecture_mismatch, resolve_shards_dir
 from trainer.ema import make_ema, update_ema
 from trainer.flops import train_flops_per_image
-from trainer.metrics import MetricsLog, peak_flops
+from trainer.metrics import peak_flops
 from trainer.models import ModelConfig, build_model
 from trainer.objectives import TrainBatch, check_batch, compute_loss, prepare_batch
 from trainer.plan import TrainPlan, check_fits, resolve
 from trainer.progress import TrainProgress
 from trainer.stop import StopRequest
+from trainer.watch import RunWatch
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class TrainResult:
     seconds: float
     images_per_s: float
     stopped_by: int = 0  # the signal that ended the run early (after a checkpoint), 0 if it ran to max_steps
+    watch_seconds: float = 0.0  # spent on sample grids and evaluations (left out of images_per_s)
 
 
 def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], None] | None = None) -> TrainResult:
@@ -90,13 +92,13 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" and cfg.precision == "bf16" else contextlib.nullcontext()
 
     batches = micro_batch_streams(shards, cfg, dist_info, plan.accum, plan.micro, step)
-    metrics = MetricsLog(run / "metrics.jsonl", resume_step=step) if dist_info.is_main else None
+    watch = RunWatch(plan, dist_info, state)  # metrics.jsonl, the tracker, sample grids, FID
     meter = SpeedMeter(cfg.batch_size, train_flops_per_image(plan.model), peak_flops(dev), dist_info.world_size, step)
     gen = torch.Generator(device=dev)
     bad_in_a_row, skipped, loss_value, stopped_by = 0, 0, math.nan, 0
     progress = TrainProgress(cfg.max_steps, step, enabled=dist_info.is_main)
     started = time.perf_counter()
-    with BackgroundCheckpointer() as checkpointer:  # on a stop signal: finish the step, checkpoint, return
+    with BackgroundCheckpointer() as checkpointer, watch:  # on a stop signal: finish the step, checkpoint, return
         while step < cfg.max_steps:
             model.train()
             sums: dict[str, torch.Tensor] = {}
@@ -130,21 +132,22 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
                 row = dict(zip(sums, losses.tolist(), strict=True)) | {
                     "step": step, "grad_norm": float(grad_norm), "lr": cfg.lr, "skipped_steps": skipped} | meter.speeds(step)
                 loss_value = row["loss"]
-                if metrics is not None:
-                    metrics.write(row)
+                watch.log(row)
                 progress.update(row)
             if dist_info.is_main and (stopped_by or step % cfg.save_every == 0 or step % cfg.ckpt_every == 0
                                       or step == cfg.max_steps):
                 checkpointer.save(run, step, state.checkpoint(plan).to_state(), keep=cfg.keep, milestone_every=cfg.ckpt_every)
             if stopped_by:
                 break
+            meter.since += watch.after_step(state)  # grids and evaluations are left out of images/s
         checkpointer.wait()  # the last checkpoint is on disk before any rank leaves (torchrun stops the others)
         barrier()
     progress.close()
     seconds = time.perf_counter() - started
+    training = max(seconds - watch.seconds, 1e-9)
     return TrainResult(run=run, step=step, steps_run=step - start_step, skipped_steps=skipped, last_loss=loss_value,
-                       seconds=seconds, images_per_s=(step - start_step) * cfg.batch_size / max(seconds, 1e-9),
-                       stopped_by=stopped_by)
+                       seconds=seconds, images_per_s=(step - start_step) * cfg.batch_size / training,
+                       stopped_by=stopped_by, watch_seconds=watch.seconds)
 
 
 @dataclass
