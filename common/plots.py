@@ -147,5 +147,5 @@ def _eval_label(card: dict[str, Any]) -> str:
     """'10,000 samples, ode 50 steps, guidance rg' from an evaluation's card (its recorded settings)."""
     parts = [f"{card['num_samples']:,} samples" if isinstance(card.get("num_samples"), int) else None,
              f"{card.get('sampler')} {card.get('steps')} steps" if card.get("sampler") else None,
-             f"guidance {card['guidance']['mode']}" if isinstance(card.get("guidance"), dict) else None]
+             f"guidance {card['guidance'].get('mode')}" if isinstance(card.get("guidance"), dict) else None]
     return ", ".join(p for p in parts if p) or "settings in metrics.jsonl"

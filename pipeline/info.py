@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from pipeline.pca import PLOT_FILE, checked_pca_sha256, plot_explained_variance
 from pipeline.pca_file import load_pca
 from pipeline.stage import ZARR_METADATA_ERRORS, StageDir
 
+log = logging.getLogger(__name__)
 ARRAY_STAGES = ("latents", "features")
 HISTOGRAMS_PNG = "channel_histograms.png"  # per-channel histograms of a data root's latents and PCs
 CURVES_PNG = "curves.png"  # a run's training curves
@@ -76,9 +78,11 @@ def describe_run(root: Path) -> list[StageInfo]:
     unread = "unreadable (no complete line)" if (root / "metrics.jsonl").exists() else "missing"
     entries.append(StageInfo("metrics.jsonl", f"{len(lines)} lines" if lines else unread,
                              [(k, _short(v)) for k, v in last.items()]))
-    samples = sorted(p.name for p in (root / "samples").iterdir()) if (root / "samples").is_dir() else []
-    entries.append(StageInfo("samples/", f"{len(samples)} sets" if samples else "missing",
-                             [("sets", ", ".join(samples))] if samples else []))
+    found = sorted((root / "samples").iterdir()) if (root / "samples").is_dir() else []
+    samples = [p.name for p in found if p.is_dir()]  # `redi sample`'s directories
+    grids = [p.name for p in found if p.name.startswith("step-") and p.suffix == ".png"]  # --sample-every's grids
+    rows = ([("sets", ", ".join(samples))] if samples else []) + ([("grids", f"{len(grids)}, newest {grids[-1]}")] if grids else [])
+    entries.append(StageInfo("samples/", f"{len(samples)} sets, {len(grids)} grids" if found else "missing", rows))
     return entries
 
 
@@ -104,8 +108,15 @@ def info_json(root: Path, parts: list[StageInfo]) -> dict[str, Any]:
 
 def info_plots(root: Path) -> list[Path]:
     """The pictures of a run (RUN/curves.png) or a data root (the PCA plot, DATA/channel_histograms.png), drawn now;
-    a part that is missing or unreadable is left out (the table says why)."""
-    root = Path(root)
+    a part that is missing or unreadable is left out (the table says why), a folder we may not write to is said once."""
+    try:
+        return _draw(Path(root))
+    except OSError as e:  # a read-only or full disk: the table was shown, the pictures cannot be
+        log.warning(f"No pictures drawn in {root}: {e.strerror or e}.")
+        return []
+
+
+def _draw(root: Path) -> list[Path]:
     if is_run_dir(root):
         from trainer.metrics import plot_curves
 

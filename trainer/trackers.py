@@ -1,22 +1,26 @@
 """Where a run's metrics go besides metrics.jsonl: TensorBoard (RUN/tensorboard), Weights & Biases (RUN/wandb), or nowhere.
 
 metrics.jsonl stays the source of truth; a tracker is a view of it, written by rank 0 only. A resumed run continues
-the same curves without repeating a step: TensorBoard's writer opens with `purge_step` = the checkpoint's step + 1,
-so the steps a crashed run logged after its last checkpoint are hidden from every reader, and the resumed run logs
+the same curves without repeating a step: a TensorBoard event file opens with a purge at the checkpoint's step + 1
+(SummaryWriter's `purge_step`), so the steps a crashed run logged after its last checkpoint are hidden from every reader, and the resumed run logs
 them again; W&B resumes the same run id (RUN/wandb.json) and drops steps it already holds. A tracker started on a run
 that has metrics but no tracker files yet (a run begun with `--tracker none`) is first filled from metrics.jsonl.
 """
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import math
 import os
 import secrets
+import socket
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
 from common.atomic import atomic_write_json, read_jsonl, try_read_json
 from common.errors import UserError
@@ -68,25 +72,47 @@ class NoTracker:
 
 
 class TensorBoardTracker:
-    """torch.utils.tensorboard's SummaryWriter on RUN/tensorboard, one scalar per metrics key (the same names)."""
+    """RUN/tensorboard event files, one scalar per metrics key (the same names), written in this thread.
+
+    The records and protos are tensorboard's own; torch.utils.tensorboard's SummaryWriter would write them from a
+    background thread, whose failure (a full disk) surfaces as a thread's traceback instead of the one sentence every
+    redi command ends with. Opened like SummaryWriter(purge_step=step + 1) on a resume.
+    """
 
     def __init__(self, run: Path, resume_step: int):
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
-        # Events of steps after the checkpoint (logged before a crash) are hidden: the resumed run logs them again.
-        self._writer = SummaryWriter(log_dir=str(run / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None)
+        self._event, self._summary = Event, Summary
+        folder = run / TENSORBOARD_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        # Readers take the files in name order: nanoseconds (a fixed 19 digits) put a resume's file after the last one.
+        name = f"events.out.tfevents.{time.time_ns()}.{socket.gethostname()}.{os.getpid()}"
+        self._file = open(folder / name, "ab")  # noqa: SIM115 (open for the run's life, closed by close())
+        self._records = RecordWriter(self._file)
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if resume_step:  # hide what a killed run logged after its checkpoint: the resumed run logs it again
+            self._write(Event(wall_time=time.time(), step=resume_step + 1, session_log=SessionLog(status=SessionLog.START)))
+
+    def _write(self, event: Any) -> None:
+        self._records.write(event.SerializeToString())
+        self._file.flush()  # rows come every --log-every steps: a reader sees each one at once
 
     def scalars(self, row: dict[str, Any], step: int) -> None:
-        for name, value in numbers(row).items():
-            self._writer.add_scalar(name, value, step)
-        self._writer.flush()  # rows come every --log-every steps: a reader sees each one at once
+        values = [self._summary.Value(tag=name, simple_value=value) for name, value in numbers(row).items()]
+        self._write(self._event(wall_time=time.time(), step=step, summary=self._summary(value=values)))
 
     def image(self, tag: str, pixels: np.ndarray, step: int) -> None:
-        self._writer.add_image(tag, pixels, step, dataformats="HWC")
-        self._writer.flush()
+        png = io.BytesIO()
+        Image.fromarray(pixels).save(png, format="PNG")
+        picture = self._summary.Image(height=pixels.shape[0], width=pixels.shape[1], colorspace=3,
+                                      encoded_image_string=png.getvalue())
+        summary = self._summary(value=[self._summary.Value(tag=tag, image=picture)])
+        self._write(self._event(wall_time=time.time(), step=step, summary=summary))
 
     def close(self) -> None:
-        self._writer.close()
+        self._file.close()
 
 
 class WandbTracker:
