@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-
 from common.errors import UserError
 from pipeline.encoders import TINY_RANDOM
 from sampler.decoder import Decoder
