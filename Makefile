@@ -81,14 +81,15 @@ demo: install
 	$(REDI) shards --data $(DEMO) --pcs 16 --format both --shard-size 32 --patch-tokens
 	$(REDI) verify $(DEMO)
 	$(REDI) train --shards $(DEMO) --run $(DEMO)/runs/sit-debug-redi --model SiT-debug --method redi \
-		--pca-rank 8 --batch-size 16 --max-steps 300 --log-every 50 --save-every 100 --lr 1e-3 --num-workers 0 \
-		--sample-every 150 --sample-num 9 --sample-steps 25
+		--pca-rank 8 --batch-size 16 --max-steps 300 --log-every 50 --save-every 100 --lr 1e-3 --num-workers 0
+	$(REDI) info $(DEMO)
 	$(REDI) info $(DEMO)/runs/sit-debug-redi
 	$(REDI) sample --run $(DEMO)/runs/sit-debug-redi --guidance rg --rg-scale 1.5 --steps 25 --num 16 \
 		--weights model --out $(DEMO)/samples-raw-weights
 	$(REDI) preview $(DEMO) --samples $(DEMO)/samples-raw-weights
 	@echo "Pictures: $(DEMO)/preview.png (the rows above); $(DEMO)/samples-raw-weights/grid.png and pcs.png (the 16"
-	@echo "samples and their generated PCs); $(DEMO)/pca_explained_variance.png (the PCA's spectrum)."
+	@echo "samples and their generated PCs); $(DEMO)/pca_explained_variance.png (the PCA's spectrum);"
+	@echo "$(DEMO)/channel_histograms.png (latents and PCs per channel); $(DEMO)/runs/sit-debug-redi/curves.png (training)."
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -18,7 +18,7 @@ from sampler.inception import FIDInceptionV3, he_init_
 from trainer.checkpoint import checkpoint_path, checksum_path
 from trainer.config import TrainConfig
 from trainer.metrics import read_metrics
-from trainer.preview import preview_path
+from trainer.grids import grid_path
 from trainer.trackers import TENSORBOARD_DIR
 from trainer.train import train
 
@@ -80,19 +80,19 @@ def test_sample_grids_at_their_steps_are_the_same_pixels_after_a_resume(data: Pa
     straight = tmp_path / "straight"
     train(config(data, straight, sample_every=4, sample_num=4, tracker="tensorboard"), device="cpu")
     assert sorted(p.name for p in (straight / "samples").glob("step-*.png")) == ["step-0000004.png", "step-0000008.png"]
-    grid = np.asarray(Image.open(preview_path(straight, 8)))
+    grid = np.asarray(Image.open(grid_path(straight, 8)))
     assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 3) and grid[2:66, 2:66].std() > 5  # 2×2 decoded 64×64 images
-    assert not np.array_equal(grid, np.asarray(Image.open(preview_path(straight, 4))))  # other weights, same noise
+    assert not np.array_equal(grid, np.asarray(Image.open(grid_path(straight, 4))))  # other weights, same noise
     timed = [r for r in read_metrics(straight / "metrics.jsonl") if "sample_seconds" in r]
     assert [r["step"] for r in timed] == [4, 8] and all(r["sample_seconds"] > 0 for r in timed)
     assert events(straight)[1] == {"samples": [4, 8]}
 
     resumed = tmp_path / "resumed"
     train(config(data, resumed, sample_every=4, sample_num=4, max_steps=4), device="cpu")
-    preview_path(resumed, 4).unlink()  # as if killed between the checkpoint and the grid: the resume draws it
+    grid_path(resumed, 4).unlink()  # as if killed between the checkpoint and the grid: the resume draws it
     train(config(data, resumed, sample_every=4, sample_num=4), device="cpu")
     for step in (4, 8):
-        assert preview_path(resumed, step).read_bytes() == preview_path(straight, step).read_bytes(), step
+        assert grid_path(resumed, step).read_bytes() == grid_path(straight, step).read_bytes(), step
 
 
 def test_a_model_that_cannot_be_guided_as_asked_is_refused_before_training(data: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from trainer.checkpoint import Checkpoint
 from trainer.metrics import MetricsLog
 from trainer.periodic_eval import PeriodicEval
 from trainer.plan import TrainPlan
-from trainer.preview import RunSampler, preview_path, write_preview
+from trainer.grids import RunSampler, grid_path, write_grid
 from trainer.trackers import default_tracker, open_tracker
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class RunWatch:
 
     def _grid(self, ckpt: Checkpoint) -> float:
         assert self.grids is not None
-        path, grid, seconds = write_preview(self.run, ckpt.step, self.grids, ckpt)
+        path, grid, seconds = write_grid(self.run, ckpt.step, self.grids, ckpt)
         self.log({"step": ckpt.step, "sample_seconds": seconds})
         self.tracker.image("samples", grid, ckpt.step)
         log.info(f"step {ckpt.step}: sample grid {path} ({seconds:.1f} s)")
@@ -98,7 +98,7 @@ class RunWatch:
     def _catch_up(self, state: TrainState) -> None:
         """The resumed step's grid and evaluation when the run ended before making them."""
         step = state.step
-        if self.grids is not None and step % self.cfg.sample_every == 0 and not preview_path(self.run, step).exists():
+        if self.grids is not None and step % self.cfg.sample_every == 0 and not grid_path(self.run, step).exists():
             self._grid(state.checkpoint(self.plan))
         if self.evaluation is not None and step % self.cfg.eval_every == 0:
             rows = read_jsonl(self.run / "metrics.jsonl") if (self.run / "metrics.jsonl").exists() else []

@@ -29,7 +29,7 @@ PREVIEW_DIR = "samples"  # RUN/samples/step-XXXXXXX.png (beside `redi sample`'s 
 RUN_SAMPLERS = {"sit": "ode", "dit": "ddpm"}  # short and deterministic: a grid changes with the weights only
 
 
-def preview_path(run: Path, step: int) -> Path:
+def grid_path(run: Path, step: int) -> Path:
     return Path(run) / PREVIEW_DIR / f"step-{step:07d}.png"
 
 
@@ -88,7 +88,7 @@ class RunSampler:
         return self.settings | {"checkpoint": {"sha256": None, "step": step, "weights": "ema"}}
 
 
-def write_preview(run: Path, step: int, sampler: RunSampler, ckpt: Checkpoint) -> tuple[Path, np.ndarray, float]:
+def write_grid(run: Path, step: int, sampler: RunSampler, ckpt: Checkpoint) -> tuple[Path, np.ndarray, float]:
     """RUN/samples/step-XXXXXXX.png of the EMA weights at `step` (written atomically); the grid and its seconds."""
     start = time.perf_counter()
     model = sampler.network(ckpt)
@@ -96,5 +96,5 @@ def write_preview(run: Path, step: int, sampler: RunSampler, ckpt: Checkpoint) -
     images = np.concatenate([sampler.pixels(model, list(range(s, min(s + sampler.config.batch_size, num))))[0]
                              for s in range(0, num, sampler.config.batch_size)])  # (N, H, W, 3)
     grid = make_grid(images)  # (rows·(H + 2) + 2, cols·(W + 2) + 2, 3)
-    write_picture(preview_path(run, step), grid)
-    return preview_path(run, step), grid, time.perf_counter() - start
+    write_picture(grid_path(run, step), grid)
+    return grid_path(run, step), grid, time.perf_counter() - start
