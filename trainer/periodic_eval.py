@@ -10,6 +10,7 @@ same numbers (tests/test_periodic_eval.py).
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from common.atomic import sha256_file
 from common.distributed import DistInfo
 from common.errors import UserError
-from sampler.evaluate import Activations, Detectors, check_batches, eval_card, score
+from sampler.evaluate import Activations, Detectors, check_batches, eval_card, eval_warnings, score
 from sampler.fd_dinov2 import DEFAULT_FD_ENCODER
 from sampler.inception import POOL_DIM, SPATIAL_DIM
 from sampler.metrics import read_adm_batch
@@ -31,6 +32,7 @@ from trainer.checkpoint import Checkpoint
 from trainer.config import TrainConfig
 from trainer.grids import RunSampler
 
+log = logging.getLogger(__name__)
 EVAL_METRICS = ("fid", "sfid", "is", "pr")  # ADM's suite
 EVAL_BATCH = 64  # images per sampling and Inception batch (redi sample's and redi eval's default --batch-size)
 NEAREST_K = 3  # precision/recall's k (ADM)
@@ -48,6 +50,12 @@ class PeriodicEval:
         if cfg.eval_num <= NEAREST_K:
             raise UserError(f"--eval-num {cfg.eval_num} is too few: precision and recall need at least {NEAREST_K + 1} images.")
         self.detectors = Detectors(EVAL_METRICS, Path(cfg.inception), DEFAULT_FD_ENCODER, dist_info.device)
+        if dist_info.is_main:  # said once, at the start: why these numbers may not be the papers'
+            for warning in eval_warnings(self.detectors, self.ref_batch):
+                log.warning(warning)
+            if cfg.eval_num < POOL_DIM:
+                log.warning(f"--eval-num {cfg.eval_num:,} is fewer than the {POOL_DIM:,} Inception features: the FID of "
+                            "each evaluation follows the training's trend but is not comparable with FID-50K.")
         self.sampler = RunSampler.build(cfg, ckpt, dist_info.device, cfg.eval_num, cfg.eval_labels, EVAL_BATCH)
         self.ref_sha256 = sha256_file(Path(cfg.eval_ref)) if dist_info.is_main else ""
         mine = set(range(dist_info.rank, -(-self.ref_batch.num_images // EVAL_BATCH), dist_info.world_size))
