@@ -311,6 +311,7 @@ def train_command(
     """Train SiT/DiT with baseline, ReDi, REPA, REG or ReDi+REPA on prepared shards (resumes an existing run)."""
     from trainer.plan import describe
     from trainer.train import train
+    from sampler.watch import RunWatch
 
     if dry_run:
         summary = describe(cfg)
@@ -318,7 +319,7 @@ def train_command(
         err.print(f"{cfg.model} {cfg.method}: {summary['parameters'] / 1e6:.1f}M parameters, "
                   f"{summary['train_gflops_per_image']:.1f} GFLOP per training image")
         return
-    result = train(cfg, device=device)
+    result = train(cfg, device=device, watch=RunWatch)
     if os.environ.get("RANK", "0") != "0":
         raise typer.Exit(128 + result.stopped_by if result.stopped_by else 0)
     if result.stopped_by:

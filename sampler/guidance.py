@@ -50,11 +50,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from common.choices import GUIDANCE_MODES
 from common.errors import UserError
 
 State = tuple[Tensor, ...]  # (x,) or (x, cls) for REG; each component (N, ...)
 GuidanceMode = Literal["none", "cfg", "rg", "cfg+rg"]
-GUIDANCE_MODES: tuple[str, ...] = ("none", "cfg", "rg", "cfg+rg")
 AutocastFactory = Callable[[], AbstractContextManager[Any]]
 
 

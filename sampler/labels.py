@@ -13,7 +13,6 @@ import numpy as np
 
 from common.errors import UserError
 
-LABEL_MODES = ("random", "balanced")
 LABEL_STREAM = 0x1ABE1  # SeedSequence word that keeps the label draws apart from the noise generators
 BALANCED_STREAM = 0xBA1  # a second word: the balanced order is a stream of its own
 

@@ -37,14 +37,15 @@ import torch
 import torch.distributed as dist
 
 from common.atomic import atomic_write_json, remove_temporaries
+from common.choices import GUIDANCE_MODES, LABEL_MODES
 from common.display import counting
 from common.distributed import process_group
 from common.errors import UserError
 from common.flags import OneOf
 from common.runtime import resolve_device
 from sampler.decoder import Decoder, load_decoder
-from sampler.guidance import GUIDANCE_MODES, AutocastFactory, GuidanceConfig, GuidanceStats
-from sampler.labels import LABEL_MODES, class_labels
+from sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats
+from sampler.labels import class_labels
 from sampler.outputs import (
     ERRORS_JSONL, GRID_MAX, QUANTIZE, SAMPLE_JSON, assemble, default_out, is_assembled, is_done, out_lock, prepare_out,
     to_uint8, write_errors, write_image,

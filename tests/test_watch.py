@@ -18,9 +18,10 @@ from sampler.inception import FIDInceptionV3, he_init_
 from trainer.checkpoint import checkpoint_path, checksum_path
 from trainer.config import TrainConfig
 from trainer.metrics import read_metrics
-from trainer.grids import grid_path
+from sampler.grids import grid_path
 from trainer.trackers import TENSORBOARD_DIR
 from trainer.train import train
+from sampler.watch import RunWatch
 
 LOGGED = {"loss", "vae", "pcs", "grad_norm", "lr", "skipped_steps", "steps_per_s", "images_per_s"}  # mfu: None on CPU
 
@@ -57,8 +58,8 @@ def crash_after(run: Path, step: int) -> None:
 
 def test_tensorboard_holds_every_metric_and_a_resume_repeats_no_step(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(config(data, run, max_steps=20, log_every=5, save_every=10, tracker="tensorboard"), device="cpu")
-    train(config(data, run, max_steps=15, log_every=5, save_every=10, tracker="tensorboard"), device="cpu")  # no-op
+    train(config(data, run, max_steps=20, log_every=5, save_every=10, tracker="tensorboard"), device="cpu", watch=RunWatch)
+    train(config(data, run, max_steps=15, log_every=5, save_every=10, tracker="tensorboard"), device="cpu", watch=RunWatch)  # no-op
     straight, _ = events(run)
     rows = read_metrics(run / "metrics.jsonl")
     assert set(straight) >= LOGGED and "mfu" not in straight
@@ -67,9 +68,9 @@ def test_tensorboard_holds_every_metric_and_a_resume_repeats_no_step(data: Path,
         assert [v for _, v in straight[name]] == pytest.approx([r[name] for r in rows], rel=1e-6), name
 
     resumed = tmp_path / "resumed"
-    train(config(data, resumed, max_steps=15, log_every=5, save_every=10, tracker="tensorboard"), device="cpu")
+    train(config(data, resumed, max_steps=15, log_every=5, save_every=10, tracker="tensorboard"), device="cpu", watch=RunWatch)
     crash_after(resumed, 15)  # steps 15's metrics reached the tracker, its checkpoint never came: resume from 10
-    train(config(data, resumed, max_steps=20, log_every=5, save_every=10, tracker="tensorboard"), device="cpu")
+    train(config(data, resumed, max_steps=20, log_every=5, save_every=10, tracker="tensorboard"), device="cpu", watch=RunWatch)
     again, _ = events(resumed)
     for name in ("loss", "vae", "pcs", "grad_norm"):
         assert [s for s, _ in again[name]] == [5, 10, 15, 20], name  # each step once
@@ -78,7 +79,7 @@ def test_tensorboard_holds_every_metric_and_a_resume_repeats_no_step(data: Path,
 
 def test_sample_grids_at_their_steps_are_the_same_pixels_after_a_resume(data: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    train(config(data, straight, sample_every=4, sample_num=4, tracker="tensorboard"), device="cpu")
+    train(config(data, straight, sample_every=4, sample_num=4, tracker="tensorboard"), device="cpu", watch=RunWatch)
     assert sorted(p.name for p in (straight / "samples").glob("step-*.png")) == ["step-0000004.png", "step-0000008.png"]
     grid = np.asarray(Image.open(grid_path(straight, 8)))
     assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 3) and grid[2:66, 2:66].std() > 5  # 2×2 decoded 64×64 images
@@ -88,16 +89,16 @@ def test_sample_grids_at_their_steps_are_the_same_pixels_after_a_resume(data: Pa
     assert events(straight)[1] == {"samples": [4, 8]}
 
     resumed = tmp_path / "resumed"
-    train(config(data, resumed, sample_every=4, sample_num=4, max_steps=4), device="cpu")
+    train(config(data, resumed, sample_every=4, sample_num=4, max_steps=4), device="cpu", watch=RunWatch)
     grid_path(resumed, 4).unlink()  # as if killed between the checkpoint and the grid: the resume draws it
-    train(config(data, resumed, sample_every=4, sample_num=4), device="cpu")
+    train(config(data, resumed, sample_every=4, sample_num=4), device="cpu", watch=RunWatch)
     for step in (4, 8):
         assert grid_path(resumed, step).read_bytes() == grid_path(straight, step).read_bytes(), step
 
 
 def test_a_model_that_cannot_be_guided_as_asked_is_refused_before_training(data: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--sample-guidance"):
-        train(config(data, tmp_path / "run", sample_every=4, sample_guidance="rg", rep_drop=0.0), device="cpu")
+        train(config(data, tmp_path / "run", sample_every=4, sample_guidance="rg", rep_drop=0.0), device="cpu", watch=RunWatch)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -109,12 +110,12 @@ def test_fid_during_training_equals_redi_sample_then_redi_eval(data: Path, tmp_p
         config(data, tmp_path / "refused", eval_every=4)  # refused when the run starts, not at step 4
     with pytest.raises(UserError, match="does not exist"):
         train(config(data, tmp_path / "refused", eval_every=4, eval_ref=str(tmp_path / "nothing.npz"),
-                     inception=str(weights)), device="cpu")
+                     inception=str(weights)), device="cpu", watch=RunWatch)
     assert not (tmp_path / "refused" / "checkpoints").exists()
 
     run = tmp_path / "run"
     cfg = config(data, run, eval_every=4, eval_num=8, eval_ref=str(ref), inception=str(weights), tracker="tensorboard")
-    train(cfg, device="cpu")
+    train(cfg, device="cpu", watch=RunWatch)
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "fid" in r]
     assert [r["step"] for r in evals] == [4, 8]
     assert {"fid", "sfid", "inception_score", "precision", "recall", "eval_seconds"} <= set(evals[-1])

@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+from common.choices import GUIDANCE_MODES, LABEL_MODES
 from common.errors import UserError
 from common.flags import OneOf
 from pipeline.remote import Location, as_location, read_if_exists, redact
 from pipeline.shards import FORMATS
-from sampler.guidance import GUIDANCE_MODES
-from sampler.labels import LABEL_MODES
 from trainer.models import FUSIONS, REPA_DEPTHS, SIZES
 from trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts
 from trainer.trackers import TRACKERS

@@ -38,7 +38,7 @@ from trainer.objectives import TrainBatch, check_batch, compute_loss, prepare_ba
 from trainer.plan import TrainPlan, check_fits, resolve
 from trainer.progress import TrainProgress
 from trainer.stop import StopRequest
-from trainer.watch import RunWatch
+from trainer.watch import RunLog, WatchFactory
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,12 @@ class TrainResult:
     watch_seconds: float = 0.0  # spent on sample grids and evaluations (left out of images_per_s)
 
 
-def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], None] | None = None,
+          watch: WatchFactory = RunLog) -> TrainResult:
     """Train (or resume) the run described by `cfg` until cfg.max_steps; `on_step` runs after each step (profilers).
+
+    `watch` logs the run: RunLog writes metrics.jsonl and the tracker; `redi train` passes sampler.watch.RunWatch,
+    which also draws the --sample-every grids and the --eval-every FID.
 
     One job at a time per run directory: rank 0 holds RUN/.lock while it trains. A stop signal from the
     start on (even during the set-up) ends the run after a step, with a checkpoint.
@@ -70,10 +74,11 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
         if is_rank0:
             remove_temporaries(run)  # e.g. a checkpoint whose write was killed: gigabytes nothing else deletes
         with process_group(device) as dist_info:
-            return run_training(cfg, dist_info, on_step, stop)
+            return run_training(cfg, dist_info, on_step, stop, watch)
 
 
-def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], None] | None, stop: StopRequest) -> TrainResult:
+def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], None] | None, stop: StopRequest,
+                 watch_factory: WatchFactory = RunLog) -> TrainResult:
     """The training loop itself (see `train`); `stop` records the stop signals."""
     dev, shards = dist_info.device, resolve_shards_dir(cfg.shards)
     info = read_shard_info(shards)
@@ -92,7 +97,7 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" and cfg.precision == "bf16" else contextlib.nullcontext()
 
     batches = micro_batch_streams(shards, cfg, dist_info, plan.accum, plan.micro, step)
-    watch = RunWatch(plan, dist_info, state)  # metrics.jsonl, the tracker, sample grids, FID
+    watch = watch_factory(plan, dist_info, state)  # metrics.jsonl, the tracker (+ grids, FID: sampler/watch.py)
     meter = SpeedMeter(cfg.batch_size, train_flops_per_image(plan.model), peak_flops(dev), dist_info.world_size, step)
     gen = torch.Generator(device=dev)
     bad_in_a_row, skipped, loss_value, stopped_by = 0, 0, math.nan, 0

@@ -1,7 +1,7 @@
 """FID during training: every --eval-every steps, the EMA weights are evaluated as `redi sample` + `redi eval` would.
 
 Each rank samples its part of the --eval-num images (`redi sample`'s batches: batch b of size B to rank b mod W),
-with the run's sampler (trainer/grids.py), and puts them through the FID Inception without writing them; one gather
+with the run's sampler (sampler/grids.py), and puts them through the FID Inception without writing them; one gather
 brings the features to rank 0, which scores them in index order against the reference batch's, computed once at the
 start (sharded the same way). Missing or unreadable reference files are refused at the start of the run, not at
 step N. Each number is logged with its eval card: the exact sampling settings, the reference and Inception hashes,
@@ -30,7 +30,7 @@ from sampler.metrics import read_adm_batch
 from sampler.sample import batches_of
 from trainer.checkpoint import Checkpoint
 from trainer.config import TrainConfig
-from trainer.grids import RunSampler
+from sampler.grids import RunSampler
 
 log = logging.getLogger(__name__)
 EVAL_METRICS = ("fid", "sfid", "is", "pr")  # ADM's suite

@@ -1,0 +1,9 @@
+"""The choice lists that both trainer/ (its in-training sampling flags) and sampler/ validate against.
+
+They live here so that trainer/ never imports sampler/ (DESIGN: sampler imports the network from trainer, never the
+other way round).
+"""
+from __future__ import annotations
+
+GUIDANCE_MODES: tuple[str, ...] = ("none", "cfg", "rg", "cfg+rg")  # docs/METHOD.md: CFG, Representation Guidance
+LABEL_MODES: tuple[str, ...] = ("random", "balanced")  # sampler/labels.py says what each draws
