@@ -113,7 +113,8 @@ def print_json(value: Any) -> None:
 SOURCE = Flag(argument=True, type=str)
 DATA = Flag(default=Path("data"))
 VAE_DEFAULT, ENCODER_DEFAULT = "stabilityai/sd-vae-ft-ema", "facebook/dinov2-with-registers-base"
-VAE_HELP = "VAE: hub id, local directory, or tiny-random (tests and demos only)."
+VAE_HELP = ("VAE: hub id or local directory of a diffusers AutoencoderKL (SD-VAE, SDXL, SD3, FLUX.1) or AutoencoderDC "
+            "(DC-AE), or tiny-random[:sd|flux|dc] (tests and demos only).")
 ENCODER_HELP = ("Representation encoder: hub id or local directory of a DINOv2, DINOv3, SigLIP, SigLIP2, CLIP, MAE or "
                 "I-JEPA model (docs/ENCODERS.md), or tiny-random[:FAMILY] (tests and demos only).")
 ENCODE = FromConfig("pipeline.encode:EncodeConfig", panels={},
@@ -171,7 +172,8 @@ def encode_command(
 
 @stage_command("features", FEATURES, DATA_PANEL)
 def features_command(cfg: EncodeConfig) -> None:
-    """Stage features: the encoder's patch tokens (and its CLS or pooled global token) of every centre-cropped image → DATA/features."""
+    """Stage features: the encoder's patch tokens (and its CLS or pooled global token) of every centre-cropped image → DATA/features,
+    on the diffusion model's token grid (the latent side of DATA/latents, or of the default VAE, over the patch size)."""
     from pipeline.encode import run_features
 
     _print_stage_result(run_features(cfg))
@@ -350,7 +352,7 @@ def train_command(
 SAMPLE = FromConfig(
     "sampler.sample:SampleConfig",
     panels={
-        "Checkpoint": ("run", "ckpt", "weights", "vae"),
+        "Checkpoint": ("run", "ckpt", "weights", "vae", "force_vae"),
         "Guidance": ("guidance", "cfg_scale", "rg_scale", "cfg_channels", "cls_cfg_scale", "interval"),
         "Sampler": ("sampler", "steps", "solver", "atol", "rtol", "last_step", "last_step_size"),
         "Output": ("num", "seed", "labels", "class_labels", "out", "quantize", "force"),

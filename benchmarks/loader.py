@@ -44,18 +44,22 @@ from pipeline.pca_file import PCAModel
 from pipeline.readers import DEFAULT_FIELDS, _NpyDecoder, make_loader, read_shard_info, tar_members
 from pipeline.shards import ShardsConfig, build_shards, tar_relpath
 from pipeline.stage import ChunkError, Manifest, StageDir
+from pipeline.vaes import latent_space, sd_vae_config
 from trainer.config import resolve_shards_dir
 
 BATCH = 256
 
 
 def _write_input_stage(root: Path, stage: str, arrays: dict[str, np.ndarray], keys: list[str],
-                       invalid: set[int], resolution: int, chunk: int) -> Manifest:
-    """A complete input stage (manifest, store.zarr, keys.json, progress/, errors.jsonl) holding `arrays`."""
+                       invalid: set[int], resolution: int, chunk: int, record: dict[str, Any]) -> Manifest:
+    """A complete input stage (manifest, store.zarr, keys.json, progress/, errors.jsonl) holding `arrays`; `record`:
+    the manifest's parameters beyond the run's settings."""
     n = len(keys)
     stage_dir = StageDir(root, n_chunks=-(-n // chunk))
     identity = {"kind": "tiny-random", "id": "tiny-random", "hash": "synthetic", "class": stage, "dim": 0}
-    manifest = Manifest(stage=stage, params={"resolution": resolution, "chunk_size": chunk}, encoder=identity,
+    shapes = {name: list(values.shape[1:]) for name, values in arrays.items() if name not in ("labels", "valid")}
+    params = {"resolution": resolution, "chunk_size": chunk, "arrays": shapes, **record}
+    manifest = Manifest(stage=stage, params=params, encoder=identity,
                         source={"kind": "synthetic", "fingerprint": "synthetic-source", "count": n}, tiny_random=True)
     stage_dir.open(manifest, force=True)
     group = zarr.open_group(root / "store.zarr", mode="w")
@@ -80,14 +84,15 @@ def make_stage_inputs(data: Path, num_images: int, *, latent_side: int = 4, grid
     bad_lat, bad_feat = set(invalid_latents), set(invalid_features)
     lat_valid = np.array([i not in bad_lat for i in range(n)])
     feat_valid = np.array([i not in bad_feat for i in range(n)])
-    moments = rng.standard_normal((n, 8, h, h), dtype=np.float32).astype(np.float16)
+    space = latent_space(sd_vae_config())  # SD-VAE's 4-channel f8 latents
+    moments = rng.standard_normal((n, 2 * space.channels, h, h), dtype=np.float32).astype(np.float16)  # (N, 2C, h, h)
     _write_input_stage(data / "latents", "encode", {"moments": moments, "labels": labels, "valid": lat_valid},
-                       keys, bad_lat, 8 * h, chunk)
+                       keys, bad_lat, space.downsampling * h, chunk, {"latent_space": space.record()})
     cls = rng.standard_normal((n, dim), dtype=np.float32).astype(np.float16)
     patch = (rng.standard_normal((n, p2, dim), dtype=np.float32) * rng.uniform(0.5, 2.0, dim)).astype(np.float16)
     features = _write_input_stage(data / "features", "features",
                                   {"cls": cls, "patch": patch, "labels": labels, "valid": feat_valid},
-                                  keys, bad_feat, 8 * h, chunk)
+                                  keys, bad_feat, space.downsampling * h, chunk, {})
     components, _ = np.linalg.qr(rng.standard_normal((dim, dim)))  # (D, D) orthonormal
     variance = np.sort(rng.uniform(0.1, 2.0, dim))[::-1]
     PCAModel(mu=rng.standard_normal(dim), std=rng.uniform(0.5, 2.0, dim), pca_mean=0.1 * rng.standard_normal(dim),

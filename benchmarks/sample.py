@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.encoders import VAE, random_init, sd_vae_config, tiny_vae_config
+from pipeline.encoders import VAE, random_init
+from pipeline.vaes import latent_space, sd_vae_config, tiny_sd_config
 from sampler.decoder import Decoder
 from sampler.guidance import GuidanceConfig
 from sampler.labels import class_labels
@@ -29,9 +30,9 @@ from trainer.metrics import peak_flops
 from trainer.models import ModelConfig, build_model
 
 NUM_CLASSES = 1000  # ImageNet
-LATENT_SIDE = 32  # 256×256 images through the SD-VAE
+SD_VAE = latent_space(sd_vae_config())  # the decoder: SD-VAE's architecture, 4 channels, f8
+LATENT_SIDE = SD_VAE.side(256)  # ImageNet 256
 PCA_RANK = 8  # ReDi's default r
-VAE_SCALE = 0.18215
 FID_IMAGES = 50_000  # ADM's FID-50K
 
 
@@ -46,9 +47,9 @@ def _network(model: str, method: str, device: torch.device) -> torch.nn.Module:
 
 def _decoder(device: torch.device, tiny: bool) -> Decoder:
     """The SD-VAE decoder architecture (or the tiny-random one) with random weights."""
-    config = tiny_vae_config() if tiny else sd_vae_config()
+    config = tiny_sd_config() if tiny else sd_vae_config()
     vae = random_init(VAE, config, seed=0).to(device).eval().requires_grad_(False)
-    return Decoder(vae, {"id": "random-init", "kind": "tiny-random" if tiny else "random-init"}, VAE_SCALE, 0.0)
+    return Decoder(vae, {"id": "random-init", "kind": "tiny-random" if tiny else "random-init"}, SD_VAE.config_norm())
 
 
 def _decode_images_per_s(decoder: Decoder, batch: int, channels: int, device: torch.device, reps: int) -> float:

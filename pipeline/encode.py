@@ -31,19 +31,18 @@ from rich.markup import escape
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from common.atomic import atomic_write_json, remove_temporaries, sha256_file
+from common.atomic import atomic_write_json, remove_temporaries, sha256_file, try_read_json
 from common.display import counting
 from common.distributed import barrier, process_group
 from common.errors import UserError
 from common.flags import OneOf
 from common.lock import exclusive
 from common.runtime import loader_worker_init, loader_workers
-from pipeline.encoders import (
-    ENCODER, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar, vae_downsampling, vae_moments,
-)
+from pipeline.encoders import ENCODER, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar
 from pipeline.images import ImageSource, load_cropped, open_source
 from pipeline.representations import encode_features, feature_spec
 from pipeline.stage import ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
+from pipeline.vaes import LatentSpace, latent_space, manifest_space, sd_vae_config, vae_moments
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STORE_DTYPES = ("float16", "float32")
@@ -64,9 +63,8 @@ class EncodeConfig:
     revision: str = "main"
     """Hub revision (branch, tag or commit) of the model; recorded in the manifest."""
     resolution: int = 256
-    """ADM centre-crop side R in pixels: a multiple of 16 (the papers use 256 or 512).
-
-    The encoders see a whole R/16 × R/16 patch grid."""
+    """ADM centre-crop side R in pixels: a multiple of the VAE's downsampling times the patch size, of 16 for SD-VAE
+    (the papers use 256 or 512)."""
     batch_size: int = 64
     """Images per forward pass (recorded: batches shape the numerics)."""
     device: str | None = None
@@ -83,11 +81,14 @@ class EncodeConfig:
     """Storage dtype of the output arrays."""
     force: bool = False
     """Delete and redo a stage that was made with different settings."""
+    patch_size: int | None = None
+    """Features: the diffusion model's patch size their token grid is made for; default: 2 on f8 latents, 1 on f16, f32.
+
+    The grid is the latent side (of DATA/latents, or of the default VAE) over this patch."""
 
     def __post_init__(self) -> None:
-        if self.resolution < 16 or self.resolution % 16:
-            raise UserError(f"--resolution must be a positive multiple of 16 (got {self.resolution}).")
-        for name, value, low in (("--batch-size", self.batch_size, 1), ("--chunk-size", self.chunk_size, 1),
+        for name, value, low in (("--resolution", self.resolution, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--chunk-size", self.chunk_size, 1), ("--patch-size", self.patch_size or 1, 1),
                                  ("--workers", 0 if self.workers is None else self.workers, 0)):
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value}).")
@@ -107,6 +108,7 @@ class StagePlan:
     shapes: dict[str, tuple[int, ...]]  # per-image array shapes
     record: dict[str, Any]  # manifest parameters beyond the run's settings (how the encoder is fed)
     forward: Forward  # float32 outputs per batch
+    legacy: dict[str, Any] = field(default_factory=dict)  # what a manifest made before `record` existed meant by its absence
 
 
 @dataclass(frozen=True)
@@ -116,22 +118,39 @@ class StageKind:
     name: str  # stage name in the manifest
     subdir: str  # directory under the data root
     family: EncoderFamily  # which frozen encoder
-    plan: Callable[[EncoderRef, int], StagePlan]  # (encoder, R) → shapes, record, per-batch map
+    plan: Callable[[EncoderRef, EncodeConfig, LatentSpace], StagePlan]  # (encoder, run, latent space) → shapes, record, map
 
 
-def _vae_plan(ref: EncoderRef, resolution: int) -> StagePlan:
-    f = vae_downsampling(ref.config)
-    if resolution % f:
-        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {f}.")
-    side = resolution // f
-    return StagePlan({"moments": (2 * int(ref.config["latent_channels"]), side, side)}, {},
-                     lambda vae, x: {"moments": vae_moments(vae, x)})
+def _vae_plan(ref: EncoderRef, cfg: EncodeConfig, space: LatentSpace) -> StagePlan:
+    side = space.side(cfg.resolution)
+    record = {"latent_space": space.record()}  # a function of the VAE config, which the identity pins: so is the legacy
+    return StagePlan({"moments": (2 * space.channels, side, side)}, record, lambda vae, x: {"moments": vae_moments(vae, x)},
+                     record)
 
 
-def _features_plan(ref: EncoderRef, resolution: int) -> StagePlan:
-    spec = feature_spec(ref.config, resolution, sidecar(ref, "preprocessor_config.json"))
-    return StagePlan(spec.shapes(), {"representation": spec.record()},
-                     lambda model, x: encode_features(model, x, spec))  # type: ignore[arg-type]
+BEFORE_REPRESENTATIONS = ("dinov2-reg", "dinov2")  # features made before params.representation: these, at SD-VAE's grid
+
+
+def _features_plan(ref: EncoderRef, cfg: EncodeConfig, space: LatentSpace) -> StagePlan:
+    spec = feature_spec(ref.config, space.token_grid(cfg.resolution, cfg.patch_size), sidecar(ref, "preprocessor_config.json"))
+    record = {"representation": spec.record()}
+    before = spec.family.key in BEFORE_REPRESENTATIONS and spec.grid == latent_space(sd_vae_config()).token_grid(cfg.resolution)
+    return StagePlan(spec.shapes(), record, lambda model, x: encode_features(model, x, spec),  # type: ignore[arg-type]
+                     record if before else {})
+
+
+def stage_latent_space(jobs: Sequence[tuple[StageKind, EncoderRef]], data: Path) -> LatentSpace:
+    """The latent space the features' token grid follows: the VAE encoded in the same run, else the one DATA/latents
+    records, else the default VAE's (SD-VAE: f8)."""
+    if vae := next((ref for kind, ref in jobs if kind.family is VAE), None):
+        return latent_space(vae.config)
+    manifest = try_read_json(Path(data) / "latents" / "manifest.json")
+    try:
+        return manifest_space(manifest["params"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):  # no latents/ yet (or a damaged manifest, which `encode` will name)
+        log.info(f"features: no readable {Path(data) / 'latents'}: the token grid follows the default VAE's latents "
+                 "(SD-VAE, f8); encode first for another VAE.")
+        return latent_space(sd_vae_config())
 
 
 ENCODE = StageKind("encode", "latents", VAE, _vae_plan)
@@ -209,7 +228,10 @@ def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]]) -> list[StageResu
     with process_group(cfg.device) as job, contextlib.ExitStack() as locks:  # rank 0 holds each stage's lock
         rank, world, device = job.rank, job.world_size, job.device
         precision = cfg.precision or "fp32"  # the stored data outlives every experiment: exact unless asked
-        opened = [_open_job(kind, c, source, precision, rank, world, locks) for kind, c in jobs]
+        refs = [(kind, resolve(kind.family, c.model, c.revision)) for kind, c in jobs]
+        space = stage_latent_space(refs, cfg.data)
+        opened = [_open_job(kind, ref, c, space, source, precision, rank, world, locks)
+                  for (kind, ref), (_, c) in zip(refs, jobs, strict=True)]
         active = [job for job in opened if job.pending]
         if active:
             for job in active:
@@ -225,18 +247,17 @@ def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]]) -> list[StageResu
         return [job.result for job in opened]
 
 
-def _open_job(kind: StageKind, cfg: EncodeConfig, source: ImageSource, precision: str, rank: int, world: int,
-              locks: contextlib.ExitStack) -> _Job:
-    """Resolve the encoder, check or create the stage directory and find this rank's pending chunks."""
-    ref = resolve(kind.family, cfg.model, cfg.revision)
-    plan = kind.plan(ref, cfg.resolution)
+def _open_job(kind: StageKind, ref: EncoderRef, cfg: EncodeConfig, space: LatentSpace, source: ImageSource, precision: str,
+              rank: int, world: int, locks: contextlib.ExitStack) -> _Job:
+    """Check or create the stage directory and find this rank's pending chunks."""
+    plan = kind.plan(ref, cfg, space)
     shapes = plan.shapes
     params = {"resolution": cfg.resolution, "dtype": cfg.dtype, "chunk_size": cfg.chunk_size,
               "batch_size": cfg.batch_size, "precision": precision, "arrays": shapes, **plan.record}
     manifest = Manifest(kind.name, params, ref.identity, source.describe(), ref.tiny_random)
     out = Path(cfg.data) / kind.subdir
     stage = StageDir(out, math.ceil(len(source) / cfg.chunk_size))
-    state = _open_stage(stage, manifest, cfg, source, shapes, rank, world, locks)
+    state = _open_stage(stage, manifest, plan.legacy, cfg, source, shapes, rank, world, locks)
     result = StageResult(kind.name, out, state, len(source), 0, 0, 0.0, ref.identity, ref.tiny_random, rank)
     if state is StageState.COMPLETE:
         result.skipped = len(read_errors(out))
@@ -264,7 +285,7 @@ def _close_job(job: _Job, rank: int, world: int) -> None:
 
 
 def _open_stage(
-    stage: StageDir, manifest: Manifest, cfg: EncodeConfig, source: ImageSource,
+    stage: StageDir, manifest: Manifest, legacy: dict[str, Any], cfg: EncodeConfig, source: ImageSource,
     shapes: dict[str, tuple[int, ...]], rank: int, world: int, locks: contextlib.ExitStack,
 ) -> StageState:
     """Rank 0 takes the stage's lock, checks the manifest (refusing, wiping or creating) and lays out the
@@ -273,11 +294,11 @@ def _open_stage(
         refusal = _broadcast(None, world)
         if refusal:
             raise UserError(refusal)
-        return stage.open(manifest, force=False)
+        return stage.open(manifest, force=False, legacy=legacy)
     try:
         locks.enter_context(exclusive(stage_lock(stage.root), f"{stage.root}"))
         remove_temporaries(stage.root)  # left by a killed run; the other ranks write nothing before the broadcast
-        state = stage.open(manifest, cfg.force)
+        state = stage.open(manifest, cfg.force, legacy)
     except UserError as e:
         _broadcast(str(e), world)
         raise

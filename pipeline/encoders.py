@@ -1,10 +1,10 @@
-"""The frozen encoders' identity and loading: the SD VAE (diffusers `AutoencoderKL`) and the representation
-encoders (transformers; the families, pre-processing and tokens kept are `pipeline.representations`).
+"""The frozen encoders' identity and loading: the VAE (diffusers; the families and their latent spaces are
+`pipeline.vaes`) and the representation encoders (transformers; the families, pre-processing and tokens kept
+are `pipeline.representations`).
 
 An encoder is named by a hub id, a local directory or `tiny-random[:VARIANT]` (the same classes with
 tiny widths and a fixed seed, for tests and the offline demo). `resolve` reads only the config and
-returns the identity a manifest records; `load` builds the model. The per-batch map from uint8
-images to VAE moments (`vae_moments`) lives here too, so the sampler and the stages share it.
+returns the identity a manifest records; `load` builds the model.
 """
 from __future__ import annotations
 
@@ -20,44 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoConfig
 
 from common.atomic import read_json
 from common.errors import UserError
-from pipeline import representations
+from pipeline import representations, vaes
 
 TINY_RANDOM = "tiny-random"
 TINY_SEED = 0  # torch seed of the tiny-random weights
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-def tiny_vae_config() -> dict[str, Any]:
-    """AutoencoderKL with 4 blocks (3 downsamplings → latents 4×R/8×R/8) and 8 channels per block."""
-    return {
-        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 4,
-        "block_out_channels": [8, 8, 8, 8], "sample_size": 256,
-        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    }
-
-
-def sd_vae_config() -> dict[str, Any]:
-    """The real `sd-vae-ft-ema` architecture (for random-init throughput measurements)."""
-    return {**tiny_vae_config(), "layers_per_block": 2, "norm_num_groups": 32, "block_out_channels": [128, 256, 512, 512]}
-
-
-def _vae_class(config: dict[str, Any]) -> type[AutoencoderKL]:
-    return AutoencoderKL
-
-
-def _build_vae(config: dict[str, Any]) -> AutoencoderKL:
-    return AutoencoderKL.from_config(config)
-
-
-def _vae_hub_config(name: str, revision: str, offline: bool) -> dict[str, Any]:
-    return dict(AutoencoderKL.load_config(name, revision=revision, local_files_only=offline))
 
 
 def _transformers_hub_config(name: str, revision: str, offline: bool) -> dict[str, Any]:
@@ -81,10 +54,9 @@ class EncoderFamily:
     model_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda config: config  # checkpoint config → the model's
 
 
-VAE = EncoderFamily(
-    "VAE", "--vae", "/path/to/sd-vae-ft-ema", _vae_class, lambda: {"": tiny_vae_config}, "latent_channels",
-    ("latent_channels", "block_out_channels"), _vae_hub_config, _build_vae,
-    lambda config, source, **hub: AutoencoderKL.from_pretrained(source, **hub),
+VAE = EncoderFamily(  # every latent-space family (pipeline/vaes.py)
+    "VAE", "--vae", "/path/to/sd-vae-ft-ema", vaes.model_class, vaes.tiny_configs, "latent_channels",
+    ("latent_channels",), vaes.hub_config, vaes.build, vaes.from_pretrained,
 )
 ENCODER = EncoderFamily(  # every representation family (pipeline/representations.py)
     "representation encoder", "--encoder", "/path/to/dinov2-with-registers-base",
@@ -194,26 +166,6 @@ def random_init(family: EncoderFamily, config: dict[str, Any], seed: int) -> tor
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return family.build(config)
-
-
-def load_vae(
-    name: str, revision: str = "main", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[AutoencoderKL, dict[str, Any]]:
-    """The frozen VAE and its identity (the sampler uses this to decode)."""
-    ref = resolve(VAE, name, revision)
-    return load(ref, device, dtype), ref.identity  # type: ignore[return-value]
-
-
-def vae_downsampling(config: dict[str, Any]) -> int:
-    """Spatial factor between image and latent (8 for the SD VAE: one halving per block but the last)."""
-    return 2 ** (len(config["block_out_channels"]) - 1)
-
-
-def vae_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, R, R, 3) images → float32 (N, 2C, R/f, R/f): posterior mean, then std = exp(½·logvar)."""
-    x = images.permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1  # (N, 3, R, R) in [-1, 1]
-    posterior = vae.encode(x).latent_dist
-    return torch.cat([posterior.mean, posterior.std], dim=1).float()  # (N, 2C, R/f, R/f)
 
 
 def describe_identity(identity: dict[str, Any]) -> str:

@@ -40,9 +40,11 @@ from common.atomic import read_json
 from common.errors import UserError
 from common.runtime import loader_worker_init
 from pipeline.remote import Location, MissingChunk, as_location, open_zarr_array, read_ahead
-from pipeline.shards import DATA_FIELDS, KEYS_JSON, SHARDS_JSON, ZARR_DIR, FieldSpec, decode_key, tar_relpath, \
-    unreadable_chunk
+from pipeline.latent_norm import LatentNorm
+from pipeline.shards import DATA_FIELDS, KEYS_JSON, SHARDS_JSON, ZARR_DIR, FieldSpec, decode_key, model_patch, \
+    tar_relpath, unreadable_chunk
 from pipeline.stage import ZARR_METADATA_ERRORS
+from pipeline.vaes import LatentSpace, legacy_space
 
 DEFAULT_FIELDS = ("moments", "pcs", "cls")
 Batch = dict[str, Any]  # {"moments", "pcs", "cls", ["patch_tokens"]: tensors; "label", "index": int64; "key": list}
@@ -61,12 +63,13 @@ class ShardInfo:
     num_classes: int  # largest label + 1
     resolution: int  # image side R
     latent_shape: tuple[int, int, int]  # (C, h, h) of the VAE latent z; the moments hold 2C channels
+    latent_space: LatentSpace  # the VAE's class, channels, downsampling, config scale and shift
+    latent_norm: LatentNorm  # z' = (z − shift) · scale, applied by the trainer, inverted by the sampler
+    patch_size: int  # the diffusion model's default patch (its token grid is the features' where they align)
     pcs: int  # K principal components stored per sample
     grid: int  # p, side of the PC / patch grid
     feature_dim: int  # D, the encoder's width (global and patch tokens), from its config
     has_patch_tokens: bool
-    vae_scale: float  # z = (mean + std·ε) · scale + shift
-    vae_shift: float
     pca_sha256: str
     formats: tuple[str, ...]
     fields: dict[str, FieldSpec]  # per-sample shape and dtype, "label" included
@@ -92,16 +95,28 @@ def read_shard_info(shards_dir: Location | str) -> ShardInfo:
         raw = json.loads(data)
         fields = {name: FieldSpec(tuple(f["shape"]), f["dtype"]) for name, f in raw["fields"].items()}
         k, p, _ = fields["pcs"].shape
+        shape = tuple(raw["latent_shape"])
+        space, norm, patch = _latent_records(raw, shape, p)
         return ShardInfo(
             root=root, num_samples=raw["num_samples"], shard_size=raw["shard_size"], num_shards=raw["num_shards"],
-            num_classes=raw["num_classes"], resolution=raw["resolution"], latent_shape=tuple(raw["latent_shape"]),
-            pcs=k, grid=p, feature_dim=_feature_dim(fields, raw), has_patch_tokens="patch_tokens" in fields,
-            vae_scale=float(raw["vae"]["scale"]), vae_shift=float(raw["vae"]["shift"]), pca_sha256=raw["pca"]["sha256"],
+            num_classes=raw["num_classes"], resolution=raw["resolution"], latent_shape=shape, latent_space=space,
+            latent_norm=norm, patch_size=patch, pcs=k, grid=p, feature_dim=_feature_dim(fields, raw),
+            has_patch_tokens="patch_tokens" in fields, pca_sha256=raw["pca"]["sha256"],
             formats=tuple(raw["formats"]), fields=fields, files=raw["files"], raw=raw,
             sha256=hashlib.sha256(data).hexdigest(),
         )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise UserError(f"{path} is damaged; rebuild the shards (`redi shards --data {root.parent} --force`).") from None
+
+
+def _latent_records(raw: dict[str, Any], shape: tuple[int, ...], grid: int) -> tuple[LatentSpace, LatentNorm, int]:
+    """Latent space, normalisation and default patch of shards.json; shards made before they were recorded hold
+    SD-VAE latents (f8), normalised as their `vae.scale` and `vae.shift` said, for patch-2 models."""
+    if "latent_norm" in raw:
+        return LatentSpace.from_record(raw["latent_space"]), LatentNorm.from_record(raw["latent_norm"]), int(raw["patch_size"])
+    space = legacy_space(shape[0], shape[1], raw["resolution"])
+    norm = LatentNorm.legacy(float(raw["vae"]["scale"]), float(raw["vae"]["shift"]), shape[0])
+    return space, norm, model_patch(shape[1], grid, space)
 
 
 def _feature_dim(fields: dict[str, FieldSpec], raw: dict[str, Any]) -> int:

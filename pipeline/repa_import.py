@@ -40,10 +40,10 @@ from common.lock import exclusive
 from pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, open_arrays
 from pipeline.images import ImageSource, labels_from_dataset_json, open_source
 from pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
+from pipeline.vaes import latent_space, sd_vae_config
 
 DECODER_VAE = "stabilityai/sd-vae-ft-ema"  # recorded VAE: REPA's default sd-vae-ft-mse has the same encoder weights
-VAE_CHANNELS = 4  # SD VAE latent channels: a moments file holds 2 × 4
-VAE_DOWNSAMPLING = 8  # SD VAE: latent side = image side / 8
+SD_VAE = latent_space(sd_vae_config())  # REPA encodes with SD-VAE: 4 channels, f8, a moments file holds 2 × 4
 IMPORT_KIND = "repa-import"  # the encoder identity's kind: the moments were made outside redi
 IMAGE_NAME = re.compile(r"(?:^|/)img(\d+)\.[^/.]+$")  # dataset_tools convert: AAAAA/imgNNNNNNNN.png
 MOMENTS_NAME = re.compile(r"(?:^|/)img-mean-std-(\d+)\.npy$")  # dataset_tools encode: AAAAA/img-mean-std-NNNNNNNN.npy
@@ -78,7 +78,7 @@ class RepaImportConfig:
 
     def __post_init__(self) -> None:
         """Refuse out-of-range values with one sentence."""
-        if self.resolution < VAE_DOWNSAMPLING or self.resolution % 16:
+        if self.resolution < SD_VAE.downsampling or self.resolution % 16:
             raise UserError(f"--resolution must be a positive multiple of 16 (got {self.resolution}).")
         if self.chunk_size < 1 or self.workers < 1:
             raise UserError("--chunk-size and --workers must be at least 1.")
@@ -88,8 +88,8 @@ class RepaImportConfig:
     @property
     def moments_shape(self) -> tuple[int, int, int]:
         """(8, R/8, R/8): posterior mean and std of the 4 latent channels."""
-        side = self.resolution // VAE_DOWNSAMPLING
-        return (2 * VAE_CHANNELS, side, side)
+        side = self.resolution // SD_VAE.downsampling
+        return (2 * SD_VAE.channels, side, side)
 
 
 class MomentFiles:
@@ -239,14 +239,15 @@ def _import(cfg: RepaImportConfig) -> StageResult:
     labels = check_labels(source, files)
     check_resolution(source, files, cfg)
     identity: dict[str, Any] = {"kind": IMPORT_KIND, "id": cfg.vae, "revision": "main", "class": "AutoencoderKL",
-                                "dim": VAE_CHANNELS, "hash": files.fingerprint(),
+                                "dim": SD_VAE.channels, "hash": files.fingerprint(),
                                 "tool": "REPA preprocessing/dataset_tools.py encode"}
     shape = cfg.moments_shape
+    space = {"latent_space": SD_VAE.record()}
     params = {"resolution": cfg.resolution, "dtype": cfg.dtype, "chunk_size": cfg.chunk_size,
-              "arrays": {"moments": shape}, "imported": "repa"}
+              "arrays": {"moments": shape}, "imported": "repa", **space}
     out = Path(cfg.data) / "latents"
     stage = StageDir(out, math.ceil(len(source) / cfg.chunk_size))
-    state = stage.open(Manifest("encode", params, identity, source.describe()), cfg.force)
+    state = stage.open(Manifest("encode", params, identity, source.describe()), cfg.force, legacy=space)
     result = StageResult("import-repa", out, state, len(source), 0, 0, 0.0, identity)
     if state is StageState.COMPLETE:
         result.skipped = len(read_errors(out))

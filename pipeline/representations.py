@@ -32,14 +32,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # REPA's CLIP_DEFAULT_MEAN (Ope
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)  # SigLIP's image processors: x ↦ 2x − 1
 PIL_RESAMPLE = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}  # preprocessor `resample`
-TOKENS_PER_SIDE_PIXELS = 16  # a patch-2 transformer on f8 latents sees one token per 16 image pixels
-
-
-def token_grid(resolution: int) -> int:
-    """G, the diffusion model's tokens per side at crop side R: R/8 latents, patch 2 (REPA: 16 at 256, 32 at 512)."""
-    return resolution // TOKENS_PER_SIDE_PIXELS
-
-
 @dataclass(frozen=True)
 class Preprocess:
     """uint8 crops → encoder input: /255, then normalise and resize to the input side (in that order or reversed)."""
@@ -322,10 +314,11 @@ class FeatureSpec:
                 "tokens_dropped": self.prefix, "global_token": self.global_token, "preprocess": asdict(self.preprocess)}
 
 
-def feature_spec(config: dict[str, Any], resolution: int, processor: dict[str, Any] | None = None) -> FeatureSpec:
-    """The spec of an encoder (its vision config) at crop side R, pre-processing from `processor` where it applies."""
+def feature_spec(config: dict[str, Any], grid: int, processor: dict[str, Any] | None = None) -> FeatureSpec:
+    """The spec of an encoder (its vision config) for the diffusion model's G × G token grid (`LatentSpace.token_grid`),
+    pre-processing from `processor` where it applies."""
     family = family_of(config)
-    return FeatureSpec(family, token_grid(resolution), int(config["patch_size"]), int(config["hidden_size"]),
+    return FeatureSpec(family, grid, int(config["patch_size"]), int(config["hidden_size"]),
                        family.prefix(config), family.global_token(config), processor_preprocess(family, processor))
 
 
@@ -341,8 +334,8 @@ def encode_features(model: PreTrainedModel, images: torch.Tensor, spec: FeatureS
     return out
 
 
-def encoder_tokens(model: PreTrainedModel, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+def encoder_tokens(model: PreTrainedModel, images: torch.Tensor, grid: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Global token (N, D) or None, and patch tokens (N, G², D) of a loaded model with its family's default
     pre-processing (benchmarks and tests; the stage also reads a preprocessor_config.json)."""
-    out = encode_features(model, images, feature_spec(model.config.to_dict(), images.shape[1]))
+    out = encode_features(model, images, feature_spec(model.config.to_dict(), grid))
     return out.get("cls"), out["patch"]

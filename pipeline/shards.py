@@ -25,7 +25,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -35,17 +35,18 @@ from zarr.codecs import Crc32cCodec
 from common.atomic import atomic_write_bytes, atomic_write_json, read_json, remove_temporaries, sha256_file, try_read_json
 from common.display import progress_bar
 from common.errors import UserError
+from common.flags import OneOf
 from common.lock import exclusive
 from common.runtime import resolve_device
+from pipeline.latent_norm import KINDS, ChannelStats, LatentNorm
 from pipeline.pca import checked_pca_sha256, features_fingerprint
 from pipeline.pca_file import PCAModel, load_pca
 from pipeline.stage import InputCheck, Manifest, StageDir, StageState, open_array, read_errors, read_manifest, stage_lock
+from pipeline.vaes import LatentSpace, manifest_space
 
 SHARDS_FORMAT_VERSION = 1
 FORMATS = ("zarr", "wds")
 DATA_FIELDS = ("moments", "pcs", "cls", "patch_tokens")  # the array fields a sample may hold, besides label
-VAE_SCALE = 0.18215  # SD-VAE latent scaling factor (SPEC §2), recorded in shards.json for the trainer
-VAE_SHIFT = 0.0
 CHUNK_BYTES = 16 << 20  # target size of one zarr chunk file
 GROUP_BYTES = 1 << 30  # memory for the write-time shuffle: decides how many blocks one permutation spans
 READ_ROWS = 256  # source images read (and projected) per step
@@ -230,6 +231,10 @@ class ShardsConfig:
     """Seed of the write-time shuffle of the sample order."""
     device: str = "auto"
     """Where the PCA projection runs: auto, cpu, cuda or cuda:N."""
+    latent_norm: Annotated[str, OneOf(KINDS)] = "config"
+    """Latent normalisation the trainer applies: the VAE config's scale and shift, or per-channel statistics.
+
+    "channel": mean and std measured over these shards' latents, as LightningDiT's latent statistics."""
     force: bool = False
     """Delete and redo shards made with other settings."""
 
@@ -240,6 +245,8 @@ class ShardsConfig:
             raise UserError(f"--pcs must be at least 1, not {self.pcs}.")
         if self.shard_size < 1:
             raise UserError(f"--shard-size must be at least 1, not {self.shard_size}.")
+        if self.latent_norm not in KINDS:
+            raise UserError(f"--latent-norm must be {' or '.join(KINDS)}, not {self.latent_norm}.")
 
 
 @dataclass(frozen=True)
@@ -261,7 +268,7 @@ class ShardsResult:
 class _Inputs:
     """The opened, cross-checked inputs of the stage."""
 
-    moments: zarr.Array  # (N, 8, h, h)
+    moments: zarr.Array  # (N, 2C, h, h)
     cls: zarr.Array | None  # (N, D) global token; None when the encoder has none (I-JEPA)
     patch: zarr.Array  # (N, P, D)
     labels: np.ndarray  # (N,) int64
@@ -271,6 +278,7 @@ class _Inputs:
     skipped: list[dict[str, Any]]  # {"index", "key", "stage", "reason"} per dropped image and stage
     latents_manifest: dict[str, Any]
     features_manifest: dict[str, Any]
+    latent_space: LatentSpace  # what the moments are (recorded by encode)
     pca: PCAModel
     pca_sha256: str
 
@@ -303,6 +311,11 @@ def open_inputs(data: Path) -> _Inputs:
     """Open latents/, features/ and pca.safetensors and check that they describe the same images."""
     lat_root, feat_root = data / "latents", data / "features"
     lat_manifest, feat_manifest = read_manifest(lat_root), read_manifest(feat_root)
+    try:
+        space = manifest_space(lat_manifest["params"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{lat_root / 'manifest.json'} does not say what its latents are; rerun `redi encode` with "
+                        "--force.") from None
     lat_errors = {e.index: e.reason for e in read_errors(lat_root)}
     feat_errors = {e.index: e.reason for e in read_errors(feat_root)}
     if lat_manifest.get("source", {}).get("fingerprint") != feat_manifest.get("source", {}).get("fingerprint"):
@@ -339,7 +352,11 @@ def open_inputs(data: Path) -> _Inputs:
         raise UserError(f"No image is valid in both {lat_root} and {feat_root}.")
     skipped = _skipped("latents", lat_valid, lat_errors, keys) + _skipped("features", feat_valid, feat_errors, keys)
     skipped.sort(key=lambda s: (s["index"], s["stage"]))
-    return _Inputs(moments, cls, patch, labels, keys, checks, kept, skipped, lat_manifest, feat_manifest, pca, pca_sha256)
+    if moments.shape[1] != 2 * space.channels:
+        raise UserError(f"{lat_store}/moments holds {moments.shape[1]} channels where its manifest's VAE has "
+                        f"2 × {space.channels}; rerun `redi encode` with --force.")
+    return _Inputs(moments, cls, patch, labels, keys, checks, kept, skipped, lat_manifest, feat_manifest, space, pca,
+                   pca_sha256)
 
 
 def _group_blocks(layout: ShardLayout) -> int:
@@ -348,7 +365,7 @@ def _group_blocks(layout: ShardLayout) -> int:
 
 def _manifest(inputs: _Inputs, cfg: ShardsConfig, group_blocks: int) -> Manifest:
     params = {"formats": sorted(cfg.formats), "pcs": cfg.pcs, "patch_tokens": cfg.patch_tokens,
-              "shard_size": cfg.shard_size, "seed": cfg.seed, "group_blocks": group_blocks}
+              "shard_size": cfg.shard_size, "seed": cfg.seed, "group_blocks": group_blocks, "latent_norm": cfg.latent_norm}
     return Manifest(
         stage="shards", params=params,
         encoder={"vae": inputs.latents_manifest.get("encoder", {}), "dino": inputs.features_manifest.get("encoder", {}),
@@ -395,7 +412,28 @@ def _read_group(inputs: _Inputs, lo: int, hi: int, layout: ShardLayout, device: 
     return out
 
 
-def _shards_json(inputs: _Inputs, cfg: ShardsConfig, layout: ShardLayout, group_blocks: int,
+def model_patch(latent_side: int, grid: int, space: LatentSpace) -> int:
+    """The diffusion model's default patch: the one whose token grid is the encoder's (h / p: REPA/REG align), else
+    the VAE's default (2 on f8 latents, 1 on f16 and f32)."""
+    return latent_side // grid if latent_side % grid == 0 else space.default_patch
+
+
+def latent_norm(inputs: _Inputs, cfg: ShardsConfig, progress: bool) -> LatentNorm:
+    """The VAE config's normalisation, or per-channel statistics over the kept images' latents in one streaming pass."""
+    if cfg.latent_norm == "config":
+        return inputs.latent_space.config_norm()
+    stats = ChannelStats(inputs.latent_space.channels)
+    with progress_bar("images/s", enabled=progress) as bar:
+        task = bar.add_task("latent statistics", total=len(inputs.kept))
+        for at in range(0, len(inputs.kept), READ_ROWS):
+            idx = inputs.kept[at:at + READ_ROWS]  # (n,) increasing image indices
+            first, last = int(idx[0]), int(idx[-1]) + 1
+            stats.update(_rows(inputs.moments, "moments", first, last, inputs.checks["latents"])[idx - first])  # (n, 2C, h, h)
+            bar.advance(task, len(idx))
+    return stats.norm()
+
+
+def _shards_json(inputs: _Inputs, cfg: ShardsConfig, layout: ShardLayout, group_blocks: int, norm: LatentNorm,
                  files: dict[str, str]) -> dict[str, Any]:
     lat_params = inputs.latents_manifest.get("params", {})
     vae_id = inputs.latents_manifest.get("encoder", {})
@@ -406,11 +444,14 @@ def _shards_json(inputs: _Inputs, cfg: ShardsConfig, layout: ShardLayout, group_
         "num_samples": layout.num_samples, "num_images": len(inputs.keys),
         "num_skipped": len(inputs.keys) - layout.num_samples, "num_classes": int(inputs.labels.max()) + 1,
         "shard_size": layout.shard_size, "num_shards": layout.num_shards,
-        "resolution": int(lat_params.get("resolution", 8 * h)),
-        "latent_shape": [layout.fields["moments"].shape[0] // 2, h, h],
+        "resolution": int(lat_params["resolution"]),
+        "latent_shape": [inputs.latent_space.channels, h, h],
+        "patch_size": model_patch(h, inputs.grid, inputs.latent_space),
         "fields": {name: {"shape": list(spec.shape), "dtype": spec.dtype} for name, spec in layout.fields.items()},
         "vae": {"id": vae_id.get("id"), "revision": vae_id.get("commit", vae_id.get("revision", vae_id.get("hash"))),
-                "kind": vae_id.get("kind"), "scale": VAE_SCALE, "shift": VAE_SHIFT},
+                "kind": vae_id.get("kind")},
+        "latent_space": inputs.latent_space.record(),
+        "latent_norm": norm.record(),
         "encoder": inputs.features_manifest.get("encoder", {}),
         "pca": {"sha256": inputs.pca_sha256, "K": cfg.pcs, "source": inputs.pca.source,
                 "explained_variance": [float(v) for v in ev[:cfg.pcs]],
@@ -498,7 +539,7 @@ def write_stage(data: Path, cfg: ShardsConfig, progress: bool) -> ShardsResult:
     group_blocks = _group_blocks(layout)
     root = data / "shards"
     stage = StageDir(root, n_chunks=layout.num_shards)
-    state = stage.open(_manifest(inputs, cfg, group_blocks), cfg.force)
+    state = stage.open(_manifest(inputs, cfg, group_blocks), cfg.force, legacy={"latent_norm": "config"})
     stage.forget([b for b in range(layout.num_shards) if stage.is_done(b) and _block_sums(root, b) is None])
     shards_json = root / SHARDS_JSON
     info = _readable_info(shards_json)
@@ -510,7 +551,7 @@ def write_stage(data: Path, cfg: ShardsConfig, progress: bool) -> ShardsResult:
     written = _write_pending(stage, writer, inputs, order, group_blocks, device, progress)
     stage.finish()
     atomic_write_json(root / KEYS_JSON, [inputs.keys[i] for i in inputs.kept[order]])
-    info = _shards_json(inputs, cfg, layout, group_blocks, _all_checksums(root, writer))
+    info = _shards_json(inputs, cfg, layout, group_blocks, latent_norm(inputs, cfg, progress), _all_checksums(root, writer))
     atomic_write_json(shards_json, info)  # last: its presence means the shards are complete
     return ShardsResult(root, False, layout.num_samples, len(inputs.keys) - layout.num_samples, layout.num_shards,
                         written, tuple(sorted(cfg.formats)), time.perf_counter() - t0, info)

@@ -74,8 +74,11 @@ class StageDir:
     def _progress_path(self, chunk: int) -> Path:
         return self.root / "progress" / f"{chunk:06d}.json"
 
-    def open(self, manifest: Manifest, force: bool) -> StageState:
-        """Create, resume or refuse, comparing `manifest` with what is on disk; `force` redoes the stage whatever is there."""
+    def open(self, manifest: Manifest, force: bool, legacy: dict[str, Any] | None = None) -> StageState:
+        """Create, resume or refuse, comparing `manifest` with what is on disk; `force` redoes the stage whatever is there.
+
+        `legacy`: parameters that manifests written before they were recorded lack, with the values that code used;
+        such a manifest is read with them (and left as it is: later stages fingerprint it)."""
         wanted = manifest.to_json()
         if force:
             if self.root.exists():
@@ -85,6 +88,8 @@ class StageDir:
                 have = json.loads(self.manifest_path.read_bytes())
             except ValueError:  # not JSON, or not UTF-8
                 raise UserError(f"{self.manifest_path} is damaged; pass --force to redo the stage.") from None
+            if legacy and isinstance(have, dict) and isinstance(have.get("params"), dict):
+                have = {**have, "params": json.loads(json.dumps(legacy, default=str)) | have["params"]}
             if have != wanted:
                 changed = sorted(diff_keys(have, wanted)) if isinstance(have, dict) else ["manifest"]
                 raise UserError(

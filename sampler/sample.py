@@ -127,7 +127,11 @@ class SampleConfig:
     out: Path | None = None
     """Output directory; default RUN/samples/NAME (or samples/NAME by --ckpt), NAME from the settings."""
     vae: str | None = None
-    """Decode with this VAE (hub id, directory, tiny-random); default: the checkpoint's."""
+    """Decode with this VAE (hub id, directory, tiny-random[:KEY]) of the run's latent space; default: the checkpoint's.
+
+    The same latent space: class, channels and downsampling, e.g. sd-vae-ft-mse for sd-vae-ft-ema."""
+    force_vae: bool = False
+    """Decode with a --vae of another class or downsampling than the run's (a warning, not a refusal)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N (torchrun ranks use their local GPU)."""
     precision: Annotated[str | None, OneOf(tuple(PRECISIONS))] = None
@@ -249,7 +253,7 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
     grid_count, has_pcs = min(cfg.num, GRID_MAX), mc.pca_rank > 0
     with sample_ranks(cfg) as (rank, world, device), contextlib.ExitStack() as held:
         precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
-        decoder = load_decoder(ckpt, cfg.vae, device)
+        decoder = load_decoder(ckpt, cfg.vae, device, cfg.force_vae)
         settings = sample_settings(cfg, ckpt, sampler, guidance, decoder, precision)
         out = Path(cfg.out) if cfg.out is not None else default_out(ckpt, cfg.run, sampler, guidance, cfg)
         held.enter_context(out_lock(out, cfg, rank))

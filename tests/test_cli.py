@@ -61,7 +61,7 @@ def test_impossible_flags_and_a_wrong_encoder_are_one_sentence(tmp_path: Path) -
     import torch
 
     from pipeline.demo_data import write_demo_images
-    from pipeline.encoders import tiny_vae_config
+    from pipeline.vaes import tiny_sd_config
 
     train = ["train", "--shards", str(tmp_path), "--run", str(tmp_path / "run"), "--model", "SiT-debug"]
     assert "--epochs must be a finite positive number" in _sentence([*train, "--epochs", "inf"])
@@ -69,7 +69,7 @@ def test_impossible_flags_and_a_wrong_encoder_are_one_sentence(tmp_path: Path) -
     if not torch.cuda.is_available():
         assert "torch sees no CUDA device" in _sentence([*train, "--device", "cuda"])
     (tmp_path / "vae").mkdir()
-    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **tiny_vae_config()}))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **tiny_sd_config()}))
     images = write_demo_images(tmp_path / "images", 2).out
     said = _sentence(["features", str(images), "--data", str(tmp_path / "d"), "--encoder", str(tmp_path / "vae")])
     assert "'AutoencoderKL' model" in said and "supported encoder families" in said

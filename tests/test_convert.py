@@ -259,7 +259,7 @@ def test_converted_network_equals_the_public_one(origin: str, tmp_path: Path) ->
     if isinstance(ema, dict) and "ema" in ema:
         assert ckpt["origin"]["weights"] == "ema" and ckpt["step"] == 123
     assert ckpt["origin"]["name"] == origin and len(ckpt["origin"]["sha256"]) == 64
-    assert ckpt["shards"]["vae"]["id"] == "stabilityai/sd-vae-ft-ema" and ckpt["shards"]["vae"]["scale"] == 0.18215
+    assert ckpt["shards"]["vae"]["id"] == "stabilityai/sd-vae-ft-ema" and ckpt["shards"]["latent_norm"]["scale"] == [0.18215] * 4
     assert ckpt["train"]["class_dropout"] == 0.1 and not ckpt["train"]["unconditional"]
     assert ckpt["train"]["method"] == {"dit": "baseline", "sit": "baseline", "repa": "repa", "reg": "reg",
                                         "redi": "redi+repa"}[origin]

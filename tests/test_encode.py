@@ -18,14 +18,20 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.demo_data import CLASSES, write_demo_images
-from pipeline.encoders import ENCODER, VAE, load, resolve, vae_moments
+from pipeline.encoders import ENCODER, VAE, load, resolve
 from pipeline.images import center_crop_arr, decode_rgb, open_source
 from pipeline.representations import (
     CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, encoder_tokens, feature_spec, tiny_configs, tiny_dino_config,
 )
+from pipeline.vaes import latent_space, tiny_sd_config, vae_moments
 
 R = 64  # crop side: 8×8 latents, 4×4 DINOv2 patches (56-pixel input)
 TINY = ["--resolution", str(R), "--workers", "0", "--batch-size", "4"]
+
+
+def grid(resolution: int) -> int:
+    """The token grid of SD-VAE's f8 latents in patches of 2: R/16."""
+    return latent_space(tiny_sd_config()).token_grid(resolution)
 
 
 def redi(*args: str | Path) -> tuple[int, str]:
@@ -79,7 +85,7 @@ def test_encode_and_features_with_tiny_random(images: Path, tmp_path: Path) -> N
     pixels = torch.from_numpy(np.stack([center_crop_arr(decode_rgb(src.read_bytes(i)), R) for i in (0, 7, 11)]))
     with torch.inference_mode():
         moments = vae_moments(vae, pixels).half().numpy()
-        cls, patch = encoder_tokens(dino, pixels)
+        cls, patch = encoder_tokens(dino, pixels, grid(R))
     np.testing.assert_allclose(latents["moments"][[0, 7, 11]], moments, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(features["cls"][[0, 7, 11]], cls.half().numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(features["patch"][[0, 7, 11]], patch.half().numpy(), rtol=1e-3, atol=1e-3)
@@ -117,7 +123,7 @@ def _triangle_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 def dino_input(pixels: torch.Tensor, resolution: int) -> torch.Tensor:
     """DINOv2's input for uint8 crops (REPA's pre-processing at 224·R/256)."""
-    spec = feature_spec(tiny_dino_config(), resolution)
+    spec = feature_spec(tiny_dino_config(), grid(resolution))
     return spec.preprocess(pixels, spec.side)
 
 
@@ -128,7 +134,7 @@ def dino_input(pixels: torch.Tensor, resolution: int) -> torch.Tensor:
 def test_repa_preprocessing_by_hand(family: str, mean: tuple[float, ...], std: tuple[float, ...], resize_first: bool) -> None:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (2, R, R, 3), dtype=np.uint8)
-    spec = feature_spec(tiny_configs()[family](), R)
+    spec = feature_spec(tiny_configs()[family](), grid(R))
     got = spec.preprocess(torch.from_numpy(img), spec.side).numpy()  # (2, 3, 56, 56)
     side = 224 * R // 256
     w = _bicubic_matrix(R, side)
@@ -144,21 +150,21 @@ def test_siglip_preprocessing_follows_its_preprocessor_config() -> None:
     """A SigLIP/14 (so400m-like): resized to 14·R/16 with the json's bilinear, antialiased, then its mean/std."""
     config = {**tiny_configs()["siglip"](), "patch_size": 14}
     processor = {"resample": 2, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.5], "rescale_factor": 1 / 255}
-    spec = feature_spec(config, R, processor)
+    spec = feature_spec(config, grid(R), processor)
     img = np.random.default_rng(1).integers(0, 256, (2, R, R, 3), dtype=np.uint8)
     got = spec.preprocess(torch.from_numpy(img), spec.side).numpy()
     w = _triangle_matrix(R, 56)
     want = (np.einsum("yh,nhwc,xw->nyxc", w, img / 255.0, w) - processor["image_mean"]) / processor["image_std"]
     assert spec.side == 56 and spec.preprocess.source == "preprocessor_config.json"
     np.testing.assert_allclose(got, want.transpose(0, 3, 1, 2), atol=1e-4)
-    assert feature_spec(config, R).preprocess.mean == HALF  # without the json: SiglipImageProcessor's defaults
+    assert feature_spec(config, grid(R)).preprocess.mean == HALF  # without the json: SiglipImageProcessor's defaults
 
 
 def test_dino_tokens_keep_cls_and_patches_drop_registers() -> None:
     dino = load(resolve(ENCODER, "tiny-random"))
     pixels = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)
     with torch.inference_mode():
-        cls, patch = encoder_tokens(dino, pixels)
+        cls, patch = encoder_tokens(dino, pixels, grid(128))
         h = dino(pixel_values=dino_input(pixels, 128)).last_hidden_state  # (2, 1 + 4 + 64, 32)
     assert h.shape == (2, 1 + 4 + 64, 32)
     torch.testing.assert_close(cls, h[:, 0])
@@ -235,17 +241,17 @@ def test_user_errors_exit_2(images: Path, tmp_path: Path, monkeypatch: pytest.Mo
     code, out = redi("encode", images, "--data", tmp_path / "file", "--vae", "tiny-random", *TINY)
     assert code == 2 and "Cannot write" in out
     code, out = redi("encode", images, "--data", tmp_path, "--vae", "tiny-random", "--resolution", "100")
-    assert code == 2 and "multiple of 16" in out
+    assert code == 2 and "not a multiple of the VAE's downsampling factor 8" in out
 
 
 def test_local_directory_encoder_identity(tmp_path: Path) -> None:
-    from pipeline.encoders import random_init, tiny_vae_config
+    from pipeline.encoders import random_init
 
-    random_init(VAE, tiny_vae_config(), 1).save_pretrained(tmp_path / "vae")
+    random_init(VAE, tiny_sd_config(), 1).save_pretrained(tmp_path / "vae")
     ref = resolve(VAE, str(tmp_path / "vae"))
     assert ref.identity["kind"] == "local" and ref.identity["dim"] == 4 and len(ref.identity["hash"]) == 64
     model = load(ref)
-    assert torch.equal(model.encoder.conv_in.weight, random_init(VAE, tiny_vae_config(), 1).encoder.conv_in.weight)
+    assert torch.equal(model.encoder.conv_in.weight, random_init(VAE, tiny_sd_config(), 1).encoder.conv_in.weight)
 
 
 def test_benchmark_quick_smoke() -> None:

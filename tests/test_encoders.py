@@ -113,7 +113,7 @@ def test_mae_keeps_every_patch_in_grid_order() -> None:
     model = load(resolve(ENCODER, "tiny-random:mae"))
     assert model.config.mask_ratio == 0.0 and tiny_configs()["mae"]()["mask_ratio"] == 0.75
     pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
-    spec = feature_spec(tiny_configs()["mae"](), 64)
+    spec = feature_spec(tiny_configs()["mae"](), 4)
     with torch.inference_mode():
         got = encode_features(model, pixels, spec)  # type: ignore[arg-type]
         x = spec.preprocess(pixels, spec.side)  # (2, 3, 64, 64): no resize at patch 16
@@ -130,7 +130,7 @@ def test_mae_keeps_every_patch_in_grid_order() -> None:
 def test_siglip_global_token_is_the_attention_pooled_output() -> None:
     for family in ("siglip", "siglip2"):
         model = load(resolve(ENCODER, f"tiny-random:{family}"))
-        spec = feature_spec(tiny_configs()[family](), 64)
+        spec = feature_spec(tiny_configs()[family](), 4)
         pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
         with torch.inference_mode():
             got = encode_features(model, pixels, spec)  # type: ignore[arg-type]
@@ -139,7 +139,7 @@ def test_siglip_global_token_is_the_attention_pooled_output() -> None:
         torch.testing.assert_close(got["cls"], pooled)
         assert not torch.allclose(got["cls"], got["patch"].mean(1), atol=1e-3)
     headless = {**tiny_configs()["siglip"](), "vision_use_head": False}
-    assert feature_spec(headless, 64).global_token is None and "cls" not in feature_spec(headless, 64).shapes()
+    assert feature_spec(headless, 4).global_token is None and "cls" not in feature_spec(headless, 4).shapes()
 
 
 def test_siglip2_patches_are_its_image_processors() -> None:
@@ -153,15 +153,15 @@ def test_siglip2_patches_are_its_image_processors() -> None:
 def test_registers_are_dropped_and_grids_follow_the_resolution() -> None:
     for family, tokens_dropped in (("dinov2-reg", 5), ("dinov2", 1), ("dinov3", 5), ("clip", 1), ("ijepa", 0)):
         config = tiny_configs()[family]()
-        spec = feature_spec(config, 512)
+        spec = feature_spec(config, 32)
         assert spec.prefix == tokens_dropped and spec.grid == 32 and spec.side == 32 * config["patch_size"]
         with torch.inference_mode():
             out = encode_features(load(resolve(ENCODER, f"tiny-random:{family}")), torch.zeros(1, 128, 128, 3, dtype=torch.uint8),
-                                  feature_spec(config, 128))  # type: ignore[arg-type]
+                                  feature_spec(config, 8))  # type: ignore[arg-type]
         assert out["patch"].shape == (1, 64, 32)
-    assert feature_spec(tiny_dino_config(), 256).side == 224  # DINOv2 at 224·R/256, as REPA
-    assert feature_spec(tiny_configs()["mae"](), 256).side == 256  # MAE-L/16 at 256 → 16×16
-    assert feature_spec(tiny_configs()["siglip2"](), 512).side == 512
+    assert feature_spec(tiny_dino_config(), 16).side == 224  # DINOv2 at 224 for 256 px (16×16), as REPA
+    assert feature_spec(tiny_configs()["mae"](), 16).side == 256  # MAE-L/16 at 256 → 16×16
+    assert feature_spec(tiny_configs()["siglip2"](), 32).side == 512
 
 
 def test_an_unsupported_model_is_one_sentence_naming_the_families(tmp_path: Path) -> None:

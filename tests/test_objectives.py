@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from pipeline.latent_norm import LatentNorm
 from trainer.models import ModelConfig, ModelOutput, build_model
 from trainer.objectives import (
     LossConfig,
@@ -311,18 +312,19 @@ def test_prepare_batch_samples_scales_and_upsamples():
     mean, std = torch.randn(2, 4, 4, 4, generator=g), torch.rand(2, 4, 4, 4, generator=g)
     pcs = torch.randn(2, 5, 2, 2, generator=g)
     pcs[:, 1] = 3.0  # a constant map stays constant under bilinear upsampling
-    x0 = prepare_batch(torch.cat([mean, std], 1).half(), pcs.half(), r=2, scale=0.5, shift=0.1,
-                       generator=torch.Generator().manual_seed(9))
+    norm = LatentNorm("config", (0.1, 0.2, -0.1, 0.0), (0.5, 0.5, 2.0, 1.0))  # z' = (z − shift) · scale per channel
+    x0 = prepare_batch(torch.cat([mean, std], 1).half(), pcs.half(), r=2, norm=norm, generator=torch.Generator().manual_seed(9))
     eps = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(9))
     assert x0.shape == (2, 6, 4, 4) and x0.dtype == torch.float32
-    assert torch.allclose(x0[:, :4], (mean.half().float() + std.half().float() * eps) * 0.5 + 0.1)
+    shift, scale = torch.tensor(norm.shift).view(1, 4, 1, 1), torch.tensor(norm.scale).view(1, 4, 1, 1)
+    assert torch.allclose(x0[:, :4], (mean.half().float() + std.half().float() * eps - shift) * scale)
     assert torch.all(x0[:, 5] == 3.0)
     # bilinear, align_corners=False: output pixel 1 lies at source coordinate 0.25 → 0.75·p0 + 0.25·p1
     p = pcs.half().float()[0, 0]
     assert x0[0, 4, 0, 1].item() == pytest.approx(0.75 * p[0, 0].item() + 0.25 * p[0, 1].item(), rel=1e-5)
-    assert prepare_batch(torch.cat([mean, std], 1), None, r=0, scale=1.0).shape == (2, 4, 4, 4)
+    assert prepare_batch(torch.cat([mean, std], 1), None, r=0, norm=norm).shape == (2, 4, 4, 4)
     with pytest.raises(UserError, match="rank 6"):
-        prepare_batch(torch.cat([mean, std], 1), pcs, r=6, scale=1.0)
+        prepare_batch(torch.cat([mean, std], 1), pcs, r=6, norm=norm)
 
 
 def test_incompatible_settings_raise_user_errors():

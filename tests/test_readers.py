@@ -58,7 +58,9 @@ def test_info_and_batch_contents(shards: Path) -> None:
     info = read_shard_info(shards)
     assert (info.num_samples, info.pcs, info.grid, info.feature_dim) == (N - 1, K, GRID, DIM)
     assert info.latent_shape == (4, H, H)
-    assert not info.has_patch_tokens and info.vae_scale == 0.18215 and info.num_classes == 5
+    assert not info.has_patch_tokens and info.num_classes == 5
+    assert info.latent_norm.record() == {"kind": "config", "shift": [0.0] * 4, "scale": [0.18215] * 4}  # SD-VAE's config
+    assert info.latent_space.downsampling == 8 and info.patch_size == 2
     batch = next(iter(make_loader(shards, batch_size=B, seed=3)))
     assert batch["moments"].shape == (B, 8, H, H) and batch["moments"].dtype == torch.float16
     assert batch["pcs"].shape == (B, K, GRID, GRID) and batch["pcs"].dtype == torch.float16

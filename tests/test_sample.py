@@ -16,6 +16,7 @@ from cli import app
 from common.atomic import sha256_file
 from common.errors import UserError
 from common.lock import exclusive
+from pipeline.vaes import latent_space, tiny_sd_config
 from sampler.outputs import image_path, make_grid, pcs_path, pcs_to_rgb, read_png, write_adm_npz
 from sampler.report import SampleResult
 from sampler.sample import SampleConfig, batches_of, run_sample
@@ -28,7 +29,8 @@ from trainer.models import ModelConfig, build_model
 REPO = Path(__file__).resolve().parents[1]
 LATENT = 8  # latent side: 64×64 images through the tiny-random VAE
 STEP = 7
-VAE = {"id": "tiny-random", "revision": "0" * 64, "kind": "tiny-random", "scale": 0.18215, "shift": 0.0}
+VAE = {"id": "tiny-random", "revision": "0" * 64, "kind": "tiny-random"}
+SD_VAE = latent_space(tiny_sd_config())  # the tiny-random VAE's: SD-VAE's 4 channels, f8, 0.18215
 
 
 def make_run(root: Path, model: str = "SiT-debug", method: str = "redi", rep_drop: float = 0.2,
@@ -46,7 +48,8 @@ def make_run(root: Path, model: str = "SiT-debug", method: str = "redi", rep_dro
             p.add_(0.05 * torch.randn_like(p))  # zero-initialised output layers would make every sample alike
     shards = ShardSummary(root=str(root / "data"), shards_json_sha256="0" * 64, vae=VAE, encoder={}, num_samples=96,
                           num_classes=4, resolution=8 * LATENT, latent_shape=[4, LATENT, LATENT], pcs=6, grid=4,
-                          feature_dim=16, vae_scale=0.18215, vae_shift=0.0, pca_sha256="0" * 64)
+                          feature_dim=16, latent_space=SD_VAE.record(), latent_norm=SD_VAE.config_norm().record(),
+                          pca_sha256="0" * 64)
     Checkpoint(step=STEP, train=train.to_json(), model_config=mc, shards=shards, model=net.state_dict(),
                ema=net.state_dict(), opt={}).save(checkpoint_path(root, STEP))
     return root

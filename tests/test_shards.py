@@ -65,7 +65,8 @@ def test_shards_equal_their_inputs(built: Path) -> None:
     skipped = {(s["index"], s["stage"]) for s in info["skipped"]}
     assert skipped == {(i, "latents") for i in BAD_LATENTS} | {(i, "features") for i in BAD_FEATURES}
     assert all(s["reason"].startswith("unreadable in") for s in info["skipped"])
-    assert info["pca"]["K"] == K and info["num_shards"] == -(-len(keys) // S) and info["vae"]["scale"] == 0.18215
+    assert info["pca"]["K"] == K and info["num_shards"] == -(-len(keys) // S)
+    assert info["latent_norm"] == {"kind": "config", "shift": [0.0] * 4, "scale": [0.18215] * 4}  # SD-VAE's config
     assert info["latent_shape"] == [4, H, H] and info["fields"]["pcs"]["shape"] == [K, GRID, GRID]
 
     moments, cls, patch = (stage_array(built, "latents", "moments"), stage_array(built, "features", "cls"),

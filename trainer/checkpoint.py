@@ -27,7 +27,9 @@ from torch import Tensor
 
 from common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_with, sha256_file
 from common.errors import UserError
+from pipeline.latent_norm import LatentNorm
 from pipeline.readers import ShardInfo
+from pipeline.vaes import LatentSpace, legacy_space
 from trainer.models import ModelConfig
 
 CONFIG_JSON = "config.json"
@@ -44,7 +46,7 @@ class ShardSummary:
     """The shards directory (str(): a URL without its credentials); None for a converted public checkpoint."""
     shards_json_sha256: str | None
     vae: dict[str, Any]
-    """The VAE's identity (id, revision, kind) and its scale and shift."""
+    """The VAE's identity (id, revision, kind)."""
     encoder: dict[str, Any]
     """The representation encoder's identity; {} when unknown."""
     num_samples: int | None
@@ -57,13 +59,15 @@ class ShardSummary:
     grid: int
     """p: side of the PC / patch-token grid."""
     feature_dim: int
-    vae_scale: float
-    vae_shift: float
+    latent_space: dict[str, Any] | None
+    """The latents' VAE class, channels, downsampling and config factors (pipeline.vaes.LatentSpace.record)."""
+    latent_norm: dict[str, Any] | None
+    """z' = (z − shift)·scale per channel: applied in training, inverted before decoding (LatentNorm.record)."""
     pca_sha256: str | None
 
     SAME_DATA: ClassVar[tuple[str, ...]] = (  # what a resumed run's shards must share (a copy elsewhere is fine)
         "vae", "encoder", "num_samples", "num_classes", "resolution", "latent_shape", "pcs", "feature_dim",
-        "vae_scale", "vae_shift", "pca_sha256")
+        "latent_space", "latent_norm", "pca_sha256")
 
     @classmethod
     def of(cls, info: ShardInfo) -> ShardSummary:
@@ -71,13 +75,27 @@ class ShardSummary:
             root=str(info.root), shards_json_sha256=info.sha256, vae=info.raw["vae"], encoder=info.raw.get("encoder", {}),
             num_samples=info.num_samples, num_classes=info.num_classes, resolution=info.resolution,
             latent_shape=list(info.latent_shape), pcs=info.pcs, grid=info.grid, feature_dim=info.feature_dim,
-            vae_scale=info.vae_scale, vae_shift=info.vae_shift, pca_sha256=info.pca_sha256,
+            latent_space=info.latent_space.record(), latent_norm=info.latent_norm.record(), pca_sha256=info.pca_sha256,
         )
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> ShardSummary:
-        """As saved; a field an older file lacks is None (and `vae` {}), so sampling can fall back or ask."""
-        return cls(**{f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": value.get("vae") or {}})
+        """As saved; a field an older file lacks is None (and `vae` {}), so sampling can fall back or ask. A file from
+        before the latent records holds SD-VAE latents scaled as its `vae_scale` and `vae_shift` say."""
+        fields = {f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": value.get("vae") or {}}
+        return cls(**fields | ({} if value.get("latent_norm") else _legacy_latents(value)))
+
+    @property
+    def norm(self) -> LatentNorm:
+        """The latent normalisation the run trained with."""
+        if self.latent_norm is None:
+            raise UserError("The checkpoint records no latent normalisation (nor a VAE scale); it cannot be decoded.")
+        return LatentNorm.from_record(self.latent_norm)
+
+    @property
+    def space(self) -> LatentSpace | None:
+        """The latent space the run trained on, where recorded."""
+        return None if self.latent_space is None else LatentSpace.from_record(self.latent_space)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,6 +103,18 @@ class ShardSummary:
     def differences(self, other: ShardSummary) -> list[str]:
         """The SAME_DATA fields in which `other` differs."""
         return [k for k in self.SAME_DATA if getattr(self, k) != getattr(other, k)]
+
+
+def _legacy_latents(value: dict[str, Any]) -> dict[str, Any]:
+    """latent_space and latent_norm of a summary written before them: SD-VAE latents, z' = z · vae_scale + vae_shift
+    (the scale in `vae` before that); {} when it records no scale."""
+    vae, shape = value.get("vae") or {}, value.get("latent_shape")
+    scale = value.get("vae_scale", vae.get("scale"))
+    if scale is None or not shape or not value.get("resolution"):
+        return {}
+    shift = value.get("vae_shift", vae.get("shift")) or 0.0
+    return {"latent_space": legacy_space(shape[0], shape[1], value["resolution"]).record(),
+            "latent_norm": LatentNorm.legacy(float(scale), float(shift), shape[0]).record()}
 
 
 @dataclass(frozen=True)

@@ -40,17 +40,16 @@ from torch import Tensor
 from common.atomic import sha256_file
 from common.errors import UserError
 from common.flags import OneOf
-from pipeline.shards import VAE_SCALE, VAE_SHIFT
+from pipeline.vaes import latent_space, sd_vae_config
 from trainer.checkpoint import Checkpoint, ShardSummary
 from trainer.config import TrainConfig
 from trainer.models import PATCH_SIZE, REPA_DEPTHS, SIZES, ModelConfig, TimestepEmbedder, build_model
 from trainer.objectives import WEIGHTINGS
 
-VAE_CHANNELS = 4  # every public origin models the 4-channel SD-VAE latent
-VAE_DOWNSAMPLING = 8  # SD-VAE: latent side = image side / 8
-DINO_PATCH_PIXELS = 16  # DINOv2 patch 14 at 224·R/256 → one patch token per 16 image pixels
+SD_VAE = latent_space(sd_vae_config())  # every public origin models SD-VAE's latents (4 channels, f8)
+VAE_CHANNELS = SD_VAE.channels
 DEFAULT_CLASS_DROPOUT = 0.1  # class_dropout_prob of every public model; none of their train.py passes another
-VAE = {"id": "stabilityai/sd-vae-ft-ema", "revision": "main", "kind": "hub", "scale": VAE_SCALE, "shift": VAE_SHIFT}
+VAE = {"id": "stabilityai/sd-vae-ft-ema", "revision": "main", "kind": "hub"}
 DINOV2_REG = {"id": "facebook/dinov2-with-registers-base", "revision": "main", "kind": "hub",
               "class": "Dinov2WithRegistersModel", "dim": 768}  # ReDi: torch.hub dinov2_vitb14_reg
 DINOV2 = {"id": "facebook/dinov2-base", "revision": "main", "kind": "hub",
@@ -399,20 +398,20 @@ def train_config(origin: Origin, cfg: ModelConfig, args: dict[str, Any], rep_dro
         repa_depth=cfg.repa_depth or None, repa_weight=float(repa_weight),
         cls_weight=float(args.get("cls", 0.03)), learn_sigma=cfg.learn_sigma, unconditional=cfg.num_classes == 1,
         class_dropout=cfg.class_dropout, weighting=str(args.get("weighting", "uniform")),  # REPA/REG --weighting
-        resolution=cfg.input_size * VAE_DOWNSAMPLING,
+        resolution=cfg.input_size * SD_VAE.downsampling,
     )
     return train.to_json()
 
 
 def shard_summary(origin: Origin, cfg: ModelConfig) -> ShardSummary:
     """The data the origin trained on, as far as it is known."""
-    resolution = cfg.input_size * VAE_DOWNSAMPLING
+    resolution = cfg.input_size * SD_VAE.downsampling
     encoder = {"redi": DINOV2_REG, "repa": DINOV2, "reg": DINOV2}.get(origin.name, {})
     return ShardSummary(
         root=None, shards_json_sha256=None, vae=dict(VAE), encoder=dict(encoder), num_samples=None,
         num_classes=cfg.num_classes, resolution=resolution, latent_shape=[cfg.vae_channels, cfg.input_size, cfg.input_size],
-        pcs=cfg.pca_rank, grid=resolution // DINO_PATCH_PIXELS, feature_dim=cfg.repa_dim, vae_scale=VAE_SCALE,
-        vae_shift=VAE_SHIFT, pca_sha256=None,
+        pcs=cfg.pca_rank, grid=cfg.input_size // cfg.patch_size, feature_dim=cfg.repa_dim,
+        latent_space=SD_VAE.record(), latent_norm=SD_VAE.config_norm().record(), pca_sha256=None,
     )
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UserError
+from pipeline.latent_norm import LatentNorm
 from trainer.models import ModelConfig
 
 METHODS = ("baseline", "redi", "repa", "reg", "redi+repa")
@@ -214,17 +215,17 @@ def prepare_batch(
     moments: Tensor,
     pcs: Tensor | None,
     r: int,
-    scale: float,
-    shift: float = 0.0,
+    norm: LatentNorm,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Latent sample and PCs → x0 (N, V + r, h, h) = [(mean + std·ε)·scale + shift, bilinear-upsampled pcs[:, :r]].
+    """Latent sample and PCs → x0 (N, V + r, h, h) = [norm(mean + std·ε), bilinear-upsampled pcs[:, :r]].
 
-    moments: (N, 2V, h, h), posterior mean then std; pcs: (N, K, p, p) with K ≥ r (None when r = 0).
+    moments: (N, 2V, h, h), posterior mean then std; pcs: (N, K, p, p) with K ≥ r (None when r = 0);
+    norm: the shards' latent normalisation, (z − shift) · scale per channel.
     """
     mean, std = moments.float().chunk(2, dim=1)  # 2 × (N, V, h, h)
     eps = torch.randn(mean.shape, generator=generator, device=mean.device)  # (N, V, h, h)
-    z = (mean + std * eps) * scale + shift  # (N, V, h, h)
+    z = norm.apply(mean + std * eps)  # (N, V, h, h)
     if r == 0:
         return z
     if pcs is None or r > pcs.shape[1]:

@@ -262,7 +262,7 @@ def to_train_batch(raw: dict, cfg: TrainConfig, info: ShardInfo, dev: torch.devi
     """Shard batch (float16 on the host) → device batch with a fresh latent sample and upsampled PCs."""
     moments = raw["moments"].to(dev, non_blocking=True)  # (N, 2V, h, h)
     pcs = raw["pcs"].to(dev, non_blocking=True) if "pcs" in raw else None  # (N, K, p, p)
-    x0 = prepare_batch(moments, pcs, cfg.pca_rank if cfg.uses_pcs else 0, info.vae_scale, info.vae_shift, gen)
+    x0 = prepare_batch(moments, pcs, cfg.pca_rank if cfg.uses_pcs else 0, info.latent_norm, gen)
     label = raw["label"].to(dev, non_blocking=True)
     if cfg.unconditional:
         label = torch.zeros_like(label)

@@ -1,0 +1,252 @@
+"""The latent zoo: every VAE family by path through encode → shards → train → sample; the latent normalisation
+(config or measured) applied by the trainer and inverted by the sampler; the token grid derived from the latents
+(512 end to end); stages made before the records; the default chain byte-identical to before the zoo."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.encoders import VAE, load, resolve
+from pipeline.latent_norm import LatentNorm
+from pipeline.readers import read_shard_info
+from pipeline.vaes import latent_space, tiny_configs
+from sampler.sample import Decoder
+from trainer.objectives import prepare_batch
+
+FAST = ["--workers", "0", "--batch-size", "4"]
+TRAIN = ["--model", "SiT-debug", "--batch-size", "4", "--max-steps", "3", "--log-every", "1", "--num-workers", "0"]
+
+
+def redi(*args: str | Path, code: int = 0) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, f"redi {' '.join(map(str, args))}\n{result.output}"
+    return " ".join(result.output.split())
+
+
+def random_images(folder: Path, count: int, seed: int = 0) -> Path:
+    """`count` random RGB PNGs of 90×80 pixels (numpy seed `seed`)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (90, 80, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def stored(data: Path, stage: str, name: str) -> np.ndarray:
+    return zarr.open_array(data / stage / "store.zarr" / name, mode="r")[:]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_images(tmp_path_factory.mktemp("latents") / "images", 6)
+
+
+# family: (resolution, channels, latent side, token grid, patch, config scale, config shift)
+FAMILIES = {
+    "sd": (64, 4, 8, 4, 2, 0.18215, 0.0),  # SD-VAE: AutoencoderKL's default scaling factor, no shift
+    "flux": (64, 16, 8, 4, 2, 0.3611, 0.1159),  # FLUX.1: 16 channels, scale and shift from the config
+    "dc": (128, 32, 4, 4, 1, 0.41407, 0.0),  # DC-AE f32c32: deterministic, f32, patch 1
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_vae_family_by_path_encodes_trains_and_samples(family: str, images: Path, tmp_path: Path) -> None:
+    resolution, channels, side, grid, patch, scale, shift = FAMILIES[family]
+    vae_dir = tmp_path / "vae"
+    load(resolve(VAE, f"tiny-random:{family}")).save_pretrained(vae_dir)  # type: ignore[operator]
+    data = tmp_path / "data"
+    redi("encode", images, "--data", data, "--vae", vae_dir, "--with-features", "--encoder", "tiny-random",
+         "--resolution", resolution, *FAST)
+    space = json.loads((data / "latents" / "manifest.json").read_text())["params"]["latent_space"]
+    assert (space["channels"], space["downsampling"], space["scaling_factor"]) == (channels, resolution // side, scale)
+    moments = stored(data, "latents", "moments")
+    assert moments.shape == (6, 2 * channels, side, side)
+    assert (moments[:, channels:] == 0).all() == (family == "dc")  # DC-AE: the latent and a std of 0
+    representation = json.loads((data / "features" / "manifest.json").read_text())["params"]["representation"]
+    assert representation["grid"] == grid and stored(data, "features", "patch").shape[1] == grid * grid
+
+    redi("pca", "--data", data)
+    redi("shards", "--data", data, "--pcs", "4", "--shard-size", "4", "--patch-tokens")
+    info = read_shard_info(data / "shards")
+    assert info.latent_shape == (channels, side, side) and info.patch_size == patch and info.grid == grid
+    assert info.latent_norm == LatentNorm("config", (shift,) * channels, (scale,) * channels)
+    for method in ("redi", "repa"):
+        extra = ["--pca-rank", "4"] if method == "redi" else []
+        redi("train", "--shards", data, "--run", tmp_path / method, "--method", method, *TRAIN, *extra)
+    config = json.loads((tmp_path / "redi" / "config.json").read_text())["model"]
+    assert (config["vae_channels"], config["input_size"]) == (channels, side)
+    redi("sample", "--run", tmp_path / "redi", "--steps", "2", "--num", "2", "--out", tmp_path / "samples")
+    with np.load(tmp_path / "samples" / "samples.npz") as f:
+        assert f["arr_0"].shape == (2, resolution, resolution, 3)
+
+
+def test_an_unsupported_vae_class_is_one_sentence_naming_the_supported(images: Path, tmp_path: Path) -> None:
+    (tmp_path / "vq").mkdir()
+    (tmp_path / "vq" / "config.json").write_text('{"_class_name": "VQModel", "latent_channels": 3}')
+    out = redi("encode", images, "--data", tmp_path / "data", "--vae", tmp_path / "vq", code=2)
+    assert "'VQModel'" in out and "AutoencoderKL" in out and "AutoencoderDC" in out and out.count(".") <= 3
+    out = redi("encode", images, "--data", tmp_path / "data", "--vae", "tiny-random:vq", code=2)
+    assert "tiny-random:flux" in out and "tiny-random:dc" in out
+
+
+class _Identity(torch.nn.Module):
+    """A 'VAE' whose decoder returns the latent it is given: what the sampler decodes, exactly."""
+
+    def decode(self, z: torch.Tensor) -> object:
+        return type("Out", (), {"sample": z})()
+
+
+@pytest.mark.parametrize("norm", [
+    latent_space(tiny_configs()["flux"]()).config_norm(),  # z' = 0.3611 · (z − 0.1159)
+    LatentNorm("channel", (0.5, -1.0, 2.0, 0.0), (1 / 3.0, 2.0, 0.25, 1.0)),
+])
+def test_the_samplers_unnormalisation_inverts_the_trainers_normalisation(norm: LatentNorm) -> None:
+    z = torch.randn(3, norm.channels, 4, 4, generator=torch.Generator().manual_seed(0)) * 5 + 1  # (N, C, h, h) known latent
+    moments = torch.cat([z, torch.zeros_like(z)], dim=1)  # std 0: the trainer's sample is z itself
+    trained = prepare_batch(moments, None, 0, norm)  # (N, C, h, h): what the network learns
+    assert not torch.allclose(trained, z)
+    decoded = Decoder(_Identity(), {}, norm)(trained)  # what the sampler hands the VAE
+    torch.testing.assert_close(decoded, z, rtol=0, atol=1e-6 * float(z.abs().max()))
+
+
+@pytest.mark.parametrize("family", ["flux", "dc"])
+def test_channel_statistics_equal_numpys_over_the_stored_latents(family: str, images: Path, tmp_path: Path) -> None:
+    resolution, channels = FAMILIES[family][:2]
+    data = tmp_path / "data"
+    redi("encode", images, "--data", data, "--vae", f"tiny-random:{family}", "--with-features", "--encoder", "tiny-random",
+         "--resolution", resolution, *FAST)
+    redi("pca", "--data", data)
+    redi("shards", "--data", data, "--pcs", "2", "--shard-size", "4", "--latent-norm", "channel")
+    norm = read_shard_info(data / "shards").latent_norm
+    moments = stored(data, "latents", "moments").astype(np.float64)  # (N, 2C, h, h)
+    mean, std = moments[:, :channels], moments[:, channels:]
+    want_mean = mean.mean(axis=(0, 2, 3))
+    want_std = np.sqrt(mean.var(axis=(0, 2, 3)) + (std**2).mean(axis=(0, 2, 3)))  # of the samples mean + std·ε
+    if family == "dc":
+        want_std = mean.std(axis=(0, 2, 3))  # deterministic: the latents' own std
+    assert norm.kind == "channel"
+    np.testing.assert_allclose(norm.shift, want_mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(1 / np.array(norm.scale), want_std, rtol=1e-9)
+    # The trainer's samples of the whole set, normalised, have zero mean and unit variance per channel.
+    drawn = torch.cat([prepare_batch(torch.from_numpy(moments).float(), None, 0, norm, torch.Generator().manual_seed(s))
+                       for s in range(50)])  # (50·N, C, h, h)
+    np.testing.assert_allclose(drawn.mean((0, 2, 3)).numpy(), 0, atol=0.05)
+    np.testing.assert_allclose(drawn.std((0, 2, 3)).numpy(), 1, atol=0.05)
+    out = redi("shards", "--data", data, "--pcs", "2", "--shard-size", "4", code=2)  # another norm: other shards
+    assert "latent_norm" in out and "--force" in out
+
+
+def test_the_token_grid_follows_the_latents(images: Path, tmp_path: Path) -> None:
+    """features after encode: G = (R / f) / patch; the default patch is 2 on f8 latents and 1 on f32; --patch-size sets it."""
+    for vae, resolution, patch, grid in (("tiny-random:dc", 128, None, 4), ("tiny-random", 128, None, 8),
+                                         ("tiny-random", 64, 1, 8)):
+        data = tmp_path / f"{vae}-{resolution}-{patch}"
+        redi("encode", images, "--data", data, "--vae", vae, "--resolution", resolution, *FAST)
+        extra = ["--patch-size", str(patch)] if patch else []
+        redi("features", images, "--data", data, "--encoder", "tiny-random", "--resolution", resolution, *FAST, *extra)
+        record = json.loads((data / "features" / "manifest.json").read_text())["params"]["representation"]
+        assert (record["grid"], record["input_side"]) == (grid, 14 * grid)
+
+
+def test_512_end_to_end_has_repas_token_grids(tmp_path: Path) -> None:
+    """REPA's 512 recipe: SD-VAE 64×64 latents, patch 2 → 32×32 tokens; DINOv2 at 448 → 32×32 patches."""
+    images = random_images(tmp_path / "images", 2)
+    data = tmp_path / "data"
+    redi("encode", images, "--data", data, "--vae", "tiny-random", "--with-features", "--encoder", "tiny-random",
+         "--resolution", "512", *FAST)
+    assert stored(data, "latents", "moments").shape == (2, 8, 64, 64)
+    representation = json.loads((data / "features" / "manifest.json").read_text())["params"]["representation"]
+    assert (representation["input_side"], representation["grid"]) == (448, 32)
+    assert stored(data, "features", "patch").shape == (2, 32 * 32, 32)
+    redi("pca", "--data", data)
+    redi("shards", "--data", data, "--pcs", "2", "--shard-size", "2", "--patch-tokens")
+    info = read_shard_info(data / "shards")
+    assert info.fields["pcs"].shape == (2, 32, 32) and info.fields["patch_tokens"].shape == (1024, 32)
+    assert info.latent_shape == (4, 64, 64) and info.patch_size == 2
+    redi("train", "--shards", data, "--run", tmp_path / "run", "--method", "repa", *TRAIN[:2], "--batch-size", "2",
+         "--max-steps", "1", "--num-workers", "0")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "step-0000001.pt", weights_only=True)
+    assert ckpt["model"]["pos_embed"].shape[1] == 1024  # 32×32 tokens: the encoder's grid
+    redi("sample", "--run", tmp_path / "run", "--steps", "2", "--num", "1", "--out", tmp_path / "samples")
+    with np.load(tmp_path / "samples" / "samples.npz") as f:
+        assert f["arr_0"].shape == (1, 512, 512, 3)
+
+
+def test_stages_made_before_the_records_are_read_as_they_were_made(images: Path, tmp_path: Path) -> None:
+    """A features manifest without params.representation (exactly what main wrote before the encoder zoo, cc81fcd), a
+    latents manifest without params.latent_space and shards.json with `vae.scale` instead of the latent records are
+    what they were: the reruns have nothing to do, and the shards normalise as SD-VAE's config says."""
+    data = tmp_path / "data"
+    encode = ["encode", images, "--data", data, "--vae", "tiny-random", "--with-features", "--encoder", "tiny-random",
+              "--resolution", "64", *FAST]
+    redi(*encode)
+    for stage, field in (("features", "representation"), ("latents", "latent_space")):
+        path = data / stage / "manifest.json"
+        manifest = json.loads(path.read_text())
+        del manifest["params"][field]
+        path.write_text(json.dumps(manifest, indent=2))
+    assert redi(*encode).count("complete with these settings: nothing to do") == 2
+    redi("pca", "--data", data)
+    redi("shards", "--data", data, "--pcs", "2", "--shard-size", "4")
+    info = read_shard_info(data / "shards")
+    assert info.latent_norm.record() == {"kind": "config", "shift": [0.0] * 4, "scale": [0.18215] * 4}
+    path = data / "shards" / "shards.json"
+    old = json.loads(path.read_text())
+    for key in ("latent_space", "latent_norm", "patch_size"):
+        del old[key]
+    old["vae"] |= {"scale": 0.18215, "shift": 0.0}
+    path.write_text(json.dumps(old))
+    before = read_shard_info(data / "shards")
+    assert (before.latent_norm, before.latent_space, before.patch_size) == (info.latent_norm, info.latent_space, 2)
+
+
+# sha256 of what the default chain (tiny-random VAE and DINOv2-reg at 64 px, 6 random 90×80 PNGs of numpy seed 0)
+# wrote on main (5cb68c9) before the latent zoo, in one thread as the tests run (convolution sums depend on the thread
+# count): the moments, every shard file, the weights after 3 training steps and the 2 sampled images.
+BEFORE = {
+    "moments": "d910cec25acd07c0c639b8dec6a7e03e8670a65a944a92d576d4757f05668c91",
+    "samples.zarr/cls/c/0/0": "a8569a85d6e24bbd81b3809ef741a93efc7294fb8204ed1e53ac50f65957ee4f",
+    "samples.zarr/cls/c/1/0": "44849f92d496bb2e1be3e51a3255dc95d09de97ab3fa32fdc6807d26c6347061",
+    "samples.zarr/label/c/0": "1d18ea32a3bece87fda2fbb7dc6cce6722d6aae8af36690adeb09e4ef6ae9883",
+    "samples.zarr/label/c/1": "1d18ea32a3bece87fda2fbb7dc6cce6722d6aae8af36690adeb09e4ef6ae9883",
+    "samples.zarr/moments/c/0/0/0/0": "d586f68c9c9556eab4a6b320f2ce54a74b7b5214456a3ac8bb8b8292175a8f84",
+    "samples.zarr/moments/c/1/0/0/0": "822d49f198a11e6659f24226da78e1f3b46b394813d425eeccfade5ac8d52da9",
+    "samples.zarr/patch_tokens/c/0/0/0": "0ae2fd5aeef53d1effe3aae97d07df90636c17c265ab9d42934b9700d04c36b8",
+    "samples.zarr/patch_tokens/c/1/0/0": "33ae66016c2db17ef24ce33191c868842924dffc8a0a9e35f4db289693f8246f",
+    "samples.zarr/pcs/c/0/0/0/0": "075d881756ff1b04cad083a6f31741cbd73cc853380827c640174aca7453332d",
+    "samples.zarr/pcs/c/1/0/0/0": "9237d93d31e00fdc970c01ad9426d6693ae0d21929f9b3c7e5f855df9ba48a15",
+    "wds/shard-000000.tar": "5ee04f9843e469a7407b7d4fdba209d9c5373f6d0cf6ecd4ac19d10515e02515",
+    "wds/shard-000001.tar": "0efb3b723b1be7d95d486b093065faa162315f093002c2e3b667e046c303f435",
+    "model": "867bff7811f471a2f72a6e7cb639b76e539a3b6e141c17a6edb0be87cbe49026",
+    "samples": "c2f431eac5024be27a103ab2a06dde16325224278628c0e6f2b2d3053c6a316d",
+}
+
+
+@pytest.mark.parametrize("vae", ["tiny-random", "tiny-random:sd"])
+def test_the_default_chain_is_byte_identical_to_before(vae: str, images: Path, tmp_path: Path) -> None:
+    sha = lambda b: hashlib.sha256(b).hexdigest()
+    data = tmp_path / "data"
+    redi("encode", images, "--data", data, "--vae", vae, "--with-features", "--encoder", "tiny-random",
+         "--resolution", "64", *FAST)
+    redi("pca", "--data", data)
+    redi("shards", "--data", data, "--pcs", "4", "--shard-size", "4", "--patch-tokens", "--format", "both")
+    redi("train", "--shards", data, "--run", tmp_path / "run", "--model", "SiT-debug", "--method", "redi", "--pca-rank", "4",
+         "--batch-size", "2", "--max-steps", "3", "--num-workers", "0", "--log-every", "1")
+    redi("sample", "--run", tmp_path / "run", "--steps", "2", "--num", "2", "--out", tmp_path / "samples")
+    got = {"moments": sha(np.ascontiguousarray(stored(data, "latents", "moments")).tobytes())}
+    got |= {str(p.relative_to(data / "shards")): sha(p.read_bytes()) for p in sorted((data / "shards").rglob("*"))
+            if p.is_file() and (p.suffix == ".tar" or "/c/" in str(p))}
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "step-0000003.pt", weights_only=True)
+    got["model"] = sha(b"".join(v.numpy().tobytes() for _, v in sorted(ckpt["model"].items())))
+    with np.load(tmp_path / "samples" / "samples.npz") as f:
+        got["samples"] = sha(f["arr_0"].tobytes())
+    assert got == BEFORE
