@@ -14,7 +14,10 @@ RESOLUTION ?= 256
 PCS ?= 32
 FORMAT ?= both
 PATCH_TOKENS ?= --no-patch-tokens   # --patch-tokens for REPA / REG (256×768 float16 per image)
-DEMO ?= data/demo
+# channel: per-channel mean/std measured over the latents (LightningDiT)
+LATENT_NORM ?= config
+# data/demo, or data/demo-512 for RESOLUTION=512
+DEMO ?= data/demo$(if $(filter-out 256,$(RESOLUTION)),-$(RESOLUTION))
 
 .PHONY: install test demo encode pca shards train sample bench bench-gpu gpu-wheels clean
 
@@ -40,7 +43,7 @@ pca: install
 	$(REDI) pca --data $(DATA)
 
 shards: install
-	$(REDI) shards --data $(DATA) --pcs $(PCS) --format $(FORMAT) $(PATCH_TOKENS)
+	$(REDI) shards --data $(DATA) --pcs $(PCS) --format $(FORMAT) $(PATCH_TOKENS) --latent-norm $(LATENT_NORM)
 
 RUN ?= runs/sit-b-redi
 MODEL ?= SiT-B/2
@@ -74,9 +77,11 @@ gpu-wheels:
 
 # The whole chain on the embedded default, offline, with tiny-random encoders (minutes on a laptop CPU). It samples
 # the raw weights: after 300 steps the papers' EMA (decay 0.9999, the default) is still the initial network.
+# RESOLUTION=512 runs REPA's 512 recipe (64×64 latents, 32×32 tokens, DINOv2 at 448).
 demo: install
 	$(REDI) demo-data --out $(DEMO)/images
-	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae tiny-random --with-features --encoder tiny-random --workers 2
+	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae tiny-random --with-features --encoder tiny-random --workers 2 \
+		--resolution $(RESOLUTION)
 	$(REDI) pca --data $(DEMO)
 	$(REDI) shards --data $(DEMO) --pcs 16 --format both --shard-size 32 --patch-tokens
 	$(REDI) verify $(DEMO)

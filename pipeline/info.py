@@ -187,6 +187,7 @@ def _array_stage(path: Path) -> StageInfo:
         *_array_rows(path / "store.zarr"),
         ("encoder", describe_identity(manifest.get("encoder", {}))),
         *(_tokens(params["representation"]) if "representation" in params else []),
+        *(_latents(params["latent_space"]) if isinstance(params.get("latent_space"), dict) else []),
         ("skipped images", str(n_errors)),
     ]
     return StageInfo(name, status, rows, bool(manifest.get("tiny_random")))
@@ -196,6 +197,14 @@ def _tokens(rep: dict[str, Any]) -> list[tuple[str, str]]:
     """features/: the encoder's token grid, input side and global token, from the manifest."""
     g = rep.get("grid")
     return [("token grid", f"{g}×{g} at {rep.get('input_side')} px"), ("global token", str(rep.get("global_token") or "none"))]
+
+
+def _latents(space: dict[str, Any]) -> list[tuple[str, str]]:
+    """latents/: the VAE's latent space and its config normalisation, from the manifest."""
+    shift = f", shift {space.get('shift_factor')}" if space.get("shift_factor") is not None else ""
+    kind = ", deterministic" if space.get("deterministic") else ""
+    return [("latent space", f"{space.get('vae_class')}, {space.get('channels')} channels, f{space.get('downsampling')}"
+                             f"{kind}, scale {space.get('scaling_factor')}{shift}")]
 
 
 def _array_rows(store: Path) -> list[tuple[str, str]]:

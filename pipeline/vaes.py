@@ -131,8 +131,6 @@ class LatentSpace:
 
     def config_norm(self) -> LatentNorm:
         """diffusers' normalisation: shift = shift_factor or latents_mean, scale = scaling_factor [/ latents_std]."""
-        if self.latents_mean is not None and self.shift_factor is not None:
-            raise UserError("The --vae config names both shift_factor and latents_mean; redi cannot tell which to use.")
         shift = self.latents_mean or (self.shift_factor or 0.0,) * self.channels
         std = self.latents_std or (1.0,) * self.channels
         return LatentNorm("config", tuple(map(float, shift)), tuple(self.scaling_factor / s for s in std))
@@ -151,6 +149,8 @@ def latent_space(config: dict[str, Any]) -> LatentSpace:
     family = family_of(config)
     channels, blocks, scale, shift, mean, std = (family.setting(config, k) for k in (
         "latent_channels", family.blocks_key, "scaling_factor", "shift_factor", "latents_mean", "latents_std"))
+    if mean is not None and shift is not None:
+        raise UserError("The --vae config names both shift_factor and latents_mean; redi cannot tell which shift to use.")
     try:
         return LatentSpace(family.name, int(channels), 2 ** (len(blocks) - 1), family.deterministic, float(scale),
                            None if shift is None else float(shift), None if mean is None else tuple(map(float, mean)),
@@ -177,7 +177,8 @@ def manifest_space(params: dict[str, Any]) -> LatentSpace:
 def vae_moments(vae: ModelMixin, images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, R, R, 3) images → float32 (N, 2C, R/f, R/f) moments: mean (or latent), then std (or 0)."""
     x = images.permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1  # (N, 3, R, R) in [-1, 1]
-    return family_of({"_class_name": type(vae).__name__}).moments(vae, x).float()
+    family = next(f for f in FAMILIES if isinstance(vae, f.model_class))
+    return family.moments(vae, x).float()
 
 
 def tiny_sd_config() -> dict[str, Any]:

@@ -73,6 +73,8 @@ def test_each_vae_family_by_path_encodes_trains_and_samples(family: str, images:
     assert (moments[:, channels:] == 0).all() == (family == "dc")  # DC-AE: the latent and a std of 0
     representation = json.loads((data / "features" / "manifest.json").read_text())["params"]["representation"]
     assert representation["grid"] == grid and stored(data, "features", "patch").shape[1] == grid * grid
+    described = f"{channels} channels, f{resolution // side}{', deterministic' if family == 'dc' else ''}, scale {scale}"
+    assert f"latent space: {space['vae_class']}, {described}" in redi("info", data)
 
     redi("pca", "--data", data)
     redi("shards", "--data", data, "--pcs", "4", "--shard-size", "4", "--patch-tokens")
@@ -143,6 +145,12 @@ def test_channel_statistics_equal_numpys_over_the_stored_latents(family: str, im
     np.testing.assert_allclose(drawn.std((0, 2, 3)).numpy(), 1, atol=0.05)
     out = redi("shards", "--data", data, "--pcs", "2", "--shard-size", "4", code=2)  # another norm: other shards
     assert "latent_norm" in out and "--force" in out
+    # A run on them decodes with its recorded tiny-random VAE and inverts the measured normalisation.
+    redi("train", "--shards", data, "--run", tmp_path / "run", "--method", "baseline", *TRAIN[:2], "--batch-size", "2",
+         "--max-steps", "1", "--num-workers", "0")
+    redi("sample", "--run", tmp_path / "run", "--steps", "2", "--num", "1", "--out", tmp_path / "samples")
+    settings = json.loads((tmp_path / "samples" / "sample.json").read_text())["settings"]["vae"]
+    assert settings["identity"]["id"] == f"tiny-random:{family}" and settings["latent_norm"] == norm.record()
 
 
 def test_the_token_grid_follows_the_latents(images: Path, tmp_path: Path) -> None:
