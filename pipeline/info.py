@@ -201,10 +201,10 @@ def _tokens(rep: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _latents(space: dict[str, Any]) -> list[tuple[str, str]]:
     """latents/: the VAE's latent space and its config normalisation, from the manifest."""
-    shift = f", shift {space.get('shift_factor')}" if space.get("shift_factor") is not None else ""
-    kind = ", deterministic" if space.get("deterministic") else ""
-    return [("latent space", f"{space.get('vae_class')}, {space.get('channels')} channels, f{space.get('downsampling')}"
-                             f"{kind}, scale {space.get('scaling_factor')}{shift}")]
+    std = ", std 0" if space.get("deterministic") else ""
+    shift = f", shift {space['shift_factor']}" if space.get("shift_factor") is not None else ""
+    return [("latent space", f"{space.get('channels')} ch, f{space.get('downsampling')}{std}"),  # the class: the encoder row
+            ("config scale", f"{space.get('scaling_factor')}{shift}")]
 
 
 def _array_rows(store: Path) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.encoders import VAE, load, resolve
+from pipeline.encoders import VAE, load, random_init, resolve
 from pipeline.latent_norm import LatentNorm
 from pipeline.readers import read_shard_info
 from pipeline.vaes import latent_space, tiny_configs
@@ -73,8 +73,9 @@ def test_each_vae_family_by_path_encodes_trains_and_samples(family: str, images:
     assert (moments[:, channels:] == 0).all() == (family == "dc")  # DC-AE: the latent and a std of 0
     representation = json.loads((data / "features" / "manifest.json").read_text())["params"]["representation"]
     assert representation["grid"] == grid and stored(data, "features", "patch").shape[1] == grid * grid
-    described = f"{channels} channels, f{resolution // side}{', deterministic' if family == 'dc' else ''}, scale {scale}"
-    assert f"latent space: {space['vae_class']}, {described}" in redi("info", data)
+    info = redi("info", data)
+    assert f"latent space: {channels} ch, f{resolution // side}{', std 0' if family == 'dc' else ''}" in info
+    assert f"config scale: {scale}{f', shift {shift}' if shift else ''}" in info
 
     redi("pca", "--data", data)
     redi("shards", "--data", data, "--pcs", "4", "--shard-size", "4", "--patch-tokens")
@@ -84,11 +85,26 @@ def test_each_vae_family_by_path_encodes_trains_and_samples(family: str, images:
     for method in ("redi", "repa"):
         extra = ["--pca-rank", "4"] if method == "redi" else []
         redi("train", "--shards", data, "--run", tmp_path / method, "--method", method, *TRAIN, *extra)
-    config = json.loads((tmp_path / "redi" / "config.json").read_text())["model"]
-    assert (config["vae_channels"], config["input_size"]) == (channels, side)
+    run = json.loads((tmp_path / "redi" / "config.json").read_text())
+    config = run["model_config"]
+    assert (config["vae_channels"], config["input_size"], config["patch_size"]) == (channels, side, patch)
+    assert run["train"]["model"] == f"SiT-debug/{patch}"  # --model SiT-debug: the shards' default patch, recorded
     redi("sample", "--run", tmp_path / "redi", "--steps", "2", "--num", "2", "--out", tmp_path / "samples")
     with np.load(tmp_path / "samples" / "samples.npz") as f:
         assert f["arr_0"].shape == (2, resolution, resolution, 3)
+    if family == "sd":  # another decoder: the same latent space is fine, another one refused unless forced
+        sample = ["sample", "--run", tmp_path / "redi", "--steps", "2", "--num", "1"]
+        redi(*sample, "--vae", "tiny-random", "--out", tmp_path / "same")
+        out = redi(*sample, "--vae", "tiny-random:flux", "--out", tmp_path / "flux", code=2)
+        assert "has 16 latent channels, the model 4" in out
+        f16 = {**tiny_configs()["sd"](), "block_out_channels": [8] * 5, "down_block_types": ["DownEncoderBlock2D"] * 5,
+               "up_block_types": ["UpDecoderBlock2D"] * 5}
+        random_init(VAE, f16, 0).save_pretrained(tmp_path / "f16")  # type: ignore[operator]
+        out = redi(*sample, "--vae", tmp_path / "f16", "--out", tmp_path / "f16-samples", code=2)
+        assert "another latent space (AutoencoderKL, 4 channels, f16) than the run's (AutoencoderKL, 4 channels, f8)" in out
+        assert "--force-vae" in out and out.count(".") <= 2
+        out = redi(*sample, "--vae", tmp_path / "f16", "--force-vae", "--out", tmp_path / "f16-samples")
+        assert "another latent space" in out  # the warning
 
 
 def test_an_unsupported_vae_class_is_one_sentence_naming_the_supported(images: Path, tmp_path: Path) -> None:

@@ -12,12 +12,11 @@ from common.errors import UserError
 from common.flags import OneOf
 from pipeline.remote import Location, as_location, read_if_exists, redact
 from pipeline.shards import FORMATS
-from trainer.models import FUSIONS, REPA_DEPTHS, SIZES
+from trainer.models import DEFAULT_PATCH, FUSIONS, REPA_DEPTHS, SIZES
 from trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts
 from trainer.trackers import TRACKERS
 
 OBJECTIVES = {"SiT": "sit", "DiT": "dit"}
-MODELS = tuple(f"{family}-{size}" for family in OBJECTIVES for size in SIZES)  # the --model choices
 PRECISIONS = ("bf16", "fp32")
 
 # Fields that define the network and its objective: a run directory refuses a change in these.
@@ -36,8 +35,11 @@ class TrainConfig(MethodParts):
     """Run directory; an existing one is resumed from its newest checkpoint.
 
     It holds config.json, metrics.jsonl and checkpoints/."""
-    model: Annotated[str, OneOf(MODELS)] = "SiT-B/2"
-    """Backbone; the prefix picks the objective (SiT: flow, DiT: DDPM)."""
+    model: str = "SiT-B"
+    """Backbone: SiT or DiT (the objective: flow or DDPM), then S, B, L, XL or debug, then optionally /PATCH.
+
+    E.g. SiT-XL/2, DiT-B, SiT-debug. Without /PATCH the shards' default patch (2 on f8 latents, 1 on f16 and f32), filled
+    in from them like the resolution, so config.json and checkpoints record the full name."""
     method: Annotated[str, OneOf(METHODS)] = "redi"
     """What is generated and aligned besides the latent (docs/METHOD.md)."""
     pca_rank: int = 8
@@ -152,9 +154,10 @@ class TrainConfig(MethodParts):
     """Image resolution, filled from the shards."""
 
     def __post_init__(self) -> None:
-        family, _, size = self.model.partition("-")
-        if family not in OBJECTIVES or size not in SIZES:
-            raise UserError(f"Unknown model '{self.model}': use SiT-B/2, SiT-XL/2, DiT-B/2, … or SiT-debug.")
+        family, _, name = self.model.partition("-")
+        size, slash, patch = name.partition("/")
+        if family not in OBJECTIVES or size not in SIZES or (slash and not (patch.isdigit() and int(patch) > 0)):
+            raise UserError(f"Unknown model '{self.model}': use SiT-B, SiT-XL/2, DiT-B/2, SiT-B/1, … or SiT-debug.")
         if self.method not in METHODS:
             raise UserError(f"Unknown method '{self.method}': choose one of {', '.join(METHODS)}.")
         if self.learn_sigma is None:  # resolved here, so config.json and checkpoints record the value
@@ -209,7 +212,18 @@ class TrainConfig(MethodParts):
 
     @property
     def size(self) -> str:
-        return self.model.partition("-")[2]
+        """The backbone size, a key of SIZES."""
+        return self.model.partition("-")[2].partition("/")[0]
+
+    @property
+    def patch_size(self) -> int | None:
+        """The patch --model names, or None: the shards' default."""
+        patch = self.model.partition("/")[2]
+        return int(patch) if patch else None
+
+    def with_patch(self, default: int) -> TrainConfig:
+        """The config naming its patch (`default` where --model names none): what config.json and checkpoints record."""
+        return self if self.patch_size else self.replace(model=f"{self.model}/{default}")
 
     @property
     def resolved_repa_depth(self) -> int:
@@ -226,8 +240,10 @@ class TrainConfig(MethodParts):
 
 
 def architecture_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """Names of architecture fields whose saved value differs from `cfg`'s."""
+    """Names of architecture fields whose saved value differs from `cfg`'s (`cfg` resolved against its shards; a run
+    saved before models named their patch, e.g. SiT-debug, had patch 2)."""
     now = cfg.to_json()
+    saved = saved | ({"model": f"{saved['model']}/{DEFAULT_PATCH}"} if "/" not in str(saved.get("model", "/")) else {})
     return [k for k in ARCHITECTURE_FIELDS if k in saved and saved[k] != now[k]]
 
 

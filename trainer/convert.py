@@ -43,7 +43,7 @@ from common.flags import OneOf
 from pipeline.vaes import latent_space, sd_vae_config
 from trainer.checkpoint import Checkpoint, ShardSummary
 from trainer.config import TrainConfig
-from trainer.models import PATCH_SIZE, REPA_DEPTHS, SIZES, ModelConfig, TimestepEmbedder, build_model
+from trainer.models import REPA_DEPTHS, SIZES, ModelConfig, TimestepEmbedder, build_model
 from trainer.objectives import WEIGHTINGS
 
 SD_VAE = latent_space(sd_vae_config())  # every public origin models SD-VAE's latents (4 channels, f8)
@@ -203,7 +203,7 @@ def _require(state: dict[str, Tensor], key: str, origin: Origin) -> Tensor:
 
 
 def _size_name(depth: int, hidden: int) -> str:
-    """Our backbone name for (depth, hidden), e.g. (28, 1152) → "XL/2"."""
+    """Our backbone name for (depth, hidden), e.g. (28, 1152) → "XL"."""
     for name, (d, h, _) in SIZES.items():
         if (d, h) == (depth, hidden):
             return name
@@ -225,12 +225,10 @@ def _check_args(args: dict[str, Any]) -> None:
                         f"{' and '.join(WEIGHTINGS)}.")
 
 
-def _backbone(state: dict[str, Tensor], origin: Origin, args: dict[str, Any]) -> tuple[str, int, int]:
-    """(size name, latent side, PCA rank) from the patch embedding, the blocks and the position table."""
+def _backbone(state: dict[str, Tensor], origin: Origin, args: dict[str, Any]) -> tuple[str, int, int, int]:
+    """(size name, patch, latent side, PCA rank) from the patch embedding, the blocks and the position table."""
     proj = _require(state, "x_embedder.proj.weight", origin)  # (D, C_in, p, p)
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    if patch != PATCH_SIZE:
-        raise UserError(f"The checkpoint has patch size {patch}; redi's backbones are /{PATCH_SIZE} models.")
     size = _size_name(_num_blocks(state), hidden)
     tokens = _require(state, "pos_embed", origin).shape[1] - int(origin.name == "reg")  # REG: + class-token row
     grid = math.isqrt(tokens)
@@ -244,7 +242,7 @@ def _backbone(state: dict[str, Tensor], origin: Origin, args: dict[str, Any]) ->
         raise UserError(f"A ReDi checkpoint takes {VAE_CHANNELS} + r channels with r ≥ 1, this one {in_channels}.")
     if "pca_rank" in args and int(args["pca_rank"]) != pca_rank:
         raise UserError(f"The checkpoint's args say --pca-rank {args['pca_rank']}, its input {pca_rank} PC channels.")
-    return size, grid * patch, pca_rank
+    return size, patch, grid * patch, pca_rank
 
 
 def label_dropout(origin: Origin, args: dict[str, Any], notes: list[str]) -> float:
@@ -292,9 +290,9 @@ def _projector(state: dict[str, Tensor], origin: Origin, args: dict[str, Any], s
 def infer_model_config(state: dict[str, Tensor], origin: Origin, args: dict[str, Any], repa_depth: int | None,
                        legacy_depth: int | None, notes: list[str]) -> ModelConfig:
     """Our ModelConfig from the shapes of the public state dict (and its training args when known)."""
-    size, input_size, pca_rank = _backbone(state, origin, args)
+    size, patch, input_size, pca_rank = _backbone(state, origin, args)
     in_channels = VAE_CHANNELS + pca_rank
-    out_channels = _require(state, "final_layer.linear.weight", origin).shape[0] // PATCH_SIZE**2
+    out_channels = _require(state, "final_layer.linear.weight", origin).shape[0] // patch**2
     if out_channels not in (in_channels, 2 * in_channels):
         raise UserError(f"The output layer predicts {out_channels} channels for {in_channels} input channels.")
     learn_sigma = out_channels == 2 * in_channels
@@ -305,7 +303,8 @@ def infer_model_config(state: dict[str, Tensor], origin: Origin, args: dict[str,
     num_classes, class_dropout = _label_table(state, origin, args, notes)
     depth, repa_dim = _projector(state, origin, args, size, repa_depth, legacy_depth, notes)
     return ModelConfig(
-        size=size, objective=origin.objective, input_size=input_size, vae_channels=VAE_CHANNELS, pca_rank=pca_rank,
+        size=size, objective=origin.objective, input_size=input_size, patch_size=patch, vae_channels=VAE_CHANNELS,
+        pca_rank=pca_rank,
         fusion="merged", num_classes=num_classes, class_dropout=class_dropout, repa_depth=depth, repa_dim=repa_dim,
         reg_token=origin.name == "reg", learn_sigma=learn_sigma and origin.objective == "dit",
     )
@@ -392,7 +391,7 @@ def train_config(origin: Origin, cfg: ModelConfig, args: dict[str, Any], rep_dro
     family = "DiT" if cfg.objective == "dit" else "SiT"
     repa_weight = args.get("repa_weight" if origin.name == "redi" else "proj_coeff", 0.5)  # ReDi: --repa-weight
     train = TrainConfig(
-        shards="", run=str(out), model=f"{family}-{cfg.size}", method=method, pca_rank=cfg.pca_rank,
+        shards="", run=str(out), model=f"{family}-{cfg.size}/{cfg.patch_size}", method=method, pca_rank=cfg.pca_rank,
         rep_drop=rep_drop or 0.0, rep_drop_mode="batch" if cfg.pca_rank else "sample",
         rep_drop_target="clean" if cfg.pca_rank else "noisy",  # ReDi's code: one draw per batch, zeroes z_0
         repa_depth=cfg.repa_depth or None, repa_weight=float(repa_weight),

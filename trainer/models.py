@@ -17,23 +17,23 @@ from torch.utils.checkpoint import checkpoint
 
 from common.errors import UserError
 
-PATCH_SIZE = 2  # every backbone here is a "/2" model
+DEFAULT_PATCH = 2  # DiT/SiT's "/2", for f8 latents; shards.json names the data's default (1 on f16 and f32)
 MLP_RATIO = 4  # MLP hidden width = 4 × hidden
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal timestep features fed to the timestep MLP
 PROJECTOR_DIM = 2048  # REPA projector width
-SIZES: dict[str, tuple[int, int, int]] = {  # name -> (depth, hidden, heads)
+SIZES: dict[str, tuple[int, int, int]] = {  # name -> (depth, hidden, heads); DiT's "XL/2" is size XL, patch 2
     "debug": (2, 64, 2),
-    "S/2": (12, 384, 6),
-    "B/2": (12, 768, 12),
-    "L/2": (24, 1024, 16),
-    "XL/2": (28, 1152, 16),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
 }
 REPA_DEPTHS: dict[str, int] = {  # the block k whose output feeds the REPA projector (REPA/REG papers)
     "debug": 1,
-    "S/2": 4,
-    "B/2": 4,
-    "L/2": 8,
-    "XL/2": 8,
+    "S": 4,
+    "B": 4,
+    "L": 8,
+    "XL": 8,
 }
 OBJECTIVES = ("sit", "dit")
 FUSIONS = ("merged", "separate")
@@ -44,11 +44,14 @@ class ModelConfig:
     """Everything that defines the network; stored in every checkpoint so sampling needs nothing else."""
 
     size: str
-    """Backbone name, a key of SIZES: "S/2" | "B/2" | "L/2" | "XL/2" | "debug"."""
+    """Backbone name, a key of SIZES: "S" | "B" | "L" | "XL" | "debug" (DiT's "B/2", as configs before `patch_size`
+    had it, sets the patch too)."""
     objective: str
     """"sit" (linear interpolant, velocity; t in [0,1], t=1 is noise) | "dit" (DDPM eps; t in 0..999)."""
     input_size: int = 32
-    """Latent side h = R/8."""
+    """Latent side h = R/f (32 for SD-VAE at 256)."""
+    patch_size: int = DEFAULT_PATCH
+    """p: side of a square patch of latents per token (2 on f8 latents, 1 on f16 and f32: shards.json's default)."""
     vae_channels: int = 4
     """Channels of the VAE latent (the first channels of the input)."""
     pca_rank: int = 0
@@ -70,14 +73,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         """Refuse inconsistent settings with one clear sentence."""
+        base, slash, patch = self.size.partition("/")
+        if slash and patch.isdigit():  # "B/2": the size and the patch in DiT's notation
+            object.__setattr__(self, "size", base)
+            object.__setattr__(self, "patch_size", int(patch))
         if self.size not in SIZES:
             raise UserError(f"unknown model size {self.size!r}; choose one of {', '.join(SIZES)}")
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.fusion not in FUSIONS:
             raise UserError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
-        if self.input_size % PATCH_SIZE != 0:
-            raise UserError(f"latent size {self.input_size} is not divisible by the patch size {PATCH_SIZE}")
+        if self.patch_size < 1 or self.input_size % self.patch_size != 0:
+            raise UserError(f"latent size {self.input_size} is not divisible by the patch size {self.patch_size}")
         if self.vae_channels < 1 or self.pca_rank < 0:
             raise UserError("vae_channels must be at least 1 and pca_rank at least 0")
         if self.fusion == "separate" and self.pca_rank == 0:
@@ -109,11 +116,6 @@ class ModelConfig:
         return SIZES[self.size][2]
 
     @property
-    def patch_size(self) -> int:
-        """Side of a square patch."""
-        return PATCH_SIZE
-
-    @property
     def in_channels(self) -> int:
         """Input channels: VAE latent then PCs."""
         return self.vae_channels + self.pca_rank
@@ -126,7 +128,7 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         """L: patch tokens per modality, (input_size / patch)²."""
-        return (self.input_size // PATCH_SIZE) ** 2
+        return (self.input_size // self.patch_size) ** 2
 
     @property
     def num_tokens(self) -> int:

@@ -41,7 +41,7 @@ class TrainPlan:
 
 def resolve(cfg: TrainConfig, info: ShardInfo, world_size: int = 1) -> TrainPlan:
     """`cfg` on the shards `info` describes, over `world_size` ranks; the refusals as one sentence each."""
-    cfg = cfg.replace(resolution=info.resolution)
+    cfg = cfg.replace(resolution=info.resolution).with_patch(info.patch_size)
     if cfg.epochs is not None:
         cfg = cfg.replace(max_steps=max(1, round(cfg.epochs * info.num_samples / cfg.batch_size)), epochs=None)
     model, loss = model_config(cfg, info), loss_config(cfg)
@@ -68,8 +68,14 @@ def model_config(cfg: TrainConfig, info: ShardInfo) -> ModelConfig:
     if cfg.method == "reg" and "cls" not in info.fields:
         raise UserError("--method reg needs the encoder's global token, and these shards' encoder has none (no CLS token "
                         "or pooled output, e.g. I-JEPA): use --method repa or an encoder with one (docs/ENCODERS.md).")
+    side, patch = info.latent_shape[1], cfg.patch_size or info.patch_size
+    if cfg.uses_repa and side != patch * info.grid:
+        fits = f"--model {cfg.model.partition('/')[0]}/{side // info.grid}, or " if side % info.grid == 0 else ""
+        raise UserError(f"--method {cfg.method} aligns the model's {side // patch}×{side // patch} tokens ({side}×{side} "
+                        f"latents in patches of {patch}) with the encoder's {info.grid}×{info.grid} patches: use {fits}"
+                        f"features made for patch {patch} (`redi features --patch-size {patch} --force`, then pca and shards).")
     return ModelConfig(
-        size=cfg.size, objective=cfg.objective, input_size=info.latent_shape[1], vae_channels=info.latent_shape[0],
+        size=cfg.size, objective=cfg.objective, input_size=side, patch_size=patch, vae_channels=info.latent_shape[0],
         pca_rank=rank, fusion=cfg.fusion, num_classes=1 if cfg.unconditional else info.num_classes,
         class_dropout=cfg.class_dropout, repa_depth=cfg.resolved_repa_depth, repa_dim=info.feature_dim,
         reg_token=cfg.method == "reg", learn_sigma=cfg.learn_sigma,
