@@ -46,7 +46,7 @@ shards: install
 	$(REDI) shards --data $(DATA) --pcs $(PCS) --format $(FORMAT) $(PATCH_TOKENS) --latent-norm $(LATENT_NORM)
 
 RUN ?= runs/sit-b-redi
-MODEL ?= SiT-B/2
+MODEL ?= SiT-B
 METHOD ?= redi
 train: install
 	$(REDI) train --shards $(DATA) --run $(RUN) --model $(MODEL) --method $(METHOD)

@@ -57,8 +57,7 @@ def _write_input_stage(root: Path, stage: str, arrays: dict[str, np.ndarray], ke
     n = len(keys)
     stage_dir = StageDir(root, n_chunks=-(-n // chunk))
     identity = {"kind": "tiny-random", "id": "tiny-random", "hash": "synthetic", "class": stage, "dim": 0}
-    shapes = {name: list(values.shape[1:]) for name, values in arrays.items() if name not in ("labels", "valid")}
-    params = {"resolution": resolution, "chunk_size": chunk, "arrays": shapes, **record}
+    params = {"resolution": resolution, "chunk_size": chunk, **record}
     manifest = Manifest(stage=stage, params=params, encoder=identity,
                         source={"kind": "synthetic", "fingerprint": "synthetic-source", "count": n}, tiny_random=True)
     stage_dir.open(manifest, force=True)

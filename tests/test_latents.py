@@ -92,6 +92,10 @@ def test_each_vae_family_by_path_encodes_trains_and_samples(family: str, images:
     redi("sample", "--run", tmp_path / "redi", "--steps", "2", "--num", "2", "--out", tmp_path / "samples")
     with np.load(tmp_path / "samples" / "samples.npz") as f:
         assert f["arr_0"].shape == (2, resolution, resolution, 3)
+    if family == "sd":  # patch 1: 8×8 tokens, which REPA cannot align with the 4×4 patches
+        out = redi("train", "--shards", data, "--run", tmp_path / "p1", "--method", "repa", *TRAIN, "--model", "SiT-debug/1",
+                   code=2)
+        assert "8×8 tokens" in out and "4×4 patches" in out and "--model SiT-debug/2" in out and "--patch-size 1" in out
     if family == "sd":  # another decoder: the same latent space is fine, another one refused unless forced
         sample = ["sample", "--run", tmp_path / "redi", "--steps", "2", "--num", "1"]
         redi(*sample, "--vae", "tiny-random", "--out", tmp_path / "same")

@@ -82,8 +82,10 @@ class ShardSummary:
     def from_json(cls, value: dict[str, Any]) -> ShardSummary:
         """As saved; a field an older file lacks is None (and `vae` {}), so sampling can fall back or ask. A file from
         before the latent records holds SD-VAE latents scaled as its `vae_scale` and `vae_shift` say."""
-        fields = {f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": value.get("vae") or {}}
-        return cls(**fields | ({} if value.get("latent_norm") else _legacy_latents(value)))
+        if value.get("latent_norm"):
+            return cls(**{f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": value.get("vae") or {}})
+        vae = {k: v for k, v in (value.get("vae") or {}).items() if k not in ("scale", "shift")}  # now in latent_norm
+        return cls(**{f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": vae} | _legacy_latents(value))
 
     @property
     def norm(self) -> LatentNorm:
