@@ -16,8 +16,9 @@ FORMAT ?= both
 PATCH_TOKENS ?= --no-patch-tokens   # --patch-tokens for REPA / REG (256×768 float16 per image)
 # channel: per-channel mean/std measured over the latents (LightningDiT)
 LATENT_NORM ?= config
-# data/demo, or data/demo-512 for RESOLUTION=512
+# data/demo, or data/demo-512 for RESOLUTION=512 (trained at batch 4 there: 4× the tokens per image)
 DEMO ?= data/demo$(if $(filter-out 256,$(RESOLUTION)),-$(RESOLUTION))
+DEMO_BATCH ?= $(if $(filter-out 256,$(RESOLUTION)),4,16)
 
 .PHONY: install test demo encode pca shards train sample bench bench-gpu gpu-wheels clean
 
@@ -86,7 +87,7 @@ demo: install
 	$(REDI) shards --data $(DEMO) --pcs 16 --format both --shard-size 32 --patch-tokens
 	$(REDI) verify $(DEMO)
 	$(REDI) train --shards $(DEMO) --run $(DEMO)/runs/sit-debug-redi --model SiT-debug --method redi \
-		--pca-rank 8 --batch-size 16 --max-steps 300 --log-every 50 --save-every 100 --lr 1e-3 --num-workers 0
+		--pca-rank 8 --batch-size $(DEMO_BATCH) --max-steps 300 --log-every 50 --save-every 100 --lr 1e-3 --num-workers 0
 	$(REDI) info $(DEMO)
 	$(REDI) info $(DEMO)/runs/sit-debug-redi
 	$(REDI) sample --run $(DEMO)/runs/sit-debug-redi --guidance rg --rg-scale 1.5 --steps 25 --num 16 \
