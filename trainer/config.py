@@ -36,10 +36,10 @@ class TrainConfig(MethodParts):
 
     It holds config.json, metrics.jsonl and checkpoints/."""
     model: str = "SiT-B"
-    """Backbone: SiT or DiT (the objective: flow or DDPM), then S, B, L, XL or debug, then optionally /PATCH.
+    """Backbone: SiT or DiT (flow or DDPM), then S, B, L, XL or debug, then optionally /PATCH (SiT-XL/2); without it the
+    shards' default patch: 2 on f8 latents, 1 on f16 and f32.
 
-    E.g. SiT-XL/2, DiT-B, SiT-debug. Without /PATCH the shards' default patch (2 on f8 latents, 1 on f16 and f32), filled
-    in from them like the resolution, so config.json and checkpoints record the full name."""
+    The default is filled in from the shards like the resolution, so config.json and checkpoints record the full name."""
     method: Annotated[str, OneOf(METHODS)] = "redi"
     """What is generated and aligned besides the latent (docs/METHOD.md)."""
     pca_rank: int = 8
