@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from common.errors import UserError
-from pipeline.encoders import TINY_RANDOM, load_vae
+from pipeline.encoders import TINY_RANDOM, VAE, load, resolve
 from pipeline.readers import Segment, ShardInfo, WdsShardDataset, ZarrShardDataset, read_shard_info
 from sampler.outputs import IMAGES_DIR, SAMPLE_JSON, image_path, pcs_path, pcs_to_rgb, read_png, to_uint8, write_picture
 
@@ -92,7 +92,7 @@ def _training(data: Path, num: int) -> tuple[ShardInfo, list[str], np.ndarray, n
     arrays = {name: np.concatenate([part[name] for part in parts]) for name in ("moments", "pcs")}
     vae_record = info.raw["vae"]
     revision = vae_record.get("revision", "main") if vae_record.get("kind") == "hub" else "main"
-    vae, _ = load_vae(vae_record["id"], revision=revision)
+    vae = load(resolve(VAE, vae_record["id"], revision))
     with torch.no_grad():
         mean = torch.from_numpy(arrays["moments"][:, : info.latent_shape[0]].astype(np.float32))  # (n, C, h, h)
         decoded = to_uint8(vae.decode(mean).sample)  # (n, R, R, 3); the moments are unscaled: no scale or shift

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.encoders import load_vae
+from pipeline.encoders import VAE, load, resolve
 from sampler.outputs import to_uint8
 from sampler.preview import CAPTION_HEIGHT, CELL, PAD, _cells
 
@@ -26,7 +26,7 @@ def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples
     assert sheet.shape == (PAD + 4 * (CAPTION_HEIGHT + CELL + PAD), max(640, PAD + 5 * (CELL + PAD)), 3)
 
     moments = zarr.open_array(data / "shards" / "samples.zarr" / "moments", mode="r")[:5]  # (5, 2C, h, h)
-    vae, _ = load_vae("tiny-random")
+    vae = load(resolve(VAE, "tiny-random"))
     with torch.no_grad():
         decoded = _cells(to_uint8(vae.decode(torch.from_numpy(moments[:, : moments.shape[1] // 2].astype(np.float32))).sample))
     for i in range(5):  # row 1: what the VAE makes of each training latent (the lower half: no class label there)
