@@ -15,8 +15,10 @@ from rich.table import Table
 from common.atomic import read_jsonl, try_read_json
 from common.errors import UserError
 from pipeline.encoders import describe_identity
+from pipeline.latent_norm import LatentNorm
 from pipeline.pca import PLOT_FILE, checked_pca_sha256, plot_explained_variance
 from pipeline.pca_file import load_pca
+from pipeline.readers import read_shard_info
 from pipeline.stage import ZARR_METADATA_ERRORS, StageDir
 
 log = logging.getLogger(__name__)
@@ -137,21 +139,27 @@ def _draw(root: Path) -> list[Path]:
     return plots
 
 
+def _normalised(norm: LatentNorm) -> str:
+    """The histogram's title: the latent normalisation, in numbers when one scale and shift serve every channel."""
+    if len(set(norm.scale)) == 1 and len(set(norm.shift)) == 1:
+        return f"latent ((mean − {norm.shift[0]:g}) × {norm.scale[0]:g})"
+    return f"latent (mean, {norm.kind} normalisation per channel)"
+
+
 def channel_values(root: Path) -> list[tuple[str, np.ndarray, list[str]]]:
     """(group, values (N, C), channel names) of the latents as the trainer scales them and of the first PCs, from the
     shards' first samples (shuffled at write); the latent store's posterior means when there are no Zarr shards."""
     shards = root / "shards"
     try:
-        info = json.loads((shards / "shards.json").read_text())
+        norm = read_shard_info(str(shards)).latent_norm  # z' = (z − shift_c)·scale_c, as the trainer normalises
         store = zarr.open_group(shards / "samples.zarr", mode="r")
-        channels = int(info["latent_shape"][0])
-        scale, shift = float(info["vae"]["scale"]), float(info["vae"]["shift"])
-        shown = min(channels, HIST_LATENT_CHANNELS)
-        z = np.asarray(store["moments"][:HIST_SAMPLES, :shown], np.float64) * scale + shift  # (N, C, h, h): mean·s + b
+        shown = min(norm.channels, HIST_LATENT_CHANNELS)
+        shift, scale = (np.asarray(v[:shown], np.float64).reshape(1, shown, 1, 1) for v in (norm.shift, norm.scale))
+        z = (np.asarray(store["moments"][:HIST_SAMPLES, :shown], np.float64) - shift) * scale  # (N, C, h, h)
         pcs = np.asarray(store["pcs"][:HIST_SAMPLES, :HIST_PCS], np.float64)  # (N, k, p, p)
-        return [(f"latent (mean × {scale:g} + {shift:g})", _per_channel(z), [f"c{i}" for i in range(shown)]),
+        return [(_normalised(norm), _per_channel(z), [f"c{i}" for i in range(shown)]),
                 ("PC", _per_channel(pcs), [str(i + 1) for i in range(pcs.shape[1])])]
-    except (OSError, *ZARR_METADATA_ERRORS):
+    except (OSError, UserError, *ZARR_METADATA_ERRORS):
         pass
     try:  # no (readable) Zarr shards: the encode stage's posterior means, unscaled
         store = zarr.open_group(root / "latents" / "store.zarr", mode="r")

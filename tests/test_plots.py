@@ -43,7 +43,8 @@ def test_channel_values_scale_the_latents_as_training_does(data: Path) -> None:
     (latent_name, latents, latent_names), (pc_name, pcs, pc_names) = groups
     info = json.loads((data / "shards" / "shards.json").read_text())
     store = zarr.open_group(data / "shards" / "samples.zarr", mode="r")
-    first = np.asarray(store["moments"][0, 0], np.float64) * info["vae"]["scale"] + info["vae"]["shift"]  # (h, h)
+    norm = info["latent_norm"]  # SD-VAE's config: z' = (z − 0) · 0.18215
+    first = (np.asarray(store["moments"][0, 0], np.float64) - norm["shift"][0]) * norm["scale"][0]  # (h, h)
     assert latents.shape == (48 * 4 * 4, 4) and latent_names == ["c0", "c1", "c2", "c3"] and "0.18215" in latent_name
     assert np.allclose(latents[: 16, 0], first.ravel())  # image 0's channel 0, row-major
     assert pcs.shape == (48 * 2 * 2, 6) and pc_names == ["1", "2", "3", "4", "5", "6"] and pc_name == "PC"
