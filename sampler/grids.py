@@ -25,7 +25,7 @@ from sampler.settings import SamplerChoice, resolve_guidance, resolve_sampler, s
 from trainer.checkpoint import Checkpoint, checkpoint_path
 from trainer.config import TrainConfig
 
-PREVIEW_DIR = "samples"  # RUN/samples/step-XXXXXXX.png (beside `redi sample`'s RUN/samples/NAME/ directories)
+PREVIEW_DIR = "samples"  # RUN/samples/step-{step:07d}.png (beside `redi sample`'s RUN/samples/NAME/ directories)
 RUN_SAMPLERS = {"sit": "ode", "dit": "ddpm"}  # short and deterministic: a grid changes with the weights only
 
 
@@ -89,7 +89,7 @@ class RunSampler:
 
 
 def write_grid(run: Path, step: int, sampler: RunSampler, ckpt: Checkpoint) -> tuple[Path, np.ndarray, float]:
-    """RUN/samples/step-XXXXXXX.png of the EMA weights at `step` (written atomically); the grid and its seconds."""
+    """RUN/samples/step-{step:07d}.png of the EMA weights at `step` (written atomically); the grid and its seconds."""
     start = time.perf_counter()
     model = sampler.network(ckpt)
     num = len(sampler.labels)

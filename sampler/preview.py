@@ -6,7 +6,6 @@ training PCs. Captions say what each row is and with which settings it was made 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from common.atomic import read_json
 from common.errors import UserError
 from pipeline.encoders import TINY_RANDOM, VAE, load, resolve
 from pipeline.readers import Segment, ShardInfo, WdsShardDataset, ZarrShardDataset, read_shard_info
@@ -105,7 +105,9 @@ def _samples(samples: Path, num: int) -> tuple[dict[str, Any], np.ndarray, np.nd
     path = samples / SAMPLE_JSON
     if not path.is_file() or not (samples / IMAGES_DIR).is_dir():
         raise UserError(f"{samples} is not a `redi sample` output folder (no {SAMPLE_JSON} or {IMAGES_DIR}/).")
-    report = json.loads(path.read_text())
+    report = read_json(path, dict, f"rerun `redi sample --out {samples}`.")
+    if not report.get("complete") or not isinstance(report.get("num"), int):
+        raise UserError(f"{samples} is not finished (its {SAMPLE_JSON} says so); rerun `redi sample --out {samples}`.")
     count = min(num, report["num"])
     images = np.stack([read_png(image_path(samples, i)) for i in range(count)])
     kept = all(pcs_path(samples, i).exists() for i in range(count))  # the sampler keeps the grid images' PCs

@@ -40,3 +40,9 @@ def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples
     assert alone.exit_code == 0 and np.asarray(Image.open(tmp_path / "alone.png")).shape[0] == PAD + 2 * (CAPTION_HEIGHT + CELL + PAD)
     refused = CliRunner().invoke(app, ["preview", str(data), "--samples", str(tmp_path)])
     assert refused.exit_code == 2 and "not a `redi sample` output folder" in " ".join(refused.output.split())
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "images").mkdir(parents=True)
+    for text, says in (('{"settings": {}, "complete": false}', "is not finished"), ("{not json", "rerun `redi sample")):
+        (unfinished / "sample.json").write_text(text)
+        refused = CliRunner().invoke(app, ["preview", str(data), "--samples", str(unfinished)])
+        assert refused.exit_code == 2 and says in " ".join(refused.output.split()), refused.output
