@@ -11,6 +11,7 @@ z' = (z − shift_c) · scale_c for every latent channel c, recorded in shards.j
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ class LatentNorm:
         return len(self.scale)
 
     def _view(self, values: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=z.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        return _channel_view(values, z.device)
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) VAE latents → the model's space (the trainer)."""
@@ -63,6 +64,13 @@ class LatentNorm:
     def legacy(cls, scale: float, shift: float, channels: int) -> LatentNorm:
         """What shards.json and checkpoints written before this record meant: z' = z · scale + shift."""
         return cls("config", (-shift / scale if shift else 0.0,) * channels, (float(scale),) * channels)
+
+
+@functools.cache
+def _channel_view(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(1, C, 1, 1) float32 on `device`, made once: the trainer applies the map every micro-batch, and a fresh tensor
+    there would be a host-to-device copy per step."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
 class ChannelStats:
