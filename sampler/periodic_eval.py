@@ -10,6 +10,7 @@ same numbers (tests/test_periodic_eval.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -23,7 +24,16 @@ import torch.distributed as dist
 from common.atomic import sha256_file
 from common.distributed import DistInfo
 from common.errors import UserError
-from sampler.evaluate import Activations, Detectors, check_batches, eval_card, eval_warnings, score
+from sampler.evaluate import (
+    DEFAULT_METRICS,
+    Activations,
+    Detectors,
+    EvalConfig,
+    check_batches,
+    eval_card,
+    eval_warnings,
+    score,
+)
 from sampler.fd_dinov2 import DEFAULT_FD_ENCODER
 from sampler.inception import POOL_DIM, SPATIAL_DIM
 from sampler.metrics import read_adm_batch
@@ -33,10 +43,9 @@ from trainer.config import TrainConfig
 from sampler.grids import RunSampler
 
 log = logging.getLogger(__name__)
-EVAL_METRICS = ("fid", "sfid", "is", "pr")  # ADM's suite
-EVAL_BATCH = 64  # images per sampling and Inception batch (redi sample's and redi eval's default --batch-size)
-NEAREST_K = 3  # precision/recall's k (ADM)
-SPLIT_SIZE = 5000  # Inception Score split (ADM)
+EVAL_METRICS = DEFAULT_METRICS  # ADM's suite
+_EVAL = {f.name: f.default for f in dataclasses.fields(EvalConfig)}  # `redi eval`'s defaults: ADM's protocol
+EVAL_BATCH, NEAREST_K, SPLIT_SIZE = _EVAL["batch_size"], _EVAL["nearest_k"], _EVAL["split_size"]
 
 
 class PeriodicEval:
