@@ -65,7 +65,7 @@ bench: install
 # packages that python3 lacks from .whl/ (see gpu-wheels). GPU_ARGS: e.g. --quick, --only ab, --budget 480.
 GPU_ARGS ?=
 bench-gpu:
-	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu $(GPU_ARGS)
+	$(if $(wildcard $(PY)),$(PY),python3) -m redi.benchmarks.gpu $(GPU_ARGS)
 
 # Wheels for that machine's python3 (3.12, x86-64; it has torch, numpy, transformers, huggingface-hub,
 # safetensors, typer, rich, pillow, torchdiffeq), fetched here from PyPI: the packages it lacks (torchdiffeq in

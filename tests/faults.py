@@ -23,8 +23,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from common.atomic import read_jsonl
+from redi.cli import app
+from redi.common.atomic import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPORARY = re.compile(r"\.tmp$|\.partial$")  # what an interrupted atomic write (ours or zarr's) leaves
@@ -50,7 +50,7 @@ def redi(*args: object) -> tuple[int, str]:
 def build_pipeline(root: Path) -> dict[str, Path]:
     """Uninterrupted outputs of every command (data root, run, samples), each moved aside (PATH.ref) from the path
     that the faulted runs of the same command then write."""
-    from pipeline.demo_data import write_demo_images
+    from redi.pipeline.demo_data import write_demo_images
 
     images = write_demo_images(root / "images", IMAGES).out
     data = root / "data"
@@ -205,8 +205,13 @@ class Launcher:
 
 def serve() -> None:
     """The launcher's helper process: one JSON request per line, answered with the child's pid, then its exit code."""
-    import cli  # noqa: F401  (and below: the modules the commands import lazily, paid once here)
-    import pipeline.encode, pipeline.pca, pipeline.shards, sampler.sample, trainer.train  # noqa: F401
+    # the CLI and the modules the commands import lazily, paid once here
+    import redi.cli
+    import redi.pipeline.encode
+    import redi.pipeline.pca
+    import redi.pipeline.shards
+    import redi.sampler.sample
+    import redi.trainer.train  # noqa: F401
 
     for line in sys.stdin:
         request = json.loads(line)
@@ -227,7 +232,7 @@ def _run_redi(args: list[str], log: str) -> None:
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.dup2(out, 1)
         os.dup2(out, 2)
-        from cli import app
+        from redi.cli import app
 
         app(args=args, prog_name="redi")
         code = 0

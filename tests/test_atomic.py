@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.atomic import atomic_open, atomic_write_bytes, atomic_write_with
+from redi.common.atomic import atomic_open, atomic_write_bytes, atomic_write_with
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:

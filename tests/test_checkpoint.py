@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.loader import make_stage_inputs
-from common.errors import UserError
+from redi.benchmarks.loader import make_stage_inputs
+from redi.common.errors import UserError
 from faults import same_value
-from pipeline.shards import ShardsConfig, build_shards
-from sampler.sample import SampleConfig, run_sample
-from trainer.checkpoint import CONFIG_JSON, Checkpoint, RunConfig, list_checkpoints
-from trainer.config import TrainConfig
-from trainer.metrics import read_metrics
-from trainer.models import ModelConfig
-from trainer.train import train
+from redi.pipeline.shards import ShardsConfig, build_shards
+from redi.sampler.sample import SampleConfig, run_sample
+from redi.trainer.checkpoint import CONFIG_JSON, Checkpoint, RunConfig, list_checkpoints
+from redi.trainer.config import TrainConfig
+from redi.trainer.metrics import read_metrics
+from redi.trainer.models import ModelConfig
+from redi.trainer.train import train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-v0"
 STEP = 2

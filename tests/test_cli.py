@@ -13,7 +13,7 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from cli import app
+from redi.cli import app
 
 COMMANDS = ("demo-data", "encode", "features", "pca", "shards", "verify", "info", "train", "sample", "eval",
             "convert", "import-repa", "bench", "publish", "preview")
@@ -39,7 +39,7 @@ def test_bench_quick_loader_prints_measured_figures_as_json() -> None:
 
 
 def test_messages_keep_brackets_and_bracketed_paths_are_paths(tmp_path: Path) -> None:
-    from pipeline.demo_data import write_demo_images
+    from redi.pipeline.demo_data import write_demo_images
 
     folder = tmp_path / "set[1]"
     write_demo_images(folder, 3)
@@ -60,8 +60,8 @@ def _sentence(args: list[str]) -> str:
 def test_impossible_flags_and_a_wrong_encoder_are_one_sentence(tmp_path: Path) -> None:
     import torch
 
-    from pipeline.demo_data import write_demo_images
-    from pipeline.vaes import tiny_sd_config
+    from redi.pipeline.demo_data import write_demo_images
+    from redi.pipeline.vaes import tiny_sd_config
 
     train = ["train", "--shards", str(tmp_path), "--run", str(tmp_path / "run"), "--model", "SiT-debug"]
     assert "--epochs must be a finite positive number" in _sentence([*train, "--epochs", "inf"])
@@ -77,7 +77,7 @@ def test_impossible_flags_and_a_wrong_encoder_are_one_sentence(tmp_path: Path) -
 
 def test_paths_with_markup_are_printed_as_they_are(tmp_path: Path) -> None:
     """A data root named `x[/]` or `y[red]` is a path, not rich markup (no MarkupError, nothing vanishes)."""
-    from pipeline.demo_data import write_demo_images
+    from redi.pipeline.demo_data import write_demo_images
 
     images = write_demo_images(tmp_path / "images", 2).out
     for name in ("x[/]", "y[red]"):
@@ -129,7 +129,7 @@ def test_a_choice_typo_is_a_usage_error_listing_the_choices(args: list[str], cho
 def test_info_and_verify_print_results_on_stdout_and_json_with_json(pipeline: dict) -> None:
     """Tables and JSON on stdout, nothing else there: `redi info DATA > f` and `redi verify DATA --json | jq` work."""
     data, run = pipeline["ref_data"], pipeline["ref_run"]
-    piped = subprocess.run([sys.executable, "-m", "cli", "info", str(data), "--json"], capture_output=True, text=True,
+    piped = subprocess.run([sys.executable, "-m", "redi", "info", str(data), "--json"], capture_output=True, text=True,
                            check=True, cwd=Path(__file__).parent.parent)
     info = json.loads(piped.stdout)
     assert info["kind"] == "data" and [p["name"] for p in info["parts"]] == ["latents/", "features/", "pca.safetensors", "shards/"]

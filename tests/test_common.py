@@ -8,8 +8,8 @@ import warnings
 import pytest
 from torch.utils.data import DataLoader
 
-from common.display import configure_logging, progress_bar
-from common.runtime import AUTO_WORKERS, loader_workers
+from redi.common.display import configure_logging, progress_bar
+from redi.common.runtime import AUTO_WORKERS, loader_workers
 
 
 def test_worker_count_comes_from_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from cli import app
-from common.errors import UserError
-from sampler.guidance import GuidanceConfig, GuidedModel
-from sampler.samplers import ode_euler
-from trainer.convert import ConvertConfig, ConvertResult, convert_checkpoint, fold_time_reversal
-from trainer.models import ModelConfig, build_model
+from redi.cli import app
+from redi.common.errors import UserError
+from redi.sampler.guidance import GuidanceConfig, GuidedModel
+from redi.sampler.samplers import ode_euler
+from redi.trainer.convert import ConvertConfig, ConvertResult, convert_checkpoint, fold_time_reversal
+from redi.trainer.models import ModelConfig, build_model
 
 HIDDEN, DEPTH, HEADS, INPUT, CLASSES, Z_DIM, PROJ_DIM = 64, 2, 2, 8, 10, 16, 2048  # "debug" backbone
 

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from cli import app
+from redi.cli import app
 
 pytestmark = pytest.mark.fuzz
 

@@ -36,15 +36,14 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
 
 def test_every_imported_distribution_is_declared() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     required = {_requirement_name(r) for r in project["dependencies"]}
     optional = {_requirement_name(r) for extra in project["optional-dependencies"].values() for r in extra}
     distributions = importlib.metadata.packages_distributions()
-    files = [REPO / "cli.py", *(p for package in packages for p in sorted((REPO / package).rglob("*.py")))]
+    files = sorted((REPO / "redi").rglob("*.py"))
     missing: list[str] = []
     for path in files:
         for name, module_level in _imports(path):
-            if name in sys.stdlib_module_names or name in packages or name == "cli":
+            if name in sys.stdlib_module_names or name == "redi":
                 continue
             dists = {_normal(d) for d in distributions.get(name, [])}
             if not dists and not module_level and _normal(name) in optional:

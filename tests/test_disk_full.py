@@ -18,8 +18,8 @@ from faults import (
     ENCODE, SHARDS, copy_in, digest_tree, filled, move_aside, redi, same_metrics, same_pca, same_value, sample_args,
     small_disk, temporaries, train_args,
 )
-from sampler.inception import FIDInceptionV3, he_init_
-from trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
+from redi.sampler.inception import FIDInceptionV3, he_init_
+from redi.trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
 
 PAGE = 4096  # tmpfs allocates whole pages
 REDI = str(Path(sys.executable).parent / "redi")

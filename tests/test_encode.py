@@ -16,14 +16,14 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.demo_data import CLASSES, write_demo_images
-from pipeline.encoders import ENCODER, VAE, load, resolve
-from pipeline.images import center_crop_arr, decode_rgb, open_source
-from pipeline.representations import (
+from redi.cli import app
+from redi.pipeline.demo_data import CLASSES, write_demo_images
+from redi.pipeline.encoders import ENCODER, VAE, load, resolve
+from redi.pipeline.images import center_crop_arr, decode_rgb, open_source
+from redi.pipeline.representations import (
     CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, encoder_tokens, feature_spec, tiny_configs, tiny_dino_config,
 )
-from pipeline.vaes import latent_space, tiny_sd_config, vae_moments
+from redi.pipeline.vaes import latent_space, tiny_sd_config, vae_moments
 
 R = 64  # crop side: 8×8 latents, 4×4 DINOv2 patches (56-pixel input)
 TINY = ["--resolution", str(R), "--workers", "0", "--batch-size", "4"]
@@ -177,7 +177,7 @@ def test_kill_9_resume_is_bitwise_identical_then_cached(images: Path, tmp_path: 
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert redi(*args, "--data", clean)[0] == 0
 
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--data", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "redi", *args, "--data", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     progress, deadline = killed / "latents" / "progress", time.monotonic() + 120
     while not (progress.is_dir() and any(progress.glob("*.json"))):
@@ -245,7 +245,7 @@ def test_user_errors_exit_2(images: Path, tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_local_directory_encoder_identity(tmp_path: Path) -> None:
-    from pipeline.encoders import random_init
+    from redi.pipeline.encoders import random_init
 
     random_init(VAE, tiny_sd_config(), 1).save_pretrained(tmp_path / "vae")
     ref = resolve(VAE, str(tmp_path / "vae"))
@@ -255,7 +255,7 @@ def test_local_directory_encoder_identity(tmp_path: Path) -> None:
 
 
 def test_benchmark_quick_smoke() -> None:
-    from benchmarks.encode import run
+    from redi.benchmarks.encode import run
 
     figures = run(quick=True, workers=0)
     assert figures["batched_images_per_s"] > 0 and figures["one_at_a_time_images_per_s"] > 0
@@ -340,7 +340,7 @@ def test_verify_finds_a_damaged_chunk_and_repair_rewrites_only_it(images: Path, 
     want = read_store(data / "latents")
     chunk_file = data / "latents" / "store.zarr" / "moments" / "c" / "1" / "0" / "0" / "0"
     chunk_file.write_bytes(chunk_file.read_bytes()[:-4] + b"\0\0\0\0")  # silently changed on disk
-    from pipeline.verify import verify_data
+    from redi.pipeline.verify import verify_data
 
     (check, *_) = verify_data(data, progress=False)
     assert check.status == "FAILED" and "store.zarr/moments/c/1/0/0/0 is missing or changed" in check.details
@@ -357,7 +357,7 @@ def test_verify_finds_a_damaged_chunk_and_repair_rewrites_only_it(images: Path, 
 
 
 def test_verify_warns_when_latents_and_features_come_from_other_images(images: Path, tmp_path: Path) -> None:
-    from pipeline.verify import verify_data
+    from redi.pipeline.verify import verify_data
 
     other = write_demo_images(tmp_path / "other", 5).out
     data = tmp_path / "data"
@@ -369,8 +369,8 @@ def test_verify_warns_when_latents_and_features_come_from_other_images(images: P
 
 def test_a_stage_without_its_manifest_is_refused_not_trusted(images: Path, tmp_path: Path) -> None:
     """Without manifest.json nothing says what the chunks hold: encoding other images there is refused."""
-    from pipeline.encode import open_arrays
-    from common.errors import UserError
+    from redi.pipeline.encode import open_arrays
+    from redi.common.errors import UserError
 
     data = tmp_path / "data"
     assert redi("encode", images, "--data", data, "--vae", "tiny-random", *TINY)[0] == 0

@@ -14,11 +14,11 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from common.errors import UserError
-from pipeline.demo_data import write_demo_images
-from pipeline.encoders import ENCODER, load, random_init, resolve
-from pipeline.representations import FAMILIES, encode_features, feature_spec, siglip2_patches, tiny_configs, tiny_dino_config
+from redi.cli import app
+from redi.common.errors import UserError
+from redi.pipeline.demo_data import write_demo_images
+from redi.pipeline.encoders import ENCODER, load, random_init, resolve
+from redi.pipeline.representations import FAMILIES, encode_features, feature_spec, siglip2_patches, tiny_configs, tiny_dino_config
 
 R = ["--resolution", "64", "--workers", "0", "--batch-size", "4"]  # 64 px: a 4×4 token grid, SiT-debug's
 TRAIN = ["--model", "SiT-debug", "--batch-size", "4", "--max-steps", "3", "--log-every", "1", "--num-workers", "0"]

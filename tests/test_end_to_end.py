@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from typer.testing import CliRunner
 
-from cli import app
+from redi.cli import app
 
 R = ["--resolution", "64", "--workers", "0", "--batch-size", "4", "--chunk-size", "4"]
 

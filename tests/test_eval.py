@@ -12,11 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from common.atomic import sha256_file
-from common.errors import UserError
-from sampler.inception import FIDInceptionV3, he_init_, load_fid_inception, tf_resize_bilinear
-from sampler.metrics import (
+from redi.cli import app
+from redi.common.atomic import sha256_file
+from redi.common.errors import UserError
+from redi.sampler.inception import FIDInceptionV3, he_init_, load_fid_inception, tf_resize_bilinear
+from redi.sampler.metrics import (
     FIDStatistics,
     faiss_module,
     feature_statistics,
@@ -168,7 +168,7 @@ def test_forward_outputs_pool_spatial_and_unbiased_logits() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_features_match_cpu() -> None:
-    from sampler.evaluate import full_fp32
+    from redi.sampler.evaluate import full_fp32
 
     net = he_init_(FIDInceptionV3(), seed=0).eval()
     images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
@@ -341,7 +341,7 @@ def test_redi_eval_end_to_end(tmp_path: Path) -> None:
 
 
 def test_evaluate_uses_the_reference_files_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sampler import evaluate as evaluate_module
+    from redi.sampler import evaluate as evaluate_module
 
     seen: list[tuple[FIDStatistics, FIDStatistics]] = []
     # Record the statistics compared instead of paying two 2048-wide eigendecompositions on the CI's CPU.
@@ -365,7 +365,7 @@ def test_evaluate_uses_the_reference_files_statistics(tmp_path: Path, monkeypatc
 
 
 def test_eval_without_the_reference_batch_says_where_to_get_it(tmp_path: Path) -> None:
-    from sampler.evaluate import EvalConfig, evaluate
+    from redi.sampler.evaluate import EvalConfig, evaluate
 
     np.savez(tmp_path / "samples.npz", _images(4, seed=1))
     cfg = EvalConfig(samples=tmp_path / "samples.npz", ref=tmp_path / "VIRTUAL_imagenet256_labeled.npz", device="cpu")
@@ -383,7 +383,7 @@ def test_eval_without_faiss_says_how_to_install_it(monkeypatch: pytest.MonkeyPat
 
 
 def test_fd_dinov2_preprocessing_is_edm2s() -> None:
-    from sampler.fd_dinov2 import EDM2_PREPROCESS, INPUT_SIDE
+    from redi.sampler.fd_dinov2 import EDM2_PREPROCESS, INPUT_SIDE
 
     images = torch.from_numpy(_images(3, side=64, seed=4))  # uint8 (3, 64, 64, 3)
     x = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2).float(), size=(224, 224), mode="bicubic",
@@ -394,7 +394,7 @@ def test_fd_dinov2_preprocessing_is_edm2s() -> None:
 
 
 def test_fd_dinov2_takes_the_normed_cls_token_and_refuses_encoders_without_one() -> None:
-    from sampler.fd_dinov2 import EDM2_PREPROCESS, DinoV2Features
+    from redi.sampler.fd_dinov2 import EDM2_PREPROCESS, DinoV2Features
 
     fd = DinoV2Features("tiny-random", torch.device("cpu"))
     images = torch.from_numpy(_images(2, side=32, seed=5))
@@ -407,8 +407,8 @@ def test_fd_dinov2_takes_the_normed_cls_token_and_refuses_encoders_without_one()
 
 
 def test_fd_dinov2_of_a_shifted_and_scaled_set_equals_the_closed_form() -> None:
-    from sampler.evaluate import score
-    from sampler.metrics import AdmBatch
+    from redi.sampler.evaluate import score
+    from redi.sampler.metrics import AdmBatch
 
     rng = np.random.default_rng(0)
     # Columns orthonormal and orthogonal to the ones vector: 64 features of exactly zero mean and unit covariance.

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import typer
 from typer.testing import CliRunner
 
-from common.flags import ConfigGroup, Flag, FromConfig, OneOf, config_command
+from redi.common.flags import ConfigGroup, Flag, FromConfig, OneOf, config_command
 
 SHAPES = ("circle", "square", "triangle-with-a-long-name")
 

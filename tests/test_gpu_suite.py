@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from benchmarks import gpu
-from cli import app
+from redi.benchmarks import gpu
+from redi.cli import app
 
 FILES = ["a-train-profile.json", "b-train-throughput.json", "c-sample.json", "d-encode.json"]
 
@@ -49,7 +49,7 @@ def test_quick_suite_runs_every_step_and_writes_each_items_figures(tmp_path: Pat
 
 
 def test_a_failing_step_is_recorded_and_the_suite_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from benchmarks import sample
+    from redi.benchmarks import sample
 
     calls = []
 
@@ -87,7 +87,7 @@ def test_suite_refusals_are_one_sentence(args: list[str], message: str, tmp_path
 
 
 def test_encoding_images_are_a_few_demo_images_and_links_to_them(tmp_path: Path) -> None:
-    from pipeline.images import open_source
+    from redi.pipeline.images import open_source
 
     out = gpu.demo_images(tmp_path / "images", 10, distinct=4)
     files = sorted(p for p in out.rglob("*") if p.is_file())

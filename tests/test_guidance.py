@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from common.errors import UserError
-from sampler.guidance import GuidanceConfig, GuidedModel, check_guidance
-from sampler.samplers import ode_euler
+from redi.common.errors import UserError
+from redi.sampler.guidance import GuidanceConfig, GuidedModel, check_guidance
+from redi.sampler.samplers import ode_euler
 
 VAE, PCS, CLASSES, D = 2, 3, 10, 4
 
@@ -237,7 +237,7 @@ def test_reg_class_token_takes_its_own_cfg_scale(cls_scale: float) -> None:
 
 def test_heun_corrector_guides_as_the_start_of_its_step() -> None:
     """REPA's Heun decides CFG for the corrector (evaluated at t_next) with t_cur."""
-    from sampler.samplers import ode_heun
+    from redi.sampler.samplers import ode_heun
 
     model = RecordingModel(StubConfig()).eval()
     state, labels = _inputs(n=2)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.errors import UserError
-from pipeline.demo_data import CLASSES, write_demo_images
-from pipeline.images import center_crop_arr, decode_rgb, load_cropped, open_source
+from redi.common.errors import UserError
+from redi.pipeline.demo_data import CLASSES, write_demo_images
+from redi.pipeline.images import center_crop_arr, decode_rgb, load_cropped, open_source
 
 
 def adm_center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
@@ -189,7 +189,7 @@ def test_load_cropped_reports_unreadable_files(tmp_path: Path) -> None:
 
 
 def test_negative_or_huge_labels_are_one_sentence(tmp_path: Path) -> None:
-    from pipeline.images import labels_from_dataset_json
+    from redi.pipeline.images import labels_from_dataset_json
 
     with pytest.raises(UserError, match="labels must lie in"):
         labels_from_dataset_json(b'{"labels": [["a.png", -1]]}', "x.zip")

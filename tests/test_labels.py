@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.errors import UserError
-from sampler.labels import balanced_labels, class_labels, labels_setting
-from sampler.sample import SampleConfig
+from redi.common.errors import UserError
+from redi.sampler.labels import balanced_labels, class_labels, labels_setting
+from redi.sampler.sample import SampleConfig
 
 
 @pytest.mark.parametrize("num,classes", [(50, 10), (1000, 1000), (53, 10), (7, 10)])

@@ -14,13 +14,13 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.encoders import VAE, load, random_init, resolve
-from pipeline.latent_norm import LatentNorm
-from pipeline.readers import read_shard_info
-from pipeline.vaes import latent_space, tiny_configs
-from sampler.sample import Decoder
-from trainer.objectives import prepare_batch
+from redi.cli import app
+from redi.pipeline.encoders import VAE, load, random_init, resolve
+from redi.pipeline.latent_norm import LatentNorm
+from redi.pipeline.readers import read_shard_info
+from redi.pipeline.vaes import latent_space, tiny_configs
+from redi.sampler.sample import Decoder
+from redi.trainer.objectives import prepare_batch
 
 FAST = ["--workers", "0", "--batch-size", "4"]
 TRAIN = ["--model", "SiT-debug", "--batch-size", "4", "--max-steps", "3", "--log-every", "1", "--num-workers", "0"]

@@ -4,14 +4,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent / "redi"
 
 
 def imported_packages(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
-    return {name.split(".")[0] for name in names}
+    return {name.split(".")[1] for name in names if name.startswith("redi.")}  # our packages: redi.X
 
 
 def test_trainer_never_imports_sampler() -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from common.errors import UserError
-from common.lock import exclusive
-from pipeline.demo_data import write_demo_images
-from pipeline.stage import stage_lock
+from redi.cli import app
+from redi.common.errors import UserError
+from redi.common.lock import exclusive
+from redi.pipeline.demo_data import write_demo_images
+from redi.pipeline.stage import stage_lock
 
 
 def test_a_held_lock_refuses_a_second_writer_and_is_released(tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
     lock = tmp_path / ".latents.lock"
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
-from common.lock import exclusive
+from redi.common.lock import exclusive
 with exclusive({str(lock)!r}, 'x'):
     print('held', flush=True)
     time.sleep(60)

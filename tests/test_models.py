@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.errors import UserError
-from trainer.flops import forward_flops, train_flops_per_image
-from trainer.models import (
+from redi.common.errors import UserError
+from redi.trainer.flops import forward_flops, train_flops_per_image
+from redi.trainer.models import (
     Attention,
     ModelConfig,
     TimestepEmbedder,

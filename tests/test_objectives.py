@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from common.errors import UserError
-from pipeline.latent_norm import LatentNorm
-from trainer.models import ModelConfig, ModelOutput, build_model
-from trainer.objectives import (
+from redi.common.errors import UserError
+from redi.pipeline.latent_norm import LatentNorm
+from redi.trainer.models import ModelConfig, ModelOutput, build_model
+from redi.trainer.objectives import (
     LossConfig,
     TrainBatch,
     check_batch,

@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from benchmarks.pca import peak_rss_growth
-from cli import app
-from common.errors import UserError
-from pipeline.pca import PCA_FILE, PLOT_FILE, PCAConfig, fit_pca, load_reference_pca, open_features, select_images
-from pipeline.pca_file import load_pca
-from pipeline.stage import ChunkError, Manifest, StageDir
+from redi.benchmarks.pca import peak_rss_growth
+from redi.cli import app
+from redi.common.errors import UserError
+from redi.pipeline.pca import PCA_FILE, PLOT_FILE, PCAConfig, fit_pca, load_reference_pca, open_features, select_images
+from redi.pipeline.pca_file import load_pca
+from redi.pipeline.stage import ChunkError, Manifest, StageDir
 
 CHUNK = 16  # images per zarr chunk and per committed stage chunk
 BAD_VALUE = 1000.0  # what invalid images hold: any read of them spoils the fit

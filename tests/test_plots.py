@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from benchmarks.loader import make_stage_inputs
-from cli import app
-from common.plots import curves_figure, explained_variance_figure, histograms_figure, save_png
-from pipeline.info import CURVES_PNG, HISTOGRAMS_PNG, channel_values
-from pipeline.pca import PLOT_FILE
-from pipeline.shards import ShardsConfig, build_shards
-from trainer.metrics import LOSS_TERMS
+from redi.benchmarks.loader import make_stage_inputs
+from redi.cli import app
+from redi.common.plots import curves_figure, explained_variance_figure, histograms_figure, save_png
+from redi.pipeline.info import CURVES_PNG, HISTOGRAMS_PNG, channel_values
+from redi.pipeline.pca import PLOT_FILE
+from redi.pipeline.shards import ShardsConfig, build_shards
+from redi.trainer.metrics import LOSS_TERMS
 
 
 @pytest.fixture(scope="module")

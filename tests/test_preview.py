@@ -9,10 +9,10 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.encoders import VAE, load, resolve
-from sampler.outputs import to_uint8
-from sampler.preview import CAPTION_HEIGHT, CELL, PAD, _cells
+from redi.cli import app
+from redi.pipeline.encoders import VAE, load, resolve
+from redi.sampler.outputs import to_uint8
+from redi.sampler.preview import CAPTION_HEIGHT, CELL, PAD, _cells
 
 
 def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples(pipeline: dict, tmp_path: Path) -> None:

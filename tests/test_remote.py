@@ -22,17 +22,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from benchmarks import loader as loader_bench
-from benchmarks.loader import make_stage_inputs
-from cli import app
-from common.errors import UserError
-from pipeline.readers import make_loader
-from pipeline.remote import RemotePath, as_location, is_transient, read_ahead, redact
-from pipeline.shards import ShardsConfig, build_shards
-from trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
-from trainer.config import TrainConfig
-from trainer.metrics import read_metrics
-from trainer.train import train
+from redi.benchmarks import loader as loader_bench
+from redi.benchmarks.loader import make_stage_inputs
+from redi.cli import app
+from redi.common.errors import UserError
+from redi.pipeline.readers import make_loader
+from redi.pipeline.remote import RemotePath, as_location, is_transient, read_ahead, redact
+from redi.pipeline.shards import ShardsConfig, build_shards
+from redi.trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
+from redi.trainer.config import TrainConfig
+from redi.trainer.metrics import read_metrics
+from redi.trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--model", "SiT-debug", "--method", "redi", "--pca-rank", "4", "--batch-size", "8", "--log-every", "1",
@@ -268,7 +268,7 @@ def test_transient_errors_are_retried_and_others_are_not(monkeypatch: pytest.Mon
         as_location("nosuch://user:pw@bucket/x")
     assert as_location("file:///tmp/x") == Path("/tmp/x")
 
-    monkeypatch.setattr("pipeline.remote.BACKOFF_S", 0.001)
+    monkeypatch.setattr("redi.pipeline.remote.BACKOFF_S", 0.001)
     calls = []
 
     class Flaky:

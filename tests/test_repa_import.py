@@ -12,14 +12,14 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from common.errors import UserError
-from pipeline.encode import EncodeConfig, run_encode, run_features
-from pipeline.pca import PCAConfig, run_pca
-from pipeline.readers import read_shard_info
-from pipeline.repa_import import RepaImportConfig, import_repa
-from pipeline.shards import ShardsConfig, build_shards
-from pipeline.stage import StageState, read_manifest
+from redi.cli import app
+from redi.common.errors import UserError
+from redi.pipeline.encode import EncodeConfig, run_encode, run_features
+from redi.pipeline.pca import PCAConfig, run_pca
+from redi.pipeline.readers import read_shard_info
+from redi.pipeline.repa_import import RepaImportConfig, import_repa
+from redi.pipeline.shards import ShardsConfig, build_shards
+from redi.pipeline.stage import StageState, read_manifest
 
 R, N, CHUNK, K = 32, 7, 3, 4  # image side (4×4 latents, 2×2 DINOv2 patches), images, chunk size, PCs
 SHARDS = ShardsConfig(formats=("zarr", "wds"), pcs=K, shard_size=4, device="cpu")

@@ -12,19 +12,19 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from common.atomic import sha256_file
-from common.errors import UserError
-from common.lock import exclusive
-from pipeline.vaes import latent_space, tiny_sd_config
-from sampler.outputs import image_path, make_grid, pcs_path, pcs_to_rgb, read_png, write_adm_npz
-from sampler.report import SampleResult
-from sampler.sample import SampleConfig, batches_of, run_sample
-from sampler.labels import class_labels
-from sampler.settings import resolve_guidance
-from trainer.checkpoint import Checkpoint, ShardSummary, checkpoint_path, newest_checkpoint
-from trainer.config import TrainConfig
-from trainer.models import ModelConfig, build_model
+from redi.cli import app
+from redi.common.atomic import sha256_file
+from redi.common.errors import UserError
+from redi.common.lock import exclusive
+from redi.pipeline.vaes import latent_space, tiny_sd_config
+from redi.sampler.outputs import image_path, make_grid, pcs_path, pcs_to_rgb, read_png, write_adm_npz
+from redi.sampler.report import SampleResult
+from redi.sampler.sample import SampleConfig, batches_of, run_sample
+from redi.sampler.labels import class_labels
+from redi.sampler.settings import resolve_guidance
+from redi.trainer.checkpoint import Checkpoint, ShardSummary, checkpoint_path, newest_checkpoint
+from redi.trainer.config import TrainConfig
+from redi.trainer.models import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT = 8  # latent side: 64×64 images through the tiny-random VAE
@@ -202,7 +202,7 @@ def test_two_processes_equal_one_process(sit_run: Path, tmp_path: Path) -> None:
 def test_torchrun_two_processes_equal_one_process(sit_run: Path, tmp_path: Path) -> None:
     single, _ = npz(sample(sit_run, tmp_path / "one", batch_size=3, num=7, guidance="none").out)
     # "--" keeps torchrun's own parser from claiming --run/--num (it matches abbreviations of its options).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--module", "--", "cli", "sample",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--module", "--", "redi", "sample",
            "--run", str(sit_run), "--out", str(tmp_path / "two"), "--num", "7", "--batch-size", "3", "--steps", "4",
            "--seed", "5", "--device", "cpu"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -321,14 +321,14 @@ def test_streamed_npz_reads_like_numpy_savez(tmp_path: Path) -> None:
 
 
 def test_benchmark_smoke() -> None:
-    from benchmarks.sample import run
+    from redi.benchmarks.sample import run
 
     figures = run(quick=True)
     assert figures["model_calls_per_step"] == 1 and figures["images_per_s"] > 0 and figures["nfe_per_image"] > 0
 
 
 def test_pixels_are_quantised_as_the_reference_scripts() -> None:
-    from sampler.outputs import to_uint8
+    from redi.sampler.outputs import to_uint8
 
     x = torch.tensor([-1.5, -1.0, -0.996, 0.0, 0.5, 0.9999, 1.0, 1.2]).view(1, 1, 1, 8).expand(1, 3, 1, 8)
     nearest = to_uint8(x)[0, 0, :, 0].tolist()  # DiT/SiT/ReDi: clamp(127.5·x + 128) truncated

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from common.errors import UserError
-from sampler.guidance import GuidanceConfig
-from sampler.ddpm import DDPMSchedule, RespacedDDPM, ddpm_ancestral, space_timesteps
-from sampler.samplers import (
+from redi.common.errors import UserError
+from redi.sampler.guidance import GuidanceConfig
+from redi.sampler.ddpm import DDPMSchedule, RespacedDDPM, ddpm_ancestral, space_timesteps
+from redi.sampler.samplers import (
     ADAPTIVE_SOLVERS,
     FIXED_SOLVERS,
     PerSampleNoise,

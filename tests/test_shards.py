@@ -12,14 +12,14 @@ import webdataset as wds
 import zarr
 from typer.testing import CliRunner
 
-from benchmarks.loader import make_stage_inputs
-from cli import app
-from common.atomic import atomic_write_json, sha256_file
-from common.errors import UserError
-from pipeline.pca_file import load_pca
-from pipeline.readers import make_loader
-from pipeline.shards import ShardsConfig, ShardWriter, build_shards, decode_key, encode_key
-from pipeline.verify import verify_data
+from redi.benchmarks.loader import make_stage_inputs
+from redi.cli import app
+from redi.common.atomic import atomic_write_json, sha256_file
+from redi.common.errors import UserError
+from redi.pipeline.pca_file import load_pca
+from redi.pipeline.readers import make_loader
+from redi.pipeline.shards import ShardsConfig, ShardWriter, build_shards, decode_key, encode_key
+from redi.pipeline.verify import verify_data
 
 N, H, GRID, DIM, K, S = 150, 4, 3, 16, 4, 32  # images, latent side, patch grid side, DINOv2 width, PCs, shard size
 BAD_LATENTS, BAD_FEATURES = (3, 40), (40, 97, 149)

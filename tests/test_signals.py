@@ -21,8 +21,8 @@ from faults import (
     ENCODE, IMAGES, NUM, SHARDS, STEPS, TINY, Launcher, copy_in, count, digest_tree, interrupt, redi, same_value,
     same_metrics, same_pca, sample_args, temporaries, train_args,
 )
-from trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
-from trainer.metrics import read_metrics
+from redi.trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
+from redi.trainer.metrics import read_metrics
 
 SEED = 2024  # the kill points are drawn from (SEED, command)
 KILL, TERM = signal.SIGKILL, signal.SIGTERM

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.trackers import TENSORBOARD_DIR, WANDB_RECORD, NoTracker, open_tracker
+from redi.trainer.trackers import TENSORBOARD_DIR, WANDB_RECORD, NoTracker, open_tracker
 
 
 def read_events(run: Path) -> dict[str, list[tuple[int, float]]]:

@@ -14,14 +14,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from benchmarks.loader import make_stage_inputs
-from cli import app
-from common.errors import UserError
-from pipeline.shards import ShardsConfig, build_shards
-from trainer.checkpoint import Checkpoint, newest_checkpoint
-from trainer.config import TrainConfig
-from trainer.metrics import read_metrics
-from trainer.train import train
+from redi.benchmarks.loader import make_stage_inputs
+from redi.cli import app
+from redi.common.errors import UserError
+from redi.pipeline.shards import ShardsConfig, build_shards
+from redi.trainer.checkpoint import Checkpoint, newest_checkpoint
+from redi.trainer.config import TrainConfig
+from redi.trainer.metrics import read_metrics
+from redi.trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"steps_per_s", "images_per_s", "mfu"}
@@ -179,7 +179,7 @@ def test_init_starts_a_new_run_from_other_weights_and_refuses_another_network(da
 
 
 def test_profile_splits_the_step_time_by_kind(data: Path, tmp_path: Path) -> None:
-    from benchmarks.train import kernel_breakdown, profile_loop
+    from redi.benchmarks.train import kernel_breakdown, profile_loop
 
     shares = kernel_breakdown([("sm90_xmma_gemm_bf16", 6.0), ("flash_fwd_kernel", 2.0), ("triton_poi_fused_mul_0", 1.0),
                                ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 0.5), ("Memcpy HtoD", 0.5)])
@@ -192,10 +192,10 @@ def test_profile_splits_the_step_time_by_kind(data: Path, tmp_path: Path) -> Non
 
 
 def test_sigterm_checkpoints_after_the_current_step_and_the_rerun_resumes_exactly(data: Path, tmp_path: Path) -> None:
-    from trainer.checkpoint import list_checkpoints
+    from redi.trainer.checkpoint import list_checkpoints
 
     run = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "cli", "train", "--shards", str(data), "--run", str(run), "--model", "SiT-debug",
+    cmd = [sys.executable, "-m", "redi", "train", "--shards", str(data), "--run", str(run), "--model", "SiT-debug",
            "--method", "redi", "--pca-rank", "4", "--batch-size", "8", "--log-every", "1", "--save-every", "1000",
            "--num-workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
     proc = subprocess.Popen([*cmd, "--max-steps", "100000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -226,7 +226,7 @@ def test_sigterm_checkpoints_after_the_current_step_and_the_rerun_resumes_exactl
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(data: Path, tmp_path: Path) -> None:
-    from trainer.checkpoint import list_checkpoints
+    from redi.trainer.checkpoint import list_checkpoints
 
     run = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29523",
@@ -258,7 +258,7 @@ def descendants(pid: int) -> list[int]:
 
 def test_a_damaged_newest_checkpoint_is_passed_over_and_a_full_disk_is_one_sentence(
         data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.checkpoint import list_checkpoints
+    from redi.trainer.checkpoint import list_checkpoints
 
     train(config(data, tmp_path / "straight"), device="cpu")
     train(config(data, tmp_path / "damaged", save_every=2, max_steps=6), device="cpu")
@@ -301,12 +301,12 @@ def test_a_class_embedding_larger_than_memory_is_refused_before_allocating(data:
 
 
 def test_running_out_of_gpu_memory_names_the_flag_to_lower(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainer.train
+    import redi.trainer.train
 
     def out_of_memory(*args: object, **kwargs: object) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(trainer.train, "compute_loss", out_of_memory)
+    monkeypatch.setattr(redi.trainer.train, "compute_loss", out_of_memory)
     code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "run"), "--model", "SiT-debug", "--pca-rank", "4",
                         "--max-steps", "2", "--num-workers", "0", "--device", "cpu")
     assert code == 2 and "ran out of memory (CUDA out of memory)" in out and "--micro-batch" in out, out
@@ -327,7 +327,7 @@ def test_dit_learns_sigma_by_default_and_grad_clip_zero_turns_clipping_off(data:
 
 
 def test_background_checkpoint_holds_the_state_of_its_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.checkpoint import BackgroundCheckpointer, checkpoint_path, list_checkpoints
+    from redi.trainer.checkpoint import BackgroundCheckpointer, checkpoint_path, list_checkpoints
 
     weights = torch.zeros(1000)
     with BackgroundCheckpointer() as checkpointer:
@@ -349,7 +349,7 @@ def test_background_checkpoint_holds_the_state_of_its_step(tmp_path: Path, monke
 
 
 def test_one_job_per_run_directory_and_no_resume_on_other_data(data: Path, tmp_path: Path) -> None:
-    from common.lock import exclusive
+    from redi.common.lock import exclusive
 
     run = tmp_path / "run"
     with exclusive(run / ".lock", "held by the test"), pytest.raises(UserError, match="Another redi process is writing"):

@@ -10,18 +10,18 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from benchmarks.loader import make_stage_inputs
-from cli import app
-from common.errors import UserError
-from pipeline.shards import ShardsConfig, build_shards
-from sampler.inception import FIDInceptionV3, he_init_
-from trainer.checkpoint import checkpoint_path, checksum_path
-from trainer.config import TrainConfig
-from trainer.metrics import read_metrics
-from sampler.grids import grid_path
-from trainer.trackers import TENSORBOARD_DIR
-from trainer.train import train
-from sampler.watch import RunWatch
+from redi.benchmarks.loader import make_stage_inputs
+from redi.cli import app
+from redi.common.errors import UserError
+from redi.pipeline.shards import ShardsConfig, build_shards
+from redi.sampler.inception import FIDInceptionV3, he_init_
+from redi.trainer.checkpoint import checkpoint_path, checksum_path
+from redi.trainer.config import TrainConfig
+from redi.trainer.metrics import read_metrics
+from redi.sampler.grids import grid_path
+from redi.trainer.trackers import TENSORBOARD_DIR
+from redi.trainer.train import train
+from redi.sampler.watch import RunWatch
 
 LOGGED = {"loss", "vae", "pcs", "grad_norm", "lr", "skipped_steps", "steps_per_s", "images_per_s"}  # mfu: None on CPU
 

@@ -1,0 +1,205 @@
+"""The frozen encoders' identity and loading: the VAE (diffusers; the families and their latent spaces are
+`pipeline.vaes`) and the representation encoders (transformers; the families, pre-processing and tokens kept
+are `pipeline.representations`).
+
+An encoder is named by a hub id, a local directory or `tiny-random[:VARIANT]` (the same classes with
+tiny widths and a fixed seed, for tests and the offline demo). `resolve` reads only the config and
+returns the identity a manifest records; `load` builds the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import AutoConfig
+
+from redi.common.atomic import read_json
+from redi.common.errors import UserError
+from redi.pipeline import representations, vaes
+
+TINY_RANDOM = "tiny-random"
+TINY_SEED = 0  # torch seed of the tiny-random weights
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _transformers_hub_config(name: str, revision: str, offline: bool) -> dict[str, Any]:
+    return AutoConfig.from_pretrained(name, revision=revision, local_files_only=offline).to_dict()
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """What differs between the two frozen encoders."""
+
+    what: str  # words for messages
+    flag: str  # the CLI option that names it
+    example_dir: str  # a plausible local directory for the error message
+    model_class: Callable[[dict[str, Any]], type[torch.nn.Module]]  # config → class (the identity records it)
+    tiny_configs: Callable[[], dict[str, Callable[[], dict[str, Any]]]]  # tiny-random[:VARIANT] ("" plain) → config
+    dim_key: str  # config field recorded as the identity's "dim"
+    config_keys: tuple[str, ...]  # fields every config of this family has (a config without them is another model)
+    hub_config: Callable[[str, str, bool], dict[str, Any]]  # (id, revision, cached only) → config, no weights
+    build: Callable[[dict[str, Any]], torch.nn.Module]  # config → randomly initialised model
+    pretrained: Callable[..., torch.nn.Module]  # (config, source, **hub kwargs) → the pretrained model
+    model_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda config: config  # checkpoint config → the model's
+
+
+VAE = EncoderFamily(  # every latent-space family (pipeline/vaes.py)
+    "VAE", "--vae", "/path/to/sd-vae-ft-ema", vaes.model_class, vaes.tiny_configs, "latent_channels",
+    ("latent_channels",), vaes.hub_config, vaes.build, vaes.from_pretrained,
+)
+ENCODER = EncoderFamily(  # every representation family (pipeline/representations.py)
+    "representation encoder", "--encoder", "/path/to/dinov2-with-registers-base",
+    lambda config: representations.family_of(config).model_class, representations.tiny_configs, "hidden_size",
+    ("hidden_size", "patch_size"), _transformers_hub_config, representations.build, representations.from_pretrained,
+    representations.vision_config,
+)
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    """An encoder resolved to its config and manifest identity, before any weights are read."""
+
+    family: EncoderFamily
+    name: str  # hub id, local directory or "tiny-random"
+    revision: str  # hub revision asked for ("main" unless pinned)
+    config: dict[str, Any]  # the model config (diffusers / transformers fields; a full CLIP/SigLIP's vision tower)
+    identity: dict[str, Any]  # {"kind", "id", "revision" | "hash", "class", "dim"} for the manifest
+
+    @property
+    def tiny_random(self) -> bool:
+        return self.identity["kind"] == TINY_RANDOM
+
+
+def offline() -> bool:
+    """True when HF_HUB_OFFLINE asks for cached files only."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve(family: EncoderFamily, name: str, revision: str = "main") -> EncoderRef:
+    """Find the config of `name` (tiny-random[:VARIANT], local directory or hub id) without loading weights."""
+    base = {"id": name}
+    if name == TINY_RANDOM or name.startswith(TINY_RANDOM + ":"):
+        variants = family.tiny_configs()
+        variant = name.removeprefix(TINY_RANDOM).removeprefix(":")
+        if variant not in variants:
+            names = ", ".join(TINY_RANDOM + (f":{v}" if v else "") for v in variants)
+            raise UserError(f"{family.flag} {name} is not a tiny-random model; choose one of {names}.")
+        config = variants[variant]()
+        ident = {**base, "kind": TINY_RANDOM, "hash": _config_hash(config, []), "seed": TINY_SEED}
+    elif Path(name).expanduser().exists() or name.startswith(("/", ".", "~")):
+        path = Path(name).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name} is not a model directory (no config.json there); pass {family.flag} DIR or a hub id.")
+        raw = read_json(path / "config.json", dict, f"pass {family.flag} a model directory or a hub id")
+        weights = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
+        ident = {**base, "id": str(path), "kind": "local", "hash": _config_hash(raw, weights)}
+        config = family.model_config(raw)
+    else:
+        try:
+            with _quiet_hub():
+                raw = family.hub_config(name, revision, offline())
+        except (OSError, ValueError):  # missing files, no network, or an id the hub rejects
+            raise _unavailable(family, name, revision) from None
+        config = family.model_config(raw)
+        ident = {**base, "kind": "hub", "revision": revision}
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
+        if isinstance(cached, str):
+            ident["commit"] = Path(cached).parent.name  # …/snapshots/<commit>/config.json
+    ident["class"] = family.model_class(config).__name__
+    if missing := [k for k in family.config_keys if k not in config]:
+        kind = config.get("_class_name") or config.get("model_type") or "an unknown model"
+        raise UserError(f"{name} is not a {family.what}: its config ({kind}) lacks {', '.join(missing)}; pass "
+                        f"{family.flag} a {family.what} directory or hub id.")
+    ident["dim"] = int(config[family.dim_key])
+    return EncoderRef(family, name, revision, config, ident)
+
+
+def load(ref: EncoderRef, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The frozen model in eval mode: random with a fixed seed for tiny-random, else the pretrained weights."""
+    if ref.tiny_random:
+        model = random_init(ref.family, ref.config, TINY_SEED)
+    else:
+        kind = ref.identity["kind"]
+        source = ref.identity["id"]
+        hub = {"revision": ref.revision, "local_files_only": offline()} if kind == "hub" else {}
+        try:
+            with _quiet_hub():
+                model = ref.family.pretrained(ref.config, source, **hub)
+        except OSError:
+            raise _unavailable(ref.family, ref.name, ref.revision) from None
+    model = model.to(device=device)
+    if dtype != torch.float32:
+        model = model.to(dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def sidecar(ref: EncoderRef, filename: str) -> dict[str, Any] | None:
+    """A JSON file of the model's directory or hub repo besides its config (e.g. preprocessor_config.json), if it has one."""
+    if ref.tiny_random:
+        return None
+    if ref.identity["kind"] == "local":
+        path: Path | None = Path(ref.identity["id"]) / filename
+    else:
+        try:
+            with _quiet_hub():
+                path = Path(hf_hub_download(ref.name, filename, revision=ref.revision, local_files_only=offline()))
+        except (OSError, ValueError, EntryNotFoundError):  # not in the repo, not cached, no network
+            path = None
+    if path is None or not path.is_file():
+        return None
+    return read_json(path, dict, "repair or delete it")
+
+
+def random_init(family: EncoderFamily, config: dict[str, Any], seed: int) -> torch.nn.Module:
+    """`family`'s model built from `config` with weights drawn from torch seed `seed` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return family.build(config)
+
+
+def describe_identity(identity: dict[str, Any]) -> str:
+    """One line for logs: `id@revision (class, dim D)`, or `id#hash…` for local and tiny-random encoders."""
+    pin = f"@{identity['revision']}" if "revision" in identity else f"#{str(identity.get('hash', ''))[:12]}"
+    return f"{identity.get('id')}{pin} ({identity.get('class')}, dim {identity.get('dim')})"
+
+
+def _config_hash(config: dict[str, Any], weights: list[tuple[str, int]]) -> str:
+    """SHA-256 of a config and the names and sizes of the weight files next to it."""
+    text = json.dumps(config, sort_keys=True) + "".join(f"\n{n}\t{s}" for n, s in weights)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _unavailable(family: EncoderFamily, name: str, revision: str) -> UserError:
+    return UserError(
+        f"Cannot load the {family.what} '{name}' (revision {revision}): its weights are neither in the "
+        f"Hugging Face cache nor downloadable here; pass a local directory instead, e.g. {family.flag} {family.example_dir}."
+    )
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Load without the libraries' chatter: diffusers' and transformers' warnings (`accelerate` advice, a full
+    image-text checkpoint's unused text weights; what a model lacks is our own sentence) and the deprecation
+    warnings diffusers triggers inside huggingface_hub. Errors still show; downloads keep their progress bars."""
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    levels = [log.level for log in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels, strict=True):
+                log.setLevel(level)

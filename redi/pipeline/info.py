@@ -1,0 +1,291 @@
+"""`redi info DATA | RUN`: what each stage of a data root holds, or what a training run holds, as a table or JSON."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from rich.markup import escape
+from rich.table import Table
+
+from redi.common.atomic import read_jsonl, try_read_json
+from redi.common.errors import UserError
+from redi.pipeline.encoders import describe_identity
+from redi.pipeline.latent_norm import LatentNorm
+from redi.pipeline.pca import PLOT_FILE, checked_pca_sha256, plot_explained_variance
+from redi.pipeline.pca_file import load_pca
+from redi.pipeline.readers import read_shard_info
+from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir
+
+log = logging.getLogger(__name__)
+ARRAY_STAGES = ("latents", "features")
+HISTOGRAMS_PNG = "channel_histograms.png"  # per-channel histograms of a data root's latents and PCs
+CURVES_PNG = "curves.png"  # a run's training curves
+HIST_SAMPLES = 512  # images whose every latent and PC value enters the histograms (the shards' first, shuffled at write)
+HIST_LATENT_CHANNELS = 16  # VAE channels shown at most
+HIST_PCS = 8  # principal components shown at most (the default rank r)
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage's entry in a data root."""
+
+    name: str  # "latents/", "features/", "pca.safetensors", "shards/"
+    status: str  # "complete", "incomplete (…)", "missing", "unreadable (…)"
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (what, value) lines to show
+    tiny_random: bool = False  # made with tiny-random encoders
+
+
+def describe(root: Path) -> list[StageInfo]:
+    """The parts of a run directory, or the stages of a data root."""
+    return describe_run(root) if is_run_dir(root) else describe_data_root(root)
+
+
+def describe_data_root(root: Path) -> list[StageInfo]:
+    """Inspect every stage under `root`; missing stages are reported as such, never an error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"The data root {root} does not exist or is not a folder.")
+    return [*(_array_stage(root / name) for name in ARRAY_STAGES), _pca(root / "pca.safetensors"), _shards(root / "shards")]
+
+
+def is_run_dir(root: Path) -> bool:
+    """config.json is written before the first step, checkpoints/ holds the steps; data roots have neither."""
+    return (Path(root) / "config.json").is_file() or (Path(root) / "checkpoints").is_dir()
+
+
+def describe_run(root: Path) -> list[StageInfo]:
+    """A run directory: its configuration, checkpoints, last logged metrics and sample folders."""
+    from redi.trainer.checkpoint import CONFIG_JSON, RunConfig, list_checkpoints  # the trainer owns a run's formats
+
+    root = Path(root)
+    keys = ("model", "method", "pca_rank", "fusion", "rep_drop", "batch_size", "max_steps", "precision", "shards")
+    try:
+        config = RunConfig.load(root)
+        entries = [StageInfo(CONFIG_JSON, "complete", [(k, _short(config.train[k])) for k in keys if k in config.train]
+                             + [("num_classes", _short(config.model_config.num_classes))])]
+    except UserError:
+        entries = [StageInfo(CONFIG_JSON, "unreadable (damaged)" if (root / CONFIG_JSON).exists() else "missing")]
+    steps = [step for step, _ in list_checkpoints(root)]
+    entries.append(StageInfo("checkpoints/", f"{len(steps)} checkpoints" if steps else "missing",
+                             [("steps", ", ".join(f"{s:,}" for s in steps) if len(steps) <= 8 else
+                               f"{steps[0]:,}, {steps[1]:,}, … {steps[-1]:,}"),
+                              ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
+    lines = read_jsonl(root / "metrics.jsonl") if (root / "metrics.jsonl").exists() else []
+    last = lines[-1] if lines else {}
+    unread = "unreadable (no complete line)" if (root / "metrics.jsonl").exists() else "missing"
+    entries.append(StageInfo("metrics.jsonl", f"{len(lines)} lines" if lines else unread,
+                             [(k, _short(v)) for k, v in last.items()]))
+    found = sorted((root / "samples").iterdir()) if (root / "samples").is_dir() else []
+    samples = [p.name for p in found if p.is_dir()]  # `redi sample`'s directories
+    grids = [p.name for p in found if p.name.startswith("step-") and p.suffix == ".png"]  # --sample-every's grids
+    rows = ([("sets", ", ".join(samples))] if samples else []) + ([("grids", f"{len(grids)}, newest {grids[-1]}")] if grids else [])
+    entries.append(StageInfo("samples/", f"{len(samples)} sets, {len(grids)} grids" if found else "missing", rows))
+    return entries
+
+
+def info_table(root: Path, parts: list[StageInfo]) -> Table:
+    """The stages of a data root, or the parts of a run directory, as one rich table."""
+    table = Table(title=f"redi info {escape(str(root))}", show_lines=True)
+    for col in ("stage", "status", "contents"):
+        table.add_column(col)
+    for s in parts:
+        status = {"complete": "[green]complete[/]", "missing": "[dim]missing[/]"}.get(s.status, f"[yellow]{escape(s.status)}[/]")
+        if s.tiny_random:
+            status += "\n[bold yellow]tiny-random[/]"
+        table.add_row(s.name, status, escape("\n".join(f"{k}: {v}" for k, v in s.rows)))  # paths may hold [brackets]
+    return table
+
+
+def info_json(root: Path, parts: list[StageInfo]) -> dict[str, Any]:
+    """What `info_table` shows, for scripts: each part's status and contents."""
+    return {"root": str(root), "kind": "run" if is_run_dir(root) else "data",
+            "parts": [{"name": s.name, "status": s.status, "tiny_random": s.tiny_random, "contents": dict(s.rows)}
+                      for s in parts]}
+
+
+def info_plots(root: Path) -> list[Path]:
+    """The pictures of a run (RUN/curves.png) or a data root (the PCA plot, DATA/channel_histograms.png), drawn now;
+    a part that is missing or unreadable is left out (the table says why), a folder we may not write to is said once."""
+    try:
+        return _draw(Path(root))
+    except OSError as e:  # a read-only or full disk: the table was shown, the pictures cannot be
+        log.warning(f"No pictures drawn in {root}: {e.strerror or e}.")
+        return []
+
+
+def _draw(root: Path) -> list[Path]:
+    if is_run_dir(root):
+        from redi.trainer.metrics import plot_curves
+
+        return [path] if (path := plot_curves(root, root / CURVES_PNG)) is not None else []
+    plots = []
+    if (root / "pca.safetensors").exists():
+        try:
+            checked_pca_sha256(root)
+            plot_explained_variance(load_pca(root / "pca.safetensors"), root / PLOT_FILE)
+            plots.append(root / PLOT_FILE)
+        except UserError:
+            pass
+    if groups := channel_values(root):
+        from redi.common.plots import histograms_figure, save_png
+
+        title = f"{root.resolve().name}: every value of each channel, first {HIST_SAMPLES} images"
+        plots.append(save_png(histograms_figure(groups, title), root / HISTOGRAMS_PNG))
+    return plots
+
+
+def _normalised(norm: LatentNorm) -> str:
+    """The histogram's title: the latent normalisation, in numbers when one scale and shift serve every channel."""
+    if len(set(norm.scale)) == 1 and len(set(norm.shift)) == 1:
+        return f"latent ((mean − {norm.shift[0]:g}) × {norm.scale[0]:g})"
+    return f"latent (mean, {norm.kind} normalisation per channel)"
+
+
+def channel_values(root: Path) -> list[tuple[str, np.ndarray, list[str]]]:
+    """(group, values (N, C), channel names) of the latents as the trainer scales them and of the first PCs, from the
+    shards' first samples (shuffled at write); the latent store's posterior means when there are no Zarr shards."""
+    shards = root / "shards"
+    try:
+        norm = read_shard_info(str(shards)).latent_norm  # z' = (z − shift_c)·scale_c, as the trainer normalises
+        store = zarr.open_group(shards / "samples.zarr", mode="r")
+        shown = min(norm.channels, HIST_LATENT_CHANNELS)
+        shift, scale = (np.asarray(v[:shown], np.float64).reshape(1, shown, 1, 1) for v in (norm.shift, norm.scale))
+        z = (np.asarray(store["moments"][:HIST_SAMPLES, :shown], np.float64) - shift) * scale  # (N, C, h, h)
+        pcs = np.asarray(store["pcs"][:HIST_SAMPLES, :HIST_PCS], np.float64)  # (N, k, p, p)
+        return [(_normalised(norm), _per_channel(z), [f"c{i}" for i in range(shown)]),
+                ("PC", _per_channel(pcs), [str(i + 1) for i in range(pcs.shape[1])])]
+    except (OSError, UserError, *ZARR_METADATA_ERRORS):
+        pass
+    try:  # no (readable) Zarr shards: the encode stage's posterior means, unscaled
+        store = zarr.open_group(root / "latents" / "store.zarr", mode="r")
+        valid = np.flatnonzero(np.asarray(store["valid"][:]))[:HIST_SAMPLES]
+        moments = store["moments"]
+        shown = min(moments.shape[1] // 2, HIST_LATENT_CHANNELS)
+        mean = np.asarray(moments.get_orthogonal_selection((valid, slice(0, shown))), np.float64)  # (N, C, h, h)
+        return [("posterior mean", _per_channel(mean), [f"c{i}" for i in range(shown)])] if len(valid) else []
+    except (OSError, *ZARR_METADATA_ERRORS):
+        return []
+
+
+def _per_channel(x: np.ndarray) -> np.ndarray:
+    """(N, C, h, w) → (N·h·w, C): every value of each channel."""
+    return x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _array_stage(path: Path) -> StageInfo:
+    """latents/ or features/: manifest, arrays, committed chunks, errors."""
+    name = f"{path.name}/"
+    if not (path / "manifest.json").exists():
+        return StageInfo(name, "missing")
+    manifest = try_read_json(path / "manifest.json")
+    params, source = _dict(manifest, "params"), _dict(manifest, "source")
+    if not params or not isinstance(params.get("chunk_size"), int) or not isinstance(source.get("count"), int):
+        return StageInfo(name, "unreadable (manifest.json is damaged)")
+    stage = StageDir(path, -(-source["count"] // max(1, params["chunk_size"])))
+    status = "complete" if stage.is_complete() else f"incomplete ({stage.n_chunks - len(stage.pending())} of {stage.n_chunks} chunks)"
+    n_errors = len(stage.chunk_errors())
+    rows = [
+        ("images", str(source.get("count", "?"))),
+        ("resolution", str(params.get("resolution", "?"))),
+        *_array_rows(path / "store.zarr"),
+        ("encoder", describe_identity(manifest.get("encoder", {}))),
+        *(_tokens(params["representation"]) if "representation" in params else []),
+        *(_latents(params["latent_space"]) if isinstance(params.get("latent_space"), dict) else []),
+        ("skipped images", str(n_errors)),
+    ]
+    return StageInfo(name, status, rows, bool(manifest.get("tiny_random")))
+
+
+def _tokens(rep: dict[str, Any]) -> list[tuple[str, str]]:
+    """features/: the encoder's token grid, input side and global token, from the manifest."""
+    g = rep.get("grid")
+    return [("token grid", f"{g}×{g} at {rep.get('input_side')} px"), ("global token", str(rep.get("global_token") or "none"))]
+
+
+def _latents(space: dict[str, Any]) -> list[tuple[str, str]]:
+    """latents/: the VAE's latent space and its config normalisation, from the manifest."""
+    std = ", std 0" if space.get("deterministic") else ""
+    shift = f", shift {space['shift_factor']}" if space.get("shift_factor") is not None else ""
+    return [("latent space", f"{space.get('channels')} ch, f{space.get('downsampling')}{std}"),  # the class: the encoder row
+            ("config scale", f"{space.get('scaling_factor')}{shift}")]
+
+
+def _array_rows(store: Path) -> list[tuple[str, str]]:
+    if not store.exists():
+        return [("arrays", "none yet")]
+    try:
+        group = zarr.open_group(store, mode="r")
+        return [(name, f"{tuple(arr.shape)} {arr.dtype}") for name, arr in sorted(group.arrays())]
+    except ZARR_METADATA_ERRORS:
+        return [("arrays", "unreadable (damaged zarr.json)")]
+
+
+def _pca(path: Path) -> StageInfo:
+    if not path.exists():
+        return StageInfo(path.name, "missing")
+    try:
+        checked_pca_sha256(path.parent)
+        pca = load_pca(path)
+    except UserError as e:
+        return StageInfo(path.name, f"unreadable ({e})")
+    rows = [
+        ("components", str(tuple(pca.components.shape))),
+        ("fit on", f"{pca.n_images} images, {pca.n_tokens} tokens, seed {pca.seed}"),
+        ("first 8 PCs", f"{100 * float(pca.explained_variance_ratio[:8].sum()):.1f}% of the variance"),
+        ("source", pca.source[:16]),
+    ]
+    return StageInfo(path.name, "complete", rows)
+
+
+def _shards(path: Path) -> StageInfo:
+    """shards/: the summary of shards.json (written last, so its presence means complete)."""
+    name = f"{path.name}/"
+    if not path.exists():
+        return StageInfo(name, "missing")
+    manifest = try_read_json(path / "manifest.json")
+    tiny = bool(manifest.get("tiny_random")) if isinstance(manifest, dict) else False
+    summary = try_read_json(path / "shards.json")
+    if not isinstance(summary, dict):
+        return StageInfo(name, "incomplete (no shards.json)", [], tiny)
+    try:
+        return StageInfo(name, "complete", _shard_rows(summary), tiny)
+    except (KeyError, TypeError, ValueError, AttributeError):  # a shards.json of another version, or damaged
+        return StageInfo(name, "unreadable (shards.json lacks the expected entries)", [], tiny)
+
+
+def _shard_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a person asks of shards: how many samples, in which stores, made from what, holding which arrays."""
+    vae, pca, order = _dict(s, "vae"), _dict(s, "pca"), _dict(s, "write_order")
+    fraction = pca.get("explained_variance_fraction")
+    return [
+        ("samples", f"{s['num_samples']:,} in {s['num_shards']:,} shards of {s['shard_size']:,} "
+                    f"({', '.join(s['formats'])})"),
+        ("skipped images", f"{s['num_skipped']:,}"),
+        ("classes", f"{s['num_classes']:,}"),
+        ("images", f"{s['resolution']} px; source {_dict(s, 'source').get('kind', '?')}"),
+        ("VAE", f"{vae.get('id')}, latent {'×'.join(map(str, s['latent_shape']))}, scale {vae.get('scale')}, "
+                f"shift {vae.get('shift')}"),
+        ("encoder", describe_identity(_dict(s, "encoder"))),
+        ("PCs", f"K = {pca['K']}" + (f", {fraction:.1%} of the variance" if isinstance(fraction, float) else "")),
+        *((field, f"{'×'.join(map(str, spec['shape'])) or 'scalar'} {spec['dtype']}")
+          for field, spec in _dict(s, "fields").items()),
+        ("order", f"shuffled with seed {order.get('seed')}"),
+        ("checksums", f"SHA-256 of {len(_dict(s, 'files')):,} files"),
+    ]
+
+
+def _dict(value: Any, key: str) -> dict[str, Any]:
+    """value[key] when both are objects, else {}."""
+    inner = value.get(key) if isinstance(value, dict) else None
+    return inner if isinstance(inner, dict) else {}
+
+
+def _short(value: Any, width: int = 100) -> str:
+    """A config or metrics value in one line: floats to 4 significant digits, the rest as JSON, cut at `width`."""
+    text = value if isinstance(value, str) else f"{value:.4g}" if isinstance(value, float) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[: width - 1] + "…"

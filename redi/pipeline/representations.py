@@ -1,0 +1,341 @@
+"""Representation encoders for `redi features`: the families, their pre-processing and the tokens kept.
+
+The family is read from the model config's `model_type`; a full CLIP/SigLIP/SigLIP2 checkpoint's
+config holds its vision tower's under `vision_config`, and the tower is what is loaded. Per family:
+- pre-processing: REPA's `preprocess_raw_image` (train.py) where REPA used the encoder (DINOv2,
+  CLIP, MAE, I-JEPA); otherwise the model's own image processor (`preprocessor_config.json` when
+  the model directory has one, else the transformers defaults of the family's processor);
+- input side: patch · G pixels, so that the encoder's patch grid is the diffusion model's G × G
+  token grid (REPA's appendix), transformers interpolating the position embeddings;
+- tokens: the patch tokens in grid order (CLS and registers dropped) and the global token REG
+  needs: the CLS token, SigLIP's attention-pooled output, or none (I-JEPA). It is stored as `cls`.
+docs/ENCODERS.md tabulates all of it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    CLIPVisionModel, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel, IJepaModel, PreTrainedModel,
+    Siglip2VisionModel, SiglipVisionModel, ViTMAEModel,
+)
+
+from redi.common.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm IMAGENET_DEFAULT_MEAN
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # REPA's CLIP_DEFAULT_MEAN (OpenAI CLIP)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)  # SigLIP's image processors: x ↦ 2x − 1
+PIL_RESAMPLE = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}  # preprocessor `resample`
+@dataclass(frozen=True)
+class Preprocess:
+    """uint8 crops → encoder input: /255, then normalise and resize to the input side (in that order or reversed)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str  # F.interpolate mode, "bicubic" or "bilinear" (align_corners=False)
+    antialias: bool  # the image processors (torchvision) antialias; REPA's F.interpolate does not
+    normalise_first: bool  # REPA normalises before resizing for DINOv2/MAE/I-JEPA and after for CLIP
+    source: str  # where these values come from (recorded in the manifest)
+
+    def __call__(self, images: torch.Tensor, side: int) -> torch.Tensor:
+        """uint8 (N, R, R, 3) → float32 (N, 3, S, S); no resize when S = R."""
+        x = images.permute(0, 3, 1, 2).float() / 255  # (N, 3, R, R) in [0, 1]
+        if self.normalise_first:
+            x = self._normalise(x)
+        if side != x.shape[-1]:
+            x = F.interpolate(x, size=(side, side), mode=self.interpolation, align_corners=False,
+                              antialias=self.antialias)  # (N, 3, S, S)
+        return x if self.normalise_first else self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def _repa(mean: tuple[float, ...], std: tuple[float, ...], normalise_first: bool, name: str) -> Preprocess:
+    return Preprocess(mean, std, "bicubic", False, normalise_first, f"REPA preprocess_raw_image ({name})")
+
+
+def _processor(mean: tuple[float, ...], std: tuple[float, ...], interpolation: str, name: str) -> Preprocess:
+    return Preprocess(mean, std, interpolation, True, False, f"{name} defaults (transformers)")
+
+
+# A model call: (model, x (N, 3, S, S), G) → (token sequence (N, T, D), pooled output (N, D) or None).
+Call = Callable[[PreTrainedModel, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _call_plain(model: PreTrainedModel, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DINOv2 (interpolates its position embeddings itself) and DINOv3 (RoPE: any multiple of the patch)."""
+    out = model(pixel_values=x)
+    return out.last_hidden_state, out.pooler_output
+
+
+def _call_interpolated(model: PreTrainedModel, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLIP, SigLIP, I-JEPA: learned position tables, bicubically interpolated to the G × G grid."""
+    out = model(pixel_values=x, interpolate_pos_encoding=True)
+    return out.last_hidden_state, out.pooler_output
+
+
+def _call_mae(model: PreTrainedModel, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ViTMAEModel loaded with mask_ratio 0 and ascending noise: every patch kept, in grid order.
+
+    The tokens are the last block's output before the final LayerNorm, as REPA's `mae_vit.forward_features`."""
+    n, patches = x.shape[0], grid * grid
+    noise = torch.arange(patches, device=x.device, dtype=torch.float32).expand(n, patches)  # argsort = identity
+    out = model(pixel_values=x, noise=noise, interpolate_pos_encoding=True, output_hidden_states=True)
+    assert not out.mask.any() and torch.equal(out.ids_restore[0].cpu(), torch.arange(patches)), "MAE masked or shuffled patches"
+    return out.hidden_states[-1], None  # (N, 1 + G², D)
+
+
+def siglip2_patches(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, C, S, S) → (N, G², p·p·C): rows of patches, each (py, px, channel) as Siglip2ImageProcessor flattens them."""
+    n, c, side, _ = x.shape
+    p = side // grid
+    return x.reshape(n, c, grid, p, grid, p).permute(0, 2, 4, 3, 5, 1).reshape(n, grid * grid, p * p * c)
+
+
+def _call_siglip2(model: PreTrainedModel, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Siglip2VisionModel (NaFlex) takes patchified pixels and their grid; it resizes its position table itself."""
+    n = x.shape[0]
+    mask = torch.ones(n, grid * grid, dtype=torch.long, device=x.device)  # (N, G²): no padding
+    shapes = torch.tensor([[grid, grid]], device=x.device).expand(n, 2)  # (N, 2)
+    out = model(pixel_values=siglip2_patches(x, grid), pixel_attention_mask=mask, spatial_shapes=shapes)
+    return out.last_hidden_state, out.pooler_output
+
+
+def _pooled_if_head(config: dict[str, Any]) -> str | None:
+    """SigLIP's global token is its attention-pooling (MAP) head's output; some towers ship without the head."""
+    return "pooled" if config.get("vision_use_head", True) else None
+
+
+def _tiny(model_type: str, patch: int, image_size: int | None = 224, **extra: Any) -> dict[str, Any]:
+    """A tiny-random config: 32 wide, MLP 64, 2 layers, 2 heads; the family's class, patch and token layout."""
+    size = {"image_size": image_size} if image_size else {}  # SigLIP2 NaFlex has a position table, no image size
+    return {"model_type": model_type, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "patch_size": patch, **size, **extra}
+
+
+def tiny_dino_config() -> dict[str, Any]:
+    """DINOv2-with-registers with patch 14 at 224 and 4 registers (16×16 tokens at R=256), width 32, 2 layers."""
+    return {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 4,
+        "patch_size": 14, "image_size": 224, "num_register_tokens": 4, "layerscale_value": 1.0,
+    }
+
+
+def dinov2_base_config() -> dict[str, Any]:
+    """The real ViT-B/14 with 4 registers (768 wide, 12 layers, 12 heads) of `dinov2-with-registers-base`."""
+    return {**tiny_dino_config(), "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
+
+
+def dinov2_large_config() -> dict[str, Any]:
+    """The real ViT-L/14 with 4 registers (1024 wide, 24 layers, 16 heads) of `dinov2-with-registers-large`."""
+    return {**tiny_dino_config(), "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16}
+
+
+def siglip2_base_config() -> dict[str, Any]:
+    """The real SigLIP2 B/16 NaFlex vision tower of `siglip2-base-patch16-naflex` (768 wide, 12 layers, MLP 3072)."""
+    return {**_tiny("siglip2_vision_model", 16, None, num_patches=256), "hidden_size": 768, "intermediate_size": 3072,
+            "num_hidden_layers": 12, "num_attention_heads": 12}
+
+
+# The real architectures `redi bench encode` measures at random weights (no download).
+ARCHITECTURES: dict[str, Callable[[], dict[str, Any]]] = {
+    "dinov2-b": dinov2_base_config, "dinov2-l": dinov2_large_config, "siglip2-b": siglip2_base_config,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One encoder family: its class, how its images are prepared and which of its tokens are kept."""
+
+    key: str  # `--encoder tiny-random:KEY`, docs
+    title: str  # words for messages and docs
+    model_class: type[PreTrainedModel]
+    model_types: tuple[str, ...]  # config `model_type`s of the vision model itself
+    preprocess: Preprocess  # REPA's values, or the image processor's defaults
+    cls: bool  # a CLS token leads the sequence (then it is the global token)
+    call: Call
+    tiny: Callable[[], dict[str, Any]]  # the tiny-random config (carries its model_type)
+    full_type: str | None = None  # model_type of a full image-text checkpoint whose `vision_config` is this tower
+    pooled: Callable[[dict[str, Any]], str | None] = lambda config: None  # global token when there is no CLS
+    overrides: dict[str, Any] = field(default_factory=dict)  # config values forced at load
+
+    @property
+    def repa(self) -> bool:
+        """REPA's own pre-processing: a preprocessor_config.json does not change it."""
+        return self.preprocess.source.startswith("REPA")
+
+    def global_token(self, config: dict[str, Any]) -> str | None:
+        """"cls", "pooled" or None (no global token: REG cannot use this encoder)."""
+        return "cls" if self.cls else self.pooled(config)
+
+    def prefix(self, config: dict[str, Any]) -> int:
+        """Tokens before the patches: the CLS token and the registers."""
+        return int(self.cls) + int(config.get("num_register_tokens", 0))
+
+
+_REPA_DINOV2 = _repa(IMAGENET_MEAN, IMAGENET_STD, True, "dinov2")
+FAMILIES: tuple[Family, ...] = (
+    Family("dinov2-reg", "DINOv2 with registers", Dinov2WithRegistersModel, ("dinov2_with_registers",), _REPA_DINOV2,
+           True, _call_plain, tiny_dino_config),
+    Family("dinov2", "DINOv2", Dinov2Model, ("dinov2",), _REPA_DINOV2, True, _call_plain,
+           lambda: {**{k: v for k, v in tiny_dino_config().items() if k != "num_register_tokens"}, "model_type": "dinov2"}),
+    Family("dinov3", "DINOv3 ViT", DINOv3ViTModel, ("dinov3_vit",),
+           _processor(IMAGENET_MEAN, IMAGENET_STD, "bilinear", "DINOv3ViTImageProcessor"), True, _call_plain,
+           lambda: _tiny("dinov3_vit", 16, num_register_tokens=4)),
+    Family("siglip", "SigLIP", SiglipVisionModel, ("siglip_vision_model",),
+           _processor(HALF, HALF, "bicubic", "SiglipImageProcessor"), False, _call_interpolated,
+           lambda: _tiny("siglip_vision_model", 16),
+           full_type="siglip", pooled=_pooled_if_head),
+    Family("siglip2", "SigLIP2", Siglip2VisionModel, ("siglip2_vision_model",),
+           _processor(HALF, HALF, "bilinear", "Siglip2ImageProcessor"), False, _call_siglip2,
+           lambda: _tiny("siglip2_vision_model", 16, None, num_patches=256),
+           full_type="siglip2", pooled=_pooled_if_head),
+    Family("clip", "CLIP", CLIPVisionModel, ("clip_vision_model",), _repa(CLIP_MEAN, CLIP_STD, False, "clip"), True,
+           _call_interpolated, lambda: _tiny("clip_vision_model", 14),
+           full_type="clip"),
+    Family("mae", "MAE", ViTMAEModel, ("vit_mae",), _repa(IMAGENET_MEAN, IMAGENET_STD, True, "mae"), True, _call_mae,
+           lambda: _tiny("vit_mae", 16, mask_ratio=0.75),
+           overrides={"mask_ratio": 0.0}),
+    Family("ijepa", "I-JEPA", IJepaModel, ("ijepa",), _repa(IMAGENET_MEAN, IMAGENET_STD, True, "jepa"), False,
+           _call_interpolated, lambda: _tiny("ijepa", 14)),
+)
+DEFAULT_TYPE = "dinov2_with_registers"  # the plain tiny-random config carries no model_type (byte-identical to before)
+
+
+def supported() -> str:
+    """The supported families and their model types, for messages."""
+    return "; ".join(f"{f.title} ({', '.join(f.model_types + ((f.full_type,) if f.full_type else ()))})" for f in FAMILIES)
+
+
+def family_of(config: dict[str, Any]) -> Family:
+    """The family named by a (vision) config's model_type; anything else is one sentence listing the supported ones."""
+    return _family(config.get("model_type", DEFAULT_TYPE))
+
+
+def _family(kind: str | None) -> Family:
+    for family in FAMILIES:
+        if kind in family.model_types:
+            return family
+    what = f"is a {kind!r} model" if kind else "names no model_type (not a transformers model)"
+    raise UserError(f"The --encoder config {what}; the supported encoder families are: {supported()}.")
+
+
+def vision_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The vision model's full config (defaults filled) from a checkpoint's: a full CLIP/SigLIP config yields its tower's."""
+    kind = config.get("model_type") or config.get("_class_name")  # a diffusers config names its class instead
+    full = next((f for f in FAMILIES if f.full_type and kind == f.full_type), None)
+    sub = config.get("vision_config", {}) if full else config
+    family = full or _family(kind)
+    try:
+        return family.model_class.config_class(**{k: v for k, v in sub.items() if k != "model_type"}).to_dict()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"The --encoder config is not a valid {family.title} config: {str(e).splitlines()[-1].strip()}") from None
+
+
+def tiny_configs() -> dict[str, Callable[[], dict[str, Any]]]:
+    """`tiny-random` (DINOv2 with registers, as always) and `tiny-random:KEY` for every family."""
+    return {"": tiny_dino_config, **{f.key: f.tiny for f in FAMILIES}}
+
+
+def build(config: dict[str, Any]) -> PreTrainedModel:
+    """A randomly initialised model of `config`'s family (the load-time overrides applied)."""
+    family = family_of(config)
+    settings = {k: v for k, v in config.items() if k != "model_type"} | family.overrides
+    return family.model_class(family.model_class.config_class(**settings))
+
+
+def from_pretrained(config: dict[str, Any], source: str, **hub: Any) -> PreTrainedModel:
+    """The pretrained vision model of `source` (a full image-text checkpoint: its vision tower). Weights the model
+    needs but the checkpoint lacks are one sentence, not random values (the caller silences transformers' own key
+    report: a full checkpoint's text weights are unused by design)."""
+    family = family_of(config)
+    model, info = family.model_class.from_pretrained(source, output_loading_info=True, **hub, **family.overrides)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"{source} lacks {len(missing)} weights of {family.model_class.__name__} (e.g. {missing[0]}): "
+                        f"it is not a complete {family.title} checkpoint.")
+    return model
+
+
+def processor_preprocess(family: Family, processor: dict[str, Any] | None) -> Preprocess:
+    """The family's pre-processing, its mean/std/interpolation taken from a preprocessor_config.json if one is given
+    (REPA's families keep REPA's values)."""
+    if family.repa or processor is None:
+        return family.preprocess
+    resample = processor.get("resample", 3)
+    if resample not in PIL_RESAMPLE:
+        raise UserError(f"The encoder's preprocessor_config.json asks for resample={resample!r}; redi resizes with "
+                        "bilinear (2) or bicubic (3) only.")
+    if processor.get("do_rescale", True) and abs(float(processor.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise UserError(f"The encoder's preprocessor_config.json rescales by {processor['rescale_factor']}; redi "
+                        "supports 1/255 only.")
+    normalise = processor.get("do_normalize", True)
+    return replace(
+        family.preprocess, interpolation=PIL_RESAMPLE[resample], source="preprocessor_config.json",
+        mean=tuple(processor.get("image_mean", family.preprocess.mean)) if normalise else (0.0, 0.0, 0.0),
+        std=tuple(processor.get("image_std", family.preprocess.std)) if normalise else (1.0, 1.0, 1.0),
+    )
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How one `features` run encodes: family, input side, token grid, pre-processing, tokens kept."""
+
+    family: Family
+    grid: int  # G: patch tokens per side, the diffusion model's token grid
+    patch: int  # encoder patch size in pixels
+    dim: int  # D: token width, from the config
+    prefix: int  # tokens before the patches (CLS, registers), dropped
+    global_token: str | None  # "cls" | "pooled" | None, stored as the `cls` array
+    preprocess: Preprocess
+
+    @property
+    def side(self) -> int:
+        """Encoder input side S = patch · G."""
+        return self.patch * self.grid
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-image array shapes: `cls` (D,) when there is a global token, `patch` (G², D)."""
+        glob = {"cls": (self.dim,)} if self.global_token else {}
+        return {**glob, "patch": (self.grid * self.grid, self.dim)}
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest records of it."""
+        return {"family": self.family.key, "input_side": self.side, "grid": self.grid, "patch_size": self.patch,
+                "tokens_dropped": self.prefix, "global_token": self.global_token, "preprocess": asdict(self.preprocess)}
+
+
+def feature_spec(config: dict[str, Any], grid: int, processor: dict[str, Any] | None = None) -> FeatureSpec:
+    """The spec of an encoder (its vision config) for the diffusion model's G × G token grid (`LatentSpace.token_grid`),
+    pre-processing from `processor` where it applies."""
+    family = family_of(config)
+    return FeatureSpec(family, grid, int(config["patch_size"]), int(config["hidden_size"]),
+                       family.prefix(config), family.global_token(config), processor_preprocess(family, processor))
+
+
+def encode_features(model: PreTrainedModel, images: torch.Tensor, spec: FeatureSpec) -> dict[str, torch.Tensor]:
+    """uint8 (N, R, R, 3) → float32 `patch` (N, G², D) and, with a global token, `cls` (N, D)."""
+    x = spec.preprocess(images, spec.side).to(model.dtype)  # (N, 3, S, S)
+    h, pooled = spec.family.call(model, x, spec.grid)  # (N, T, D), (N, D) or None
+    patch = h[:, spec.prefix:]  # (N, G², D): CLS and registers dropped
+    assert patch.shape[1] == spec.grid ** 2, f"{spec.family.title} gave {patch.shape[1]} patch tokens, not {spec.grid}²"
+    out = {"patch": patch.float()}
+    if spec.global_token:
+        out["cls"] = (h[:, 0] if spec.global_token == "cls" else pooled).float()  # (N, D)
+    return out
+
+
+def encoder_tokens(model: PreTrainedModel, images: torch.Tensor, grid: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Global token (N, D) or None, and patch tokens (N, G², D) of a loaded model with its family's default
+    pre-processing (benchmarks and tests; the stage also reads a preprocessor_config.json)."""
+    out = encode_features(model, images, feature_spec(model.config.to_dict(), grid))
+    return out.get("cls"), out["patch"]

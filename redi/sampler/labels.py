@@ -1,0 +1,60 @@
+"""The class label of every sample index: drawn at random per index, class-balanced, or a given list.
+
+random (the default, as the papers we reproduce evaluate: ADM, DiT, SiT, REPA, REG, ReDi): label i is drawn from
+(seed, i) alone, so image i does not depend on N. balanced (REPA-E, RAE, LightningDiT): N / K images of each of
+the K classes, in an order shuffled by the seed; when K does not divide N the remaining N mod K images go to
+classes picked by the seed, one each. A balanced label therefore depends on N too, which sample.json records.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from redi.common.errors import UserError
+
+LABEL_STREAM = 0x1ABE1  # SeedSequence word that keeps the label draws apart from the noise generators
+BALANCED_STREAM = 0xBA1  # a second word: the balanced order is a stream of its own
+
+
+def class_labels(num: int, seed: int, values: tuple[int, ...] | None, num_classes: int, mode: str = "random") -> np.ndarray:
+    """int64 (N,) label of every index: 0 for unconditional models, `values` cycled, or drawn by `mode`."""
+    if num_classes == 1:
+        if values is not None:
+            raise UserError("--class-labels has no effect on an unconditional model (num_classes 1): leave it out.")
+        return np.zeros(num, dtype=np.int64)
+    if values is not None:
+        if max(values) >= num_classes:
+            raise UserError(f"--class-labels has {max(values)}, but the model knows classes 0…{num_classes - 1}.")
+        return np.resize(np.asarray(values, dtype=np.int64), num)  # values[i % len(values)]
+    if mode == "balanced":
+        return balanced_labels(num, seed, num_classes)
+    draws = [np.random.default_rng([LABEL_STREAM, seed, i]).integers(num_classes) for i in range(num)]
+    return np.asarray(draws, dtype=np.int64)
+
+
+def balanced_labels(num: int, seed: int, num_classes: int) -> np.ndarray:
+    """int64 (N,): ⌊N/K⌋ images of every class and one more of N mod K seeded classes, in a seeded order."""
+    rng = np.random.default_rng([LABEL_STREAM, BALANCED_STREAM, seed])
+    whole = np.repeat(np.arange(num_classes, dtype=np.int64), num // num_classes)  # (K·⌊N/K⌋,)
+    rest = np.sort(rng.permutation(num_classes)[: num % num_classes]).astype(np.int64)  # (N mod K,)
+    return rng.permutation(np.concatenate([whole, rest]))  # (N,)
+
+
+def labels_setting(mode: str, values: tuple[int, ...] | None, num_classes: int, num: int) -> dict[str, Any]:
+    """How the labels were chosen, for sample.json and every eval report (balanced ones depend on N: recorded)."""
+    if num_classes == 1:
+        return {"mode": "unconditional"}
+    if values is not None:
+        return {"mode": "list", "values": list(values)}
+    return {"mode": "balanced", "num": num} if mode == "balanced" else {"mode": "random"}
+
+
+def parse_class_labels(text: str) -> tuple[int, ...] | None:
+    """'random' → None; '1,2,3' → (1, 2, 3)."""
+    if text.strip().lower() == "random":
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--class-labels takes 'random' or a comma list of integers, not {text!r}.") from None

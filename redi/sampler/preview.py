@@ -1,0 +1,172 @@
+"""`redi preview`: one captioned picture of what a model learns from and what it makes.
+
+Rows: the first training latents of the shards decoded by their VAE, the same samples' PCs (1–3 as RGB),
+and, given a `redi sample` folder, its images and its generated PCs on the same colour scale as the
+training PCs. Captions say what each row is and with which settings it was made (from sample.json).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from redi.common.atomic import read_json
+from redi.common.errors import UserError
+from redi.pipeline.encoders import TINY_RANDOM, VAE, load, resolve
+from redi.pipeline.readers import Segment, ShardInfo, WdsShardDataset, ZarrShardDataset, read_shard_info
+from redi.sampler.outputs import IMAGES_DIR, SAMPLE_JSON, image_path, pcs_path, pcs_to_rgb, read_png, to_uint8, write_picture
+
+CELL = 128  # side of one picture in the sheet, pixels
+PAD = 4  # between pictures and rows
+CAPTION_SIZE = 15  # font size of the row captions
+CAPTION_HEIGHT = 22
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """What `redi preview` shows: its flags."""
+
+    data: Path
+    """Data root (or its shards/) whose training samples to show."""
+    samples: Path | None = None
+    """A `redi sample` output folder to show beside them (its first images and generated PCs)."""
+    num: int = 8
+    """Pictures per row."""
+    out: Path | None = None
+    """The PNG to write; default: DATA/preview.png."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num <= 64:
+            raise UserError(f"--num must lie in 1…64, got {self.num}.")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One captioned row of the sheet."""
+
+    caption: str
+    cells: np.ndarray  # uint8 (N, CELL, CELL, 3)
+    meaning: str  # what a person should see in it (the command's summary)
+
+
+@dataclass(frozen=True)
+class PreviewResult:
+    out: Path
+    rows: list[Row]
+    tiny_random: bool  # the VAE has random weights: decoded latents are texture, not pictures
+
+
+def preview(cfg: PreviewConfig) -> PreviewResult:
+    """Read the first `num` training samples (and the samples' first images), lay them out, write the PNG."""
+    info, names, decoded, real_pcs = _training(cfg.data, cfg.num)
+    vae = info.raw["vae"]
+    settings, images, generated_pcs = _samples(cfg.samples, len(names)) if cfg.samples else (None, None, None)
+    real_rgb, generated_rgb = _pc_cells(real_pcs, generated_pcs)
+    rows = [Row(f"Training latents from the shards, decoded by their VAE ({vae['id']})", _labelled(_cells(decoded), names),
+                "the VAE's decoding of the latents the model trains on: the best a sample can look"),
+            Row(f"Their PCs 1-3 as RGB (K = {info.pcs} stored; ReDi generates the first r with the latent)", real_rgb,
+                "the representation the model learns to generate with the latent")]
+    if settings is not None and images is not None:
+        rows.append(Row(f"Samples: {_describe(settings)}", _cells(images),
+                        "what the model makes from noise with these settings"))
+    if generated_rgb is not None:
+        rows.append(Row("Their generated PCs 1-3, on the training PCs' colour scale", generated_rgb,
+                        "the representation generated jointly with each sample"))
+    out = cfg.out if cfg.out is not None else cfg.data / "preview.png"
+    write_picture(out, _sheet(rows))
+    return PreviewResult(out, rows, vae.get("kind") == TINY_RANDOM)
+
+
+def _training(data: Path, num: int) -> tuple[ShardInfo, list[str], np.ndarray, np.ndarray]:
+    """The shards' first `num` samples (shuffled at write time, so varied): class names, the posterior means decoded
+    by the recorded VAE, uint8 (n, R, R, 3), and the PCs, float32 (n, K, p, p)."""
+    root = data / "shards" if (data / "shards" / "shards.json").exists() else data
+    info = read_shard_info(str(root))
+    n, size = min(num, info.num_samples), info.shard_size
+    reader = (ZarrShardDataset if "zarr" in info.formats else WdsShardDataset)(str(root), fields=("moments", "pcs"))
+    parts = [reader.read_segment(Segment(b, b * size, min((b + 1) * size, n))) for b in range(-(-n // size))]
+    arrays = {name: np.concatenate([part[name] for part in parts]) for name in ("moments", "pcs")}
+    vae_record = info.raw["vae"]
+    revision = vae_record.get("revision", "main") if vae_record.get("kind") == "hub" else "main"
+    vae = load(resolve(VAE, vae_record["id"], revision))
+    with torch.no_grad():
+        mean = torch.from_numpy(arrays["moments"][:, : info.latent_shape[0]].astype(np.float32))  # (n, C, h, h)
+        decoded = to_uint8(vae.decode(mean).sample)  # (n, R, R, 3); the moments are unscaled: no scale or shift
+    names = [key.split("/")[0] for key in reader.keys[:n]]  # ImageFolder keys start with the class folder
+    return info, names, decoded, arrays["pcs"].astype(np.float32)
+
+
+def _samples(samples: Path, num: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+    """A `redi sample` folder's settings, its first `num` images (n, R, R, 3) and their PCs (n, r, h, h) if kept."""
+    path = samples / SAMPLE_JSON
+    if not path.is_file() or not (samples / IMAGES_DIR).is_dir():
+        raise UserError(f"{samples} is not a `redi sample` output folder (no {SAMPLE_JSON} or {IMAGES_DIR}/).")
+    report = read_json(path, dict, f"rerun `redi sample --out {samples}`.")
+    if not report.get("complete") or not isinstance(report.get("num"), int):
+        raise UserError(f"{samples} is not finished (its {SAMPLE_JSON} says so); rerun `redi sample --out {samples}`.")
+    count = min(num, report["num"])
+    images = np.stack([read_png(image_path(samples, i)) for i in range(count)])
+    kept = all(pcs_path(samples, i).exists() for i in range(count))  # the sampler keeps the grid images' PCs
+    pcs = np.stack([np.load(pcs_path(samples, i)) for i in range(count)]) if kept else None
+    return report["settings"], images, pcs
+
+
+def _describe(s: dict[str, Any]) -> str:
+    """One line of the settings that shape a sample: model, step, weights, guidance, sampler, seed."""
+    g = s["guidance"]
+    scales = {"none": "", "cfg": f" {g['cfg_scale']:g}", "rg": f" {g['rg_scale']:g}",
+              "cfg+rg": f" {g['cfg_scale']:g}+{g['rg_scale']:g}"}.get(g["mode"], "")
+    return (f"{s['model']['name']} {s['model']['method']}, step {s['checkpoint']['step']:,}, "
+            f"{s['checkpoint']['weights']} weights, guidance {g['mode']}{scales}, {s['sampler']} "
+            f"{s['steps'] if s['steps'] is not None else 'adaptive'} steps, seed {s['seed']}")
+
+
+def _labelled(cells: np.ndarray, names: list[str]) -> np.ndarray:
+    """Each cell with its class name in its top-left corner, on a white box (readable over any picture)."""
+    out = []
+    font = ImageFont.load_default(size=CAPTION_SIZE - 3)
+    for cell, name in zip(cells, names, strict=True):
+        img = Image.fromarray(cell)
+        draw = ImageDraw.Draw(img)
+        draw.rectangle(draw.textbbox((2, 1), name, font=font), fill="white")
+        draw.text((2, 1), name, fill="black", font=font)
+        out.append(np.asarray(img))
+    return np.stack(out)
+
+
+def _cells(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) → (N, CELL, CELL, 3), resampled with a box filter (a faithful small view)."""
+    return np.stack([np.asarray(Image.fromarray(im).resize((CELL, CELL), Image.Resampling.BOX)) for im in images])
+
+
+def _pc_cells(real: np.ndarray, generated: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """PCs 1–3 as RGB cells, real (n, K, p, p) and generated (m, r, h, h) on one colour scale (the same units)."""
+    if generated is None:
+        return pcs_to_rgb(real[:, :3], CELL), None
+    factor = generated.shape[-1] // real.shape[-1]  # the trainer upsamples p → h
+    up = real[:, :3].repeat(factor, axis=2).repeat(factor, axis=3)  # (n, 3, h, h)
+    gen = np.zeros((len(generated), 3, *generated.shape[-2:]), np.float32)
+    gen[:, : min(3, generated.shape[1])] = generated[:, :3]
+    both = pcs_to_rgb(np.concatenate([up, gen]), CELL)  # (n + m, CELL, CELL, 3)
+    return both[: len(up)], both[len(up):]
+
+
+def _sheet(rows: list[Row]) -> np.ndarray:
+    """The rows one under the other, each under its caption, on a white page."""
+    width = PAD + max(len(r.cells) for r in rows) * (CELL + PAD)
+    height = sum(CAPTION_HEIGHT + CELL + PAD for _ in rows) + PAD
+    page = Image.new("RGB", (max(width, 640), height), "white")
+    draw = ImageDraw.Draw(page)
+    font = ImageFont.load_default(size=CAPTION_SIZE)
+    top = PAD
+    for row in rows:
+        draw.text((PAD, top + 2), row.caption, fill="black", font=font)
+        top += CAPTION_HEIGHT
+        for i, cell in enumerate(row.cells):
+            page.paste(Image.fromarray(cell), (PAD + i * (CELL + PAD), top))
+        top += CELL + PAD
+    return np.asarray(page)

@@ -1,0 +1,339 @@
+"""`redi sample`: a checkpoint in; per-image PNGs, a grid, the generated PCs, an ADM .npz and sample.json out.
+
+Everything the sampler needs comes from the checkpoint (trainer/checkpoint.py): the network
+(`model_config`), the method and representation drop (`train`), the latent scale and the VAE
+(`shards`); the shards themselves are not read.
+
+Reproducibility. Image i's noise comes from its own generator seeded by (seed, i) and its random
+label from (seed, i) too, so image i does not depend on which batch or process draws it. Work is
+cut into batches of fixed composition, batch b = indices [b·B, (b+1)·B) ∩ [0, N), and rank r of
+W runs the batches with b % W == r. A resumed run redoes only the batches that miss an image and
+writes only the missing files; since every batch is recomputed with the same composition, a
+resumed or multi-process run gives the same bits as one uninterrupted process at the same batch
+size B. Between different batch sizes the pixels agree up to floating-point rounding:
+batched kernels (GEMM, convolutions) may round a row differently for another batch shape
+(PyTorch's numerical-accuracy notes), which moves a rare pixel by one grey level. An adaptive
+ODE solver (`--solver dopri5`) picks one step sequence per batch, as SiT/ReDi's does, so there
+images of another batch size agree only within the solver's tolerances.
+
+Multi-process: under torchrun each rank samples its batches on its own GPU, then after an
+all-reduce rank 0 assembles the grid, the PC picture and the .npz from the per-image files.
+Processes launched independently (`rank`/`world_size` in the config) share the output directory
+the same way; whichever rank-0 run finds every image present assembles the outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from redi.common.atomic import atomic_write_json, remove_temporaries
+from redi.common.choices import GUIDANCE_MODES, LABEL_MODES
+from redi.common.display import counting
+from redi.common.distributed import process_group
+from redi.common.errors import UserError
+from redi.common.flags import OneOf
+from redi.common.runtime import resolve_device
+from redi.sampler.decoder import Decoder, load_decoder
+from redi.sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats
+from redi.sampler.labels import class_labels
+from redi.sampler.outputs import (
+    ERRORS_JSONL, GRID_MAX, QUANTIZE, SAMPLE_JSON, assemble, default_out, is_assembled, is_done, out_lock, prepare_out,
+    to_uint8, write_errors, write_image,
+)
+from redi.sampler.report import SampleResult, Work, final_report
+from redi.sampler.samplers import LAST_STEPS, ODE_SOLVERS, SAMPLERS, SamplerOptions, sample_latents
+from redi.sampler.settings import resolve_guidance, resolve_sampler, sample_settings
+from redi.trainer.checkpoint import Checkpoint, resolve_checkpoint
+from redi.trainer.models import DiffusionTransformer, build_model
+
+PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}  # autocast dtype of the network
+WEIGHTS = ("ema", "model")
+WRITER_THREADS = 4  # PNG encoding runs in threads (zlib releases the GIL) while the next batch samples
+NONFINITE_REASON = ("the sample or its decoded image is not finite (NaN or inf), so no image was written: "
+                    "lower --cfg-scale or --rg-scale, or check the checkpoint")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Every setting of one `redi sample` run: its flags and their help are these fields."""
+
+    run: Path | None = None
+    """Run directory: sample its newest checkpoint.
+
+    Exactly one of run and ckpt."""
+    ckpt: Path | None = None
+    """A checkpoint file written by `redi train` or `redi convert` (instead of --run)."""
+    guidance: Annotated[str, OneOf(GUIDANCE_MODES)] = "none"
+    """Classifier-free (cfg), Representation Guidance (rg), both, or none."""
+    cfg_scale: float | None = None
+    """CFG weight w (1: no effect); default 2.4, ReDi's best table."""
+    rg_scale: float | None = None
+    """RG weight w_r; default 1.5 (ReDi: 1.5 for B, 1.1 for XL)."""
+    cfg_channels: Literal["vae", "all"] = "vae"
+    """CFG on the VAE channels only (ReDi) or on all channels."""
+    interval: tuple[float, float] | None = None
+    """LO,HI: guide only at noise levels t in [LO, HI] (t = 1 is noise); default: every step."""
+    cls_cfg_scale: float | None = None
+    """REG: CFG weight of the class token where CFG is on; default 1.5 (0 or 1: unguided).
+
+    1.5 as REG's generate.py."""
+    sampler: Annotated[str | None, OneOf(SAMPLERS)] = None
+    """sde, ode or heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT."""
+    steps: int | None = None
+    """Sampler steps; default 250 (none with an adaptive --solver).
+
+    SDE: steps − 1 Euler–Maruyama steps and the last step; Heun spends 2·steps − 1 calls."""
+    solver: Annotated[str | None, OneOf(ODE_SOLVERS)] = None
+    """--sampler ode with a torchdiffeq method (dopri5: SiT/ReDi's); default: redi's fixed-step Euler.
+
+    Adaptive: dopri5, dopri8, bosh3, fehlberg2, adaptive_heun; fixed (--steps): the others."""
+    atol: float | None = None
+    """Adaptive --solver (and implicit_adams): absolute tolerance; default 1e-6 (SiT/ReDi)."""
+    rtol: float | None = None
+    """Adaptive --solver (and implicit_adams): relative tolerance; default 1e-3 (SiT/ReDi)."""
+    last_step: Annotated[str | None, OneOf(LAST_STEPS)] = None
+    """--sampler sde: the step from t = --last-step-size to 0; default mean (SiT/ReDi/REPA).
+
+    none: Euler–Maruyama down to 0."""
+    last_step_size: float | None = None
+    """--sampler sde: the noise level where the last step starts; default 0.04 (SiT/ReDi/REPA)."""
+    num: int = 50_000
+    """Images to generate (indices 0…N−1); 50,000 for FID."""
+    seed: int = 0
+    """Image i is a function of (seed, i) only."""
+    batch_size: int = 64
+    """Images per forward pass and process.
+
+    B; the network sees up to 3·B rows with cfg+rg."""
+    class_labels: tuple[int, ...] | None = None
+    """random (chosen by --labels) or a comma list cycled over the images.
+
+    Label of i = labels[i % len]; None: chosen by `labels`."""
+    labels: Annotated[str, OneOf(LABEL_MODES)] = "random"
+    """random (one per image from seed and index, as the papers evaluate) or balanced (N / classes of each class,
+    shuffled by the seed, as REPA-E, RAE and LightningDiT evaluate).
+
+    A balanced label depends on N too, which sample.json records."""
+    out: Path | None = None
+    """Output directory; default RUN/samples/NAME (or samples/NAME by --ckpt), NAME from the settings."""
+    vae: str | None = None
+    """Decode with this VAE (hub id, directory, tiny-random[:KEY]) of the run's latent space; default: the checkpoint's.
+
+    The same latent space: class, channels and downsampling, e.g. sd-vae-ft-mse for sd-vae-ft-ema."""
+    force_vae: bool = False
+    """Decode with a --vae of another class or downsampling than the run's (a warning, not a refusal)."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N (torchrun ranks use their local GPU)."""
+    precision: Annotated[str | None, OneOf(tuple(PRECISIONS))] = None
+    """Network autocast; default bf16 on cuda, fp32 elsewhere.
+
+    Weights and sampler state stay float32."""
+    quantize: Annotated[str, OneOf(tuple(QUANTIZE))] = "nearest"
+    """Pixels to uint8: nearest (DiT/SiT/ReDi scripts) or floor (REPA/REG, for their FID protocol).
+
+    FID moves with it."""
+    weights: Annotated[str, OneOf(WEIGHTS)] = "ema"
+    """The checkpoint's EMA weights (as the papers) or its raw weights (model)."""
+    force: bool = False
+    """Replace samples of other settings in --out instead of refusing."""
+    rank: int | None = None
+    """This process's part when processes are launched independently; None → torchrun's RANK (or 0)."""
+    world_size: int | None = None
+    """Number of independently launched parts; None → torchrun's WORLD_SIZE (or 1)."""
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings with one clear sentence."""
+        if (self.run is None) == (self.ckpt is None):
+            raise UserError("Pass exactly one of --run RUN and --ckpt FILE.")
+        if self.guidance not in GUIDANCE_MODES:
+            raise UserError(f"Unknown guidance {self.guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}.")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise UserError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+        if self.num < 1 or (self.steps is not None and self.steps < 1) or self.batch_size < 1:
+            raise UserError("--num, --steps and --batch-size must be positive.")
+        if not 0 <= self.seed < 2**40:
+            raise UserError(f"--seed must be a non-negative integer below 2^40, not {self.seed}.")
+        if self.quantize not in QUANTIZE:
+            raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}.")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be bf16 or fp32, not {self.precision!r}.")
+        if self.weights not in WEIGHTS:
+            raise UserError(f"--weights must be ema or model, not {self.weights!r}.")
+        if self.interval is not None and self.guidance == "none":
+            raise UserError("--interval bounds guidance, but --guidance is none: pass cfg, rg or cfg+rg, or leave it out.")
+        for flag, value, mode in (("--cfg-scale", self.cfg_scale, "cfg"), ("--rg-scale", self.rg_scale, "rg")):
+            if value is not None and mode not in self.guidance:
+                raise UserError(f"{flag} has no effect with --guidance {self.guidance}: add {mode} to --guidance or leave it out.")
+        if self.class_labels is not None and (not self.class_labels or min(self.class_labels) < 0):
+            raise UserError("--class-labels must be 'random' or a comma list of non-negative integers.")
+        if self.labels not in LABEL_MODES:
+            raise UserError(f"--labels must be one of {', '.join(LABEL_MODES)}, not {self.labels!r}.")
+        if self.labels != "random" and self.class_labels is not None:
+            raise UserError(f"--labels {self.labels} draws the labels, --class-labels lists them: give one of the two.")
+        if (self.rank is None) != (self.world_size is None):
+            raise UserError("Give both rank and world_size, or neither.")
+        if self.world_size is not None and not 0 <= self.rank < self.world_size:
+            raise UserError(f"rank {self.rank} is not in [0, {self.world_size}).")
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """'LO,HI' → (lo, hi); None or '' → None."""
+    if not text:
+        return None
+    try:
+        lo, hi = (float(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--interval takes LO,HI (two numbers in [0, 1]), not {text!r}.") from None
+    return lo, hi
+
+
+def sampling_network(ckpt: Checkpoint, weights: str, device: torch.device) -> DiffusionTransformer:
+    """The network with the chosen weights in eval mode, float32, without the REPA projector (it only serves the
+    training loss)."""
+    model = build_model(dataclasses.replace(ckpt.model_config, repa_depth=0))
+    model.load_state_dict({k: v for k, v in ckpt.weights(weights).items() if not k.startswith("projector.")})
+    return model.to(device).eval().requires_grad_(False)
+
+
+def batches_of(num: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's batches: batch b = [b·B, (b+1)·B) ∩ [0, N) for every b with b % world_size == rank."""
+    starts = range(rank * batch_size, num, world_size * batch_size)
+    return [list(range(s, min(s + batch_size, num))) for s in starts]
+
+
+@contextlib.contextmanager
+def sample_ranks(cfg: SampleConfig) -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world size, device): the explicit split, else torchrun's process group or one process."""
+    if cfg.world_size is not None:
+        assert cfg.rank is not None, "SampleConfig gives rank and world_size together"
+        yield cfg.rank, cfg.world_size, resolve_device(cfg.device)
+        return
+    with process_group(cfg.device) as job:
+        yield job.rank, job.world_size, job.device
+
+
+def autocast_factory(device: torch.device, precision: str) -> AutocastFactory | None:
+    """The network's autocast context factory for sample_latents (None: plain float32)."""
+    dtype = PRECISIONS[precision]
+    return None if dtype is None else (lambda: torch.autocast(device.type, dtype=dtype))
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How every batch is sampled."""
+
+    sampler: str
+    steps: int | None
+    seed: int
+    guidance: GuidanceConfig
+    autocast: AutocastFactory | None
+    """Context factory the network runs under (bf16 autocast), None for float32."""
+    quantize: str = "nearest"
+    """How decoded pixels become uint8 (sampler.outputs.QUANTIZE)."""
+    options: SamplerOptions = field(default_factory=SamplerOptions)
+    """ODE solver and SDE last step."""
+
+
+def run_sample(cfg: SampleConfig) -> SampleResult:
+    """Sample this process's missing images, then (rank 0, once every image exists) assemble the outputs."""
+    ckpt = Checkpoint.load(resolve_checkpoint(cfg.run, cfg.ckpt).resolve())
+    mc = ckpt.model_config
+    sampler, guidance = resolve_sampler(cfg, mc.objective), resolve_guidance(cfg, ckpt)
+    labels = class_labels(cfg.num, cfg.seed, cfg.class_labels, mc.num_classes, cfg.labels)
+    grid_count, has_pcs = min(cfg.num, GRID_MAX), mc.pca_rank > 0
+    with sample_ranks(cfg) as (rank, world, device), contextlib.ExitStack() as held:
+        precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+        decoder = load_decoder(ckpt, cfg.vae, device, cfg.force_vae)
+        settings = sample_settings(cfg, ckpt, sampler, guidance, decoder, precision)
+        out = Path(cfg.out) if cfg.out is not None else default_out(ckpt, cfg.run, sampler, guidance, cfg)
+        held.enter_context(out_lock(out, cfg, rank))
+        if rank == 0 and cfg.world_size is None:  # the job's lock holder, before any rank writes
+            remove_temporaries(out)
+        prepare_out(out, settings, ckpt.path, cfg.force, writes=rank == 0 or cfg.world_size is not None)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 has checked (and with --force cleared) the directory
+
+        def done(i: int) -> bool:
+            return is_done(out, i, has_pcs and i < grid_count)
+
+        mine = batches_of(cfg.num, cfg.batch_size, rank, world)
+        todo = [b for b in mine if not all(done(i) for i in b)]
+        to_generate = sum(1 for b in todo for i in b if not done(i))
+        plan = SamplingPlan(sampler.name, sampler.steps, cfg.seed, guidance, autocast_factory(device, precision),
+                            cfg.quantize, sampler.options)
+        bar = counting("sampling" + (" [yellow](tiny-random VAE)[/]" if settings["tiny_random"] else ""), to_generate,
+                       enabled=rank == 0)
+        model = sampling_network(ckpt, cfg.weights, device)
+        work = sample_batches(model, decoder, plan, todo, labels, out, done, grid_count, bar).reduce(device)
+        present = int(Work(images=sum(len(b) for b in mine) - to_generate).reduce(device).images)
+        missing = sum(1 for i in range(cfg.num) if not done(i)) if rank == 0 else 0
+        if rank == 0 and work.nonfinite:
+            write_errors(out / ERRORS_JSONL, work.nonfinite, NONFINITE_REASON)
+        if rank == 0 and missing == 0:
+            (out / ERRORS_JSONL).unlink(missing_ok=True)  # every image is there now
+            if work.images or not is_assembled(out, cfg.num, has_pcs):  # e.g. samples.npz deleted
+                assemble(out, cfg.num, labels, grid_count, has_pcs, counting("assembling", cfg.num))
+                atomic_write_json(out / SAMPLE_JSON, final_report(settings, ckpt, cfg, work, world, device, has_pcs))
+    return SampleResult(
+        out=out, num=cfg.num, present=present, work=work, rank=rank, world_size=world, device=str(device),
+        sampler=sampler, guidance=guidance.mode, missing=missing, assembled=rank == 0 and missing == 0,
+        has_pcs=has_pcs, tiny_random=settings["tiny_random"],
+    )
+
+
+def sample_batches(
+    model: DiffusionTransformer, decoder: Decoder, plan: SamplingPlan, todo: list[list[int]], labels: np.ndarray,
+    out: Path, done: Callable[[int], bool], grid_count: int,
+    bar: contextlib.AbstractContextManager[Callable[[int], None]],
+) -> Work:
+    """Sample, decode and write each batch in `todo`; only missing files are written (PCs before the PNG)."""
+    mc = model.cfg
+    work = Work()
+    start = time.perf_counter()
+    pending: list[Future[None]] = []
+    with bar as advance, ThreadPoolExecutor(WRITER_THREADS) as pool:
+        for batch in todo:
+            x, decoded, stats = sample_decoded(model, decoder, plan, batch, labels)  # (B, V + r, h, h), (B, 3, H, W)
+            finite = (torch.isfinite(x).flatten(1).all(1) & torch.isfinite(decoded).flatten(1).all(1)).tolist()  # (B,)
+            pixels = to_uint8(decoded, plan.quantize)  # (B, H, W, 3)
+            pcs = x[:, mc.vae_channels :].float().cpu().numpy()  # (B, r, h, h)
+            for f in pending:  # the previous batch's files are on disk (a write error surfaces here)
+                f.result()
+            work.nonfinite += [i for k, i in enumerate(batch) if not finite[k]]
+            missing = [(k, i) for k, i in enumerate(batch) if not done(i) and finite[k]]
+            pending = [pool.submit(write_image, out, i, pixels[k], pcs[k] if mc.pca_rank and i < grid_count else None)
+                       for k, i in missing]
+            work.images += len(missing)
+            work.batches += 1
+            work.model_calls += stats.model_calls
+            work.nfe += stats.nfe * len(batch)
+            work.sampled += len(batch)
+            work.nfe_per_image = max(work.nfe_per_image, stats.nfe)
+            advance(len(missing))
+        for f in pending:
+            f.result()
+    work.seconds = time.perf_counter() - start
+    return work
+
+
+def sample_decoded(model: DiffusionTransformer, decoder: Decoder, plan: SamplingPlan, batch: list[int],
+                   labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, GuidanceStats]:
+    """Sample the global indices `batch` (labels[batch]) and decode them: x (B, V + r, h, h), images (B, 3, H, W)
+    in ≈[−1, 1], and the network work spent."""
+    mc = model.cfg
+    y = torch.from_numpy(labels[batch]).to(next(model.parameters()).device)  # (B,)
+    x, _, stats = sample_latents(
+        model, y, torch.tensor(batch, dtype=torch.long), plan.seed, plan.sampler, plan.steps, plan.guidance,
+        plan.autocast, latent_size=mc.input_size, cls_dim=mc.repa_dim if mc.reg_token else None, options=plan.options,
+    )  # x (B, V + r, h, h)
+    return x, decoder(x[:, : mc.vae_channels]), stats

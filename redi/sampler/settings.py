@@ -1,0 +1,130 @@
+"""What the flags of one `redi sample` run resolve to for its checkpoint: the sampler and its steps, the guidance
+weights, and the settings that sample.json records (they decide every pixel; the labels are sampler/labels.py's)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from redi.common.errors import UserError
+from redi.pipeline.encoders import TINY_RANDOM
+from redi.sampler.decoder import Decoder
+from redi.sampler.guidance import GuidanceConfig, check_guidance
+from redi.sampler.labels import labels_setting
+from redi.sampler.ddpm import DIT_SCHEDULE, space_timesteps
+from redi.sampler.samplers import SamplerOptions, sde_min_steps
+from redi.trainer.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from redi.sampler.sample import SampleConfig
+
+log = logging.getLogger(__name__)
+DEFAULT_SAMPLER = {"sit": "sde", "dit": "ddpm"}
+DEFAULT_CFG_SCALE = 2.4  # ReDi's best table (CFG on the VAE channels)
+DEFAULT_RG_SCALE = 1.5  # ReDi, B models (1.1 for XL)
+DEFAULT_CLS_CFG_SCALE = 1.5  # REG generate.py's --cls-cfg-scale: its class token is guided unless told otherwise
+DEFAULT_STEPS = 250  # SiT/ReDi --num-sampling-steps, REPA/REG's evaluation
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    """The resolved sampler: its name, step count (None for an adaptive solver) and options."""
+
+    name: str
+    steps: int | None
+    options: SamplerOptions
+
+    def settings(self) -> dict[str, Any]:
+        """The options that apply to this sampler, for sample.json."""
+        o = self.options
+        if self.name == "sde":
+            return {"last_step": o.last_step, "last_step_size": o.last_step_size}
+        if o.solver is None:
+            return {}
+        return {"solver": o.solver} | ({"atol": o.atol, "rtol": o.rtol} if o.uses_tolerances else {})
+
+    def label(self) -> str:
+        """Short name for directories and tables, e.g. sde250, ode-dopri5-atol1e-06-rtol0.001, ode-rk4-50."""
+        o = self.options
+        if o.solver is not None:
+            tolerances = f"-atol{o.atol:g}-rtol{o.rtol:g}" if o.uses_tolerances else ""
+            return f"ode-{o.solver}" + ("" if self.steps is None else f"-{self.steps}") + tolerances
+        last = "" if (o.last_step, o.last_step_size) == ("mean", 0.04) or self.name != "sde" else (
+            f"-last{o.last_step}" + ("" if o.last_step == "none" else f"{o.last_step_size:g}"))
+        return f"{self.name}{self.steps}{last}"
+
+
+def resolve_sampler(cfg: SampleConfig, objective: str) -> SamplerChoice:
+    """The sampler for this objective (default sde for SiT, ddpm for DiT) and its options; flags that do nothing
+    for it are refused."""
+    sampler = cfg.sampler or DEFAULT_SAMPLER[objective]
+    if (sampler == "ddpm") != (objective == "dit"):
+        raise UserError(
+            f"The {sampler} sampler does not fit a {objective} model: use ddpm for DiT, sde, ode or heun for SiT."
+        )
+    options = SamplerOptions(solver=cfg.solver, **{k: v for k, v in (
+        ("atol", cfg.atol), ("rtol", cfg.rtol), ("last_step", cfg.last_step), ("last_step_size", cfg.last_step_size),
+    ) if v is not None})
+    if cfg.solver is not None and sampler != "ode":
+        raise UserError(f"--solver picks the ODE integrator: it needs --sampler ode, not {sampler}.")
+    if (cfg.atol is not None or cfg.rtol is not None) and not options.uses_tolerances:
+        raise UserError("--atol/--rtol apply to an adaptive --solver (dopri5, …) or implicit_adams only.")
+    if (cfg.last_step is not None or cfg.last_step_size is not None) and sampler != "sde":
+        raise UserError(f"--last-step and --last-step-size shape the SDE's end: they need --sampler sde, not {sampler}.")
+    if cfg.last_step_size is not None and options.last_step == "none":
+        raise UserError("--last-step-size has no effect with --last-step none (Euler–Maruyama runs down to 0).")
+    if options.adaptive:
+        if cfg.steps is not None:
+            raise UserError(f"The adaptive {options.solver} solver chooses its own steps: leave --steps out "
+                            "(--atol/--rtol set its accuracy).")
+        return SamplerChoice(sampler, None, options)
+    steps = DEFAULT_STEPS if cfg.steps is None else cfg.steps
+    if sampler == "sde" and steps < sde_min_steps(options.last_step):
+        raise UserError(f"--last-step {options.last_step} needs --steps {sde_min_steps(options.last_step)} or more.")
+    if sampler == "ddpm":
+        space_timesteps(DIT_SCHEDULE.num_train_timesteps, steps)  # refuses more steps than training timesteps
+    return SamplerChoice(sampler, steps, options)
+
+
+def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
+    """The guidance for this model, refused when it cannot support it; unused scales are set to 1 (canonical)."""
+    mc = ckpt.model_config
+    check_guidance(cfg.guidance, mc.num_classes, ckpt.rep_drop, mc.class_dropout)
+    cfg_on, rg_on = "cfg" in cfg.guidance, "rg" in cfg.guidance
+    if cfg.cls_cfg_scale is not None and not (mc.reg_token and cfg_on):
+        raise UserError("--cls-cfg-scale guides REG's class token: it needs a REG model and --guidance cfg or cfg+rg.")
+    if rg_on and ckpt.train.get("rep_drop_target", "noisy") != "noisy":
+        log.warning("this model was trained with the reference's clean-z drop (its dropped samples saw t·ε in the PC "
+                    "channels); Representation Guidance feeds zeros, as the paper does.")
+    reg_cfg = mc.reg_token and cfg_on  # REG's generate.py guides its class token with its own weight
+    return GuidanceConfig(
+        mode=cfg.guidance,  # type: ignore[arg-type]
+        cfg_scale=(DEFAULT_CFG_SCALE if cfg.cfg_scale is None else cfg.cfg_scale) if cfg_on else 1.0,
+        rg_scale=(DEFAULT_RG_SCALE if cfg.rg_scale is None else cfg.rg_scale) if rg_on else 1.0,
+        cfg_channels=cfg.cfg_channels if cfg_on else "vae",  # type: ignore[arg-type]
+        interval=cfg.interval if cfg_on or rg_on else None,
+        cls_cfg_scale=(DEFAULT_CLS_CFG_SCALE if cfg.cls_cfg_scale is None else cfg.cls_cfg_scale) if reg_cfg else None,
+    )
+
+
+def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: SamplerChoice, guidance: GuidanceConfig,
+                    decoder: Decoder, precision: str) -> dict[str, Any]:
+    """Everything that decides the pixels of image i (as JSON reads it back); a rerun into the same directory must match it."""
+    settings = {
+        "checkpoint": {"sha256": ckpt.sha256, "step": ckpt.step, "weights": cfg.weights},
+        "model": {"name": ckpt.train.get("model"), "method": ckpt.train.get("method"), "rep_drop": ckpt.rep_drop,
+                  "config": dataclasses.asdict(ckpt.model_config)},
+        "sampler": sampler.name, "steps": sampler.steps, "sampler_options": sampler.settings(), "seed": cfg.seed,
+        "guidance": {"mode": guidance.mode, "cfg_scale": guidance.cfg_scale, "rg_scale": guidance.rg_scale,
+                     "cfg_channels": guidance.cfg_channels, "cls_cfg_scale": guidance.cls_cfg_scale,
+                     "interval": list(guidance.interval) if guidance.interval is not None else None},
+        "labels": labels_setting(cfg.labels, cfg.class_labels, ckpt.model_config.num_classes, cfg.num),
+        "vae": {"identity": decoder.identity, "latent_norm": decoder.norm.record()},
+        "precision": precision,
+        "quantize": cfg.quantize,
+        "tiny_random": decoder.identity.get("kind") == TINY_RANDOM,
+    }
+    return json.loads(json.dumps(settings))
+

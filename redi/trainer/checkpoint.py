@@ -1,0 +1,381 @@
+"""The checkpoint and config.json: one owner of their layout, and of their files.
+
+The record. A checkpoint is a `Checkpoint`; a run's config.json is a `RunConfig`; the parts they share carry the same
+names in both: `train` (the TrainConfig as resolved), `model_config` (the network) and `shards` (a `ShardSummary`:
+what sampling needs of the shards, and what a resumed run's shards must match). A checkpoint adds `step`, the
+weights `model` and `ema`, the optimiser state `opt`, and for `redi convert` output, `origin`. Files of the
+layout before (redi up to main 5cb68c9) still load: there a checkpoint's `train` was called `config`, and
+config.json's `model_config` was called `model` (tests/fixtures/run-v0).
+
+The files. Atomic writes (in a background thread from a CPU snapshot), keep-last-N plus milestones, safe
+(weights_only) loading, and a SHA-256 per checkpoint (`step-N.pt.sha256`, sha256sum's format) written before the
+checkpoint itself and checked when it is loaded, so a file damaged on disk is never trained or sampled from."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from redi.common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_with, sha256_file
+from redi.common.errors import UserError
+from redi.pipeline.latent_norm import LatentNorm
+from redi.pipeline.readers import ShardInfo
+from redi.pipeline.vaes import LatentSpace, legacy_space
+from redi.trainer.models import ModelConfig
+
+CONFIG_JSON = "config.json"
+CHECKSUM_SUFFIX = ".sha256"
+_NAME = re.compile(r"^step-(\d{7,})\.pt$")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What a run records of its shards (plain types, so weights_only loading accepts it)."""
+
+    root: str | None
+    """The shards directory (str(): a URL without its credentials); None for a converted public checkpoint."""
+    shards_json_sha256: str | None
+    vae: dict[str, Any]
+    """The VAE's identity (id, revision, kind)."""
+    encoder: dict[str, Any]
+    """The representation encoder's identity; {} when unknown."""
+    num_samples: int | None
+    num_classes: int
+    resolution: int
+    latent_shape: list[int]
+    """(V, h, h) of the VAE latent."""
+    pcs: int
+    """K: principal components stored per sample."""
+    grid: int
+    """p: side of the PC / patch-token grid."""
+    feature_dim: int
+    latent_space: dict[str, Any] | None
+    """The latents' VAE class, channels, downsampling and config factors (pipeline.vaes.LatentSpace.record)."""
+    latent_norm: dict[str, Any] | None
+    """z' = (z − shift)·scale per channel: applied in training, inverted before decoding (LatentNorm.record)."""
+    pca_sha256: str | None
+
+    SAME_DATA: ClassVar[tuple[str, ...]] = (  # what a resumed run's shards must share (a copy elsewhere is fine)
+        "vae", "encoder", "num_samples", "num_classes", "resolution", "latent_shape", "pcs", "feature_dim",
+        "latent_space", "latent_norm", "pca_sha256")
+
+    @classmethod
+    def of(cls, info: ShardInfo) -> ShardSummary:
+        return cls(
+            root=str(info.root), shards_json_sha256=info.sha256, vae=info.raw["vae"], encoder=info.raw.get("encoder", {}),
+            num_samples=info.num_samples, num_classes=info.num_classes, resolution=info.resolution,
+            latent_shape=list(info.latent_shape), pcs=info.pcs, grid=info.grid, feature_dim=info.feature_dim,
+            latent_space=info.latent_space.record(), latent_norm=info.latent_norm.record(), pca_sha256=info.pca_sha256,
+        )
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> ShardSummary:
+        """As saved; a field an older file lacks is None (and `vae` {}), so sampling can fall back or ask. A file from
+        before the latent records holds SD-VAE latents scaled as its `vae_scale` and `vae_shift` say."""
+        if value.get("latent_norm"):
+            return cls(**{f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": value.get("vae") or {}})
+        vae = {k: v for k, v in (value.get("vae") or {}).items() if k not in ("scale", "shift")}  # now in latent_norm
+        return cls(**{f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": vae} | _legacy_latents(value))
+
+    @property
+    def norm(self) -> LatentNorm:
+        """The latent normalisation the run trained with."""
+        if self.latent_norm is None:
+            raise UserError("The checkpoint records no latent normalisation (nor a VAE scale); it cannot be decoded.")
+        return LatentNorm.from_record(self.latent_norm)
+
+    @property
+    def space(self) -> LatentSpace | None:
+        """The latent space the run trained on, where recorded."""
+        return None if self.latent_space is None else LatentSpace.from_record(self.latent_space)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def differences(self, other: ShardSummary) -> list[str]:
+        """The SAME_DATA fields in which `other` differs."""
+        return [k for k in self.SAME_DATA if getattr(self, k) != getattr(other, k)]
+
+
+def _legacy_latents(value: dict[str, Any]) -> dict[str, Any]:
+    """latent_space and latent_norm of a summary written before them: SD-VAE latents, z' = z · vae_scale + vae_shift
+    (the scale in `vae` before that); {} when it records no scale."""
+    vae, shape = value.get("vae") or {}, value.get("latent_shape")
+    scale = value.get("vae_scale", vae.get("scale"))
+    if scale is None or not shape or not value.get("resolution"):
+        return {}
+    shift = value.get("vae_shift", vae.get("shift")) or 0.0
+    return {"latent_space": legacy_space(shape[0], shape[1], value["resolution"]).record(),
+            "latent_norm": LatentNorm.legacy(float(scale), float(shift), shape[0]).record()}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """config.json: what a run is, written when it starts, under the names its checkpoints use."""
+
+    train: dict[str, Any]
+    """TrainConfig.to_json() as resolved (resolution from the shards, max_steps from --epochs)."""
+    model_config: ModelConfig
+    shards: ShardSummary
+    world_size: int = 1
+
+    def save(self, run: Path) -> None:
+        atomic_write_json(Path(run) / CONFIG_JSON, {"train": self.train, "model_config": dataclasses.asdict(self.model_config),
+                                                    "shards": self.shards.to_json(), "world_size": self.world_size})
+
+    @classmethod
+    def load(cls, run: Path) -> RunConfig:
+        """config.json of `run`; a damaged one is one sentence."""
+        path = Path(run) / CONFIG_JSON
+        try:
+            saved = json.loads(path.read_bytes())
+            model_config = saved["model_config"] if "model_config" in saved else saved["model"]  # older layout: model
+            return cls(train=dict(saved["train"]), model_config=ModelConfig(**model_config),
+                       shards=ShardSummary.from_json(saved["shards"]), world_size=int(saved.get("world_size", 1)))
+        except FileNotFoundError:
+            raise UserError(f"{run} has no {CONFIG_JSON}: it is not a `redi train` run directory.") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):
+            raise UserError(f"{path} is damaged: restore it from a checkpoint's `train` or use another --run directory.") from None
+
+
+@dataclass(eq=False)  # tensors have no truth value: compare to_state() (tests/faults.py same_value)
+class Checkpoint:
+    """One checkpoint file: a step's whole training state and everything sampling needs (nanoGPT's idea: the file
+    carries the model arguments), as edm2's CheckpointIO owns all state."""
+
+    step: int
+    train: dict[str, Any]
+    """TrainConfig.to_json() of the run (or what a converted origin implies)."""
+    model_config: ModelConfig
+    shards: ShardSummary
+    model: dict[str, Tensor]
+    """The optimiser's weights."""
+    ema: dict[str, Tensor] | None
+    """The EMA weights (what sampling and --init use)."""
+    opt: dict[str, Any] | None = None
+    """AdamW's state; None in a converted checkpoint (it does not resume)."""
+    origin: dict[str, Any] | None = None
+    """`redi convert`: the public file the weights came from and how they were mapped."""
+    path: Path | None = None
+    """Where `load` read it (not saved)."""
+    sha256: str | None = None
+    """The SHA-256 of the file `load` read (not saved)."""
+
+    @property
+    def rep_drop(self) -> float:
+        """The representation drop the model was trained with (0 for methods without PC channels)."""
+        return float(self.train.get("rep_drop", 0.0)) if self.model_config.pca_rank > 0 else 0.0
+
+    def weights(self, which: str) -> dict[str, Tensor]:
+        """The `ema` or `model` weights."""
+        chosen = self.ema if which == "ema" else self.model
+        if chosen is None:
+            raise UserError(f"{self.path} holds no {which} weights: pass --weights {'model' if which == 'ema' else 'ema'}.")
+        return chosen
+
+    def to_state(self) -> dict[str, Any]:
+        """What torch.save writes: tensors and plain types only."""
+        state = {"step": self.step, "train": self.train, "model_config": dataclasses.asdict(self.model_config),
+                 "shards": self.shards.to_json(), "model": self.model, "ema": self.ema, "opt": self.opt}
+        return state | ({"origin": self.origin} if self.origin is not None else {})
+
+    @classmethod
+    def from_state(cls, state: Any, path: Path) -> Checkpoint:
+        """The record of a loaded file (of this layout or the one before); another file is one sentence."""
+        train = state.get("train", state.get("config")) if isinstance(state, dict) else None  # older layout: config
+        missing = [k for k in ("step", "model_config", "shards", "model") if not isinstance(state, dict) or k not in state]
+        if missing or train is None:
+            raise UserError(f"{path} is not a `redi train` checkpoint (it lacks {', '.join(missing or ['train'])}).")
+        try:
+            model_config = ModelConfig(**state["model_config"])
+        except TypeError as e:
+            raise UserError(f"{path} holds a network redi does not know ({e}).") from None
+        return cls(step=int(state["step"]), train=train, model_config=model_config,
+                   shards=ShardSummary.from_json(state["shards"]), model=state["model"], ema=state.get("ema"),
+                   opt=state.get("opt"), origin=state.get("origin"), path=Path(path))
+
+    @classmethod
+    def load(cls, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+        """Read and check a checkpoint (weights_only: no pickled code runs)."""
+        path = Path(path)
+        digest = check_checkpoint(path)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
+            raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
+        record = cls.from_state(state, path)
+        record.sha256 = digest
+        return record
+
+    def save(self, path: Path) -> None:
+        """Write it at `path` atomically, with its SHA-256 record (for `redi convert`; train saves through the
+        BackgroundCheckpointer)."""
+        write_checkpoint(path, self.to_state())
+
+
+def checkpoint_path(run: Path, step: int) -> Path:
+    return Path(run) / "checkpoints" / f"step-{step:07d}.pt"
+
+
+def checksum_path(path: Path) -> Path:
+    """The SHA-256 record of a checkpoint: `step-N.pt.sha256`, checkable with `sha256sum -c`."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The SHA-256 recorded when `path` was saved; None when there is no record (older or foreign checkpoints)."""
+    record = checksum_path(path)
+    if not record.exists():
+        return None
+    try:
+        digest = record.read_bytes().split()[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        digest = ""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise UserError(f"{record} is damaged, so {path.name} cannot be checked: delete the record to use the "
+                        "checkpoint unchecked.")
+    return digest
+
+
+def check_checkpoint(path: Path) -> str:
+    """The SHA-256 of `path`; one sentence (UserError) when it is missing or differs from the one recorded when it
+    was saved."""
+    if not path.exists():
+        raise UserError(f"No checkpoint at {path}.")
+    recorded, digest = recorded_sha256(path), sha256_file(path)
+    if recorded is not None and digest != recorded:
+        raise UserError(f"Checkpoint {path} differs from the SHA-256 recorded when it was saved: it was damaged on disk.")
+    return digest
+
+
+def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in the run, oldest first."""
+    folder = Path(run) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save `state` to `path` atomically, its SHA-256 record first: every checkpoint in place has one."""
+
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp)
+        atomic_write_bytes(checksum_path(path), f"{sha256_file(tmp)}  {path.name}\n".encode())
+
+    atomic_write_with(path, write)
+
+
+def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int) -> Path:
+    """Write step-<7-digit step>.pt atomically, then delete older non-milestone checkpoints beyond `keep`."""
+    path = checkpoint_path(run, step)
+    try:
+        write_checkpoint(path, state)
+    except OSError as e:  # a full or failing disk: the temporary file is gone, older checkpoints are untouched
+        raise UserError(f"Could not write checkpoint {path} ({e.strerror or e}); the older checkpoints are intact: "
+                        "free space and rerun the same command to resume.") from None
+    rolling = [(s, p) for s, p in list_checkpoints(run) if milestone_every <= 0 or s % milestone_every != 0]
+    for _, old in rolling[:-keep] if keep > 0 else []:
+        if old != path:
+            old.unlink(missing_ok=True)
+            checksum_path(old).unlink(missing_ok=True)
+    return path
+
+
+def load_newest_readable(run: Path, map_location: str | torch.device) -> Checkpoint | None:
+    """The newest checkpoint of `run` that loads (a damaged one is reported and passed over); None if there are none."""
+    found = list_checkpoints(run)
+    for _, path in reversed(found):
+        try:
+            return Checkpoint.load(path, map_location=map_location)
+        except UserError as e:
+            log.warning(f"{e} Resuming from the checkpoint before it instead.")
+    if found:
+        raise UserError(f"No checkpoint in {Path(run) / 'checkpoints'} can be read: move them away to start the run over.")
+    return None
+
+
+def resolve_checkpoint(run: Path | None, ckpt: Path | None) -> Path:
+    """The checkpoint file: `ckpt` as given, or the newest one of the run directory `run`."""
+    if ckpt is not None:
+        return Path(ckpt)
+    assert run is not None, "one of run and ckpt is given"
+    if not Path(run).is_dir():
+        raise UserError(f"No run directory at {run}.")
+    newest = newest_checkpoint(Path(run))
+    if newest is None:
+        raise UserError(f"{run} holds no checkpoint yet (looked in {Path(run) / 'checkpoints'}).")
+    return newest
+
+
+def newest_checkpoint(run: Path) -> Path | None:
+    found = list_checkpoints(run)
+    return found[-1][1] if found else None
+
+
+class BackgroundCheckpointer:
+    """Writes checkpoints from a host snapshot in one background thread, so training goes on during the disk write.
+
+    The snapshot goes into host buffers kept from one save to the next (pinned when the state is on a GPU,
+    where the copies are queued behind the step's kernels and waited for by the writer thread), so the loop
+    pays a memory copy, not an allocation or a write. At most one write is in flight: `save` first waits for
+    the previous one (and re-raises its error, e.g. a full disk); leaving the context waits for the last.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future[Path] | None = None
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}  # position in the state → its host copy
+
+    def __enter__(self) -> BackgroundCheckpointer:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            if kind is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)  # an interrupted run still finishes (or fails) its last write
+
+    def save(self, run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int) -> None:
+        self.wait()  # the buffers are free again
+        snapshot = self._snapshot(state, ())
+        copied = torch.cuda.Event() if torch.cuda.is_available() else None
+        if copied is not None:
+            copied.record()  # after the device-to-host copies queued above
+
+        def write() -> Path:
+            if copied is not None:
+                copied.synchronize()
+            return save_checkpoint(run, step, snapshot, keep, milestone_every)
+
+        self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _snapshot(self, obj: Any, key: tuple[Any, ...]) -> Any:
+        """`obj` with every tensor copied into its reused host buffer (other values are shared)."""
+        if isinstance(obj, torch.Tensor):
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = self._buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+            return buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
+        if isinstance(obj, dict):
+            return {k: self._snapshot(v, (*key, k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._snapshot(v, (*key, i)) for i, v in enumerate(obj))
+        return obj

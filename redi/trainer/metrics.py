@@ -1,0 +1,56 @@
+"""metrics.jsonl (one JSON line per logged step) and the throughput/MFU figures logged with the loss."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from redi.common.atomic import atomic_write_bytes
+from redi.common.atomic import read_jsonl as read_metrics  # complete lines only: a crash can cut the last one
+
+# Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's bf16 dense peak, or None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step (or cut by a crash) are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = Path(path)
+        if self.path.exists():
+            kept = [json.dumps(row) for row in read_metrics(self.path)
+                    if isinstance(row.get("step"), int) and row["step"] <= resume_step]
+            atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+LOSS_TERMS = ("loss", "vae", "pcs", "vb", "repa", "cls")  # what compute_loss logs: the total, then each term
+
+
+def plot_curves(run: Path, path: Path) -> Path | None:
+    """RUN/curves.png from metrics.jsonl (the source of truth) and config.json's batch; None when nothing is logged."""
+    from redi.common.atomic import try_read_json
+    from redi.common.plots import curves_figure, save_png
+
+    rows = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+    rows = [r for r in rows if isinstance(r.get("step"), int)]
+    if not any("loss" in r for r in rows):
+        return None
+    config = try_read_json(run / "config.json")
+    train = config.get("train") if isinstance(config, dict) and isinstance(config.get("train"), dict) else {}
+    batch = train.get("batch_size") if isinstance(train.get("batch_size"), int) and train["batch_size"] > 0 else 1
+    title = f"{run.resolve().name}: {train.get('model', '?')} {train.get('method', '?')}, batch {batch}"
+    return save_png(curves_figure(rows, batch, LOSS_TERMS, title), path)

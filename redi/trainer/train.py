@@ -1,0 +1,293 @@
+"""The training loop: shards in, checkpoints and metrics out. Read it top to bottom.
+
+Data parallelism is over V = batch_size / micro_batch *virtual ranks*: micro-batch k of rank r
+reads the sample stream of virtual rank r·accum + k (from sample step·micro_batch on, so resuming
+needs only the step) and draws its noise, times, label and representation drops from a generator
+seeded by (seed, step, virtual rank). So a resumed run repeats the uninterrupted one exactly, and
+W processes equal one process accumulating W micro-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from redi.common.atomic import atomic_write_bytes, remove_temporaries
+from redi.common.distributed import DistInfo, all_reduce_mean, barrier, process_group
+from redi.common.errors import UserError
+from redi.common.lock import exclusive
+from redi.common.runtime import loader_workers
+from redi.pipeline.readers import ShardInfo, make_loader, read_shard_info
+from redi.pipeline.remote import Location, read_if_exists
+from redi.trainer.checkpoint import CONFIG_JSON, BackgroundCheckpointer, Checkpoint, RunConfig, load_newest_readable
+from redi.trainer.config import TrainConfig, architecture_mismatch, resolve_shards_dir
+from redi.trainer.ema import make_ema, update_ema
+from redi.trainer.flops import train_flops_per_image
+from redi.trainer.metrics import peak_flops
+from redi.trainer.models import ModelConfig, build_model
+from redi.trainer.objectives import TrainBatch, check_batch, compute_loss, prepare_batch
+from redi.trainer.plan import TrainPlan, check_fits, resolve
+from redi.trainer.progress import TrainProgress
+from redi.trainer.stop import StopRequest
+from redi.trainer.watch import RunLog, WatchFactory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run: Path
+    step: int
+    steps_run: int
+    skipped_steps: int
+    last_loss: float
+    seconds: float
+    images_per_s: float
+    stopped_by: int = 0  # the signal that ended the run early (after a checkpoint), 0 if it ran to max_steps
+    watch_seconds: float = 0.0  # spent on sample grids and evaluations (left out of images_per_s)
+
+
+def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], None] | None = None,
+          watch: WatchFactory = RunLog) -> TrainResult:
+    """Train (or resume) the run described by `cfg` until cfg.max_steps; `on_step` runs after each step (profilers).
+
+    `watch` logs the run: RunLog writes metrics.jsonl and the tracker; `redi train` passes sampler.watch.RunWatch,
+    which also draws the --sample-every grids and the --eval-every FID.
+
+    One job at a time per run directory: rank 0 holds RUN/.lock while it trains. A stop signal from the
+    start on (even during the set-up) ends the run after a step, with a checkpoint.
+    """
+    run = Path(cfg.run)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a run directory.")
+    is_rank0 = os.environ.get("RANK", "0") == "0"
+    with StopRequest() as stop, exclusive(run / ".lock", f"the run {run}") if is_rank0 else contextlib.nullcontext():
+        if is_rank0:
+            remove_temporaries(run)  # e.g. a checkpoint whose write was killed: gigabytes nothing else deletes
+        with process_group(device) as dist_info:
+            return run_training(cfg, dist_info, on_step, stop, watch)
+
+
+def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], None] | None, stop: StopRequest,
+                 watch_factory: WatchFactory = RunLog) -> TrainResult:
+    """The training loop itself (see `train`); `stop` records the stop signals."""
+    dev, shards = dist_info.device, resolve_shards_dir(cfg.shards)
+    info = read_shard_info(shards)
+    plan = resolve(cfg, info, dist_info.world_size)  # every refusal before the run directory is written
+    cfg, run = plan.cfg, Path(plan.cfg.run)
+    check_fits(plan.model, info, dev)
+    prepare_run_dir(run, plan, shards, dist_info)
+    state = initial_state(plan, run, dev, dist_info.is_main)
+    model, step, start_step = state.model, state.step, state.step
+    net = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) if dist_info.world_size > 1 else model
+    if cfg.compile:
+        net = torch.compile(net)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" and cfg.precision == "bf16" else contextlib.nullcontext()
+
+    batches = micro_batch_streams(shards, cfg, dist_info, plan.accum, plan.micro, step)
+    watch = watch_factory(plan, dist_info, state)  # metrics.jsonl, the tracker (+ grids, FID: sampler/watch.py)
+    meter = SpeedMeter(cfg.batch_size, train_flops_per_image(plan.model), peak_flops(dev), dist_info.world_size, step)
+    gen = torch.Generator(device=dev)
+    bad_in_a_row, skipped, loss_value, stopped_by = 0, 0, math.nan, 0
+    progress = TrainProgress(cfg.max_steps, step, enabled=dist_info.is_main)
+    started = time.perf_counter()
+    with BackgroundCheckpointer() as checkpointer, watch:  # on a stop signal: finish the step, checkpoint, return
+        while step < cfg.max_steps:
+            model.train()
+            sums: dict[str, torch.Tensor] = {}
+            for k in range(plan.accum):
+                virtual_rank, virtual_world = dist_info.rank * plan.accum + k, dist_info.world_size * plan.accum
+                gen.manual_seed(micro_seed(cfg.seed, step * virtual_world + virtual_rank))
+                batch = to_train_batch(next(batches[k]), cfg, info, dev, gen)
+                if step == start_step and k == 0:
+                    check_batch(plan.model, plan.loss, batch)  # the shards' shapes, once
+                sync = contextlib.nullcontext() if k == plan.accum - 1 or dist_info.world_size == 1 else model_no_sync(net)
+                with sync, autocast:
+                    out = compute_loss(net, plan.model, batch, plan.loss, gen)
+                    (out.loss / plan.accum).backward()
+                for name, value in {"loss": out.loss.detach(), **out.terms}.items():
+                    sums[name] = sums.get(name, 0.0) + value.float() / plan.accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # inf: norm only
+            stopped_by = stop.agreed(dev)  # (DDP: an all-reduce) read at the step's one host sync, just below
+            if torch.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients); the host sync
+                bad_in_a_row = 0
+                state.update(cfg.ema_decay)
+            else:  # skip the update; the logged loss shows it
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise UserError(f"The loss was not finite for {bad_in_a_row} steps in a row at step {step}: lower --lr or check the data.")
+            state.opt.zero_grad(set_to_none=True)
+            step = state.step = step + 1
+            if on_step is not None:
+                on_step()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                losses = all_reduce_mean(torch.stack(list(sums.values())))  # one all-reduce, on logging steps only
+                row = dict(zip(sums, losses.tolist(), strict=True)) | {
+                    "step": step, "grad_norm": float(grad_norm), "lr": cfg.lr, "skipped_steps": skipped} | meter.speeds(step)
+                loss_value = row["loss"]
+                watch.log(row)
+                progress.update(row)
+            if dist_info.is_main and (stopped_by or step % cfg.save_every == 0 or step % cfg.ckpt_every == 0
+                                      or step == cfg.max_steps):
+                checkpointer.save(run, step, state.checkpoint(plan).to_state(), keep=cfg.keep, milestone_every=cfg.ckpt_every)
+            if stopped_by:
+                break
+            meter.since += watch.after_step(state)  # grids and evaluations are left out of images/s
+        checkpointer.wait()  # the last checkpoint is on disk before any rank leaves (torchrun stops the others)
+        barrier()
+    progress.close()
+    seconds = time.perf_counter() - started
+    training = max(seconds - watch.seconds, 1e-9)
+    return TrainResult(run=run, step=step, steps_run=step - start_step, skipped_steps=skipped, last_loss=loss_value,
+                       seconds=seconds, images_per_s=(step - start_step) * cfg.batch_size / training,
+                       stopped_by=stopped_by, watch_seconds=watch.seconds)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint saves and a resume restores: the network, its EMA, AdamW and the step."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    step: int = 0
+
+    def update(self, ema_decay: float) -> None:
+        """The optimiser step, then the EMA."""
+        self.opt.step()
+        update_ema(self.ema, self.model, ema_decay)
+
+    def checkpoint(self, plan: TrainPlan) -> Checkpoint:
+        return Checkpoint(step=self.step, train=plan.cfg.to_json(), model_config=plan.model, shards=plan.shards,
+                          model=self.model.state_dict(), ema=self.ema.state_dict(), opt=self.opt.state_dict())
+
+
+def initial_state(plan: TrainPlan, run: Path, dev: torch.device, is_main: bool) -> TrainState:
+    """The run's newest readable checkpoint, else --init's weights, else a fresh network (the same on every rank)."""
+    cfg = plan.cfg
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(plan.model).to(dev)
+    ema = make_ema(model)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+        fused=dev.type == "cuda",
+    )
+    state = TrainState(model, ema, opt)
+    if (ckpt := load_newest_readable(run, dev)) is not None:
+        if cfg.init is not None and is_main:
+            log.warning(f"--init {cfg.init} is ignored: {run} resumes from its own step-{ckpt.step} checkpoint.")
+        if ckpt.opt is None:
+            raise UserError(f"{ckpt.path} holds no optimiser state, so {run} cannot resume from it: start a new run "
+                            f"with --init {ckpt.path}.")
+        model.load_state_dict(ckpt.model)
+        ema.load_state_dict(ckpt.ema)
+        opt.load_state_dict(ckpt.opt)
+        state.step = ckpt.step
+    elif cfg.init is not None:
+        load_initial_weights(Path(cfg.init), model, ema, plan.model, dev)
+    return state
+
+
+def load_initial_weights(path: Path, model: torch.nn.Module, ema: torch.nn.Module, model_cfg: ModelConfig,
+                         dev: torch.device) -> None:
+    """Start from another run's (or a converted public checkpoint's) weights: EMA into both, as fine-tuning does."""
+    init = Checkpoint.load(path, map_location=dev)
+    wanted, saved = dataclasses.asdict(model_cfg), dataclasses.asdict(init.model_config)
+    if changed := sorted(k for k in wanted if k != "class_dropout" and saved.get(k) != wanted[k]):
+        raise UserError(f"--init {path} holds a different network ({', '.join(changed)}); match --model/--method/--pca-rank to it.")
+    weights = init.ema if init.ema is not None else init.model
+    model.load_state_dict(weights)
+    ema.load_state_dict(weights)
+
+
+@dataclass
+class SpeedMeter:
+    """steps/s, images/s and MFU over the steps since the last logged one."""
+
+    batch_size: int
+    flops_per_image: float
+    peak: float | None
+    """One device's peak FLOP/s; None where unknown (CPU): no MFU."""
+    world_size: int
+    last_step: int
+    since: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def speeds(self, step: int) -> dict[str, float | None]:
+        now = time.perf_counter()
+        elapsed, steps = now - self.since, step - self.last_step
+        self.since, self.last_step = now, step
+        images_per_s = steps * self.batch_size / elapsed
+        mfu = self.flops_per_image * images_per_s / (self.peak * self.world_size) if self.peak else None
+        return {"steps_per_s": steps / elapsed, "images_per_s": images_per_s, "mfu": mfu}
+
+
+def data_fields(cfg: TrainConfig) -> tuple[str, ...]:
+    fields = ("moments",) + (("pcs",) if cfg.uses_pcs else ()) + (("cls",) if cfg.method == "reg" else ())
+    return fields + (("patch_tokens",) if cfg.uses_repa else ())
+
+
+def micro_batch_streams(shards: Location, cfg: TrainConfig, dist_info: DistInfo, accum: int, micro: int,
+                        step: int) -> list[Iterator[dict]]:
+    """One batch iterator per accumulation step k: virtual rank r·accum + k's stream, from sample step·micro on."""
+    loaders = [
+        make_loader(
+            shards, batch_size=micro, rank=dist_info.rank * accum + k, world_size=dist_info.world_size * accum,
+            seed=cfg.seed, cursor=step * micro, fields=data_fields(cfg), format=cfg.data_format,
+            num_workers=loader_workers(cfg.num_workers, loaders=accum), pin_memory=dist_info.device.type == "cuda",
+            read_ahead=cfg.read_ahead,
+        )
+        for k in range(accum)
+    ]
+    return [iter(loader) for loader in loaders]
+
+
+def micro_seed(seed: int, micro_index: int) -> int:
+    """Seed of one micro-batch's generator: a function of the run seed and its global position only."""
+    return (seed * 1_000_003 + micro_index) % (2**63)
+
+
+def to_train_batch(raw: dict, cfg: TrainConfig, info: ShardInfo, dev: torch.device, gen: torch.Generator) -> TrainBatch:
+    """Shard batch (float16 on the host) → device batch with a fresh latent sample and upsampled PCs."""
+    moments = raw["moments"].to(dev, non_blocking=True)  # (N, 2V, h, h)
+    pcs = raw["pcs"].to(dev, non_blocking=True) if "pcs" in raw else None  # (N, K, p, p)
+    x0 = prepare_batch(moments, pcs, cfg.pca_rank if cfg.uses_pcs else 0, info.latent_norm, gen)
+    label = raw["label"].to(dev, non_blocking=True)
+    if cfg.unconditional:
+        label = torch.zeros_like(label)
+    cls = raw["cls"].to(dev, non_blocking=True).float() if "cls" in raw else None
+    tokens = raw["patch_tokens"].to(dev, non_blocking=True).float() if "patch_tokens" in raw else None
+    return TrainBatch(x0=x0, y=label, cls=cls, patch_tokens=tokens)
+
+
+def model_no_sync(net: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's no_sync through an optional torch.compile wrapper (skip the all-reduce on accumulation steps)."""
+    inner = getattr(net, "_orig_mod", net)
+    return inner.no_sync() if isinstance(inner, DistributedDataParallel) else contextlib.nullcontext()
+
+
+def prepare_run_dir(run: Path, plan: TrainPlan, shards: Location, dist_info: DistInfo) -> None:
+    """Write config.json for a new run; refuse an existing run whose architecture or data differs."""
+    if (run / CONFIG_JSON).exists():
+        saved = RunConfig.load(run)
+        if changed := architecture_mismatch(saved.train, plan.cfg):
+            raise UserError(f"{run} holds a run with a different architecture ({', '.join(changed)}): use another --run directory.")
+        if changed := saved.shards.differences(plan.shards):
+            raise UserError(f"{run} was trained on other data than {plan.shards.root} ({', '.join(changed)} differ): "
+                            "resume it on its own shards, or use another --run directory.")
+    if dist_info.is_main:
+        if (pca := read_if_exists(shards.parent / "pca.safetensors")) is not None:  # the shards' projection
+            atomic_write_bytes(run / "pca.safetensors", pca)
+        plan.run_config(dist_info.world_size).save(run)
+    barrier()
