@@ -32,7 +32,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv.EnvBuilder(with_pip=False).create(env)
     python = env / "bin" / "python"
     subprocess.run([*pip, "--python", str(python), "install", "--no-deps", *map(str, (root / "dist").glob("*.whl"))],
-                   check=True, capture_output=True, cwd=root, env=CLEAN)  # a redi.egg-info on PYTHONPATH would pass as installed
+                   check=True, capture_output=True, cwd=root, env=CLEAN)  # (a redi.egg-info on PYTHONPATH: "installed")
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     (site / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -56,7 +56,8 @@ def test_the_installed_command_and_module_report_the_version(installed: Path, tm
     command = subprocess.run([str(installed / "bin" / "redi"), "--version"], capture_output=True, text=True,
                              cwd=tmp_path, env=CLEAN, check=True)
     assert command.stdout == f"redi {__version__}\n"
-    module = subprocess.run([str(installed / "bin" / "python"), "-c", "import redi, redi.cli; print(redi.__version__,"
-                             " redi.cli.__file__)"], capture_output=True, text=True, cwd=tmp_path, env=CLEAN, check=True)
+    code = "import redi, redi.cli; print(redi.__version__, redi.cli.__file__)"
+    module = subprocess.run([str(installed / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                            cwd=tmp_path, env=CLEAN, check=True)
     version, where = module.stdout.split()
     assert version == __version__ and Path(where).is_relative_to(installed)  # the wheel's code, not the checkout's
