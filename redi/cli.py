@@ -592,7 +592,7 @@ def bench_command(
     options = {t: {k: v for k, v in kw.items() if v is not None} for t, kw in given.items()}
     if stray := [f"--{k}" for t, kw in options.items() if t not in targets for k in kw]:
         raise UserError(f"Not an option of `redi bench {target}`: {', '.join(stray)} (see `redi bench --help`).")
-    results = {t: importlib.import_module(f"benchmarks.{t}").run(quick=quick, **options.get(t, {})) for t in targets}
+    results = {t: importlib.import_module(f"redi.benchmarks.{t}").run(quick=quick, **options.get(t, {})) for t in targets}
     if as_json:
         print_json(results)
         return

@@ -147,7 +147,7 @@ def test_info_and_verify_print_results_on_stdout_and_json_with_json(pipeline: di
 
 def test_the_command_list_and_version_do_not_import_torch() -> None:
     """Commands built from configs are built when they run: `redi --help` does not wait seconds for torch."""
-    code = ("import sys; from typer.testing import CliRunner; from cli import app; "
+    code = ("import sys; from typer.testing import CliRunner; from redi.cli import app; "
             "assert CliRunner().invoke(app, ['--help']).exit_code == 0; "
             "assert CliRunner().invoke(app, ['--version']).exit_code == 0; print(sorted({'torch', 'transformers'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

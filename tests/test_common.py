@@ -31,7 +31,7 @@ def test_the_default_worker_count_never_gets_torch_s_too_many_workers_warning() 
 
 def test_other_ranks_log_only_warnings_with_their_rank(monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    log = logging.getLogger("pipeline.test")
+    log = logging.getLogger("redi.pipeline.test")
     try:
         monkeypatch.setenv("RANK", "3")
         configure_logging()

@@ -10,7 +10,7 @@ suite goes on. After each step the item's file OUT/<item>.json is rewritten (ato
 run cut short still leaves every finished step's figures. The steps are the `benchmarks/*.py`
 functions themselves; `--quick` runs the same steps at tiny sizes on a CPU (the test suite does).
 
-On a bare GPU machine (no .venv, no network) run `python3 -m benchmarks.gpu`: packages its
+On a bare GPU machine (no .venv, no network) run `python3 -m redi.benchmarks.gpu`: packages its
 python3 lacks are installed first from the wheels `make gpu-wheels` put in .whl/.
 """
 from __future__ import annotations

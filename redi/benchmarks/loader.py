@@ -12,7 +12,7 @@ own tar parser and .npy decoder against `tarfile` and `np.load` on one of those 
 
 With `shards` (`redi bench loader --shards URL`) it reads existing shards instead, local or at any
 fsspec URL: samples/s and MB/s of each format they hold, the WebDataset reader with and without
-read-ahead. `python -m benchmarks.loader --shards DIR --link-latency-ms 50 --link-mb-per-s 100`
+read-ahead. `python -m redi.benchmarks.loader --shards DIR --link-latency-ms 50 --link-mb-per-s 100`
 serves local shards through a loopback HTTP server that waits and paces like a distant object store.
 """
 from __future__ import annotations
