@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from redi.common.display import configure_logging
 from redi.common.errors import UserError, disk_full
-from redi.common.flags import Command, ConfigGroup, Flag, FromConfig, OneOf, config_command
+from redi.common.flags import Command, ConfigGroup, Flag, FromConfig, OneOf, config_command, given_flags
 
 if TYPE_CHECKING:  # the commands' config classes; their modules import torch, so they load when a command runs
     from redi.pipeline.encode import EncodeConfig
@@ -307,6 +307,7 @@ TRAIN = FromConfig(
 @stage_command("train", TRAIN, MODEL_PANEL)
 def train_command(
     cfg: TrainConfig,
+    ctx: typer.Context,
     device: Annotated[str | None, typer.Option(help="cuda or cpu; default: cuda if available.", rich_help_panel="Run", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and parameter count, then exit.", rich_help_panel="Run")] = False,
 ) -> None:
@@ -315,13 +316,14 @@ def train_command(
     from redi.trainer.train import train
     from redi.sampler.watch import RunWatch
 
+    given = given_flags(ctx)  # an existing run keeps its recorded value of every other setting
     if dry_run:
-        summary = describe(cfg)
+        summary = describe(cfg, given)
         print_json(summary)
         err.print(f"{cfg.model} {cfg.method}: {summary['parameters'] / 1e6:.1f}M parameters, "
                   f"{summary['train_gflops_per_image']:.1f} GFLOP per training image")
         return
-    result = train(cfg, device=device, watch=RunWatch)
+    result = train(cfg, device=device, watch=RunWatch, given=given)
     if os.environ.get("RANK", "0") != "0":
         raise typer.Exit(128 + result.stopped_by if result.stopped_by else 0)
     if result.stopped_by:

@@ -333,6 +333,7 @@ def test_redi_eval_end_to_end(tmp_path: Path) -> None:
     assert card["inception_sha256"] == sha256_file(weights) and card["ref_sha256"] == sha256_file(tmp_path / "ref.npz")
     assert card["num_samples"] == 4 and card["metrics"] == ["fid", "sfid", "is", "pr"] and card["seconds"] > 0
     assert (report["samples"]["num_images"], report["ref"]["num_images"]) == (4, 5)
+    assert "INFO features of samples.npz 4/4 (100%) | " in result.output  # stderr is not a terminal: plain lines
 
     bad = tmp_path / "bad.npz"
     np.savez(bad, arr_0=np.zeros((4, 8, 8, 3), np.float32))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from redi.benchmarks.loader import make_stage_inputs
 from redi.cli import app
 from redi.common.errors import UserError
 from redi.pipeline.shards import ShardsConfig, build_shards
-from redi.trainer.checkpoint import Checkpoint, newest_checkpoint
+from redi.trainer.checkpoint import Checkpoint, RunConfig, SettingsChange, newest_checkpoint
 from redi.trainer.config import TrainConfig
 from redi.trainer.metrics import read_metrics
 from redi.trainer.train import train
@@ -73,6 +74,23 @@ def test_resume_equals_uninterrupted(data: Path, tmp_path: Path, method: str, we
         read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
 
 
+def test_a_batch_job_s_log_has_a_plain_line_every_log_every_steps(data: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("TTY_COMPATIBLE", "FORCE_COLOR")}
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:  # `redi train … > out 2> err`
+        done = subprocess.run([sys.executable, "-m", "redi", "train", "--shards", str(data), "--run", str(tmp_path / "run"),
+                               "--model", "SiT-debug", "--pca-rank", "4", "--batch-size", "8", "--max-steps", "6",
+                               "--log-every", "2", "--num-workers", "0", "--device", "cpu"],
+                              cwd=REPO, env=env, stdout=out, stderr=err, timeout=300)
+    log = (tmp_path / "err").read_text()
+    assert done.returncode == 0, log[-2000:]
+    line = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO step (\d)/6 \((\d+)%\) \| loss \d+\.\d{4} \(vae \d+\.\d{4}, "
+                      r"pcs \d+\.\d{4}\) \| grad norm [\d.e+-]+ \| lr 0\.0001 \| [\d.]+ steps/s, [\d,]+ img/s \| "
+                      r"\d:\d\d:\d\d elapsed(, ETA \d:\d\d:\d\d)?")
+    found = [line.fullmatch(x) for x in log.splitlines() if " INFO step " in x]
+    assert all(found) and [(m[1], m[2], bool(m[3])) for m in found] == [("2", "33", True), ("4", "67", True), ("6", "100", False)], log
+    assert "━" not in log and " INFO step " not in (tmp_path / "out").read_text()  # no bar; stdout keeps the summary
+
+
 def test_wds_reader_trains_like_zarr(data: Path, tmp_path: Path) -> None:
     train(config(data, tmp_path / "zarr", max_steps=4), device="cpu")
     train(config(data, tmp_path / "wds", max_steps=4, data_format="wds"), device="cpu")
@@ -118,11 +136,65 @@ def test_repa_without_patch_tokens_is_refused(tmp_path: Path) -> None:
     assert code == 2 and "--patch-tokens" in out
 
 
-def test_existing_run_with_other_architecture_is_refused(data: Path, tmp_path: Path) -> None:
+def test_a_resume_keeps_the_recorded_settings_and_records_a_deliberate_change(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = ["--shards", str(data), "--run", str(run), "--model", "SiT-debug", "--pca-rank", "4", "--batch-size", "8",
+             "--lr", "1e-3", "--max-steps", "2", "--log-every", "1", "--save-every", "2", "--num-workers", "0", "--seed", "3"]
+    code, out = run_cli(*first)
+    assert code == 0, out
+    started = json.loads((run / "config.json").read_text())["train"]
+
+    def resume(*flags: str) -> str:  # --shards and --run only, then the flags given on purpose: its resume line
+        code, out = run_cli("--shards", str(data), "--run", str(run), *flags)
+        assert code == 0, out
+        (line,) = [line for line in out.splitlines() if ": resuming at step" in line]
+        return line
+
+    said = resume("--max-steps", "4")  # --model, --pca-rank, --lr, --batch-size left out: as recorded, not defaults
+    assert "resuming at step 2 with 1 changed setting" in said and "max_steps 2 → 4" in said
+    said = resume("--max-steps", "6", "--lr", "5e-4")
+    assert "resuming at step 4 with 2 changed settings" in said and "lr 0.001 → 0.0005" in said
+    said = resume("--max-steps", "8", "--batch-size", "16")  # the issue: lr went back to its default here
+    assert said.endswith("changed settings (recorded in config.json): batch_size 8 → 16, max_steps 6 → 8.")
+    said = resume()
+    assert "resuming at step 8 with its recorded settings" in said
+
+    record = json.loads((run / "config.json").read_text())
+    assert record["train"] == started, "what the run started with is never rewritten"
+    assert [(c["step"], c["settings"], c["before"]) for c in record["changes"]] == [
+        (2, {"max_steps": 4}, {"max_steps": 2}), (4, {"max_steps": 6, "lr": 5e-4}, {"max_steps": 4, "lr": 1e-3}),
+        (6, {"max_steps": 8, "batch_size": 16}, {"max_steps": 6, "batch_size": 8})]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [(r["step"], r["lr"]) for r in rows] == [(1, 1e-3), (2, 1e-3), (3, 1e-3), (4, 1e-3), (5, 5e-4), (6, 5e-4),
+                                                   (7, 5e-4), (8, 5e-4)]
+    final = Checkpoint.load(newest_checkpoint(run))
+    assert (final.train["batch_size"], final.train["lr"], final.train["pca_rank"], final.model_config.pca_rank) == (16, 5e-4, 4, 4)
+    assert final.opt["param_groups"][0]["lr"] == 5e-4, "the optimiser trains with the new lr, not the one it saved"
+    assert RunConfig.load(run).samples_before(8) == 6 * 8 + 2 * 16
+
+
+def test_another_network_or_method_on_resume_is_refused_naming_both(data: Path, tmp_path: Path) -> None:
     train(config(data, tmp_path / "run", max_steps=2), device="cpu")
-    code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "run"), "--model", "SiT-debug",
-                        "--pca-rank", "2", "--max-steps", "4", "--num-workers", "0")
-    assert code == 2 and "different architecture" in out and "pca_rank" in out
+    for flags, recorded, asked in ((["--pca-rank", "2"], "pca_rank 4", "pca_rank 2"),
+                                   (["--model", "SiT-S"], "model SiT-debug/2", "model SiT-S/2"),
+                                   (["--method", "baseline"], "method redi", "method baseline")):
+        code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "run"), "--max-steps", "4", *flags)
+        out = " ".join(out.split())
+        assert code == 2 and f"was trained with {recorded}, and this command asks for {asked}" in out, out
+        code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "run"), *flags, "--dry-run")
+        assert code == 2 and recorded in " ".join(out.split()), "--dry-run refuses it too"
+    assert not (tmp_path / "run" / "checkpoints" / "step-0000004.pt").exists()
+
+
+def test_samples_seen_follow_each_batch_size_of_the_run(data: Path, tmp_path: Path) -> None:
+    train(config(data, tmp_path / "run", max_steps=2), device="cpu")
+    record = RunConfig.load(tmp_path / "run")
+    changed = record.with_change(SettingsChange(6, {"batch_size": 16}, {"batch_size": 8}))
+    assert changed.samples_before(4) == 32 and changed.samples_before(10) == 6 * 8 + 4 * 16
+    later = changed.with_change(SettingsChange(20, {"batch_size": 4}, {"batch_size": 16}))
+    assert later.samples_before(10) == 6 * 8 + 4 * 16, "a change after the step does not count"
+    rewound = later.with_change(SettingsChange(3, {"batch_size": 32}, {"batch_size": 4}))  # resumed from step 3
+    assert rewound.samples_before(5) == 3 * 8 + 2 * 32
 
 
 def test_resolution_mismatch_with_existing_run_is_refused(data: Path, tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from typer.core import TyperCommand, TyperGroup
 LISTED_CHOICES = 12  # longest "a|b|c" shown as a flag's type in --help; the help of the others ends with the list
 PLAIN_TYPES = (str, int, float, bool, Path)
 FIELD_DEFAULT: Any = object()  # a Flag's default when the command keeps the field's
+USER_SOURCES = ("COMMANDLINE", "ENVIRONMENT", "PROMPT")  # where a value the user set comes from (click's ParameterSource)
 
 
 @dataclass(frozen=True)
@@ -242,3 +243,11 @@ def _unpack(hint: Any) -> tuple[Any, tuple[str, ...]]:
 def _plain(parse: Callable[[Any], Any] | None, value: StrEnum) -> Any:
     """An Enum flag's value as the config's plain str, parsed if the flag says so."""
     return parse(value.value) if parse else value.value
+
+
+def given_flags(ctx: typer.Context) -> frozenset[str]:
+    """The parameters of the running command that the user set (on the command line or through their environment
+    variable), not left at their defaults: a resumed run keeps its recorded value of the others. A command receives
+    `ctx` by declaring a `typer.Context` parameter."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return frozenset(name for name, source in sources.items() if source is not None and source.name in USER_SOURCES)

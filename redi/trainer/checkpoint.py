@@ -120,18 +120,60 @@ def _legacy_latents(value: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class SettingsChange:
+    """A resume that changed settings on purpose: from `step` on, the run trains with `settings` instead of `before`."""
+
+    step: int
+    settings: dict[str, Any]
+    """The new values, under TrainConfig's names (and `world_size`: the processes of the resumed job)."""
+    before: dict[str, Any]
+    """The values they replace."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """config.json: what a run is, written when it starts, under the names its checkpoints use."""
+    """config.json: what a run is, written when it starts, under the names its checkpoints use; a resume that changes
+    a setting appends a `SettingsChange` and never rewrites `train`."""
 
     train: dict[str, Any]
-    """TrainConfig.to_json() as resolved (resolution from the shards, max_steps from --epochs)."""
+    """TrainConfig.to_json() as resolved when the run started (resolution from the shards, max_steps from --epochs)."""
     model_config: ModelConfig
     shards: ShardSummary
     world_size: int = 1
+    """Processes of the job that started the run."""
+    changes: tuple[SettingsChange, ...] = ()
+    """Each resume that changed a setting, in the order they happened."""
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings the run trains with now: `train` with every change applied (what a resume keeps)."""
+        current = dict(self.train)
+        for change in self.changes:
+            current.update({k: v for k, v in change.settings.items() if k != "world_size"})
+        return current
+
+    @property
+    def current_world_size(self) -> int:
+        return next((c.settings["world_size"] for c in reversed(self.changes) if "world_size" in c.settings),
+                    self.world_size)
+
+    def samples_before(self, step: int) -> int:
+        """Samples the run has trained on before `step`, each stretch of steps at its own batch size (a change
+        recorded after `step`, from a resume that went back to an older checkpoint, is ignored)."""
+        stretches = [(0, int(self.train["batch_size"]))]  # (first step, batch size)
+        for change in self.changes:
+            if "batch_size" in change.settings:
+                stretches = [s for s in stretches if s[0] < change.step] + [(change.step, int(change.settings["batch_size"]))]
+        ends = [first for first, _ in stretches[1:]] + [step]
+        return sum(max(0, min(end, step) - first) * batch for (first, batch), end in zip(stretches, ends, strict=True))
+
+    def with_change(self, change: SettingsChange) -> RunConfig:
+        return dataclasses.replace(self, changes=(*self.changes, change))
 
     def save(self, run: Path) -> None:
-        atomic_write_json(Path(run) / CONFIG_JSON, {"train": self.train, "model_config": dataclasses.asdict(self.model_config),
-                                                    "shards": self.shards.to_json(), "world_size": self.world_size})
+        atomic_write_json(Path(run) / CONFIG_JSON, {
+            "train": self.train, "model_config": dataclasses.asdict(self.model_config), "shards": self.shards.to_json(),
+            "world_size": self.world_size} | ({"changes": [dataclasses.asdict(c) for c in self.changes]} if self.changes else {}))
 
     @classmethod
     def load(cls, run: Path) -> RunConfig:
@@ -140,8 +182,11 @@ class RunConfig:
         try:
             saved = json.loads(path.read_bytes())
             model_config = saved["model_config"] if "model_config" in saved else saved["model"]  # older layout: model
+            changes = tuple(SettingsChange(step=int(c["step"]), settings=dict(c["settings"]), before=dict(c["before"]))
+                            for c in saved.get("changes", []))
             return cls(train=dict(saved["train"]), model_config=ModelConfig(**model_config),
-                       shards=ShardSummary.from_json(saved["shards"]), world_size=int(saved.get("world_size", 1)))
+                       shards=ShardSummary.from_json(saved["shards"]), world_size=int(saved.get("world_size", 1)),
+                       changes=changes)
         except FileNotFoundError:
             raise UserError(f"{run} has no {CONFIG_JSON}: it is not a `redi train` run directory.") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):

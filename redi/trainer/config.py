@@ -12,14 +12,14 @@ from redi.common.errors import UserError
 from redi.common.flags import OneOf
 from redi.pipeline.remote import Location, as_location, read_if_exists, redact
 from redi.pipeline.shards import FORMATS
-from redi.trainer.models import DEFAULT_PATCH, FUSIONS, REPA_DEPTHS, SIZES
+from redi.trainer.models import FUSIONS, REPA_DEPTHS, SIZES
 from redi.trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts
 from redi.trainer.trackers import TRACKERS
 
 OBJECTIVES = {"SiT": "sit", "DiT": "dit"}
 PRECISIONS = ("bf16", "fp32")
 
-# Fields that define the network and its objective: a run directory refuses a change in these.
+# Fields that define the network and its objective: a run directory refuses a change in these (trainer/resume.py).
 ARCHITECTURE_FIELDS = (
     "model", "method", "pca_rank", "fusion", "unconditional", "repa_depth", "learn_sigma", "resolution",
 )
@@ -32,9 +32,10 @@ class TrainConfig(MethodParts):
     shards: str
     """Data root (or its shards/) written by `redi shards`: a path or a URL."""
     run: str
-    """Run directory; an existing one is resumed from its newest checkpoint.
+    """Run directory; an existing one resumes from its newest checkpoint with its recorded settings: a flag given there
+    changes that setting from then on (logged, and recorded in its config.json).
 
-    It holds config.json, metrics.jsonl and checkpoints/."""
+    It holds config.json, metrics.jsonl and checkpoints/; trainer/resume.py says what may change."""
     model: str = "SiT-B"
     """Backbone: SiT or DiT (flow or DDPM), then S, B, L, XL or debug, then optionally /PATCH (SiT-XL/2); without it the
     shards' default patch: 2 on f8 latents, 1 on f16 and f32.
@@ -237,14 +238,6 @@ class TrainConfig(MethodParts):
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
-
-
-def architecture_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """Names of architecture fields whose saved value differs from `cfg`'s (`cfg` resolved against its shards; a run
-    saved before models named their patch, e.g. SiT-debug, had patch 2)."""
-    now = cfg.to_json()
-    saved = saved | ({"model": f"{saved['model']}/{DEFAULT_PATCH}"} if "/" not in str(saved.get("model", "/")) else {})
-    return [k for k in ARCHITECTURE_FIELDS if k in saved and saved[k] != now[k]]
 
 
 def resolve_shards_dir(path: str | Path) -> Location:

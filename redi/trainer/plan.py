@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,9 +52,15 @@ def resolve(cfg: TrainConfig, info: ShardInfo, world_size: int = 1) -> TrainPlan
     return TrainPlan(cfg=cfg, model=model, loss=loss, shards=ShardSummary.of(info), accum=accum, micro=micro)
 
 
-def describe(cfg: TrainConfig) -> dict[str, Any]:
-    """The resolved configuration (config.json's names) and the network's size, without touching a GPU (`--dry-run`)."""
-    plan = resolve(cfg, read_shard_info(resolve_shards_dir(cfg.shards)))
+def describe(cfg: TrainConfig, given: Collection[str] | None = None) -> dict[str, Any]:
+    """The resolved configuration (config.json's names) and the network's size, without touching a GPU (`--dry-run`);
+    for an existing run, the settings its resume would train with (`given`: as `train`'s), or its refusal."""
+    from redi.trainer.resume import as_recorded, load_record, refuse_another_run
+
+    record = load_record(cfg.run)
+    plan = resolve(as_recorded(cfg, record, given), read_shard_info(resolve_shards_dir(cfg.shards)))
+    if record is not None:
+        refuse_another_run(Path(cfg.run), record, plan.cfg)
     return {"train": plan.cfg.to_json(), "model_config": dataclasses.asdict(plan.model), "shards": plan.shards.to_json(),
             "parameters": parameter_count(plan.model), "train_gflops_per_image": train_flops_per_image(plan.model) / 1e9,
             "micro_batches_per_step": plan.accum}

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +28,8 @@ from redi.common.lock import exclusive
 from redi.common.runtime import loader_workers
 from redi.pipeline.readers import ShardInfo, make_loader, read_shard_info
 from redi.pipeline.remote import Location, read_if_exists
-from redi.trainer.checkpoint import CONFIG_JSON, BackgroundCheckpointer, Checkpoint, RunConfig, load_newest_readable
-from redi.trainer.config import TrainConfig, architecture_mismatch, resolve_shards_dir
+from redi.trainer.checkpoint import BackgroundCheckpointer, Checkpoint, RunConfig, load_newest_readable
+from redi.trainer.config import TrainConfig, resolve_shards_dir
 from redi.trainer.ema import make_ema, update_ema
 from redi.trainer.flops import train_flops_per_image
 from redi.trainer.metrics import peak_flops
@@ -37,6 +37,7 @@ from redi.trainer.models import ModelConfig, build_model
 from redi.trainer.objectives import TrainBatch, check_batch, compute_loss, prepare_batch
 from redi.trainer.plan import TrainPlan, check_fits, resolve
 from redi.trainer.progress import TrainProgress
+from redi.trainer.resume import as_recorded, load_record, note_resume, refuse_another_run
 from redi.trainer.stop import StopRequest
 from redi.trainer.watch import RunLog, WatchFactory
 
@@ -57,8 +58,11 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], None] | None = None,
-          watch: WatchFactory = RunLog) -> TrainResult:
+          watch: WatchFactory = RunLog, given: Collection[str] | None = None) -> TrainResult:
     """Train (or resume) the run described by `cfg` until cfg.max_steps; `on_step` runs after each step (profilers).
+
+    An existing run resumes with its recorded settings except the fields in `given` (the flags the user typed; None:
+    every field of `cfg` is meant): trainer/resume.py.
 
     `watch` logs the run: RunLog writes metrics.jsonl and the tracker; `redi train` passes sampler.watch.RunWatch,
     which also draws the --sample-every grids and the --eval-every FID.
@@ -74,20 +78,24 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
         if is_rank0:
             remove_temporaries(run)  # e.g. a checkpoint whose write was killed: gigabytes nothing else deletes
         with process_group(device) as dist_info:
-            return run_training(cfg, dist_info, on_step, stop, watch)
+            return run_training(cfg, dist_info, on_step, stop, watch, given)
 
 
 def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], None] | None, stop: StopRequest,
-                 watch_factory: WatchFactory = RunLog) -> TrainResult:
+                 watch_factory: WatchFactory = RunLog, given: Collection[str] | None = None) -> TrainResult:
     """The training loop itself (see `train`); `stop` records the stop signals."""
+    record = load_record(cfg.run)  # None: a new run
+    cfg = as_recorded(cfg, record, given)
     dev, shards = dist_info.device, resolve_shards_dir(cfg.shards)
     info = read_shard_info(shards)
     plan = resolve(cfg, info, dist_info.world_size)  # every refusal before the run directory is written
     cfg, run = plan.cfg, Path(plan.cfg.run)
     check_fits(plan.model, info, dev)
-    prepare_run_dir(run, plan, shards, dist_info)
-    state = initial_state(plan, run, dev, dist_info.is_main)
+    prepare_run_dir(run, plan, shards, dist_info, record)
+    state = initial_state(plan, run, dev)
     model, step, start_step = state.model, state.step, state.step
+    if record is not None and dist_info.is_main:
+        note_resume(run, record, plan.cfg, step, dist_info.world_size)
     net = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) if dist_info.world_size > 1 else model
     if cfg.compile:
         net = torch.compile(net)
@@ -96,7 +104,8 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" and cfg.precision == "bf16" else contextlib.nullcontext()
 
-    batches = micro_batch_streams(shards, cfg, dist_info, plan.accum, plan.micro, step)
+    seen = record.samples_before(step) if record is not None else step * cfg.batch_size
+    batches = micro_batch_streams(shards, cfg, dist_info, plan.accum, plan.micro, seen)
     watch = watch_factory(plan, dist_info, state)  # metrics.jsonl, the tracker (+ grids, FID: sampler/watch.py)
     meter = SpeedMeter(cfg.batch_size, train_flops_per_image(plan.model), peak_flops(dev), dist_info.world_size, step)
     gen = torch.Generator(device=dev)
@@ -174,7 +183,7 @@ class TrainState:
                           model=self.model.state_dict(), ema=self.ema.state_dict(), opt=self.opt.state_dict())
 
 
-def initial_state(plan: TrainPlan, run: Path, dev: torch.device, is_main: bool) -> TrainState:
+def initial_state(plan: TrainPlan, run: Path, dev: torch.device) -> TrainState:
     """The run's newest readable checkpoint, else --init's weights, else a fresh network (the same on every rank)."""
     cfg = plan.cfg
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -186,14 +195,14 @@ def initial_state(plan: TrainPlan, run: Path, dev: torch.device, is_main: bool) 
     )
     state = TrainState(model, ema, opt)
     if (ckpt := load_newest_readable(run, dev)) is not None:
-        if cfg.init is not None and is_main:
-            log.warning(f"--init {cfg.init} is ignored: {run} resumes from its own step-{ckpt.step} checkpoint.")
         if ckpt.opt is None:
             raise UserError(f"{ckpt.path} holds no optimiser state, so {run} cannot resume from it: start a new run "
                             f"with --init {ckpt.path}.")
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
         opt.load_state_dict(ckpt.opt)
+        for group in opt.param_groups:  # load_state_dict restores the hyperparameters it was saved with
+            group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         state.step = ckpt.step
     elif cfg.init is not None:
         load_initial_weights(Path(cfg.init), model, ema, plan.model, dev)
@@ -239,12 +248,14 @@ def data_fields(cfg: TrainConfig) -> tuple[str, ...]:
 
 
 def micro_batch_streams(shards: Location, cfg: TrainConfig, dist_info: DistInfo, accum: int, micro: int,
-                        step: int) -> list[Iterator[dict]]:
-    """One batch iterator per accumulation step k: virtual rank r·accum + k's stream, from sample step·micro on."""
+                        seen: int) -> list[Iterator[dict]]:
+    """One batch iterator per accumulation step k: virtual rank r·accum + k's stream, from its share of the `seen`
+    samples on (step·micro while the batch size never changed)."""
+    cursor = seen // (dist_info.world_size * accum)
     loaders = [
         make_loader(
             shards, batch_size=micro, rank=dist_info.rank * accum + k, world_size=dist_info.world_size * accum,
-            seed=cfg.seed, cursor=step * micro, fields=data_fields(cfg), format=cfg.data_format,
+            seed=cfg.seed, cursor=cursor, fields=data_fields(cfg), format=cfg.data_format,
             num_workers=loader_workers(cfg.num_workers, loaders=accum), pin_memory=dist_info.device.type == "cuda",
             read_ahead=cfg.read_ahead,
         )
@@ -277,17 +288,16 @@ def model_no_sync(net: torch.nn.Module) -> contextlib.AbstractContextManager:
     return inner.no_sync() if isinstance(inner, DistributedDataParallel) else contextlib.nullcontext()
 
 
-def prepare_run_dir(run: Path, plan: TrainPlan, shards: Location, dist_info: DistInfo) -> None:
-    """Write config.json for a new run; refuse an existing run whose architecture or data differs."""
-    if (run / CONFIG_JSON).exists():
-        saved = RunConfig.load(run)
-        if changed := architecture_mismatch(saved.train, plan.cfg):
-            raise UserError(f"{run} holds a run with a different architecture ({', '.join(changed)}): use another --run directory.")
-        if changed := saved.shards.differences(plan.shards):
+def prepare_run_dir(run: Path, plan: TrainPlan, shards: Location, dist_info: DistInfo, record: RunConfig | None) -> None:
+    """Write config.json for a new run; refuse to resume a run (`record`) with another network, method or data."""
+    if record is not None:
+        refuse_another_run(run, record, plan.cfg)
+        if changed := record.shards.differences(plan.shards):
             raise UserError(f"{run} was trained on other data than {plan.shards.root} ({', '.join(changed)} differ): "
                             "resume it on its own shards, or use another --run directory.")
     if dist_info.is_main:
         if (pca := read_if_exists(shards.parent / "pca.safetensors")) is not None:  # the shards' projection
             atomic_write_bytes(run / "pca.safetensors", pca)
-        plan.run_config(dist_info.world_size).save(run)
+        if record is None:
+            plan.run_config(dist_info.world_size).save(run)
     barrier()
