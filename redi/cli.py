@@ -320,7 +320,7 @@ def train_command(
     if dry_run:
         summary = describe(cfg, given)
         print_json(summary)
-        err.print(f"{cfg.model} {cfg.method}: {summary['parameters'] / 1e6:.1f}M parameters, "
+        err.print(f"{summary['train']['model']} {summary['train']['method']}: {summary['parameters'] / 1e6:.1f}M parameters, "
                   f"{summary['train_gflops_per_image']:.1f} GFLOP per training image")
         return
     result = train(cfg, device=device, watch=RunWatch, given=given)

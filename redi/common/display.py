@@ -81,8 +81,8 @@ def configure_logging() -> None:
 def task_speed(task: Task) -> float:
     """Items per second of a task: rich's recent estimate, else the average since it was added (its finished speed
     once done)."""
-    if task.finished_speed or task.speed:
-        return task.finished_speed or task.speed or 0.0
+    if recent := task.finished_speed or task.speed:
+        return recent
     done = task.completed - task.fields.get("first", 0)
     return done / task.elapsed if task.elapsed else 0.0
 
@@ -111,14 +111,13 @@ class Progress(rich.progress.Progress):
     """rich's Progress that, where stderr is not watched live, writes plain log lines instead of redrawing a bar.
 
     A line (`plain_line`) when a task passes a multiple of `line_percent` percent (`LINE_MIN_SECONDS` or more after
-    its last line), `line_seconds` after its last line, and when it finishes; `line_percent` 0: a line at every
+    its last line), `LINE_SECONDS` after its last line, and when it finishes; `line_percent` 0: a line at every
     advance or update (`redi train` updates every --log-every steps). A task's `status` field goes into its line."""
 
     def __init__(self, *columns: str | ProgressColumn, plain: bool, unit: str | None,
-                 line_percent: float = LINE_PERCENT, line_seconds: float = LINE_SECONDS, **options: Any):
+                 line_percent: float = LINE_PERCENT, **options: Any):
         super().__init__(*columns, **options)
-        self.plain, self.unit = plain, unit
-        self.line_percent, self.line_seconds = line_percent, line_seconds
+        self.plain, self.unit, self.line_percent = plain, unit, line_percent
         self._last: dict[TaskID, _LastLine] = {}
 
     def add_task(self, description: str, start: bool = True, total: float | None = 100.0, completed: int = 0,
@@ -146,7 +145,7 @@ class Progress(rich.progress.Progress):
         fraction, finished = self._fraction(task), task.finished
         step, since = self.line_percent / 100, now - last.time
         passed = bool(step and task.total and int(fraction / step + 1e-9) > int(last.fraction / step + 1e-9))
-        due = not step or since >= self.line_seconds or (passed and since >= LINE_MIN_SECONDS)
+        due = not step or since >= LINE_SECONDS or (passed and since >= LINE_MIN_SECONDS)
         if (finished and not last.finished) or (due and not finished):
             log.info(plain_line(task, self.unit))
             self._last[task_id] = _LastLine(now, fraction, finished)
@@ -155,7 +154,7 @@ class Progress(rich.progress.Progress):
 def plain_line(task: Task, unit: str | None) -> str:
     """One progress line for a log file: what, how far, its status, how fast, time spent and left.
 
-    `encode latents 32/64 (50%) | 12.1 img/s | 0:00:03 elapsed, ETA 0:00:03`"""
+    `encode (tiny-random) 32/64 (50%) | 12.1 img/s | 0:00:03 elapsed, ETA 0:00:03`"""
     parts = [f"{_plain_text(task.description)} {_number(task.completed)}"
              + (f"/{_number(task.total)} ({task.completed / task.total:.0%})" if task.total else "")]
     if task.fields.get("status"):

@@ -18,6 +18,7 @@ from redi.trainer.config import TrainConfig, resolve_shards_dir
 from redi.trainer.flops import train_flops_per_image
 from redi.trainer.models import ModelConfig, build_model
 from redi.trainer.objectives import LossConfig, check_compatible
+from redi.trainer.resume import as_recorded, load_record, refuse_another_run
 
 FLOAT32_COPIES = 5  # weights, EMA, gradients and AdamW's two moments, float32 each
 
@@ -55,8 +56,6 @@ def resolve(cfg: TrainConfig, info: ShardInfo, world_size: int = 1) -> TrainPlan
 def describe(cfg: TrainConfig, given: Collection[str] | None = None) -> dict[str, Any]:
     """The resolved configuration (config.json's names) and the network's size, without touching a GPU (`--dry-run`);
     for an existing run, the settings its resume would train with (`given`: as `train`'s), or its refusal."""
-    from redi.trainer.resume import as_recorded, load_record, refuse_another_run
-
     record = load_record(cfg.run)
     plan = resolve(as_recorded(cfg, record, given), read_shard_info(resolve_shards_dir(cfg.shards)))
     if record is not None:
