@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the commands' config classes; their modules import torch, s
     from redi.pipeline.encode import EncodeConfig
     from redi.pipeline.pca import PCAConfig
     from redi.pipeline.repa_import import RepaImportConfig
+    from redi.pipeline.timm_vit import EncoderConvertConfig
     from redi.pipeline.shards import ShardsConfig
     from redi.sampler.evaluate import EvalConfig
     from redi.sampler.preview import PreviewConfig
@@ -475,6 +476,24 @@ def convert_command(cfg: ConvertConfig) -> None:
                         *(("note", note) for note in result.notes)]:
         table.add_row(name, escape(value))
     out.print(table)
+
+
+CONVERT_ENCODER = FromConfig("redi.pipeline.timm_vit:EncoderConvertConfig", panels={},
+                             flags={"checkpoint": Flag(argument=True), "origin": Flag(("--from",))})
+
+
+@stage_command("convert-encoder", CONVERT_ENCODER, DATA_PANEL)
+def convert_encoder_command(cfg: EncoderConvertConfig) -> None:
+    """Convert a MoCo v3 or DINOv1 checkpoint (timm-style ViT) to a model directory for redi features --encoder."""
+    from redi.pipeline.timm_vit import convert_encoder
+
+    result = convert_encoder(cfg)
+    c = result.config
+    side = c["image_size"] // c["patch_size"]
+    out.print(f"[green]wrote[/] {escape(str(result.out))}: {result.origin.title} ViT, {c['hidden_size']} wide, "
+              f"{c['num_hidden_layers']} layers, {c['num_attention_heads']} heads, patch {c['patch_size']}, "
+              f"{side}×{side} position table, {result.num_params / 1e6:.1f}M parameters, in {result.seconds:.1f} s")
+    out.print(f"next: redi features IMAGES --data DATA --encoder {escape(str(result.out))}")
 
 
 IMPORT_REPA = FromConfig("redi.pipeline.repa_import:RepaImportConfig", panels={},

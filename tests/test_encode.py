@@ -21,7 +21,7 @@ from redi.pipeline.demo_data import CLASSES, write_demo_images
 from redi.pipeline.encoders import ENCODER, VAE, load, resolve
 from redi.pipeline.images import center_crop_arr, decode_rgb, open_source
 from redi.pipeline.representations import (
-    CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, encoder_tokens, feature_spec, tiny_configs, tiny_dino_config,
+    CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, encoder_tokens, feature_spec, fit_positions, tiny_configs, tiny_dino_config,
 )
 from redi.pipeline.vaes import latent_space, tiny_sd_config, vae_moments
 
@@ -308,7 +308,8 @@ def test_one_pass_with_features_equals_the_two_stages(images: Path, tmp_path: Pa
 
 
 def test_dinov2_without_registers_gives_repa_and_reg_their_targets(images: Path, tmp_path: Path) -> None:
-    """`--encoder facebook/dinov2-base` (Dinov2Model, no registers) is what REPA/REG align with."""
+    """`--encoder facebook/dinov2-base` (Dinov2Model, no registers) is what REPA/REG align with: its 37×37 table
+    resampled once to the token grid (tests/test_repa_encoders.py checks that against REPA's computation)."""
     from transformers import Dinov2Config, Dinov2Model
 
     plain = {k: v for k, v in tiny_dino_config().items() if k != "num_register_tokens"}
@@ -319,7 +320,8 @@ def test_dinov2_without_registers_gives_repa_and_reg_their_targets(images: Path,
     code, out = redi("features", images, "--data", tmp_path / "data", "--encoder", tmp_path / "dinov2", *TINY)
     assert code == 0, out
     features = read_store(tmp_path / "data" / "features")
-    model = load(ref)
+    model = fit_positions(load(ref), feature_spec(ref.config, grid(R)))  # type: ignore[arg-type]
+    assert model.embeddings.position_embeddings.shape == (1, 1 + 16, 32)
     pixels = torch.from_numpy(np.stack([center_crop_arr(decode_rgb(open_source(images).read_bytes(i)), R) for i in (0, 5)]))
     with torch.inference_mode():
         h = model(pixel_values=dino_input(pixels, R)).last_hidden_state  # (2, 1 + 16, 32): no registers
@@ -327,10 +329,10 @@ def test_dinov2_without_registers_gives_repa_and_reg_their_targets(images: Path,
     np.testing.assert_allclose(features["patch"][[0, 5]], h[:, 1:].half().numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(features["cls"][[0, 5]], h[:, 0].half().numpy(), rtol=1e-3, atol=1e-3)
 
-    (tmp_path / "vit").mkdir()
-    (tmp_path / "vit" / "config.json").write_text('{"model_type": "vit", "hidden_size": 32}')
-    code, out = redi("features", images, "--data", tmp_path / "other", "--encoder", tmp_path / "vit", *TINY)
-    assert code == 2 and "'vit' model" in out
+    (tmp_path / "swin").mkdir()
+    (tmp_path / "swin" / "config.json").write_text('{"model_type": "swin", "hidden_size": 32}')
+    code, out = redi("features", images, "--data", tmp_path / "other", "--encoder", tmp_path / "swin", *TINY)
+    assert code == 2 and "'swin' model" in out
 
 
 def test_verify_finds_a_damaged_chunk_and_repair_rewrites_only_it(images: Path, tmp_path: Path) -> None:

@@ -18,7 +18,9 @@ from redi.cli import app
 from redi.common.errors import UserError
 from redi.pipeline.demo_data import write_demo_images
 from redi.pipeline.encoders import ENCODER, load, random_init, resolve
-from redi.pipeline.representations import FAMILIES, encode_features, feature_spec, siglip2_patches, tiny_configs, tiny_dino_config
+from redi.pipeline.representations import (
+    FAMILIES, encode_features, feature_spec, fit_positions, siglip2_patches, tiny_configs, tiny_dino_config,
+)
 
 R = ["--resolution", "64", "--workers", "0", "--batch-size", "4"]  # 64 px: a 4×4 token grid, SiT-debug's
 TRAIN = ["--model", "SiT-debug", "--batch-size", "4", "--max-steps", "3", "--log-every", "1", "--num-workers", "0"]
@@ -110,16 +112,16 @@ def test_a_checkpoint_lacking_weights_is_refused(tmp_path: Path) -> None:
 
 def test_mae_keeps_every_patch_in_grid_order() -> None:
     """ViTMAEModel masks 75% and shuffles by default; the features are the unmasked encoder in raster order."""
-    model = load(resolve(ENCODER, "tiny-random:mae"))
+    spec = feature_spec(tiny_configs()["mae"](), 4)
+    model = fit_positions(load(resolve(ENCODER, "tiny-random:mae")), spec)  # type: ignore[arg-type]
     assert model.config.mask_ratio == 0.0 and tiny_configs()["mae"]()["mask_ratio"] == 0.75
     pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
-    spec = feature_spec(tiny_configs()["mae"](), 4)
     with torch.inference_mode():
         got = encode_features(model, pixels, spec)  # type: ignore[arg-type]
         x = spec.preprocess(pixels, spec.side)  # (2, 3, 64, 64): no resize at patch 16
         emb = model.embeddings
         tokens = emb.patch_embeddings(x)  # (2, 16, D), row-major grid
-        pos = emb.interpolate_pos_encoding(tokens, 64, 64)  # (1, 1 + 16, D), bicubic from 14×14
+        pos = emb.position_embeddings  # (1, 1 + 16, D): the 14×14 sin-cos table resampled to 4×4 at load
         h = torch.cat([(emb.cls_token + pos[:, :1]).expand(2, -1, -1), tokens + pos[:, 1:]], dim=1)
         for layer in model.layers:
             h = layer(h)
@@ -156,8 +158,8 @@ def test_registers_are_dropped_and_grids_follow_the_resolution() -> None:
         spec = feature_spec(config, 32)
         assert spec.prefix == tokens_dropped and spec.grid == 32 and spec.side == 32 * config["patch_size"]
         with torch.inference_mode():
-            out = encode_features(load(resolve(ENCODER, f"tiny-random:{family}")), torch.zeros(1, 128, 128, 3, dtype=torch.uint8),
-                                  feature_spec(config, 8))  # type: ignore[arg-type]
+            model = fit_positions(load(resolve(ENCODER, f"tiny-random:{family}")), feature_spec(config, 8))  # type: ignore[arg-type]
+            out = encode_features(model, torch.zeros(1, 128, 128, 3, dtype=torch.uint8), feature_spec(config, 8))
         assert out["patch"].shape == (1, 64, 32)
     assert feature_spec(tiny_dino_config(), 16).side == 224  # DINOv2 at 224 for 256 px (16×16), as REPA
     assert feature_spec(tiny_configs()["mae"](), 16).side == 256  # MAE-L/16 at 256 → 16×16

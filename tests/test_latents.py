@@ -120,6 +120,19 @@ def test_an_unsupported_vae_class_is_one_sentence_naming_the_supported(images: P
     assert "tiny-random:flux" in out and "tiny-random:dc" in out
 
 
+def test_per_channel_statistics_apply_only_when_the_config_gives_both() -> None:
+    """diffusers' pipelines use latents_mean and latents_std together or not at all (StableDiffusionXLPipeline:
+    `if has_latents_mean and has_latents_std: … else: latents / scaling_factor`); one alone changes nothing."""
+    sd, flux = tiny_configs()["sd"](), tiny_configs()["flux"]()
+    mean, std = [0.1, -0.2, 0.3, 0.0], [2.0, 1.0, 0.5, 4.0]
+    both = latent_space({**sd, "latents_mean": mean, "latents_std": std}).config_norm()
+    assert both == LatentNorm("config", tuple(mean), tuple(0.18215 / s for s in std))  # (z − mean) · scale / std
+    for config in (sd, flux):
+        for one in ({"latents_mean": mean}, {"latents_std": std}):
+            space = latent_space({**config, **one})  # FLUX.1's shift_factor beside an ignored latents_mean: no conflict
+            assert space == latent_space(config) and space.config_norm() == latent_space(config).config_norm()
+
+
 class _Identity(torch.nn.Module):
     """A 'VAE' whose decoder returns the latent it is given: what the sampler decodes, exactly."""
 

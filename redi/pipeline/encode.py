@@ -40,7 +40,7 @@ from redi.common.lock import exclusive
 from redi.common.runtime import loader_worker_init, loader_workers
 from redi.pipeline.encoders import ENCODER, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar
 from redi.pipeline.images import ImageSource, load_cropped, open_source
-from redi.pipeline.representations import encode_features, feature_spec
+from redi.pipeline.representations import encode_features, feature_spec, fit_positions
 from redi.pipeline.stage import ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
 from redi.pipeline.vaes import LatentSpace, latent_space, manifest_space, sd_vae_config, vae_moments
 
@@ -109,6 +109,7 @@ class StagePlan:
     record: dict[str, Any]  # manifest parameters beyond the run's settings (how the encoder is fed)
     forward: Forward  # float32 outputs per batch
     legacy: dict[str, Any] = field(default_factory=dict)  # what a manifest made before `record` existed meant by its absence
+    prepare: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model  # once, after loading (a table's resample)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _features_plan(ref: EncoderRef, cfg: EncodeConfig, space: LatentSpace) -> St
     record = {"representation": spec.record()}
     before = spec.family.key in BEFORE_REPRESENTATIONS and spec.grid == latent_space(sd_vae_config()).token_grid(cfg.resolution)
     return StagePlan(spec.shapes(), record, lambda model, x: encode_features(model, x, spec),  # type: ignore[arg-type]
-                     record if before else {})
+                     record if before else {}, lambda model: fit_positions(model, spec))  # type: ignore[arg-type]
 
 
 def stage_latent_space(jobs: Sequence[tuple[StageKind, EncoderRef]], data: Path) -> LatentSpace:
@@ -235,7 +236,7 @@ def run_stages(jobs: Sequence[tuple[StageKind, EncodeConfig]]) -> list[StageResu
         active = [job for job in opened if job.pending]
         if active:
             for job in active:
-                job.model = load(job.ref, device)
+                job.model = job.plan.prepare(load(job.ref, device))
                 job.arrays = open_arrays(job.stage.root, len(source), job.plan.shapes, cfg.chunk_size, cfg.dtype)
             start = time.perf_counter()
             _encode_chunks(active, cfg, source, device, precision)

@@ -6,7 +6,12 @@ config holds its vision tower's under `vision_config`, and the tower is what is 
   CLIP, MAE, I-JEPA); otherwise the model's own image processor (`preprocessor_config.json` when
   the model directory has one, else the transformers defaults of the family's processor);
 - input side: patch · G pixels, so that the encoder's patch grid is the diffusion model's G × G
-  token grid (REPA's appendix), transformers interpolating the position embeddings;
+  token grid (REPA's appendix);
+- position table: where REPA resamples a learned table (DINOv2, MAE, MoCo v3, DINOv1, and by the same rule
+  CLIP and I-JEPA off their native grid) it is resampled once, as REPA's `load_encoders` does, by
+  `fit_positions` when the model is loaded; the forward then adds it as it is. DINOv2 with registers
+  interpolates the same way at every call (transformers), SigLIP with its own transformers code, and
+  DINOv3 (RoPE) and SigLIP2 NaFlex need nothing;
 - tokens: the patch tokens in grid order (CLS and registers dropped) and the global token REG
   needs: the CLS token, SigLIP's attention-pooled output, or none (I-JEPA). It is stored as `cls`.
 docs/ENCODERS.md tabulates all of it.
@@ -19,12 +24,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import (
     CLIPVisionModel, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel, IJepaModel, PreTrainedModel,
-    Siglip2VisionModel, SiglipVisionModel, ViTMAEModel,
+    Siglip2VisionModel, SiglipVisionModel, ViTMAEModel, ViTModel,
 )
 
 from redi.common.errors import UserError
+from redi.pipeline import positions, timm_vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,13 +79,15 @@ Call = Callable[[PreTrainedModel, torch.Tensor, int], tuple[torch.Tensor, torch.
 
 
 def _call_plain(model: PreTrainedModel, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """DINOv2 (interpolates its position embeddings itself) and DINOv3 (RoPE: any multiple of the patch)."""
+    """DINOv2 (adds its table as it is when it has G² rows, else interpolates it) and DINOv3 (RoPE: any multiple of
+    the patch)."""
     out = model(pixel_values=x)
     return out.last_hidden_state, out.pooler_output
 
 
 def _call_interpolated(model: PreTrainedModel, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CLIP, SigLIP, I-JEPA: learned position tables, bicubically interpolated to the G × G grid."""
+    """CLIP, I-JEPA, ViT (tables fitted to the grid: added as they are) and SigLIP (its table interpolated by
+    transformers, bicubic): transformers checks the input side against the config's unless asked to interpolate."""
     out = model(pixel_values=x, interpolate_pos_encoding=True)
     return out.last_hidden_state, out.pooler_output
 
@@ -89,7 +98,7 @@ def _call_mae(model: PreTrainedModel, x: torch.Tensor, grid: int) -> tuple[torch
     The tokens are the last block's output before the final LayerNorm, as REPA's `mae_vit.forward_features`."""
     n, patches = x.shape[0], grid * grid
     noise = torch.arange(patches, device=x.device, dtype=torch.float32).expand(n, patches)  # argsort = identity
-    out = model(pixel_values=x, noise=noise, interpolate_pos_encoding=True, output_hidden_states=True)
+    out = model(pixel_values=x, noise=noise, interpolate_pos_encoding=True, output_hidden_states=True)  # table fitted
     assert not out.mask.any() and torch.equal(out.ids_restore[0].cpu(), torch.arange(patches)), "MAE masked or shuffled patches"
     return out.hidden_states[-1], None  # (N, 1 + G², D)
 
@@ -123,10 +132,11 @@ def _tiny(model_type: str, patch: int, image_size: int | None = 224, **extra: An
 
 
 def tiny_dino_config() -> dict[str, Any]:
-    """DINOv2-with-registers with patch 14 at 224 and 4 registers (16×16 tokens at R=256), width 32, 2 layers."""
+    """DINOv2-with-registers with patch 14, 4 registers and the real checkpoints' image_size 518 (a 37×37 position
+    table, interpolated to 16×16 at R=256 as theirs), width 32, 2 layers."""
     return {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 4,
-        "patch_size": 14, "image_size": 224, "num_register_tokens": 4, "layerscale_value": 1.0,
+        "patch_size": 14, "image_size": 518, "num_register_tokens": 4, "layerscale_value": 1.0,
     }
 
 
@@ -152,6 +162,44 @@ ARCHITECTURES: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
+def _embeddings(model: PreTrainedModel) -> nn.Module:
+    """The model's embeddings module (older transformers keep a CLIP tower's under `vision_model`)."""
+    return getattr(model, "vision_model", model).embeddings
+
+
+@dataclass(frozen=True)
+class PositionTable:
+    """A family's learned (or fixed) absolute position table, which REPA resamples once to the token grid."""
+
+    prefix: int  # rows before the n × n grid: the CLS token's position, or none (I-JEPA)
+    embedding: bool = False  # CLIP keeps it as an nn.Embedding (rows, D) with position ids; the others as a (1, rows, D) parameter
+
+    def get(self, model: PreTrainedModel) -> torch.Tensor:
+        """The table, (1, prefix + n², D)."""
+        e = _embeddings(model)
+        return e.position_embedding.weight[None] if self.embedding else e.position_embeddings
+
+    def put(self, model: PreTrainedModel, table: torch.Tensor) -> None:
+        """Replace the table by `table` (1, prefix + G², D), frozen like the rest of the encoder."""
+        e = _embeddings(model)
+        if self.embedding:
+            e.position_embedding = nn.Embedding.from_pretrained(table[0].detach(), freeze=True)
+            e.register_buffer("position_ids", torch.arange(table.shape[1], device=table.device)[None], persistent=False)
+            e.num_patches, e.num_positions = table.shape[1] - self.prefix, table.shape[1]
+        else:
+            e.position_embeddings = nn.Parameter(table.detach(), requires_grad=False)
+
+
+def _random_mae(settings: dict[str, Any]) -> PreTrainedModel:
+    """ViTMAEModel at random with the fixed sin-cos table MAE's checkpoints hold (MAE `get_2d_sincos_pos_embed`,
+    CLS row zero), which transformers' own initialisation leaves at zero."""
+    model = ViTMAEModel(ViTMAEModel.config_class(**settings))
+    config = model.config
+    table = positions.sincos(config.hidden_size, config.image_size // config.patch_size, rows_first=False, prefix=1)
+    PositionTable(1).put(model, table)
+    return model
+
+
 @dataclass(frozen=True)
 class Family:
     """One encoder family: its class, how its images are prepared and which of its tokens are kept."""
@@ -167,6 +215,9 @@ class Family:
     full_type: str | None = None  # model_type of a full image-text checkpoint whose `vision_config` is this tower
     pooled: Callable[[dict[str, Any]], str | None] = lambda config: None  # global token when there is no CLS
     overrides: dict[str, Any] = field(default_factory=dict)  # config values forced at load
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # the class's arguments besides the config
+    positions: PositionTable | None = None  # the table REPA resamples once to the grid (`fit_positions`)
+    random: Callable[[dict[str, Any]], PreTrainedModel] | None = None  # random weights, where not the class's own init
 
     @property
     def repa(self) -> bool:
@@ -187,7 +238,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("dinov2-reg", "DINOv2 with registers", Dinov2WithRegistersModel, ("dinov2_with_registers",), _REPA_DINOV2,
            True, _call_plain, tiny_dino_config),
     Family("dinov2", "DINOv2", Dinov2Model, ("dinov2",), _REPA_DINOV2, True, _call_plain,
-           lambda: {**{k: v for k, v in tiny_dino_config().items() if k != "num_register_tokens"}, "model_type": "dinov2"}),
+           lambda: {**{k: v for k, v in tiny_dino_config().items() if k != "num_register_tokens"}, "model_type": "dinov2"},
+           positions=PositionTable(1)),
     Family("dinov3", "DINOv3 ViT", DINOv3ViTModel, ("dinov3_vit",),
            _processor(IMAGENET_MEAN, IMAGENET_STD, "bilinear", "DINOv3ViTImageProcessor"), True, _call_plain,
            lambda: _tiny("dinov3_vit", 16, num_register_tokens=4)),
@@ -201,12 +253,15 @@ FAMILIES: tuple[Family, ...] = (
            full_type="siglip2", pooled=_pooled_if_head),
     Family("clip", "CLIP", CLIPVisionModel, ("clip_vision_model",), _repa(CLIP_MEAN, CLIP_STD, False, "clip"), True,
            _call_interpolated, lambda: _tiny("clip_vision_model", 14),
-           full_type="clip"),
+           full_type="clip", positions=PositionTable(1, embedding=True)),
     Family("mae", "MAE", ViTMAEModel, ("vit_mae",), _repa(IMAGENET_MEAN, IMAGENET_STD, True, "mae"), True, _call_mae,
            lambda: _tiny("vit_mae", 16, mask_ratio=0.75),
-           overrides={"mask_ratio": 0.0}),
+           overrides={"mask_ratio": 0.0}, positions=PositionTable(1), random=_random_mae),
     Family("ijepa", "I-JEPA", IJepaModel, ("ijepa",), _repa(IMAGENET_MEAN, IMAGENET_STD, True, "jepa"), False,
-           _call_interpolated, lambda: _tiny("ijepa", 14)),
+           _call_interpolated, lambda: _tiny("ijepa", 14), positions=PositionTable(0)),
+    Family("vit", "ViT (MoCo v3, DINOv1)", ViTModel, ("vit",), _repa(IMAGENET_MEAN, IMAGENET_STD, True, "mocov3, dinov1"),
+           True, _call_interpolated, timm_vit.tiny_config, model_kwargs={"add_pooling_layer": False},
+           positions=PositionTable(1), random=timm_vit.random_model),
 )
 DEFAULT_TYPE = "dinov2_with_registers"  # the plain tiny-random config carries no model_type (byte-identical to before)
 
@@ -250,7 +305,9 @@ def build(config: dict[str, Any]) -> PreTrainedModel:
     """A randomly initialised model of `config`'s family (the load-time overrides applied)."""
     family = family_of(config)
     settings = {k: v for k, v in config.items() if k != "model_type"} | family.overrides
-    return family.model_class(family.model_class.config_class(**settings))
+    if family.random is not None:
+        return family.random(settings)
+    return family.model_class(family.model_class.config_class(**settings), **family.model_kwargs)
 
 
 def from_pretrained(config: dict[str, Any], source: str, **hub: Any) -> PreTrainedModel:
@@ -258,7 +315,8 @@ def from_pretrained(config: dict[str, Any], source: str, **hub: Any) -> PreTrain
     needs but the checkpoint lacks are one sentence, not random values (the caller silences transformers' own key
     report: a full checkpoint's text weights are unused by design)."""
     family = family_of(config)
-    model, info = family.model_class.from_pretrained(source, output_loading_info=True, **hub, **family.overrides)
+    model, info = family.model_class.from_pretrained(source, output_loading_info=True, **hub, **family.overrides,
+                                                     **family.model_kwargs)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise UserError(f"{source} lacks {len(missing)} weights of {family.model_class.__name__} (e.g. {missing[0]}): "
@@ -322,8 +380,30 @@ def feature_spec(config: dict[str, Any], grid: int, processor: dict[str, Any] | 
                        family.prefix(config), family.global_token(config), processor_preprocess(family, processor))
 
 
+def fit_positions(model: PreTrainedModel, spec: FeatureSpec) -> PreTrainedModel:
+    """Resample the model's position table once to the G × G grid, as REPA's `load_encoders` does (timm's
+    `resample_abs_pos_embed`: `positions.resample`), so that the forward adds it as it is. A family without such a
+    table, or a table of G² rows (the native grid, or fitted already), is left alone; a table fitted to another grid
+    is refused (resampling it again would compound): load the encoder again."""
+    table = spec.family.positions
+    if table is None:
+        return model
+    rows = table.get(model).shape[1] - table.prefix
+    if rows == spec.grid ** 2:
+        return model
+    native = int(model.config.image_size) // spec.patch
+    assert rows == native ** 2, f"the position table holds {rows} positions, not the checkpoint's {native}²: fitted to " \
+                                f"another grid already; load the encoder again for {spec.grid}²"
+    with torch.no_grad():
+        table.put(model, positions.resample(table.get(model), spec.grid, table.prefix))
+    return model
+
+
 def encode_features(model: PreTrainedModel, images: torch.Tensor, spec: FeatureSpec) -> dict[str, torch.Tensor]:
-    """uint8 (N, R, R, 3) → float32 `patch` (N, G², D) and, with a global token, `cls` (N, D)."""
+    """uint8 (N, R, R, 3) → float32 `patch` (N, G², D) and, with a global token, `cls` (N, D), of a model whose
+    position table `fit_positions` has fitted to the grid."""
+    if (table := spec.family.positions) is not None:
+        assert table.get(model).shape[1] == table.prefix + spec.grid ** 2, "fit_positions(model, spec) before encoding"
     x = spec.preprocess(images, spec.side).to(model.dtype)  # (N, 3, S, S)
     h, pooled = spec.family.call(model, x, spec.grid)  # (N, T, D), (N, D) or None
     patch = h[:, spec.prefix:]  # (N, G², D): CLS and registers dropped
@@ -336,6 +416,8 @@ def encode_features(model: PreTrainedModel, images: torch.Tensor, spec: FeatureS
 
 def encoder_tokens(model: PreTrainedModel, images: torch.Tensor, grid: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Global token (N, D) or None, and patch tokens (N, G², D) of a loaded model with its family's default
-    pre-processing (benchmarks and tests; the stage also reads a preprocessor_config.json)."""
-    out = encode_features(model, images, feature_spec(model.config.to_dict(), grid))
+    pre-processing (benchmarks and tests; the stage also reads a preprocessor_config.json), its position table
+    fitted to the grid on the first call."""
+    spec = feature_spec(model.config.to_dict(), grid)
+    out = encode_features(fit_positions(model, spec), images, spec)
     return out.get("cls"), out["patch"]

@@ -5,9 +5,10 @@ AutoencoderKL, as the plain tiny-random config):
 - `AutoencoderKL` (SD-VAE, SDXL, SD3, FLUX.1; 4 or 16 channels): its posterior mean and std;
 - `AutoencoderDC` (DC-AE): deterministic, so its latent and a std of 0, in the same (2C, h, h) layout.
 Channels, the downsampling factor and the config normalisation (`scaling_factor`, `shift_factor`,
-per-channel `latents_mean`/`latents_std`) come from the config, the class's defaults filling what it leaves
-out (sd-vae-ft-ema's config names no scaling factor: AutoencoderKL's default, 0.18215, is SD-VAE's). The
-diffusion model's token grid follows: latent side R/f, patch 2 on f8 latents and 1 from f16 on.
+per-channel `latents_mean`/`latents_std`, used only when both are given, as diffusers' pipelines do) come from the
+config, the class's defaults filling what it leaves out (sd-vae-ft-ema's config names no scaling factor:
+AutoencoderKL's default, 0.18215, is SD-VAE's). The diffusion model's token grid follows: latent side R/f,
+patch 2 on f8 latents and 1 from f16 on.
 docs/ENCODERS.md tabulates the families.
 """
 from __future__ import annotations
@@ -149,6 +150,8 @@ def latent_space(config: dict[str, Any]) -> LatentSpace:
     family = family_of(config)
     channels, blocks, scale, shift, mean, std = (family.setting(config, k) for k in (
         "latent_channels", family.blocks_key, "scaling_factor", "shift_factor", "latents_mean", "latents_std"))
+    if (mean is None) != (std is None):  # diffusers' pipelines apply the per-channel statistics only when the config
+        mean = std = None  # has both (SDXL's: `if has_latents_mean and has_latents_std: … else: latents / scaling_factor`)
     if mean is not None and shift is not None:
         raise UserError("The --vae config names both shift_factor and latents_mean; redi cannot tell which shift to use.")
     try:

@@ -27,7 +27,6 @@ plain redi network that needs no special case anywhere.
 from __future__ import annotations
 
 import math
-import pickle
 import re
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from redi.common.atomic import sha256_file
 from redi.common.errors import UserError
+from redi.common.public_files import load_public_checkpoint
 from redi.common.flags import OneOf
 from redi.pipeline.vaes import latent_space, sd_vae_config
 from redi.trainer.checkpoint import Checkpoint, ShardSummary
@@ -57,6 +57,7 @@ DINOV2 = {"id": "facebook/dinov2-base", "revision": "main", "kind": "hub",
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile prefixes in saved state dicts
 LEGACY_BLOCK = re.compile(r"^decoder_blocks\.(\d+)\.(.*)$")
 BLOCK = re.compile(r"^blocks\.(\d+)\.")
+PICKLED = "pickled Python objects (REPA, REG and ReDi training checkpoints store their argparse 'args')"
 
 
 @dataclass(frozen=True)
@@ -131,26 +132,6 @@ class ConvertResult:
     source_sha256: str
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def load_public_checkpoint(path: Path, trust_pickle: bool) -> Any:
-    """torch.load with weights_only; a file that needs pickle is refused unless trust_pickle."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"No checkpoint at {path}.")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError:
-            if not trust_pickle:
-                raise UserError(
-                    f"{path} holds pickled Python objects (REPA, REG and ReDi training checkpoints store their "
-                    "argparse 'args'), which weights-only loading refuses; pass --trust-pickle if you trust the "
-                    "file's source (unpickling can run code)."
-                ) from None
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
 
 
 def split_checkpoint(blob: Any, path: Path) -> tuple[dict[str, Tensor], str, dict[str, Any], int]:
@@ -441,7 +422,7 @@ def convert_checkpoint(cfg: ConvertConfig) -> ConvertResult:
         raise UserError(f"{out} exists; pass --force to replace it.")
     if out.resolve() == Path(cfg.checkpoint).resolve():
         raise UserError("--out must differ from the checkpoint being converted.")
-    blob = load_public_checkpoint(cfg.checkpoint, cfg.trust_pickle)
+    blob = load_public_checkpoint(cfg.checkpoint, cfg.trust_pickle, PICKLED)
     if isinstance(blob, dict) and "model_config" in blob:  # converting ours would reverse time a second time
         raise UserError(f"{cfg.checkpoint} is already a redi checkpoint: sample it or pass it to --init as it is.")
     state, weights, args, step = split_checkpoint(blob, Path(cfg.checkpoint))
