@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from redi.cli import app
 
 COMMANDS = ("demo-data", "encode", "features", "pca", "shards", "verify", "info", "train", "sample", "eval",
-            "convert", "import-repa", "bench", "publish", "preview")
+            "convert", "convert-encoder", "import-repa", "bench", "publish", "preview")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -6,6 +6,7 @@ tables (DINOv2 518 px: 37×37; MAE 224 px /16: MAE's fixed sin-cos 14×14); MoCo
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -13,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import zarr
 from typer.testing import CliRunner
 
 from redi.cli import app
 from redi.common.errors import UserError
 from redi.pipeline import timm_vit
+from redi.pipeline.demo_data import write_demo_images
 from redi.pipeline.encoders import ENCODER, load, resolve
+from redi.pipeline.images import center_crop_arr, decode_rgb, open_source
 from redi.pipeline.representations import encode_features, feature_spec, fit_positions, tiny_configs
 
 IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm.data
@@ -260,3 +264,22 @@ def test_conversion_refusals(tmp_path: Path) -> None:
 
 def test_every_repa_family_has_its_tiny_random() -> None:
     assert {"dinov2", "dinov2-reg", "mae", "clip", "ijepa", "vit"} <= set(tiny_configs())
+
+
+def test_the_features_stage_resamples_once_and_says_so(tmp_path: Path) -> None:
+    """`redi features --encoder tiny-random:dinov2` at 64 px: the 37×37 table fitted to 4×4 at load (the manifest and
+    `redi info` say so), the stored tokens those of the fitted model; the registers model records nothing of it."""
+    images = write_demo_images(tmp_path / "images", 2).out
+    for encoder, table in (("tiny-random:dinov2", {"from": 37, "to": 4}), ("tiny-random", None)):
+        data = tmp_path / encoder.replace(":", "-")
+        redi("features", images, "--data", data, "--encoder", encoder, "--resolution", "64", "--workers", "0")
+        record = json.loads((data / "features" / "manifest.json").read_text())["params"]["representation"]
+        assert (record.get("position_table") or {}).get("from") == (table or {}).get("from")
+        assert ("position table: 37² → 4², resampled once" in redi("info", data)) == bool(table)
+    model = load(resolve(ENCODER, "tiny-random:dinov2"))
+    spec = feature_spec(model.config.to_dict(), 4)
+    pixels = torch.from_numpy(np.stack([center_crop_arr(decode_rgb(open_source(images).read_bytes(i)), 64) for i in (0, 1)]))
+    with torch.inference_mode():
+        want = encode_features(fit_positions(model, spec), pixels, spec)["patch"]  # type: ignore[arg-type]
+    got = zarr.open_group(tmp_path / "tiny-random-dinov2" / "features" / "store.zarr", mode="r")["patch"][:]
+    np.testing.assert_allclose(got, want.half().numpy(), rtol=1e-3, atol=1e-3)  # stored as float16

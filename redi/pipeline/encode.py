@@ -129,7 +129,9 @@ def _vae_plan(ref: EncoderRef, cfg: EncodeConfig, space: LatentSpace) -> StagePl
                      record)
 
 
-BEFORE_REPRESENTATIONS = ("dinov2-reg", "dinov2")  # features made before params.representation: these, at SD-VAE's grid
+# Features made before params.representation: DINOv2 with registers at SD-VAE's grid. (Plain DINOv2's were made with
+# transformers' per-call plain bicubic table, not REPA's resampled one: a manifest without the record is another run.)
+BEFORE_REPRESENTATIONS = ("dinov2-reg",)
 
 
 def _features_plan(ref: EncoderRef, cfg: EncodeConfig, space: LatentSpace) -> StagePlan:

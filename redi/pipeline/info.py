@@ -202,9 +202,11 @@ def _array_stage(path: Path) -> StageInfo:
 
 
 def _tokens(rep: dict[str, Any]) -> list[tuple[str, str]]:
-    """features/: the encoder's token grid, input side and global token, from the manifest."""
-    g = rep.get("grid")
-    return [("token grid", f"{g}×{g} at {rep.get('input_side')} px"), ("global token", str(rep.get("global_token") or "none"))]
+    """features/: the encoder's token grid, input side, position table (when resampled) and global token, from the manifest."""
+    g, table = rep.get("grid"), rep.get("position_table")
+    resampled = [("position table", f"{table.get('from')}² → {g}², resampled once")] if isinstance(table, dict) else []
+    return [("token grid", f"{g}×{g} at {rep.get('input_side')} px"), *resampled,
+            ("global token", str(rep.get("global_token") or "none"))]
 
 
 def _latents(space: dict[str, Any]) -> list[tuple[str, str]]:

@@ -39,6 +39,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # REPA's CLIP_DEFAULT_MEAN (Ope
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)  # SigLIP's image processors: x ↦ 2x − 1
 PIL_RESAMPLE = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}  # preprocessor `resample`
+RESAMPLE = "once at load, timm resample_abs_pos_embed (bicubic, antialiased), as REPA load_encoders"  # manifest words
 @dataclass(frozen=True)
 class Preprocess:
     """uint8 crops → encoder input: /255, then normalise and resize to the input side (in that order or reversed)."""
@@ -355,6 +356,12 @@ class FeatureSpec:
     prefix: int  # tokens before the patches (CLS, registers), dropped
     global_token: str | None  # "cls" | "pooled" | None, stored as the `cls` array
     preprocess: Preprocess
+    table_grid: int | None = None  # n: the checkpoint's n × n position table, when REPA resamples it (Family.positions)
+
+    @property
+    def resamples(self) -> bool:
+        """The position table is resampled once from the checkpoint's n × n grid to G × G (`fit_positions`)."""
+        return self.table_grid is not None and self.table_grid != self.grid
 
     @property
     def side(self) -> int:
@@ -368,16 +375,19 @@ class FeatureSpec:
 
     def record(self) -> dict[str, Any]:
         """What the manifest records of it."""
+        table = {"position_table": {"from": self.table_grid, "to": self.grid, "resample": RESAMPLE}} if self.resamples else {}
         return {"family": self.family.key, "input_side": self.side, "grid": self.grid, "patch_size": self.patch,
-                "tokens_dropped": self.prefix, "global_token": self.global_token, "preprocess": asdict(self.preprocess)}
+                "tokens_dropped": self.prefix, "global_token": self.global_token, "preprocess": asdict(self.preprocess),
+                **table}
 
 
 def feature_spec(config: dict[str, Any], grid: int, processor: dict[str, Any] | None = None) -> FeatureSpec:
     """The spec of an encoder (its vision config) for the diffusion model's G × G token grid (`LatentSpace.token_grid`),
     pre-processing from `processor` where it applies."""
-    family = family_of(config)
-    return FeatureSpec(family, grid, int(config["patch_size"]), int(config["hidden_size"]),
-                       family.prefix(config), family.global_token(config), processor_preprocess(family, processor))
+    family, patch = family_of(config), int(config["patch_size"])
+    table_grid = int(config["image_size"]) // patch if family.positions else None
+    return FeatureSpec(family, grid, patch, int(config["hidden_size"]), family.prefix(config), family.global_token(config),
+                       processor_preprocess(family, processor), table_grid)
 
 
 def fit_positions(model: PreTrainedModel, spec: FeatureSpec) -> PreTrainedModel:
@@ -391,9 +401,8 @@ def fit_positions(model: PreTrainedModel, spec: FeatureSpec) -> PreTrainedModel:
     rows = table.get(model).shape[1] - table.prefix
     if rows == spec.grid ** 2:
         return model
-    native = int(model.config.image_size) // spec.patch
-    assert rows == native ** 2, f"the position table holds {rows} positions, not the checkpoint's {native}²: fitted to " \
-                                f"another grid already; load the encoder again for {spec.grid}²"
+    assert rows == spec.table_grid ** 2, f"the position table holds {rows} positions, not the checkpoint's " \
+        f"{spec.table_grid}²: fitted to another grid already; load the encoder again for {spec.grid}²"
     with torch.no_grad():
         table.put(model, positions.resample(table.get(model), spec.grid, table.prefix))
     return model
