@@ -116,8 +116,9 @@ DATA = Flag(default=Path("data"))
 VAE_DEFAULT, ENCODER_DEFAULT = "stabilityai/sd-vae-ft-ema", "facebook/dinov2-with-registers-base"
 VAE_HELP = ("VAE: hub id or local directory of a diffusers AutoencoderKL (SD-VAE, SDXL, SD3, FLUX.1) or AutoencoderDC "
             "(DC-AE), or tiny-random[:sd|flux|dc] (tests and demos only).")
-ENCODER_HELP = ("Representation encoder: hub id or local directory of a DINOv2, DINOv3, SigLIP, SigLIP2, CLIP, MAE or "
-                "I-JEPA model (docs/ENCODERS.md), or tiny-random[:FAMILY] (tests and demos only).")
+ENCODER_HELP = ("Representation encoder: hub id or local directory of a DINOv2, DINOv3, SigLIP, SigLIP2, CLIP, MAE, "
+                "I-JEPA or ViT model (MoCo v3, DINOv1: redi convert-encoder; docs/ENCODERS.md), or tiny-random[:FAMILY] "
+                "(tests and demos only).")
 ENCODE = FromConfig("redi.pipeline.encode:EncodeConfig", panels={},
                     flags={"source": SOURCE, "data": DATA, "model": Flag(("--vae",), VAE_HELP, VAE_DEFAULT)})
 FEATURES = FromConfig("redi.pipeline.encode:EncodeConfig", panels={},

@@ -55,17 +55,10 @@ def preprocess_raw_image(x: torch.Tensor, enc_type: str) -> torch.Tensor:
         x = x / 255.0
         x = F.interpolate(x, 224 * (resolution // 256), mode="bicubic")
         x = normalize(x, CLIP_DEFAULT_MEAN, CLIP_DEFAULT_STD)
-    elif "mocov3" in enc_type or "mae" in enc_type:
+    elif "mocov3" in enc_type or "mae" in enc_type or "dinov1" in enc_type:  # REPA: dinov1 a branch of its own, the same
         x = x / 255.0
         x = normalize(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    elif "dinov2" in enc_type:
-        x = x / 255.0
-        x = normalize(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-        x = F.interpolate(x, 224 * (resolution // 256), mode="bicubic")
-    elif "dinov1" in enc_type:
-        x = x / 255.0
-        x = normalize(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    elif "jepa" in enc_type:
+    elif "dinov2" in enc_type or "jepa" in enc_type:  # REPA: jepa a branch of its own, the same
         x = x / 255.0
         x = normalize(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
         x = F.interpolate(x, 224 * (resolution // 256), mode="bicubic")
