@@ -157,7 +157,7 @@ def test_a_table_is_resampled_once() -> None:
         fit_positions(model, feature_spec(model.config.to_dict(), 32))
     with pytest.raises(AssertionError, match="fit_positions"):
         encode_features(load(resolve(ENCODER, "tiny-random:dinov2")), images(256, 1), spec)  # type: ignore[arg-type]
-    registers = load(resolve(ENCODER, "tiny-random"))
+    registers = load(resolve(ENCODER, "tiny-random:dinov2-reg"))
     fit_positions(registers, feature_spec(registers.config.to_dict(), 16))
     assert registers.embeddings.position_embeddings.shape == (1, 1 + 37 * 37, 32)
 

@@ -141,6 +141,13 @@ def tiny_dino_config() -> dict[str, Any]:
     }
 
 
+def tiny_default_config() -> dict[str, Any]:
+    """Plain `tiny-random`: the DINOv2-with-registers model the default chain has always used, at image_size 224 (a
+    16×16 table), so that the chain's outputs stay comparable with those recorded before; `tiny-random:dinov2-reg` is
+    the same model with the real checkpoints' 518."""
+    return {**tiny_dino_config(), "image_size": 224}
+
+
 def dinov2_base_config() -> dict[str, Any]:
     """The real ViT-B/14 with 4 registers (768 wide, 12 layers, 12 heads) of `dinov2-with-registers-base`."""
     return {**tiny_dino_config(), "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
@@ -299,7 +306,7 @@ def vision_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def tiny_configs() -> dict[str, Callable[[], dict[str, Any]]]:
     """`tiny-random` (DINOv2 with registers, as always) and `tiny-random:KEY` for every family."""
-    return {"": tiny_dino_config, **{f.key: f.tiny for f in FAMILIES}}
+    return {"": tiny_default_config, **{f.key: f.tiny for f in FAMILIES}}
 
 
 def build(config: dict[str, Any]) -> PreTrainedModel:
