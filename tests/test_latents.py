@@ -261,24 +261,19 @@ def fingerprint(values: np.ndarray) -> list[float]:
 
 
 # What the default chain (tiny-random VAE and DINOv2-reg at 64 px, 6 random 90×80 PNGs of numpy seed 0, one thread)
-# wrote on main at 5cb68c9, before the latent zoo: fingerprints of the latents' moments, the shards' arrays, the weights
-# after 3 training steps, the 2 sampled images and the 3 logged losses. Recorded on an Intel Xeon (AVX-512) with torch
-# 2.13.0+cpu, where 5cb68c9 and the code after the zoo wrote the same bytes. Float kernels differ between CPUs, so each
-# is compared within a tolerance relative to its RMS, above what other kernels move and below a real change. Scalar
-# kernels (ATEN_CPU_CAPABILITY=default, no AVX) moved the PCs by 1.7e-4 (float16 values a ulp apart), the weights by
-# 2e-7 and the losses by 8e-6, AVX2 kernels less (3e-8, 7e-10, 0), two threads one sampled pixel by 1; a 1 % larger
-# learning rate moves the weights by 5e-6.
-BEFORE = {
-    "moments": [0.6927861669, -1.573304198, 0.5324598987, 0.2881989801],
-    "shards/cls": [0.9994241578, -1.000417018, -0.06318667342, -1.509131361],
-    "shards/moments": [0.6927861669, -1.446827545, 0.7437609951, 0.2688188055],
-    "shards/patch_tokens": [0.9999923339, 1.629600081, -0.7402238044, 0.007757347957],
-    "shards/pcs": [1.442657166, -0.484940326, -0.1461681317, -2.302141483],
-    "model": [0.08392778228, 0.02741729762, 0.04462694323, 0.05845863307],
-    "samples": [147.5223406, 102.6936509, -29.48236781, -111.0253579],
-    "loss": [2.370638825, 0.8355324567, 0.03891335761, 2.472105464],
-}
-TOLERANCE = {"model": 2e-6, "loss": 1e-4, "samples": 1e-3}  # of the RMS; float16 arrays: 2e-3 (two ulps)
+# wrote on main at 5cb68c9, before the latent zoo, on an Intel Xeon (AVX-512) with torch 2.13.0+cpu, where 5cb68c9 and
+# the code after the zoo wrote the same bytes: the float16 latents and shard arrays (BEFORE_ARRAYS, 13 kB), the
+# fingerprints of the weights after 3 training steps and of the 2 sampled images, and the 3 logged losses. Float kernels
+# differ between CPUs, so each is compared within a tolerance above what other kernels move and below a real change.
+# Scalar kernels (ATEN_CPU_CAPABILITY=default, no AVX) moved the arrays by 0.26 of FLOAT16_TOLERANCE (the PCs; float16
+# values one rounding apart), the weights by 2e-7 of their RMS and the losses by 2e-5; AVX2 kernels less; two threads
+# one sampled pixel by 1. The input map x/128 − 1 instead of x/127.5 − 1 moves the moments by 4 FLOAT16_TOLERANCEs, a
+# 1 % larger learning rate the weights by 5e-6 of their RMS.
+BEFORE_ARRAYS = Path(__file__).parent / "fixtures" / "default-chain-5cb68c9.npz"  # moments, cls, patch_tokens, pcs
+FLOAT16_TOLERANCE = 2e-3  # relative, and absolute in units of the array's RMS
+BEFORE_MODEL = [0.08392778228, 0.02741729762, 0.04462694323, 0.05845863307]  # fingerprint, to 2e-6 of the RMS
+BEFORE_SAMPLES = [147.5223406, 102.6936509, -29.48236781, -111.0253579]  # fingerprint (uint8), to 1e-3 of the RMS
+BEFORE_LOSSES = [3.043135881, 1.849791408, 2.04386425]  # relative 2e-4
 WDS_FIELDS = ("moments", "pcs", "cls", "patch_tokens")  # the .npy members of each key, after its label
 CHUNK_FILES = [  # two blocks of 4 samples (--shard-size 4)
     "samples.zarr/cls/c/0/0", "samples.zarr/cls/c/1/0", "samples.zarr/label/c/0", "samples.zarr/label/c/1",
@@ -298,21 +293,26 @@ def test_the_default_chain_is_as_before_the_zoo(vae: str, images: Path, tmp_path
          "--batch-size", "2", "--max-steps", "3", "--num-workers", "0", "--log-every", "1")
     redi("sample", "--run", tmp_path / "run", "--steps", "2", "--num", "2", "--out", tmp_path / "samples")
     shards = zarr.open_group(data / "shards" / "samples.zarr", mode="r")
+    moments = stored(data, "latents", "moments")
+    with np.load(BEFORE_ARRAYS) as before:
+        for name, got in (("moments", moments), *((n, shards[n][:]) for n in ("cls", "patch_tokens", "pcs"))):
+            want = before[name].astype(np.float64)
+            np.testing.assert_allclose(got, want, rtol=FLOAT16_TOLERANCE, err_msg=name,
+                                       atol=FLOAT16_TOLERANCE * float(np.sqrt(np.mean(want * want))))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "step-0000003.pt", weights_only=True)
+    weights = np.concatenate([v.numpy().ravel() for _, v in sorted(ckpt["model"].items())])
+    np.testing.assert_allclose(fingerprint(weights), BEFORE_MODEL, rtol=0, atol=2e-6 * BEFORE_MODEL[0])
     with np.load(tmp_path / "samples" / "samples.npz") as f:
-        outputs = {"moments": stored(data, "latents", "moments"), "samples": f["arr_0"],
-                   **{f"shards/{name}": shards[name][:] for name in ("cls", "moments", "patch_tokens", "pcs")},
-                   "model": np.concatenate([v.numpy().ravel() for _, v in sorted(ckpt["model"].items())]),
-                   "loss": [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]}
-    got = {name: fingerprint(values) for name, values in outputs.items()}
-    for name, want in BEFORE.items():
-        tolerance = TOLERANCE.get(name, 2e-3) * want[0]
-        assert np.abs(np.subtract(got[name], want)).max() <= tolerance, (name, got[name], want)
+        np.testing.assert_allclose(fingerprint(f["arr_0"]), BEFORE_SAMPLES, rtol=0, atol=1e-3 * BEFORE_SAMPLES[0])
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    np.testing.assert_allclose(losses, BEFORE_LOSSES, rtol=2e-4)
     # What no float kernel makes is compared exactly: the labels, the chunk files, the tars' members (each a zarr row).
     assert np.array_equal(shards["label"][:], np.zeros(6))
     assert sorted(str(p.relative_to(data / "shards")) for p in (data / "shards" / "samples.zarr").rglob("*")
                   if "/c/" in str(p) and p.is_file()) == CHUNK_FILES
-    keys = json.loads((data / "shards" / "keys.json").read_text())
+    keys = json.loads((data / "shards" / "keys.json").read_text())  # the shards' order, a seeded permutation
+    index = {key: i for i, key in enumerate(json.loads((data / "latents" / "keys.json").read_text()))}
+    assert shards["moments"][:].tobytes() == moments[[index[key] for key in keys]].tobytes()
     members: dict[str, bytes] = {}
     for path in sorted((data / "shards" / "wds").glob("*.tar")):
         with tarfile.open(path) as tar:
