@@ -1,4 +1,5 @@
-"""common/: the DataLoader worker count, the log handler, and progress: bars on a terminal, plain lines in a log file."""
+"""common/: the DataLoader worker count and what its workers report, the log handler, and progress: bars on a terminal,
+plain lines in a log file."""
 from __future__ import annotations
 
 import datetime
@@ -6,7 +7,10 @@ import io
 import logging
 import os
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader
@@ -32,6 +36,30 @@ def test_the_default_worker_count_never_gets_torch_s_too_many_workers_warning() 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "This DataLoader will create N worker processes … suggested max is M"
         DataLoader(range(4), num_workers=loader_workers(None))
+
+
+WORKER = """
+import socket, sys
+from multiprocessing import resource_sharer
+from redi.common.runtime import loader_worker_init
+
+loader_worker_init(0)
+resource_sharer.DupFd(0)  # a tensor handed to the main process: the descriptor-sharing thread starts listening
+with socket.socket(socket.AF_UNIX) as main:  # the main process connects for it, and is killed mid-handshake
+    main.connect(resource_sharer._resource_sharer._address)
+resource_sharer.stop()  # returns once the sharing thread has served that connection
+try:
+    raise ValueError("the worker's own error")
+except ValueError:
+    sys.excepthook(*sys.exc_info())
+"""
+
+
+def test_a_worker_reports_its_own_errors_but_not_a_main_process_killed_mid_handover() -> None:
+    done = subprocess.run([sys.executable, "-c", WORKER], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Traceback") == 1 and "ValueError: the worker's own error" in done.stderr, done.stderr
 
 
 def test_other_ranks_log_only_warnings_with_their_rank(monkeypatch: pytest.MonkeyPatch,

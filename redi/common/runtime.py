@@ -6,7 +6,13 @@ import contextlib
 import ctypes
 import os
 import signal
+import sys
 import threading
+import traceback
+from collections.abc import Callable
+from multiprocessing import resource_sharer
+from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -54,15 +60,29 @@ def loader_worker_init(worker_id: int) -> None:
     signal would fail the main process's next batch ("DataLoader worker … killed") instead of letting
     it finish the step and checkpoint. So a worker ignores SIGTERM, SIGUSR1 and SIGINT, but for a
     SIGTERM from its own main process, which is how multiprocessing and torch end their workers. A
-    worker that outlived its main process (kill -9) is killed by the kernel (Linux).
+    worker that outlived its main process (kill -9) is killed by the kernel (Linux), without a
+    traceback for the batch it was handing over.
     """
     parent = os.getppid()
+    sys.excepthook = _without_handover_reports(sys.excepthook)
     # Blocked before the worker starts any other thread, so that every thread inherits the mask and
     # only the waiting thread below ever receives these signals (and sees who sent them).
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     threading.Thread(target=_end_on_the_main_process_sigterm, args=(parent,), name="stop-signals", daemon=True).start()
     with contextlib.suppress(OSError, AttributeError):  # not Linux: torch's own watchdog ends orphaned workers within seconds
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _without_handover_reports(report: Callable[..., Any]) -> Callable[..., Any]:
+    """A worker's sys.excepthook. Torch hands a batch's tensors to the main process through multiprocessing's
+    descriptor-sharing thread, which reports a main process killed mid-handshake with a traceback of its own
+    (EOFError or ConnectionResetError): no fault of the worker, which the kernel ends a moment later. Those are
+    dropped; every other exception is reported."""
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        frames = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)]
+        if not (issubclass(kind, (EOFError, ConnectionError)) and frames and frames[0] == resource_sharer.__file__):
+            report(kind, value, tb)
+    return hook
 
 
 def _end_on_the_main_process_sigterm(parent: int) -> None:
