@@ -4,6 +4,7 @@ comparison of what a faulted-then-rerun command left with what an uninterrupted 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -12,10 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +179,29 @@ def filled(disk: Path, leave: int) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------- signals
 
 
+@dataclass(frozen=True)
+class StopPoint:
+    """Where a launched `redi` stops itself (SIGSTOP) for the test to signal it: before a file event under `root` (a
+    file opened for writing, or a rename), the one `skip` events after the first at which `target` units are
+    committed. Units are the files matching `files` (globs under `root`) plus the lines of `lines` (files under
+    `root`). The stopped process is the test's readiness mark: it is mid-work, it cannot end before the signal
+    whatever the machine's load, and what it has written is exactly what precedes that event."""
+
+    root: Path
+    target: int = 0
+    skip: int = 0
+    files: tuple[str, ...] = ()
+    lines: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"root": str(self.root), "target": self.target, "skip": self.skip, "files": list(self.files),
+                "lines": list(self.lines)}
+
+
+NEVER = 10 ** 9  # a `skip` no run reaches: the run ends and its log says how many file events it made
+EVENTS = re.compile(r"faults: (\d+) file events under ")
+
+
 class Launcher:
     """Starts `redi ARGS` processes fast: a helper Python imports the CLI and every command's modules once, then
     forks one child per run, which runs the `redi` entry point in its own session (so a group kill reaches it and
@@ -187,10 +213,11 @@ class Launcher:
         self.proc = subprocess.Popen([sys.executable, "-c", "import faults; faults.serve()"], cwd=REPO, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def start(self, args: list[object], log: Path) -> int:
-        """Fork a child running `redi ARGS` (output to `log`); its pid."""
+    def start(self, args: list[object], log: Path, point: StopPoint | None = None) -> int:
+        """Fork a child running `redi ARGS` (output to `log`), stopping itself at `point`; its pid."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"args": [str(a) for a in args], "log": str(log)}) + "\n")
+        request = {"args": [str(a) for a in args], "log": str(log), "point": point and point.to_json()}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return int(json.loads(self.proc.stdout.readline())["pid"])
 
@@ -217,25 +244,31 @@ def serve() -> None:
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            _run_redi(request["args"], request["log"])
+            os.setsid()
+            out = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            run_redi(request["args"], request["point"])
         print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
 
 
-def _run_redi(args: list[str], log: str) -> None:
-    """In the forked child: what the `redi` console script does, in a new session, output to `log`."""
+def run_redi(args: list[str], point: dict[str, Any] | None) -> None:
+    """What the `redi` console script does, stopping at `point` (StopPoint.to_json) if given; never returns."""
     code = 1
     try:
-        os.setsid()
-        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
+        events = stop_at(point) if point else None
         from redi.cli import app
 
-        app(args=args, prog_name="redi")
-        code = 0
+        try:
+            app(args=args, prog_name="redi")
+            code = 0
+        finally:
+            if events is not None and events["armed"]:
+                print(f"faults: {events['count']} file events under {point['root']}; the stop point was not reached",  # type: ignore[index]
+                      file=sys.stderr)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     except BaseException:
@@ -246,10 +279,61 @@ def _run_redi(args: list[str], log: str) -> None:
         os._exit(code)
 
 
-def holds_a_lock(pid: int) -> bool:
-    """True once process `pid` holds an advisory lock (a stage, pca, run or sample lock): it is past start-up."""
-    return any(fields[4] == str(pid) for fields in map(str.split, Path("/proc/locks").read_text().splitlines())
-               if len(fields) > 4 and fields[1] == "FLOCK")
+def stop_at(point: dict[str, Any]) -> dict[str, Any]:
+    """Install the audit hook that stops this process at `point` (StopPoint.to_json): it says where in its log, then
+    waits for the test's signal (SIGCONT: it goes on, unhooked). Returns its live count of file events."""
+    root = os.path.realpath(point["root"])
+    pid, state, inside = os.getpid(), {"count": 0, "since": -1, "armed": True}, threading.local()
+
+    def committed() -> int:
+        files = sum(len(glob.glob(os.path.join(root, pattern))) for pattern in point["files"])
+        lines = 0
+        for name in point["lines"]:
+            with contextlib.suppress(FileNotFoundError), open(os.path.join(root, name), "rb") as f:
+                lines += f.read().count(b"\n")
+        return files + lines
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if not state["armed"] or os.getpid() != pid or getattr(inside, "now", False):
+            return  # a DataLoader worker (forked with the hook), or the hook's own reads
+        path = _written_path(event, args)
+        if path is None or not os.path.abspath(path).startswith(root + os.sep):
+            return
+        inside.now = True
+        try:
+            state["count"] += 1
+            if state["since"] < 0 and committed() >= point["target"]:
+                state["since"] = 0
+            elif state["since"] >= 0:
+                state["since"] += 1
+            if state["since"] == point["skip"]:
+                state["armed"] = False
+                print(f"faults: stopped before {event} {path} ({point['target']} units committed)", file=sys.stderr, flush=True)
+                os.kill(pid, signal.SIGSTOP)
+        finally:
+            inside.now = False
+
+    sys.addaudithook(hook)
+    return state
+
+
+def _written_path(event: str, args: tuple[Any, ...]) -> str | None:
+    """The file an audit event writes: a file opened for writing (builtins.open or os.open), a rename's target."""
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and flags & (os.O_WRONLY | os.O_RDWR)):
+            return os.fsdecode(args[0])
+    if event == "os.rename":
+        return os.fsdecode(args[1])
+    return None
+
+
+def stopped(pid: int) -> bool:
+    """True while process `pid` is stopped (SIGSTOP): the state field of /proc/PID/stat."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def running(pid: int) -> bool:
@@ -260,21 +344,41 @@ def running(pid: int) -> bool:
     return True
 
 
-def interrupt(launcher: Launcher, args: list[object], log: Path, sig: signal.Signals, group: bool,
-              ready: Callable[[], bool], delay: float, timeout: float = 180.0) -> tuple[int, str]:
-    """Start `redi ARGS`; once it holds its lock and `ready()`, wait `delay` seconds more, then send `sig` to it (or to
-    its whole process group, DataLoader workers included); (exit code, output). Exit 0: it ended first."""
-    pid = launcher.start(args, log)
+def signal_when_stopped(pid: int, sig: signal.Signals, group: bool, log: Path, timeout: float = 300.0) -> None:
+    """Wait until `pid` has stopped itself at its StopPoint, then send `sig` to it (or to its whole process group,
+    DataLoader workers included) and let it go on. No race: it cannot move on before the signal."""
     deadline = time.monotonic() + timeout
-    while running(pid) and not (holds_a_lock(pid) and ready()):
-        assert time.monotonic() < deadline, f"redi {args[0]} never reached the kill point"
+    while not stopped(pid):  # polled, but nothing is timed: the process waits for us there
+        if not running(pid) or time.monotonic() > deadline:
+            raise AssertionError(f"the process never reached its stop point:\n{log.read_text()[-3000:]}")
         time.sleep(0.01)
-    time.sleep(delay)
+    kill = os.killpg if group else os.kill
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig) if group else os.kill(pid, sig)
-    code = launcher.wait()
+        kill(pid, sig)
+        kill(pid, signal.SIGCONT)  # a pending SIGTERM is handled as it resumes; SIGKILL needs no resume
+
+
+def interrupt(launcher: Launcher, args: list[object], log: Path, sig: signal.Signals, group: bool,
+              point: StopPoint) -> tuple[int, str]:
+    """Start `redi ARGS`, which stops itself at `point`; send it `sig` there; (exit code, output)."""
+    pid = launcher.start(args, log, point)
+    try:
+        signal_when_stopped(pid, sig, group, log)
+    finally:
+        code = launcher.wait()
     return code, log.read_text()
+
+
+def file_events(launcher: Launcher, args: list[object], log: Path, root: Path) -> int:
+    """How many file events (files opened for writing, renames) an uninterrupted `redi ARGS` makes under `root`."""
+    pid = launcher.start(args, log, StopPoint(root, skip=NEVER))
+    assert pid > 0 and launcher.wait() == 0, log.read_text()[-3000:]
+    return int(EVENTS.findall(log.read_text())[-1])
 
 
 def count(folder: Path, pattern: str = "*") -> int:
     return sum(1 for _ in Path(folder).glob(pattern)) if Path(folder).is_dir() else 0
+
+
+if __name__ == "__main__":  # python tests/faults.py STOP_POINT_JSON ARGS…: a fresh `redi ARGS` that stops there
+    run_redi(sys.argv[2:], json.loads(sys.argv[1]))

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,8 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
+import faults
+from faults import StopPoint, signal_when_stopped
 from redi.cli import app
 from redi.pipeline.demo_data import CLASSES, write_demo_images
 from redi.pipeline.encoders import ENCODER, VAE, load, resolve
@@ -177,16 +178,18 @@ def test_kill_9_resume_is_bitwise_identical_then_cached(images: Path, tmp_path: 
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert redi(*args, "--data", clean)[0] == 0
 
-    proc = subprocess.Popen([sys.executable, "-m", "redi", *args, "--data", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    progress, deadline = killed / "latents" / "progress", time.monotonic() + 120
-    while not (progress.is_dir() and any(progress.glob("*.json"))):
-        assert proc.poll() is None and time.monotonic() < deadline, "the encode subprocess never committed a chunk"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # A fresh `redi encode` that stops itself mid-way through its second chunk's writes, killed there: no race with
+    # its end, however loaded the machine.
+    point = StopPoint(killed, target=1, skip=2, files=("latents/progress/*.json",))
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(Path(faults.__file__)), json.dumps(point.to_json()), *args,
+                                 "--data", str(killed)], stdout=out, stderr=subprocess.STDOUT)
+    signal_when_stopped(proc.pid, signal.SIGKILL, False, log)
+    assert proc.wait() == -signal.SIGKILL
+    progress = killed / "latents" / "progress"
     committed = len(list(progress.glob("*.json")))
-    assert 0 < committed < 12 and not (killed / "latents" / "errors.jsonl").exists()
+    assert committed == 1 and not (killed / "latents" / "errors.jsonl").exists()
     assert f"incomplete ({committed} of 12 chunks)" in redi("info", killed)[1]
 
     code, out = redi(*args, "--data", killed)

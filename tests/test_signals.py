@@ -3,31 +3,33 @@ and `kill -TERM -PGID` do: DataLoader workers included), with and without worker
 leaves exactly what an uninterrupted run writes (checkpoints: the same tensors; metrics: the same values).
 
 Each command is interrupted at four seeded points in a row (each kill lands in the run that resumed the
-previous one), then rerun to the end. test_encode.py (kill -9 of a separately launched `redi encode`) and
+previous one), then rerun to the end. A run stops itself at its point (faults.StopPoint: before a file event, after
+so many committed units) and is signalled there, so the kill lands mid-work however loaded the machine is. test_encode.py (kill -9 of a separately launched `redi encode`) and
 test_train.py (SIGTERM to `redi train`, and to torchrun) hold the same cases for real `redi` processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from faults import (
-    ENCODE, IMAGES, NUM, SHARDS, STEPS, TINY, Launcher, copy_in, count, digest_tree, interrupt, redi, same_value,
-    same_metrics, same_pca, sample_args, temporaries, train_args,
+    ENCODE, IMAGES, NUM, SHARDS, STEPS, TINY, Launcher, StopPoint, copy_in, digest_tree, file_events, interrupt, redi,
+    same_value, same_metrics, same_pca, sample_args, temporaries, train_args,
 )
 from redi.trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
-from redi.trainer.metrics import read_metrics
 
 SEED = 2024  # the kill points are drawn from (SEED, command)
 KILL, TERM = signal.SIGKILL, signal.SIGTERM
 # (signal, to the whole process group?) of each kill point, in order
 EVERY_WAY = [(KILL, False), (TERM, True), (KILL, True), (TERM, False)]
+SKIP = 8  # a unit makes 4 (a metrics line: 1) to 16 file events: a tmp file opened, written, renamed, recorded
+PCA_FILES = ("pca.safetensors", "pca.json", "pca_explained_variance.png")
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +40,15 @@ def launcher() -> Iterator[Launcher]:
 
 
 def interrupt_repeatedly(launcher: Launcher, name: str, args: list[object], kills: list[tuple[signal.Signals, bool]],
-                         progress: Callable[[], int], total: int, log_dir: Path) -> list[tuple[int, str]]:
-    """Run `redi ARGS` once per kill and interrupt it at a seeded point: once `progress()` (committed work units,
-    which survive the kills) reaches a target drawn from the first three quarters of `total`, plus a random
-    fraction of a tenth of a second."""
+                         units: StopPoint, total: int, log_dir: Path) -> list[tuple[int, str]]:
+    """Run `redi ARGS` once per kill and interrupt it at a seeded point: once the committed units that `units` counts
+    (they survive the kills) reach a target drawn from the first three quarters of `total`, before one of the next
+    SKIP file events (the next unit's writes, its commit, or what comes between)."""
     rng = random.Random(f"{SEED}-{name}")
     targets = sorted(rng.sample(range(1, max(len(kills) + 1, total * 3 // 4)), len(kills)))
-    results = []
-    for k, ((sig, group), target) in enumerate(zip(kills, targets, strict=True)):
-        results.append(interrupt(launcher, args, log_dir / f"{name}-{k}.log", sig, group,
-                                 lambda target=target: progress() >= target, rng.uniform(0.0, 0.1)))
-    return results
+    return [interrupt(launcher, args, log_dir / f"{name}-{k}.log", sig, group,
+                      dataclasses.replace(units, target=target, skip=rng.randrange(SKIP)))
+            for k, ((sig, group), target) in enumerate(zip(kills, targets, strict=True))]
 
 
 def killed_by(results: list[tuple[int, str]], kills: list[tuple[signal.Signals, bool]], on_term: int | None = None) -> None:
@@ -63,8 +63,8 @@ def test_encode_with_workers(launcher: Launcher, pipeline: dict[str, Path], tmp_
     data = pipeline["data"]
     copy_in(pipeline["ref_data"], data, ())
     args = ["encode", pipeline["images"], "--data", data, *ENCODE, "--workers", 2]
-    progress = lambda: count(data / "latents" / "progress") + count(data / "features" / "progress")
-    killed_by(interrupt_repeatedly(launcher, "encode", args, EVERY_WAY, progress, 2 * IMAGES, tmp_path), EVERY_WAY)
+    units = StopPoint(data, files=("latents/progress/*.json", "features/progress/*.json"))
+    killed_by(interrupt_repeatedly(launcher, "encode", args, EVERY_WAY, units, 2 * IMAGES, tmp_path), EVERY_WAY)
     code, out = redi(*args)  # at once: no DataLoader worker outlives its main process, holding the stage locks
     assert code == 0, out
     for stage in ("latents", "features"):
@@ -77,8 +77,8 @@ def test_features_without_workers(launcher: Launcher, pipeline: dict[str, Path],
     copy_in(pipeline["ref_data"], data, ())
     args = ["features", pipeline["images"], "--data", data, "--encoder", "tiny-random", *TINY, "--workers", 0]
     kills = EVERY_WAY[:2]
-    progress = lambda: count(data / "features" / "progress")
-    killed_by(interrupt_repeatedly(launcher, "features", args, kills, progress, IMAGES, tmp_path), kills)
+    units = StopPoint(data, files=("features/progress/*.json",))
+    killed_by(interrupt_repeatedly(launcher, "features", args, kills, units, IMAGES, tmp_path), kills)
     code, out = redi(*args)
     assert code == 0, out
     assert digest_tree(data / "features") == digest_tree(pipeline["ref_data"] / "features")
@@ -87,34 +87,27 @@ def test_features_without_workers(launcher: Launcher, pipeline: dict[str, Path],
 def test_pca_never_leaves_its_file_without_its_record(launcher: Launcher, pipeline: dict[str, Path], tmp_path: Path) -> None:
     data = pipeline["data"]
     copy_in(pipeline["ref_data"], data, ("features",))
-    start = time.perf_counter()
-    code, out = redi("pca", "--data", data)  # how long its work takes here, once past start-up
-    assert code == 0, out
-    seconds = time.perf_counter() - start
-    copy_in(pipeline["ref_data"], data, ("features",))
+    args = ["pca", "--data", data]
+    events = file_events(launcher, args, tmp_path / "pca.log", data)  # its writes: no units to count, it has one
     rng = random.Random(f"{SEED}-pca")
-    for k, (sig, group) in enumerate(EVERY_WAY):  # no work units to count: a random time into the run
-        code, output = interrupt(launcher, ["pca", "--data", data], tmp_path / f"pca-{k}.log", sig, group, lambda: True,
-                                 rng.uniform(0.0, seconds))
-        assert code in (0, -sig) and "Traceback" not in output, output[-3000:]  # its work is a blink: it may end first
+    for k, ((sig, group), skip) in enumerate(zip(EVERY_WAY, sorted(rng.sample(range(events), 4)), strict=True)):
+        for name in PCA_FILES:  # each kill point in a fresh run: a rerun after a late kill has fewer writes
+            (data / name).unlink(missing_ok=True)
+        code, output = interrupt(launcher, args, tmp_path / f"pca-{k}.log", sig, group, StopPoint(data, skip=skip))
+        assert code == -sig and "Traceback" not in output, output[-3000:]
         assert (data / "pca.json").exists() or not (data / "pca.safetensors").exists()
-        if code == 0:  # the next kill point starts over
-            for name in ("pca.safetensors", "pca.json", "pca_explained_variance.png"):
-                (data / name).unlink()
-    code, out = redi("pca", "--data", data)
-    assert code == 0, out
-    same_pca(data, pipeline["ref_data"])
-    assert not temporaries(data)
+        code, out = redi(*args)
+        assert code == 0, out
+        same_pca(data, pipeline["ref_data"])
+        assert not temporaries(data)
 
 
 def test_shards(launcher: Launcher, pipeline: dict[str, Path], tmp_path: Path) -> None:
     data = pipeline["data"]
     copy_in(pipeline["ref_data"], data, ("latents", "features", "pca.safetensors", "pca.json"))
     args = ["shards", "--data", data, *SHARDS]
-    results = interrupt_repeatedly(launcher, "shards", args, EVERY_WAY, lambda: count(data / "shards" / "progress"), IMAGES,
-                                   tmp_path)
-    for (code, output), (sig, _) in zip(results, EVERY_WAY, strict=True):  # a block is milliseconds: the run may end first
-        assert code in (0, -sig) and "Traceback" not in output, output[-3000:]
+    units = StopPoint(data, files=("shards/progress/*.json",))
+    killed_by(interrupt_repeatedly(launcher, "shards", args, EVERY_WAY, units, IMAGES, tmp_path), EVERY_WAY)
     code, out = redi(*args)
     assert code == 0, out
     assert digest_tree(data / "shards") == digest_tree(pipeline["ref_data"] / "shards")
@@ -124,8 +117,8 @@ def test_shards(launcher: Launcher, pipeline: dict[str, Path], tmp_path: Path) -
 def test_train_with_workers(launcher: Launcher, pipeline: dict[str, Path], tmp_path: Path) -> None:
     run, ref_run = pipeline["run"], pipeline["ref_run"]
     args = ["train", *train_args(pipeline["ref_data"], run)]
-    progress = lambda: len(read_metrics(run / "metrics.jsonl")) if (run / "metrics.jsonl").exists() else 0
-    results = interrupt_repeatedly(launcher, "train", args, EVERY_WAY, progress, STEPS, tmp_path)
+    results = interrupt_repeatedly(launcher, "train", args, EVERY_WAY, StopPoint(run, lines=("metrics.jsonl",)), STEPS,
+                                   tmp_path)
     killed_by(results, EVERY_WAY, on_term=128 + TERM)  # SIGTERM: the current step, a checkpoint, exit 143
     for (_, output), (sig, _) in zip(results, EVERY_WAY, strict=True):
         assert sig != TERM or "Stopped by SIGTERM" in output, output[-3000:]
@@ -142,8 +135,8 @@ def test_train_with_workers(launcher: Launcher, pipeline: dict[str, Path], tmp_p
 def test_sample(launcher: Launcher, pipeline: dict[str, Path], tmp_path: Path) -> None:
     out = pipeline["samples"]
     args = ["sample", *sample_args(pipeline["ref_run"], out)]
-    killed_by(interrupt_repeatedly(launcher, "sample", args, EVERY_WAY, lambda: count(out / "images", "*.png"), NUM, tmp_path),
-              EVERY_WAY)
+    units = StopPoint(out, files=("images/*.png",))
+    killed_by(interrupt_repeatedly(launcher, "sample", args, EVERY_WAY, units, NUM, tmp_path), EVERY_WAY)
     code, text = redi(*args)
     assert code == 0, text
     outputs = {k: v for k, v in digest_tree(out).items() if k != "sample.json"}
