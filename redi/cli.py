@@ -66,7 +66,7 @@ def _display(
 # What to lower when a command runs out of GPU memory.
 MEMORY_HINTS = {
     "encode_command": "a smaller --batch-size", "features_command": "a smaller --batch-size",
-    "pca_command": "a smaller --batch-images", "sample_command": "a smaller --batch-size",
+    "pca_command": "a smaller --batch-size", "sample_command": "a smaller --batch-size",
     "eval_command": "a smaller --batch-size",
     "train_command": "a smaller --micro-batch (the global --batch-size stays: gradient accumulation makes it up)",
 }
@@ -99,9 +99,48 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# The end of each command's --help: real command lines (tests/test_vocabulary.py parses every one). The demo's paths
+# are `make demo`'s; the others those of README.md's ImageNet recipe.
+EXAMPLES = {
+    "demo-data": ("redi demo-data --out data/demo/images --num 64",),
+    "encode": ("redi encode data/demo/images --data data/demo --vae tiny-random",
+               "redi encode /datasets/imagenet/train --data /scratch/redi --with-features"),
+    "features": ("redi features data/demo/images --data data/demo --encoder tiny-random",
+                 "redi features /datasets/imagenet/train --data /scratch/dinov2-b \\",
+                 "    --encoder facebook/dinov2-base"),
+    "pca": ("redi pca --data data/demo",
+            "redi pca --data /scratch/redi --import dino_pca_model.pth --trust-pickle"),
+    "shards": ("redi shards --data data/demo --pcs 16 --format both --patch-tokens",
+               "redi shards --data /scratch/redi --format wds --latent-norm channel"),
+    "publish": ("redi publish /scratch/redi s3://my-bucket/imagenet256",),
+    "import-repa": ("redi import-repa /datasets/repa-imagenet256 --data /scratch/redi",),
+    "train": ("redi train --shards data/demo --run runs/a --model SiT-debug --max-steps 300",
+              "torchrun --nproc-per-node 8 -m redi train --shards /scratch/redi \\",
+              "    --run runs/sit-xl-redi --model SiT-XL/2 --method redi --compile"),
+    "sample": ("redi sample --run runs/sit-xl-redi --guidance cfg+rg --num 50000",
+               "redi sample --ckpt redi-xl.pt --guidance rg --labels 207,360 --num 8"),
+    "preview": ("redi preview data/demo",
+                "redi preview data/demo --samples data/demo/samples-raw-weights"),
+    "eval": ("redi eval samples/a/samples.npz --ref VIRTUAL_imagenet256_labeled.npz",
+             "redi eval samples/a/samples.npz --ref VIRTUAL_imagenet256_labeled.npz \\",
+             "    --metrics fid,fd_dinov2 --fd-encoder /models/dinov2-large"),
+    "convert": ("redi convert SiT-XL-2-256x256.pt --from sit --out sit-xl.pt",
+                "redi convert SiT-ReDi-XL-2-3M.pt --from redi --out redi-xl.pt --trust-pickle"),
+    "info": ("redi info data/demo", "redi info runs/a --json"),
+    "verify": ("redi verify data/demo", "redi verify s3://my-bucket/imagenet256 --no-deep"),
+    "bench": ("redi bench loader --shards data/demo --quick", "redi bench all --json"),
+}
+
+
+def examples(name: str) -> str:
+    """The epilog of `redi NAME --help`: its examples, one line each (a longer one continued with a backslash), each
+    short enough for 80 columns; rich markup, so no example holds a [."""
+    return "Examples:\n" + "\n".join(EXAMPLES[name])
+
+
 def stage_command(name: str, spec: FromConfig, panel: str) -> Callable[[F], F]:
     """A command whose flags are `spec`'s config fields (then its own parameters), its errors one sentence."""
-    return config_command(app, name, spec, guard=user_errors, rich_help_panel=panel)
+    return config_command(app, name, spec, guard=user_errors, rich_help_panel=panel, epilog=examples(name))
 
 
 def print_json(value: Any) -> None:
@@ -120,9 +159,13 @@ ENCODER_HELP = ("Representation encoder: hub id or local directory of a DINOv2, 
                 "I-JEPA or ViT model (MoCo v3, DINOv1: redi convert-encoder; docs/ENCODERS.md), or tiny-random[:FAMILY] "
                 "(tests and demos only).")
 ENCODE = FromConfig("redi.pipeline.encode:EncodeConfig", panels={},
-                    flags={"source": SOURCE, "data": DATA, "model": Flag(("--vae",), VAE_HELP, VAE_DEFAULT)})
+                    flags={"source": SOURCE, "data": DATA, "model": Flag(("--vae",), VAE_HELP, VAE_DEFAULT),
+                           "revision": Flag(("--vae-revision", "--revision"), "Hub revision (branch, tag or commit) of "
+                                            "--vae; recorded in the manifest.")})
 FEATURES = FromConfig("redi.pipeline.encode:EncodeConfig", panels={},
-                      flags={"source": SOURCE, "data": DATA, "model": Flag(("--encoder",), ENCODER_HELP, ENCODER_DEFAULT)})
+                      flags={"source": SOURCE, "data": DATA, "model": Flag(("--encoder",), ENCODER_HELP, ENCODER_DEFAULT),
+                             "revision": Flag(("--encoder-revision", "--revision"), "Hub revision (branch, tag or "
+                                              "commit) of --encoder; recorded in the manifest.")})
 
 
 def _print_stage_result(result: Any) -> None:
@@ -139,7 +182,7 @@ def _print_stage_result(result: Any) -> None:
                   f"(listed in {escape(str(result.out / 'errors.jsonl'))}).")
 
 
-@app.command("demo-data", cls=Command, rich_help_panel=DATA_PANEL)
+@app.command("demo-data", cls=Command, rich_help_panel=DATA_PANEL, epilog=examples("demo-data"))
 @user_errors
 def demo_data_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the images into (ImageFolder layout).")] = Path("data/demo-images"),
@@ -159,7 +202,7 @@ def encode_command(
     cfg: EncodeConfig,
     with_features: Annotated[bool, typer.Option("--with-features", help="Also run the features stage in the same pass, decoding each image once (what `make encode` does).")] = False,
     encoder: Annotated[str, typer.Option("--encoder", help=f"With --with-features: {ENCODER_HELP}")] = ENCODER_DEFAULT,
-    encoder_revision: Annotated[str, typer.Option("--encoder-revision", help="Hub revision of --encoder.")] = "main",
+    encoder_revision: Annotated[str, typer.Option("--encoder-revision", help="With --with-features: hub revision of --encoder.")] = "main",
 ) -> None:
     """Stage encode: VAE posterior moments (mean, std) of every centre-cropped image → DATA/latents (with
     --with-features, also the features stage → DATA/features, from the same decoded images)."""
@@ -183,7 +226,7 @@ def features_command(cfg: EncodeConfig) -> None:
 
 # --- pca ---
 
-PCA = FromConfig("redi.pipeline.pca:PCAConfig", panels={})
+PCA = FromConfig("redi.pipeline.pca:PCAConfig", panels={}, flags={"batch_images": Flag(("--batch-size", "--batch-images"))})
 
 
 @stage_command("pca", PCA, DATA_PANEL)
@@ -260,7 +303,7 @@ def shards_command(
                   f"out (listed under 'skipped' in {escape(str(result.root / 'shards.json'))}).")
 
 
-@app.command("publish", cls=Command, rich_help_panel=DATA_PANEL)
+@app.command("publish", cls=Command, rich_help_panel=DATA_PANEL, epilog=examples("publish"))
 @user_errors
 def publish_command(
     data: Annotated[Path, typer.Argument(help="Data root whose finished shards/ (and pca.safetensors) to copy.", show_default=False)],
@@ -300,7 +343,8 @@ TRAIN = FromConfig(
         "Watching": ("tracker", "sample_every", "sample_num", "sample_steps", "sample_guidance", "eval_every",
                      "eval_ref", "inception", "eval_num", "eval_labels"),
     },
-    flags={"data_format": Flag(("--format",)), "max_steps": Flag(("--max-steps", "--steps")),
+    flags={"data_format": Flag(("--format",)), "num_workers": Flag(("--workers", "--num-workers")),
+           "max_steps": Flag(("--max-steps", "--steps")),
            "inception": Flag(envvar="REDI_INCEPTION")},
     skip=("resolution",),  # read from the shards
 )
@@ -310,7 +354,8 @@ TRAIN = FromConfig(
 def train_command(
     cfg: TrainConfig,
     ctx: typer.Context,
-    device: Annotated[str | None, typer.Option(help="cuda or cpu; default: cuda if available.", rich_help_panel="Run", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="Where the run trains: auto (cuda if available, else cpu), cpu, cuda or cuda:N "
+                                             "(torchrun ranks: their local GPU).", rich_help_panel="Run")] = "auto",
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and parameter count, then exit.", rich_help_panel="Run")] = False,
 ) -> None:
     """Train SiT/DiT with baseline, ReDi, REPA, REG or ReDi+REPA on prepared shards (resumes an existing run)."""
@@ -359,11 +404,11 @@ SAMPLE = FromConfig(
         "Checkpoint": ("run", "ckpt", "weights", "vae", "force_vae"),
         "Guidance": ("guidance", "cfg_scale", "rg_scale", "cfg_channels", "cls_cfg_scale", "interval"),
         "Sampler": ("sampler", "steps", "solver", "atol", "rtol", "last_step", "last_step_size"),
-        "Output": ("num", "seed", "labels", "class_labels", "out", "quantize", "force"),
+        "Output": ("num", "seed", "labels", "out", "quantize", "force"),
         "Run": ("batch_size", "device", "precision"),
     },
     flags={"interval": Flag(type=str | None, parse="redi.sampler.sample:parse_interval"),
-           "class_labels": Flag(type=str, default="random", parse="redi.sampler.labels:parse_class_labels")},
+           "labels": Flag(("--labels", "--class-labels"), type=str, parse="redi.sampler.labels:parse_labels")},
     skip=("rank", "world_size"),  # torchrun's; a Python caller may split the work itself
 )
 
@@ -515,7 +560,7 @@ def import_repa_command(cfg: RepaImportConfig) -> None:
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")]
 
 
-@app.command("info", cls=Command, rich_help_panel=CHECK_PANEL)
+@app.command("info", cls=Command, rich_help_panel=CHECK_PANEL, epilog=examples("info"))
 @user_errors
 def info_command(
     data: Annotated[Path, typer.Argument(help="Data root (latents/, features/, pca.safetensors, shards/) or run directory.", show_default=False)],
@@ -534,7 +579,7 @@ def info_command(
         for path in plots:
             out.print(f"plot: {escape(str(path))}")
 
-@app.command("verify", cls=Command, rich_help_panel=CHECK_PANEL)
+@app.command("verify", cls=Command, rich_help_panel=CHECK_PANEL, epilog=examples("verify"))
 @user_errors
 def verify_command(
     data: Annotated[str, typer.Argument(help="Data root to check (latents/, features/, pca.safetensors, shards/), a URL that `redi publish` wrote (its shards/), or a run directory (config.json, checkpoints).", show_default=False)],
@@ -590,13 +635,13 @@ def _figure(value: object) -> str:
 BENCH_TARGETS = ("encode", "pca", "loader", "train", "sample", "eval")
 
 
-@app.command("bench", cls=Command, rich_help_panel=CHECK_PANEL)
+@app.command("bench", cls=Command, rich_help_panel=CHECK_PANEL, epilog=examples("bench"))
 @user_errors
 def bench_command(
     target: Annotated[str, typer.Argument(help=f"One of {', '.join(BENCH_TARGETS)}, or all; or gpu: the GPU suite (docs/BENCHMARKS.md).")] = "all",
     quick: Annotated[bool, typer.Option(help="Seconds-long smoke version of each benchmark.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-    samples: Annotated[int | None, typer.Option(help="loader: synthetic dataset size (default 8192); with --shards, samples to read (default one epoch).")] = None,
+    num: Annotated[int | None, typer.Option("--num", "--samples", help="loader: synthetic dataset size (default 8192); with --shards, samples to read (default one epoch).")] = None,
     shards: Annotated[str | None, typer.Option(help="loader: read these shards (a data root, local or a URL) instead of synthetic ones.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="gpu: folder of the JSON files (default $OUT, else runs/bench-gpu).", show_default=False)] = None,
     only: Annotated[str | None, typer.Option(help="gpu: the items to run, e.g. ab (default abcd).")] = None,
@@ -610,7 +655,7 @@ def bench_command(
     targets = BENCH_TARGETS if target == "all" else (target,)
     if any(t not in (*BENCH_TARGETS, "gpu") for t in targets):
         raise UserError(f"Unknown benchmark '{target}': choose one of {', '.join(BENCH_TARGETS)}, all or gpu.")
-    given = {"loader": {"samples": samples, "shards": shards}, "gpu": {"out": out_dir, "only": only, "budget": budget}}
+    given = {"loader": {"num": num, "shards": shards}, "gpu": {"out": out_dir, "only": only, "budget": budget}}
     options = {t: {k: v for k, v in kw.items() if v is not None} for t, kw in given.items()}
     if stray := [f"--{k}" for t, kw in options.items() if t not in targets for k in kw]:
         raise UserError(f"Not an option of `redi bench {target}`: {', '.join(stray)} (see `redi bench --help`).")

@@ -119,7 +119,7 @@ def test_dit_defaults_to_ddpm_and_has_no_pc_picture(tmp_path: Path) -> None:
     assert report["settings"]["sampler"] == "ddpm" and report["settings"]["labels"] == {"mode": "random"}
     assert report["work"]["nfe_per_image"] == 5 * 2
     images, labels = npz(out)
-    assert images.shape == (3, 64, 64, 3) and labels.tolist() == class_labels(3, 0, None, 4).tolist()
+    assert images.shape == (3, 64, 64, 3) and labels.tolist() == class_labels(3, 0, "random", 4).tolist()
     assert (out / "grid.png").exists() and not (out / "pcs.png").exists()
 
 
@@ -165,11 +165,11 @@ def test_adaptive_ode_solver_reports_what_it_spent(sit_run: Path, tmp_path: Path
 
 
 def test_labels_depend_on_seed_and_index_only() -> None:
-    a = class_labels(40, 9, None, 1000)
-    assert np.array_equal(a[10:20], class_labels(20, 9, None, 1000)[10:20])
-    assert len(set(a.tolist())) > 20 and not np.array_equal(a, class_labels(40, 10, None, 1000))
+    a = class_labels(40, 9, "random", 1000)
+    assert np.array_equal(a[10:20], class_labels(20, 9, "random", 1000)[10:20])
+    assert len(set(a.tolist())) > 20 and not np.array_equal(a, class_labels(40, 10, "random", 1000))
     assert class_labels(5, 0, (7, 8), 10).tolist() == [7, 8, 7, 8, 7]
-    assert class_labels(3, 0, None, 1).tolist() == [0, 0, 0]  # unconditional
+    assert class_labels(3, 0, "random", 1).tolist() == [0, 0, 0]  # unconditional
     with pytest.raises(UserError, match="no effect on an unconditional model"):
         class_labels(3, 0, (7,), 1)
     assert batches_of(8, 3, 0, 2) == [[0, 1, 2], [6, 7]] and batches_of(8, 3, 1, 2) == [[3, 4, 5]]

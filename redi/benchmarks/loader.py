@@ -1,6 +1,6 @@
 """Shard reader throughput: Zarr and WebDataset readers vs the public one-file-per-sample layout.
 
-Builds `samples` synthetic `latents/`, `features/` and `pca.safetensors` (docs/FORMATS.md), runs
+Builds `num` synthetic `latents/`, `features/` and `pca.safetensors` (docs/FORMATS.md), runs
 the real `shards` stage on them, then times one process (no workers) reading two epochs in batches
 of 256 with the fields moments (8×32×32) + pcs (32×16×16) + cls: samples/s, and the CPU time per
 sample, which other work on a shared machine hardly moves. The baseline is the layout of the
@@ -212,12 +212,12 @@ def slow_link(directory: Path, latency_ms: float, mb_per_s: float) -> Iterator[s
         server.server_close()
 
 
-def run(quick: bool = False, samples: int | None = None, shards: str | None = None) -> dict[str, float | str]:
-    """Build `samples` synthetic shard samples, then measure samples/s of both readers and of the public layout
-    (or, given `shards`, of reading those)."""
+def run(quick: bool = False, num: int | None = None, shards: str | None = None) -> dict[str, float | str]:
+    """Build `num` synthetic shard samples, then measure samples/s of both readers and of the public layout
+    (or, given `shards`, of reading `num` of those)."""
     if shards is not None:
-        return shard_rates(shards, samples)
-    num = samples or (1024 if quick else 8192)
+        return shard_rates(shards, num)
+    num = num or (1024 if quick else 8192)
     num_public = 64 if quick else 512
     if num < BATCH:
         raise UserError(f"The loader benchmark needs at least one batch of samples ({BATCH}), not {num}.")
@@ -246,7 +246,7 @@ def run(quick: bool = False, samples: int | None = None, shards: str | None = No
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, help="synthetic dataset size (default 8192; 1024 with --quick)")
+    parser.add_argument("--num", "--samples", type=int, help="synthetic dataset size (default 8192; 1024 with --quick)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shards", help="read these shards (a data root or shards/ directory, a path or a URL)")
     parser.add_argument("--link-latency-ms", type=float, help="serve the local --shards DIR over a loopback link "
@@ -254,10 +254,10 @@ if __name__ == "__main__":
     parser.add_argument("--link-mb-per-s", type=float, default=100.0, help="… and this bandwidth per connection")
     a = parser.parse_args()
     if a.link_latency_ms is None:
-        print(json.dumps(run(quick=a.quick, samples=a.samples, shards=a.shards), indent=2))
+        print(json.dumps(run(quick=a.quick, num=a.num, shards=a.shards), indent=2))
     else:
         root = Path(a.shards).resolve()
         with slow_link(root.parent, a.link_latency_ms, a.link_mb_per_s) as url:
-            figures = run(samples=a.samples, shards=f"{url}/{root.name}")
+            figures = run(num=a.num, shards=f"{url}/{root.name}")
         print(json.dumps(figures | {"link": f"{a.link_latency_ms:g} ms, {a.link_mb_per_s:g} MB/s per connection"},
                          indent=2))

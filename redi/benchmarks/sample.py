@@ -83,7 +83,7 @@ def run(quick: bool = False, model: str | None = None, method: str = "redi", ste
                            rg_scale=rg_scale if "rg" in guidance else 1.0, interval=interval)
     plan = SamplingPlan(sampler, steps, 0, guide, autocast_factory(device, precision))
     decoder = _decoder(device, tiny=quick and not cuda)
-    labels = class_labels((batches + 1) * batch, 0, None, NUM_CLASSES)
+    labels = class_labels((batches + 1) * batch, 0, "random", NUM_CLASSES)
     todo = [list(range(b * batch, (b + 1) * batch)) for b in range(batches + 1)]
     silent = contextlib.nullcontext(lambda n: None)
     with tempfile.TemporaryDirectory(prefix="redi-bench-sample-") as tmp:

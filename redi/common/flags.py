@@ -19,16 +19,18 @@ builds its real parameters when the command is resolved to run, to show its help
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
 import itertools
+import logging
 import re
 import textwrap
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +41,9 @@ import typer.main
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+from redi.common.vocabulary import RELEASE_OF_REMOVAL, TERMS, hidden_names
+
+log = logging.getLogger(__name__)
 LISTED_CHOICES = 12  # longest "a|b|c" shown as a flag's type in --help; the help of the others ends with the list
 PLAIN_TYPES = (str, int, float, bool, Path)
 FIELD_DEFAULT: Any = object()  # a Flag's default when the command keeps the field's
@@ -103,25 +108,24 @@ def config_command(app: typer.Typer, name: str, spec: FromConfig, guard: Callabl
 
 
 class Command(TyperCommand):
-    """Typer's command with each flag's --no-x form in its help, not in a column of its own: that column leaves the
-    help about 17 characters at 80 columns. A flag that is off by default does not show --no-x (it restates the
-    default); every --no-x still parses."""
+    """Typer's command as `redi` shows it: see `help_view`; an old spelling of a flag (common/vocabulary.py) still
+    parses, with a warning that names the new one."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        shown = {p: (p.secondary_opts, p.help) for p in self.params if getattr(p, "secondary_opts", None)}
-        for param, (names, help_text) in shown.items():
-            param.secondary_opts = []
-            if param.default is not False and not any(n in (help_text or "") for n in names):
-                param.help = f"{help_text} Off: {', '.join(names)}."
-        try:
+        with help_view(self.get_params(ctx)):
             super().format_help(ctx, formatter)
-        finally:
-            for param, (names, help_text) in shown.items():
-                param.secondary_opts, param.help = names, help_text
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        warn_old_spellings(self.params, args)
+        return super().parse_args(ctx, args)
 
 
 class ConfigGroup(TyperGroup):
     """The `redi` group: swaps a config command's stand-in for the real command when it is resolved."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        with help_view(self.get_params(ctx)):
+            super().format_help(ctx, formatter)
 
     def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
         name, command, rest = super().resolve_command(ctx, args)
@@ -129,6 +133,40 @@ class ConfigGroup(TyperGroup):
         if name is not None and build is not None:
             command = self.commands[name] = build()
         return name, command, rest
+
+
+@contextlib.contextmanager
+def help_view(params: list[Any]) -> Iterator[None]:
+    """The parameters as --help shows them, for the time of the rendering:
+    - each flag's --no-x form in its help, not in a column of its own (that column leaves the help about 17 characters
+      at 80 columns); a flag that is off by default does not show --no-x (it restates the default); --no-x still parses;
+    - a switch without a value placeholder (Typer writes `<bool>`, which reads as if it took one);
+    - a flag's old spellings (common/vocabulary.py) left out: they parse for one more release, but are not the name."""
+    saved = [(p, p.opts, p.secondary_opts, p.help, p.metavar) for p in params]
+    for param in params:
+        if hidden := hidden_names(param.opts):
+            param.opts = [name for name in param.opts if name not in hidden]
+        if names := getattr(param, "secondary_opts", None):
+            param.secondary_opts = []
+            if param.default is not False and not any(n in (param.help or "") for n in names):
+                param.help = f"{param.help} Off: {', '.join(names)}."
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    try:
+        yield
+    finally:
+        for param, opts, secondary, help_text, metavar in saved:
+            param.opts, param.secondary_opts, param.help, param.metavar = opts, secondary, help_text, metavar
+
+
+def warn_old_spellings(params: list[Any], args: list[str]) -> None:
+    """One warning per old spelling of a flag among `args` (before a bare --), naming the flag to use instead."""
+    old = {name: term for p in params for name in hidden_names(p.opts) for term in TERMS.values()
+           if name in term.old and term.name in p.opts}
+    for arg in itertools.takewhile(lambda a: a != "--", args):
+        if (name := arg.partition("=")[0]) in old:
+            log.warning(f"{name} is now {old[name].name} ({old[name].meaning}); the old spelling is accepted until "
+                        f"redi {RELEASE_OF_REMOVAL}.")
 
 
 def reflow(doc: str | None) -> str:
@@ -204,7 +242,7 @@ def _parameter(name: str, hint: Any, default: Any, flag: Flag, doc: str,
         default = default if default in (None, dataclasses.MISSING) else enum(default)
         parse = functools.partial(_plain, given)
         if len("|".join(choices)) > LISTED_CHOICES:
-            extra["metavar"] = name.upper()
+            extra["metavar"] = name.rpartition("_")[2].upper()  # GUIDANCE for sample_guidance: narrow, for the help
             if not all(re.search(rf"(?<![\w-]){re.escape(c)}(?![\w-])", help_text) for c in choices):
                 help_text += f" One of: {', '.join(choices)}."
     if default is dataclasses.MISSING:

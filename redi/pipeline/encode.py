@@ -67,8 +67,8 @@ class EncodeConfig:
     (the papers use 256 or 512)."""
     batch_size: int = 64
     """Images per forward pass (recorded: batches shape the numerics)."""
-    device: str | None = None
-    """Torch device, e.g. cpu, cuda, cuda:1; default: cuda if available, else cpu."""
+    device: str = "auto"
+    """Where the encoder runs: auto (cuda if available, else cpu), cpu, cuda or cuda:N (torchrun ranks: their GPU)."""
     precision: Annotated[str | None, OneOf(tuple(PRECISIONS))] = None
     """Autocast; default fp32, as the reference preprocessing (bf16: faster on a GPU, less exact).
 

@@ -68,7 +68,7 @@ class PCAConfig:
         if self.num_images < 1:
             raise UserError(f"--num-images must be at least 1, got {self.num_images}.")
         if self.batch_images < 1:
-            raise UserError(f"--batch-images must be at least 1, got {self.batch_images}.")
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_images}.")
 
 
 @dataclass(frozen=True)

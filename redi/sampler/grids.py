@@ -70,7 +70,7 @@ class RunSampler:
                             sample_cfg.quantize, choice.options)
         settings = sample_settings(sample_cfg, ckpt, choice, guidance, decoder, precision)
         settings["checkpoint"] = {"sha256": None, "step": None, "weights": "ema"}  # filled per step
-        labels_ = class_labels(num, cfg.seed, None, mc.num_classes, labels)
+        labels_ = class_labels(num, cfg.seed, labels, mc.num_classes)
         return cls(sample_cfg, choice, plan, decoder, labels_, settings)
 
     def network(self, ckpt: Checkpoint) -> torch.nn.Module:

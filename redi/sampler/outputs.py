@@ -173,8 +173,8 @@ def default_out(ckpt: Checkpoint, run: Path | None, sampler: SamplerChoice, guid
         parts.append(f"rg{guidance.rg_scale:g}")
     if guidance.interval is not None and (guidance.uses_cfg or guidance.uses_rg):
         parts.append(f"interval{guidance.interval[0]:g}-{guidance.interval[1]:g}")
-    if cfg.class_labels is not None and ckpt.model_config.num_classes > 1:
-        parts.append("labels" + hashlib.sha256(repr(cfg.class_labels).encode()).hexdigest()[:8])
+    if isinstance(cfg.labels, tuple) and ckpt.model_config.num_classes > 1:
+        parts.append("labels" + hashlib.sha256(repr(cfg.labels).encode()).hexdigest()[:8])
     elif cfg.labels != "random" and ckpt.model_config.num_classes > 1:
         parts.append(cfg.labels)
     if cfg.weights != "ema":

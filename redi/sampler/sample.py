@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from redi.common.atomic import atomic_write_json, remove_temporaries
-from redi.common.choices import GUIDANCE_MODES, LABEL_MODES
+from redi.common.choices import GUIDANCE_MODES
 from redi.common.display import counting
 from redi.common.distributed import process_group
 from redi.common.errors import UserError
@@ -45,7 +45,7 @@ from redi.common.flags import OneOf
 from redi.common.runtime import resolve_device
 from redi.sampler.decoder import Decoder, load_decoder
 from redi.sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats
-from redi.sampler.labels import class_labels
+from redi.sampler.labels import Labels, check_labels, class_labels
 from redi.sampler.outputs import (
     ERRORS_JSONL, GRID_MAX, QUANTIZE, SAMPLE_JSON, assemble, default_out, is_assembled, is_done, out_lock, prepare_out,
     to_uint8, write_errors, write_image,
@@ -115,15 +115,11 @@ class SampleConfig:
     """Images per forward pass and process.
 
     B; the network sees up to 3·B rows with cfg+rg."""
-    class_labels: tuple[int, ...] | None = None
-    """random (chosen by --labels) or a comma list cycled over the images.
+    labels: Labels = "random"
+    """random (one per image from seed and index, as the papers evaluate), balanced (N / classes of each class,
+    shuffled by the seed, as REPA-E, RAE and LightningDiT evaluate), or a comma list of classes cycled over the images.
 
-    Label of i = labels[i % len]; None: chosen by `labels`."""
-    labels: Annotated[str, OneOf(LABEL_MODES)] = "random"
-    """random (one per image from seed and index, as the papers evaluate) or balanced (N / classes of each class,
-    shuffled by the seed, as REPA-E, RAE and LightningDiT evaluate).
-
-    A balanced label depends on N too, which sample.json records."""
+    A balanced label depends on N too, which sample.json records; a list is a tuple here, label of i = labels[i % len]."""
     out: Path | None = None
     """Output directory; default RUN/samples/NAME (or samples/NAME by --ckpt), NAME from the settings."""
     vae: str | None = None
@@ -174,12 +170,7 @@ class SampleConfig:
         for flag, value, mode in (("--cfg-scale", self.cfg_scale, "cfg"), ("--rg-scale", self.rg_scale, "rg")):
             if value is not None and mode not in self.guidance:
                 raise UserError(f"{flag} has no effect with --guidance {self.guidance}: add {mode} to --guidance or leave it out.")
-        if self.class_labels is not None and (not self.class_labels or min(self.class_labels) < 0):
-            raise UserError("--class-labels must be 'random' or a comma list of non-negative integers.")
-        if self.labels not in LABEL_MODES:
-            raise UserError(f"--labels must be one of {', '.join(LABEL_MODES)}, not {self.labels!r}.")
-        if self.labels != "random" and self.class_labels is not None:
-            raise UserError(f"--labels {self.labels} draws the labels, --class-labels lists them: give one of the two.")
+        check_labels(self.labels)
         if (self.rank is None) != (self.world_size is None):
             raise UserError("Give both rank and world_size, or neither.")
         if self.world_size is not None and not 0 <= self.rank < self.world_size:
@@ -249,7 +240,7 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
     ckpt = Checkpoint.load(resolve_checkpoint(cfg.run, cfg.ckpt).resolve())
     mc = ckpt.model_config
     sampler, guidance = resolve_sampler(cfg, mc.objective), resolve_guidance(cfg, ckpt)
-    labels = class_labels(cfg.num, cfg.seed, cfg.class_labels, mc.num_classes, cfg.labels)
+    labels = class_labels(cfg.num, cfg.seed, cfg.labels, mc.num_classes)
     grid_count, has_pcs = min(cfg.num, GRID_MAX), mc.pca_rank > 0
     with sample_ranks(cfg) as (rank, world, device), contextlib.ExitStack() as held:
         precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")

@@ -182,7 +182,7 @@ class TrainConfig(MethodParts):
         if self.batch_size < 1 or self.max_steps < 1 or (self.micro_batch is not None and self.micro_batch < 1):
             raise UserError("--batch-size, --micro-batch and --max-steps must be positive.")
         if (self.num_workers is not None and self.num_workers < 0) or self.read_ahead < 0:
-            raise UserError("--num-workers and --read-ahead must be ≥ 0.")
+            raise UserError("--workers and --read-ahead must be ≥ 0.")
         if min(self.log_every, self.save_every, self.ckpt_every) < 1:
             raise UserError("--log-every, --save-every and --ckpt-every must be positive.")
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
