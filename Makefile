@@ -87,7 +87,7 @@ demo: install
 	$(REDI) shards --data $(DEMO) --pcs 16 --format both --shard-size 32 --patch-tokens
 	$(REDI) verify $(DEMO)
 	$(REDI) train --shards $(DEMO) --run $(DEMO)/runs/sit-debug-redi --model SiT-debug --method redi \
-		--pca-rank 8 --batch-size $(DEMO_BATCH) --max-steps 300 --log-every 50 --save-every 100 --lr 1e-3 --num-workers 0
+		--pca-rank 8 --batch-size $(DEMO_BATCH) --max-steps 300 --log-every 50 --save-every 100 --lr 1e-3 --workers 0
 	$(REDI) info $(DEMO)
 	$(REDI) info $(DEMO)/runs/sit-debug-redi
 	$(REDI) sample --run $(DEMO)/runs/sit-debug-redi --guidance rg --rg-scale 1.5 --steps 25 --num 16 \

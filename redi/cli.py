@@ -567,17 +567,17 @@ def info_command(
     as_json: AsJson = False,
 ) -> None:
     """Show what each stage of a data root holds (counts, shapes, encoders, completeness, skipped images), or a run's
-    state; draws the PCA and per-channel histograms of a data root, or a run's training curves (curves.png)."""
+    state; draws the PCA and per-channel histograms of a data root, or a run's training curves (curves.png), unless
+    --json."""
     from redi.pipeline.info import describe, info_json, info_plots, info_table
 
     parts = describe(data)
-    plots = info_plots(data)
-    if as_json:
-        print_json(info_json(data, parts) | {"plots": [str(p) for p in plots]})
-    else:
-        out.print(info_table(data, parts))
-        for path in plots:
-            out.print(f"plot: {escape(str(path))}")
+    if as_json:  # for scripts: what the root holds, without drawing
+        print_json(info_json(data, parts))
+        return
+    out.print(info_table(data, parts))
+    for path in info_plots(data):
+        out.print(f"plot: {escape(str(path))}")
 
 @app.command("verify", cls=Command, rich_help_panel=CHECK_PANEL, epilog=examples("verify"))
 @user_errors

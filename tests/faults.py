@@ -74,7 +74,7 @@ def build_pipeline(root: Path) -> dict[str, Path]:
 def train_args(shards: Path, run: Path) -> list[object]:
     return ["--shards", shards, "--run", run, "--model", "SiT-debug", "--method", "redi", "--pca-rank", 4, "--batch-size", 4,
             "--max-steps", STEPS, "--log-every", 1, "--save-every", 4, "--seed", 3, "--lr", "1e-3", "--device", "cpu",
-            "--num-workers", 2]
+            "--workers", 2]
 
 
 def sample_args(ref_run: Path, out: Path) -> list[object]:

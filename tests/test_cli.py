@@ -131,15 +131,26 @@ def test_a_choice_typo_is_a_usage_error_listing_the_choices(args: list[str], cho
 def test_info_and_verify_print_results_on_stdout_and_json_with_json(pipeline: dict) -> None:
     """Tables and JSON on stdout, nothing else there: `redi info DATA > f` and `redi verify DATA --json | jq` work."""
     data, run = pipeline["ref_data"], pipeline["ref_run"]
+    for picture in [*data.glob("*.png"), *run.glob("*.png")]:
+        picture.unlink()
     piped = subprocess.run([sys.executable, "-m", "redi", "info", str(data), "--json"], capture_output=True, text=True,
                            check=True, cwd=Path(__file__).parent.parent)
     info = json.loads(piped.stdout)
     assert info["kind"] == "data" and [p["name"] for p in info["parts"]] == ["latents/", "features/", "pca.safetensors", "shards/"]
-    shards = info["parts"][3]
-    assert shards["status"] == "complete" and shards["contents"]["pcs"].endswith("float16")
+    latents, shards = info["parts"][0]["contents"], info["parts"][3]
+    assert type(latents["images"]) is int and type(latents["skipped images"]) is int  # numbers are numbers
+    assert latents["moments"]["dtype"] == "float16" and all(type(n) is int for n in latents["moments"]["shape"])
+    assert shards["status"] == "complete" and shards["contents"]["pcs"]["dtype"] == "float16"
+    norm = shards["contents"]["latent norm"]  # what the trainer applies, not the VAE's `scale None, shift None`
+    assert norm["kind"] == "config" and all(isinstance(v, float) for v in norm["scale"] + norm["shift"])
+    assert not list(data.glob("*.png")), "--json draws nothing"
     table = CliRunner().invoke(app, ["info", str(data)], env={"COLUMNS": "80"})
     assert table.exit_code == 0 and "shards/" in table.stdout and "…" not in table.stdout and not table.stderr
-    assert json.loads(CliRunner().invoke(app, ["info", str(run), "--json"]).stdout)["kind"] == "run"
+    assert "None" not in table.stdout and "z' = " in table.stdout and len(list(data.glob("*.png"))) == 2
+    described = json.loads(CliRunner().invoke(app, ["info", str(run), "--json"]).stdout)
+    metrics = next(p["contents"] for p in described["parts"] if p["name"] == "metrics.jsonl")
+    assert described["kind"] == "run" and not list(run.glob("*.png"))
+    assert isinstance(metrics["loss"], float) and type(metrics["step"]) is int and metrics["mfu"] is None
     for root, kind in ((data, "data"), (run, "run")):
         result = CliRunner().invoke(app, ["verify", str(root), "--json", "--no-deep"])
         report = json.loads(result.stdout)

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.fuzz
 
 R = ["--resolution", "32", "--workers", "0", "--batch-size", "4", "--chunk-size", "4"]
 TRAIN = ["--model", "SiT-debug", "--method", "redi", "--pca-rank", "2", "--batch-size", "4", "--save-every", "1",
-         "--log-every", "1", "--num-workers", "0"]
+         "--log-every", "1", "--workers", "0"]
 SAMPLE = ["--guidance", "rg", "--steps", "2", "--num", "2", "--batch-size", "2"]
 RUN_PARTS = ("run", "samples")  # copied only for the commands that read them
 

@@ -23,7 +23,7 @@ from redi.pipeline.representations import (
 )
 
 R = ["--resolution", "64", "--workers", "0", "--batch-size", "4"]  # 64 px: a 4×4 token grid, SiT-debug's
-TRAIN = ["--model", "SiT-debug", "--batch-size", "4", "--max-steps", "3", "--log-every", "1", "--num-workers", "0"]
+TRAIN = ["--model", "SiT-debug", "--batch-size", "4", "--max-steps", "3", "--log-every", "1", "--workers", "0"]
 
 
 def redi(*args: str | Path, code: int = 0) -> str:

@@ -27,7 +27,7 @@ def test_images_to_samples(tmp_path: Path) -> None:
             "shards": redi("shards", "--data", data, "--pcs", "8", "--format", "both", "--shard-size", "4", "--patch-tokens")}
     assert "consistent" in redi("verify", data)
     common = ["--shards", data, "--model", "SiT-debug", "--batch-size", "4", "--max-steps", "3", "--log-every", "1",
-              "--num-workers", "0"]
+              "--workers", "0"]
     logs["train"] = redi("train", *common, "--run", tmp_path / "redi", "--method", "redi", "--pca-rank", "4")
     redi("train", *common, "--run", tmp_path / "reg", "--method", "reg", "--format", "wds")
     logs["sample"] = redi("sample", "--run", tmp_path / "redi", "--guidance", "cfg+rg", "--steps", "3", "--num", "4",

@@ -25,7 +25,7 @@ from redi.trainer.metrics import read_metrics
 from redi.trainer.objectives import prepare_batch
 
 FAST = ["--workers", "0", "--batch-size", "4"]
-TRAIN = ["--model", "SiT-debug", "--batch-size", "4", "--max-steps", "3", "--log-every", "1", "--num-workers", "0"]
+TRAIN = ["--model", "SiT-debug", "--batch-size", "4", "--max-steps", "3", "--log-every", "1", "--workers", "0"]
 
 
 def redi(*args: str | Path, code: int = 0) -> str:
@@ -182,7 +182,7 @@ def test_channel_statistics_equal_numpys_over_the_stored_latents(family: str, im
     assert "latent_norm" in out and "--force" in out
     # A run on them decodes with its recorded tiny-random VAE and inverts the measured normalisation.
     redi("train", "--shards", data, "--run", tmp_path / "run", "--method", "baseline", *TRAIN[:2], "--batch-size", "2",
-         "--max-steps", "1", "--num-workers", "0")
+         "--max-steps", "1", "--workers", "0")
     redi("sample", "--run", tmp_path / "run", "--steps", "2", "--num", "1", "--out", tmp_path / "samples")
     settings = json.loads((tmp_path / "samples" / "sample.json").read_text())["settings"]["vae"]
     assert settings["identity"]["id"] == f"tiny-random:{family}" and settings["latent_norm"] == norm.record()
@@ -216,7 +216,7 @@ def test_512_end_to_end_has_repas_token_grids(tmp_path: Path) -> None:
     assert info.fields["pcs"].shape == (2, 32, 32) and info.fields["patch_tokens"].shape == (1024, 32)
     assert info.latent_shape == (4, 64, 64) and info.patch_size == 2
     redi("train", "--shards", data, "--run", tmp_path / "run", "--method", "repa", *TRAIN[:2], "--batch-size", "2",
-         "--max-steps", "1", "--num-workers", "0")
+         "--max-steps", "1", "--workers", "0")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "step-0000001.pt", weights_only=True)
     assert ckpt["model"]["pos_embed"].shape[1] == 1024  # 32×32 tokens: the encoder's grid
     redi("sample", "--run", tmp_path / "run", "--steps", "2", "--num", "1", "--out", tmp_path / "samples")
@@ -290,7 +290,7 @@ def test_the_default_chain_is_as_before_the_zoo(vae: str, images: Path, tmp_path
     redi("pca", "--data", data)
     redi("shards", "--data", data, "--pcs", "4", "--shard-size", "4", "--patch-tokens", "--format", "both")
     redi("train", "--shards", data, "--run", tmp_path / "run", "--model", "SiT-debug", "--method", "redi", "--pca-rank", "4",
-         "--batch-size", "2", "--max-steps", "3", "--num-workers", "0", "--log-every", "1")
+         "--batch-size", "2", "--max-steps", "3", "--workers", "0", "--log-every", "1")
     redi("sample", "--run", tmp_path / "run", "--steps", "2", "--num", "2", "--out", tmp_path / "samples")
     shards = zarr.open_group(data / "shards" / "samples.zarr", mode="r")
     moments = stored(data, "latents", "moments")

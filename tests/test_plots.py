@@ -69,6 +69,16 @@ def test_curves_plot_losses_on_a_log_scale_and_fid_against_images_seen() -> None
     assert top.get_xlabel() == "images seen" and top.get_xlim() == pytest.approx(tuple(256 * x for x in losses.get_xlim()))
 
 
+def test_curves_draw_every_loss_term_a_signed_one_on_a_symmetric_log_scale() -> None:
+    """REPA's alignment loss is a negative cosine: a log axis would drop it."""
+    rows = [{"step": s, "loss": 1.0 / s - 0.5, "vae": 1.0 / s, "repa": -0.9 + 1.0 / s} for s in range(10, 110, 10)]
+    losses = curves_figure(rows, batch_size=16, loss_terms=LOSS_TERMS, title="t").axes[0]
+    assert [line.get_label() for line in losses.lines if not line.get_label().startswith("_")] == ["loss", "vae", "repa"]
+    repa = losses.lines[2]
+    assert list(repa.get_ydata()) == [r["repa"] for r in rows]  # every point, negative ones included
+    assert losses.get_yscale() == "symlog" and "signed" in losses.get_title()
+
+
 def test_info_draws_a_data_roots_pictures_and_a_runs_curves(data: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["info", str(data)])
     assert result.exit_code == 0, result.output

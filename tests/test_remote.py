@@ -36,7 +36,7 @@ from redi.trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--model", "SiT-debug", "--method", "redi", "--pca-rank", "4", "--batch-size", "8", "--log-every", "1",
-         "--save-every", "1000", "--num-workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
+         "--save-every", "1000", "--workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

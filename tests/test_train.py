@@ -79,7 +79,7 @@ def test_a_batch_job_s_log_has_a_plain_line_every_log_every_steps(data: Path, tm
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:  # `redi train … > out 2> err`
         done = subprocess.run([sys.executable, "-m", "redi", "train", "--shards", str(data), "--run", str(tmp_path / "run"),
                                "--model", "SiT-debug", "--pca-rank", "4", "--batch-size", "8", "--max-steps", "6",
-                               "--log-every", "2", "--num-workers", "0", "--device", "cpu"],
+                               "--log-every", "2", "--workers", "0", "--device", "cpu"],
                               cwd=REPO, env=env, stdout=out, stderr=err, timeout=300)
     log = (tmp_path / "err").read_text()
     assert done.returncode == 0, log[-2000:]
@@ -106,7 +106,7 @@ def test_two_processes_equal_one_process_with_accumulation(data: Path, tmp_path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
            "--", str(Path(sys.executable).parent / "redi"), "train", "--shards", str(data), "--run", str(tmp_path / "two"), "--model", "SiT-debug",
            "--method", "redi+repa", "--pca-rank", "4", "--batch-size", "8", "--max-steps", "4", "--log-every", "2",
-           "--save-every", "4", "--num-workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
+           "--save-every", "4", "--workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a = Checkpoint.load(newest_checkpoint(tmp_path / "one")).model
@@ -139,10 +139,11 @@ def test_repa_without_patch_tokens_is_refused(tmp_path: Path) -> None:
 def test_a_resume_keeps_the_recorded_settings_and_records_a_deliberate_change(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     first = ["--shards", str(data), "--run", str(run), "--model", "SiT-debug", "--pca-rank", "4", "--batch-size", "8",
-             "--lr", "1e-3", "--max-steps", "2", "--log-every", "1", "--save-every", "2", "--num-workers", "0", "--seed", "3"]
+             "--lr", "1e-3", "--max-steps", "2", "--log-every", "1", "--save-every", "2", "--workers", "0", "--seed", "3"]
     code, out = run_cli(*first)
     assert code == 0, out
     started = json.loads((run / "config.json").read_text())["train"]
+    assert started["precision"] == "fp32", "what the CPU ran, not the flag's default (bf16 autocast is a GPU's)"
 
     def resume(*flags: str) -> str:  # --shards and --run only, then the flags given on purpose: its resume line
         code, out = run_cli("--shards", str(data), "--run", str(run), *flags)
@@ -246,7 +247,7 @@ def test_init_starts_a_new_run_from_other_weights_and_refuses_another_network(da
     a, b = Checkpoint.load(source), Checkpoint.load(newest_checkpoint(tmp_path / "b"))
     assert all(torch.equal(a.ema[k], b.model[k]) for k in a.ema), "lr 0: the weights stay the --init EMA weights"
     code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "c"), "--model", "SiT-debug", "--pca-rank", "2",
-                        "--init", str(source), "--num-workers", "0", "--max-steps", "1")
+                        "--init", str(source), "--workers", "0", "--max-steps", "1")
     assert code == 2 and "different network" in out and "pca_rank" in out
 
 
@@ -269,7 +270,7 @@ def test_sigterm_checkpoints_after_the_current_step_and_the_rerun_resumes_exactl
     run = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "redi", "train", "--shards", str(data), "--run", str(run), "--model", "SiT-debug",
            "--method", "redi", "--pca-rank", "4", "--batch-size", "8", "--log-every", "1", "--save-every", "1000",
-           "--num-workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
+           "--workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu"]
     proc = subprocess.Popen([*cmd, "--max-steps", "100000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and len(read_metrics(run / "metrics.jsonl")) >= 3):
@@ -304,7 +305,7 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(data: Path, tm
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29523",
            "--", str(Path(sys.executable).parent / "redi"), "train", "--shards", str(data), "--run", str(run),
            "--model", "SiT-debug", "--method", "redi", "--pca-rank", "4", "--batch-size", "8", "--max-steps", "100000",
-           "--log-every", "1", "--save-every", "1000", "--num-workers", "1", "--device", "cpu"]
+           "--log-every", "1", "--save-every", "1000", "--workers", "1", "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -339,7 +340,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_a_full_disk_is_one_sente
     newest.write_bytes(newest.read_bytes()[:1000])  # as a failing disk might leave it
     code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "damaged"), "--model", "SiT-debug", "--method", "redi",
                         "--pca-rank", "4", "--batch-size", "8", "--max-steps", "8", "--log-every", "2", "--save-every", "2",
-                        "--num-workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu")
+                        "--workers", "0", "--seed", "3", "--lr", "1e-3", "--device", "cpu")
     said = " ".join(out.split())
     assert code == 0 and "differs from the SHA-256 recorded when it was saved" in said and "checkpoint before it" in said, out
     a, b = Checkpoint.load(newest_checkpoint(tmp_path / "straight")), Checkpoint.load(newest_checkpoint(tmp_path / "damaged"))
@@ -348,7 +349,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_a_full_disk_is_one_sente
     for _, path in list_checkpoints(tmp_path / "damaged"):
         path.write_bytes(b"not a checkpoint")
     code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "damaged"), "--model", "SiT-debug", "--method", "redi",
-                        "--pca-rank", "4", "--max-steps", "10", "--num-workers", "0", "--device", "cpu")
+                        "--pca-rank", "4", "--max-steps", "10", "--workers", "0", "--device", "cpu")
     assert code == 2 and "can be read" in out
 
     def disk_full(*args: object, **kwargs: object) -> None:
@@ -356,7 +357,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_a_full_disk_is_one_sente
 
     monkeypatch.setattr(torch, "save", disk_full)
     code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "full"), "--model", "SiT-debug", "--method", "redi",
-                        "--pca-rank", "4", "--max-steps", "2", "--num-workers", "0", "--device", "cpu")
+                        "--pca-rank", "4", "--max-steps", "2", "--workers", "0", "--device", "cpu")
     assert code == 2 and "No space left on device" in out and "rerun the same command" in " ".join(out.split())
     assert not list((tmp_path / "full" / "checkpoints").glob("*"))  # no temporary file left behind
 
@@ -367,7 +368,7 @@ def test_a_class_embedding_larger_than_memory_is_refused_before_allocating(data:
     info["num_classes"] = 2_000_000_001  # a label of 2e9 in the data: 2e9 × hidden float32 rows, five times over
     (tmp_path / "d" / "shards" / "shards.json").write_text(json.dumps(info))
     code, out = run_cli("--shards", str(tmp_path / "d"), "--run", str(tmp_path / "run"), "--model", "SiT-debug",
-                        "--pca-rank", "4", "--max-steps", "1", "--num-workers", "0", "--device", "cpu")
+                        "--pca-rank", "4", "--max-steps", "1", "--workers", "0", "--device", "cpu")
     assert code == 2 and "2,000,000,001 classes" in out and "largest label" in out and "GiB" in out, out
     assert not (tmp_path / "run" / "config.json").exists()
 
@@ -380,7 +381,7 @@ def test_running_out_of_gpu_memory_names_the_flag_to_lower(data: Path, tmp_path:
 
     monkeypatch.setattr(redi.trainer.train, "compute_loss", out_of_memory)
     code, out = run_cli("--shards", str(data), "--run", str(tmp_path / "run"), "--model", "SiT-debug", "--pca-rank", "4",
-                        "--max-steps", "2", "--num-workers", "0", "--device", "cpu")
+                        "--max-steps", "2", "--workers", "0", "--device", "cpu")
     assert code == 2 and "ran out of memory (CUDA out of memory)" in out and "--micro-batch" in out, out
 
 
@@ -437,7 +438,7 @@ def test_one_job_per_run_directory_and_no_resume_on_other_data(data: Path, tmp_p
 
 def test_bad_values_are_refused_before_the_run_directory_is_written(data: Path, tmp_path: Path) -> None:
     base = ["--shards", str(data), "--run", str(tmp_path / "run"), "--model", "SiT-debug", "--max-steps", "2",
-            "--num-workers", "0", "--device", "cpu"]
+            "--workers", "0", "--device", "cpu"]
     for bad, words in ((["--ema-decay", "2"], "--ema-decay"), (["--lr", "nan"], "--lr"), (["--log-every", "0"], "--log-every"),
                        (["--epochs", "0"], "--epochs"), (["--micro-batch", "0"], "--micro-batch"),
                        (["--method", "redi", "--pca-rank", "0"], "PCA rank"), (["--weighting", "cosine"], "--weighting"),

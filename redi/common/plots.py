@@ -83,18 +83,26 @@ def _histogram(ax: Axes, values: np.ndarray, title: str) -> None:
 def curves_figure(rows: list[dict[str, Any]], batch_size: int, loss_terms: Sequence[str], title: str) -> Figure:
     """Training curves from metrics.jsonl rows: loss terms, grad norm, images/s, and FID against step and images seen.
 
-    Losses and the grad norm are drawn on a log scale (they fall over decades); the top axis of each panel counts
-    the images seen (step × global batch), the unit papers plot against.
+    Losses and the grad norm are drawn on a log scale (they fall over decades), the losses on a symmetric log scale
+    (linear through 0) when a term is signed, as REPA's alignment loss (a negative cosine similarity); every term
+    metrics.jsonl holds is drawn. The top axis of each panel counts the images seen (step × global batch), the unit
+    papers plot against.
     """
     fig = Figure(figsize=(12, 7.5), layout="constrained")
     fig.suptitle(title)
     (losses, grad), (speed, fid) = fig.subplots(2, 2, sharex=True)
     logged = [r for r in rows if "loss" in r]
+    values = []
     for name in loss_terms:
-        points = [(r["step"], r[name]) for r in logged if _positive(r.get(name))]
+        points = [(r["step"], r[name]) for r in logged if _finite(r.get(name))]
         if points:
             losses.plot(*zip(*points, strict=True), label=name, linewidth=1.2)
-    _finish(losses, "loss terms", log=True, legend=True)
+            values += [v for _, v in points]
+    signed = any(v <= 0 for v in values)
+    _finish(losses, "loss terms (symmetric log axis: some are signed)" if signed else "loss terms", log=not signed,
+            legend=True)
+    if signed:
+        _symlog(losses, values)
     _line(grad, [(r["step"], r["grad_norm"]) for r in logged if _positive(r.get("grad_norm"))], "grad norm", BLUE)
     _finish(grad, "gradient norm (before clipping)", log=True)
     _line(speed, [(r["step"], r["images_per_s"]) for r in logged if _positive(r.get("images_per_s"))], "images/s", BLUE)
@@ -119,8 +127,22 @@ def curves_figure(rows: list[dict[str, Any]], batch_size: int, loss_terms: Seque
     return fig
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    return _finite(value) and value > 0
+
+
+def _symlog(ax: Axes, values: list[float]) -> None:
+    """A symmetric log y axis for signed values: logarithmic beyond ±t, linear within, t the power of ten at or
+    below the smallest non-zero magnitude (at least a thousandth of the largest), with a line at 0."""
+    magnitudes = [abs(v) for v in values if v != 0] or [1.0]
+    threshold = 10.0 ** math.floor(math.log10(max(min(magnitudes), max(magnitudes) / 1000)))
+    ax.set_yscale("symlog", linthresh=threshold, linscale=0.5)
+    ax.axhline(0.0, color="0.6", linewidth=0.8)
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def _line(ax: Axes, points: list[tuple[float, float]], label: str, colour: str) -> None:

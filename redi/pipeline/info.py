@@ -31,13 +31,44 @@ HIST_PCS = 8  # principal components shown at most (the default rank r)
 
 
 @dataclass(frozen=True)
+class Fact:
+    """A value as `--json` gives it, and the words the table shows for it."""
+
+    value: Any  # JSON: numbers, strings, null, lists, objects
+    text: str
+
+
+@dataclass(frozen=True)
 class StageInfo:
     """One stage's entry in a data root."""
 
     name: str  # "latents/", "features/", "pca.safetensors", "shards/"
     status: str  # "complete", "incomplete (…)", "missing", "unreadable (…)"
-    rows: list[tuple[str, str]] = field(default_factory=list)  # (what, value) lines to show
+    rows: list[tuple[str, Any]] = field(default_factory=list)  # (what, value): a JSON value or a Fact
     tiny_random: bool = False  # made with tiny-random encoders
+
+
+def as_text(value: Any) -> str:
+    """A row's value in the table: a Fact's words, integers with thousands separators, floats to 4 significant
+    digits, null as "none", lists joined."""
+    if isinstance(value, Fact):
+        return value.text
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(as_text, value))
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def as_json(value: Any) -> Any:
+    """A row's value for `--json`: a Fact's value, the rest as it is."""
+    return value.value if isinstance(value, Fact) else list(value) if isinstance(value, tuple) else value
 
 
 def describe(root: Path) -> list[StageInfo]:
@@ -67,13 +98,12 @@ def describe_run(root: Path) -> list[StageInfo]:
     try:
         config = RunConfig.load(root)
         entries = [StageInfo(CONFIG_JSON, "complete", [(k, _short(config.train[k])) for k in keys if k in config.train]
-                             + [("num_classes", _short(config.model_config.num_classes))])]
+                             + [("num_classes", config.model_config.num_classes)])]
     except UserError:
         entries = [StageInfo(CONFIG_JSON, "unreadable (damaged)" if (root / CONFIG_JSON).exists() else "missing")]
     steps = [step for step, _ in list_checkpoints(root)]
     entries.append(StageInfo("checkpoints/", f"{len(steps)} checkpoints" if steps else "missing",
-                             [("steps", ", ".join(f"{s:,}" for s in steps) if len(steps) <= 8 else
-                               f"{steps[0]:,}, {steps[1]:,}, … {steps[-1]:,}"),
+                             [("steps", steps if len(steps) <= 8 else Fact(steps, f"{steps[0]:,}, {steps[1]:,}, … {steps[-1]:,}")),
                               ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
     lines = read_jsonl(root / "metrics.jsonl") if (root / "metrics.jsonl").exists() else []
     last = lines[-1] if lines else {}
@@ -83,7 +113,8 @@ def describe_run(root: Path) -> list[StageInfo]:
     found = sorted((root / "samples").iterdir()) if (root / "samples").is_dir() else []
     samples = [p.name for p in found if p.is_dir()]  # `redi sample`'s directories
     grids = [p.name for p in found if p.name.startswith("step-") and p.suffix == ".png"]  # --sample-every's grids
-    rows = ([("sets", ", ".join(samples))] if samples else []) + ([("grids", f"{len(grids)}, newest {grids[-1]}")] if grids else [])
+    rows = (([("sets", samples)] if samples else [])
+            + ([("grids", Fact({"count": len(grids), "newest": grids[-1]}, f"{len(grids)}, newest {grids[-1]}"))] if grids else []))
     entries.append(StageInfo("samples/", f"{len(samples)} sets, {len(grids)} grids" if found else "missing", rows))
     return entries
 
@@ -97,15 +128,15 @@ def info_table(root: Path, parts: list[StageInfo]) -> Table:
         status = {"complete": "[green]complete[/]", "missing": "[dim]missing[/]"}.get(s.status, f"[yellow]{escape(s.status)}[/]")
         if s.tiny_random:
             status += "\n[bold yellow]tiny-random[/]"
-        table.add_row(s.name, status, escape("\n".join(f"{k}: {v}" for k, v in s.rows)))  # paths may hold [brackets]
+        table.add_row(s.name, status, escape("\n".join(f"{k}: {as_text(v)}" for k, v in s.rows)))  # paths may hold [brackets]
     return table
 
 
 def info_json(root: Path, parts: list[StageInfo]) -> dict[str, Any]:
     """What `info_table` shows, for scripts: each part's status and contents."""
     return {"root": str(root), "kind": "run" if is_run_dir(root) else "data",
-            "parts": [{"name": s.name, "status": s.status, "tiny_random": s.tiny_random, "contents": dict(s.rows)}
-                      for s in parts]}
+            "parts": [{"name": s.name, "status": s.status, "tiny_random": s.tiny_random,
+                       "contents": {k: as_json(v) for k, v in s.rows}} for s in parts]}
 
 
 def info_plots(root: Path) -> list[Path]:
@@ -190,41 +221,53 @@ def _array_stage(path: Path) -> StageInfo:
     status = "complete" if stage.is_complete() else f"incomplete ({stage.n_chunks - len(stage.pending())} of {stage.n_chunks} chunks)"
     n_errors = len(stage.chunk_errors())
     rows = [
-        ("images", str(source.get("count", "?"))),
-        ("resolution", str(params.get("resolution", "?"))),
+        ("images", source.get("count")),
+        ("resolution", params.get("resolution")),
         *_array_rows(path / "store.zarr"),
-        ("encoder", describe_identity(manifest.get("encoder", {}))),
-        *(_tokens(params["representation"]) if "representation" in params else []),
+        ("encoder", _identity(manifest.get("encoder"))),
+        *(_tokens(params["representation"]) if isinstance(params.get("representation"), dict) else []),
         *(_latents(params["latent_space"]) if isinstance(params.get("latent_space"), dict) else []),
-        ("skipped images", str(n_errors)),
+        ("skipped images", n_errors),
     ]
     return StageInfo(name, status, rows, bool(manifest.get("tiny_random")))
 
 
-def _tokens(rep: dict[str, Any]) -> list[tuple[str, str]]:
+def _identity(identity: Any) -> Fact:
+    """An encoder's recorded identity, and its one line."""
+    identity = identity if isinstance(identity, dict) else {}
+    return Fact(identity, describe_identity(identity))
+
+
+def _tokens(rep: dict[str, Any]) -> list[tuple[str, Any]]:
     """features/: the encoder's token grid, input side, position table (when resampled) and global token, from the manifest."""
-    g, table = rep.get("grid"), rep.get("position_table")
-    resampled = [("position table", f"{table.get('from')}² → {g}², resampled once")] if isinstance(table, dict) else []
-    return [("token grid", f"{g}×{g} at {rep.get('input_side')} px"), *resampled,
-            ("global token", str(rep.get("global_token") or "none"))]
+    g, side, table = rep.get("grid"), rep.get("input_side"), rep.get("position_table")
+    resampled = ([("position table", Fact(table, f"{table.get('from')}² → {g}², resampled once"))]
+                 if isinstance(table, dict) else [])
+    return [("token grid", Fact({"grid": g, "input_side": side}, f"{g}×{g} at {side} px")), *resampled,
+            ("global token", rep.get("global_token") or None)]
 
 
-def _latents(space: dict[str, Any]) -> list[tuple[str, str]]:
+def _latents(space: dict[str, Any]) -> list[tuple[str, Any]]:
     """latents/: the VAE's latent space and its config normalisation, from the manifest."""
     std = ", std 0" if space.get("deterministic") else ""
-    shift = f", shift {space['shift_factor']}" if space.get("shift_factor") is not None else ""
-    return [("latent space", f"{space.get('channels')} ch, f{space.get('downsampling')}{std}"),  # the class: the encoder row
-            ("config scale", f"{space.get('scaling_factor')}{shift}")]
+    shift = f", shift {space['shift_factor']:g}" if isinstance(space.get("shift_factor"), (int, float)) else ""
+    scale = space.get("scaling_factor")
+    keys = ("channels", "downsampling", "deterministic")
+    return [("latent space", Fact({k: space.get(k) for k in keys}, f"{space.get('channels')} ch, "
+                                  f"f{space.get('downsampling')}{std}")),  # the class: the encoder row
+            ("config scale", Fact({"scaling_factor": scale, "shift_factor": space.get("shift_factor")},
+                                  f"{scale:g}{shift}" if isinstance(scale, (int, float)) else f"{scale}{shift}"))]
 
 
-def _array_rows(store: Path) -> list[tuple[str, str]]:
+def _array_rows(store: Path) -> list[tuple[str, Any]]:
     if not store.exists():
-        return [("arrays", "none yet")]
+        return [("arrays", Fact(None, "none yet"))]
     try:
         group = zarr.open_group(store, mode="r")
-        return [(name, f"{tuple(arr.shape)} {arr.dtype}") for name, arr in sorted(group.arrays())]
+        return [(name, Fact({"shape": list(arr.shape), "dtype": str(arr.dtype)}, f"{tuple(arr.shape)} {arr.dtype}"))
+                for name, arr in sorted(group.arrays())]
     except ZARR_METADATA_ERRORS:
-        return [("arrays", "unreadable (damaged zarr.json)")]
+        return [("arrays", Fact(None, "unreadable (damaged zarr.json)"))]
 
 
 def _pca(path: Path) -> StageInfo:
@@ -235,11 +278,13 @@ def _pca(path: Path) -> StageInfo:
         pca = load_pca(path)
     except UserError as e:
         return StageInfo(path.name, f"unreadable ({e})")
+    first = float(pca.explained_variance_ratio[:8].sum())
     rows = [
-        ("components", str(tuple(pca.components.shape))),
-        ("fit on", f"{pca.n_images} images, {pca.n_tokens} tokens, seed {pca.seed}"),
-        ("first 8 PCs", f"{100 * float(pca.explained_variance_ratio[:8].sum()):.1f}% of the variance"),
-        ("source", pca.source[:16]),
+        ("components", Fact(list(pca.components.shape), str(tuple(pca.components.shape)))),
+        ("fit on", Fact({"images": pca.n_images, "tokens": pca.n_tokens, "seed": pca.seed},
+                        f"{pca.n_images:,} images, {pca.n_tokens:,} tokens, seed {pca.seed}")),
+        ("first 8 PCs", Fact(first, f"{first:.1%} of the variance")),
+        ("source", Fact(pca.source, pca.source[:16])),
     ]
     return StageInfo(path.name, "complete", rows)
 
@@ -255,29 +300,35 @@ def _shards(path: Path) -> StageInfo:
     if not isinstance(summary, dict):
         return StageInfo(name, "incomplete (no shards.json)", [], tiny)
     try:
-        return StageInfo(name, "complete", _shard_rows(summary), tiny)
-    except (KeyError, TypeError, ValueError, AttributeError):  # a shards.json of another version, or damaged
+        return StageInfo(name, "complete", _shard_rows(summary, read_shard_info(str(path)).latent_norm), tiny)
+    except (KeyError, TypeError, ValueError, AttributeError, UserError):  # a shards.json of another version, or damaged
         return StageInfo(name, "unreadable (shards.json lacks the expected entries)", [], tiny)
 
 
-def _shard_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+def _shard_rows(s: dict[str, Any], norm: LatentNorm) -> list[tuple[str, Any]]:
     """What a person asks of shards: how many samples, in which stores, made from what, holding which arrays."""
     vae, pca, order = _dict(s, "vae"), _dict(s, "pca"), _dict(s, "write_order")
     fraction = pca.get("explained_variance_fraction")
+    source = _dict(s, "source").get("kind")
     return [
-        ("samples", f"{s['num_samples']:,} in {s['num_shards']:,} shards of {s['shard_size']:,} "
-                    f"({', '.join(s['formats'])})"),
-        ("skipped images", f"{s['num_skipped']:,}"),
-        ("classes", f"{s['num_classes']:,}"),
-        ("images", f"{s['resolution']} px; source {_dict(s, 'source').get('kind', '?')}"),
-        ("VAE", f"{vae.get('id')}, latent {'×'.join(map(str, s['latent_shape']))}, scale {vae.get('scale')}, "
-                f"shift {vae.get('shift')}"),
-        ("encoder", describe_identity(_dict(s, "encoder"))),
-        ("PCs", f"K = {pca['K']}" + (f", {fraction:.1%} of the variance" if isinstance(fraction, float) else "")),
-        *((field, f"{'×'.join(map(str, spec['shape'])) or 'scalar'} {spec['dtype']}")
+        ("samples", Fact({"samples": s["num_samples"], "shards": s["num_shards"], "shard_size": s["shard_size"],
+                          "formats": list(s["formats"])},
+                         f"{s['num_samples']:,} in {s['num_shards']:,} shards of {s['shard_size']:,} "
+                         f"({', '.join(s['formats'])})")),
+        ("skipped images", s["num_skipped"]),
+        ("classes", s["num_classes"]),
+        ("images", Fact({"resolution": s["resolution"], "source": source}, f"{s['resolution']} px; source {source}")),
+        ("VAE", Fact({"id": vae.get("id"), "revision": vae.get("revision"), "latent_shape": list(s["latent_shape"])},
+                     f"{vae.get('id')}, latent {'×'.join(map(str, s['latent_shape']))}")),
+        ("latent norm", Fact(norm.record(), norm.describe())),
+        ("encoder", _identity(s.get("encoder"))),
+        ("PCs", Fact({"K": pca["K"], "explained_variance_fraction": fraction},
+                     f"K = {pca['K']}" + (f", {fraction:.1%} of the variance" if isinstance(fraction, float) else ""))),
+        *((field, Fact({"shape": list(spec["shape"]), "dtype": spec["dtype"]},
+                       f"{'×'.join(map(str, spec['shape'])) or 'scalar'} {spec['dtype']}"))
           for field, spec in _dict(s, "fields").items()),
-        ("order", f"shuffled with seed {order.get('seed')}"),
-        ("checksums", f"SHA-256 of {len(_dict(s, 'files')):,} files"),
+        ("order", Fact({"seed": order.get("seed")}, f"shuffled with seed {order.get('seed')}")),
+        ("checksums", Fact(len(_dict(s, "files")), f"SHA-256 of {len(_dict(s, 'files')):,} files")),
     ]
 
 
@@ -287,7 +338,7 @@ def _dict(value: Any, key: str) -> dict[str, Any]:
     return inner if isinstance(inner, dict) else {}
 
 
-def _short(value: Any, width: int = 100) -> str:
-    """A config or metrics value in one line: floats to 4 significant digits, the rest as JSON, cut at `width`."""
-    text = value if isinstance(value, str) else f"{value:.4g}" if isinstance(value, float) else json.dumps(value, sort_keys=True)
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _short(value: Any, width: int = 100) -> Any:
+    """A config or metrics value: as it is, for JSON; a Fact cut at `width` where its words would be longer."""
+    text = as_text(value)
+    return value if len(text) <= width else Fact(value, text[: width - 1] + "…")

@@ -42,6 +42,16 @@ class LatentNorm:
     def channels(self) -> int:
         return len(self.scale)
 
+    def describe(self) -> str:
+        """The map in words: in numbers when one scale and shift serve every channel."""
+        source = "from the VAE config" if self.kind == "config" else "measured over these latents"
+        if len(set(self.scale)) == 1 and len(set(self.shift)) == 1:
+            z = f"(z − {self.shift[0]:g})" if self.shift[0] else "z"
+            return f"z' = {self.scale[0]:g} · {z} ({source})"
+        if self.kind == "channel":
+            return f"z' = (z − mean_c) / std_c for each of {self.channels} channels ({source})"
+        return f"z' = (z − shift_c) · scale_c for each of {self.channels} channels ({source})"
+
     def _view(self, values: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
         return _channel_view(values, z.device)
 

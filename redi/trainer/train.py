@@ -87,6 +87,7 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
     record = load_record(cfg.run)  # None: a new run
     cfg = as_recorded(cfg, record, given)
     dev, shards = dist_info.device, resolve_shards_dir(cfg.shards)
+    cfg = precision_that_runs(cfg, dev, given)
     info = read_shard_info(shards)
     plan = resolve(cfg, info, dist_info.world_size)  # every refusal before the run directory is written
     cfg, run = plan.cfg, Path(plan.cfg.run)
@@ -181,6 +182,16 @@ class TrainState:
     def checkpoint(self, plan: TrainPlan) -> Checkpoint:
         return Checkpoint(step=self.step, train=plan.cfg.to_json(), model_config=plan.model, shards=plan.shards,
                           model=self.model.state_dict(), ema=self.ema.state_dict(), opt=self.opt.state_dict())
+
+
+def precision_that_runs(cfg: TrainConfig, dev: torch.device, given: Collection[str] | None) -> TrainConfig:
+    """The config with the precision the loop runs at, as config.json records it: bf16 autocast is a GPU's, and
+    a CPU trains in float32 whatever was asked (said once when the flag asked for bf16)."""
+    if dev.type == "cuda" or cfg.precision == "fp32":
+        return cfg
+    if given is not None and "precision" in given:
+        log.warning(f"--precision {cfg.precision} applies on a GPU; on {dev} the run trains in fp32 (config.json says so).")
+    return cfg.replace(precision="fp32")
 
 
 def initial_state(plan: TrainPlan, run: Path, dev: torch.device) -> TrainState:
