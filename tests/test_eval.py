@@ -437,3 +437,35 @@ def test_redi_eval_fd_dinov2_alone_needs_no_inception_and_a_set_against_itself_i
     assert card["ref_sha256"] == report["ref"]["sha256"] and card["checkpoint"] is None  # no sample.json: not known
     unknown = CliRunner().invoke(app, [*args[:4], "--metrics", "fid,kid"])
     assert unknown.exit_code == 2 and "--metrics takes a comma list" in unknown.output
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no answer"])
+def test_fd_dinov2_offline_fails_at_once_naming_the_flag_and_the_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: str) -> None:
+    """Without the network: one sentence within seconds (not the hub client's ~23 s of retries) naming --fd-encoder and
+    DINOv2 ViT-L/14, the network the metric needs."""
+    import time
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from redi.pipeline import encoders
+    from redi.sampler.fd_dinov2 import DEFAULT_FD_ENCODER
+
+    if isinstance(try_to_load_from_cache(DEFAULT_FD_ENCODER, "config.json"), str):
+        pytest.skip(f"{DEFAULT_FD_ENCODER} is in this machine's Hugging Face cache: it loads offline")
+    encoders._hub_answers.cache_clear()  # the probe's answer is kept per process: ask again here, and after
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    np.savez(tmp_path / "samples.npz", _images(4, seed=1))
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "samples.npz"),
+                                      "--metrics", "fd_dinov2", "--device", "cpu"])
+    seconds = time.perf_counter() - started
+    encoders._hub_answers.cache_clear()
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and said.count("error:") == 1 and "Retrying" not in said, said
+    assert "--fd-encoder /path/to/dinov2-large" in said and "DINOv2 ViT-L/14" in said and "--encoder " not in said
+    assert seconds < 5, f"{seconds:.1f} s"

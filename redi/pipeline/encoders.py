@@ -9,6 +9,7 @@ returns the identity a manifest records; `load` builds the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -20,14 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.utils import get_session
 from transformers import AutoConfig
 
 from redi.common.atomic import read_json
 from redi.common.errors import UserError
 from redi.pipeline import representations, vaes
 
+log = logging.getLogger(__name__)
 TINY_RANDOM = "tiny-random"
 TINY_SEED = 0  # torch seed of the tiny-random weights
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -81,9 +84,29 @@ class EncoderRef:
         return self.identity["kind"] == TINY_RANDOM
 
 
+HUB_PROBE_SECONDS = 3.0  # one request to the hub, without retries, before any hub id is looked up
+
+
 def offline() -> bool:
-    """True when HF_HUB_OFFLINE asks for cached files only."""
+    """True when HF_HUB_OFFLINE asks for cached files only, or the hub did not answer this process's one probe:
+    then every lookup is a cached one and a model that is not cached is one sentence at once, instead of the hub
+    client's retries (about 23 s per file, each warning printed twice)."""
+    return _offline_by_request() or not _hub_answers()
+
+
+def _offline_by_request() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+@functools.cache
+def _hub_answers() -> bool:
+    """Whether the hub endpoint (HF_ENDPOINT) answers one HEAD request within HUB_PROBE_SECONDS; any answer counts."""
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception:  # no route, no name, refused, timed out: the transport's errors, whatever its library
+        log.info(f"{constants.ENDPOINT} does not answer: using the Hugging Face cache only.")
+        return False
+    return True
 
 
 def resolve(family: EncoderFamily, name: str, revision: str = "main") -> EncoderRef:
@@ -181,10 +204,14 @@ def _config_hash(config: dict[str, Any], weights: list[tuple[str, int]]) -> str:
 
 
 def _unavailable(family: EncoderFamily, name: str, revision: str) -> UserError:
-    return UserError(
-        f"Cannot load the {family.what} '{name}' (revision {revision}): its weights are neither in the "
-        f"Hugging Face cache nor downloadable here; pass a local directory instead, e.g. {family.flag} {family.example_dir}."
-    )
+    if _offline_by_request():
+        reason = "not in the Hugging Face cache, and HF_HUB_OFFLINE forbids a download"
+    elif not _hub_answers():
+        reason = f"not in the Hugging Face cache, and {constants.ENDPOINT} does not answer"
+    else:
+        reason = "neither in the Hugging Face cache nor downloadable here"
+    return UserError(f"Cannot load the {family.what} '{name}' (revision {revision}): it is {reason}; pass a local "
+                     f"directory instead, e.g. {family.flag} {family.example_dir}.")
 
 
 @contextlib.contextmanager

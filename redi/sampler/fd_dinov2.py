@@ -9,6 +9,7 @@ these features is `sampler.metrics.frechet_distance`, as for FID.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from redi.pipeline.encoders import ENCODER, describe_identity, load, resolve
 from redi.pipeline.representations import IMAGENET_MEAN, IMAGENET_STD, Preprocess, family_of
 
 DEFAULT_FD_ENCODER = "facebook/dinov2-large"  # DINOv2 ViT-L/14 without registers: torch.hub's dinov2_vitl14
+FD_ENCODER = dataclasses.replace(ENCODER, what="FD-DINOv2 encoder (DINOv2 ViT-L/14, as edm2's)", flag="--fd-encoder",
+                                 example_dir="/path/to/dinov2-large")  # loaded as the features stage's, named for eval
 INPUT_SIDE = 224  # edm2 and dgm-eval resize every image to 224×224
 # Resize first (in [0, 1] rather than edm2's [0, 255]: the same up to rounding, interpolation being linear), then normalise.
 EDM2_PREPROCESS = Preprocess(IMAGENET_MEAN, IMAGENET_STD, "bicubic", antialias=True, normalise_first=False,
@@ -29,7 +32,7 @@ class DinoV2Features:
     """The frozen encoder and its CLS features of uint8 images."""
 
     def __init__(self, name: str, device: torch.device):
-        ref = resolve(ENCODER, name)
+        ref = resolve(FD_ENCODER, name)
         family = family_of(ref.config)
         if not family.cls:
             raise UserError(f"--fd-encoder {name} is a {family.title} model, which has no CLS token: FD-DINOv2 takes the "
