@@ -11,7 +11,7 @@ import importlib.metadata
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -143,6 +143,14 @@ def stage_command(name: str, spec: FromConfig, panel: str) -> Callable[[F], F]:
     return config_command(app, name, spec, guard=user_errors, rich_help_panel=panel, epilog=examples(name))
 
 
+def print_summary(table: Any, paths: Sequence[tuple[str, Any]] = ()) -> None:
+    """A result table, then each path on a line of its own: in a table cell a long path is cut ("…") or folded
+    mid-word at 80 columns, on a line it moves whole to the next line."""
+    out.print(table)
+    for name, path in paths:
+        out.print(f"{name}: {escape(str(path))}")
+
+
 def print_json(value: Any) -> None:
     """A result as JSON on stdout, for scripts (`--json`)."""
     print(json.dumps(value, indent=2, default=str))
@@ -176,7 +184,7 @@ def _print_stage_result(result: Any) -> None:
         return
     if result.state is StageState.COMPLETE:
         out.print(f"[green]{escape(str(result.out))} is complete with these settings: nothing to do.[/]")
-    out.print(result.table())
+    print_summary(result.table(), [("output", result.out)])
     if result.skipped:
         err.print(f"[yellow]warning:[/] {result.skipped} images could not be read and were skipped "
                   f"(listed in {escape(str(result.out / 'errors.jsonl'))}).")
@@ -287,7 +295,7 @@ def shards_command(
     result = build_shards(data, cfg)
     if result.up_to_date:
         out.print(f"[green]{escape(str(result.root))} is complete with these settings: nothing to do.[/]")
-    table = Table(title=f"shards → {escape(str(result.root))}")
+    table = Table(title="redi shards")
     table.add_column("")
     table.add_column("value", justify="right")
     rate = f"{result.written_samples / result.seconds:,.0f}" if result.written_samples and result.seconds > 0 else "–"
@@ -297,7 +305,7 @@ def shards_command(
                         ("written now", f"{result.written_samples:,}"), ("time", f"{result.seconds:.1f} s"),
                         ("samples/s", rate)]:
         table.add_row(name, value)
-    out.print(table)
+    print_summary(table, [("output", result.root)])
     if result.num_skipped:
         err.print(f"[yellow]warning:[/] {result.num_skipped} images are invalid in latents/ or features/ and were left "
                   f"out (listed under 'skipped' in {escape(str(result.root / 'shards.json'))}).")
@@ -319,11 +327,11 @@ def publish_command(
         out.print(f"[green]{escape(str(result.dest))} already holds these shards: nothing to do.[/]")
         return
     table = Table(title="redi publish", show_header=False)
-    for name, value in [("to", escape(str(result.dest))), ("files", f"{result.files:,}" + ("" if result.pca else " (no pca.safetensors: absent, or fitted after these shards)")),
+    for name, value in [("files", f"{result.files:,}" + ("" if result.pca else " (no pca.safetensors: absent, or fitted after these shards)")),
                         ("bytes", f"{result.bytes / 1e6:,.1f} MB"), ("time", f"{result.seconds:.1f} s"),
                         ("MB/s", f"{result.bytes / 1e6 / max(result.seconds, 1e-9):,.1f}")]:
         table.add_row(name, value)
-    out.print(table)
+    print_summary(table, [("copied to", result.dest)])
     out.print(f"next: redi verify {escape(str(result.dest))}   then   redi train --shards {escape(str(result.dest))} --format wds …")
 
 
@@ -384,16 +392,16 @@ def train_command(
         return
     from rich.table import Table
 
-    table = Table(title=f"redi train → {escape(str(result.run))}", show_header=False)
+    table = Table(title="redi train", show_header=False)
     for key, value in (("steps", f"{result.steps_run:,} run now, at step {result.step:,}"),
                        ("skipped (non-finite)", f"{result.skipped_steps}"), ("last loss", f"{result.last_loss:.4f}"),
                        ("time", f"{result.seconds:,.1f} s" + (f" ({result.watch_seconds:,.1f} s of sample grids and "
                                                                "evaluations)" if result.watch_seconds else "")),
-                       ("images/s", f"{result.images_per_s:,.1f}"),
-                       ("checkpoints", str(result.run / "checkpoints")), ("metrics", str(result.run / "metrics.jsonl")),
-                       *((("sample grids", str(result.run / "samples")),) if result.watch_seconds else ())):
+                       ("images/s", f"{result.images_per_s:,.1f}")):
         table.add_row(key, escape(value))
-    out.print(table)
+    print_summary(table, [("run", result.run), ("checkpoints", result.run / "checkpoints"),
+                          ("metrics", result.run / "metrics.jsonl"),
+                          *((("sample grids", result.run / "samples"),) if result.watch_seconds else ())])
 
 
 # --- sample ---
@@ -421,7 +429,7 @@ def sample_command(cfg: SampleConfig) -> None:
     result = run_sample(cfg)
     if result.rank != 0:
         return
-    out.print(result.table())
+    print_summary(result.table(), [("output", result.out)])
     if result.work.nonfinite:
         from redi.sampler.outputs import ERRORS_JSONL
 
@@ -451,10 +459,10 @@ def preview_command(cfg: PreviewConfig) -> None:
     from redi.sampler.preview import preview
 
     result = preview(cfg)
-    table = Table(title=f"redi preview → {escape(str(result.out))}", show_header=False)
+    table = Table(title="redi preview", show_header=False)
     for i, row in enumerate(result.rows, 1):
         table.add_row(f"row {i}", escape(f"{row.caption}: {row.meaning}."))
-    out.print(table)
+    print_summary(table, [("picture", result.out)])
     if result.tiny_random:
         out.print(TINY_RANDOM_NOTE)
 
@@ -510,7 +518,7 @@ def convert_command(cfg: ConvertConfig) -> None:
 
     result = convert_checkpoint(cfg)
     m, train = result.model_config, result.train_config
-    table = Table(title=f"convert → {escape(str(result.out))}")
+    table = Table(title="redi convert")
     table.add_column("")
     table.add_column("value")
     for name, value in [("origin", f"{result.origin.repository}, '{result.weights}' weights, step {result.step:,}"),
@@ -521,7 +529,7 @@ def convert_command(cfg: ConvertConfig) -> None:
                         ("source sha256", result.source_sha256[:16] + "…"), ("time", f"{result.seconds:.1f} s"),
                         *(("note", note) for note in result.notes)]:
         table.add_row(name, escape(value))
-    out.print(table)
+    print_summary(table, [("output", result.out)])
 
 
 CONVERT_ENCODER = FromConfig("redi.pipeline.timm_vit:EncoderConvertConfig", panels={},
@@ -575,9 +583,7 @@ def info_command(
     if as_json:  # for scripts: what the root holds, without drawing
         print_json(info_json(data, parts))
         return
-    out.print(info_table(data, parts))
-    for path in info_plots(data):
-        out.print(f"plot: {escape(str(path))}")
+    print_summary(info_table(data, parts), [("root", data), *(("plot", path) for path in info_plots(data))])
 
 @app.command("verify", cls=Command, rich_help_panel=CHECK_PANEL, epilog=examples("verify"))
 @user_errors
@@ -610,12 +616,12 @@ def verify_command(
     else:
         shown = escape(redact(data))  # a URL without its credentials
         colours = {"ok": "green", "absent": "dim", "warning": "yellow", "FAILED": "bold red"}
-        table = Table(title=f"verify {shown}")
+        table = Table(title="redi verify")
         for name in ("stage", "status", "details"):
             table.add_column(name)
         for check in checks:
             table.add_row(check.stage, f"[{colours[check.status]}]{check.status}[/]", escape(check.details))
-        out.print(table)
+        print_summary(table, [("root", redact(data))])
         if not failed:
             out.print(f"[green]{shown}: every {'part' if is_run else 'stage present'} is consistent.[/]")
     if failed:

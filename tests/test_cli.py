@@ -166,3 +166,24 @@ def test_the_command_list_and_version_do_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).parent.parent)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_summaries_at_80_columns_keep_long_paths_whole(pipeline: dict, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path longer than a table cell but shorter than a line is printed whole: never cut with "…", never folded."""
+    import shutil
+
+    from faults import sample_args
+
+    monkeypatch.chdir(tmp_path)
+    folder = Path("a-folder-whose-name-is-long-enough-to-overflow-a-table-cell")  # 60 characters
+    folder.mkdir()
+    (folder / "data").symlink_to(pipeline["ref_data"])
+    (folder / "run").symlink_to(pipeline["ref_run"])
+    shutil.copytree(pipeline["ref_samples"], folder / "samples")
+    commands = {folder / "data": ["info", folder / "data"], folder / "run": ["verify", folder / "run", "--no-deep"],
+                folder / "samples": ["sample", *sample_args(pipeline["ref_run"], folder / "samples")]}
+    for path, args in commands.items():
+        result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        assert str(path) in result.stdout.splitlines() or f": {path}" in result.stdout, result.stdout

@@ -39,7 +39,9 @@ def test_the_same_pca_gives_the_same_png_bytes(tmp_path: Path) -> None:
 def test_channel_values_scale_the_latents_as_training_does(data: Path) -> None:
     import zarr
 
-    groups = channel_values(data)
+    values = channel_values(data)
+    assert values is not None and values.images == "all 48 images of the shards"  # not "the first 512"
+    groups = values.groups
     (latent_name, latents, latent_names), (pc_name, pcs, pc_names) = groups
     info = json.loads((data / "shards" / "shards.json").read_text())
     store = zarr.open_group(data / "shards" / "samples.zarr", mode="r")

@@ -17,7 +17,9 @@ from redi.common.atomic import sha256_file
 from redi.common.errors import UserError
 from redi.common.lock import exclusive
 from redi.pipeline.vaes import latent_space, tiny_sd_config
-from redi.sampler.outputs import image_path, make_grid, pcs_path, pcs_to_rgb, read_png, write_adm_npz
+from redi.sampler.outputs import (
+    CAPTION_LINE, LABEL_LINE, captioned_grid, image_path, pcs_path, pcs_to_rgb, read_png, write_adm_npz,
+)
 from redi.sampler.report import SampleResult
 from redi.sampler.sample import SampleConfig, batches_of, run_sample
 from redi.sampler.labels import class_labels
@@ -93,8 +95,10 @@ def test_cli_writes_every_output(sit_run: Path) -> None:
     assert np.array_equal(images, np.stack([read_png(image_path(out, i)) for i in range(5)]))
     assert images.std() > 5  # real, varied pictures, not a constant
     grid = np.asarray(Image.open(out / "grid.png"))
-    assert grid.shape == (2 * 66 + 2, 3 * 66 + 2, 3) and np.array_equal(grid[2:66, 2:66], images[0])
-    assert np.asarray(Image.open(out / "pcs.png")).shape == grid.shape
+    top = grid.shape[0] - (2 * (66 + LABEL_LINE) + 2)  # the caption's lines above 2 rows of cells and their labels
+    assert grid.shape[1] == 3 * 66 + 2 and top > 0 and np.array_equal(grid[top + 2:top + 66, 2:66], images[0])
+    assert grid[:top, 2:100].max() == 255 and grid[top + 66:top + 66 + LABEL_LINE, 2:66].max() == 255  # words
+    assert np.asarray(Image.open(out / "pcs.png")).shape[1] == grid.shape[1]
     report = json.loads((out / "sample.json").read_text())
     s = report["settings"]
     assert s["sampler"] == "sde" and s["steps"] == 4 and s["seed"] == 3 and s["precision"] == "fp32"
@@ -307,8 +311,11 @@ def test_pc_picture_and_grid_layout() -> None:
     assert rgb.shape == (2, 8, 8, 3) and rgb.dtype == np.uint8
     assert rgb[0, 0, 0, 0] == 0 and rgb[1, 7, 7, 0] == 255 and (rgb[..., 1:] == 0).all()
     assert (rgb[:, :4, :4] == rgb[:, :1, :1]).all()  # nearest upsampling: each latent cell is a 4×4 block
-    grid = make_grid(np.full((5, 3, 3, 3), 200, np.uint8), padding=1)
-    assert grid.shape == (2 * 4 + 1, 3 * 4 + 1, 3) and grid[1:4, 1:4].min() == 200 and grid[0].max() == 0
+    cells = np.full((5, 3, 3, 3), 200, np.uint8)
+    labelled, plain = captioned_grid(cells, "c", np.arange(5), padding=1), captioned_grid(cells, "c", None, padding=1)
+    top = CAPTION_LINE + 1  # one caption line
+    assert labelled.shape == (top + 2 * (4 + LABEL_LINE) + 1, 3 * 4 + 1, 3) and labelled[top + 1:top + 4, 1:4].min() == 200
+    assert plain.shape == (top + 2 * 4 + 1, 3 * 4 + 1, 3) and plain[top + 5:top + 8, 1:4].min() == 200  # 2nd row
 
 
 def test_streamed_npz_reads_like_numpy_savez(tmp_path: Path) -> None:

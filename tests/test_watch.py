@@ -19,6 +19,7 @@ from redi.trainer.checkpoint import checkpoint_path, checksum_path
 from redi.trainer.config import TrainConfig
 from redi.trainer.metrics import read_metrics
 from redi.sampler.grids import grid_path
+from redi.sampler.outputs import LABEL_LINE
 from redi.trainer.trackers import TENSORBOARD_DIR
 from redi.trainer.train import train
 from redi.sampler.watch import RunWatch
@@ -82,7 +83,8 @@ def test_sample_grids_at_their_steps_are_the_same_pixels_after_a_resume(data: Pa
     train(config(data, straight, sample_every=4, sample_num=4, tracker="tensorboard"), device="cpu", watch=RunWatch)
     assert sorted(p.name for p in (straight / "samples").glob("step-*.png")) == ["step-0000004.png", "step-0000008.png"]
     grid = np.asarray(Image.open(grid_path(straight, 8)))
-    assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 3) and grid[2:66, 2:66].std() > 5  # 2×2 decoded 64×64 images
+    top = grid.shape[0] - (2 * (66 + LABEL_LINE) + 2)  # the caption's lines above 2 rows of cells and their labels
+    assert grid.shape[1] == 2 * 66 + 2 and grid[top + 2:top + 66, 2:66].std() > 5  # 2×2 decoded 64×64 images
     assert not np.array_equal(grid, np.asarray(Image.open(grid_path(straight, 4))))  # other weights, same noise
     timed = [r for r in read_metrics(straight / "metrics.jsonl") if "sample_seconds" in r]
     assert [r["step"] for r in timed] == [4, 8] and all(r["sample_seconds"] > 0 for r in timed)

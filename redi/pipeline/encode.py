@@ -182,7 +182,6 @@ class StageResult:
     def table(self) -> Table:
         """One-screen summary."""
         t = Table(title=f"redi {self.stage}", show_header=False)
-        t.add_row("output", escape(str(self.out)))  # paths may hold [brackets]
         t.add_row("images", str(self.images))
         t.add_row("encoded this run", str(self.processed))
         t.add_row("skipped (unreadable)", f"[yellow]{self.skipped}[/]" if self.skipped else "0")

@@ -121,7 +121,7 @@ def describe_run(root: Path) -> list[StageInfo]:
 
 def info_table(root: Path, parts: list[StageInfo]) -> Table:
     """The stages of a data root, or the parts of a run directory, as one rich table."""
-    table = Table(title=f"redi info {escape(str(root))}", show_lines=True)
+    table = Table(title="redi info", show_lines=True)
     for col in ("stage", "status", "contents"):
         table.add_column(col)
     for s in parts:
@@ -162,11 +162,11 @@ def _draw(root: Path) -> list[Path]:
             plots.append(root / PLOT_FILE)
         except UserError:
             pass
-    if groups := channel_values(root):
+    if values := channel_values(root):
         from redi.common.plots import histograms_figure, save_png
 
-        title = f"{root.resolve().name}: every value of each channel, first {HIST_SAMPLES} images"
-        plots.append(save_png(histograms_figure(groups, title), root / HISTOGRAMS_PNG))
+        title = f"{root.resolve().name}: every value of each channel, {values.images}"
+        plots.append(save_png(histograms_figure(values.groups, title), root / HISTOGRAMS_PNG))
     return plots
 
 
@@ -177,9 +177,17 @@ def _normalised(norm: LatentNorm) -> str:
     return f"latent (mean, {norm.kind} normalisation per channel)"
 
 
-def channel_values(root: Path) -> list[tuple[str, np.ndarray, list[str]]]:
-    """(group, values (N, C), channel names) of the latents as the trainer scales them and of the first PCs, from the
-    shards' first samples (shuffled at write); the latent store's posterior means when there are no Zarr shards."""
+@dataclass(frozen=True)
+class ChannelValues:
+    """What the channel histograms show."""
+
+    groups: list[tuple[str, np.ndarray, list[str]]]  # (group, values (N·h·w, C), channel names)
+    images: str  # which images they come from, e.g. "all 64 images of the shards"
+
+
+def channel_values(root: Path) -> ChannelValues | None:
+    """The latents as the trainer scales them and the first PCs, per channel, from the shards' first samples
+    (shuffled at write); the latent store's posterior means when there are no Zarr shards; None without either."""
     shards = root / "shards"
     try:
         norm = read_shard_info(str(shards)).latent_norm  # z' = (z − shift_c)·scale_c, as the trainer normalises
@@ -188,19 +196,27 @@ def channel_values(root: Path) -> list[tuple[str, np.ndarray, list[str]]]:
         shift, scale = (np.asarray(v[:shown], np.float64).reshape(1, shown, 1, 1) for v in (norm.shift, norm.scale))
         z = (np.asarray(store["moments"][:HIST_SAMPLES, :shown], np.float64) - shift) * scale  # (N, C, h, h)
         pcs = np.asarray(store["pcs"][:HIST_SAMPLES, :HIST_PCS], np.float64)  # (N, k, p, p)
-        return [(_normalised(norm), _per_channel(z), [f"c{i}" for i in range(shown)]),
-                ("PC", _per_channel(pcs), [str(i + 1) for i in range(pcs.shape[1])])]
+        return ChannelValues([(_normalised(norm), _per_channel(z), [f"c{i}" for i in range(shown)]),
+                              ("PC", _per_channel(pcs), [str(i + 1) for i in range(pcs.shape[1])])],
+                             _which(len(z), store["moments"].shape[0], "of the shards", "(shuffled at write)"))
     except (OSError, UserError, *ZARR_METADATA_ERRORS):
         pass
     try:  # no (readable) Zarr shards: the encode stage's posterior means, unscaled
         store = zarr.open_group(root / "latents" / "store.zarr", mode="r")
-        valid = np.flatnonzero(np.asarray(store["valid"][:]))[:HIST_SAMPLES]
+        every = np.flatnonzero(np.asarray(store["valid"][:]))
+        valid = every[:HIST_SAMPLES]
         moments = store["moments"]
         shown = min(moments.shape[1] // 2, HIST_LATENT_CHANNELS)
         mean = np.asarray(moments.get_orthogonal_selection((valid, slice(0, shown))), np.float64)  # (N, C, h, h)
-        return [("posterior mean", _per_channel(mean), [f"c{i}" for i in range(shown)])] if len(valid) else []
+        groups = [("posterior mean", _per_channel(mean), [f"c{i}" for i in range(shown)])]
+        return ChannelValues(groups, _which(len(valid), len(every), "of latents/", "valid")) if len(valid) else None
     except (OSError, *ZARR_METADATA_ERRORS):
-        return []
+        return None
+
+
+def _which(shown: int, total: int, where: str, how: str) -> str:
+    """'all 64 images of the shards', or 'the first 512 of 1,281,167 images of the shards (shuffled at write)'."""
+    return f"all {total:,} images {where}" if shown == total else f"the first {shown:,} of {total:,} images {where} ({how})"
 
 
 def _per_channel(x: np.ndarray) -> np.ndarray:

@@ -18,10 +18,10 @@ import torch
 
 from redi.common.errors import UserError
 from redi.sampler.labels import class_labels
-from redi.sampler.outputs import make_grid, to_uint8, write_picture
+from redi.sampler.outputs import captioned_grid, to_uint8, write_picture
 from redi.sampler.decoder import Decoder, load_decoder
 from redi.sampler.sample import SampleConfig, SamplingPlan, autocast_factory, sample_decoded, sampling_network
-from redi.sampler.settings import SamplerChoice, resolve_guidance, resolve_sampler, sample_settings
+from redi.sampler.settings import SamplerChoice, describe_settings, resolve_guidance, resolve_sampler, sample_settings
 from redi.trainer.checkpoint import Checkpoint, checkpoint_path
 from redi.trainer.config import TrainConfig
 
@@ -95,6 +95,7 @@ def write_grid(run: Path, step: int, sampler: RunSampler, ckpt: Checkpoint) -> t
     num = len(sampler.labels)
     images = np.concatenate([sampler.pixels(model, list(range(s, min(s + sampler.config.batch_size, num))))[0]
                              for s in range(0, num, sampler.config.batch_size)])  # (N, H, W, 3)
-    grid = make_grid(images)  # (rows·(H + 2) + 2, cols·(W + 2) + 2, 3)
+    conditional = ckpt.model_config.num_classes > 1
+    grid = captioned_grid(images, describe_settings(sampler.record(step)), sampler.labels if conditional else None)
     write_picture(grid_path(run, step), grid)
     return grid_path(run, step), grid, time.perf_counter() - start

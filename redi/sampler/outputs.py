@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from redi.common.atomic import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_with
@@ -53,6 +53,9 @@ GRID_MAX = 64  # images shown in grid.png and pcs.png
 GRID_PADDING = 2  # black pixels between grid cells (torchvision's make_grid default)
 PNG_COMPRESS_LEVEL = 1  # zlib level: ~3× faster than PIL's default 6, files ~15% larger, still lossless
 PC_PERCENTILES = (1.0, 99.0)  # the PC picture maps this percentile range of each PC to 0…255
+CAPTION_SIZE = 12  # font size of a grid's caption and of its class labels
+CAPTION_LINE = 16  # pixels per caption line above a grid
+LABEL_LINE = 14  # pixels of the class-label line under each row of cells
 
 
 def image_path(out: Path, index: int) -> Path:
@@ -105,16 +108,40 @@ def write_errors(path: Path, indices: list[int], reason: str) -> None:
     atomic_write_bytes(path, "".join(json.dumps({"index": i, "reason": reason}) + "\n" for i in indices).encode())
 
 
-def make_grid(images: np.ndarray, padding: int = GRID_PADDING) -> np.ndarray:
-    """uint8 (N, H, W, 3) → one uint8 picture with ⌈√N⌉ columns, `padding` black pixels around each cell."""
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
+def captioned_grid(images: np.ndarray, caption: str, labels: np.ndarray | None,
+                   padding: int = GRID_PADDING) -> np.ndarray:
+    """uint8 (N, H, W, 3) → one uint8 picture: ⌈√N⌉ columns of cells, `padding` black pixels around each (torchvision's
+    make_grid), under a caption wrapped to the grid's width, each row of cells followed by a line with each cell's class
+    label (no line for an unconditional model); white text on black, the cells' pixels untouched."""
+    n, h, w, _ = images.shape
+    cols, rows = math.ceil(math.sqrt(n)), math.ceil(n / math.ceil(math.sqrt(n)))
+    font = ImageFont.load_default(size=CAPTION_SIZE)
+    width = cols * (w + padding) + padding
+    lines = _wrapped(caption, font, width - 2 * padding)
+    label_line = LABEL_LINE if labels is not None else 0
+    top = len(lines) * CAPTION_LINE + padding
+    page = Image.new("RGB", (width, top + rows * (h + padding + label_line) + padding), "black")
+    draw = ImageDraw.Draw(page)
+    for i, line in enumerate(lines):
+        draw.text((padding, padding + i * CAPTION_LINE), line, fill="white", font=font)
     for k, image in enumerate(images):
-        top, left = padding + (k // cols) * (h + padding), padding + (k % cols) * (w + padding)
-        grid[top : top + h, left : left + w] = image
-    return grid
+        x, y = padding + (k % cols) * (w + padding), top + padding + (k // cols) * (h + padding + label_line)
+        page.paste(Image.fromarray(image), (x, y))
+        if labels is not None:
+            draw.text((x, y + h + 1), f"class {int(labels[k])}", fill="white", font=font)
+    return np.asarray(page)
+
+
+def _wrapped(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
+    """`text` in lines no wider than `width` pixels, broken between words."""
+    lines = [""]
+    for word in text.split():
+        longer = f"{lines[-1]} {word}".strip()
+        if lines[-1] and ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(longer, font=font) > width:
+            lines.append(word)
+        else:
+            lines[-1] = longer
+    return lines
 
 
 def pcs_to_rgb(pcs: np.ndarray, side: int) -> np.ndarray:
@@ -258,15 +285,18 @@ def write_image(out: Path, index: int, pixels: np.ndarray, pcs: np.ndarray | Non
     write_png(image_path(out, index), pixels)
 
 
-def assemble(out: Path, num: int, labels: np.ndarray, grid_count: int, has_pcs: bool,
+def assemble(out: Path, num: int, labels: np.ndarray, grid_count: int, has_pcs: bool, caption: str, conditional: bool,
              bar: contextlib.AbstractContextManager[Callable[[int], None]]) -> None:
-    """grid.png, pcs.png and samples.npz from the per-image files (lossless PNGs), each written atomically."""
+    """grid.png and pcs.png (the first images, captioned with `caption` and, for a class-conditional model, each
+    image's class) and samples.npz from the per-image files (lossless PNGs), each written atomically."""
     shape = read_png(image_path(out, 0)).shape  # (H, W, 3); every other image must match it
     grid = np.stack([read_png(image_path(out, i), shape) for i in range(grid_count)])  # (G, H, W, 3)
-    write_picture(out / GRID_PNG, make_grid(grid))
+    shown = labels[:grid_count] if conditional else None
+    write_picture(out / GRID_PNG, captioned_grid(grid, caption, shown))
     if has_pcs:
         pcs = np.stack([np.load(pcs_path(out, i)) for i in range(grid_count)])  # (G, r, h, h)
-        write_picture(out / PCS_PNG, make_grid(pcs_to_rgb(pcs, shape[0])))
+        write_picture(out / PCS_PNG, captioned_grid(pcs_to_rgb(pcs, shape[0]), f"Generated PCs 1-3 as RGB: {caption}",
+                                                    shown))
     with bar as advance:
 
         def images() -> Iterator[np.ndarray]:

@@ -19,6 +19,7 @@ from redi.common.errors import UserError
 from redi.pipeline.encoders import TINY_RANDOM, VAE, load, resolve
 from redi.pipeline.readers import Segment, ShardInfo, WdsShardDataset, ZarrShardDataset, read_shard_info
 from redi.sampler.outputs import IMAGES_DIR, SAMPLE_JSON, image_path, pcs_path, pcs_to_rgb, read_png, to_uint8, write_picture
+from redi.sampler.settings import describe_settings
 
 CELL = 128  # side of one picture in the sheet, pixels
 PAD = 4  # between pictures and rows
@@ -71,7 +72,7 @@ def preview(cfg: PreviewConfig) -> PreviewResult:
             Row(f"Their PCs 1-3 as RGB (K = {info.pcs} stored; ReDi generates the first r with the latent)", real_rgb,
                 "the representation the model learns to generate with the latent")]
     if settings is not None and images is not None:
-        rows.append(Row(f"Samples: {_describe(settings)}", _cells(images),
+        rows.append(Row(f"Samples: {describe_settings(settings)}", _cells(images),
                         "what the model makes from noise with these settings"))
     if generated_rgb is not None:
         rows.append(Row("Their generated PCs 1-3, on the training PCs' colour scale", generated_rgb,
@@ -113,16 +114,6 @@ def _samples(samples: Path, num: int) -> tuple[dict[str, Any], np.ndarray, np.nd
     kept = all(pcs_path(samples, i).exists() for i in range(count))  # the sampler keeps the grid images' PCs
     pcs = np.stack([np.load(pcs_path(samples, i)) for i in range(count)]) if kept else None
     return report["settings"], images, pcs
-
-
-def _describe(s: dict[str, Any]) -> str:
-    """One line of the settings that shape a sample: model, step, weights, guidance, sampler, seed."""
-    g = s["guidance"]
-    scales = {"none": "", "cfg": f" {g['cfg_scale']:g}", "rg": f" {g['rg_scale']:g}",
-              "cfg+rg": f" {g['cfg_scale']:g}+{g['rg_scale']:g}"}.get(g["mode"], "")
-    return (f"{s['model']['name']} {s['model']['method']}, step {s['checkpoint']['step']:,}, "
-            f"{s['checkpoint']['weights']} weights, guidance {g['mode']}{scales}, {s['sampler']} "
-            f"{s['steps'] if s['steps'] is not None else 'adaptive'} steps, seed {s['seed']}")
 
 
 def _labelled(cells: np.ndarray, names: list[str]) -> np.ndarray:

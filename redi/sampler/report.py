@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from rich.markup import escape
 from rich.table import Table
 
 from redi.sampler.outputs import ERRORS_JSONL, GRID_PNG, IMAGES_DIR, NPZ_FILE, PCS_PNG, SAMPLE_JSON
@@ -93,7 +92,7 @@ class SampleResult:
         """The one-screen summary."""
         t = Table(title="redi sample" + (" [yellow](tiny-random VAE)[/]" if self.tiny_random else ""))
         t.add_column("")
-        t.add_column("value", overflow="fold")
+        t.add_column("value")
         t.add_row("images", f"{self.num:,} ({self.work.images:,} generated now, {self.present:,} already there)")
         steps = "adaptive steps" if self.sampler.steps is None else f"{self.sampler.steps} steps"
         t.add_row("sampler", f"{self.sampler.label()}, {steps}, guidance {self.guidance}")
@@ -107,7 +106,6 @@ class SampleResult:
         if self.work.nonfinite:
             t.add_row("[bold red]not finite[/]", f"[bold red]{len(self.work.nonfinite):,} images (NaN or inf), not written: "
                                                  f"listed in {ERRORS_JSONL}[/]")
-        t.add_row("output directory", escape(str(self.out)))  # paths may hold [brackets]
         files = [f"{IMAGES_DIR}/"]
         if self.assembled:
             files += [NPZ_FILE, GRID_PNG] + ([PCS_PNG] if self.has_pcs else [])

@@ -52,7 +52,7 @@ from redi.sampler.outputs import (
 )
 from redi.sampler.report import SampleResult, Work, final_report
 from redi.sampler.samplers import LAST_STEPS, ODE_SOLVERS, SAMPLERS, SamplerOptions, sample_latents
-from redi.sampler.settings import resolve_guidance, resolve_sampler, sample_settings
+from redi.sampler.settings import describe_settings, resolve_guidance, resolve_sampler, sample_settings
 from redi.trainer.checkpoint import Checkpoint, resolve_checkpoint
 from redi.trainer.models import DiffusionTransformer, build_model
 
@@ -273,7 +273,8 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
         if rank == 0 and missing == 0:
             (out / ERRORS_JSONL).unlink(missing_ok=True)  # every image is there now
             if work.images or not is_assembled(out, cfg.num, has_pcs):  # e.g. samples.npz deleted
-                assemble(out, cfg.num, labels, grid_count, has_pcs, counting("assembling", cfg.num))
+                assemble(out, cfg.num, labels, grid_count, has_pcs, describe_settings(settings), mc.num_classes > 1,
+                         counting("assembling", cfg.num))
                 atomic_write_json(out / SAMPLE_JSON, final_report(settings, ckpt, cfg, work, world, device, has_pcs))
     return SampleResult(
         out=out, num=cfg.num, present=present, work=work, rank=rank, world_size=world, device=str(device),

@@ -128,3 +128,15 @@ def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: SamplerChoice,
     }
     return json.loads(json.dumps(settings))
 
+
+def describe_settings(s: dict[str, Any]) -> str:
+    """One line of the settings that shape a sample (sample.json's): model, step, weights, guidance, sampler, seed."""
+    g = s["guidance"]
+    scales = {"none": "", "cfg": f" {g['cfg_scale']:g}", "rg": f" {g['rg_scale']:g}",
+              "cfg+rg": f" {g['cfg_scale']:g}+{g['rg_scale']:g}"}.get(g["mode"], "")
+    step = s["checkpoint"]["step"]
+    return (f"{s['model']['name']} {s['model']['method']}, step {step:,}, " if step is not None else
+            f"{s['model']['name']} {s['model']['method']}, ") + (
+            f"{s['checkpoint']['weights']} weights, guidance {g['mode']}{scales}, {s['sampler']} "
+            f"{s['steps'] if s['steps'] is not None else 'adaptive'} steps, seed {s['seed']}"
+            + (", tiny-random VAE" if s.get("tiny_random") else ""))
