@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # the commands' config classes; their modules import torch, s
     from redi.pipeline.encode import EncodeConfig
     from redi.pipeline.pca import PCAConfig
     from redi.pipeline.repa_import import RepaImportConfig
+    from redi.pipeline.shards_config import ShardsConfig
     from redi.pipeline.timm_vit import EncoderConvertConfig
-    from redi.pipeline.shards import ShardsConfig
     from redi.sampler.evaluate import EvalConfig
     from redi.sampler.preview import PreviewConfig
     from redi.sampler.sample import SampleConfig
@@ -278,7 +278,7 @@ def _formats(name: str) -> tuple[str, ...]:
     return ("zarr", "wds") if name == "both" else (name,)
 
 
-SHARDS = FromConfig("redi.pipeline.shards:ShardsConfig", panels={}, flags={
+SHARDS = FromConfig("redi.pipeline.shards_config:ShardsConfig", panels={}, flags={
     "formats": Flag(("--format",), default="zarr", type=Annotated[str, OneOf(("zarr", "wds", "both"))], parse=_formats)})
 
 
@@ -290,9 +290,12 @@ def shards_command(
     """Join latents, features and the PCA into training shards (Zarr and/or WebDataset) described by shards.json."""
     from rich.table import Table
 
-    from redi.pipeline.shards import build_shards
+    from redi.pipeline.shards_config import finished_shards
 
-    result = build_shards(data, cfg)
+    if (result := finished_shards(data, cfg)) is None:  # else shards/stamp.json agrees: no array read, no torch
+        from redi.pipeline.shards import build_shards
+
+        result = build_shards(data, cfg)
     if result.up_to_date:
         out.print(f"[green]{escape(str(result.root))} is complete with these settings: nothing to do.[/]")
     table = Table(title="redi shards")

@@ -31,7 +31,7 @@ from redi.common.atomic import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPORARY = re.compile(r"\.tmp$|\.partial$")  # what an interrupted atomic write (ours or zarr's) leaves
-LOCKS = re.compile(r"^\.(.+\.)?lock")  # lock files (empty, never compared)
+LOCKS = re.compile(r"^\.(.+\.)?(lock|stamp\.json)$")  # lock files (empty) and stamps (caches of stats): not compared
 
 # The tiny pipeline every fault is injected into: 16 images of 64², one committed chunk or block per image.
 IMAGES = 16

@@ -112,6 +112,42 @@ def test_rerun_does_nothing_other_pcs_refused_unless_force(built: Path, tmp_path
     assert result.exit_code == 2 and f"--pcs {DIM + 1} exceeds the {DIM} components" in result.output
 
 
+def test_a_rerun_with_nothing_to_do_answers_from_the_stamp_and_a_changed_input_is_caught(
+        built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DATA/.shards.stamp.json: settings and file digests agree, so no input is opened and torch is not imported; a
+    touched file with the same bytes keeps the fast answer; a changed one sends the rerun through the stage."""
+    import os
+    import subprocess
+    import sys
+
+    import redi.pipeline.shards as stage
+
+    data = tmp_path / "data"
+    shutil.copytree(built, data)
+    args = ["shards", "--data", str(data), "--format", "both", "--pcs", str(K), "--shard-size", str(S), "--device", "cpu"]
+    script = ("import sys; from typer.testing import CliRunner; from redi.cli import app; "
+              f"r = CliRunner().invoke(app, {args!r}); print(r.exit_code, 'torch' in sys.modules, r.output)")
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert fresh.stdout.startswith("0 False") and "nothing to do" in fresh.stdout, fresh.stdout + fresh.stderr
+
+    def opened(*args: object) -> None:
+        raise AssertionError("the stage opened its inputs on a rerun with nothing to do")
+
+    monkeypatch.setattr(stage, "open_inputs", opened)
+    manifest = data / "latents" / "manifest.json"
+    was = manifest.stat().st_mtime_ns
+    os.utime(manifest, ns=(was + 10**9, was + 10**9))  # touched, the same bytes
+    for _ in range(2):  # the stamp takes the new time: the second rerun compares stats only
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and "nothing to do" in result.output, result.output
+    monkeypatch.undo()
+    record = json.loads(manifest.read_text())
+    record["params"]["chunk_size"] += 1  # latents/ now says it was made otherwise
+    manifest.write_text(json.dumps(record))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "different settings" in result.output, result.output
+
+
 def test_killed_run_resumes_to_the_same_bytes(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_data(tmp_path / "data")
     original = ShardWriter.write_block

@@ -7,3 +7,4 @@ from __future__ import annotations
 
 GUIDANCE_MODES: tuple[str, ...] = ("none", "cfg", "rg", "cfg+rg")  # docs/METHOD.md: CFG, Representation Guidance
 LABEL_MODES: tuple[str, ...] = ("random", "balanced")  # sampler/labels.py says what each draws
+LATENT_NORMS: tuple[str, ...] = ("config", "channel")  # pipeline/latent_norm.py: the VAE config's, or measured per channel

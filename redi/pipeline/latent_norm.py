@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from redi.common.choices import LATENT_NORMS
 from redi.common.errors import UserError
 
-KINDS = ("config", "channel")
+KINDS = LATENT_NORMS
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ import io
 import math
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,22 +35,21 @@ from zarr.codecs import Crc32cCodec
 from redi.common.atomic import atomic_write_bytes, atomic_write_json, read_json, remove_temporaries, sha256_file, try_read_json
 from redi.common.display import progress_bar
 from redi.common.errors import UserError
-from redi.common.flags import OneOf
 from redi.common.lock import exclusive
 from redi.common.runtime import resolve_device
-from redi.pipeline.latent_norm import KINDS, ChannelStats, LatentNorm
+from redi.pipeline.latent_norm import ChannelStats, LatentNorm
 from redi.pipeline.pca import checked_pca_sha256, features_fingerprint
 from redi.pipeline.pca_file import PCAModel, load_pca
+from redi.pipeline.shards_config import (  # noqa: F401  (FORMATS, ShardsConfig: importable from here as before)
+    FORMATS, SHARDS_FORMAT_VERSION, SHARDS_JSON, ShardsConfig, ShardsResult, write_shards_stamp,
+)
 from redi.pipeline.stage import InputCheck, Manifest, StageDir, StageState, open_array, read_errors, read_manifest, stage_lock
 from redi.pipeline.vaes import LatentSpace, manifest_space
 
-SHARDS_FORMAT_VERSION = 1
-FORMATS = ("zarr", "wds")
 DATA_FIELDS = ("moments", "pcs", "cls", "patch_tokens")  # the array fields a sample may hold, besides label
 CHUNK_BYTES = 16 << 20  # target size of one zarr chunk file
 GROUP_BYTES = 1 << 30  # memory for the write-time shuffle: decides how many blocks one permutation spans
 READ_ROWS = 256  # source images read (and projected) per step
-SHARDS_JSON = "shards.json"
 KEYS_JSON = "keys.json"
 ZARR_DIR = "samples.zarr"
 CHECKSUMS_DIR = "checksums"  # per-block {relpath: sha256}, written before the block is committed
@@ -211,57 +210,6 @@ class ShardWriter:
             return {}
         rels = [f"{ZARR_DIR}/zarr.json"] + [f"{ZARR_DIR}/{name}/zarr.json" for name in self.arrays]
         return {rel: sha256_file(self.root / rel) for rel in rels}
-
-
-@dataclass(frozen=True)
-class ShardsConfig:
-    """Parameters of the `shards` stage: the flags of `redi shards`."""
-
-    formats: tuple[str, ...] = ("zarr",)
-    """Stores to write: zarr (random access, one node), wds (WebDataset tars, streaming) or both.
-
-    "zarr" and/or "wds"."""
-    pcs: int = 32
-    """K: principal components kept per sample (train with any rank r ≤ K)."""
-    patch_tokens: bool = False
-    """Also store the full patch tokens (P×D), needed by REPA/REG alignment (large)."""
-    shard_size: int = 1024
-    """Samples per block: one tar, one zarr block, one committed unit."""
-    seed: int = 0
-    """Seed of the write-time shuffle of the sample order."""
-    device: str = "auto"
-    """Where the PCA projection runs: auto, cpu, cuda or cuda:N."""
-    latent_norm: Annotated[str, OneOf(KINDS)] = "config"
-    """Latent normalisation the trainer applies: the VAE config's scale and shift, or per-channel statistics.
-
-    "channel": mean and std measured over these shards' latents, as LightningDiT's latent statistics."""
-    force: bool = False
-    """Delete and redo shards made with other settings."""
-
-    def __post_init__(self) -> None:
-        if not self.formats or any(f not in FORMATS for f in self.formats):
-            raise UserError(f"--format must name zarr, wds or both, not {','.join(self.formats) or 'nothing'}.")
-        if self.pcs < 1:
-            raise UserError(f"--pcs must be at least 1, not {self.pcs}.")
-        if self.shard_size < 1:
-            raise UserError(f"--shard-size must be at least 1, not {self.shard_size}.")
-        if self.latent_norm not in KINDS:
-            raise UserError(f"--latent-norm must be {' or '.join(KINDS)}, not {self.latent_norm}.")
-
-
-@dataclass(frozen=True)
-class ShardsResult:
-    """What a `shards` run did."""
-
-    root: Path  # the shards directory
-    up_to_date: bool  # True when there was nothing to do
-    num_samples: int
-    num_skipped: int
-    num_shards: int
-    written_samples: int  # samples written by this run (less than num_samples after a resume)
-    formats: tuple[str, ...]
-    seconds: float
-    info: dict[str, Any] = field(default_factory=dict)  # the shards.json content
 
 
 @dataclass
@@ -544,6 +492,7 @@ def write_stage(data: Path, cfg: ShardsConfig, progress: bool) -> ShardsResult:
     shards_json = root / SHARDS_JSON
     info = _readable_info(shards_json)
     if state is StageState.COMPLETE and not stage.pending() and info is not None:
+        write_shards_stamp(data, cfg, info)  # shards made before stamps: the next rerun answers at once
         return ShardsResult(root, True, layout.num_samples, len(inputs.keys) - layout.num_samples, layout.num_shards,
                             0, tuple(sorted(cfg.formats)), time.perf_counter() - t0, info)
     order = write_order(layout.num_samples, cfg.shard_size, group_blocks, cfg.seed)
@@ -552,6 +501,7 @@ def write_stage(data: Path, cfg: ShardsConfig, progress: bool) -> ShardsResult:
     stage.finish()
     atomic_write_json(root / KEYS_JSON, [inputs.keys[i] for i in inputs.kept[order]])
     info = _shards_json(inputs, cfg, layout, group_blocks, latent_norm(inputs, cfg, progress), _all_checksums(root, writer))
-    atomic_write_json(shards_json, info)  # last: its presence means the shards are complete
+    atomic_write_json(shards_json, info)  # then: its presence means the shards are complete
+    write_shards_stamp(data, cfg, info)  # last: what they were made from, for a rerun with nothing to do
     return ShardsResult(root, False, layout.num_samples, len(inputs.keys) - layout.num_samples, layout.num_shards,
                         written, tuple(sorted(cfg.formats)), time.perf_counter() - t0, info)

@@ -11,7 +11,7 @@ from redi.common.choices import GUIDANCE_MODES, LABEL_MODES
 from redi.common.errors import UserError
 from redi.common.flags import OneOf
 from redi.pipeline.remote import Location, as_location, read_if_exists, redact
-from redi.pipeline.shards import FORMATS
+from redi.pipeline.shards_config import FORMATS
 from redi.trainer.models import FUSIONS, REPA_DEPTHS, SIZES
 from redi.trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts
 from redi.trainer.trackers import TRACKERS

@@ -1,0 +1,68 @@
+"""Stamps: what a finished output was made from, so that a rerun with nothing to do answers at once.
+
+A stamp (JSON) records the settings that made the output and, for each named set of files (an input stage, the
+output itself), two digests: one of the files' names, sizes and modification times, one of their contents. A rerun
+stats every file and compares the first; only a set whose stats changed (a copy, a touch, a rewrite) is hashed and
+compared by content, so an unchanged data root costs a stat per file, a changed file is still caught by its content,
+and a set that is the same after a copy has its stats recorded again. Missing files count as changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from redi.common.atomic import atomic_write_json, sha256_file, try_read_json
+from redi.common.errors import UserError
+
+STAMP_VERSION = 1
+FileSets = dict[str, list[Path]]  # set name → its files (absolute, or relative to the working directory)
+
+
+def _stat_digest(files: list[Path]) -> str:
+    """SHA-256 of each file's name, size and modification time (ns), in order; a missing file is a line of its own."""
+    lines = []
+    for path in files:
+        try:
+            st = path.stat()
+            lines.append(f"{path.name}\t{st.st_size}\t{st.st_mtime_ns}")
+        except OSError:
+            lines.append(f"{path.name}\tmissing")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _content_digest(files: list[Path]) -> str:
+    """SHA-256 of each file's name and content SHA-256, in order."""
+    lines = [f"{path.name}\t{sha256_file(path) if path.is_file() else 'missing'}" for path in files]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def write_stamp(path: Path, settings: dict[str, Any], sets: FileSets) -> None:
+    """Record `settings` and the digests of every file set, atomically (after the output is complete)."""
+    atomic_write_json(path, {"version": STAMP_VERSION, "settings": settings,
+                             "sets": {name: {"stat": _stat_digest(files), "sha256": _content_digest(files)}
+                                      for name, files in sets.items()}})
+
+
+def is_current(path: Path, settings: dict[str, Any], sets: FileSets) -> bool:
+    """True when the stamp at `path` records these settings and every file set has its recorded content; a set whose
+    stats changed but not its content has its stats recorded anew (best effort: a read-only disk keeps the old)."""
+    stamp = try_read_json(path)
+    if not (isinstance(stamp, dict) and stamp.get("version") == STAMP_VERSION and stamp.get("settings") == settings
+            and isinstance(stamp.get("sets"), dict) and set(stamp["sets"]) == set(sets)):
+        return False
+    moved = False
+    for name, files in sets.items():
+        recorded = stamp["sets"][name]
+        if not isinstance(recorded, dict):
+            return False
+        if recorded.get("stat") == _stat_digest(files):
+            continue
+        if recorded.get("sha256") != _content_digest(files):
+            return False
+        recorded["stat"], moved = _stat_digest(files), True
+    if moved:
+        with contextlib.suppress(OSError, UserError):
+            atomic_write_json(path, stamp)
+    return True
