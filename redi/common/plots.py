@@ -16,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from redi.common.atomic import atomic_write_with
+from redi.common.stamp import PNG_KEY
 
 DPI = 100
 HIST_BINS = 60
@@ -23,9 +24,11 @@ HIST_COLUMNS = 4  # histogram panels per row
 BLUE, ORANGE = "#4678be", "#c8501e"
 
 
-def save_png(fig: Figure, path: Path) -> Path:
-    """Write `fig` to `path` as a PNG, atomically; the same figure gives the same bytes (no version metadata)."""
-    atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None}))
+def save_png(fig: Figure, path: Path, drawn_from: str | None = None) -> Path:
+    """Write `fig` to `path` as a PNG, atomically; the same figure gives the same bytes (no version metadata), with
+    `drawn_from` (common/stamp.py: the digest of its inputs) as its stamp."""
+    metadata = {"Software": None} | ({PNG_KEY: drawn_from} if drawn_from else {})
+    atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, metadata=metadata))
     return Path(path)
 
 

@@ -17,6 +17,7 @@ from redi.common.atomic import atomic_write_json, sha256_file, try_read_json
 from redi.common.errors import UserError
 
 STAMP_VERSION = 1
+PNG_KEY = "redi-drawn-from"  # the text chunk of our pictures that holds the digest of what they were drawn from
 FileSets = dict[str, list[Path]]  # set name → its files (absolute, or relative to the working directory)
 
 
@@ -32,16 +33,28 @@ def _stat_digest(files: list[Path]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def _content_digest(files: list[Path]) -> str:
-    """SHA-256 of each file's name and content SHA-256, in order."""
+def content_digest(files: list[Path], note: str = "") -> str:
+    """SHA-256 of each file's name and content SHA-256, in order (and of `note`: settings that are not files)."""
     lines = [f"{path.name}\t{sha256_file(path) if path.is_file() else 'missing'}" for path in files]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return hashlib.sha256("\n".join([*lines, note]).encode()).hexdigest()
+
+
+def picture_stamp(path: Path) -> str | None:
+    """The digest a PNG of ours records of what it was drawn from (its PNG_KEY text), or None: absent, unreadable, or
+    drawn without one. A picture whose stamp equals the digest of its inputs now need not be drawn again."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return getattr(img, "text", {}).get(PNG_KEY)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 def write_stamp(path: Path, settings: dict[str, Any], sets: FileSets) -> None:
     """Record `settings` and the digests of every file set, atomically (after the output is complete)."""
     atomic_write_json(path, {"version": STAMP_VERSION, "settings": settings,
-                             "sets": {name: {"stat": _stat_digest(files), "sha256": _content_digest(files)}
+                             "sets": {name: {"stat": _stat_digest(files), "sha256": content_digest(files)}
                                       for name, files in sets.items()}})
 
 
@@ -59,7 +72,7 @@ def is_current(path: Path, settings: dict[str, Any], sets: FileSets) -> bool:
             return False
         if recorded.get("stat") == _stat_digest(files):
             continue
-        if recorded.get("sha256") != _content_digest(files):
+        if recorded.get("sha256") != content_digest(files):
             return False
         recorded["stat"], moved = _stat_digest(files), True
     if moved:

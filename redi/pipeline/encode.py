@@ -38,10 +38,12 @@ from redi.common.errors import UserError
 from redi.common.flags import OneOf
 from redi.common.lock import exclusive
 from redi.common.runtime import loader_worker_init, loader_workers
-from redi.pipeline.encoders import ENCODER, VAE, EncoderFamily, EncoderRef, describe_identity, load, resolve, sidecar
+from redi.pipeline.encoders import ENCODER, VAE, EncoderFamily, EncoderRef, load, resolve, sidecar
 from redi.pipeline.images import ImageSource, load_cropped, open_source
 from redi.pipeline.representations import encode_features, feature_spec, fit_positions
-from redi.pipeline.stage import ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
+from redi.pipeline.stage import (
+    ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, describe_identity, read_errors, stage_lock,
+)
 from redi.pipeline.vaes import LatentSpace, latent_space, manifest_space, sd_vae_config, vae_moments
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

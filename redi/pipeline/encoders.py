@@ -29,9 +29,9 @@ from transformers import AutoConfig
 from redi.common.atomic import read_json
 from redi.common.errors import UserError
 from redi.pipeline import representations, vaes
+from redi.pipeline.stage import TINY_RANDOM
 
 log = logging.getLogger(__name__)
-TINY_RANDOM = "tiny-random"
 TINY_SEED = 0  # torch seed of the tiny-random weights
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -189,12 +189,6 @@ def random_init(family: EncoderFamily, config: dict[str, Any], seed: int) -> tor
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return family.build(config)
-
-
-def describe_identity(identity: dict[str, Any]) -> str:
-    """One line for logs: `id@revision (class, dim D)`, or `id#hash…` for local and tiny-random encoders."""
-    pin = f"@{identity['revision']}" if "revision" in identity else f"#{str(identity.get('hash', ''))[:12]}"
-    return f"{identity.get('id')}{pin} ({identity.get('class')}, dim {identity.get('dim')})"
 
 
 def _config_hash(config: dict[str, Any], weights: list[tuple[str, int]]) -> str:

@@ -14,12 +14,12 @@ from rich.table import Table
 
 from redi.common.atomic import read_jsonl, try_read_json
 from redi.common.errors import UserError
-from redi.pipeline.encoders import describe_identity
+from redi.common.stamp import content_digest, picture_stamp
 from redi.pipeline.latent_norm import LatentNorm
-from redi.pipeline.pca import PLOT_FILE, checked_pca_sha256, plot_explained_variance
+from redi.pipeline.pca import PLOT_FILE, checked_pca_sha256, plot_explained_variance, plot_source
 from redi.pipeline.pca_file import load_pca
 from redi.pipeline.readers import read_shard_info
-from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir
+from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir, describe_identity
 
 log = logging.getLogger(__name__)
 ARRAY_STAGES = ("latents", "features")
@@ -150,23 +150,34 @@ def info_plots(root: Path) -> list[Path]:
 
 
 def _draw(root: Path) -> list[Path]:
+    """Each picture whose stamp (common/stamp.py) is not the digest of its inputs now is drawn again; the others stay."""
+    name = root.resolve().name  # in the titles
     if is_run_dir(root):
+        source = content_digest([root / "metrics.jsonl", root / "config.json"], name)
+        if picture_stamp(root / CURVES_PNG) == source:
+            return [root / CURVES_PNG]
         from redi.trainer.metrics import plot_curves
 
-        return [path] if (path := plot_curves(root, root / CURVES_PNG)) is not None else []
+        return [path] if (path := plot_curves(root, root / CURVES_PNG, source)) is not None else []
     plots = []
     if (root / "pca.safetensors").exists():
         try:
             checked_pca_sha256(root)
-            plot_explained_variance(load_pca(root / "pca.safetensors"), root / PLOT_FILE)
+            if picture_stamp(root / PLOT_FILE) != plot_source(root):
+                plot_explained_variance(load_pca(root / "pca.safetensors"), root / PLOT_FILE)
             plots.append(root / PLOT_FILE)
         except UserError:
             pass
-    if values := channel_values(root):
+    latents = root / "latents"  # the histograms' values: the shards' (shards.json holds every file's SHA-256), else
+    inputs = [root / "shards" / "shards.json", latents / "manifest.json", *sorted((latents / "progress").glob("*.json"))]
+    source = content_digest(inputs, f"{name} {HIST_SAMPLES} {HIST_LATENT_CHANNELS} {HIST_PCS}")  # latents/' records
+    if picture_stamp(root / HISTOGRAMS_PNG) == source:
+        plots.append(root / HISTOGRAMS_PNG)
+    elif values := channel_values(root):
         from redi.common.plots import histograms_figure, save_png
 
-        title = f"{root.resolve().name}: every value of each channel, {values.images}"
-        plots.append(save_png(histograms_figure(values.groups, title), root / HISTOGRAMS_PNG))
+        title = f"{name}: every value of each channel, {values.images}"
+        plots.append(save_png(histograms_figure(values.groups, title), root / HISTOGRAMS_PNG, source))
     return plots
 
 

@@ -29,6 +29,7 @@ from redi.common.errors import UserError
 from redi.common.lock import exclusive
 from redi.common.plots import explained_variance_figure, save_png
 from redi.common.runtime import resolve_device
+from redi.common.stamp import content_digest
 from redi.pipeline.pca_file import PCAModel, load_pca
 from redi.pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, diff_keys, open_array, read_errors, read_manifest
 
@@ -302,8 +303,14 @@ def explained_variance_rows(model: PCAModel, k: int = PLOT_COMPONENTS) -> list[t
 
 
 def plot_explained_variance(model: PCAModel, path: Path, k: int = PLOT_COMPONENTS) -> None:
-    """PNG: bars of the explained-variance ratio of the first k components, the cumulative ratio as a line."""
-    save_png(explained_variance_figure(model.explained_variance_ratio, model.dim, k), path)
+    """PNG: bars of the explained-variance ratio of the first k components, the cumulative ratio as a line; stamped
+    with the digest of the PCA file beside it (`plot_source`), so `redi info` draws it again only when that changed."""
+    save_png(explained_variance_figure(model.explained_variance_ratio, model.dim, k), path, plot_source(path.parent, k))
+
+
+def plot_source(data: Path, k: int = PLOT_COMPONENTS) -> str:
+    """What DATA's PCA plot is drawn from: the digest of DATA/pca.safetensors (and of how many components it shows)."""
+    return content_digest([Path(data) / PCA_FILE], f"first {k} components")
 
 
 def _read_record(data: Path) -> dict[str, Any] | None:

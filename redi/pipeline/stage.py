@@ -43,6 +43,16 @@ class Manifest:
         return json.loads(json.dumps(asdict(self), sort_keys=True, default=str))
 
 
+TINY_RANDOM = "tiny-random"  # the identity kind of the random-weight encoders (tests and demos)
+
+
+def describe_identity(identity: dict[str, Any]) -> str:
+    """A manifest's encoder identity (pipeline/encoders.py writes it) in one line for logs and summaries:
+    `id@revision (class, dim D)`, or `id#hash…` for local and tiny-random encoders."""
+    pin = f"@{identity['revision']}" if "revision" in identity else f"#{str(identity.get('hash', ''))[:12]}"
+    return f"{identity.get('id')}{pin} ({identity.get('class')}, dim {identity.get('dim')})"
+
+
 class StageState(Enum):
     NEW = "new"  # nothing there yet (or --force wiped it)
     RESUME = "resume"  # same manifest, some chunks still missing

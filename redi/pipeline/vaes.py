@@ -13,14 +13,16 @@ docs/ENCODERS.md tabulates the families.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderDC, AutoencoderKL
-from diffusers.models.modeling_utils import ModelMixin
+
+if TYPE_CHECKING:  # diffusers takes seconds to import: the classes load when a VAE is built, loaded or inspected
+    from diffusers.models.modeling_utils import ModelMixin
 
 from redi.common.errors import UserError
 from redi.pipeline.latent_norm import LatentNorm
@@ -44,15 +46,15 @@ def deterministic_moments(vae: ModelMixin, x: torch.Tensor) -> torch.Tensor:
 class VaeFamily:
     """One diffusers autoencoder class: how to read its config and what its encoder gives."""
 
-    model_class: type[ModelMixin]
+    name: str  # the diffusers class, e.g. AutoencoderKL
     examples: str  # words for messages: the models of this class
     blocks_key: str  # the config list with one entry per resolution level (levels − 1 halvings)
     moments: Callable[[ModelMixin, torch.Tensor], torch.Tensor]
     deterministic: bool  # no posterior: the stored std is 0
 
     @property
-    def name(self) -> str:
-        return self.model_class.__name__
+    def model_class(self) -> type[ModelMixin]:
+        return getattr(importlib.import_module("diffusers"), self.name)
 
     def setting(self, config: dict[str, Any], key: str) -> Any:
         """A config value, the class's default where the config leaves it out, None where the class has no such field."""
@@ -61,8 +63,8 @@ class VaeFamily:
 
 
 FAMILIES = (
-    VaeFamily(AutoencoderKL, "SD-VAE, SDXL, SD3, FLUX.1", "block_out_channels", gaussian_moments, False),
-    VaeFamily(AutoencoderDC, "DC-AE", "encoder_block_out_channels", deterministic_moments, True),
+    VaeFamily("AutoencoderKL", "SD-VAE, SDXL, SD3, FLUX.1", "block_out_channels", gaussian_moments, False),
+    VaeFamily("AutoencoderDC", "DC-AE", "encoder_block_out_channels", deterministic_moments, True),
 )
 
 
@@ -73,7 +75,7 @@ def supported() -> str:
 
 def family_of(config: dict[str, Any]) -> VaeFamily:
     """The family named by a diffusers config's `_class_name`; another class is one sentence listing ours."""
-    name = config.get("_class_name") or AutoencoderKL.__name__
+    name = config.get("_class_name") or FAMILIES[0].name
     for family in FAMILIES:
         if family.name == name:
             return family
@@ -96,7 +98,7 @@ def from_pretrained(config: dict[str, Any], source: str, **hub: Any) -> ModelMix
 
 def hub_config(name: str, revision: str, offline: bool) -> dict[str, Any]:
     """The config.json of a hub VAE, without its weights."""
-    return dict(AutoencoderKL.load_config(name, revision=revision, local_files_only=offline))
+    return dict(FAMILIES[0].model_class.load_config(name, revision=revision, local_files_only=offline))
 
 
 @dataclass(frozen=True)

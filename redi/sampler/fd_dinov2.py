@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from redi.common.errors import UserError
-from redi.pipeline.encoders import ENCODER, describe_identity, load, resolve
+from redi.pipeline.encoders import ENCODER, load, resolve
+from redi.pipeline.stage import describe_identity
 from redi.pipeline.representations import IMAGENET_MEAN, IMAGENET_STD, Preprocess, family_of
 
 DEFAULT_FD_ENCODER = "facebook/dinov2-large"  # DINOv2 ViT-L/14 without registers: torch.hub's dinov2_vitl14

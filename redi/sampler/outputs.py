@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torch import Tensor
 
 from redi.common.atomic import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_with
 from redi.common.errors import UserError
 from redi.common.lock import exclusive
+from redi.common.stamp import PNG_KEY
 from redi.sampler.guidance import GuidanceConfig
 from redi.sampler.settings import SamplerChoice
 from redi.trainer.checkpoint import Checkpoint
@@ -162,9 +163,12 @@ def pcs_to_rgb(pcs: np.ndarray, side: int) -> np.ndarray:
     return pixels.repeat(factor, axis=1).repeat(factor, axis=2)  # (N, h·f, h·f, 3)
 
 
-def write_picture(path: Path, picture: np.ndarray) -> None:
-    """A uint8 (H, W, 3) picture (grid) as a PNG, atomically."""
-    atomic_write_with(path, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
+def write_picture(path: Path, picture: np.ndarray, drawn_from: str | None = None) -> None:
+    """A uint8 (H, W, 3) picture (grid) as a PNG, atomically, stamped `drawn_from` (common/stamp.py) if given."""
+    info = PngImagePlugin.PngInfo()
+    if drawn_from:
+        info.add_text(PNG_KEY, drawn_from)
+    atomic_write_with(path, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG", pnginfo=info))
 
 
 def write_adm_npz(path: Path, images: Iterable[np.ndarray], shape: tuple[int, int, int, int], labels: np.ndarray) -> None:

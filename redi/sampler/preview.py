@@ -16,8 +16,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from redi.common.atomic import read_json
 from redi.common.errors import UserError
-from redi.pipeline.encoders import TINY_RANDOM, VAE, load, resolve
+from redi.common.stamp import content_digest, picture_stamp
 from redi.pipeline.readers import Segment, ShardInfo, WdsShardDataset, ZarrShardDataset, read_shard_info
+from redi.pipeline.shards_config import SHARDS_JSON
+from redi.pipeline.stage import TINY_RANDOM
 from redi.sampler.outputs import IMAGES_DIR, SAMPLE_JSON, image_path, pcs_path, pcs_to_rgb, read_png, to_uint8, write_picture
 from redi.sampler.settings import describe_settings
 
@@ -25,6 +27,7 @@ CELL = 128  # side of one picture in the sheet, pixels
 PAD = 4  # between pictures and rows
 CAPTION_SIZE = 15  # font size of the row captions
 CAPTION_HEIGHT = 22
+NO_CELLS = np.zeros((0, CELL, CELL, 3), np.uint8)  # a row of a sheet left as it was drawn
 
 
 @dataclass(frozen=True)
@@ -62,35 +65,59 @@ class PreviewResult:
 
 
 def preview(cfg: PreviewConfig) -> PreviewResult:
-    """Read the first `num` training samples (and the samples' first images), lay them out, write the PNG."""
-    info, names, decoded, real_pcs = _training(cfg.data, cfg.num)
-    vae = info.raw["vae"]
-    settings, images, generated_pcs = _samples(cfg.samples, len(names)) if cfg.samples else (None, None, None)
-    real_rgb, generated_rgb = _pc_cells(real_pcs, generated_pcs)
-    rows = [Row(f"Training latents from the shards, decoded by their VAE ({vae['id']})", _labelled(_cells(decoded), names),
-                "the VAE's decoding of the latents the model trains on: the best a sample can look"),
-            Row(f"Their PCs 1-3 as RGB (K = {info.pcs} stored; ReDi generates the first r with the latent)", real_rgb,
-                "the representation the model learns to generate with the latent")]
-    if settings is not None and images is not None:
-        rows.append(Row(f"Samples: {describe_settings(settings)}", _cells(images),
-                        "what the model makes from noise with these settings"))
-    if generated_rgb is not None:
-        rows.append(Row("Their generated PCs 1-3, on the training PCs' colour scale", generated_rgb,
-                        "the representation generated jointly with each sample"))
-    out = cfg.out if cfg.out is not None else cfg.data / "preview.png"
-    write_picture(out, _sheet(rows))
-    return PreviewResult(out, rows, vae.get("kind") == TINY_RANDOM)
-
-
-def _training(data: Path, num: int) -> tuple[ShardInfo, list[str], np.ndarray, np.ndarray]:
-    """The shards' first `num` samples (shuffled at write time, so varied): class names, the posterior means decoded
-    by the recorded VAE, uint8 (n, R, R, 3), and the PCs, float32 (n, K, p, p)."""
-    root = data / "shards" if (data / "shards" / "shards.json").exists() else data
+    """Read the first `num` training samples (and the samples' first images), lay them out, write the PNG; a PNG
+    stamped with the digest of these inputs (common/stamp.py) is left as it is."""
+    root = cfg.data / "shards" if (cfg.data / "shards" / SHARDS_JSON).exists() else cfg.data
     info = read_shard_info(str(root))
-    n, size = min(num, info.num_samples), info.shard_size
+    n = min(cfg.num, info.num_samples)
+    report = _sample_report(cfg.samples) if cfg.samples else None
+    count = min(n, report["num"]) if report else 0
+    images = [image_path(cfg.samples, i) for i in range(count)] if cfg.samples else []
+    pcs = [pcs_path(cfg.samples, i) for i in range(count)] if cfg.samples else []
+    kept = bool(pcs) and all(p.exists() for p in pcs)  # the sampler keeps the grid images' PCs
+    texts = _row_texts(info, report["settings"] if report else None, kept)
+    sample_files = [cfg.samples / SAMPLE_JSON, *images, *(pcs if kept else [])] if cfg.samples else []
+    source = content_digest([root / SHARDS_JSON, *sample_files], f"{n} images, cells of {CELL}")
+    out = cfg.out if cfg.out is not None else cfg.data / "preview.png"
+    tiny = info.raw["vae"].get("kind") == TINY_RANDOM
+    if picture_stamp(out) == source:  # drawn from these very inputs: nothing to do
+        return PreviewResult(out, [Row(caption, NO_CELLS, meaning) for caption, meaning in texts], tiny)
+    names, decoded, real_pcs = _training(root, info, n)
+    generated_pcs = np.stack([np.load(p) for p in pcs]) if kept else None
+    real_rgb, generated_rgb = _pc_cells(real_pcs, generated_pcs)
+    cells = [_labelled(_cells(decoded), names), real_rgb]
+    if images:
+        cells.append(_cells(np.stack([read_png(p) for p in images])))
+    if generated_rgb is not None:
+        cells.append(generated_rgb)
+    rows = [Row(caption, row_cells, meaning) for (caption, meaning), row_cells in zip(texts, cells, strict=True)]
+    write_picture(out, _sheet(rows), source)
+    return PreviewResult(out, rows, tiny)
+
+
+def _row_texts(info: ShardInfo, settings: dict[str, Any] | None, kept: bool) -> list[tuple[str, str]]:
+    """(caption, what a person should see) of each row."""
+    texts = [(f"Training latents from the shards, decoded by their VAE ({info.raw['vae']['id']})",
+              "the VAE's decoding of the latents the model trains on: the best a sample can look"),
+             (f"Their PCs 1-3 as RGB (K = {info.pcs} stored; ReDi generates the first r with the latent)",
+              "the representation the model learns to generate with the latent")]
+    if settings is not None:
+        texts.append((f"Samples: {describe_settings(settings)}", "what the model makes from noise with these settings"))
+    if kept:
+        texts.append(("Their generated PCs 1-3, on the training PCs' colour scale",
+                      "the representation generated jointly with each sample"))
+    return texts
+
+
+def _training(root: Path, info: ShardInfo, n: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The shards' first `n` samples (shuffled at write time, so varied): class names, the posterior means decoded
+    by the recorded VAE, uint8 (n, R, R, 3), and the PCs, float32 (n, K, p, p)."""
+    size = info.shard_size
     reader = (ZarrShardDataset if "zarr" in info.formats else WdsShardDataset)(str(root), fields=("moments", "pcs"))
     parts = [reader.read_segment(Segment(b, b * size, min((b + 1) * size, n))) for b in range(-(-n // size))]
     arrays = {name: np.concatenate([part[name] for part in parts]) for name in ("moments", "pcs")}
+    from redi.pipeline.encoders import VAE, load, resolve  # transformers and diffusers: seconds, only to draw
+
     vae_record = info.raw["vae"]
     revision = vae_record.get("revision", "main") if vae_record.get("kind") == "hub" else "main"
     vae = load(resolve(VAE, vae_record["id"], revision))
@@ -98,22 +125,18 @@ def _training(data: Path, num: int) -> tuple[ShardInfo, list[str], np.ndarray, n
         mean = torch.from_numpy(arrays["moments"][:, : info.latent_shape[0]].astype(np.float32))  # (n, C, h, h)
         decoded = to_uint8(vae.decode(mean).sample)  # (n, R, R, 3); the moments are unscaled: no scale or shift
     names = [key.split("/")[0] for key in reader.keys[:n]]  # ImageFolder keys start with the class folder
-    return info, names, decoded, arrays["pcs"].astype(np.float32)
+    return names, decoded, arrays["pcs"].astype(np.float32)
 
 
-def _samples(samples: Path, num: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
-    """A `redi sample` folder's settings, its first `num` images (n, R, R, 3) and their PCs (n, r, h, h) if kept."""
+def _sample_report(samples: Path) -> dict[str, Any]:
+    """A finished `redi sample` folder's sample.json; one sentence for anything else."""
     path = samples / SAMPLE_JSON
     if not path.is_file() or not (samples / IMAGES_DIR).is_dir():
         raise UserError(f"{samples} is not a `redi sample` output folder (no {SAMPLE_JSON} or {IMAGES_DIR}/).")
     report = read_json(path, dict, f"rerun `redi sample --out {samples}`.")
     if not report.get("complete") or not isinstance(report.get("num"), int):
         raise UserError(f"{samples} is not finished (its {SAMPLE_JSON} says so); rerun `redi sample --out {samples}`.")
-    count = min(num, report["num"])
-    images = np.stack([read_png(image_path(samples, i)) for i in range(count)])
-    kept = all(pcs_path(samples, i).exists() for i in range(count))  # the sampler keeps the grid images' PCs
-    pcs = np.stack([np.load(pcs_path(samples, i)) for i in range(count)]) if kept else None
-    return report["settings"], images, pcs
+    return report
 
 
 def _labelled(cells: np.ndarray, names: list[str]) -> np.ndarray:

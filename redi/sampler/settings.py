@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redi.common.errors import UserError
-from redi.pipeline.encoders import TINY_RANDOM
-from redi.sampler.decoder import Decoder
+from redi.pipeline.stage import TINY_RANDOM
 from redi.sampler.guidance import GuidanceConfig, check_guidance
 from redi.sampler.labels import labels_setting
 from redi.sampler.ddpm import DIT_SCHEDULE, space_timesteps
@@ -18,6 +17,7 @@ from redi.sampler.samplers import SamplerOptions, sde_min_steps
 from redi.trainer.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
+    from redi.sampler.decoder import Decoder  # loads the VAE's libraries: seconds that the settings do not need
     from redi.sampler.sample import SampleConfig
 
 log = logging.getLogger(__name__)

@@ -40,8 +40,9 @@ class MetricsLog:
 LOSS_TERMS = ("loss", "vae", "pcs", "vb", "repa", "cls")  # what compute_loss logs: the total, then each term
 
 
-def plot_curves(run: Path, path: Path) -> Path | None:
-    """RUN/curves.png from metrics.jsonl (the source of truth) and config.json's batch; None when nothing is logged."""
+def plot_curves(run: Path, path: Path, drawn_from: str | None = None) -> Path | None:
+    """RUN/curves.png from metrics.jsonl (the source of truth) and config.json's batch, stamped `drawn_from`; None when
+    nothing is logged."""
     from redi.common.atomic import try_read_json
     from redi.common.plots import curves_figure, save_png
 
@@ -53,4 +54,4 @@ def plot_curves(run: Path, path: Path) -> Path | None:
     train = config.get("train") if isinstance(config, dict) and isinstance(config.get("train"), dict) else {}
     batch = train.get("batch_size") if isinstance(train.get("batch_size"), int) and train["batch_size"] > 0 else 1
     title = f"{run.resolve().name}: {train.get('model', '?')} {train.get('method', '?')}, batch {batch}"
-    return save_png(curves_figure(rows, batch, LOSS_TERMS, title), path)
+    return save_png(curves_figure(rows, batch, LOSS_TERMS, title), path, drawn_from)
