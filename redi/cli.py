@@ -113,6 +113,8 @@ EXAMPLES = {
     "shards": ("redi shards --data data/demo --pcs 16 --format both --patch-tokens",
                "redi shards --data /scratch/redi --format wds --latent-norm channel"),
     "publish": ("redi publish /scratch/redi s3://my-bucket/imagenet256",),
+    "convert-encoder": ("redi convert-encoder dinov1_vitb.pth --from dinov1 --out /models/dino-vit-b16",
+                        "redi convert-encoder mocov3_vitl.pth --from mocov3 --out /models/mocov3-vit-l"),
     "import-repa": ("redi import-repa /datasets/repa-imagenet256 --data /scratch/redi",),
     "train": ("redi train --shards data/demo --run runs/a --model SiT-debug --max-steps 300",
               "torchrun --nproc-per-node 8 -m redi train --shards /scratch/redi \\",

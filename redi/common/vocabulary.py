@@ -60,6 +60,7 @@ VOCABULARY: tuple[Term, ...] = (
     Term("--format", "the shard stores: zarr, wds (WebDataset) or both", ("formats", "data_format")),
     Term("--seed", "the seed of every random choice the command makes", ("seed",)),
     Term("--force", "redo, or replace, what was made with other settings instead of refusing", ("force",)),
+    Term("--from", "the code or method that wrote a checkpoint being converted", ("origin",)),
     Term("--trust-pickle", "allow unpickling a file that is not ours (it can run code)", ("trust_pickle",)),
     Term("--json", "print JSON for scripts instead of a table", ("as_json",)),
     # the model and its samples
