@@ -140,9 +140,10 @@ def help_view(params: list[Any]) -> Iterator[None]:
     """The parameters as --help shows them, for the time of the rendering:
     - each flag's --no-x form in its help, not in a column of its own (that column leaves the help about 17 characters
       at 80 columns); a flag that is off by default does not show --no-x (it restates the default); --no-x still parses;
-    - a switch without a value placeholder (Typer writes `<bool>`, which reads as if it took one);
+    - a switch without a value placeholder (Typer writes `<bool>`, which reads as if it took one), one that is on by
+      default saying so in words, not `[default: True]`;
     - a flag's old spellings (common/vocabulary.py) left out: they parse for one more release, but are not the name."""
-    saved = [(p, p.opts, p.secondary_opts, p.help, p.metavar) for p in params]
+    saved = [(p, p.opts, p.secondary_opts, p.help, p.metavar, p.show_default) for p in params]
     for param in params:
         if hidden := hidden_names(param.opts):
             param.opts = [name for name in param.opts if name not in hidden]
@@ -152,11 +153,14 @@ def help_view(params: list[Any]) -> Iterator[None]:
                 param.help = f"{param.help} Off: {', '.join(names)}."
         if getattr(param, "is_flag", False):
             param.metavar = ""
+            if param.default is True:
+                param.show_default, param.help = False, f"{param.help} On by default."
     try:
         yield
     finally:
-        for param, opts, secondary, help_text, metavar in saved:
-            param.opts, param.secondary_opts, param.help, param.metavar = opts, secondary, help_text, metavar
+        for param, opts, secondary, help_text, metavar, show_default in saved:
+            param.opts, param.secondary_opts, param.help, param.metavar, param.show_default = (
+                opts, secondary, help_text, metavar, show_default)
 
 
 def warn_old_spellings(params: list[Any], args: list[str]) -> None:
