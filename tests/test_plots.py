@@ -99,3 +99,36 @@ def test_info_draws_a_data_roots_pictures_and_a_runs_curves(data: Path, tmp_path
     assert drawn.exit_code == 0 and CURVES_PNG in drawn.output
     with Image.open(run / CURVES_PNG) as img:
         assert img.format == "PNG" and img.size == (1200, 750)
+
+
+def test_info_draws_a_picture_again_only_when_what_it_shows_changed(data: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each PNG is stamped with the digest of its inputs: a rerun leaves a current one alone (no figure drawn, the
+    file untouched) and draws one whose input changed."""
+    import redi.common.plots as plots
+    from redi.common.stamp import picture_stamp
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"batch_size": 8, "model": "SiT-debug", "method": "repa"}}))
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "repa": -0.5}) + "\n" for s in (1, 2)))
+    for root in (data, run):
+        assert CliRunner().invoke(app, ["info", str(root)]).exit_code == 0
+    pictures = [data / PLOT_FILE, data / HISTOGRAMS_PNG, run / CURVES_PNG]
+    drawn = {p: (p.stat().st_mtime_ns, picture_stamp(p)) for p in pictures}
+    assert all(stamp for _, stamp in drawn.values())
+
+    def no_drawing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a current picture was drawn again")
+
+    monkeypatch.setattr(plots, "save_png", no_drawing)
+    for root in (data, run):
+        result = CliRunner().invoke(app, ["info", str(root)])
+        assert result.exit_code == 0 and "plot:" in result.output, result.output
+    assert {p: (p.stat().st_mtime_ns, picture_stamp(p)) for p in pictures} == drawn
+    monkeypatch.undo()
+    with metrics.open("a") as f:
+        f.write(json.dumps({"step": 3, "loss": 0.2, "repa": -0.6}) + "\n")  # a new line: the curves change
+    assert CliRunner().invoke(app, ["info", str(run)]).exit_code == 0
+    assert picture_stamp(run / CURVES_PNG) not in (None, drawn[run / CURVES_PNG][1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import zarr
 from PIL import Image
@@ -12,10 +13,12 @@ from typer.testing import CliRunner
 from redi.cli import app
 from redi.pipeline.encoders import VAE, load, resolve
 from redi.sampler.outputs import to_uint8
+from redi.sampler import preview as preview_module
 from redi.sampler.preview import CAPTION_HEIGHT, CELL, PAD, _cells
 
 
-def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples(pipeline: dict, tmp_path: Path) -> None:
+def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples(pipeline: dict, tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     data, samples, out = pipeline["ref_data"], pipeline["ref_samples"], tmp_path / "preview.png"
     result = CliRunner().invoke(app, ["preview", str(data), "--samples", str(samples), "--num", "5", "--out", str(out)],
                                 env={"COLUMNS": "200"})
@@ -46,3 +49,13 @@ def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples
         (unfinished / "sample.json").write_text(text)
         refused = CliRunner().invoke(app, ["preview", str(data), "--samples", str(unfinished)])
         assert refused.exit_code == 2 and says in " ".join(refused.output.split()), refused.output
+
+    def decoded_again(*args: object) -> None:
+        raise AssertionError("a current preview was drawn again")
+
+    monkeypatch.setattr(preview_module, "_training", decoded_again)  # a rerun on the same inputs: the stamp agrees
+    drawn = out.read_bytes()
+    again = CliRunner().invoke(app, ["preview", str(data), "--samples", str(samples), "--num", "5", "--out", str(out)])
+    assert again.exit_code == 0 and "row 4" in again.stdout and out.read_bytes() == drawn, again.output
+    other = CliRunner().invoke(app, ["preview", str(data), "--samples", str(samples), "--num", "4", "--out", str(out)])
+    assert other.exit_code == 1 and isinstance(other.exception, AssertionError)  # other inputs: drawn again

@@ -27,7 +27,6 @@ from redi.common.atomic import atomic_write_json, atomic_write_with, remove_temp
 from redi.common.display import counting
 from redi.common.errors import UserError
 from redi.common.lock import exclusive
-from redi.common.plots import explained_variance_figure, save_png
 from redi.common.runtime import resolve_device
 from redi.common.stamp import content_digest
 from redi.pipeline.pca_file import PCAModel, load_pca
@@ -305,6 +304,8 @@ def explained_variance_rows(model: PCAModel, k: int = PLOT_COMPONENTS) -> list[t
 def plot_explained_variance(model: PCAModel, path: Path, k: int = PLOT_COMPONENTS) -> None:
     """PNG: bars of the explained-variance ratio of the first k components, the cumulative ratio as a line; stamped
     with the digest of the PCA file beside it (`plot_source`), so `redi info` draws it again only when that changed."""
+    from redi.common.plots import explained_variance_figure, save_png  # matplotlib: imported to draw, not to read
+
     save_png(explained_variance_figure(model.explained_variance_ratio, model.dim, k), path, plot_source(path.parent, k))
 
 
