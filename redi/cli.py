@@ -161,7 +161,10 @@ def print_json(value: Any) -> None:
 # --- demo-data, encode, features ---
 
 SOURCE = Flag(argument=True, type=str)
-DATA = Flag(default=Path("data"))
+# A data root on a local disk: a URL is one sentence, never a folder. Its Path flags have path_type=str (the text as
+# typed: a Path would fold a URL's "//" into "/"), which local_root makes a Path.
+LOCAL_ROOT = "redi.pipeline.remote:local_root"
+DATA = Flag(default=Path("data"), parse=LOCAL_ROOT)
 VAE_DEFAULT, ENCODER_DEFAULT = "stabilityai/sd-vae-ft-ema", "facebook/dinov2-with-registers-base"
 VAE_HELP = ("VAE: hub id or local directory of a diffusers AutoencoderKL (SD-VAE, SDXL, SD3, FLUX.1) or AutoencoderDC "
             "(DC-AE), or tiny-random[:sd|flux|dc] (tests and demos only).")
@@ -242,7 +245,7 @@ PCA = FromConfig("redi.pipeline.pca:PCAConfig", panels={}, flags={"batch_images"
 @stage_command("pca", PCA, DATA_PANEL)
 def pca_command(
     cfg: PCAConfig,
-    data: Annotated[Path, typer.Option("--data", help="Data root: reads DATA/features, writes DATA/pca.safetensors.")] = Path("data"),
+    data: Annotated[Path, typer.Option("--data", path_type=str, help="Data root: reads DATA/features, writes DATA/pca.safetensors.")] = Path("data"),
     import_file: Annotated[Path | None, typer.Option("--import", help="Convert a reference ReDi dino_pca_model.pth instead of fitting.", show_default=False)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle/--no-trust-pickle", help="Allow unpickling the --import file (it can run code).")] = False,
 ) -> None:
@@ -250,11 +253,12 @@ def pca_command(
     from rich.table import Table
 
     from redi.pipeline.pca import ImportConfig, explained_variance_rows, import_pca, run_pca
+    from redi.pipeline.remote import local_root
 
     if import_file is not None:
-        result = import_pca(data, ImportConfig(file=import_file, trust_pickle=trust_pickle, force=cfg.force))
+        result = import_pca(local_root(data), ImportConfig(file=import_file, trust_pickle=trust_pickle, force=cfg.force))
     else:
-        result = run_pca(data, cfg)
+        result = run_pca(local_root(data), cfg)
     m = result.model
     rows = explained_variance_rows(m)
     table = Table(title=f"Explained variance, first {len(rows)} of {len(m.explained_variance)} components")
@@ -287,17 +291,19 @@ SHARDS = FromConfig("redi.pipeline.shards_config:ShardsConfig", panels={}, flags
 @stage_command("shards", SHARDS, DATA_PANEL)
 def shards_command(
     cfg: ShardsConfig,
-    data: Annotated[Path, typer.Option("--data", help="Data root: reads latents/, features/ and pca.safetensors, writes DATA/shards.")] = Path("data"),
+    data: Annotated[Path, typer.Option("--data", path_type=str, help="Data root: reads latents/, features/ and pca.safetensors, writes DATA/shards.")] = Path("data"),
 ) -> None:
     """Join latents, features and the PCA into training shards (Zarr and/or WebDataset) described by shards.json."""
     from rich.table import Table
 
+    from redi.pipeline.remote import local_root
     from redi.pipeline.shards_config import finished_shards
 
-    if (result := finished_shards(data, cfg)) is None:  # else shards/stamp.json agrees: no array read, no torch
+    root = local_root(data)
+    if (result := finished_shards(root, cfg)) is None:  # else shards/stamp.json agrees: no array read, no torch
         from redi.pipeline.shards import build_shards
 
-        result = build_shards(data, cfg)
+        result = build_shards(root, cfg)
     if result.up_to_date:
         out.print(f"[green]{escape(str(result.root))} is complete with these settings: nothing to do.[/]")
     table = Table(title="redi shards")
@@ -319,15 +325,16 @@ def shards_command(
 @app.command("publish", cls=Command, rich_help_panel=DATA_PANEL, epilog=examples("publish"))
 @user_errors
 def publish_command(
-    data: Annotated[Path, typer.Argument(help="Data root whose finished shards/ (and pca.safetensors) to copy.", show_default=False)],
+    data: Annotated[Path, typer.Argument(path_type=str, help="Data root whose finished shards/ (and pca.safetensors) to copy.", show_default=False)],
     dest: Annotated[str, typer.Argument(help="Where: s3://bucket/prefix, gs://…, any fsspec URL or a local path; it gets DEST/shards/ and DEST/pca.safetensors. Credentials come from the environment.", show_default=False)],
 ) -> None:
     """Copy finished shards to a bucket (each file checked against shards.json, shards.json last), for `redi train --shards DEST`."""
     from rich.table import Table
 
     from redi.pipeline.publish import publish_shards
+    from redi.pipeline.remote import local_root
 
-    result = publish_shards(data, dest)
+    result = publish_shards(local_root(data), dest)
     if result.up_to_date:
         out.print(f"[green]{escape(str(result.dest))} already holds these shards: nothing to do.[/]")
         return
@@ -389,8 +396,17 @@ def train_command(
     if result.stopped_by:
         import signal
 
-        err.print(f"[yellow]Stopped by {signal.Signals(result.stopped_by).name} after step {result.step:,}, with a "
-                  "checkpoint: rerun the same command to resume.[/]")
+        from redi.trainer.stop import STOP_GRACE_S
+
+        name = signal.Signals(result.stopped_by).name
+        stalled = (f" (the data of step {result.step + 1:,} had not come {STOP_GRACE_S:g} s after the signal)"
+                   if result.data_stalled else "")
+        if result.step == 0:
+            err.print(f"[yellow]Stopped by {name} before the first step{stalled}: nothing to save; rerun the same "
+                      "command to start.[/]")
+        else:
+            err.print(f"[yellow]Stopped by {name} after step {result.step:,}{stalled}, with a checkpoint: rerun the "
+                      "same command to resume.[/]")
         raise typer.Exit(128 + result.stopped_by)  # what the shell reports for a process ended by that signal
     if result.steps_run == 0:
         out.print(f"{escape(str(result.run))} is already at step {result.step} (--max-steps {cfg.max_steps}): nothing to do.")
@@ -445,7 +461,8 @@ def sample_command(cfg: SampleConfig) -> None:
     if result.missing:
         err.print(f"[yellow]{result.missing:,} images are still missing (other ranks): rerun to finish and assemble {escape(str(result.out))}.[/]")
 
-PREVIEW = FromConfig("redi.sampler.preview:PreviewConfig", panels={}, flags={"data": Flag(argument=True)})
+PREVIEW = FromConfig("redi.sampler.preview:PreviewConfig", panels={},
+                     flags={"data": Flag(argument=True, parse=LOCAL_ROOT)})
 TINY_RANDOM_NOTE = (
     "The VAE here is tiny-random: random weights decode any latent to texture, the training latents too, so the "
     "pictures of the first and third rows look like noise however well the model learns (at best the first shows "
@@ -576,14 +593,16 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) i
 @app.command("info", cls=Command, rich_help_panel=CHECK_PANEL, epilog=examples("info"))
 @user_errors
 def info_command(
-    data: Annotated[Path, typer.Argument(help="Data root (latents/, features/, pca.safetensors, shards/) or run directory.", show_default=False)],
+    data: Annotated[Path, typer.Argument(path_type=str, help="Data root (latents/, features/, pca.safetensors, shards/) or run directory.", show_default=False)],
     as_json: AsJson = False,
 ) -> None:
     """Show what each stage of a data root holds (counts, shapes, encoders, completeness, skipped images), or a run's
     state; draws the PCA and per-channel histograms of a data root, or a run's training curves (curves.png), unless
     --json."""
     from redi.pipeline.info import describe, info_json, info_plots, info_table
+    from redi.pipeline.remote import local_root
 
+    data = local_root(data)  # a URL is one sentence (`redi verify URL` is what reads a published root)
     parts = describe(data)
     if as_json:  # for scripts: what the root holds, without drawing
         print_json(info_json(data, parts))
@@ -593,12 +612,12 @@ def info_command(
 @app.command("verify", cls=Command, rich_help_panel=CHECK_PANEL, epilog=examples("verify"))
 @user_errors
 def verify_command(
-    data: Annotated[str, typer.Argument(help="Data root to check (latents/, features/, pca.safetensors, shards/), a URL that `redi publish` wrote (its shards/), or a run directory (config.json, checkpoints).", show_default=False)],
+    data: Annotated[str, typer.Argument(help="Data root to check (latents/, features/, pca.safetensors, shards/), a URL that `redi publish` wrote (its shards/ and pca.safetensors), or a run directory (config.json, its pca.safetensors, checkpoints).", show_default=False)],
     deep: Annotated[bool, typer.Option("--deep/--no-deep", help="Hash and decode every input chunk and hash every shard file and checkpoint; --no-deep checks manifests, shapes and presence only.")] = True,
     repair: Annotated[bool, typer.Option("--repair", help="Forget the encode/features chunks whose files are missing or changed, so that rerunning the stage rewrites only them.")] = False,
     as_json: AsJson = False,
 ) -> None:
-    """Re-check every stage of a data root (manifests, committed chunks, arrays, PCA, shard checksums and counts), or every checkpoint of a run against its SHA-256."""
+    """Re-check every stage of a data root (manifests, committed chunks, arrays, PCA, shard checksums and counts), or a run's PCA copy and every checkpoint against their SHA-256."""
     import dataclasses
 
     from rich.table import Table

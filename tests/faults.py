@@ -1,11 +1,14 @@
 """Fault injection for the reliability tests, through the CLI and the files on disk only: a small tmpfs filled
-to leave N bytes, signals at seeded points to a `redi` process or its whole process group, and the
-comparison of what a faulted-then-rerun command left with what an uninterrupted one wrote."""
+to leave N bytes, signals at seeded points to a `redi` process or its whole process group, a loopback HTTP
+server that drops or stalls responses, and the comparison of what a faulted-then-rerun command left with what
+an uninterrupted one wrote."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
+import http.server
 import json
 import os
 import re
@@ -16,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -378,6 +382,67 @@ def file_events(launcher: Launcher, args: list[object], log: Path, root: Path) -
 
 def count(folder: Path, pattern: str = "*") -> int:
     return sum(1 for _ in Path(folder).glob(pattern)) if Path(folder).is_dir() else 0
+
+
+# ----------------------------------------------------------------------------------------------- a loopback server
+
+
+class Served:
+    """What the loopback server saw, and what it is told to do wrong."""
+
+    def __init__(self) -> None:
+        self.gets: Counter[str] = Counter()  # GET requests per path
+        self.drop_once: set[str] = set()  # paths whose next GET is cut off halfway
+        self.stall: Counter[str] = Counter()  # paths whose next n GETs send half the body, then nothing
+        self.stalled = threading.Event()  # set when a stall begins: the mark a test waits for
+        self.released = threading.Event()  # ends every stall (the server's shutdown sets it)
+        self.lock = threading.Lock()
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *args, served: Served, **kwargs):
+        self.served = served
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        with self.served.lock:
+            self.served.gets[self.path] += 1
+            self.drop = self.path in self.served.drop_once
+            self.served.drop_once.discard(self.path)
+            self.stalls = self.served.stall[self.path] > 0
+            self.served.stall[self.path] -= self.stalls
+        super().do_GET()
+
+    def copyfile(self, source, outputfile) -> None:
+        if not self.drop and not self.stalls:
+            return super().copyfile(source, outputfile)
+        body = source.read()
+        outputfile.write(body[:len(body) // 2])  # dropped: the connection closes, fewer bytes than Content-Length
+        if self.stalls:  # stalled: the connection stays open and silent
+            outputfile.flush()
+            self.served.stalled.set()
+            self.served.released.wait()
+        self.close_connection = True
+
+
+@contextlib.contextmanager
+def serve_http(directory: Path) -> Iterator[tuple[str, Served]]:
+    """An http.server on 127.0.0.1 serving `directory`: (its base URL, what it saw)."""
+    served = Served()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_Handler, served=served, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", served
+    finally:
+        served.released.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 if __name__ == "__main__":  # python tests/faults.py STOP_POINT_JSON ARGS…: a fresh `redi ARGS` that stops there

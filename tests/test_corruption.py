@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from faults import serve_http
 from redi.cli import app
 
 pytestmark = pytest.mark.fuzz
@@ -330,3 +331,88 @@ def test_damaged_pca_tensor_data_fails_verify_and_is_refused_by_shards(built: Bu
     for argv in (COMMANDS["verify"].argv(tree, built.root / "images"), COMMANDS["shards --force"].argv(tree, built.root)):
         result = invoke(*argv)
         assert result.exit_code == 2 and "differs from the SHA-256 recorded in pca.json" in _said(result), result.output
+
+
+# --- a damaged pca.safetensors never trains and never passes a check (issue 23): at a data root, at a root that
+# `redi publish` wrote (served over loopback HTTP), and in a run directory, with each of the six damages ---
+
+PCA_PLACES = {"data root": "data/pca.safetensors", "published root": "published/pca.safetensors",
+              "run": "run/pca.safetensors"}
+PCA_CASES = [(place, mutation) for place in PCA_PLACES for mutation in MUTATIONS]
+
+
+@pytest.fixture(scope="session")
+def published(built: Built) -> Path:
+    """The built data root as `redi publish` copies it (shards/ and pca.safetensors), once per session."""
+    dest = built.root.parent / f"{built.root.name}-published"
+    if not (dest / "shards" / "shards.json").exists():
+        ok("publish", built.root / "data", dest)
+    return dest
+
+
+def _pca_commands(tree: Path, base: str, place: str) -> dict[str, list[str | Path]]:
+    """verify of the damaged place, and a training run that would read or copy the file."""
+    if place == "published root":
+        return {"verify": ["verify", f"{base}/published"],
+                "train": ["train", "--shards", f"{base}/published", "--run", tree / "new-run", *TRAIN, "--max-steps", "1",
+                          "--format", "wds"]}
+    run_parts = ["--run", tree / "run", *TRAIN, "--max-steps", "3"]
+    return {"verify": ["verify", tree / ("run" if place == "run" else "data")],
+            "train": ["train", "--shards", tree / "data", *run_parts]}
+
+
+def _pca_verdict(tree: Path, command: str, mutation: str, place: str, result: Any, original: bytes) -> str | None:
+    """None when the command refused in one sentence, or succeeded without reading the damage as good."""
+    output = result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        return f"{type(result.exception).__name__}: {result.exception}\n{output[-1500:]}"
+    if result.exit_code != 0:
+        return None if result.exit_code == 2 and refused(output) else f"exit {result.exit_code}:\n{output[-1500:]}"
+    if command == "verify":  # consistent only where the file is gone: nothing damaged is left to read
+        gone = mutation == "delete" and ("warning" in output or "absent" in output)
+        return None if gone else f"verify called a damaged PCA consistent:\n{output[-1500:]}"
+    if mutation != "delete" and place != "run":  # a run's damaged copy is replaced by its shards' own
+        return f"trained with a damaged PCA beside the shards:\n{output[-1500:]}"
+    run = tree / ("new-run" if place == "published root" else "run")
+    copy = run / "pca.safetensors"
+    if copy.exists() and copy.read_bytes() != original:
+        return "the run keeps a PCA other than its shards' own"
+    check = invoke("verify", run)
+    return None if check.exit_code == 0 else f"verify RUN after training:\n{check.output[-1500:]}"
+
+
+@pytest.mark.parametrize(("place", "mutation"), PCA_CASES, ids=[f"{p}|{m}" for p, m in PCA_CASES])
+def test_a_damaged_pca_file_never_trains_nor_passes_verify(built: Built, published: Path, place: str, mutation: str,
+                                                           tmp_path: Path) -> None:
+    tree = copy_tree(built, tmp_path, COMMANDS["train"])
+    shutil.copytree(published, tree / "published")
+    original = (built.root / "data" / "pca.safetensors").read_bytes()
+    assert damage(tree / PCA_PLACES[place], mutation, f"pca {place}")
+    with serve_http(tree) as (base, _):
+        for command, argv in _pca_commands(tree, base, place).items():
+            problem = _pca_verdict(tree, command, mutation, place, invoke(*argv), original)
+            assert problem is None, f"{command} with the {place}'s pca.safetensors ({mutation}): {problem}"
+
+
+def test_a_flipped_pca_byte_is_named_with_its_fix_wherever_it_is(built: Built, published: Path, tmp_path: Path) -> None:
+    tree = copy_tree(built, tmp_path, COMMANDS["train"])
+    shutil.copytree(published, tree / "published")
+    for place in PCA_PLACES:
+        pca = tree / PCA_PLACES[place]
+        _flip(pca, pca.stat().st_size - 100)  # a component value: the file still loads
+    with serve_http(tree) as (base, _):
+        said = {place: {command: "".join(invoke(*argv).output.split())
+                        for command, argv in _pca_commands(tree, base, place).items()} for place in PCA_PLACES}
+
+    def says(place: str, command: str, text: str) -> bool:  # wherever the console wrapped its lines
+        return "".join(text.split()) in said[place][command]
+
+    data, run = tree / "data", tree / "run"
+    for command in ("verify", "train"):
+        assert says("data root", command, f"{data / 'pca.safetensors'} differs from the SHA-256 recorded in pca.json")
+        assert says("published root", command, f"{base}/published/pca.safetensors differs from the SHA-256 recorded in "
+                                               f"{base}/published/shards/shards.json")
+        assert says("published root", command, f"(`redi publish DATA {base}/published`)")
+    assert not (tree / "new-run" / "pca.safetensors").exists()
+    assert says("run", "verify", f"{run / 'pca.safetensors'} differs from the SHA-256 recorded in {run / 'config.json'}")
+    assert says("run", "verify", "FAILED") and says("run", "verify", "rerun the run's `redi train` command")

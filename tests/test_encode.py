@@ -210,21 +210,25 @@ def test_kill_9_resume_is_bitwise_identical_then_cached(images: Path, tmp_path: 
     assert _mtimes(killed / "latents") == before
 
 
-def test_corrupt_files_are_skipped_and_listed(images: Path, tmp_path: Path) -> None:
+def test_corrupt_files_are_skipped_and_listed_the_same_way_on_every_run(images: Path, tmp_path: Path) -> None:
     src = tmp_path / "images"
     write_demo_images(src, 6)
     jpeg = next(src.rglob("*.jpg")).read_bytes()
     (src / "circle" / "circle_zero.png").write_bytes(b"")
     (src / "ring" / "ring_truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
-    (src / "square" / "square_text.png").write_text("not a png at all\n")
+    (src / "square" / "square_text.png").write_text("not a png at all\n")  # PIL's reason names a BytesIO object
     bad = {"circle/circle_zero", "ring/ring_truncated", "square/square_text"}
-    data = tmp_path / "data"
+    data, again = tmp_path / "data", tmp_path / "again"
     for stage, flag, sub in (("encode", "--vae", "latents"), ("features", "--encoder", "features")):
         code, out = redi(stage, src, "--data", data, flag, "tiny-random", *TINY)
         assert code == 0, out
         assert re.search(r"warning: 3 images could not be read", out), out
         errors = [json.loads(line) for line in (data / sub / "errors.jsonl").read_text().splitlines()]
         assert {e["key"] for e in errors} == bad and all(e["reason"] for e in errors)
+        assert "UnidentifiedImageError: cannot identify image file" in {e["reason"] for e in errors}
+        assert not any(re.search(r"0x[0-9a-f]{6,}|object at", e["reason"]) for e in errors), errors  # no memory address
+        assert redi(stage, src, "--data", again, flag, "tiny-random", *TINY)[0] == 0
+        assert (again / sub / "errors.jsonl").read_bytes() == (data / sub / "errors.jsonl").read_bytes()
         store, keys = read_store(data / sub), json.loads((data / sub / "keys.json").read_text())
         assert [keys[e["index"]] for e in errors] == [e["key"] for e in errors]
         assert {keys[i] for i in np.flatnonzero(~store["valid"])} == bad

@@ -2,9 +2,6 @@
 and two torchrun "nodes" reading the same shards over HTTP."""
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
 import logging
 import os
 import shutil
@@ -14,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,13 +18,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from faults import Launcher, serve_http
+
 from redi.benchmarks import loader as loader_bench
 from redi.benchmarks.loader import make_stage_inputs
 from redi.cli import app
 from redi.common.errors import UserError
-from redi.pipeline.readers import make_loader
+from redi.pipeline.readers import StreamPlan, make_loader
 from redi.pipeline.remote import RemotePath, as_location, is_transient, read_ahead, redact
-from redi.pipeline.shards import ShardsConfig, build_shards
+from redi.pipeline.shards import ShardsConfig, build_shards, tar_relpath
 from redi.trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
 from redi.trainer.config import TrainConfig
 from redi.trainer.metrics import read_metrics
@@ -46,54 +44,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_stage_inputs(root, 96, latent_side=8, grid=4, dim=16, num_classes=4)
     build_shards(root, ShardsConfig(pcs=6, shard_size=32, formats=("zarr", "wds"), device="cpu"), progress=False)
     return root
-
-
-class Served:
-    """What the loopback server saw, and what it is told to do wrong."""
-
-    def __init__(self) -> None:
-        self.gets: Counter[str] = Counter()  # GET requests per path
-        self.drop_once: set[str] = set()  # paths whose next GET is cut off halfway
-        self.lock = threading.Lock()
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def __init__(self, *args, served: Served, **kwargs):
-        self.served = served
-        super().__init__(*args, **kwargs)
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        with self.served.lock:
-            self.served.gets[self.path] += 1
-            self.drop = self.path in self.served.drop_once
-            self.served.drop_once.discard(self.path)
-        super().do_GET()
-
-    def copyfile(self, source, outputfile) -> None:
-        if not self.drop:
-            return super().copyfile(source, outputfile)
-        body = source.read()
-        outputfile.write(body[:len(body) // 2])  # then the connection closes: fewer bytes than Content-Length
-        self.close_connection = True
-
-
-@contextlib.contextmanager
-def serve(directory: Path) -> Iterator[tuple[str, Served]]:
-    """An http.server on 127.0.0.1 serving `directory`: (its base URL, what it saw)."""
-    served = Served()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_Handler, served=served, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", served
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def batches(shards: str | Path, fmt: str, **kwargs) -> list[dict]:
@@ -124,7 +74,7 @@ def losses(run: Path) -> list[float]:
 def test_both_readers_over_http_give_the_local_batches_with_one_request_per_tar_and_a_dropped_one_retried(
         data: Path) -> None:
     local = {fmt: batches(data / "shards", fmt) for fmt in ("wds", "zarr")}
-    with serve(data.parent) as (base, served):
+    with serve_http(data.parent) as (base, served):
         served.drop_once.add("/data/shards/wds/shard-000001.tar")
         remote = batches(f"{base}/data/shards", "wds", num_workers=2)
         tars = {path: n for path, n in served.gets.items() if path.endswith(".tar")}
@@ -143,22 +93,39 @@ def test_a_corrupted_or_missing_tar_at_a_url_is_one_sentence_naming_it(data: Pat
     raw = bytearray(tar.read_bytes())
     raw[2000] ^= 0x01
     tar.write_bytes(bytes(raw))
-    with serve(tmp_path) as (base, _):
-        with pytest.raises(UserError, match=rf"^{base}/data/shards/wds/shard-000002.tar is corrupted \(its SHA-256"):
+    with serve_http(tmp_path) as (base, _):
+        again = rf"; publish them again \(`redi publish DATA {base}/data`\)\.$"  # not `redi shards`: no stage is there
+        with pytest.raises(UserError, match=rf"^{base}/data/shards/wds/shard-000002.tar is corrupted \(its SHA-256.*{again}"):
             batches(f"{base}/data/shards", "wds")
         tar.unlink()
-        with pytest.raises(UserError, match=rf"^{base}/data/shards/wds/shard-000002.tar is missing"):
+        with pytest.raises(UserError, match=rf"^{base}/data/shards/wds/shard-000002.tar is missing{again}"):
             batches(f"{base}/data/shards", "wds")
         chunk = tmp_path / "data" / "shards" / "samples.zarr" / "pcs" / "c" / "1" / "0" / "0" / "0"
         chunk.unlink()  # zarr alone would give zeros for it
-        with pytest.raises(UserError, match=rf"^{base}/data/shards/samples.zarr/pcs/c/1/0/0/0 is missing"):
+        with pytest.raises(UserError, match=rf"^{base}/data/shards/samples.zarr/pcs/c/1/0/0/0 is missing{again}"):
             batches(f"{base}/data/shards", "zarr")
+        with pytest.raises(UserError, match=rf"^No shards.json at {base}/nothing/shards: publish a data root's shards "
+                                            rf"there \(`redi publish DATA {base}/nothing`\)"):
+            batches(f"{base}/nothing/shards", "wds")
+
+
+def test_the_stages_refuse_a_url_data_root_and_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a URL read as a path would become folders here (`./http:/127.0.0.1:8766/…`)
+    url = "http://127.0.0.1:8766/data"
+    for argv in (["encode", "images", "--data", url, "--vae", "tiny-random"], ["features", "images", "--data", url],
+                 ["pca", "--data", url], ["shards", "--data", url], ["import-repa", "repa", "--data", url],
+                 ["publish", url, str(tmp_path / "dest")], ["preview", url], ["info", url]):
+        code, out = cli(*argv)
+        assert code == 2 and out.startswith(f"error: {url} is a URL, but this command needs a data root on a local "
+                                            f"disk") and out.count("error:") == 1, (argv, out)
+        assert said(out, f"`redi publish DATA {url}` copies finished shards to a URL."), out
+    assert not any(tmp_path.iterdir())
 
 
 def test_train_over_http_has_the_local_losses_and_verify_of_the_url_catches_a_corrupted_tar(
         data: Path, tmp_path: Path) -> None:
     shutil.copytree(data / "shards", tmp_path / "served" / "data" / "shards")
-    with serve(tmp_path / "served") as (base, _):
+    with serve_http(tmp_path / "served") as (base, _):
         for name, shards in (("local", str(data)), ("http", f"{base}/data")):
             code, out = cli("train", "--shards", shards, "--run", str(tmp_path / name), "--format", "wds",
                             "--max-steps", "5", *TRAIN)
@@ -307,7 +274,7 @@ def test_read_ahead_keeps_order_and_at_most_depth_fetches_in_flight() -> None:
 
 
 def test_loader_benchmark_reads_shards_at_a_url(data: Path) -> None:
-    with serve(data.parent) as (base, _):
+    with serve_http(data.parent) as (base, _):
         figures = loader_bench.run(shards=f"{base}/data")
     for name in ("wds_samples_per_s", "wds_no_read_ahead_samples_per_s", "zarr_samples_per_s"):
         assert isinstance(figures[name], float) and figures[name] > 0, name
@@ -325,7 +292,7 @@ def test_two_nodes_over_http_equal_one_process_and_a_sigterm_to_one_node_stops_b
     run = tmp_path / "two-nodes"
     endpoint = f"127.0.0.1:{_free_port()}"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    with serve(data.parent) as (base, _):
+    with serve_http(data.parent) as (base, _):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--local-addr", "127.0.0.1",
                "--", str(Path(sys.executable).parent / "redi"), "train", "--shards", f"{base}/data", "--run", str(run),
@@ -356,3 +323,72 @@ def test_two_nodes_over_http_equal_one_process_and_a_sigterm_to_one_node_stops_b
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{key} differs between 1 process and 2 nodes")
     assert losses(tmp_path / "one") == pytest.approx(losses(run), rel=1e-5)
+
+
+# --- a stalled server: timeouts on every request, and a stop signal honoured while the loop waits for data ---
+
+def test_a_stalled_response_times_out_and_is_retried_then_reported(monkeypatch: pytest.MonkeyPatch, data: Path) -> None:
+    monkeypatch.setattr("redi.pipeline.remote.READ_TIMEOUT_S", 0.5)
+    monkeypatch.setattr("redi.pipeline.remote.BACKOFF_S", 0.01)
+    with serve_http(data.parent) as (base, served):
+        tar = "/data/shards/wds/shard-000000.tar"
+        served.stall[tar] = 1  # the first GET stalls halfway, the retry gets the file
+        assert RemotePath.from_url(base + tar).read_bytes() == (data / "shards" / "wds" / "shard-000000.tar").read_bytes()
+        assert served.gets[tar] == 2
+        served.stall[tar] = 99
+        started = time.monotonic()
+        with pytest.raises(UserError, match=r"shard-000000.tar could not be read after 5 attempts \(\w*Timeout"):
+            RemotePath.from_url(base + tar).read_bytes()
+        assert served.gets[tar] == 7 and time.monotonic() - started < 30
+
+
+@pytest.fixture(scope="module")
+def small_blocks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """96 samples in 12 tars of 8: a window of 4 tars holds 4 steps of 8 samples."""
+    root = tmp_path_factory.mktemp("stall") / "data"
+    make_stage_inputs(root, 96, latent_side=8, grid=4, dim=16, num_classes=4)
+    build_shards(root, ShardsConfig(pcs=6, shard_size=8, formats=("wds",), device="cpu"), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def launcher() -> Iterator[Launcher]:
+    launcher = Launcher()
+    yield launcher
+    launcher.close()
+
+
+@pytest.mark.parametrize(("workers", "read_ahead"), [(0, 0), (1, 2)], ids=["main-process-reads", "worker-reads"])
+def test_sigterm_while_a_tar_stalls_checkpoints_the_last_finished_step_within_seconds(
+        small_blocks: Path, launcher: Launcher, tmp_path: Path, workers: int, read_ahead: int) -> None:
+    """The loop waits for a tar the server stopped sending halfway; SIGTERM then ends it within STOP_GRACE_S (5 s),
+    with a checkpoint of the last finished step, whether the main process or a DataLoader worker is reading."""
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    args = ["train", "--shards", small_blocks, "--run", run, "--format", "wds", "--max-steps", "1000", *TRAIN]
+    args[args.index("--workers") + 1] = workers
+    third_window = StreamPlan(96, 8, seed=3, rank=0, world_size=1, window_blocks=4).windows(0)[2]
+    stalled_tar = f"/data/shards/{tar_relpath(third_window.segments[0].block)}"  # the data of step 9 on
+    with serve_http(small_blocks.parent) as (base, served):
+        served.stall[stalled_tar] = 1
+        args[args.index(small_blocks)] = f"{base}/data"
+        pid = launcher.start([*args, "--read-ahead", read_ahead], log)
+        deadline = time.monotonic() + 240
+        while not (served.stalled.is_set() and (run / "metrics.jsonl").exists()
+                   and len(read_metrics(run / "metrics.jsonl")) == 8):  # every step with data is done
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                launcher.wait()
+                pytest.fail("training never reached the stalled tar:\n" + log.read_text()[-3000:])
+            time.sleep(0.05)
+        signalled = time.time()
+        os.kill(pid, signal.SIGTERM)
+        code = launcher.wait()
+        ended = time.time()
+    output = log.read_text()
+    assert code == 128 + signal.SIGTERM and said(output, "Stopped by SIGTERM after step 8 (the data of step 9 had not "
+                                                         "come 5 s after the signal), with a checkpoint"), output[-3000:]
+    ((step, path),) = list_checkpoints(run)
+    assert step == Checkpoint.load(path).step == read_metrics(run / "metrics.jsonl")[-1]["step"] == 8
+    seconds = path.stat().st_mtime - signalled
+    assert seconds < 30 and ended - signalled < 60, f"checkpoint {seconds:.1f} s, exit {ended - signalled:.1f} s after"
+    print(f"{workers} workers: checkpoint of step {step} {seconds:.1f} s, exit {ended - signalled:.1f} s after SIGTERM")

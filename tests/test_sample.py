@@ -1,6 +1,7 @@
 """`redi sample`: outputs and their formats, per-index reproducibility, multi-process split, resume, refusals."""
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -238,6 +239,36 @@ def test_resume_regenerates_only_the_missing_images(sit_run: Path, tmp_path: Pat
     (out / "samples.npz").unlink()  # an assembled output lost: rebuilt from the images, nothing resampled
     rebuilt = sample(sit_run, out, batch_size=2)
     assert rebuilt.work.model_calls == 0 and np.array_equal(npz(out)[0], before)
+
+
+def test_the_work_record_survives_an_assembly_cut_short_and_any_rebuild(sit_run: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = sample(sit_run, tmp_path / "straight")
+    out = tmp_path / "cut"
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("redi.sampler.sample.assemble", full_disk)  # every image is written, then the disk is full
+        with pytest.raises(OSError):
+            sample(sit_run, out)
+    assert json.loads((out / "sample.json").read_text())["complete"] is False
+    for rebuild in ("after the full disk", "without grid.png and samples.npz"):
+        rebuilt = sample(sit_run, out)
+        assert rebuilt.work.model_calls == 0 and rebuilt.assembled, rebuild  # nothing sampled again
+        report = json.loads((out / "sample.json").read_text())
+        assert report["complete"] and report["work"]["images"] == 8, rebuild
+        assert report["work"]["nfe_per_image"] == straight.work.nfe_per_image > 0, rebuild
+        assert report["work"]["model_calls"] == straight.work.model_calls, rebuild
+        (out / "grid.png").unlink()
+        (out / "samples.npz").unlink()
+    sample(sit_run, out)
+    evaluated = CliRunner().invoke(app, ["eval", str(out / "samples.npz"), "--ref", str(out / "samples.npz"), "--metrics",
+                                         "fd_dinov2", "--fd-encoder", "tiny-random", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    card = json.loads((out / "samples.eval.json").read_text())["card"]
+    assert card["nfe_per_image"] == straight.work.nfe_per_image  # the card says how the samples were made
 
 
 def test_refusals(sit_run: Path, tmp_path: Path) -> None:

@@ -154,9 +154,9 @@ def _best_seconds(work: Callable[[], object], repeats: int) -> float:
 
 def parser_speedups(tar: bytes, repeats: int = 20) -> dict[str, float]:
     """How much faster the reader's tar listing and .npy decoding are than `tarfile` and `np.load` on one tar."""
-    npy = [(offset, size) for name, offset, size in tar_members(tar, Path("shard.tar")) if name.endswith(".npy")]
+    npy = [(offset, size) for name, offset, size in tar_members(tar, Path("shard.tar"), "") if name.endswith(".npy")]
     decode = _NpyDecoder()
-    ours_list = _best_seconds(lambda: list(tar_members(tar, Path("shard.tar"))), repeats)
+    ours_list = _best_seconds(lambda: list(tar_members(tar, Path("shard.tar"), "")), repeats)
     tarfile_list = _best_seconds(lambda: _tarfile_members(tar), repeats)
     ours_decode = _best_seconds(lambda: [decode(tar, offset, size) for offset, size in npy], repeats)
     np_load = _best_seconds(lambda: [np.load(io.BytesIO(tar[offset:offset + size])) for offset, size in npy], repeats)

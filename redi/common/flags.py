@@ -70,7 +70,8 @@ class Flag:
     type: Any = None
     """The flag's type when `parse` turns its value into the field's (e.g. str "LO,HI" → tuple)."""
     parse: Callable[[Any], Any] | str | None = None
-    """Flag value → field value: a function, or "module:function" to import with the config; None stays None."""
+    """Flag value → field value: a function, or "module:function" to import with the config; None stays None. A
+    parsed Path flag passes the text as typed."""
     argument: bool = False
     """A positional argument instead of an option."""
     envvar: str | None = None
@@ -240,6 +241,8 @@ def _parameter(name: str, hint: Any, default: Any, flag: Flag, doc: str,
     parse: Callable[[Any], Any] = given or (lambda v: v)
     help_text = escape(flag.help or doc)  # "[lo, hi]" is text, not rich markup
     extra: dict[str, Any] = {}
+    if given is not None and kind in (Path, Path | None):
+        extra["path_type"] = str  # the parser gets the text as typed: a Path would fold a URL's "//" into "/"
     if choices:
         enum = StrEnum("".join(w.title() for w in name.split("_")), {c: c for c in choices})  # type: ignore[misc]
         kind = enum | None if default is None else enum

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from redi.common.errors import UserError
+from redi.pipeline.stage import failure_reason
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -403,4 +404,4 @@ def load_cropped(source: ImageSource, index: int, resolution: int) -> tuple[np.n
     try:
         return center_crop_arr(decode_rgb(source.read_bytes(index), resolution), resolution), ""
     except Exception as e:  # one bad file (any decoder error) must never stop a stage
-        return np.zeros((resolution, resolution, 3), dtype=np.uint8), f"{type(e).__name__}: {e}"
+        return np.zeros((resolution, resolution, 3), dtype=np.uint8), failure_reason(e)

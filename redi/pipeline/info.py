@@ -16,8 +16,7 @@ from redi.common.atomic import read_jsonl, try_read_json
 from redi.common.errors import UserError
 from redi.common.stamp import content_digest, picture_stamp
 from redi.pipeline.latent_norm import LatentNorm
-from redi.pipeline.pca import PLOT_FILE, checked_pca_sha256, plot_explained_variance, plot_source
-from redi.pipeline.pca_file import load_pca
+from redi.pipeline.pca import PLOT_FILE, load_stage_pca, plot_explained_variance, plot_source
 from redi.pipeline.readers import read_shard_info
 from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir, describe_identity
 
@@ -162,9 +161,9 @@ def _draw(root: Path) -> list[Path]:
     plots = []
     if (root / "pca.safetensors").exists():
         try:
-            checked_pca_sha256(root)
+            model, _ = load_stage_pca(root)  # refused when it changed since `redi pca` wrote it
             if picture_stamp(root / PLOT_FILE) != plot_source(root):
-                plot_explained_variance(load_pca(root / "pca.safetensors"), root / PLOT_FILE)
+                plot_explained_variance(model, root / PLOT_FILE)
             plots.append(root / PLOT_FILE)
         except UserError:
             pass
@@ -301,8 +300,7 @@ def _pca(path: Path) -> StageInfo:
     if not path.exists():
         return StageInfo(path.name, "missing")
     try:
-        checked_pca_sha256(path.parent)
-        pca = load_pca(path)
+        pca, _ = load_stage_pca(path.parent)
     except UserError as e:
         return StageInfo(path.name, f"unreadable ({e})")
     first = float(pca.explained_variance_ratio[:8].sum())

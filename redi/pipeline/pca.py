@@ -29,11 +29,10 @@ from redi.common.errors import UserError
 from redi.common.lock import exclusive
 from redi.common.runtime import resolve_device
 from redi.common.stamp import content_digest
-from redi.pipeline.pca_file import PCAModel, load_pca
+from redi.pipeline.pca_file import PCA_FILE, PCAModel, PCARecord, parse_pca, read_pca_bytes
 from redi.pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, diff_keys, open_array, read_errors, read_manifest
 
 FEATURES_DIR = "features"
-PCA_FILE = "pca.safetensors"
 PCA_RECORD = "pca.json"  # the stage cache record: manifest of the run that wrote PCA_FILE, and its hash
 PLOT_FILE = "pca_explained_variance.png"
 REFERENCE_PATCH_TOKENS = 256  # 16×16 DINOv2-B/14 grid at R = 256, the public reference file's setting
@@ -322,22 +321,28 @@ def _read_record(data: Path) -> dict[str, Any] | None:
     return None
 
 
-def checked_pca_sha256(data: Path) -> str:
-    """SHA-256 of DATA/pca.safetensors, refused (one sentence) when it differs from the hash its record pca.json
-    kept when it was written; a file without a record (made by other means) cannot be checked and is taken as is."""
-    pca_path, record_path = data / PCA_FILE, data / PCA_RECORD
-    if not pca_path.is_file():
-        raise UserError(f"No PCA file at {pca_path}: run `redi pca --data {data}` first.")
-    digest = sha256_file(pca_path)
-    if record_path.exists():
-        record = _read_record(data)
-        if record is None:
-            raise UserError(f"{record_path} is damaged, so {pca_path} cannot be checked: rerun the `redi pca` command "
-                            "that made it with --force.")
-        if record["pca_sha256"] != digest:
-            raise UserError(f"{pca_path} differs from the SHA-256 recorded in {record_path.name} when it was written "
-                            "(damaged or replaced): rerun the `redi pca` command that made it.")
-    return digest
+def stage_record(data: Path) -> PCARecord | None:
+    """What DATA/pca.json kept of DATA/pca.safetensors when `redi pca` wrote it; None without a record (a file made
+    by other means, which cannot be checked and is taken as is); one sentence when the record is damaged."""
+    record_path = data / PCA_RECORD
+    if not record_path.exists():
+        return None
+    if (record := _read_record(data)) is None:
+        raise UserError(f"{record_path} is damaged, so {data / PCA_FILE} cannot be checked: rerun the `redi pca` "
+                        "command that made it with --force.")
+    return PCARecord(record["pca_sha256"], record_path.name, "rerun the `redi pca` command that made it")
+
+
+def load_stage_pca(data: Path) -> tuple[PCAModel, str]:
+    """DATA/pca.safetensors, refused (one sentence) when it differs from what its record pca.json kept, and its
+    SHA-256."""
+    path = data / PCA_FILE
+    record = stage_record(data)
+    try:
+        raw = read_pca_bytes(path, *([record] if record else []))
+    except FileNotFoundError:
+        raise UserError(f"No PCA file at {path}: run `redi pca --data {data}` first.") from None
+    return parse_pca(raw, path), hashlib.sha256(raw).hexdigest()
 
 
 def _up_to_date(data: Path, manifest: Manifest, force: bool) -> bool:
@@ -377,7 +382,7 @@ def _write(data: Path, model: PCAModel, manifest: Manifest) -> None:
 
 
 def _cached_result(data: Path) -> PCAResult:
-    model = load_pca(data / PCA_FILE)
+    model, _ = load_stage_pca(data)
     if not (data / PLOT_FILE).exists():
         plot_explained_variance(model, data / PLOT_FILE)
     return PCAResult(path=data / PCA_FILE, plot=data / PLOT_FILE, model=model, up_to_date=True, seconds=0.0)

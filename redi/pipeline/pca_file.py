@@ -1,18 +1,21 @@
-"""`pca.safetensors`: the fitted (or imported) PCA of DINOv2 patch tokens and its projection."""
+"""`pca.safetensors`: the fitted (or imported) PCA of DINOv2 patch tokens and its projection, and the one reader of
+the file, which checks it against the SHA-256s that pca.json, shards.json and a run's config.json recorded of it."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save
-from safetensors import safe_open
+from safetensors.numpy import load, save
 
 from redi.common.atomic import atomic_write_bytes
 from redi.common.errors import UserError
+from redi.pipeline.remote import Location
 
+PCA_FILE = "pca.safetensors"
 PCA_FORMAT_VERSION = 1
 
 
@@ -69,19 +72,50 @@ def canonical_safetensors(data: bytes) -> bytes:
     return len(header).to_bytes(8, "little") + header + data[8 + n:]  # tensor offsets are relative to the data
 
 
-def load_pca(path: Path) -> PCAModel:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"No PCA file at {path}: run `redi pca --data {path.parent}` first.")
+@dataclass(frozen=True)
+class PCARecord:
+    """The SHA-256 that a record kept of a pca.safetensors, and what to do when the file differs from it."""
+
+    sha256: str
+    where: str  # the record: pca.json (as `redi pca` wrote it), shards.json (projected with it), a run's config.json
+    fix: str  # the sentence's end: how to mend it
+
+
+def read_pca_bytes(path: Location, *records: PCARecord) -> bytes:
+    """The bytes of the pca.safetensors at `path` (a local file or a URL), refused in one sentence naming the file,
+    the first record its SHA-256 differs from and that record's fix. FileNotFoundError when there is no file.
+
+    The one reader of the file: whatever reads it (pca, shards, train, verify, info) checks it against the records
+    it has, so a damaged or replaced PCA never projects, trains or passes a check."""
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    for record in records:
+        if digest != record.sha256:
+            raise UserError(f"{path} differs from the SHA-256 recorded in {record.where} (damaged or replaced): "
+                            f"{record.fix}.")
+    return data
+
+
+def load_pca(path: Location, *records: PCARecord) -> PCAModel:
+    """The PCA in `path`, checked against `records` (read_pca_bytes); one sentence when it is missing or unreadable."""
     try:
-        t = load_file(str(path))
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise UserError(f"{path} is not a readable pca.safetensors file ({e}).") from None
-    return PCAModel(
-        mu=t["mu"], std=t["std"], pca_mean=t["pca_mean"], components=t["components"],
-        explained_variance=t["explained_variance"], explained_variance_ratio=t["explained_variance_ratio"],
-        n_images=int(meta.get("n_images", 0)), n_tokens=int(meta.get("n_tokens", 0)),
-        seed=int(meta.get("seed", -1)), source=meta.get("source", ""),
-    )
+        data = read_pca_bytes(path, *records)
+    except FileNotFoundError:
+        raise UserError(f"No PCA file at {path}: run `redi pca --data {path.parent}` first.") from None
+    return parse_pca(data, path)
+
+
+def parse_pca(data: bytes, path: Location) -> PCAModel:
+    """The PCA held in `data`, the bytes of `path` (named in the sentence that refuses a file that is not one)."""
+    try:
+        t = load(data)
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        return PCAModel(
+            mu=t["mu"], std=t["std"], pca_mean=t["pca_mean"], components=t["components"],
+            explained_variance=t["explained_variance"], explained_variance_ratio=t["explained_variance_ratio"],
+            n_images=int(meta.get("n_images", 0)), n_tokens=int(meta.get("n_tokens", 0)),
+            seed=int(meta.get("seed", -1)), source=str(meta.get("source", "")),
+        )
+    except Exception as e:  # safetensors raises several types for damaged files; a missing tensor, a bad number
+        raise UserError(f"{path} is not a readable pca.safetensors file ({type(e).__name__}: {e}).") from None

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from redi.common.display import progress_bar
 from redi.common.errors import UserError
+from redi.pipeline.pca import PCA_RECORD, load_stage_pca
+from redi.pipeline.pca_file import PCA_FILE
 from redi.pipeline.readers import read_shard_info
 from redi.pipeline.remote import CONCURRENT_REQUESTS, Location, RemotePath, as_location, read_if_exists, write_file
 from redi.pipeline.shards import SHARDS_JSON
-
-PCA_FILE = "pca.safetensors"
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ def publish_shards(data: Path, dest: str, *, progress: bool = True) -> PublishRe
         target.mkdir()  # a bucket that does not exist yet is made (when the credentials allow it)
     (out / SHARDS_JSON).unlink(missing_ok=True)  # other shards were there: incomplete until the new listing lands
     jobs = [(info.root / rel, out / rel, digest) for rel, digest in sorted(info.files.items())]
+    if (data / PCA_FILE).exists() and (data / PCA_RECORD).exists():
+        load_stage_pca(data)  # a PCA changed since `redi pca` wrote it is refused, never published
     pca = read_if_exists(data / PCA_FILE)
     with_pca = pca is not None and hashlib.sha256(pca).hexdigest() == info.pca_sha256  # not a PCA fitted since
     if with_pca:

@@ -29,6 +29,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from redi.common.atomic import read_json
 from redi.common.errors import UserError
 from redi.common.runtime import loader_worker_init
-from redi.pipeline.remote import Location, MissingChunk, as_location, open_zarr_array, read_ahead
+from redi.pipeline.pca import PCA_RECORD, load_stage_pca
+from redi.pipeline.pca_file import PCA_FILE, PCARecord, read_pca_bytes
+from redi.pipeline.remote import Location, MissingChunk, RemotePath, as_location, open_zarr_array, read_ahead
 from redi.pipeline.latent_norm import LatentNorm
 from redi.pipeline.shards import DATA_FIELDS, KEYS_JSON, SHARDS_JSON, ZARR_DIR, FieldSpec, decode_key, model_patch, \
     tar_relpath, unreadable_chunk
@@ -82,6 +85,14 @@ class ShardInfo:
         return self.grid * self.grid
 
 
+def rebuild_hint(data: Location) -> str:
+    """How to replace the damaged or missing shards of the data root `data`: rebuild them on a local disk, publish a
+    good copy again to a URL."""
+    if isinstance(data, RemotePath):
+        return f"publish them again (`redi publish DATA {data}`)"
+    return f"rebuild the shards (`redi shards --data {data} --force`)"
+
+
 def read_shard_info(shards_dir: Location | str) -> ShardInfo:
     """Read `shards_dir/shards.json` (written last by `redi shards`, so its presence means complete)."""
     root = as_location(shards_dir) if isinstance(shards_dir, str) else shards_dir
@@ -89,6 +100,9 @@ def read_shard_info(shards_dir: Location | str) -> ShardInfo:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if isinstance(root, RemotePath):
+            raise UserError(f"No {SHARDS_JSON} at {root}: publish a data root's shards there (`redi publish DATA "
+                            f"{root.parent}`), or let the publish finish.") from None
         raise UserError(f"No {SHARDS_JSON} in {root}: run `redi shards --data {root.parent}` (or let it finish).") \
             from None
     try:
@@ -106,7 +120,27 @@ def read_shard_info(shards_dir: Location | str) -> ShardInfo:
             sha256=hashlib.sha256(data).hexdigest(),
         )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
-        raise UserError(f"{path} is damaged; rebuild the shards (`redi shards --data {root.parent} --force`).") from None
+        raise UserError(f"{path} is damaged; {rebuild_hint(root.parent)}.") from None
+
+
+def shards_pca(info: ShardInfo) -> bytes | None:
+    """The PCA beside the shards (DATA/pca.safetensors), refused in one sentence unless it is the one they were
+    projected with (shards.json's pca.sha256) and, on a local data root, the one its record pca.json names; None
+    where there is none (`redi publish` leaves out a PCA fitted after the shards)."""
+    data = info.root.parent
+    path = data / PCA_FILE
+    made_here = isinstance(data, Path) and (data / PCA_RECORD).exists()
+    if made_here:
+        load_stage_pca(data)  # a file changed since `redi pca` wrote it is that stage's to mend
+        fix = f"the shards were projected with another PCA; rebuild them with this one (`redi shards --data {data} --force`)"
+    elif isinstance(data, RemotePath):
+        fix = f"publish the data root there again (`redi publish DATA {data}`)"
+    else:
+        fix = "copy it again with the shards it belongs to, from where they were made or published"
+    try:
+        return read_pca_bytes(path, PCARecord(info.pca_sha256, str(info.root / SHARDS_JSON), fix))
+    except FileNotFoundError:
+        return None
 
 
 def _latent_records(raw: dict[str, Any], shape: tuple[int, ...], grid: int) -> tuple[LatentSpace, LatentNorm, int]:
@@ -238,8 +272,8 @@ class ShardDataset(IterableDataset, ABC):
         self.epochs = epochs
         self.verify = verify  # WebDataset: check each tar's SHA-256 (zarr chunks always carry a CRC-32C)
         self.read_ahead = read_ahead  # WebDataset: tars downloading ahead of the one being decoded, per process
-        self.keys: list[str] = read_json(self.info.root / KEYS_JSON, list,
-                                         f"rebuild the shards (`redi shards --data {self.info.root.parent} --force`)")
+        self.rebuild = rebuild_hint(self.info.root.parent)  # the end of every sentence about damaged shards
+        self.keys: list[str] = read_json(self.info.root / KEYS_JSON, list, self.rebuild)
 
     @abstractmethod
     def read_segment(self, segment: Segment) -> dict[str, np.ndarray]:
@@ -306,8 +340,7 @@ class ZarrShardDataset(ShardDataset):
             try:
                 out[name] = arr[segment.start:segment.stop]
             except MissingChunk as e:  # zarr alone would return the fill value
-                raise UserError(f"{self.info.root / ZARR_DIR / name / e.key} is missing; "
-                                f"rebuild the shards (`redi shards --force`).") from None
+                raise UserError(f"{self.info.root / ZARR_DIR / name / e.key} is missing; {self.rebuild}.") from None
             except UserError:  # the store gave up on a transient network error
                 raise
             except Exception:  # the CRC-32C codec or the decoder rejected a chunk: find which one
@@ -320,7 +353,7 @@ class ZarrShardDataset(ShardDataset):
         if bad is None:
             return f"{self.info.root / ZARR_DIR / name} cannot be read for samples {segment.start}–{segment.stop}."
         path = self.info.root / ZARR_DIR / name / bad[0]
-        return f"{path} is damaged ({bad[1]}); rebuild the shards (`redi shards --force`)."
+        return f"{path} is damaged ({bad[1]}); {self.rebuild}."
 
 
 def _ustar_name(header: bytes) -> str:
@@ -341,8 +374,9 @@ def _pax_path(body: bytes) -> str | None:
     return path
 
 
-def tar_members(data: bytes, path: Location) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular file of an in-memory tar (ustar, pax and GNU long names).
+def tar_members(data: bytes, path: Location, rebuild: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file of an in-memory tar (ustar, pax and GNU long names); `rebuild`
+    ends the sentence that refuses a damaged one.
 
     Kept hand-written: about 10× faster than `tarfile` at listing a shard (`redi bench loader`: tar_listing_vs_tarfile,
     6–12× over runs on the busy 2-core CPU machine of docs/BENCHMARKS.md)."""
@@ -365,10 +399,9 @@ def tar_members(data: bytes, path: Location) -> Iterator[tuple[str, int, int]]:
                 yield long_name or _ustar_name(header), start, size
                 long_name = None
         except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not a readable tar ({e}); rebuild the shards (`redi shards --force`).") \
-                from None
+            raise UserError(f"{path} is not a readable tar ({e}); {rebuild}.") from None
         pos = start + -(-size // _TAR_BLOCK) * _TAR_BLOCK
-    raise UserError(f"{path} is truncated (no end-of-archive block); rebuild the shards (`redi shards --force`).")
+    raise UserError(f"{path} is truncated (no end-of-archive block); {rebuild}.")
 
 
 class _NpyDecoder:
@@ -425,17 +458,16 @@ class WdsShardDataset(ShardDataset):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise UserError(f"{path} is missing; rebuild the shards (`redi shards --force`).") from None
+            raise UserError(f"{path} is missing; {self.rebuild}.") from None
         if self.verify and hashlib.sha256(data).hexdigest() != self.info.files.get(rel):
-            raise UserError(f"{path} is corrupted (its SHA-256 differs from shards.json); "
-                            f"rebuild the shards (`redi shards --force`).")
+            raise UserError(f"{path} is corrupted (its SHA-256 differs from shards.json); {self.rebuild}.")
         return block, path, data
 
     def read_segment(self, segment: Segment) -> dict[str, np.ndarray]:
         block, path, data = self._tar(segment.block) if self._tars is None else next(self._tars)
         assert block == segment.block, f"read-ahead out of step: tar {block} for a segment of tar {segment.block}"
         samples: list[tuple[str, dict[str, tuple[int, int]]]] = []  # (encoded key, {field: (offset, size)})
-        for name, offset, size in tar_members(data, path):
+        for name, offset, size in tar_members(data, path, self.rebuild):
             base, _, rest = name.partition(".")
             field = "label" if rest == "label.cls" else rest.removesuffix(".npy")
             if not samples or samples[-1][0] != base:
@@ -445,14 +477,14 @@ class WdsShardDataset(ShardDataset):
             min((segment.block + 1) * self.info.shard_size, self.info.num_samples)
         if len(samples) != block_stop - block_start:
             raise UserError(f"{path} holds {len(samples)} samples where shards.json says {block_stop - block_start}; "
-                            f"rebuild the shards (`redi shards --force`).")
+                            f"{self.rebuild}.")
         n = segment.stop - segment.start
         out = {name: np.empty((n, *self.info.fields[name].shape), self.info.fields[name].dtype) for name in self.fields}
         for i in range(n):
             base, members = samples[segment.start - block_start + i]
             if decode_key(base) != self.keys[segment.start + i] or any(f not in members for f in self.fields):
                 raise UserError(f"{path} does not hold sample {segment.start + i} ({self.keys[segment.start + i]}) "
-                                f"with every field where keys.json says; rebuild the shards (`redi shards --force`).")
+                                f"with every field where keys.json says; {self.rebuild}.")
             for name in self.fields:
                 offset, size = members[name]
                 try:

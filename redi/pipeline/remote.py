@@ -1,5 +1,6 @@
 """Shards from anywhere: a local path or any fsspec URL (s3://, gs://, https://, file://) as one small path type,
-with retries and backoff on transient network errors, read-ahead of whole files, and zarr stores over both.
+with connect and read timeouts, retries and backoff on transient network errors, read-ahead of whole files, and
+zarr stores over both.
 
 Credentials are never handled here: fsspec and its file systems take them from the environment as they
 document (AWS_ACCESS_KEY_ID / AWS_PROFILE / AWS_ENDPOINT_URL_S3 for s3fs, GOOGLE_APPLICATION_CREDENTIALS
@@ -17,7 +18,8 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +32,8 @@ from redi.common.errors import UserError
 
 RETRIES = 5  # attempts of one request before a transient error is reported
 BACKOFF_S = 0.5  # wait after the first failed attempt; doubled after each further one (with jitter)
+CONNECT_TIMEOUT_S = 30.0  # a connection not made in this time is a failed attempt (retried)
+READ_TIMEOUT_S = 60.0  # so is a response that sends no byte for this long (a stalled server): never a wait forever
 CONCURRENT_REQUESTS = 4  # per process, for `redi verify` and `redi publish` of a remote root
 T = TypeVar("T")
 
@@ -124,7 +128,7 @@ class RemotePath:
     @classmethod
     def from_url(cls, url: str) -> RemotePath:
         try:
-            fs, path = fsspec.core.url_to_fs(url)
+            fs, path = fsspec.core.url_to_fs(url, **timeouts(url))
         except (ImportError, ValueError) as e:  # an unknown protocol, or its package is not installed
             raise UserError(f"{redact(url)} cannot be opened ({redact(str(e))}); `pip install 'redi[remote]'` "
                             f"brings s3:// and http(s)://, other stores need their fsspec package (gcsfs for gs://).") \
@@ -179,12 +183,36 @@ class RemotePath:
 Location = Path | RemotePath  # where shards are: a local path or a URL
 
 
+def timeouts(url: str) -> dict[str, Any]:
+    """The fsspec options that bound each request to `url` by CONNECT_TIMEOUT_S and READ_TIMEOUT_S, for the file
+    systems whose options we know (http(s):// through aiohttp, s3:// through botocore); {} for the others."""
+    protocol = url.split("://", 1)[0].lower()
+    if protocol in ("http", "https"):
+        import aiohttp  # fsspec's http file system is built on it
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
+                                                                   sock_read=READ_TIMEOUT_S)}}
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S}}
+    return {}
+
+
 def as_location(text: str | Path) -> Location:
     """A local path for a plain path or a file:// URL, a RemotePath for any other URL."""
     text = str(text)
     if text.startswith("file://"):
         return Path(text.removeprefix("file://"))
     return RemotePath.from_url(text) if is_url(text) else Path(text)
+
+
+def local_root(text: str | Path) -> Path:
+    """The data root of a command that needs one on a local disk (the stages write there): a path or a file:// URL;
+    any other URL is refused in one sentence, before anything is written (a Path would mangle it into a folder)."""
+    text = str(text)
+    if is_url(text) and not text.startswith("file://"):
+        raise UserError(f"{redact(text)} is a URL, but this command needs a data root on a local disk (the stages write "
+                        f"there); `redi publish DATA {redact(text)}` copies finished shards to a URL.")
+    return Path(text.removeprefix("file://"))
 
 
 def read_if_exists(path: Location) -> bytes | None:
@@ -214,22 +242,37 @@ def read_ahead(fetch: Callable[[T], Any], keys: Iterable[T], depth: int) -> Iter
     """fetch(key) for each key, in order, with up to `depth` fetches running in threads ahead of the consumer.
 
     So a reader decodes one file while the next `depth` download (each held whole in memory); depth 0 fetches
-    each file when it is needed. Closing the iterator cancels the fetches not yet started.
+    each file when it is needed. The threads are daemons: a fetch stuck on a stalled server never keeps the
+    process from exiting (a stop signal, an error elsewhere); closing the iterator abandons the fetches in flight.
     """
     if depth < 1:
         yield from map(fetch, keys)
         return
-    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="read-ahead")
     pending: deque[Future[Any]] = deque()
-    try:
-        for key in keys:
-            pending.append(pool.submit(fetch, key))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    for key in keys:
+        if len(pending) == depth:
+            value = pending.popleft().result()  # the oldest is done: its thread is free for the next key
+            pending.append(_in_a_thread(fetch, key))
+            yield value
+        else:
+            pending.append(_in_a_thread(fetch, key))
+    while pending:
+        yield pending.popleft().result()
+
+
+def _in_a_thread(fetch: Callable[[T], Any], key: T) -> Future[Any]:
+    """fetch(key) started in a daemon thread of its own."""
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fetch(key))
+        except BaseException as e:  # handed to the consumer, which raises it
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="read-ahead", daemon=True).start()
+    return future
 
 
 class MissingChunk(Exception):
@@ -259,6 +302,6 @@ class ReadStore(WrapperStore):
 
 def open_zarr_array(path: Location) -> zarr.Array:
     """The zarr v3 array at `path`, read through a `ReadStore` (a remote one through zarr's FsspecStore)."""
-    store = FsspecStore.from_url(path.url, read_only=True) if isinstance(path, RemotePath) else \
-        LocalStore(path, read_only=True)
+    store = FsspecStore.from_url(path.url, storage_options=timeouts(path.url), read_only=True) \
+        if isinstance(path, RemotePath) else LocalStore(path, read_only=True)
     return zarr.open_array(store=ReadStore(store), mode="r", zarr_format=3)

@@ -39,7 +39,7 @@ from redi.common.flags import OneOf
 from redi.common.lock import exclusive
 from redi.pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, open_arrays
 from redi.pipeline.images import ImageSource, labels_from_dataset_json, open_source
-from redi.pipeline.stage import ChunkError, Manifest, StageDir, StageState, read_errors, stage_lock
+from redi.pipeline.stage import ChunkError, Manifest, StageDir, StageState, failure_reason, read_errors, stage_lock
 from redi.pipeline.vaes import latent_space, sd_vae_config
 
 DECODER_VAE = "stabilityai/sd-vae-ft-ema"  # recorded VAE: REPA's default sd-vae-ft-mse has the same encoder weights
@@ -208,7 +208,7 @@ def _read_moments(files: MomentFiles, index: int, shape: tuple[int, ...], dtype:
     try:
         value = files.read(index)
     except Exception as e:  # a damaged file must never stop the import
-        return None, f"{type(e).__name__}: {e}"
+        return None, failure_reason(e)
     if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
         return None, f"array of shape {value.shape} and dtype {value.dtype}, expected float {shape}"
     if not _fits(value, dtype):

@@ -38,8 +38,8 @@ from redi.common.errors import UserError
 from redi.common.lock import exclusive
 from redi.common.runtime import resolve_device
 from redi.pipeline.latent_norm import ChannelStats, LatentNorm
-from redi.pipeline.pca import checked_pca_sha256, features_fingerprint
-from redi.pipeline.pca_file import PCAModel, load_pca
+from redi.pipeline.pca import features_fingerprint, load_stage_pca
+from redi.pipeline.pca_file import PCA_FILE, PCAModel
 from redi.pipeline.shards_config import (  # noqa: F401  (FORMATS, ShardsConfig: importable from here as before)
     FORMATS, SHARDS_FORMAT_VERSION, SHARDS_JSON, ShardsConfig, ShardsResult, write_shards_stamp,
 )
@@ -288,9 +288,8 @@ def open_inputs(data: Path) -> _Inputs:
         raise UserError(f"{lat_store}/labels and {feat_store}/labels differ; rerun one of the stages.")
     if math.isqrt(patch.shape[1]) ** 2 != patch.shape[1] or (cls is not None and cls.shape[1] != patch.shape[2]):
         raise UserError(f"{feat_store} holds patch {patch.shape} and cls {cls.shape}; expected (N, p², D) and (N, D).")
-    pca_path = data / "pca.safetensors"
-    pca_sha256 = checked_pca_sha256(data)
-    pca = load_pca(pca_path)
+    pca_path = data / PCA_FILE
+    pca, pca_sha256 = load_stage_pca(data)
     if pca.dim != patch.shape[2]:
         raise UserError(f"{pca_path} is {pca.dim}-dimensional but the patch tokens are {patch.shape[2]}-dimensional.")
     if pca.source.startswith("features:") and pca.source != features_fingerprint(feat_manifest):

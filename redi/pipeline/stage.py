@@ -13,6 +13,7 @@ to them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -64,6 +65,15 @@ class ChunkError:
     index: int
     key: str
     reason: str
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")  # e.g. " <_io.BytesIO object at 0x7f04…>"
+
+
+def failure_reason(error: BaseException) -> str:
+    """The errors.jsonl reason of an input that could not be read: the error's type and message, without the object
+    reprs (memory addresses) that some messages carry, so that a stage writes the same bytes on every run."""
+    return f"{type(error).__name__}: {_OBJECT_REPR.sub('', str(error))}"
 
 
 class StageDir:

@@ -1,10 +1,10 @@
 """`redi verify`: re-check every stage of a data root: manifests, committed chunks, arrays, PCA, shard checksums.
 
 A data root at a URL (what `redi publish` writes) holds shards/ only (and the PCA file): that is what is checked there.
+The PCA file is checked against every record of it: its own pca.json (a local root) and the shards' shards.json.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +16,11 @@ from rich.progress import Progress
 from redi.common.atomic import read_json
 from redi.common.display import progress_bar
 from redi.common.errors import UserError
-from redi.pipeline.pca import PCA_RECORD, checked_pca_sha256
-from redi.pipeline.pca_file import load_pca
-from redi.pipeline.readers import read_shard_info
-from redi.pipeline.remote import CONCURRENT_REQUESTS, Location, RemotePath, as_location, open_zarr_array, read_if_exists, \
-    redact, sha256_of
+from redi.pipeline.pca import PCA_RECORD, load_stage_pca
+from redi.pipeline.pca_file import PCA_FILE, parse_pca
+from redi.pipeline.readers import read_shard_info, rebuild_hint, shards_pca
+from redi.pipeline.remote import CONCURRENT_REQUESTS, Location, RemotePath, as_location, open_zarr_array, redact, \
+    sha256_of
 from redi.pipeline.shards import KEYS_JSON, ZARR_DIR, tar_relpath, unreadable_chunk
 from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir, open_array, read_errors, read_manifest
 
@@ -80,27 +80,34 @@ def _check_array_stage(root: Path, deep: bool, bar: Progress, repair: bool = Fal
     return StageCheck(f"{root.name}/", "ok", f"{n} images, {len(errors)} skipped; " + ", ".join(shapes))
 
 
-def _check_pca(path: Path, data: Path) -> StageCheck:
-    """pca.safetensors is the file its record pca.json names, loads, and matches the features' width."""
-    digest = checked_pca_sha256(data)
-    pca = load_pca(path)
-    patch = data / "features" / "store.zarr" / "patch"
-    if patch.exists():
+def _check_pca(data: Location) -> StageCheck:
+    """pca.safetensors is the file its record pca.json names (a local root), the PCA the shards were projected with
+    (shards.json), loads, and matches the features' width."""
+    path = data / PCA_FILE
+    try:
+        info = read_shard_info(data / "shards")
+    except UserError:  # no shards (yet), or a shards.json that the shards/ row reports
+        info = None
+    if info is not None:
+        raw = shards_pca(info)
+        if raw is None:  # only where there is no pca.json either (_guarded reports a local root's as absent)
+            return StageCheck(path.name, "warning", f"not published with the shards: runs trained on {data} keep "
+                                                    f"no copy of the PCA their PCs come from")
+        pca, digest = parse_pca(raw, path), info.pca_sha256
+    else:
+        if isinstance(data, RemotePath):
+            return StageCheck(path.name, "absent", "not checked: the shards/ row says why shards.json is unreadable")
+        pca, digest = load_stage_pca(data)
+    if isinstance(data, Path) and (patch := data / "features" / "store.zarr" / "patch").exists():
         dim = open_array(patch, "rerun `redi features` with --force").shape[-1]
         if dim != pca.dim:
             raise UserError(f"{path} is {pca.dim}-dimensional but {patch} holds {dim}-dimensional tokens.")
-    details = f"{pca.dim} dims, {pca.components.shape[0]} components, {pca.n_images} images, sha256 {digest[:12]}"
-    if not (data / PCA_RECORD).exists():
-        return StageCheck(path.name, "warning", details + f"; no record {PCA_RECORD} to check it against (made "
-                                                          "outside `redi pca`, or its record was deleted)")
+    details = f"{pca.dim} dims, {pca.components.shape[0]} components, {pca.n_images} images, sha256 {digest[:12]}" + \
+        ("; the shards' own" if info is not None else "")
+    if isinstance(data, Path) and not (data / PCA_RECORD).exists():
+        return StageCheck(path.name, "warning", details + f"; no record {PCA_RECORD} of the `redi pca` that made it "
+                                                          "(a copy of a published root, or its record was deleted)")
     return StageCheck(path.name, "ok", details)
-
-
-def _rebuild(data: Location) -> str:
-    """How to replace damaged shards: rebuild them here, or publish a good copy again to a URL."""
-    if isinstance(data, RemotePath):
-        return f"publish them again (`redi publish DATA {data}`)"
-    return f"rebuild the shards (`redi shards --data {data} --force`)"
 
 
 def _check_files(root: Location, data: Location, files: dict[str, str], deep: bool, bar: Progress) -> None:
@@ -112,9 +119,9 @@ def _check_files(root: Location, data: Location, files: dict[str, str], deep: bo
                 raise FileNotFoundError(rel)
             if deep and sha256_of(path) != files[rel]:
                 raise UserError(f"{path} does not match its SHA-256 in shards.json (damaged or changed since it was "
-                                f"written); {_rebuild(data)}.")
+                                f"written); {rebuild_hint(data)}.")
         except FileNotFoundError:
-            raise UserError(f"{path} is missing; {_rebuild(data)}.") from None
+            raise UserError(f"{path} is missing; {rebuild_hint(data)}.") from None
 
     task = bar.add_task("shards/ checksums", total=len(files))
     with ThreadPoolExecutor(CONCURRENT_REQUESTS if isinstance(root, RemotePath) else 1) as pool:
@@ -131,7 +138,7 @@ def _check_shards(root: Location, data: Location, deep: bool, bar: Progress) -> 
         raise UserError(f"{root / 'progress' / f'{pending[0]:06d}.json'} is missing or damaged: that shard is not "
                         f"committed; rerun `redi shards` (the same command) to write it again.")
     _check_files(root, data, info.files, deep, bar)
-    keys = read_json(root / KEYS_JSON, list, _rebuild(data))
+    keys = read_json(root / KEYS_JSON, list, rebuild_hint(data))
     if len(keys) != info.num_samples:
         raise UserError(f"{root / KEYS_JSON} lists {len(keys)} keys where shards.json says {info.num_samples} samples.")
     if "wds" in info.formats:
@@ -143,16 +150,13 @@ def _check_shards(root: Location, data: Location, deep: bool, bar: Progress) -> 
             try:
                 arr = open_zarr_array(root / ZARR_DIR / name)
             except ZARR_METADATA_ERRORS:
-                raise UserError(f"{root / ZARR_DIR / name} is missing or its zarr.json is damaged; {_rebuild(data)}.") \
+                raise UserError(f"{root / ZARR_DIR / name} is missing or its zarr.json is damaged; {rebuild_hint(data)}.") \
                     from None
             if arr.shape != (info.num_samples, *info.fields[name].shape):
                 raise UserError(f"{root / ZARR_DIR / name} has shape {arr.shape}, not the "
                                 f"{(info.num_samples, *info.fields[name].shape)} of shards.json.")
     details = (f"{info.num_samples} samples in {info.num_shards} shards ({', '.join(info.formats)}), K={info.pcs}, "
                f"{len(info.files)} files {'hashed' if deep else 'present'}")
-    pca_path = data / "pca.safetensors"
-    if (pca := read_if_exists(pca_path)) is not None and hashlib.sha256(pca).hexdigest() != info.pca_sha256:
-        return StageCheck("shards/", "warning", details + f"; made with another PCA than the current {pca_path.name}")
     return StageCheck("shards/", "ok", details)
 
 
@@ -178,15 +182,15 @@ def verify_data(data: Location | str, *, deep: bool = True, progress: bool = Tru
         if repair:
             raise UserError("--repair rewrites input stages, which live on a local data root, not at a URL.")
         with progress_bar(None, transient=True, enabled=progress) as bar:
-            return [_guarded("shards/", data / "shards", lambda: _check_shards(data / "shards", data, deep, bar))]
+            return [_guarded("shards/", data / "shards", lambda: _check_shards(data / "shards", data, deep, bar)),
+                    _guarded(PCA_FILE, data / PCA_FILE, lambda: _check_pca(data))]
     if not data.is_dir():
         raise UserError(f"{data} is not a directory: pass a data root (the --data of the stages).")
     with progress_bar(None, transient=True, enabled=progress) as bar:
         checks = [
             *(_guarded(f"{name}/", data / name, lambda name=name: _check_array_stage(data / name, deep, bar, repair))
               for name in STAGE_ARRAYS),
-            _guarded("pca.safetensors", data / ("pca.safetensors" if (data / "pca.safetensors").exists() else PCA_RECORD),
-                     lambda: _check_pca(data / "pca.safetensors", data)),
+            _guarded(PCA_FILE, data / (PCA_FILE if (data / PCA_FILE).exists() else PCA_RECORD), lambda: _check_pca(data)),
             _guarded("shards/", data / "shards", lambda: _check_shards(data / "shards", data, deep, bar)),
         ]
     if all(c.status == "absent" for c in checks):

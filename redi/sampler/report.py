@@ -1,5 +1,5 @@
-"""What a `redi sample` run spent and did: the work counted over every process, the one-screen summary, and the
-sample.json written once the outputs are assembled."""
+"""What a `redi sample` run spent and did: the work counted over every process (and, in sample.json, over every run
+on the same folder), the one-screen summary, and the sample.json written once the outputs are assembled."""
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +50,32 @@ class Work:
     def nfe_mean_per_image(self) -> float:
         """Network evaluations per sampled image, averaged over the batches."""
         return self.nfe / self.sampled if self.sampled else 0.0
+
+    @classmethod
+    def from_record(cls, record: object) -> Work:
+        """The `work` that sample.json recorded of earlier runs on the same folder; none where it has no readable one."""
+        if not isinstance(record, dict):
+            return cls()
+
+        def count(name: str) -> int:
+            value = record.get(name)
+            return value if type(value) is int and value >= 0 else 0
+
+        seconds = record.get("seconds")
+        return cls(images=count("images"), batches=count("batches"), model_calls=count("model_calls"), nfe=count("nfe"),
+                   nfe_per_image=count("nfe_per_image"), sampled=count("sampled"),
+                   seconds=float(seconds) if type(seconds) in (int, float) and seconds >= 0 else 0.0)
+
+    def after(self, earlier: Work) -> Work:
+        """The work of every run on a folder: `earlier` runs' then this one's (counts and seconds summed, the most NFE
+        per image any spent); the non-finite samples are this run's, the ones still missing."""
+        return Work(earlier.images + self.images, earlier.batches + self.batches, earlier.model_calls + self.model_calls,
+                    earlier.nfe + self.nfe, max(earlier.nfe_per_image, self.nfe_per_image),
+                    earlier.seconds + self.seconds, earlier.sampled + self.sampled, self.nonfinite)
+
+    def record(self) -> dict[str, Any]:
+        """sample.json's `work`."""
+        return dataclasses.asdict(self) | {"images_per_s": self.images_per_s, "nfe_mean_per_image": self.nfe_mean_per_image}
 
     def reduce(self, device: torch.device) -> Work:
         """Sum the counts and take the longest time over the process group (identity without one)."""
@@ -115,11 +141,12 @@ class SampleResult:
 
 def final_report(settings: dict[str, Any], ckpt: Checkpoint, cfg: SampleConfig, work: Work, world: int,
                  device: torch.device, has_pcs: bool) -> dict[str, Any]:
-    """sample.json once the outputs are assembled: settings, run shape, file names and the work this run spent."""
+    """sample.json once the outputs are assembled: settings, run shape, file names and the work every run on the
+    folder spent (`work`: Work.after)."""
     return {
         "settings": settings, "checkpoint_path": str(ckpt.path), "complete": True, "num": cfg.num,
         "batch_size": cfg.batch_size, "world_size": world, "device": str(device),
         "outputs": {"images": IMAGES_DIR, "npz": NPZ_FILE, "grid": GRID_PNG, "pcs": PCS_PNG if has_pcs else None},
-        "work": dataclasses.asdict(work) | {"images_per_s": work.images_per_s, "nfe_mean_per_image": work.nfe_mean_per_image},
+        "work": work.record(),
     }
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -270,12 +271,17 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
         missing = sum(1 for i in range(cfg.num) if not done(i)) if rank == 0 else 0
         if rank == 0 and work.nonfinite:
             write_errors(out / ERRORS_JSONL, work.nonfinite, NONFINITE_REASON)
+        if rank == 0:
+            report = json.loads((out / SAMPLE_JSON).read_bytes())  # a dict: prepare_out checked it or wrote it
+            every_run = work.after(Work.from_record(report.get("work")))  # the record survives any rerun
+            if work.batches:  # before assembling, which a full disk or a kill can interrupt
+                atomic_write_json(out / SAMPLE_JSON, report | {"complete": False, "work": every_run.record()})
         if rank == 0 and missing == 0:
             (out / ERRORS_JSONL).unlink(missing_ok=True)  # every image is there now
             if work.images or not is_assembled(out, cfg.num, has_pcs):  # e.g. samples.npz deleted
                 assemble(out, cfg.num, labels, grid_count, has_pcs, describe_settings(settings), mc.num_classes > 1,
                          counting("assembling", cfg.num))
-                atomic_write_json(out / SAMPLE_JSON, final_report(settings, ckpt, cfg, work, world, device, has_pcs))
+                atomic_write_json(out / SAMPLE_JSON, final_report(settings, ckpt, cfg, every_run, world, device, has_pcs))
     return SampleResult(
         out=out, num=cfg.num, present=present, work=work, rank=rank, world_size=world, device=str(device),
         sampler=sampler, guidance=guidance.mode, missing=missing, assembled=rank == 0 and missing == 0,

@@ -26,8 +26,9 @@ from redi.common.distributed import DistInfo, all_reduce_mean, barrier, process_
 from redi.common.errors import UserError
 from redi.common.lock import exclusive
 from redi.common.runtime import loader_workers
-from redi.pipeline.readers import ShardInfo, make_loader, read_shard_info
-from redi.pipeline.remote import Location, read_if_exists
+from redi.pipeline.pca_file import PCA_FILE
+from redi.pipeline.readers import ShardInfo, make_loader, read_shard_info, shards_pca
+from redi.pipeline.remote import Location
 from redi.trainer.checkpoint import BackgroundCheckpointer, Checkpoint, RunConfig, load_newest_readable
 from redi.trainer.config import TrainConfig, resolve_shards_dir
 from redi.trainer.ema import make_ema, update_ema
@@ -38,7 +39,7 @@ from redi.trainer.objectives import TrainBatch, check_batch, compute_loss, prepa
 from redi.trainer.plan import TrainPlan, check_fits, resolve
 from redi.trainer.progress import TrainProgress
 from redi.trainer.resume import as_recorded, load_record, note_resume, refuse_another_run
-from redi.trainer.stop import StopRequest
+from redi.trainer.stop import BatchStream, StopRequest, StopWaiting
 from redi.trainer.watch import RunLog, WatchFactory
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class TrainResult:
     images_per_s: float
     stopped_by: int = 0  # the signal that ended the run early (after a checkpoint), 0 if it ran to max_steps
     watch_seconds: float = 0.0  # spent on sample grids and evaluations (left out of images_per_s)
+    data_stalled: bool = False  # the stop came and the next step's data did not (STOP_GRACE_S): step is the last finished one
 
 
 def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], None] | None = None,
@@ -68,7 +70,8 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
     which also draws the --sample-every grids and the --eval-every FID.
 
     One job at a time per run directory: rank 0 holds RUN/.lock while it trains. A stop signal from the
-    start on (even during the set-up) ends the run after a step, with a checkpoint.
+    start on (even during the set-up) ends the run after a step, with a checkpoint; when that step's data does not come
+    within STOP_GRACE_S of the signal (a stalled server), after the last finished step.
     """
     run = Path(cfg.run)
     if run.exists() and not run.is_dir():
@@ -92,7 +95,8 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
     plan = resolve(cfg, info, dist_info.world_size)  # every refusal before the run directory is written
     cfg, run = plan.cfg, Path(plan.cfg.run)
     check_fits(plan.model, info, dev)
-    prepare_run_dir(run, plan, shards, dist_info, record)
+    pca = shards_pca(info)  # the PCA beside the shards, refused unless it is the one they were projected with
+    prepare_run_dir(run, plan, pca, dist_info, record)
     state = initial_state(plan, run, dev)
     model, step, start_step = state.model, state.step, state.step
     if record is not None and dist_info.is_main:
@@ -106,21 +110,28 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" and cfg.precision == "bf16" else contextlib.nullcontext()
 
     seen = record.samples_before(step) if record is not None else step * cfg.batch_size
-    batches = micro_batch_streams(shards, cfg, dist_info, plan.accum, plan.micro, seen)
     watch = watch_factory(plan, dist_info, state)  # metrics.jsonl, the tracker (+ grids, FID: sampler/watch.py)
     meter = SpeedMeter(cfg.batch_size, train_flops_per_image(plan.model), peak_flops(dev), dist_info.world_size, step)
     gen = torch.Generator(device=dev)
-    bad_in_a_row, skipped, loss_value, stopped_by = 0, 0, math.nan, 0
+    bad_in_a_row, skipped, loss_value, stopped_by, stalled, saved = 0, 0, math.nan, 0, False, start_step
     progress = TrainProgress(cfg.max_steps, step, enabled=dist_info.is_main)
     started = time.perf_counter()
-    with BackgroundCheckpointer() as checkpointer, watch:  # on a stop signal: finish the step, checkpoint, return
+    # On a stop signal: finish the step (or, its data stalled, give it up), checkpoint, return.
+    with BackgroundCheckpointer() as checkpointer, watch, contextlib.ExitStack() as reading:
+        batches = [reading.enter_context(BatchStream(it, dev))
+                   for it in micro_batch_streams(shards, cfg, dist_info, plan.accum, plan.micro, seen)]
         while step < cfg.max_steps:
             model.train()
             sums: dict[str, torch.Tensor] = {}
             for k in range(plan.accum):
                 virtual_rank, virtual_world = dist_info.rank * plan.accum + k, dist_info.world_size * plan.accum
                 gen.manual_seed(micro_seed(cfg.seed, step * virtual_world + virtual_rank))
-                batch = to_train_batch(next(batches[k]), cfg, info, dev, gen)
+                try:
+                    raw = batches[k].next(stop)
+                except StopWaiting:  # stopped, and this step's data did not come: the last finished step is the stop's
+                    stalled = True
+                    break
+                batch = to_train_batch(raw, cfg, info, dev, gen)
                 if step == start_step and k == 0:
                     check_batch(plan.model, plan.loss, batch)  # the shards' shapes, once
                 sync = contextlib.nullcontext() if k == plan.accum - 1 or dist_info.world_size == 1 else model_no_sync(net)
@@ -129,6 +140,11 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
                     (out.loss / plan.accum).backward()
                 for name, value in {"loss": out.loss.detach(), **out.terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.float() / plan.accum
+            if stalled:  # no other rank is waited for: one may be stuck in a collective that this one will never join
+                stopped_by = stop.signum
+                if dist_info.is_main and step > saved:
+                    checkpointer.save(run, step, state.checkpoint(plan).to_state(), keep=cfg.keep, milestone_every=cfg.ckpt_every)
+                break
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # inf: norm only
             stopped_by = stop.agreed(dev)  # (DDP: an all-reduce) read at the step's one host sync, just below
             if torch.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients); the host sync
@@ -152,17 +168,19 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
             if dist_info.is_main and (stopped_by or step % cfg.save_every == 0 or step % cfg.ckpt_every == 0
                                       or step == cfg.max_steps):
                 checkpointer.save(run, step, state.checkpoint(plan).to_state(), keep=cfg.keep, milestone_every=cfg.ckpt_every)
+                saved = step
             if stopped_by:
                 break
             meter.since += watch.after_step(state)  # grids and evaluations are left out of images/s
         checkpointer.wait()  # the last checkpoint is on disk before any rank leaves (torchrun stops the others)
-        barrier()
+        if not stalled:
+            barrier()
     progress.close()
     seconds = time.perf_counter() - started
     training = max(seconds - watch.seconds, 1e-9)
     return TrainResult(run=run, step=step, steps_run=step - start_step, skipped_steps=skipped, last_loss=loss_value,
                        seconds=seconds, images_per_s=(step - start_step) * cfg.batch_size / training,
-                       stopped_by=stopped_by, watch_seconds=watch.seconds)
+                       stopped_by=stopped_by, watch_seconds=watch.seconds, data_stalled=stalled)
 
 
 @dataclass
@@ -299,16 +317,17 @@ def model_no_sync(net: torch.nn.Module) -> contextlib.AbstractContextManager:
     return inner.no_sync() if isinstance(inner, DistributedDataParallel) else contextlib.nullcontext()
 
 
-def prepare_run_dir(run: Path, plan: TrainPlan, shards: Location, dist_info: DistInfo, record: RunConfig | None) -> None:
-    """Write config.json for a new run; refuse to resume a run (`record`) with another network, method or data."""
+def prepare_run_dir(run: Path, plan: TrainPlan, pca: bytes | None, dist_info: DistInfo, record: RunConfig | None) -> None:
+    """Write config.json for a new run, and the shards' checked `pca` beside it; refuse to resume a run (`record`)
+    with another network, method or data."""
     if record is not None:
         refuse_another_run(run, record, plan.cfg)
         if changed := record.shards.differences(plan.shards):
             raise UserError(f"{run} was trained on other data than {plan.shards.root} ({', '.join(changed)} differ): "
                             "resume it on its own shards, or use another --run directory.")
     if dist_info.is_main:
-        if (pca := read_if_exists(shards.parent / "pca.safetensors")) is not None:  # the shards' projection
-            atomic_write_bytes(run / "pca.safetensors", pca)
+        if pca is not None:  # the shards' projection, which config.json's pca_sha256 names
+            atomic_write_bytes(run / PCA_FILE, pca)
         if record is None:
             plan.run_config(dist_info.world_size).save(run)
     barrier()
