@@ -44,7 +44,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 out = Console()  # results: tables and summaries
-err = Console(stderr=True)  # errors and warnings, beside the log lines and progress bars
+err = Console(stderr=True, soft_wrap=True)  # errors and warnings: never wrapped (a path stays whole and copyable)
 F = TypeVar("F", bound=Callable[..., Any])
 DATA_PANEL, MODEL_PANEL, CHECK_PANEL = "Prepare data", "Train and sample", "Inspect and measure"  # of `redi --help`
 

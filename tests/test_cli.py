@@ -51,6 +51,14 @@ def test_messages_keep_brackets_and_bracketed_paths_are_paths(tmp_path: Path) ->
     assert result.exit_code == 2 and "[bold]nope" in result.output
 
 
+def test_an_error_naming_a_long_path_is_one_unbroken_line(tmp_path: Path) -> None:
+    """A refusal is never wrapped at the terminal's width: its paths stay whole, to copy into the next command."""
+    missing = tmp_path / ("a-folder-long-enough-that-its-path-cannot-fit-on-one-line-of-80-columns" * 2) / "images"
+    result = CliRunner().invoke(app, ["encode", str(missing), "--data", str(tmp_path / "d")], env={"COLUMNS": "80"})
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and str(missing) in lines[0], result.output
+
+
 def _sentence(args: list[str]) -> str:
     """Run a command that must be refused: exit 2, one `error:` sentence, no traceback; the sentence."""
     result = CliRunner().invoke(app, args)
