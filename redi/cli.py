@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the commands' config classes; their modules import torch, s
     from redi.sampler.sample import SampleConfig
     from redi.trainer.config import TrainConfig
     from redi.trainer.convert import ConvertConfig
+    from redi.trainer.posthoc import EmaConfig
 
 app = typer.Typer(
     name="redi",
@@ -354,10 +355,10 @@ TRAIN = FromConfig(
     panels={
         "Data": ("shards", "data_format", "num_workers", "read_ahead"),
         "Model": ("model", "method", "pca_rank", "fusion", "repa_depth", "learn_sigma", "unconditional"),
-        "Method": ("lambda_z", "rep_drop", "rep_drop_mode", "rep_drop_target", "repa_weight", "cls_weight",
-                   "class_dropout", "weighting"),
+        "Method": ("lambda_z", "rep_drop", "rep_drop_mode", "rep_drop_target", "repa_weight", "align_until",
+                   "align_fade", "cls_weight", "class_dropout", "weighting"),
         "Optimisation": ("batch_size", "micro_batch", "max_steps", "epochs", "lr", "beta1", "beta2", "weight_decay",
-                         "grad_clip", "ema_decay"),
+                         "grad_clip", "ema_decay", "phema", "phema_sigma_rels", "phema_every"),
         "Run": ("run", "init", "seed", "precision", "compile", "log_every", "save_every", "ckpt_every", "keep",
                 "max_bad_steps"),
         "Watching": ("tracker", "sample_every", "sample_num", "sample_steps", "sample_guidance", "eval_every",
@@ -365,7 +366,8 @@ TRAIN = FromConfig(
     },
     flags={"data_format": Flag(("--format",)), "num_workers": Flag(("--workers", "--num-workers")),
            "max_steps": Flag(("--max-steps", "--steps")),
-           "inception": Flag(envvar="REDI_INCEPTION")},
+           "inception": Flag(envvar="REDI_INCEPTION"),
+           "phema_sigma_rels": Flag(type=str, default="0.05,0.10", parse="redi.trainer.phema:parse_sigma_rels")},
     skip=("resolution",),  # read from the shards
 )
 
@@ -432,6 +434,7 @@ SAMPLE = FromConfig(
     panels={
         "Checkpoint": ("run", "ckpt", "weights", "vae", "force_vae"),
         "Guidance": ("guidance", "cfg_scale", "rg_scale", "cfg_channels", "cls_cfg_scale", "interval"),
+        "AutoGuidance": ("ag_scale", "guide_run", "guide_ckpt", "guide_step", "guide_weights"),
         "Sampler": ("sampler", "steps", "solver", "atol", "rtol", "last_step", "last_step_size"),
         "Output": ("num", "seed", "labels", "out", "quantize", "force"),
         "Run": ("batch_size", "device", "precision"),
@@ -572,6 +575,33 @@ def convert_encoder_command(cfg: EncoderConvertConfig) -> None:
     out.print(f"next: redi features IMAGES --data DATA --encoder {escape(str(result.out))}")
 
 
+EMA = FromConfig("redi.trainer.posthoc:EmaConfig", panels={},
+                 flags={"run": Flag(argument=True),
+                        "sigma_rel": Flag(type=str, parse="redi.trainer.phema:parse_sigma_rels")})
+
+
+@stage_command("ema", EMA, MODEL_PANEL)
+def ema_command(cfg: EmaConfig) -> None:
+    """Post-hoc EMA: reconstruct the EMA of any length σ_rel from the snapshots of a run trained with --phema (edm2's
+    least-squares fit), as checkpoints that sample, eval and train --init take.
+
+    Example: redi ema runs/sit-b-redi --sigma-rel 0.05,0.075,0.1,0.125,0.15
+    """
+    from rich.table import Table
+
+    from redi.trainer.posthoc import reconstruct
+
+    result = reconstruct(cfg)
+    table = Table(title=f"redi ema: the EMA at step {result.step:,}, from {len(result.snapshots)} snapshots")
+    for column in ("σ_rel", "profile fit error", "checkpoint"):
+        table.add_column(column, no_wrap=True)
+    for r in result.outputs:
+        table.add_row(f"{r.sigma_rel:g}", f"{r.fit_error:.2%}", escape(r.path.name))
+    out.print(table)
+    out.print(f"in {escape(str(result.outputs[0].path.parent))} ({result.seconds:.1f} s); next: redi sample --ckpt "
+              f"{escape(str(result.outputs[0].path))}", soft_wrap=True)
+
+
 IMPORT_REPA = FromConfig("redi.pipeline.repa_import:RepaImportConfig", panels={},
                          flags={"root": Flag(argument=True), "data": DATA})
 
@@ -597,8 +627,8 @@ def info_command(
     as_json: AsJson = False,
 ) -> None:
     """Show what each stage of a data root holds (counts, shapes, encoders, completeness, skipped images), or a run's
-    state; draws the PCA and per-channel histograms of a data root, or a run's training curves (curves.png), unless
-    --json."""
+    state; draws the PCA and per-channel histograms of a data root, or a run's training curves (curves.png) and, once
+    two `redi ema` reconstructions are evaluated, each metric against the EMA length (ema_sweep.png), unless --json."""
     from redi.pipeline.info import describe, info_json, info_plots, info_table
     from redi.pipeline.remote import local_root
 

@@ -16,3 +16,16 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from faults import build_pipeline
 
     return build_pipeline(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory: pytest.TempPathFactory):
+    """Synthetic stages (latent 8×8: 64×64 images through the tiny-random VAE, 4×4 tokens of width 16, 4 classes, 64
+    samples) and their Zarr shards, without patch tokens."""
+    from redi.benchmarks.loader import make_stage_inputs
+    from redi.pipeline.shards import ShardsConfig, build_shards
+
+    root = tmp_path_factory.mktemp("small-shards")
+    make_stage_inputs(root, 64, latent_side=8, grid=4, dim=16, num_classes=4)
+    build_shards(root, ShardsConfig(pcs=6, shard_size=32, formats=("zarr",)), progress=False)
+    return root

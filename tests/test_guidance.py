@@ -15,6 +15,7 @@ from redi.sampler.guidance import GuidanceConfig, GuidedModel, check_guidance
 from redi.sampler.samplers import ode_euler
 
 VAE, PCS, CLASSES, D = 2, 3, 10, 4
+F64 = torch.float64
 
 
 @dataclass
@@ -246,3 +247,113 @@ def test_heun_corrector_guides_as_the_start_of_its_step() -> None:
     starts = [1.0 - i / 10 for i in range(10)]
     expected = [4 if s <= 0.7 + 1e-9 else 2 for s in starts for _ in range(2)][:-1]  # the last step has no corrector
     assert [call.batch for call in model.calls] == expected
+
+
+# ---- AutoGuidance: a second, guiding network ------------------------------------------------
+
+
+class WorseModel(RecordingModel):
+    """The recording model's outputs, changed: a stand-in for a smaller or earlier network."""
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, cls: Tensor | None = None) -> SimpleNamespace:
+        out = super().forward(x, t, y, cls)
+        return SimpleNamespace(out=0.8 * out.out + 0.05, cls_out=None if cls is None else 0.6 * out.cls_out, repa=None)
+
+
+WA = 2.1
+
+
+@pytest.mark.parametrize("reg", [False, True], ids=["redi", "reg"])
+@pytest.mark.parametrize("mode", ["autoguidance", "autoguidance+rg"])
+def test_autoguidance_equals_the_documented_formula_with_one_call_per_network(mode: str, reg: bool) -> None:
+    model, guide = RecordingModel(StubConfig(reg_token=reg)).eval(), WorseModel(StubConfig(reg_token=reg)).eval()
+    state, labels = _inputs(reg=reg)
+    guidance = GuidanceConfig(mode=mode, ag_scale=WA, rg_scale=WR if "rg" in mode else 1.0)
+    guided = GuidedModel(model, labels, guidance, guide=guide)
+    out = guided(state, 0.6)
+    assert len(model.calls) == len(guide.calls) == 1  # the good network's branches batched, the guide apart
+    assert model.calls[0].batch == (2 if "rg" in mode else 1) * 3 and guide.calls[0].batch == 3
+    assert guide.calls[0].y.tolist() == labels.tolist() and torch.all(guide.calls[0].t == 0.6)
+    assert guided.stats.model_calls == 2 and guided.stats.nfe == (3 if "rg" in mode else 2)
+    (c, c_cls), (nz, nz_cls) = (_branch(model, state, labels, 0.6, b) for b in ("cond", "noz"))
+    g, g_cls = _branch(guide, state, labels, 0.6, "cond")
+    wr = WR if "rg" in mode else 1.0
+    torch.testing.assert_close(out[0], c + (WA - 1) * (c - g) + (wr - 1) * (c - nz))  # every channel, PCs included
+    if mode == "autoguidance":
+        torch.testing.assert_close(out[0], g + WA * (c - g))  # D_w = D_bad + w·(D_good − D_bad), in v
+    if reg:
+        torch.testing.assert_close(out[1], c_cls + (WA - 1) * (c_cls - g_cls) + (wr - 1) * (c_cls - nz_cls))
+
+
+def test_autoguidance_at_scale_one_is_the_good_model_and_never_runs_the_guide() -> None:
+    model, guide = RecordingModel(StubConfig()).eval(), WorseModel(StubConfig()).eval()
+    state, labels = _inputs()
+    guided = GuidedModel(model, labels, GuidanceConfig(mode="autoguidance", ag_scale=1.0), guide=guide)
+    (out,) = ode_euler(guided, state, 4)
+    (plain,) = ode_euler(GuidedModel(model, labels, GuidanceConfig()), state, 4)
+    assert torch.equal(out, plain) and guide.calls == []
+    assert guided.stats.nfe == guided.stats.model_calls == 4
+
+
+def test_autoguidance_counts_both_networks_inside_its_interval_and_feeds_an_unconditional_guide_label_0() -> None:
+    model, guide = RecordingModel(StubConfig()).eval(), WorseModel(StubConfig(num_classes=1)).eval()
+    state, labels = _inputs(n=2)
+    guided = GuidedModel(model, labels, GuidanceConfig(mode="autoguidance", ag_scale=WA, interval=(0.0, 0.55)), guide=guide)
+    ode_euler(guided, state, 10)  # evaluated at t = 1.0, 0.9, …, 0.1: guided at 0.5 … 0.1
+    assert len(model.calls) == 10 and len(guide.calls) == 5
+    assert guided.stats.model_calls == 15 and guided.stats.nfe == 15
+    assert guided.stats.branch_evals == {"cond": 10, "guide": 5}
+    assert all(c.y.tolist() == [0, 0] for c in guide.calls)
+
+
+class GaussianVelocity(nn.Module):
+    """The exact SiT velocity of data N(μ, s²) per element (x_t = (1 − t)·x_0 + t·ε): a network known analytically."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.cfg, self.mean, self.std = StubConfig(), mean, std
+        self.dtype_anchor = nn.Parameter(torch.zeros((), dtype=F64))  # GuidedModel feeds inputs in a network's dtype
+
+    def variance(self, t: float) -> float:
+        return (1 - t) ** 2 * self.std**2 + t**2  # of x_t
+
+    def denoised(self, x: Tensor, t: float) -> Tensor:
+        """E[x_0 | x_t = x]: the Gaussian posterior mean."""
+        return self.mean + (1 - t) * self.std**2 * (x - (1 - t) * self.mean) / self.variance(t)
+
+    def score(self, x: Tensor, t: float) -> Tensor:
+        return -(x - (1 - t) * self.mean) / self.variance(t)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, cls: Tensor | None = None) -> SimpleNamespace:
+        tt = float(t[0])
+        v = (x - self.denoised(x, tt)) / tt  # x_t = x_0 + t·v
+        return SimpleNamespace(out=v, cls_out=None, repa=None)
+
+
+def test_autoguidance_of_closed_form_gaussians_gives_the_guided_denoiser_score_and_density() -> None:
+    """Good model: data N(1, 0.5²); bad: the same data learned too wide, N(1.2, 0.9²). The guided velocity must be the
+    field of D_w = D_bad + w·(D_good − D_bad) and of the score of p_good^w / p_bad^(w−1), computed in closed form."""
+    good, bad = GaussianVelocity(1.0, 0.5).eval(), GaussianVelocity(1.2, 0.9).eval()
+    x = torch.randn(4, VAE + PCS, 2, 2, generator=torch.Generator().manual_seed(1), dtype=F64) * 2
+    guided = GuidedModel(good, torch.zeros(4, dtype=torch.long), GuidanceConfig(mode="autoguidance", ag_scale=WA), guide=bad)
+    for t in (0.875, 0.5, 0.25):  # float32 holds them exactly (the network's time input)
+        (v,) = guided((x,), t)
+        d_w = bad.denoised(x, t) + WA * (good.denoised(x, t) - bad.denoised(x, t))
+        torch.testing.assert_close(x - t * v, d_w, rtol=1e-12, atol=1e-12)  # the denoiser of the guided velocity
+        score_w = WA * good.score(x, t) - (WA - 1) * bad.score(x, t)  # ∇log p_good^w p_bad^(1−w)
+        torch.testing.assert_close(-((1 - t) * v + x) / t, score_w, rtol=1e-12, atol=1e-12)
+        # that density is the Gaussian of precision w/σ_g² − (w − 1)/σ_b² and the matching mean: its score in closed form
+        var_g, var_b = good.variance(t), bad.variance(t)
+        precision = WA / var_g - (WA - 1) / var_b
+        mean = (WA * (1 - t) * good.mean / var_g - (WA - 1) * (1 - t) * bad.mean / var_b) / precision
+        torch.testing.assert_close(score_w, -precision * (x - mean), rtol=1e-12, atol=1e-12)
+
+
+def test_autoguidance_config_and_refusals() -> None:
+    assert GuidanceConfig(mode="autoguidance", ag_scale=2.0).uses_ag
+    assert not GuidanceConfig(mode="autoguidance", ag_scale=1.0).uses_ag and GuidanceConfig(mode="autoguidance").needs_guide
+    assert not GuidanceConfig(mode="cfg", cfg_scale=2.0, ag_scale=2.0).uses_ag
+    with pytest.raises(UserError, match="≥ 0"):
+        GuidanceConfig(mode="autoguidance", ag_scale=-1.0)
+    with pytest.raises(AssertionError, match="guiding network"):
+        GuidedModel(RecordingModel(StubConfig()).eval(), torch.zeros(1, dtype=torch.long), GuidanceConfig(mode="autoguidance"))

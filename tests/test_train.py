@@ -450,3 +450,19 @@ def test_bad_values_are_refused_before_the_run_directory_is_written(data: Path, 
     (tmp_path / "file").write_text("")
     code, out = run_cli(*base[:2], "--run", str(tmp_path / "file"), *base[4:])
     assert code == 2 and "is a file" in out
+
+
+def test_align_until_fades_the_alignment_term_off_and_logs_its_weight(data: Path, tmp_path: Path) -> None:
+    cfg = config(data, tmp_path / "run", method="repa", max_steps=4, log_every=1, align_until=3, align_fade=1)
+    assert [cfg.align_factor(s) for s in range(5)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    train(cfg, device="cpu")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["align_weight"] for r in rows] == [0.5, 0.5, 0.25, 0.0]  # --repa-weight 0.5 × the factor of each step
+    for r in rows:  # the loss is the denoising term plus the alignment term at the weight in effect
+        assert r["loss"] == pytest.approx(r["vae"] + r["align_weight"] * r["repa"], rel=1e-5, abs=1e-6)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (saved["align_until"], saved["align_fade"]) == (3, 1)
+    with pytest.raises(UserError, match="does not have"):
+        config(data, tmp_path / "x", method="redi", align_until=3)
+    with pytest.raises(UserError, match="needs --align-until"):
+        config(data, tmp_path / "x", method="reg", align_fade=2)

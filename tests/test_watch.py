@@ -10,10 +10,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from redi.benchmarks.loader import make_stage_inputs
 from redi.cli import app
 from redi.common.errors import UserError
-from redi.pipeline.shards import ShardsConfig, build_shards
 from redi.sampler.inception import FIDInceptionV3, he_init_
 from redi.trainer.checkpoint import checkpoint_path, checksum_path
 from redi.trainer.config import TrainConfig
@@ -28,12 +26,8 @@ LOGGED = {"loss", "vae", "pcs", "grad_norm", "lr", "skipped_steps", "steps_per_s
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Synthetic stages (latent 8×8: 64×64 images through the tiny-random VAE) and their Zarr shards."""
-    root = tmp_path_factory.mktemp("watch-data")
-    make_stage_inputs(root, 64, latent_side=8, grid=4, dim=16, num_classes=4)
-    build_shards(root, ShardsConfig(pcs=6, shard_size=32, formats=("zarr",)), progress=False)
-    return root
+def data(small_shards: Path) -> Path:
+    return small_shards
 
 
 def config(data: Path, run: Path, **changes) -> TrainConfig:

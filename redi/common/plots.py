@@ -174,3 +174,36 @@ def _eval_label(card: dict[str, Any]) -> str:
              f"{card.get('sampler')} {card.get('steps')} steps" if card.get("sampler") else None,
              f"guidance {card['guidance'].get('mode')}" if isinstance(card.get("guidance"), dict) else None]
     return ", ".join(p for p in parts if p) or "settings in metrics.jsonl"
+
+
+METRIC_NAMES = {"fid": "FID", "sfid": "sFID", "fd_dinov2": "FD-DINOv2", "inception_score": "Inception Score",
+                "precision": "precision", "recall": "recall"}
+
+
+def ema_sweep_figure(lines: Sequence[tuple[str, dict[str, list[tuple[float, float]]]]], metrics: Sequence[str],
+                     lower_better: Sequence[bool], notes: Sequence[str | None], title: str) -> Figure:
+    """One panel per metric against the post-hoc EMA length σ_rel; a line per group of like-made evaluations
+    (`lines`: label, metric → [(σ_rel, value)]), its best σ_rel ringed and named in the legend; `notes` (one per
+    metric, or None) go under a panel's title."""
+    fig = Figure(figsize=(5.2 * len(metrics), 4.2), layout="constrained")
+    fig.suptitle(title)
+    panels = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric, lower, note in zip(panels, metrics, lower_better, notes, strict=True):
+        name = METRIC_NAMES.get(metric, metric.replace("_", "-").upper())  # fd_dinov2 → FD-DINOV2
+        for label, series in lines:
+            points = series.get(metric) or []
+            if len(points) < 2:
+                continue
+            sigma, value = zip(*points, strict=True)
+            best = (min if lower else max)(points, key=lambda p: p[1])
+            drawn = ax.plot(sigma, value, marker="o", markersize=4, linewidth=1.2,
+                            label=f"{label}: best σ_rel {best[0]:g}")
+            ax.plot(*best, marker="o", markersize=11, fillstyle="none", color=drawn[0].get_color())
+        ax.set_xlabel("EMA length σ_rel (relative standard deviation)", fontsize=8)
+        ax.set_title(f"{name} ({'lower' if lower else 'higher'} is better)" + (f"\n{note}" if note else ""), fontsize=10)
+        ax.tick_params(labelsize=7)
+        ax.grid(color="0.9")
+        ax.ticklabel_format(axis="y", useOffset=False)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    return fig

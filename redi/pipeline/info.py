@@ -90,7 +90,9 @@ def is_run_dir(root: Path) -> bool:
 
 def describe_run(root: Path) -> list[StageInfo]:
     """A run directory: its configuration, checkpoints, last logged metrics and sample folders."""
-    from redi.trainer.checkpoint import CONFIG_JSON, RunConfig, list_checkpoints  # the trainer owns a run's formats
+    from redi.trainer.checkpoint import (  # the trainer owns a run's formats
+        CONFIG_JSON, POSTHOC_DIR, RunConfig, list_checkpoints, list_phema_snapshots,
+    )
 
     root = Path(root)
     keys = ("model", "method", "pca_rank", "fusion", "rep_drop", "batch_size", "max_steps", "precision", "shards")
@@ -102,8 +104,12 @@ def describe_run(root: Path) -> list[StageInfo]:
         entries = [StageInfo(CONFIG_JSON, "unreadable (damaged)" if (root / CONFIG_JSON).exists() else "missing")]
     steps = [step for step, _ in list_checkpoints(root)]
     entries.append(StageInfo("checkpoints/", f"{len(steps)} checkpoints" if steps else "missing",
-                             [("steps", steps if len(steps) <= 8 else Fact(steps, f"{steps[0]:,}, {steps[1]:,}, … {steps[-1]:,}")),
-                              ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
+                             [("steps", _steps(steps)), ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
+    if snapshots := [step for step, _ in list_phema_snapshots(root)]:  # --phema runs only
+        entries.append(StageInfo("phema/", f"{len(snapshots)} post-hoc EMA snapshots", [("steps", _steps(snapshots))]))
+    if made := sorted(p.name for p in (root / POSTHOC_DIR).glob("*.pt")):
+        shown = made if len(made) <= 6 else Fact(made, f"{made[0]}, {made[1]}, … {made[-1]}")
+        entries.append(StageInfo(f"{POSTHOC_DIR}/", f"{len(made)} reconstructions", [("files", shown)]))
     lines = read_jsonl(root / "metrics.jsonl") if (root / "metrics.jsonl").exists() else []
     last = lines[-1] if lines else {}
     unread = "unreadable (no complete line)" if (root / "metrics.jsonl").exists() else "missing"
@@ -148,16 +154,34 @@ def info_plots(root: Path) -> list[Path]:
         return []
 
 
+def _curves(root: Path, name: str) -> Path | None:
+    """RUN/curves.png, drawn again when metrics.jsonl or config.json changed."""
+    source = content_digest([root / "metrics.jsonl", root / "config.json"], name)
+    if picture_stamp(root / CURVES_PNG) == source:
+        return root / CURVES_PNG
+    from redi.trainer.metrics import plot_curves
+
+    return plot_curves(root, root / CURVES_PNG, source)
+
+
+def _ema_sweep(root: Path, name: str) -> Path | None:
+    """RUN/ema_sweep.png, drawn again when an evaluation report under the run changed, came or went."""
+    from redi.sampler.ema_sweep import SWEEP_PNG, evaluation_reports, plot_ema_sweep
+
+    reports = evaluation_reports(root)
+    if not reports:
+        return None
+    source = content_digest(reports, "\n".join([name, *(str(p.relative_to(root)) for p in reports)]))
+    if picture_stamp(root / SWEEP_PNG) == source:
+        return root / SWEEP_PNG
+    return plot_ema_sweep(root, root / SWEEP_PNG, source)
+
+
 def _draw(root: Path) -> list[Path]:
     """Each picture whose stamp (common/stamp.py) is not the digest of its inputs now is drawn again; the others stay."""
     name = root.resolve().name  # in the titles
     if is_run_dir(root):
-        source = content_digest([root / "metrics.jsonl", root / "config.json"], name)
-        if picture_stamp(root / CURVES_PNG) == source:
-            return [root / CURVES_PNG]
-        from redi.trainer.metrics import plot_curves
-
-        return [path] if (path := plot_curves(root, root / CURVES_PNG, source)) is not None else []
+        return [path for path in (_curves(root, name), _ema_sweep(root, name)) if path is not None]
     plots = []
     if (root / "pca.safetensors").exists():
         try:
@@ -355,6 +379,11 @@ def _shard_rows(s: dict[str, Any], norm: LatentNorm) -> list[tuple[str, Any]]:
         ("order", Fact({"seed": order.get("seed")}, f"shuffled with seed {order.get('seed')}")),
         ("checksums", Fact(len(_dict(s, "files")), f"SHA-256 of {len(_dict(s, 'files')):,} files")),
     ]
+
+
+def _steps(steps: list[int]) -> list[int] | Fact:
+    """The steps; the table shows '100, 200, … 9,000' beyond 8 of them."""
+    return steps if len(steps) <= 8 else Fact(steps, f"{steps[0]:,}, {steps[1]:,}, … {steps[-1]:,}")
 
 
 def _dict(value: Any, key: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from redi.common.lock import exclusive
 from redi.common.stamp import PNG_KEY
 from redi.sampler.guidance import GuidanceConfig
 from redi.sampler.settings import SamplerChoice
-from redi.trainer.checkpoint import Checkpoint
+from redi.trainer.checkpoint import Checkpoint, sigma_label
 
 if TYPE_CHECKING:
     from redi.sampler.sample import SampleConfig
@@ -194,15 +194,20 @@ def write_adm_npz(path: Path, images: Iterable[np.ndarray], shape: tuple[int, in
 
 
 def default_out(ckpt: Checkpoint, run: Path | None, sampler: SamplerChoice, guidance: GuidanceConfig,
-                cfg: SampleConfig) -> Path:
-    """RUN/samples/NAME or CKPT_DIR/samples/NAME, NAME = step, sampler (steps, options), guidance, scales, interval, seed."""
+                cfg: SampleConfig, guide: Checkpoint | None = None) -> Path:
+    """RUN/samples/NAME or CKPT_DIR/samples/NAME, NAME = step (and a post-hoc EMA's σ_rel), sampler (steps, options),
+    guidance, scales (AutoGuidance: and the guide's SHA-256 prefix), interval, seed."""
     parts = [f"step{ckpt.step:07d}", sampler.label()]
+    if ckpt.posthoc_ema is not None:
+        parts.insert(1, f"sigma{sigma_label(ckpt.posthoc_ema['sigma_rel'])}")
+    if guidance.uses_ag and guide is not None:
+        parts.append(f"ag{guidance.ag_scale:g}-guide{(guide.sha256 or '')[:8]}" + ("model" if cfg.guide_weights != "ema" else ""))
     if guidance.uses_cfg:
         parts.append(f"cfg{guidance.cfg_scale:g}" + ("all" if guidance.cfg_channels == "all" else "")
                      + (f"cls{guidance.cls_cfg_scale:g}" if guidance.cls_cfg_scale is not None else ""))
     if guidance.uses_rg:
         parts.append(f"rg{guidance.rg_scale:g}")
-    if guidance.interval is not None and (guidance.uses_cfg or guidance.uses_rg):
+    if guidance.interval is not None and (guidance.uses_cfg or guidance.uses_rg or guidance.uses_ag):
         parts.append(f"interval{guidance.interval[0]:g}-{guidance.interval[1]:g}")
     if isinstance(cfg.labels, tuple) and ckpt.model_config.num_classes > 1:
         parts.append("labels" + hashlib.sha256(repr(cfg.labels).encode()).hexdigest()[:8])

@@ -30,7 +30,7 @@ class Work:
     model_calls: int = 0
     """Batched network forward calls (all guidance branches share one call)."""
     nfe: int = 0
-    """Per-sample network evaluations, summed over the images of every sampled batch."""
+    """Per-sample network evaluations, summed over the images of every sampled batch (AutoGuidance's guide included)."""
     nfe_per_image: int = 0
     """Network evaluations per image (active guidance branches summed over the steps); the most any batch spent
     (adaptive solvers spend a different number per batch)."""
@@ -40,6 +40,8 @@ class Work:
     """Images the sampled batches held (present ones recomputed with their batch included): nfe's denominator."""
     nonfinite: list[int] = field(default_factory=list)
     """Indices whose sample or decoded image held NaN or inf: listed in errors.jsonl, never written as images."""
+    guide_nfe: int = 0
+    """Of nfe: the evaluations of AutoGuidance's guiding network (a second network, so a guided step costs two calls)."""
 
     @property
     def images_per_s(self) -> float:
@@ -64,14 +66,16 @@ class Work:
         seconds = record.get("seconds")
         return cls(images=count("images"), batches=count("batches"), model_calls=count("model_calls"), nfe=count("nfe"),
                    nfe_per_image=count("nfe_per_image"), sampled=count("sampled"),
-                   seconds=float(seconds) if type(seconds) in (int, float) and seconds >= 0 else 0.0)
+                   seconds=float(seconds) if type(seconds) in (int, float) and seconds >= 0 else 0.0,
+                   guide_nfe=count("guide_nfe"))
 
     def after(self, earlier: Work) -> Work:
         """The work of every run on a folder: `earlier` runs' then this one's (counts and seconds summed, the most NFE
         per image any spent); the non-finite samples are this run's, the ones still missing."""
         return Work(earlier.images + self.images, earlier.batches + self.batches, earlier.model_calls + self.model_calls,
                     earlier.nfe + self.nfe, max(earlier.nfe_per_image, self.nfe_per_image),
-                    earlier.seconds + self.seconds, earlier.sampled + self.sampled, self.nonfinite)
+                    earlier.seconds + self.seconds, earlier.sampled + self.sampled, self.nonfinite,
+                    earlier.guide_nfe + self.guide_nfe)
 
     def record(self) -> dict[str, Any]:
         """sample.json's `work`."""
@@ -81,16 +85,16 @@ class Work:
         """Sum the counts and take the longest time over the process group (identity without one)."""
         if not dist.is_initialized():
             return self
-        counts = torch.tensor([self.images, self.batches, self.model_calls, self.nfe, self.sampled],
+        counts = torch.tensor([self.images, self.batches, self.model_calls, self.nfe, self.sampled, self.guide_nfe],
                               dtype=torch.float64, device=device)
         peaks = torch.tensor([self.seconds, self.nfe_per_image], dtype=torch.float64, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-        images, batches, calls, nfe, sampled = (int(v) for v in counts.tolist())
+        images, batches, calls, nfe, sampled, guide_nfe = (int(v) for v in counts.tolist())
         lists: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(lists, self.nonfinite)
         return Work(images, batches, calls, nfe, int(peaks[1]), float(peaks[0]), sampled,
-                    sorted(i for part in lists for i in part))
+                    sorted(i for part in lists for i in part), guide_nfe)
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,8 @@ class SampleResult:
         if self.work.images and self.sampler.options.adaptive:
             t.add_row("NFE per image", f"{self.work.nfe_mean_per_image:.1f} mean, {nfe} at most")
         else:
-            t.add_row("NFE per image", str(nfe) if self.work.images else "–")
+            guide = f" ({self.work.guide_nfe / self.work.sampled:g} of them the guide's)" if self.work.guide_nfe else ""
+            t.add_row("NFE per image", f"{nfe}{guide}" if self.work.images else "–")
         t.add_row("model calls", f"{self.work.model_calls:,} in {self.work.batches:,} batches")
         t.add_row("images/s", f"{self.work.images_per_s:,.2f} ({self.world_size} process(es) on {self.device})")
         if self.work.nonfinite:

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from redi.common.atomic import atomic_write_json, remove_temporaries
-from redi.common.choices import GUIDANCE_MODES
+from redi.common.choices import AUTOGUIDANCE_MODES, GUIDANCE_MODES
 from redi.common.display import counting
 from redi.common.distributed import process_group
 from redi.common.errors import UserError
@@ -53,12 +53,13 @@ from redi.sampler.outputs import (
 )
 from redi.sampler.report import SampleResult, Work, final_report
 from redi.sampler.samplers import LAST_STEPS, ODE_SOLVERS, SAMPLERS, SamplerOptions, sample_latents
-from redi.sampler.settings import describe_settings, resolve_guidance, resolve_sampler, sample_settings
+from redi.sampler.settings import describe_settings, resolve_guidance, resolve_guide, resolve_sampler, sample_settings
 from redi.trainer.checkpoint import Checkpoint, resolve_checkpoint
 from redi.trainer.models import DiffusionTransformer, build_model
 
 PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}  # autocast dtype of the network
 WEIGHTS = ("ema", "model")
+SAMPLE_GUIDANCE_MODES = GUIDANCE_MODES + AUTOGUIDANCE_MODES
 WRITER_THREADS = 4  # PNG encoding runs in threads (zlib releases the GIL) while the next batch samples
 NONFINITE_REASON = ("the sample or its decoded image is not finite (NaN or inf), so no image was written: "
                     "lower --cfg-scale or --rg-scale, or check the checkpoint")
@@ -74,8 +75,9 @@ class SampleConfig:
     Exactly one of run and ckpt."""
     ckpt: Path | None = None
     """A checkpoint file written by `redi train` or `redi convert` (instead of --run)."""
-    guidance: Annotated[str, OneOf(GUIDANCE_MODES)] = "none"
-    """Classifier-free (cfg), Representation Guidance (rg), both, or none."""
+    guidance: Annotated[str, OneOf(SAMPLE_GUIDANCE_MODES)] = "none"
+    """Classifier-free (cfg), Representation Guidance (rg), both, AutoGuidance by a guiding network (autoguidance,
+    autoguidance+rg), or none."""
     cfg_scale: float | None = None
     """CFG weight w (1: no effect); default 2.4, ReDi's best table."""
     rg_scale: float | None = None
@@ -88,6 +90,19 @@ class SampleConfig:
     """REG: CFG weight of the class token where CFG is on; default 1.5 (0 or 1: unguided).
 
     1.5 as REG's generate.py."""
+    ag_scale: float | None = None
+    """AutoGuidance weight w: D_guide + w·(D − D_guide) (1: no effect); default 2.0 (edm2's presets: 1.7–2.45)."""
+    guide_run: Path | None = None
+    """AutoGuidance: the guiding model's run directory (a smaller or earlier model of the same data); its newest
+    checkpoint, or --guide-step's.
+
+    Exactly one of guide_run and guide_ckpt with an autoguidance mode."""
+    guide_ckpt: Path | None = None
+    """AutoGuidance: the guiding model's checkpoint file (instead of --guide-run), e.g. a `redi ema` output."""
+    guide_step: int | None = None
+    """With --guide-run: guide with the checkpoint of this step (RUN2/checkpoints/step-N.pt); default its newest."""
+    guide_weights: Annotated[str, OneOf(WEIGHTS)] = "ema"
+    """The guide checkpoint's EMA weights or its raw weights (model)."""
     sampler: Annotated[str | None, OneOf(SAMPLERS)] = None
     """sde, ode or heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT."""
     steps: int | None = None
@@ -152,8 +167,8 @@ class SampleConfig:
         """Refuse impossible settings with one clear sentence."""
         if (self.run is None) == (self.ckpt is None):
             raise UserError("Pass exactly one of --run RUN and --ckpt FILE.")
-        if self.guidance not in GUIDANCE_MODES:
-            raise UserError(f"Unknown guidance {self.guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}.")
+        if self.guidance not in SAMPLE_GUIDANCE_MODES:
+            raise UserError(f"Unknown guidance {self.guidance!r}; choose one of {', '.join(SAMPLE_GUIDANCE_MODES)}.")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise UserError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
         if self.num < 1 or (self.steps is not None and self.steps < 1) or self.batch_size < 1:
@@ -167,11 +182,26 @@ class SampleConfig:
         if self.weights not in WEIGHTS:
             raise UserError(f"--weights must be ema or model, not {self.weights!r}.")
         if self.interval is not None and self.guidance == "none":
-            raise UserError("--interval bounds guidance, but --guidance is none: pass cfg, rg or cfg+rg, or leave it out.")
-        for flag, value, mode in (("--cfg-scale", self.cfg_scale, "cfg"), ("--rg-scale", self.rg_scale, "rg")):
+            raise UserError("--interval bounds guidance, but --guidance is none: pass cfg, rg, cfg+rg or autoguidance, or "
+                            "leave it out.")
+        for flag, value, mode in (("--cfg-scale", self.cfg_scale, "cfg"), ("--rg-scale", self.rg_scale, "rg"),
+                                  ("--ag-scale", self.ag_scale, "autoguidance")):
             if value is not None and mode not in self.guidance:
                 raise UserError(f"{flag} has no effect with --guidance {self.guidance}: add {mode} to --guidance or leave it out.")
         check_labels(self.labels)
+        autoguided = self.guidance in AUTOGUIDANCE_MODES
+        if autoguided and (self.guide_run is None) == (self.guide_ckpt is None):
+            raise UserError(f"--guidance {self.guidance} guides with a second model: pass exactly one of --guide-run RUN2 "
+                            "and --guide-ckpt FILE.")
+        if not autoguided and (self.guide_run is not None or self.guide_ckpt is not None or self.guide_step is not None
+                               or self.guide_weights != "ema"):
+            raise UserError("--guide-run, --guide-ckpt, --guide-step and --guide-weights choose AutoGuidance's guiding "
+                            "model: they need --guidance autoguidance or autoguidance+rg.")
+        if self.guide_step is not None and self.guide_run is None:
+            raise UserError("--guide-step picks a checkpoint of --guide-run RUN2: pass --guide-run (or give the file "
+                            "with --guide-ckpt).")
+        if self.guide_weights not in WEIGHTS:
+            raise UserError(f"--guide-weights must be ema or model, not {self.guide_weights!r}.")
         if (self.rank is None) != (self.world_size is None):
             raise UserError("Give both rank and world_size, or neither.")
         if self.world_size is not None and not 0 <= self.rank < self.world_size:
@@ -234,6 +264,8 @@ class SamplingPlan:
     """How decoded pixels become uint8 (sampler.outputs.QUANTIZE)."""
     options: SamplerOptions = field(default_factory=SamplerOptions)
     """ODE solver and SDE last step."""
+    guide: DiffusionTransformer | None = None
+    """AutoGuidance's guiding network (eval mode, on the sampling device), for its modes only."""
 
 
 def run_sample(cfg: SampleConfig) -> SampleResult:
@@ -241,13 +273,14 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
     ckpt = Checkpoint.load(resolve_checkpoint(cfg.run, cfg.ckpt).resolve())
     mc = ckpt.model_config
     sampler, guidance = resolve_sampler(cfg, mc.objective), resolve_guidance(cfg, ckpt)
+    guide_ckpt = resolve_guide(cfg, ckpt)
     labels = class_labels(cfg.num, cfg.seed, cfg.labels, mc.num_classes)
     grid_count, has_pcs = min(cfg.num, GRID_MAX), mc.pca_rank > 0
     with sample_ranks(cfg) as (rank, world, device), contextlib.ExitStack() as held:
         precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
         decoder = load_decoder(ckpt, cfg.vae, device, cfg.force_vae)
-        settings = sample_settings(cfg, ckpt, sampler, guidance, decoder, precision)
-        out = Path(cfg.out) if cfg.out is not None else default_out(ckpt, cfg.run, sampler, guidance, cfg)
+        settings = sample_settings(cfg, ckpt, sampler, guidance, decoder, precision, guide_ckpt)
+        out = Path(cfg.out) if cfg.out is not None else default_out(ckpt, cfg.run, sampler, guidance, cfg, guide_ckpt)
         held.enter_context(out_lock(out, cfg, rank))
         if rank == 0 and cfg.world_size is None:  # the job's lock holder, before any rank writes
             remove_temporaries(out)
@@ -261,8 +294,9 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
         mine = batches_of(cfg.num, cfg.batch_size, rank, world)
         todo = [b for b in mine if not all(done(i) for i in b)]
         to_generate = sum(1 for b in todo for i in b if not done(i))
+        guide = None if guide_ckpt is None else sampling_network(guide_ckpt, cfg.guide_weights, device)
         plan = SamplingPlan(sampler.name, sampler.steps, cfg.seed, guidance, autocast_factory(device, precision),
-                            cfg.quantize, sampler.options)
+                            cfg.quantize, sampler.options, guide)
         bar = counting("sampling" + (" [yellow](tiny-random VAE)[/]" if settings["tiny_random"] else ""), to_generate,
                        enabled=rank == 0)
         model = sampling_network(ckpt, cfg.weights, device)
@@ -315,6 +349,7 @@ def sample_batches(
             work.batches += 1
             work.model_calls += stats.model_calls
             work.nfe += stats.nfe * len(batch)
+            work.guide_nfe += stats.branch_evals.get("guide", 0) * len(batch)
             work.sampled += len(batch)
             work.nfe_per_image = max(work.nfe_per_image, stats.nfe)
             advance(len(missing))
@@ -333,5 +368,6 @@ def sample_decoded(model: DiffusionTransformer, decoder: Decoder, plan: Sampling
     x, _, stats = sample_latents(
         model, y, torch.tensor(batch, dtype=torch.long), plan.seed, plan.sampler, plan.steps, plan.guidance,
         plan.autocast, latent_size=mc.input_size, cls_dim=mc.repa_dim if mc.reg_token else None, options=plan.options,
+        guide=plan.guide,
     )  # x (B, V + r, h, h)
     return x, decoder(x[:, : mc.vae_channels]), stats

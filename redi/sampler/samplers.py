@@ -25,7 +25,7 @@ sampler/sample.py, so a rerun at the same batch size repeats them exactly).
 
 Public API (what `redi sample` calls):
   sample_latents(model, labels, indices, seed, sampler, steps, guidance, autocast,
-                 latent_size=, cls_dim=, dtype=, options=) -> (x (N, C, H, W), cls (N, D) | None, GuidanceStats)
+                 latent_size=, cls_dim=, dtype=, options=, guide=) -> (x (N, C, H, W), cls (N, D) | None, GuidanceStats)
   SAMPLERS = ("sde", "ode", "heun", "ddpm")   sde/ode/heun for SiT, ddpm for DiT
   SamplerOptions(solver, atol, rtol, last_step, last_step_size)   ODE solver, SDE last step
   make_noise(seed, indices, shape, device) -> Tensor (N, *shape)
@@ -261,13 +261,14 @@ def sample_latents(
     dtype: torch.dtype = torch.float32,
     schedule: DDPMSchedule = DIT_SCHEDULE,
     options: SamplerOptions = SamplerOptions(),
+    guide: Any | None = None,
 ) -> tuple[Tensor, Tensor | None, GuidanceStats]:
     """Sample the joint latents of images `indices` (labels (N,) on the sampling device).
 
     Returns x (N, vae_channels + pca_rank, latent_size, latent_size), REG's class token
     (N, cls_dim) or None, and the network work spent. `autocast` is a factory of the
     context the network runs under (e.g. `lambda: torch.autocast("cuda", torch.bfloat16)`).
-    `steps` is unused (None) with an adaptive ODE solver.
+    `steps` is unused (None) with an adaptive ODE solver. `guide` is AutoGuidance's guiding network (its modes only).
     """
     cfg = model.cfg
     if sampler not in SAMPLERS:
@@ -288,7 +289,7 @@ def sample_latents(
     shapes = [(cfg.vae_channels + cfg.pca_rank, latent_size, latent_size)] + ([(cls_dim,)] if cfg.reg_token else [])
     state = tuple(noise.draw(shape) for shape in shapes)  # pure noise at t = 1 / timestep T−1
     time_scale = float(schedule.num_train_timesteps) if cfg.objective == "dit" else 1.0
-    predict = GuidedModel(model, labels, guidance, time_scale=time_scale, autocast=autocast)
+    predict = GuidedModel(model, labels, guidance, time_scale=time_scale, autocast=autocast, guide=guide)
     if sampler == "sde":
         state = euler_maruyama(predict, state, steps, noise, options.last_step, options.last_step_size)
     elif sampler == "ode" and options.solver is not None:

@@ -14,7 +14,7 @@ from redi.sampler.guidance import GuidanceConfig, check_guidance
 from redi.sampler.labels import labels_setting
 from redi.sampler.ddpm import DIT_SCHEDULE, space_timesteps
 from redi.sampler.samplers import SamplerOptions, sde_min_steps
-from redi.trainer.checkpoint import Checkpoint
+from redi.trainer.checkpoint import Checkpoint, checkpoint_path, list_checkpoints, resolve_checkpoint
 
 if TYPE_CHECKING:
     from redi.sampler.decoder import Decoder  # loads the VAE's libraries: seconds that the settings do not need
@@ -25,6 +25,7 @@ DEFAULT_SAMPLER = {"sit": "sde", "dit": "ddpm"}
 DEFAULT_CFG_SCALE = 2.4  # ReDi's best table (CFG on the VAE channels)
 DEFAULT_RG_SCALE = 1.5  # ReDi, B models (1.1 for XL)
 DEFAULT_CLS_CFG_SCALE = 1.5  # REG generate.py's --cls-cfg-scale: its class token is guided unless told otherwise
+DEFAULT_AG_SCALE = 2.0  # AutoGuidance: edm2's autog presets use 1.7–2.45 (FID-best 2.05–2.1 at 512)
 DEFAULT_STEPS = 250  # SiT/ReDi --num-sampling-steps, REPA/REG's evaluation
 
 
@@ -92,7 +93,7 @@ def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
     """The guidance for this model, refused when it cannot support it; unused scales are set to 1 (canonical)."""
     mc = ckpt.model_config
     check_guidance(cfg.guidance, mc.num_classes, ckpt.rep_drop, mc.class_dropout)
-    cfg_on, rg_on = "cfg" in cfg.guidance, "rg" in cfg.guidance
+    cfg_on, rg_on, ag_on = "cfg" in cfg.guidance, "rg" in cfg.guidance, "autoguidance" in cfg.guidance
     if cfg.cls_cfg_scale is not None and not (mc.reg_token and cfg_on):
         raise UserError("--cls-cfg-scale guides REG's class token: it needs a REG model and --guidance cfg or cfg+rg.")
     if rg_on and ckpt.train.get("rep_drop_target", "noisy") != "noisy":
@@ -104,22 +105,64 @@ def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
         cfg_scale=(DEFAULT_CFG_SCALE if cfg.cfg_scale is None else cfg.cfg_scale) if cfg_on else 1.0,
         rg_scale=(DEFAULT_RG_SCALE if cfg.rg_scale is None else cfg.rg_scale) if rg_on else 1.0,
         cfg_channels=cfg.cfg_channels if cfg_on else "vae",  # type: ignore[arg-type]
-        interval=cfg.interval if cfg_on or rg_on else None,
+        interval=cfg.interval if cfg_on or rg_on or ag_on else None,
         cls_cfg_scale=(DEFAULT_CLS_CFG_SCALE if cfg.cls_cfg_scale is None else cfg.cls_cfg_scale) if reg_cfg else None,
+        ag_scale=(DEFAULT_AG_SCALE if cfg.ag_scale is None else cfg.ag_scale) if ag_on else 1.0,
     )
 
 
+GUIDE_MODEL_FIELDS = ("objective", "vae_channels", "pca_rank", "input_size", "reg_token")  # what D_good − D_bad needs
+
+
+def resolve_guide(cfg: SampleConfig, ckpt: Checkpoint) -> Checkpoint | None:
+    """AutoGuidance's guiding checkpoint (--guide-ckpt, or --guide-run's newest or --guide-step's), refused in one
+    sentence unless it models the same data in the same latent space with the same channels; None without it."""
+    if cfg.guide_run is None and cfg.guide_ckpt is None:
+        return None
+    if cfg.guide_run is not None and cfg.guide_step is not None:
+        path = checkpoint_path(cfg.guide_run, cfg.guide_step)
+        if not path.exists():
+            steps = ", ".join(str(s) for s, _ in list_checkpoints(cfg.guide_run)) or "none"
+            raise UserError(f"--guide-run {cfg.guide_run} has no checkpoint of step {cfg.guide_step} (it has: {steps}).")
+    else:
+        path = resolve_checkpoint(cfg.guide_run, cfg.guide_ckpt)
+    guide = Checkpoint.load(path.resolve())
+    if (guide.ema if cfg.guide_weights == "ema" else guide.model) is None:
+        raise UserError(f"The guide {guide.path} holds no {cfg.guide_weights} weights: pass --guide-weights "
+                        f"{'model' if cfg.guide_weights == 'ema' else 'ema'}.")
+    if changed := ckpt.shards.differences(guide.shards):
+        raise UserError(f"The guide {guide.path} was trained on other data than the model ({', '.join(changed)} differ): "
+                        "AutoGuidance needs a smaller or earlier model of the same shards, PCA and latent space.")
+    mine, theirs = dataclasses.asdict(ckpt.model_config), dataclasses.asdict(guide.model_config)
+    changed = [k for k in GUIDE_MODEL_FIELDS if mine[k] != theirs[k]]
+    if ckpt.model_config.reg_token and mine["repa_dim"] != theirs["repa_dim"]:
+        changed.append("repa_dim")
+    if theirs["num_classes"] not in (mine["num_classes"], 1):
+        changed.append("num_classes")
+    if changed:
+        raise UserError(f"The guide {guide.path} predicts other channels than the model ({', '.join(changed)} differ: "
+                        f"{', '.join(f'{theirs[k]} in the guide, {mine[k]} in the model' for k in changed)}): "
+                        "AutoGuidance needs a model of the "
+                        "same objective, latent, PC rank and labels (size, patch and steps may differ).")
+    return guide
+
+
 def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: SamplerChoice, guidance: GuidanceConfig,
-                    decoder: Decoder, precision: str) -> dict[str, Any]:
-    """Everything that decides the pixels of image i (as JSON reads it back); a rerun into the same directory must match it."""
+                    decoder: Decoder, precision: str, guide: Checkpoint | None = None) -> dict[str, Any]:
+    """Everything that decides the pixels of image i (as JSON reads it back); a rerun into the same directory must match it.
+    The post-hoc EMA record and AutoGuidance's entries appear only where they apply."""
+    guidance_record = {"mode": guidance.mode, "cfg_scale": guidance.cfg_scale, "rg_scale": guidance.rg_scale,
+                       "cfg_channels": guidance.cfg_channels, "cls_cfg_scale": guidance.cls_cfg_scale,
+                       "interval": list(guidance.interval) if guidance.interval is not None else None}
+    if guide is not None:
+        guidance_record |= {"ag_scale": guidance.ag_scale,
+                            "guide": checkpoint_record(guide, cfg.guide_weights) | {"model": guide.train.get("model")}}
     settings = {
-        "checkpoint": {"sha256": ckpt.sha256, "step": ckpt.step, "weights": cfg.weights},
+        "checkpoint": checkpoint_record(ckpt, cfg.weights),
         "model": {"name": ckpt.train.get("model"), "method": ckpt.train.get("method"), "rep_drop": ckpt.rep_drop,
                   "config": dataclasses.asdict(ckpt.model_config)},
         "sampler": sampler.name, "steps": sampler.steps, "sampler_options": sampler.settings(), "seed": cfg.seed,
-        "guidance": {"mode": guidance.mode, "cfg_scale": guidance.cfg_scale, "rg_scale": guidance.rg_scale,
-                     "cfg_channels": guidance.cfg_channels, "cls_cfg_scale": guidance.cls_cfg_scale,
-                     "interval": list(guidance.interval) if guidance.interval is not None else None},
+        "guidance": guidance_record,
         "labels": labels_setting(cfg.labels, ckpt.model_config.num_classes, cfg.num),
         "vae": {"identity": decoder.identity, "latent_norm": decoder.norm.record()},
         "precision": precision,
@@ -132,11 +175,28 @@ def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: SamplerChoice,
 def describe_settings(s: dict[str, Any]) -> str:
     """One line of the settings that shape a sample (sample.json's): model, step, weights, guidance, sampler, seed."""
     g = s["guidance"]
+    ag = f" {g['ag_scale']:g}" if "ag_scale" in g else ""
     scales = {"none": "", "cfg": f" {g['cfg_scale']:g}", "rg": f" {g['rg_scale']:g}",
-              "cfg+rg": f" {g['cfg_scale']:g}+{g['rg_scale']:g}"}.get(g["mode"], "")
+              "cfg+rg": f" {g['cfg_scale']:g}+{g['rg_scale']:g}", "autoguidance": ag,
+              "autoguidance+rg": f"{ag}+{g['rg_scale']:g}"}.get(g["mode"], "")
     step = s["checkpoint"]["step"]
     return (f"{s['model']['name']} {s['model']['method']}, step {step:,}, " if step is not None else
             f"{s['model']['name']} {s['model']['method']}, ") + (
-            f"{s['checkpoint']['weights']} weights, guidance {g['mode']}{scales}, {s['sampler']} "
+            f"{_weights(s['checkpoint'])} weights, guidance {g['mode']}{scales}, {s['sampler']} "
             f"{s['steps'] if s['steps'] is not None else 'adaptive'} steps, seed {s['seed']}"
             + (", tiny-random VAE" if s.get("tiny_random") else ""))
+
+
+def _weights(checkpoint: dict[str, Any]) -> str:
+    """'ema', 'model', or a reconstruction's 'EMA σ_rel 0.1'."""
+    posthoc = checkpoint.get("posthoc_ema")
+    return f"EMA σ_rel {posthoc['sigma_rel']:g}" if isinstance(posthoc, dict) else str(checkpoint["weights"])
+
+
+def checkpoint_record(ckpt: Checkpoint, weights: str) -> dict[str, Any]:
+    """Which weights were sampled: the file's SHA-256 and step, ema or model, and for a `redi ema` reconstruction its
+    σ_rel (what `redi info` plots against)."""
+    record: dict[str, Any] = {"sha256": ckpt.sha256, "step": ckpt.step, "weights": weights}
+    if ckpt.posthoc_ema is not None:
+        record["posthoc_ema"] = {"sigma_rel": ckpt.posthoc_ema["sigma_rel"], "step": ckpt.posthoc_ema["step"]}
+    return record

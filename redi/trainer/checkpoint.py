@@ -9,7 +9,12 @@ config.json's `model_config` was called `model` (tests/fixtures/run-v0).
 
 The files. Atomic writes (in a background thread from a CPU snapshot), keep-last-N plus milestones, safe
 (weights_only) loading, and a SHA-256 per checkpoint (`step-N.pt.sha256`, sha256sum's format) written before the
-checkpoint itself and checked when it is loaded, so a file damaged on disk is never trained or sampled from."""
+checkpoint itself and checked when it is loaded, so a file damaged on disk is never trained or sampled from.
+
+Post-hoc EMA (`--phema`, trainer/phema.py). A checkpoint of such a run holds the tracked profiles in `phema` (resume
+state); every --phema-every steps the profiles alone go to `RUN/phema/step-N.pt` (a `PhemaSnapshot`, with its own
+`.sha256`), which `redi ema` combines into `RUN/ema/step-N-sigmaS.pt`: a checkpoint whose `ema` weights are the
+reconstruction (`model` and `opt` None) and whose `posthoc_ema` says how it was made."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +40,7 @@ from redi.trainer.models import ModelConfig
 CONFIG_JSON = "config.json"
 CHECKSUM_SUFFIX = ".sha256"
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
+PHEMA_DIR, POSTHOC_DIR = "phema", "ema"  # RUN/phema/step-N.pt: profile snapshots; RUN/ema/: `redi ema` output
 log = logging.getLogger(__name__)
 
 
@@ -203,14 +209,18 @@ class Checkpoint:
     """TrainConfig.to_json() of the run (or what a converted origin implies)."""
     model_config: ModelConfig
     shards: ShardSummary
-    model: dict[str, Tensor]
-    """The optimiser's weights."""
+    model: dict[str, Tensor] | None
+    """The optimiser's weights; None in a post-hoc EMA reconstruction (its weights are `ema`)."""
     ema: dict[str, Tensor] | None
     """The EMA weights (what sampling and --init use)."""
     opt: dict[str, Any] | None = None
-    """AdamW's state; None in a converted checkpoint (it does not resume)."""
+    """AdamW's state; None in a converted checkpoint or a reconstruction (they do not resume)."""
     origin: dict[str, Any] | None = None
     """`redi convert`: the public file the weights came from and how they were mapped."""
+    phema: dict[str, Any] | None = None
+    """--phema: the tracked power-function EMA profiles, {"sigma_rels": [...], "profiles": [weights, ...]}."""
+    posthoc_ema: dict[str, Any] | None = None
+    """`redi ema`: the σ_rel and step of the reconstructed `ema` weights, and the snapshots and coefficients used."""
     path: Path | None = None
     """Where `load` read it (not saved)."""
     sha256: str | None = None
@@ -232,7 +242,8 @@ class Checkpoint:
         """What torch.save writes: tensors and plain types only."""
         state = {"step": self.step, "train": self.train, "model_config": dataclasses.asdict(self.model_config),
                  "shards": self.shards.to_json(), "model": self.model, "ema": self.ema, "opt": self.opt}
-        return state | ({"origin": self.origin} if self.origin is not None else {})
+        optional = {"origin": self.origin, "phema": self.phema, "posthoc_ema": self.posthoc_ema}
+        return state | {k: v for k, v in optional.items() if v is not None}
 
     @classmethod
     def from_state(cls, state: Any, path: Path) -> Checkpoint:
@@ -247,18 +258,14 @@ class Checkpoint:
             raise UserError(f"{path} holds a network redi does not know ({e}).") from None
         return cls(step=int(state["step"]), train=train, model_config=model_config,
                    shards=ShardSummary.from_json(state["shards"]), model=state["model"], ema=state.get("ema"),
-                   opt=state.get("opt"), origin=state.get("origin"), path=Path(path))
+                   opt=state.get("opt"), origin=state.get("origin"), phema=state.get("phema"),
+                   posthoc_ema=state.get("posthoc_ema"), path=Path(path))
 
     @classmethod
     def load(cls, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
         """Read and check a checkpoint (weights_only: no pickled code runs)."""
-        path = Path(path)
-        digest = check_checkpoint(path)
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
-            raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
-        record = cls.from_state(state, path)
+        state, digest = load_checked(Path(path), map_location)
+        record = cls.from_state(state, Path(path))
         record.sha256 = digest
         return record
 
@@ -266,6 +273,62 @@ class Checkpoint:
         """Write it at `path` atomically, with its SHA-256 record (for `redi convert`; train saves through the
         BackgroundCheckpointer)."""
         write_checkpoint(path, self.to_state())
+
+
+def load_checked(path: Path, map_location: str | torch.device = "cpu") -> tuple[Any, str]:
+    """torch.load(weights_only=True) of a file checked against its SHA-256 record, and that SHA-256."""
+    digest = check_checkpoint(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True), digest
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
+        raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
+
+
+@dataclass(frozen=True)
+class PhemaSnapshot:
+    """RUN/phema/step-N.pt: the power-function EMA profiles at one step, {"step", "images", "sigma_rels", "profiles"}."""
+
+    step: int
+    images: int
+    """Training images seen at `step`: the profiles' time."""
+    sigma_rels: tuple[float, ...]
+    profiles: list[dict[str, Tensor]]
+    """One set of weights per σ_rel, float32 as trained."""
+
+    @classmethod
+    def load(cls, path: Path) -> PhemaSnapshot:
+        """Read and check a snapshot; another file is one sentence."""
+        state, _ = load_checked(Path(path))
+        try:
+            snapshot = cls(int(state["step"]), int(state["images"]), tuple(float(s) for s in state["sigma_rels"]),
+                           list(state["profiles"]))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} is not a post-hoc EMA snapshot (step, sigma_rels, profiles).") from None
+        if len(snapshot.profiles) != len(snapshot.sigma_rels) or not all(
+                isinstance(p, dict) and all(isinstance(v, Tensor) for v in p.values()) for p in snapshot.profiles):
+            raise UserError(f"{path} is not a post-hoc EMA snapshot (one set of weights per σ_rel).")
+        return snapshot
+
+
+def phema_snapshot_path(run: Path, step: int) -> Path:
+    return Path(run) / PHEMA_DIR / f"step-{step:07d}.pt"
+
+
+def list_phema_snapshots(run: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every post-hoc EMA snapshot of the run, oldest first."""
+    folder = Path(run) / PHEMA_DIR
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))] if folder.is_dir() else []
+    return sorted(found)
+
+
+def sigma_label(sigma_rel: float) -> str:
+    """σ_rel in file and folder names: three decimals as edm2 (0.050), more where it has them (0.0525)."""
+    return f"{sigma_rel:.3f}" if round(sigma_rel, 3) == sigma_rel else f"{sigma_rel:g}"
+
+
+def posthoc_path(run: Path, step: int, sigma_rel: float) -> Path:
+    """Where `redi ema` writes the reconstruction of σ_rel at `step` (edm2: phema-KIMG-σ.pkl)."""
+    return Path(run) / POSTHOC_DIR / f"step-{step:07d}-sigma{sigma_label(sigma_rel)}.pt"
 
 
 def checkpoint_path(run: Path, step: int) -> Path:
@@ -338,6 +401,18 @@ def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, mile
     return path
 
 
+def save_phema_snapshot(run: Path, step: int, phema: dict[str, Any]) -> Path:
+    """Write RUN/phema/step-N.pt (the profiles of a checkpoint's `phema`) atomically, with its SHA-256 record."""
+    path = phema_snapshot_path(run, step)
+    try:
+        write_checkpoint(path, {"step": step, "images": phema["images"], "sigma_rels": phema["sigma_rels"],
+                                "profiles": phema["profiles"]})
+    except OSError as e:
+        raise UserError(f"Could not write the post-hoc EMA snapshot {path} ({e.strerror or e}): free space and rerun the "
+                        "same command to resume.") from None
+    return path
+
+
 def load_newest_readable(run: Path, map_location: str | torch.device) -> Checkpoint | None:
     """The newest checkpoint of `run` that loads (a damaged one is reported and passed over); None if there are none."""
     found = list_checkpoints(run)
@@ -380,7 +455,7 @@ class BackgroundCheckpointer:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending: Future[Path] | None = None
+        self._pending: Future[None] | None = None
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}  # position in the state → its host copy
 
     def __enter__(self) -> BackgroundCheckpointer:
@@ -393,17 +468,24 @@ class BackgroundCheckpointer:
         finally:
             self._pool.shutdown(wait=True)  # an interrupted run still finishes (or fails) its last write
 
-    def save(self, run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int) -> None:
+    def save(self, run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int,
+             checkpoint: bool = True, phema_snapshot: bool = False) -> None:
+        """Write the checkpoint `state` (when `checkpoint`) and RUN/phema/step-N.pt from its "phema" part (when
+        `phema_snapshot`; `state` may then be {"phema": ...} alone) from one host copy, whose "phema" buffers are the
+        same in both cases."""
         self.wait()  # the buffers are free again
         snapshot = self._snapshot(state, ())
         copied = torch.cuda.Event() if torch.cuda.is_available() else None
         if copied is not None:
             copied.record()  # after the device-to-host copies queued above
 
-        def write() -> Path:
+        def write() -> None:
             if copied is not None:
                 copied.synchronize()
-            return save_checkpoint(run, step, snapshot, keep, milestone_every)
+            if phema_snapshot:
+                save_phema_snapshot(run, step, snapshot["phema"])
+            if checkpoint:
+                save_checkpoint(run, step, snapshot, keep, milestone_every)
 
         self._pending = self._pool.submit(write)
 

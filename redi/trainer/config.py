@@ -13,6 +13,7 @@ from redi.common.flags import OneOf
 from redi.pipeline.remote import Location, as_location, read_if_exists, redact
 from redi.pipeline.shards_config import FORMATS
 from redi.trainer.models import FUSIONS, REPA_DEPTHS, SIZES
+from redi.trainer.phema import DEFAULT_SIGMA_RELS, check_sigma_rels
 from redi.trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts
 from redi.trainer.trackers import TRACKERS
 
@@ -59,6 +60,13 @@ class TrainConfig(MethodParts):
     """Block feeding the REPA projector; default 4 for S/B, 8 for L/XL, 1 for debug."""
     repa_weight: float = 0.5
     """Weight of the REPA alignment loss."""
+    align_until: int | None = None
+    """Step from which the REPA/REG alignment term is off (HASTE: alignment helps early, then holds back); default:
+    never.
+
+    The weight in effect is metrics.jsonl's align_weight."""
+    align_fade: int = 0
+    """Steps over which the alignment weight falls linearly to 0 at --align-until; 0: it stops at once."""
     cls_weight: float = 0.03
     """Weight of REG's class-token velocity loss."""
     learn_sigma: bool | None = None
@@ -95,6 +103,15 @@ class TrainConfig(MethodParts):
     REPA/REG clip at 1; the ReDi, SiT and DiT references do not clip."""
     ema_decay: float = 0.9999
     """Decay of the EMA weights (what `redi sample` uses by default)."""
+    phema: bool = False
+    """Track post-hoc EMA profiles (edm2's power-function EMA) and save them every --phema-every steps, so that `redi
+    ema` can make the EMA of any length after training.
+
+    RUN/phema/step-N.pt; the profiles are part of every checkpoint too (resume keeps them exact)."""
+    phema_sigma_rels: tuple[float, ...] = DEFAULT_SIGMA_RELS
+    """Comma list of the tracked profiles' lengths σ_rel (relative standard deviations; edm2: 0.05,0.10)."""
+    phema_every: int = 10_000
+    """Steps between post-hoc EMA snapshots in RUN/phema (edm2: every 8Mi images)."""
     precision: Annotated[str, OneOf(PRECISIONS)] = "bf16"
     """Autocast on GPU (fp32 master weights); the CPU always runs fp32."""
     compile: bool = False
@@ -204,6 +221,16 @@ class TrainConfig(MethodParts):
         if self.eval_every and (self.eval_ref is None or self.inception is None):
             raise UserError("--eval-every needs the reference batch and the Inception weights: pass --eval-ref REF.npz "
                             "and --inception pt_inception-2015-12-05-6726825d.pth.")
+        object.__setattr__(self, "phema_sigma_rels", check_sigma_rels(self.phema_sigma_rels, "--phema-sigma-rels"))
+        if self.phema_every < 1:
+            raise UserError(f"--phema-every must be positive, got {self.phema_every}.")
+        if (self.align_until is not None and self.align_until < 0) or self.align_fade < 0:
+            raise UserError("--align-until and --align-fade must be ≥ 0.")
+        if (self.align_until is not None or self.align_fade) and not self.uses_repa:
+            raise UserError(f"--align-until and --align-fade schedule the REPA/REG alignment term, which --method "
+                            f"{self.method} does not have.")
+        if self.align_fade and self.align_until is None:
+            raise UserError("--align-fade needs --align-until: the step where the alignment weight reaches 0.")
         if not all(math.isfinite(v) and v >= 0 for v in (self.lambda_z, self.repa_weight, self.cls_weight, self.grad_clip)):
             raise UserError("--lambda-z, --repa-weight, --cls-weight and --grad-clip must be finite and ≥ 0.")
 
@@ -226,6 +253,15 @@ class TrainConfig(MethodParts):
         """The config naming its patch (`default` where --model names none): what config.json and checkpoints record."""
         return self if self.patch_size else self.replace(model=f"{self.model}/{default}")
 
+    def align_factor(self, step: int) -> float:
+        """The share of --repa-weight in effect at optimiser step `step` (0-based): 1, then a linear fade over
+        --align-fade steps to 0 at --align-until, 0 from there on."""
+        if self.align_until is None or step < self.align_until - self.align_fade:
+            return 1.0
+        if step >= self.align_until:
+            return 0.0
+        return (self.align_until - step) / (self.align_fade + 1)
+
     @property
     def resolved_repa_depth(self) -> int:
         if not self.uses_repa:
@@ -234,7 +270,7 @@ class TrainConfig(MethodParts):
 
     def to_json(self) -> dict[str, Any]:
         """The config as saved in the run and its checkpoints: a --shards URL without its credentials."""
-        return dataclasses.asdict(self) | {"shards": redact(self.shards)}
+        return dataclasses.asdict(self) | {"shards": redact(self.shards), "phema_sigma_rels": list(self.phema_sigma_rels)}
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -35,7 +35,8 @@ from redi.trainer.ema import make_ema, update_ema
 from redi.trainer.flops import train_flops_per_image
 from redi.trainer.metrics import peak_flops
 from redi.trainer.models import ModelConfig, build_model
-from redi.trainer.objectives import TrainBatch, check_batch, compute_loss, prepare_batch
+from redi.trainer.objectives import LossConfig, TrainBatch, check_batch, compute_loss, prepare_batch
+from redi.trainer.phema import PowerFunctionEMA
 from redi.trainer.plan import TrainPlan, check_fits, resolve
 from redi.trainer.progress import TrainProgress
 from redi.trainer.resume import as_recorded, load_record, note_resume, refuse_another_run
@@ -123,6 +124,7 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
         while step < cfg.max_steps:
             model.train()
             sums: dict[str, torch.Tensor] = {}
+            loss_cfg = aligned_loss(plan, step)
             for k in range(plan.accum):
                 virtual_rank, virtual_world = dist_info.rank * plan.accum + k, dist_info.world_size * plan.accum
                 gen.manual_seed(micro_seed(cfg.seed, step * virtual_world + virtual_rank))
@@ -136,7 +138,7 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
                     check_batch(plan.model, plan.loss, batch)  # the shards' shapes, once
                 sync = contextlib.nullcontext() if k == plan.accum - 1 or dist_info.world_size == 1 else model_no_sync(net)
                 with sync, autocast:
-                    out = compute_loss(net, plan.model, batch, plan.loss, gen)
+                    out = compute_loss(net, plan.model, batch, loss_cfg, gen)
                     (out.loss / plan.accum).backward()
                 for name, value in {"loss": out.loss.detach(), **out.terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.float() / plan.accum
@@ -156,19 +158,25 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
                     raise UserError(f"The loss was not finite for {bad_in_a_row} steps in a row at step {step}: lower --lr or check the data.")
             state.opt.zero_grad(set_to_none=True)
             step = state.step = step + 1
+            if state.phema is not None:  # every step, a skipped one too: the profile averages over time
+                state.phema.update(model, state.phema.images + cfg.batch_size, cfg.batch_size)
             if on_step is not None:
                 on_step()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 losses = all_reduce_mean(torch.stack(list(sums.values())))  # one all-reduce, on logging steps only
                 row = dict(zip(sums, losses.tolist(), strict=True)) | {
                     "step": step, "grad_norm": float(grad_norm), "lr": cfg.lr, "skipped_steps": skipped} | meter.speeds(step)
+                if plan.loss.uses_repa:
+                    row["align_weight"] = loss_cfg.repa_weight  # the alignment weight in effect (--align-until)
                 loss_value = row["loss"]
                 watch.log(row)
                 progress.update(row)
-            if dist_info.is_main and (stopped_by or step % cfg.save_every == 0 or step % cfg.ckpt_every == 0
-                                      or step == cfg.max_steps):
-                checkpointer.save(run, step, state.checkpoint(plan).to_state(), keep=cfg.keep, milestone_every=cfg.ckpt_every)
-                saved = step
+            save = stopped_by or step % cfg.save_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.max_steps
+            snapshot = state.phema is not None and (step % cfg.phema_every == 0 or step == cfg.max_steps)
+            if dist_info.is_main and (save or snapshot):
+                checkpointer.save(run, step, state.checkpoint(plan).to_state() if save else {"phema": state.phema.state_dict()},
+                                  keep=cfg.keep, milestone_every=cfg.ckpt_every, checkpoint=save, phema_snapshot=snapshot)
+                saved = step if save else saved
             if stopped_by:
                 break
             meter.since += watch.after_step(state)  # grids and evaluations are left out of images/s
@@ -185,12 +193,15 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
 
 @dataclass
 class TrainState:
-    """What a checkpoint saves and a resume restores: the network, its EMA, AdamW and the step."""
+    """What a checkpoint saves and a resume restores: the network, its EMA, AdamW, the step and the post-hoc EMA
+    profiles."""
 
     model: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     step: int = 0
+    phema: PowerFunctionEMA | None = None
+    """--phema's power-function EMA profiles."""
 
     def update(self, ema_decay: float) -> None:
         """The optimiser step, then the EMA."""
@@ -199,7 +210,14 @@ class TrainState:
 
     def checkpoint(self, plan: TrainPlan) -> Checkpoint:
         return Checkpoint(step=self.step, train=plan.cfg.to_json(), model_config=plan.model, shards=plan.shards,
-                          model=self.model.state_dict(), ema=self.ema.state_dict(), opt=self.opt.state_dict())
+                          model=self.model.state_dict(), ema=self.ema.state_dict(), opt=self.opt.state_dict(),
+                          phema=None if self.phema is None else self.phema.state_dict())
+
+
+def aligned_loss(plan: TrainPlan, step: int) -> LossConfig:
+    """The loss of optimiser step `step` (0-based): --repa-weight scaled as --align-until and --align-fade say."""
+    factor = plan.cfg.align_factor(step)
+    return plan.loss if factor == 1.0 else dataclasses.replace(plan.loss, repa_weight=plan.loss.repa_weight * factor)
 
 
 def precision_that_runs(cfg: TrainConfig, dev: torch.device, given: Collection[str] | None) -> TrainConfig:
@@ -227,6 +245,11 @@ def initial_state(plan: TrainPlan, run: Path, dev: torch.device) -> TrainState:
         if ckpt.opt is None:
             raise UserError(f"{ckpt.path} holds no optimiser state, so {run} cannot resume from it: start a new run "
                             f"with --init {ckpt.path}.")
+        if ckpt.phema is not None and not cfg.phema:
+            raise UserError(f"{run} tracks post-hoc EMA profiles: resume it with --phema.")
+        if ckpt.phema is None and cfg.phema:
+            raise UserError(f"{run} was trained without --phema up to step {ckpt.step}, and post-hoc EMA profiles "
+                            "average from step 0: resume it without --phema, or start a new run with --init.")
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
         opt.load_state_dict(ckpt.opt)
@@ -235,6 +258,10 @@ def initial_state(plan: TrainPlan, run: Path, dev: torch.device) -> TrainState:
         state.step = ckpt.step
     elif cfg.init is not None:
         load_initial_weights(Path(cfg.init), model, ema, plan.model, dev)
+    if cfg.phema:
+        state.phema = PowerFunctionEMA(model, cfg.phema_sigma_rels)  # the weights at step 0, or those resumed …
+        if ckpt is not None:
+            state.phema.load_state_dict(ckpt.phema, str(ckpt.path))  # … replaced by the checkpoint's profiles
     return state
 
 

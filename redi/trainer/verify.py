@@ -1,5 +1,5 @@
 """`redi verify RUN`: a run's config.json, its copy of the shards' PCA against the SHA-256 config.json records, and
-every checkpoint against the SHA-256 recorded when it was saved."""
+every checkpoint (post-hoc EMA snapshots and reconstructions too) against the SHA-256 recorded when it was saved."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,10 @@ from redi.common.atomic import sha256_file
 from redi.common.errors import UserError
 from redi.pipeline.pca_file import PCA_FILE, PCARecord, load_pca
 from redi.pipeline.verify import StageCheck
-from redi.trainer.checkpoint import CHECKSUM_SUFFIX, CONFIG_JSON, RunConfig, checksum_path, list_checkpoints, recorded_sha256
+from redi.trainer.checkpoint import (
+    CHECKSUM_SUFFIX, CONFIG_JSON, POSTHOC_DIR, RunConfig, checksum_path, list_checkpoints, list_phema_snapshots,
+    recorded_sha256,
+)
 
 
 def _check_config(run: Path) -> tuple[StageCheck, RunConfig | None]:
@@ -36,7 +39,7 @@ def _check_pca(run: Path, config: RunConfig | None) -> StageCheck:
 
 def _check_checkpoint(path: Path, deep: bool) -> StageCheck:
     """ok when the file matches its record; warning without a record; FAILED when it differs or the record is bad."""
-    name = f"checkpoints/{path.name}"
+    name = f"{path.parent.name}/{path.name}"
     try:
         recorded = recorded_sha256(path)
     except UserError as e:
@@ -57,7 +60,8 @@ def verify_run(run: Path, deep: bool = True) -> list[StageCheck]:
     run = Path(run)
     checkpoints = [path for _, path in list_checkpoints(run)]
     config_check, config = _check_config(run)
-    checks = [config_check, _check_pca(run, config), *(_check_checkpoint(path, deep) for path in checkpoints)]
+    posthoc = [path for _, path in list_phema_snapshots(run)] + sorted((run / POSTHOC_DIR).glob("*.pt"))
+    checks = [config_check, _check_pca(run, config), *(_check_checkpoint(path, deep) for path in checkpoints + posthoc)]
     have = {checksum_path(path) for path in checkpoints}
     for record in sorted((run / "checkpoints").glob(f"step-*.pt{CHECKSUM_SUFFIX}")):
         if record not in have:
