@@ -122,6 +122,8 @@ EXAMPLES = {
               "    --run runs/sit-xl-redi --model SiT-XL/2 --method redi --compile"),
     "sample": ("redi sample --run runs/sit-xl-redi --guidance cfg+rg --num 50000",
                "redi sample --ckpt redi-xl.pt --guidance rg --labels 207,360 --num 8"),
+    "ema": ("redi ema runs/sit-b-redi --sigma-rel 0.05,0.075,0.1,0.125,0.15",
+            "redi ema runs/sit-b-redi --sigma-rel 0.1 --step 200000"),
     "preview": ("redi preview data/demo",
                 "redi preview data/demo --samples data/demo/samples-raw-weights"),
     "eval": ("redi eval samples/a/samples.npz --ref VIRTUAL_imagenet256_labeled.npz",
@@ -583,10 +585,7 @@ EMA = FromConfig("redi.trainer.posthoc:EmaConfig", panels={},
 @stage_command("ema", EMA, MODEL_PANEL)
 def ema_command(cfg: EmaConfig) -> None:
     """Post-hoc EMA: reconstruct the EMA of any length σ_rel from the snapshots of a run trained with --phema (edm2's
-    least-squares fit), as checkpoints that sample, eval and train --init take.
-
-    Example: redi ema runs/sit-b-redi --sigma-rel 0.05,0.075,0.1,0.125,0.15
-    """
+    least-squares fit), as checkpoints that sample, eval and train --init take."""
     from rich.table import Table
 
     from redi.trainer.posthoc import reconstruct
@@ -597,9 +596,8 @@ def ema_command(cfg: EmaConfig) -> None:
         table.add_column(column, no_wrap=True)
     for r in result.outputs:
         table.add_row(f"{r.sigma_rel:g}", f"{r.fit_error:.2%}", escape(r.path.name))
-    out.print(table)
-    out.print(f"in {escape(str(result.outputs[0].path.parent))} ({result.seconds:.1f} s); next: redi sample --ckpt "
-              f"{escape(str(result.outputs[0].path))}", soft_wrap=True)
+    print_summary(table, [("folder", result.outputs[0].path.parent), ("time", f"{result.seconds:.1f} s"),
+                          ("next", f"redi sample --ckpt {result.outputs[0].path}")])
 
 
 IMPORT_REPA = FromConfig("redi.pipeline.repa_import:RepaImportConfig", panels={},
