@@ -22,6 +22,7 @@ from rich.markup import escape
 from redi.common.display import configure_logging
 from redi.common.errors import UserError, disk_full
 from redi.common.flags import Command, ConfigGroup, Flag, FromConfig, OneOf, config_command, given_flags
+from redi.common.urls import local_path
 
 if TYPE_CHECKING:  # the commands' config classes; their modules import torch, so they load when a command runs
     from redi.pipeline.encode import EncodeConfig
@@ -201,14 +202,14 @@ def _print_stage_result(result: Any) -> None:
 @app.command("demo-data", cls=Command, rich_help_panel=DATA_PANEL, epilog=examples("demo-data"))
 @user_errors
 def demo_data_command(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the images into (ImageFolder layout).")] = Path("data/demo-images"),
+    out_dir: Annotated[Path, typer.Option("--out", path_type=str, help="Folder to write the images into (ImageFolder layout).")] = Path("data/demo-images"),
     num: Annotated[int, typer.Option("--num", help="Number of images (5 classes, cycled).")] = 64,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the generated images.")] = 0,
 ) -> None:
     """Write the embedded demo image set: coloured shapes on textured backgrounds, generated in code."""
     from redi.pipeline.demo_data import write_demo_images
 
-    result = write_demo_images(out_dir, num, seed)
+    result = write_demo_images(local_path(out_dir, "--out"), num, seed)
     out.print(f"[green]Wrote {result.count} demo images in {len(result.classes)} classes ({', '.join(result.classes)}) "
               f"to {escape(str(result.out))}.[/]")
 
@@ -387,6 +388,7 @@ def train_command(
     from redi.trainer.train import train
     from redi.sampler.watch import RunWatch
 
+    local_path(cfg.run, "--run")
     given = given_flags(ctx)  # an existing run keeps its recorded value of every other setting
     if dry_run:
         summary = describe(cfg, given)
@@ -451,6 +453,7 @@ SAMPLE = FromConfig(
 def sample_command(cfg: SampleConfig) -> None:
     """Sample a checkpoint: per-image PNGs, a grid, the generated PCs, an ADM .npz and sample.json (resumable, torchrun-ready)."""
     from redi.sampler.sample import run_sample
+
 
     result = run_sample(cfg)
     if result.rank != 0:
@@ -651,7 +654,7 @@ def verify_command(
     from rich.table import Table
 
     from redi.pipeline.info import is_run_dir
-    from redi.pipeline.remote import is_url, redact
+    from redi.common.urls import is_url, redact
     from redi.pipeline.verify import verify_data
 
     is_run = not is_url(data) and is_run_dir(Path(data))

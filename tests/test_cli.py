@@ -59,6 +59,19 @@ def test_an_error_naming_a_long_path_is_one_unbroken_line(tmp_path: Path) -> Non
     assert result.exit_code == 2 and len(lines) == 1 and str(missing) in lines[0], result.output
 
 
+@pytest.mark.parametrize("args", [["train", "--shards", "data", "--run", "s3://bucket/run"],
+                                  ["sample", "--run", "run", "--out", "http://host/samples"],
+                                  ["preview", "data", "--out", "gs://bucket/preview.png"],
+                                  ["eval", "samples.npz", "--ref", "ref.npz", "--out", "s3://bucket/report.json"],
+                                  ["demo-data", "--out", "s3://bucket/images"]])
+def test_a_url_where_a_command_writes_a_local_path_is_one_sentence(args: list[str], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URL given for a path on this machine is refused before anything runs: never a folder named `s3:`."""
+    monkeypatch.chdir(tmp_path)
+    said = _sentence(args)
+    assert "is a URL" in said and args[-1] in said and list(tmp_path.iterdir()) == []
+
+
 def _sentence(args: list[str]) -> str:
     """Run a command that must be refused: exit 2, one `error:` sentence, no traceback; the sentence."""
     result = CliRunner().invoke(app, args)

@@ -376,7 +376,7 @@ def test_eval_without_the_reference_batch_says_where_to_get_it(tmp_path: Path) -
 
 def test_eval_without_faiss_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if the `eval` extra were not installed
-    with pytest.raises(UserError, match=r"pip install 'redi\[eval\]'"):
+    with pytest.raises(UserError, match=r"pip install -e '\.\[eval\]'.*pip install faiss-cpu"):
         faiss_module()
 
 

@@ -194,7 +194,7 @@ def test_import_reference_file_without_scikit_learn_says_how_to_install_it(tmp_p
     torch.save({"pca_model": PCA().fit(np.eye(4)), "mean": np.zeros(4), "std": np.ones(4)}, file)
     for name in [m for m in sys.modules if m.split(".")[0] == "sklearn"]:
         monkeypatch.setitem(sys.modules, name, None)  # as if scikit-learn were not installed
-    with pytest.raises(UserError, match=r"needs scikit-learn, pip install 'redi\[reference\]'"):
+    with pytest.raises(UserError, match=r"needs scikit-learn, pip install -e '\.\[reference\]'"):
         load_reference_pca(file, trust_pickle=True, patch_tokens=4)
 
 

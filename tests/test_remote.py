@@ -25,7 +25,8 @@ from redi.benchmarks.loader import make_stage_inputs
 from redi.cli import app
 from redi.common.errors import UserError
 from redi.pipeline.readers import StreamPlan, make_loader
-from redi.pipeline.remote import RemotePath, as_location, is_transient, read_ahead, redact
+from redi.common.urls import redact
+from redi.pipeline.remote import RemotePath, as_location, is_transient, read_ahead
 from redi.pipeline.shards import ShardsConfig, build_shards, tar_relpath
 from redi.trainer.checkpoint import Checkpoint, list_checkpoints, newest_checkpoint
 from redi.trainer.config import TrainConfig
@@ -231,7 +232,7 @@ def test_transient_errors_are_retried_and_others_are_not(monkeypatch: pytest.Mon
     assert is_transient(ClientResponseError(503)) and not is_transient(ClientResponseError(403))
     assert not is_transient(FileNotFoundError()) and not is_transient(PermissionError()) and not is_transient(ValueError())
     assert redact("http://user:pw@host:1/a?X-Amz-Signature=abc b") == "http://host:1/a b"
-    with pytest.raises(UserError, match=r"^nosuch://bucket/x cannot be opened .*redi\[remote\]"):
+    with pytest.raises(UserError, match=r"^nosuch://bucket/x cannot be opened .*pip install -e '\.\[remote\]'"):
         as_location("nosuch://user:pw@bucket/x")
     assert as_location("file:///tmp/x") == Path("/tmp/x")
 

@@ -41,6 +41,7 @@ import typer.main
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+from redi.common.urls import local_path
 from redi.common.vocabulary import RELEASE_OF_REMOVAL, TERMS, hidden_names
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,10 @@ def _parameter(name: str, hint: Any, default: Any, flag: Flag, doc: str,
     parse: Callable[[Any], Any] = given or (lambda v: v)
     help_text = escape(flag.help or doc)  # "[lo, hi]" is text, not rich markup
     extra: dict[str, Any] = {}
-    if given is not None and kind in (Path, Path | None):
+    names = flag.names or ((f"--{name.replace('_', '-')}",) if not flag.argument else ())
+    if kind in (Path, Path | None):
         extra["path_type"] = str  # the parser gets the text as typed: a Path would fold a URL's "//" into "/"
+        parse = given or functools.partial(local_path, flag=names[0] if names else name.upper())
     if choices:
         enum = StrEnum("".join(w.title() for w in name.split("_")), {c: c for c in choices})  # type: ignore[misc]
         kind = enum | None if default is None else enum
@@ -254,7 +257,6 @@ def _parameter(name: str, hint: Any, default: Any, flag: Flag, doc: str,
                 help_text += f" One of: {', '.join(choices)}."
     if default is dataclasses.MISSING:
         default = inspect.Parameter.empty
-    names = flag.names or ((f"--{name.replace('_', '-')}",) if not flag.argument else ())
     if kind is bool or kind == bool | None:
         names = tuple(f"{n}/--no-{n[2:]}" for n in names[:1]) + names[1:]
     show_default = default not in (None, inspect.Parameter.empty)

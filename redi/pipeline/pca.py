@@ -266,7 +266,7 @@ def load_reference_pca(file: Path, trust_pickle: bool, patch_tokens: int) -> PCA
     except Exception as e:  # pickle and torch raise many types for foreign or damaged files
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "sklearn":
             raise UserError(f"{file} holds a scikit-learn PCA: reading it needs scikit-learn, "
-                            "pip install 'redi[reference]'.") from None
+                            "pip install -e '.[reference]' in redi's checkout (or pip install scikit-learn).") from None
         raise UserError(f"{file} is not a readable torch file ({type(e).__name__}: {e}).") from None
     if not isinstance(blob, dict):
         raise UserError(f"{file} holds a {type(blob).__name__}, expected a dict with a PCA, a mean and a std.")

@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import os
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -29,6 +28,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from redi.common.atomic import atomic_write_bytes, sha256_file
 from redi.common.errors import UserError
+from redi.common.urls import is_url, redact
 
 RETRIES = 5  # attempts of one request before a transient error is reported
 BACKOFF_S = 0.5  # wait after the first failed attempt; doubled after each further one (with jitter)
@@ -37,7 +37,6 @@ READ_TIMEOUT_S = 60.0  # so is a response that sends no byte for this long (a st
 CONCURRENT_REQUESTS = 4  # per process, for `redi verify` and `redi publish` of a remote root
 T = TypeVar("T")
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Exception classes (by name, anywhere in the MRO, so no client library need be imported) that a retry can cure:
 # dropped or refused connections, timeouts, bodies cut short (builtins, aiohttp, botocore, urllib3).
 _TRANSIENT_TYPES = {"ConnectionError", "TimeoutError", "ClientConnectionError", "ClientPayloadError",
@@ -45,16 +44,6 @@ _TRANSIENT_TYPES = {"ConnectionError", "TimeoutError", "ClientConnectionError", 
                     "ProtocolError", "ReadTimeoutError", "ChunkedEncodingError"}
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}  # HTTP statuses worth another try
 _FINAL_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-
-
-def is_url(text: str) -> bool:
-    return _SCHEME.match(text) is not None
-
-
-def redact(text: str) -> str:
-    """`text` with the user info (user:password@) and the query strings of its URLs removed."""
-    text = re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@", r"\1", text)
-    return re.sub(r"(://[^\s?]*)\?[^\s'\"]*", r"\1", text)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -130,8 +119,8 @@ class RemotePath:
         try:
             fs, path = fsspec.core.url_to_fs(url, **timeouts(url))
         except (ImportError, ValueError) as e:  # an unknown protocol, or its package is not installed
-            raise UserError(f"{redact(url)} cannot be opened ({redact(str(e))}); `pip install 'redi[remote]'` "
-                            f"brings s3:// and http(s)://, other stores need their fsspec package (gcsfs for gs://).") \
+            raise UserError(f"{redact(url)} cannot be opened ({redact(str(e))}); `pip install -e '.[remote]'` "
+                            f"in redi's checkout brings s3:// and http(s)://, other stores need their fsspec package (gcsfs for gs://).") \
                 from None
         return cls(fs, path)
 

@@ -80,7 +80,8 @@ def faiss_module() -> ModuleType:
     try:
         import faiss
     except ImportError:
-        raise UserError("redi eval needs faiss for precision and recall: pip install 'redi[eval]'.") from None
+        raise UserError("redi eval needs faiss for precision and recall: pip install -e '.[eval]' in redi's checkout "
+                        "(or pip install faiss-cpu).") from None
     return faiss
 
 

@@ -10,7 +10,8 @@ from typing import Annotated, Any
 from redi.common.choices import GUIDANCE_MODES, LABEL_MODES
 from redi.common.errors import UserError
 from redi.common.flags import OneOf
-from redi.pipeline.remote import Location, as_location, read_if_exists, redact
+from redi.common.urls import redact
+from redi.pipeline.remote import Location, as_location, read_if_exists
 from redi.pipeline.shards_config import FORMATS
 from redi.trainer.models import FUSIONS, REPA_DEPTHS, SIZES
 from redi.trainer.phema import DEFAULT_SIGMA_RELS, check_sigma_rels

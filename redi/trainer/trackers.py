@@ -122,7 +122,7 @@ class WandbTracker:
         try:
             import wandb
         except ImportError:
-            raise UserError("--tracker wandb needs wandb: pip install 'redi[wandb]'.") from None
+            raise UserError("--tracker wandb needs wandb: pip install -e '.[wandb]' in redi's checkout (or pip install wandb).") from None
         record = try_read_json(run / WANDB_RECORD)
         run_id = record.get("id") if isinstance(record, dict) and isinstance(record.get("id"), str) else None
         if run_id is None:
