@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 import zipfile
 from pathlib import Path
@@ -383,23 +384,60 @@ def test_eval_without_faiss_says_how_to_install_it(monkeypatch: pytest.MonkeyPat
 # ---------------------------------------------------------------- FD-DINOv2
 
 
-def test_fd_dinov2_preprocessing_is_edm2s() -> None:
-    from redi.sampler.fd_dinov2 import EDM2_PREPROCESS, INPUT_SIDE
+def edm2_dinov2_detector(model: torch.nn.Module, images: torch.Tensor, offset: float, antialias: bool) -> torch.Tensor:
+    """edm2 calculate_metrics.py `DINOv2Detector.__call__` (resize_mode 'torch') on uint8 NCHW images, through torch.hub
+    dinov2's `DinoVisionTransformer.forward` (vision_transformer.py: prepare_tokens_with_masks with its
+    `interpolate_pos_encoding`, blocks, norm, x_norm_clstoken), on the transformers weights of `model` as loaded
+    (its table the checkpoint's). `dinov2_vitl14`: interpolate_offset 0.1, interpolate_antialias False; the `_reg` models:
+    0.0 and True."""
+    x = torch.nn.functional.interpolate(images.to(torch.float32), size=(224, 224), mode="bicubic", antialias=True)
+    x = x.to(torch.float32) / 255
+    x = x - torch.tensor([0.485, 0.456, 0.406]).reshape(1, -1, 1, 1)
+    x = x / torch.tensor([0.229, 0.224, 0.225]).reshape(1, -1, 1, 1)
+    e = model.embeddings
+    b, _, w, h = x.shape
+    tokens = torch.cat((e.cls_token.expand(b, -1, -1), e.patch_embeddings(x)), dim=1)
+    pos_embed = e.position_embeddings.float()  # interpolate_pos_encoding (npatch ≠ N)
+    n, dim, patch = pos_embed.shape[1] - 1, tokens.shape[-1], model.config.patch_size
+    m, w0, h0 = int(math.sqrt(n)), w // patch, h // patch
+    kwargs = {"scale_factor": (float(w0 + offset) / m, float(h0 + offset) / m)} if offset else {"size": (w0, h0)}
+    patch_pos_embed = torch.nn.functional.interpolate(pos_embed[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2),
+                                                      mode="bicubic", antialias=antialias, **kwargs)
+    assert (w0, h0) == patch_pos_embed.shape[-2:]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    tokens = tokens + torch.cat((pos_embed[:, 0].unsqueeze(0), patch_pos_embed), dim=1)
+    registers = getattr(e, "register_tokens", None)
+    if registers is not None:
+        tokens = torch.cat((tokens[:, :1], registers.expand(b, -1, -1), tokens[:, 1:]), dim=1)
+    for block in model.encoder.layer:
+        tokens = block(tokens)
+    return model.layernorm(tokens)[:, 0]
 
-    images = torch.from_numpy(_images(3, side=64, seed=4))  # uint8 (3, 64, 64, 3)
-    x = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2).float(), size=(224, 224), mode="bicubic",
-                                        antialias=True)  # edm2: resize the [0, 255] floats first
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    edm2 = (x / 255 - mean) / std
-    assert torch.allclose(EDM2_PREPROCESS(images, INPUT_SIDE), edm2, atol=1e-5)
+
+@pytest.mark.parametrize("side", [256, 512])
+@pytest.mark.parametrize(("family", "offset", "antialias"), [("dinov2", 0.1, False), ("dinov2-reg", 0.0, True)])
+def test_fd_dinov2_features_equal_edm2s_detector(family: str, offset: float, antialias: bool, side: int) -> None:
+    """DINOv2 with the real checkpoints' 37×37 table (image_size 518, patch 14): our features equal edm2's detector
+    written from its code, as dinov2_vitl14 (offset scale factor, not antialiased) and as the `_reg` models."""
+    from redi.pipeline.encoders import ENCODER, load, resolve
+    from redi.sampler.fd_dinov2 import DinoV2Features
+
+    fd = DinoV2Features(f"tiny-random:{family}", torch.device("cpu"))
+    checkpoint = load(resolve(ENCODER, f"tiny-random:{family}"))
+    assert checkpoint.embeddings.position_embeddings.shape[1] == 1 + 37 * 37
+    images = torch.from_numpy(_images(3, side=side, seed=side))  # uint8 (3, S, S, 3)
+    with torch.inference_mode():
+        ours, edm2 = fd(images), edm2_dinov2_detector(checkpoint, images.permute(0, 3, 1, 2), offset, antialias)
+    assert float((ours - edm2).norm() / edm2.norm()) <= 1e-6
+    assert (fd.record()["position_table"] is not None) == (family == "dinov2")  # resampled once, the hub's way
 
 
 def test_fd_dinov2_takes_the_normed_cls_token_and_refuses_encoders_without_one() -> None:
-    from redi.sampler.fd_dinov2 import EDM2_PREPROCESS, DinoV2Features
+    from redi.sampler.fd_dinov2 import DinoV2Features, edm2_input
 
     fd = DinoV2Features("tiny-random", torch.device("cpu"))
     images = torch.from_numpy(_images(2, side=32, seed=5))
-    hidden = fd._model(pixel_values=EDM2_PREPROCESS(images, 224)).last_hidden_state  # (2, 1 + 4 + 256, 32)
+    hidden = fd._model(pixel_values=edm2_input(images)).last_hidden_state  # (2, 1 + 4 + 256, 32)
     assert torch.equal(fd(images), hidden[:, 0]) and fd.dim == 32 and not fd.comparable
     normed = fd._model.layernorm.weight.detach()  # the final LayerNorm ran: unit variance times its weight
     assert torch.allclose(fd(images).var(dim=1, unbiased=False), torch.full((2,), float(normed.pow(2).mean())), rtol=0.2)

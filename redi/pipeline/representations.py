@@ -39,7 +39,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # REPA's CLIP_DEFAULT_MEAN (Ope
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)  # SigLIP's image processors: x ↦ 2x − 1
 PIL_RESAMPLE = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}  # preprocessor `resample`
-RESAMPLE = "once at load, timm resample_abs_pos_embed (bicubic, antialiased), as REPA load_encoders"  # manifest words
 @dataclass(frozen=True)
 class Preprocess:
     """uint8 crops → encoder input: /255, then normalise and resize to the input side (in that order or reversed)."""
@@ -382,7 +381,7 @@ class FeatureSpec:
 
     def record(self) -> dict[str, Any]:
         """What the manifest records of it."""
-        table = {"position_table": {"from": self.table_grid, "to": self.grid, "resample": RESAMPLE}} if self.resamples else {}
+        table = {"position_table": {"from": self.table_grid, "to": self.grid, "resample": positions.REPA.words}} if self.resamples else {}
         return {"family": self.family.key, "input_side": self.side, "grid": self.grid, "patch_size": self.patch,
                 "tokens_dropped": self.prefix, "global_token": self.global_token, "preprocess": asdict(self.preprocess),
                 **table}
@@ -397,11 +396,12 @@ def feature_spec(config: dict[str, Any], grid: int, processor: dict[str, Any] | 
                        processor_preprocess(family, processor), table_grid)
 
 
-def fit_positions(model: PreTrainedModel, spec: FeatureSpec) -> PreTrainedModel:
-    """Resample the model's position table once to the G × G grid, as REPA's `load_encoders` does (timm's
-    `resample_abs_pos_embed`: `positions.resample`), so that the forward adds it as it is. A family without such a
-    table, or a table of G² rows (the native grid, or fitted already), is left alone; a table fitted to another grid
-    is refused (resampling it again would compound): load the encoder again."""
+def fit_positions(model: PreTrainedModel, spec: FeatureSpec,
+                  how: positions.Interpolation = positions.REPA) -> PreTrainedModel:
+    """Resample the model's position table once to the G × G grid, by default as REPA's `load_encoders` does (timm's
+    `resample_abs_pos_embed`), so that the forward adds it as it is (FD-DINOv2 passes torch.hub DINOv2's own
+    interpolation). A family without such a table, or a table of G² rows (the native grid, or fitted already), is
+    left alone; a table fitted to another grid is refused (resampling it again would compound): load the encoder again."""
     table = spec.family.positions
     if table is None:
         return model
@@ -411,7 +411,7 @@ def fit_positions(model: PreTrainedModel, spec: FeatureSpec) -> PreTrainedModel:
     assert rows == spec.table_grid ** 2, f"the position table holds {rows} positions, not the checkpoint's " \
         f"{spec.table_grid}²: fitted to another grid already; load the encoder again for {spec.grid}²"
     with torch.no_grad():
-        table.put(model, positions.resample(table.get(model), spec.grid, table.prefix))
+        table.put(model, positions.resample(table.get(model), spec.grid, table.prefix, how))
     return model
 
 
