@@ -415,7 +415,7 @@ def train_command(
                       "same command to resume.[/]")
         raise typer.Exit(128 + result.stopped_by)  # what the shell reports for a process ended by that signal
     if result.steps_run == 0:
-        out.print(f"{escape(str(result.run))} is already at step {result.step} (--max-steps {cfg.max_steps}): nothing to do.")
+        out.print(f"{escape(str(result.run))} is already at step {result.step} (--max-steps {result.max_steps}): nothing to do.")
         return
     from rich.table import Table
 

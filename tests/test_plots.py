@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from redi.benchmarks.loader import make_stage_inputs
 from redi.cli import app
-from redi.common.plots import curves_figure, explained_variance_figure, histograms_figure, save_png
+from redi.common.plots import curves_figure, explained_variance_figure, histograms_figure, images_seen, save_png
 from redi.pipeline.info import CURVES_PNG, HISTOGRAMS_PNG, channel_values
 from redi.pipeline.pca import PLOT_FILE
 from redi.pipeline.shards import ShardsConfig, build_shards
@@ -60,7 +60,7 @@ def test_curves_plot_losses_on_a_log_scale_and_fid_against_images_seen() -> None
             for s in range(10, 110, 10)]
     rows += [{"step": 50, "fid": 80.0, "card": {"num_samples": 16, "sampler": "ode", "steps": 50,
                                                   "guidance": {"mode": "rg"}}}, {"step": 100, "fid": 60.0}]
-    fig = curves_figure(rows, batch_size=256, loss_terms=LOSS_TERMS, title="t")
+    fig = curves_figure(rows, batch_sizes=[(0, 256)], loss_terms=LOSS_TERMS, title="t")
     losses, grad, speed, fid = fig.axes[:4]
     assert [line.get_label() for line in losses.lines] == ["loss", "vae", "pcs"]
     assert losses.get_yscale() == grad.get_yscale() == "log" and speed.get_yscale() == "linear"
@@ -71,10 +71,25 @@ def test_curves_plot_losses_on_a_log_scale_and_fid_against_images_seen() -> None
     assert top.get_xlabel() == "images seen" and top.get_xlim() == pytest.approx(tuple(256 * x for x in losses.get_xlim()))
 
 
+def test_images_seen_count_each_stretch_at_its_own_batch_size() -> None:
+    """A run resumed at step 6 with batch 16 after batch 8, then at step 10 with batch 4: the top axis counts
+    6 × 8 + 4 × 16 images at step 10, and maps back."""
+    images, steps = images_seen([(0, 8), (6, 16), (10, 4)])
+    at = np.array([-2, 0, 3, 6, 8, 10, 12])
+    seen = np.array([-16, 0, 24, 48, 80, 112, 120])
+    assert np.array_equal(images(at), seen) and np.allclose(steps(seen), at)
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 13)]
+    fig = curves_figure(rows, batch_sizes=[(0, 8), (6, 16), (10, 4)], loss_terms=LOSS_TERMS, title="t")
+    fig.draw_without_rendering()
+    losses = fig.axes[0]
+    assert losses.child_axes[0].get_xlim() == pytest.approx(tuple(images(np.array(losses.get_xlim()))))
+    assert not curves_figure(rows, batch_sizes=None, loss_terms=LOSS_TERMS, title="t").axes[0].child_axes  # unknown
+
+
 def test_curves_draw_every_loss_term_a_signed_one_on_a_symmetric_log_scale() -> None:
     """REPA's alignment loss is a negative cosine: a log axis would drop it."""
     rows = [{"step": s, "loss": 1.0 / s - 0.5, "vae": 1.0 / s, "repa": -0.9 + 1.0 / s} for s in range(10, 110, 10)]
-    losses = curves_figure(rows, batch_size=16, loss_terms=LOSS_TERMS, title="t").axes[0]
+    losses = curves_figure(rows, batch_sizes=[(0, 16)], loss_terms=LOSS_TERMS, title="t").axes[0]
     assert [line.get_label() for line in losses.lines if not line.get_label().startswith("_")] == ["loss", "vae", "repa"]
     repa = losses.lines[2]
     assert list(repa.get_ydata()) == [r["repa"] for r in rows]  # every point, negative ones included

@@ -17,11 +17,13 @@ from typer.testing import CliRunner
 
 from redi.benchmarks.loader import make_stage_inputs
 from redi.cli import app
+from redi.common import plots
+from redi.common.plots import curves_figure, images_seen
 from redi.common.errors import UserError
 from redi.pipeline.shards import ShardsConfig, build_shards
 from redi.trainer.checkpoint import Checkpoint, RunConfig, SettingsChange, newest_checkpoint
 from redi.trainer.config import TrainConfig
-from redi.trainer.metrics import read_metrics
+from redi.trainer.metrics import plot_curves, read_metrics
 from redi.trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,6 +198,30 @@ def test_samples_seen_follow_each_batch_size_of_the_run(data: Path, tmp_path: Pa
     assert later.samples_before(10) == 6 * 8 + 4 * 16, "a change after the step does not count"
     rewound = later.with_change(SettingsChange(3, {"batch_size": 32}, {"batch_size": 4}))  # resumed from step 3
     assert rewound.samples_before(5) == 3 * 8 + 2 * 32
+
+
+def test_epochs_on_resume_count_the_images_seen_at_each_batch_size(data: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """96 samples: 6 steps at batch 8 are half an epoch; --epochs 2 at batch 16 trains the other 144 images in 9 steps
+    (not 2 × 96 / 16 = 12 steps in all, which counts the first stretch at the new batch size)."""
+    run = tmp_path / "run"
+    train(config(data, run, max_steps=6, save_every=6), device="cpu")
+    resume = ["--shards", str(data), "--run", str(run), "--epochs", "2", "--batch-size", "16"]
+    code, out = run_cli(*resume, "--dry-run")
+    assert code == 0 and json.loads(out[out.index("{"):out.rindex("}") + 1])["train"]["max_steps"] == 6 + 9, out
+    code, out = run_cli(*resume)
+    assert code == 0 and "max_steps 6 → 15" in " ".join(out.split()), out
+    record = RunConfig.load(run)
+    assert Checkpoint.load(newest_checkpoint(run)).step == 15 and record.samples_before(15) == 2 * 96
+    code, out = run_cli("--shards", str(data), "--run", str(run), "--epochs", "1.5")  # seen already: stays where it is
+    assert code == 0 and "already at step 15 (--max-steps 15)" in " ".join(out.split()), out
+
+    drawn: dict[str, object] = {}  # curves.png: the images-seen axis counts each stretch at its batch size
+    monkeypatch.setattr(plots, "curves_figure", lambda rows, batch_sizes, terms, title: drawn.update(
+        batches=batch_sizes, title=title) or curves_figure(rows, batch_sizes, terms, title))
+    assert plot_curves(run, tmp_path / "curves.png") is not None
+    assert drawn["batches"] == ((0, 8), (6, 16)) and "batch 8, 16 from step 6" in str(drawn["title"])
+    assert images_seen(drawn["batches"])[0](15) == 2 * 96  # type: ignore[arg-type]
 
 
 def test_resolution_mismatch_with_existing_run_is_refused(data: Path, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ written atomically and without the matplotlib version in their metadata, so the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +83,15 @@ def _histogram(ax: Axes, values: np.ndarray, title: str) -> None:
     ax.set_yticks([])
 
 
-def curves_figure(rows: list[dict[str, Any]], batch_size: int, loss_terms: Sequence[str], title: str) -> Figure:
+def curves_figure(rows: list[dict[str, Any]], batch_sizes: Sequence[tuple[int, int]] | None, loss_terms: Sequence[str],
+                  title: str) -> Figure:
     """Training curves from metrics.jsonl rows: loss terms, grad norm, images/s, and FID against step and images seen.
 
     Losses and the grad norm are drawn on a log scale (they fall over decades), the losses on a symmetric log scale
     (linear through 0) when a term is signed, as REPA's alignment loss (a negative cosine similarity); every term
-    metrics.jsonl holds is drawn. The top axis of each panel counts the images seen (step × global batch), the unit
-    papers plot against.
+    metrics.jsonl holds is drawn. The top axis of each panel counts the images seen, the unit papers plot against:
+    `batch_sizes` holds the (first step, global batch) of each stretch of the run (a resume may change the batch),
+    and each step counts at its stretch's batch; None (not known) leaves the axis out.
     """
     fig = Figure(figsize=(12, 7.5), layout="constrained")
     fig.suptitle(title)
@@ -122,12 +124,32 @@ def curves_figure(rows: list[dict[str, Any]], batch_size: int, loss_terms: Seque
                  transform=fid.transAxes, color="0.4")
     for ax in (losses, grad):
         ax.set_xlabel("")  # the shared step axis is labelled below
-    for ax in (losses, grad, speed, fid):
-        top = ax.secondary_xaxis("top", functions=(lambda s: s * batch_size, lambda n: n / batch_size))
+    for ax in (losses, grad, speed, fid) if batch_sizes else ():
+        top = ax.secondary_xaxis("top", functions=images_seen(batch_sizes))
         top.xaxis.set_major_formatter(ticker.EngFormatter())  # 160, 1.2 k, 3.4 M
         top.set_xlabel("images seen", fontsize=8)
         top.tick_params(labelsize=7)
     return fig
+
+
+def images_seen(batch_sizes: Sequence[tuple[int, int]]) -> tuple[Callable[[Any], np.ndarray], Callable[[Any], np.ndarray]]:
+    """(step → images seen, images seen → step) for stretches (first step, batch) in step order: piecewise linear,
+    each stretch at its own batch, the first and last stretches extended beyond the run's ends (the axes' margins)."""
+    firsts = np.array([first for first, _ in batch_sizes], dtype=np.float64)  # (S,)
+    sizes = np.array([batch for _, batch in batch_sizes], dtype=np.float64)  # (S,)
+    starts = np.concatenate([[0.0], np.cumsum(np.diff(firsts) * sizes[:-1])])  # (S,) images before each first step
+
+    def images(step: Any) -> np.ndarray:
+        step = np.asarray(step, dtype=np.float64)
+        i = np.clip(np.searchsorted(firsts, step, side="right") - 1, 0, None)  # the stretch of each step
+        return starts[i] + (step - firsts[i]) * sizes[i]
+
+    def steps(seen: Any) -> np.ndarray:
+        seen = np.asarray(seen, dtype=np.float64)
+        i = np.clip(np.searchsorted(starts, seen, side="right") - 1, 0, None)
+        return firsts[i] + (seen - starts[i]) / sizes[i]
+
+    return images, steps
 
 
 def _finite(value: Any) -> bool:

@@ -163,13 +163,19 @@ class RunConfig:
         return next((c.settings["world_size"] for c in reversed(self.changes) if "world_size" in c.settings),
                     self.world_size)
 
-    def samples_before(self, step: int) -> int:
-        """Samples the run has trained on before `step`, each stretch of steps at its own batch size (a change
-        recorded after `step`, from a resume that went back to an older checkpoint, is ignored)."""
-        stretches = [(0, int(self.train["batch_size"]))]  # (first step, batch size)
+    @property
+    def batch_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(first step, global batch size) of each stretch the run trained or trains at, in step order; a resume that
+        went back to an older checkpoint replaces the stretches recorded after its step."""
+        stretches = [(0, int(self.train["batch_size"]))]
         for change in self.changes:
             if "batch_size" in change.settings:
                 stretches = [s for s in stretches if s[0] < change.step] + [(change.step, int(change.settings["batch_size"]))]
+        return tuple(stretches)
+
+    def samples_before(self, step: int) -> int:
+        """Samples the run has trained on before `step`, each stretch of steps at its own batch size."""
+        stretches = self.batch_sizes
         ends = [first for first, _ in stretches[1:]] + [step]
         return sum(max(0, min(end, step) - first) * batch for (first, batch), end in zip(stretches, ends, strict=True))
 

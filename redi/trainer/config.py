@@ -89,7 +89,8 @@ class TrainConfig(MethodParts):
     epochs: float | None = None
     """Train this many epochs instead of --max-steps.
 
-    Replaces max_steps by epochs × samples / batch_size."""
+    Replaces max_steps by epochs × samples / batch_size; on resume, the images already seen count at the batch sizes
+    they were seen at, and the rest at this one."""
     lr: float = 1e-4
     """AdamW learning rate (constant)."""
     beta1: float = 0.9

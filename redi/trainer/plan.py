@@ -13,7 +13,7 @@ import torch
 
 from redi.common.errors import UserError
 from redi.pipeline.readers import ShardInfo, read_shard_info
-from redi.trainer.checkpoint import RunConfig, ShardSummary
+from redi.trainer.checkpoint import RunConfig, ShardSummary, list_checkpoints
 from redi.trainer.config import TrainConfig, resolve_shards_dir
 from redi.trainer.flops import train_flops_per_image
 from redi.trainer.models import ModelConfig, build_model
@@ -36,6 +36,16 @@ class TrainPlan:
     """Micro-batches per rank in one optimiser step."""
     micro: int
     """Samples per rank in one forward pass."""
+    epochs: float | None = None
+    """--epochs as asked (max_steps follows from it: `epoch_steps`)."""
+
+    def resumed(self, step: int, seen: int) -> TrainPlan:
+        """The plan of a run resuming at `step` after `seen` images: --epochs counts the images of every stretch at its
+        own batch size, and only the rest at this batch size."""
+        if self.epochs is None or self.shards.num_samples is None:
+            return self
+        steps = epoch_steps(self.epochs, self.shards.num_samples, self.cfg.batch_size, step, seen)
+        return dataclasses.replace(self, cfg=self.cfg.replace(max_steps=steps))
 
     def run_config(self, world_size: int) -> RunConfig:
         """config.json of the run."""
@@ -44,13 +54,21 @@ class TrainPlan:
 
 def resolve(cfg: TrainConfig, info: ShardInfo, world_size: int = 1) -> TrainPlan:
     """`cfg` on the shards `info` describes, over `world_size` ranks; the refusals as one sentence each."""
-    cfg = cfg.replace(resolution=info.resolution).with_patch(info.patch_size)
-    if cfg.epochs is not None:
-        cfg = cfg.replace(max_steps=max(1, round(cfg.epochs * info.num_samples / cfg.batch_size)), epochs=None)
+    cfg, epochs = cfg.replace(resolution=info.resolution).with_patch(info.patch_size), cfg.epochs
+    if epochs is not None:
+        cfg = cfg.replace(max_steps=epoch_steps(epochs, info.num_samples, cfg.batch_size), epochs=None)
     model, loss = model_config(cfg, info), loss_config(cfg)
     check_compatible(model, loss)
     accum, micro = batch_plan(cfg, world_size)
-    return TrainPlan(cfg=cfg, model=model, loss=loss, shards=ShardSummary.of(info), accum=accum, micro=micro)
+    return TrainPlan(cfg=cfg, model=model, loss=loss, shards=ShardSummary.of(info), accum=accum, micro=micro,
+                     epochs=epochs)
+
+
+def epoch_steps(epochs: float, num_samples: int, batch_size: int, step: int = 0, seen: int = 0) -> int:
+    """max_steps for `epochs` passes over `num_samples` images: a run at `step` that has seen `seen` images trains the
+    rest at `batch_size` (none when it has seen them all already: it stops where it is)."""
+    left = max(0.0, epochs * num_samples - seen)
+    return max(1, step + round(left / batch_size))
 
 
 def describe(cfg: TrainConfig, given: Collection[str] | None = None) -> dict[str, Any]:
@@ -60,6 +78,8 @@ def describe(cfg: TrainConfig, given: Collection[str] | None = None) -> dict[str
     plan = resolve(as_recorded(cfg, record, given), read_shard_info(resolve_shards_dir(cfg.shards)))
     if record is not None:
         refuse_another_run(Path(cfg.run), record, plan.cfg)
+        step = max((s for s, _ in list_checkpoints(Path(cfg.run))), default=0)  # the newest, if it loads
+        plan = plan.resumed(step, record.samples_before(step))
     return {"train": plan.cfg.to_json(), "model_config": dataclasses.asdict(plan.model), "shards": plan.shards.to_json(),
             "parameters": parameter_count(plan.model), "train_gflops_per_image": train_flops_per_image(plan.model) / 1e9,
             "micro_batches_per_step": plan.accum}

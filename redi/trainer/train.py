@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 class TrainResult:
     run: Path
     step: int
+    max_steps: int  # where the run stops (--epochs resolved)
     steps_run: int
     skipped_steps: int
     last_loss: float
@@ -100,8 +101,12 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
     prepare_run_dir(run, plan, pca, dist_info, record)
     state = initial_state(plan, run, dev)
     model, step, start_step = state.model, state.step, state.step
-    if record is not None and dist_info.is_main:
-        note_resume(run, record, plan.cfg, step, dist_info.world_size)
+    seen = record.samples_before(step) if record is not None else step * cfg.batch_size
+    if record is not None:
+        plan = plan.resumed(step, seen)  # --epochs: the images already seen, at the batch sizes they were seen at
+        cfg = plan.cfg
+        if dist_info.is_main:
+            note_resume(run, record, plan.cfg, step, dist_info.world_size)
     net = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) if dist_info.world_size > 1 else model
     if cfg.compile:
         net = torch.compile(net)
@@ -110,7 +115,6 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" and cfg.precision == "bf16" else contextlib.nullcontext()
 
-    seen = record.samples_before(step) if record is not None else step * cfg.batch_size
     watch = watch_factory(plan, dist_info, state)  # metrics.jsonl, the tracker (+ grids, FID: sampler/watch.py)
     meter = SpeedMeter(cfg.batch_size, train_flops_per_image(plan.model), peak_flops(dev), dist_info.world_size, step)
     gen = torch.Generator(device=dev)
@@ -186,7 +190,7 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
     progress.close()
     seconds = time.perf_counter() - started
     training = max(seconds - watch.seconds, 1e-9)
-    return TrainResult(run=run, step=step, steps_run=step - start_step, skipped_steps=skipped, last_loss=loss_value,
+    return TrainResult(run=run, step=step, max_steps=cfg.max_steps, steps_run=step - start_step, skipped_steps=skipped, last_loss=loss_value,
                        seconds=seconds, images_per_s=(step - start_step) * cfg.batch_size / training,
                        stopped_by=stopped_by, watch_seconds=watch.seconds, data_stalled=stalled)
 
