@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from redi.cli import app
 from redi.pipeline.encoders import VAE, load, random_init, resolve
 from redi.pipeline.latent_norm import LatentNorm
-from redi.pipeline.readers import read_shard_info
+from redi.pipeline.shard_info import read_shard_info
 from redi.pipeline.vaes import latent_space, tiny_configs
 from redi.sampler.sample import Decoder
 from redi.trainer.metrics import read_metrics

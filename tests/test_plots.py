@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,8 @@ def test_info_draws_a_data_roots_pictures_and_a_runs_curves(data: Path, tmp_path
         assert img.format == "PNG" and img.size == (1200, 750)
 
 
-def test_info_draws_a_picture_again_only_when_what_it_shows_changed(data: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_info_draws_a_picture_again_only_when_what_it_shows_changed(
+        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_free: Callable[[list[str]], bool]) -> None:
     """Each PNG is stamped with the digest of its inputs: a rerun leaves a current one alone (no figure drawn, the
     file untouched) and draws one whose input changed."""
     import redi.common.plots as plots
@@ -141,6 +142,7 @@ def test_info_draws_a_picture_again_only_when_what_it_shows_changed(data: Path, 
     for root in (data, run):
         result = CliRunner().invoke(app, ["info", str(root)])
         assert result.exit_code == 0 and "plot:" in result.output, result.output
+    assert torch_free(["info", str(data)])
     assert {p: (p.stat().st_mtime_ns, picture_stamp(p)) for p in pictures} == drawn
     monkeypatch.undo()
     with metrics.open("a") as f:

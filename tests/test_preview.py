@@ -1,6 +1,7 @@
 """`redi preview`: the training latents decoded, their PCs, and a sample folder's images and PCs, captioned."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ from redi.sampler import preview as preview_module
 from redi.sampler.preview import CAPTION_HEIGHT, CELL, PAD, _cells
 
 
-def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples(pipeline: dict, tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples(
+        pipeline: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_free: Callable[[list[str]], bool]) -> None:
     data, samples, out = pipeline["ref_data"], pipeline["ref_samples"], tmp_path / "preview.png"
     result = CliRunner().invoke(app, ["preview", str(data), "--samples", str(samples), "--num", "5", "--out", str(out)],
                                 env={"COLUMNS": "200"})
@@ -59,3 +60,5 @@ def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples
     assert again.exit_code == 0 and "row 4" in again.stdout and out.read_bytes() == drawn, again.output
     other = CliRunner().invoke(app, ["preview", str(data), "--samples", str(samples), "--num", "4", "--out", str(out)])
     assert other.exit_code == 1 and isinstance(other.exception, AssertionError)  # other inputs: drawn again
+    assert torch_free(["preview", str(data), "--samples", str(samples), "--num", "5", "--out", str(out)])
+

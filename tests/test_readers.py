@@ -13,7 +13,8 @@ import zarr
 from redi.benchmarks import loader as loader_bench
 from redi.benchmarks.loader import make_stage_inputs
 from redi.common.errors import UserError
-from redi.pipeline.readers import StreamPlan, make_loader, read_shard_info
+from redi.pipeline.readers import StreamPlan, make_loader
+from redi.pipeline.shard_info import read_shard_info
 from redi.pipeline.shards import ShardsConfig, build_shards
 
 N, H, GRID, DIM, K, S = 211, 4, 2, 16, 4, 16  # images, latent side, patch grid side, width, PCs, shard size

@@ -16,7 +16,7 @@ from redi.cli import app
 from redi.common.errors import UserError
 from redi.pipeline.encode import EncodeConfig, run_encode, run_features
 from redi.pipeline.pca import PCAConfig, run_pca
-from redi.pipeline.readers import read_shard_info
+from redi.pipeline.shard_info import read_shard_info
 from redi.pipeline.repa_import import RepaImportConfig, import_repa
 from redi.pipeline.shards import ShardsConfig, build_shards
 from redi.pipeline.stage import StageState, read_manifest

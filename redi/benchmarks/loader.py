@@ -41,7 +41,8 @@ from redi.common.atomic import atomic_write_json
 from redi.common.errors import UserError
 from redi.pipeline.pca import features_fingerprint
 from redi.pipeline.pca_file import PCAModel
-from redi.pipeline.readers import DEFAULT_FIELDS, _NpyDecoder, make_loader, read_shard_info, tar_members
+from redi.pipeline.readers import DEFAULT_FIELDS, _NpyDecoder, make_loader, tar_members
+from redi.pipeline.shard_info import read_shard_info
 from redi.pipeline.shards import ShardsConfig, build_shards, tar_relpath
 from redi.pipeline.stage import ChunkError, Manifest, StageDir
 from redi.pipeline.vaes import latent_space, sd_vae_config

@@ -22,7 +22,7 @@ import torch
 
 from redi.benchmarks.loader import make_stage_inputs
 from redi.pipeline.encoders import ENCODER, random_init
-from redi.pipeline.readers import read_shard_info
+from redi.pipeline.shard_info import read_shard_info
 from redi.pipeline.representations import dinov2_base_config
 from redi.pipeline.shards import ShardsConfig, build_shards
 from redi.trainer.config import TrainConfig

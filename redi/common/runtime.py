@@ -12,15 +12,18 @@ import traceback
 from collections.abc import Callable
 from multiprocessing import resource_sharer
 from types import TracebackType
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from redi.common.errors import UserError
+
+if TYPE_CHECKING:  # torch takes seconds to import: commands that need no device do without it
+    import torch
 
 
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     """None/'auto' → CUDA when available (this rank's GPU under torchrun), else CPU; an absent CUDA is a user error."""
+    import torch
+
     if name is None or name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

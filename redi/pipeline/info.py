@@ -17,7 +17,7 @@ from redi.common.errors import UserError
 from redi.common.stamp import content_digest, picture_stamp
 from redi.pipeline.latent_norm import LatentNorm
 from redi.pipeline.pca import PLOT_FILE, load_stage_pca, plot_explained_variance, plot_source
-from redi.pipeline.readers import read_shard_info
+from redi.pipeline.shard_info import read_shard_info
 from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir, describe_identity
 
 log = logging.getLogger(__name__)

@@ -14,13 +14,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from redi.common.choices import LATENT_NORMS
 from redi.common.errors import UserError
+
+if TYPE_CHECKING:  # the record reads without torch (redi info); the map on tensors imports it
+    import torch
 
 KINDS = LATENT_NORMS
 
@@ -81,6 +83,8 @@ class LatentNorm:
 def _channel_view(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """(1, C, 1, 1) float32 on `device`, made once: the trainer applies the map every micro-batch, and a fresh tensor
     there would be a host-to-device copy per step."""
+    import torch
+
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 

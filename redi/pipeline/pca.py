@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 
 from redi.common.atomic import atomic_write_json, atomic_write_with, remove_temporaries, sha256_file, try_read_json
@@ -31,6 +30,9 @@ from redi.common.runtime import resolve_device
 from redi.common.stamp import content_digest
 from redi.pipeline.pca_file import PCA_FILE, PCAModel, PCARecord, parse_pca, read_pca_bytes
 from redi.pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, diff_keys, open_array, read_errors, read_manifest
+
+if TYPE_CHECKING:  # the stage's records read without torch (redi info, shards, verify); the fit and the import load it
+    import torch
 
 FEATURES_DIR = "features"
 PCA_RECORD = "pca.json"  # the stage cache record: manifest of the run that wrote PCA_FILE, and its hash
@@ -175,6 +177,8 @@ class MomentAccumulator:
     """Streaming float64 sum and sum of outer products of tokens, shifted by a provisional mean."""
 
     def __init__(self, dim: int, device: torch.device):
+        import torch
+
         self.n = 0
         self.shift: torch.Tensor | None = None  # (D,) first batch's mean: keeps the sums small
         self.s1 = torch.zeros(dim, dtype=torch.float64, device=device)  # Σ (z − shift)
@@ -183,6 +187,8 @@ class MomentAccumulator:
 
     def update(self, tokens: np.ndarray) -> None:
         """Add a block of tokens of shape (..., D)."""
+        import torch
+
         x = torch.from_numpy(tokens).to(self.device).reshape(-1, self.s1.shape[0]).to(torch.float64)  # (T, D)
         if self.shift is None:
             self.shift = x.mean(0)  # (D,)
@@ -195,7 +201,7 @@ class MomentAccumulator:
         """Mean and biased covariance of everything added so far."""
         assert self.shift is not None and self.n > 0, "moments() before any update()"
         d = self.s1 / self.n  # (D,) mean − shift
-        cov = self.s2 / self.n - torch.outer(d, d)  # (D, D)
+        cov = self.s2 / self.n - d.outer(d)  # (D, D)
         cov = (cov + cov.T) / 2  # exact symmetry for eigh
         return TokenMoments(n=self.n, mean=(self.shift + d).cpu().numpy(), cov=cov.cpu().numpy())
 
@@ -261,6 +267,8 @@ def load_reference_pca(file: Path, trust_pickle: bool, patch_tokens: int) -> PCA
         )
     if not file.is_file():
         raise UserError(f"No file at {file}.")
+    import torch
+
     try:
         blob = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:  # pickle and torch raise many types for foreign or damaged files

@@ -6,14 +6,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors.numpy import load, save
 
 from redi.common.atomic import atomic_write_bytes
 from redi.common.errors import UserError
 from redi.pipeline.remote import Location
+
+if TYPE_CHECKING:  # the file reads without torch (redi info); the projection imports it
+    import torch
 
 PCA_FILE = "pca.safetensors"
 PCA_FORMAT_VERSION = 1
@@ -40,6 +43,8 @@ class PCAModel:
 
     def project(self, tokens: torch.Tensor, rank: int) -> torch.Tensor:
         """(..., D) tokens → (..., rank) principal-component values, computed in float32 on tokens' device."""
+        import torch
+
         if rank > self.components.shape[0]:
             raise UserError(f"PCA rank {rank} exceeds the {self.components.shape[0]} stored components.")
         dev = tokens.device

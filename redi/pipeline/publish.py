@@ -19,7 +19,7 @@ from redi.common.display import progress_bar
 from redi.common.errors import UserError
 from redi.pipeline.pca import PCA_RECORD, load_stage_pca
 from redi.pipeline.pca_file import PCA_FILE
-from redi.pipeline.readers import read_shard_info
+from redi.pipeline.shard_info import read_shard_info
 from redi.pipeline.remote import CONCURRENT_REQUESTS, Location, RemotePath, as_location, read_if_exists, write_file
 from redi.pipeline.shards import SHARDS_JSON
 

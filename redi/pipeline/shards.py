@@ -25,10 +25,9 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
@@ -45,6 +44,9 @@ from redi.pipeline.shards_config import (  # noqa: F401  (FORMATS, ShardsConfig:
 )
 from redi.pipeline.stage import InputCheck, Manifest, StageDir, StageState, open_array, read_errors, read_manifest, stage_lock
 from redi.pipeline.vaes import LatentSpace, manifest_space
+
+if TYPE_CHECKING:  # the layout and its names read without torch (the shards' readers); the projection imports it
+    import torch
 
 DATA_FIELDS = ("moments", "pcs", "cls", "patch_tokens")  # the array fields a sample may hold, besides label
 CHUNK_BYTES = 16 << 20  # target size of one zarr chunk file
@@ -339,6 +341,8 @@ def _rows(arr: zarr.Array, name: str, first: int, last: int, check: InputCheck) 
 
 def _read_group(inputs: _Inputs, lo: int, hi: int, layout: ShardLayout, device: torch.device) -> dict[str, np.ndarray]:
     """Every field of the kept images at positions [lo, hi), in that order; PCs projected on `device`."""
+    import torch
+
     out = {name: np.empty((hi - lo, *spec.shape), spec.dtype) for name, spec in layout.fields.items()}
     k, p = layout.fields["pcs"].shape[:2]
     for at in range(lo, hi, READ_ROWS):

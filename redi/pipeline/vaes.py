@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-if TYPE_CHECKING:  # diffusers takes seconds to import: the classes load when a VAE is built, loaded or inspected
+if TYPE_CHECKING:  # diffusers and torch take seconds to import: they load when a VAE is built, loaded, inspected or run
+    import torch
     from diffusers.models.modeling_utils import ModelMixin
 
 from redi.common.errors import UserError
@@ -32,12 +31,16 @@ TOKEN_PIXELS = 16  # default patch: one token per 16×16 image pixels where late
 
 def gaussian_moments(vae: ModelMixin, x: torch.Tensor) -> torch.Tensor:
     """AutoencoderKL: (N, 3, R, R) in [-1, 1] → (N, 2C, h, h) posterior mean, then std = exp(½·logvar)."""
+    import torch
+
     posterior = vae.encode(x).latent_dist
     return torch.cat([posterior.mean, posterior.std], dim=1)
 
 
 def deterministic_moments(vae: ModelMixin, x: torch.Tensor) -> torch.Tensor:
     """AutoencoderDC: (N, 3, R, R) in [-1, 1] → (N, 2C, h, h) the latent, then a std of 0 (sampling returns it)."""
+    import torch
+
     latent = vae.encode(x).latent  # (N, C, h, h)
     return torch.cat([latent, torch.zeros_like(latent)], dim=1)
 

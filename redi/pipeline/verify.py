@@ -19,9 +19,9 @@ from redi.common.errors import UserError
 from redi.common.urls import redact
 from redi.pipeline.pca import PCA_RECORD, load_stage_pca
 from redi.pipeline.pca_file import PCA_FILE, parse_pca
-from redi.pipeline.readers import read_shard_info, rebuild_hint, shards_pca
 from redi.pipeline.remote import CONCURRENT_REQUESTS, Location, RemotePath, as_location, open_zarr_array, \
     sha256_of
+from redi.pipeline.shard_info import read_shard_info, rebuild_hint, shards_pca
 from redi.pipeline.shards import KEYS_JSON, ZARR_DIR, tar_relpath, unreadable_chunk
 from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir, open_array, read_errors, read_manifest
 

@@ -27,20 +27,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
-from torch import Tensor
 
 from redi.common.atomic import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_with
 from redi.common.errors import UserError
 from redi.common.lock import exclusive
 from redi.common.stamp import PNG_KEY
-from redi.sampler.guidance import GuidanceConfig
-from redi.sampler.settings import SamplerChoice
-from redi.trainer.checkpoint import Checkpoint, sigma_label
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the folder's layout reads without torch (redi preview); the tensors' conversion imports it
+    from torch import Tensor
+
+    from redi.sampler.guidance import GuidanceConfig
     from redi.sampler.sample import SampleConfig
+    from redi.sampler.settings import SamplerChoice
+    from redi.trainer.checkpoint import Checkpoint
 
 IMAGES_DIR = "images"
 PCS_DIR = "pcs"
@@ -77,6 +77,8 @@ QUANTIZE = {  # decoded x in [−1, 1] → the float whose truncation is the sto
 
 def to_uint8(images: Tensor, quantize: str = "nearest") -> np.ndarray:
     """Decoded images (N, 3, H, W) in [−1, 1] → uint8 (N, H, W, 3): clamp to [0, 255] and truncate, as the references."""
+    import torch
+
     x = QUANTIZE[quantize](images.float()).clamp(0, 255).to(torch.uint8)  # (N, 3, H, W)
     return x.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
 
@@ -197,6 +199,8 @@ def default_out(ckpt: Checkpoint, run: Path | None, sampler: SamplerChoice, guid
                 cfg: SampleConfig, guide: Checkpoint | None = None) -> Path:
     """RUN/samples/NAME or CKPT_DIR/samples/NAME, NAME = step (and a post-hoc EMA's σ_rel), sampler (steps, options),
     guidance, scales (AutoGuidance: and the guide's SHA-256 prefix), interval, seed."""
+    from redi.trainer.checkpoint import sigma_label
+
     parts = [f"step{ckpt.step:07d}", sampler.label()]
     if ckpt.posthoc_ema is not None:
         parts.insert(1, f"sigma{sigma_label(ckpt.posthoc_ema['sigma_rel'])}")

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from redi.common.atomic import read_json
 from redi.common.errors import UserError
 from redi.common.stamp import content_digest, picture_stamp
-from redi.pipeline.readers import Segment, ShardInfo, WdsShardDataset, ZarrShardDataset, read_shard_info
+from redi.pipeline.shard_info import ShardInfo, read_shard_info
 from redi.pipeline.shards_config import SHARDS_JSON
 from redi.pipeline.stage import TINY_RANDOM
 from redi.sampler.outputs import IMAGES_DIR, SAMPLE_JSON, image_path, pcs_path, pcs_to_rgb, read_png, to_uint8, write_picture
@@ -112,12 +111,15 @@ def _row_texts(info: ShardInfo, settings: dict[str, Any] | None, kept: bool) -> 
 def _training(root: Path, info: ShardInfo, n: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The shards' first `n` samples (shuffled at write time, so varied): class names, the posterior means decoded
     by the recorded VAE, uint8 (n, R, R, 3), and the PCs, float32 (n, K, p, p)."""
+    import torch  # torch, transformers and diffusers: seconds, only to draw
+
+    from redi.pipeline.encoders import VAE, load, resolve
+    from redi.pipeline.readers import Segment, WdsShardDataset, ZarrShardDataset
+
     size = info.shard_size
     reader = (ZarrShardDataset if "zarr" in info.formats else WdsShardDataset)(str(root), fields=("moments", "pcs"))
     parts = [reader.read_segment(Segment(b, b * size, min((b + 1) * size, n))) for b in range(-(-n // size))]
     arrays = {name: np.concatenate([part[name] for part in parts]) for name in ("moments", "pcs")}
-    from redi.pipeline.encoders import VAE, load, resolve  # transformers and diffusers: seconds, only to draw
-
     vae_record = info.raw["vae"]
     revision = vae_record.get("revision", "main") if vae_record.get("kind") == "hub" else "main"
     vae = load(resolve(VAE, vae_record["id"], revision))

@@ -10,15 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from redi.common.errors import UserError
 from redi.pipeline.stage import TINY_RANDOM
-from redi.sampler.guidance import GuidanceConfig, check_guidance
 from redi.sampler.labels import labels_setting
-from redi.sampler.ddpm import DIT_SCHEDULE, space_timesteps
-from redi.sampler.samplers import SamplerOptions, sde_min_steps
-from redi.trainer.checkpoint import Checkpoint, checkpoint_path, list_checkpoints, resolve_checkpoint
 
-if TYPE_CHECKING:
-    from redi.sampler.decoder import Decoder  # loads the VAE's libraries: seconds that the settings do not need
+if TYPE_CHECKING:  # torch and the VAE's libraries: seconds that describing sample.json (redi preview) does not need
+    from redi.sampler.decoder import Decoder
+    from redi.sampler.guidance import GuidanceConfig
     from redi.sampler.sample import SampleConfig
+    from redi.sampler.samplers import SamplerOptions
+    from redi.trainer.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLER = {"sit": "sde", "dit": "ddpm"}
@@ -60,6 +59,9 @@ class SamplerChoice:
 def resolve_sampler(cfg: SampleConfig, objective: str) -> SamplerChoice:
     """The sampler for this objective (default sde for SiT, ddpm for DiT) and its options; flags that do nothing
     for it are refused."""
+    from redi.sampler.ddpm import DIT_SCHEDULE, space_timesteps
+    from redi.sampler.samplers import SamplerOptions, sde_min_steps
+
     sampler = cfg.sampler or DEFAULT_SAMPLER[objective]
     if (sampler == "ddpm") != (objective == "dit"):
         raise UserError(
@@ -91,6 +93,8 @@ def resolve_sampler(cfg: SampleConfig, objective: str) -> SamplerChoice:
 
 def resolve_guidance(cfg: SampleConfig, ckpt: Checkpoint) -> GuidanceConfig:
     """The guidance for this model, refused when it cannot support it; unused scales are set to 1 (canonical)."""
+    from redi.sampler.guidance import GuidanceConfig, check_guidance
+
     mc = ckpt.model_config
     check_guidance(cfg.guidance, mc.num_classes, ckpt.rep_drop, mc.class_dropout)
     cfg_on, rg_on, ag_on = "cfg" in cfg.guidance, "rg" in cfg.guidance, "autoguidance" in cfg.guidance
@@ -117,6 +121,8 @@ GUIDE_MODEL_FIELDS = ("objective", "vae_channels", "pca_rank", "input_size", "re
 def resolve_guide(cfg: SampleConfig, ckpt: Checkpoint) -> Checkpoint | None:
     """AutoGuidance's guiding checkpoint (--guide-ckpt, or --guide-run's newest or --guide-step's), refused in one
     sentence unless it models the same data in the same latent space with the same channels; None without it."""
+    from redi.trainer.checkpoint import Checkpoint, checkpoint_path, list_checkpoints, resolve_checkpoint
+
     if cfg.guide_run is None and cfg.guide_ckpt is None:
         return None
     if cfg.guide_run is not None and cfg.guide_step is not None:

@@ -33,7 +33,7 @@ from torch import Tensor
 from redi.common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_with, sha256_file
 from redi.common.errors import UserError
 from redi.pipeline.latent_norm import LatentNorm
-from redi.pipeline.readers import ShardInfo
+from redi.pipeline.shard_info import ShardInfo
 from redi.pipeline.vaes import LatentSpace, legacy_space
 from redi.trainer.models import ModelConfig
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from redi.common.errors import UserError
-from redi.pipeline.readers import ShardInfo, read_shard_info
+from redi.pipeline.shard_info import ShardInfo, read_shard_info
 from redi.trainer.checkpoint import RunConfig, ShardSummary, list_checkpoints
 from redi.trainer.config import TrainConfig, resolve_shards_dir
 from redi.trainer.flops import train_flops_per_image

@@ -27,7 +27,8 @@ from redi.common.errors import UserError
 from redi.common.lock import exclusive
 from redi.common.runtime import loader_workers
 from redi.pipeline.pca_file import PCA_FILE
-from redi.pipeline.readers import ShardInfo, make_loader, read_shard_info, shards_pca
+from redi.pipeline.readers import make_loader
+from redi.pipeline.shard_info import ShardInfo, read_shard_info, shards_pca
 from redi.pipeline.remote import Location
 from redi.trainer.checkpoint import BackgroundCheckpointer, Checkpoint, RunConfig, load_newest_readable
 from redi.trainer.config import TrainConfig, resolve_shards_dir
