@@ -45,7 +45,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()  # results: tables and summaries
+out = Console(soft_wrap=True)  # results: tables (wrapped to the width) and lines, never wrapped (paths stay whole)
 err = Console(stderr=True, soft_wrap=True)  # errors and warnings: never wrapped (a path stays whole and copyable)
 F = TypeVar("F", bound=Callable[..., Any])
 DATA_PANEL, MODEL_PANEL, CHECK_PANEL = "Prepare data", "Train and sample", "Inspect and measure"  # of `redi --help`
@@ -151,8 +151,8 @@ def stage_command(name: str, spec: FromConfig, panel: str) -> Callable[[F], F]:
 
 def print_summary(table: Any, paths: Sequence[tuple[str, Any]] = ()) -> None:
     """A result table, then each path on a line of its own: in a table cell a long path is cut ("…") or folded
-    mid-word at 80 columns, on a line it moves whole to the next line."""
-    out.print(table)
+    mid-word at 80 columns; a line is never wrapped, so the path stays whole to copy (the terminal folds it)."""
+    out.print(table, soft_wrap=False)
     for name, path in paths:
         out.print(f"{name}: {escape(str(path))}")
 
@@ -270,7 +270,7 @@ def pca_command(
         table.add_column(name, justify="right")
     for index, variance, ratio, cumulative in rows:
         table.add_row(str(index), f"{variance:.4g}", f"{ratio:.2%}", f"{cumulative:.2%}")
-    out.print(table)
+    out.print(table, soft_wrap=False)
     source = m.source if len(m.source) <= 28 else m.source[:28] + "…"
     what = f"{m.n_images:,} images, {m.n_tokens:,} tokens of {m.dim} dims, source {source}"
     if result.up_to_date:
@@ -528,7 +528,7 @@ def eval_command(cfg: EvalConfig) -> None:
              "recall": "Recall", "fd_dinov2": "FD-DINOv2"}
     for key, value in result.metrics.items():
         table.add_row(names[key], f"{value:.4f}")
-    out.print(table)
+    out.print(table, soft_wrap=False)
     stats = "precomputed reference statistics" if result.precomputed_ref_stats else "reference statistics from its images"
     out.print(f"[green]wrote[/] {escape(str(result.out))} in {result.seconds:.1f} s "
               f"({result.images_per_s:,.1f} img/s on {result.device}, {stats})")
@@ -728,5 +728,5 @@ def bench_command(
         table = Table(title=f"redi bench {name}", show_header=False)
         for key, value in figures.items():
             table.add_row(key, _figure(value))
-        out.print(table)
+        out.print(table, soft_wrap=False)
 

@@ -191,13 +191,13 @@ def test_the_command_list_and_version_do_not_import_torch() -> None:
 
 def test_summaries_at_80_columns_keep_long_paths_whole(pipeline: dict, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A path longer than a table cell but shorter than a line is printed whole: never cut with "…", never folded."""
+    """A path longer than a table cell, or than a line, is printed whole: never cut with "…", never folded."""
     import shutil
 
     from faults import sample_args
 
     monkeypatch.chdir(tmp_path)
-    folder = Path("a-folder-whose-name-is-long-enough-to-overflow-a-table-cell")  # 60 characters
+    folder = Path("a-folder-whose-name-is-longer-than-a-line-of-80-columns-" + "x" * 50)  # 106 characters
     folder.mkdir()
     (folder / "data").symlink_to(pipeline["ref_data"])
     (folder / "run").symlink_to(pipeline["ref_run"])
