@@ -21,7 +21,8 @@ from rich.markup import escape
 
 from redi.common.display import configure_logging
 from redi.common.errors import UserError, disk_full
-from redi.common.flags import Command, ConfigGroup, Flag, FromConfig, OneOf, config_command, given_flags
+from redi.common.flags import Command, ConfigGroup, Flag, FromConfig, OneOf, config_command, given_flags, ranged, with_range
+from redi.common.schema import Range
 from redi.common.urls import local_path
 
 if TYPE_CHECKING:  # the commands' config classes; their modules import torch, so they load when a command runs
@@ -164,6 +165,7 @@ def print_json(value: Any) -> None:
 
 # --- demo-data, encode, features ---
 
+AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)  # the ranges of the numeric options that are no config's fields
 SOURCE = Flag(argument=True, type=str)
 # A data root on a local disk: a URL is one sentence, never a folder. Its Path flags have path_type=str (the text as
 # typed: a Path would fold a URL's "//" into "/"), which local_root makes a Path.
@@ -203,8 +205,10 @@ def _print_stage_result(result: Any) -> None:
 @user_errors
 def demo_data_command(
     out_dir: Annotated[Path, typer.Option("--out", path_type=str, help="Folder to write the images into (ImageFolder layout).")] = Path("data/demo-images"),
-    num: Annotated[int, typer.Option("--num", help="Number of images (5 classes, cycled).")] = 64,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the generated images.")] = 0,
+    num: Annotated[int, typer.Option("--num", help=with_range("Number of images (5 classes, cycled).", AT_LEAST_1),
+                                     **ranged(AT_LEAST_1, int))] = 64,
+    seed: Annotated[int, typer.Option("--seed", help=with_range("Seed of the generated images.", AT_LEAST_0),
+                                      **ranged(AT_LEAST_0, int))] = 0,
 ) -> None:
     """Write the embedded demo image set: coloured shapes on textured backgrounds, generated in code."""
     from redi.pipeline.demo_data import write_demo_images
@@ -702,11 +706,11 @@ def bench_command(
     target: Annotated[str, typer.Argument(help=f"One of {', '.join(BENCH_TARGETS)}, or all; or gpu: the GPU suite (docs/BENCHMARKS.md).")] = "all",
     quick: Annotated[bool, typer.Option(help="Seconds-long smoke version of each benchmark.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-    num: Annotated[int | None, typer.Option("--num", "--samples", help="loader: synthetic dataset size (default 8192); with --shards, samples to read (default one epoch).")] = None,
+    num: Annotated[int | None, typer.Option("--num", "--samples", help=with_range("loader: synthetic dataset size (default 8192); with --shards, samples to read (default one epoch).", AT_LEAST_1), **ranged(AT_LEAST_1, int))] = None,
     shards: Annotated[str | None, typer.Option(help="loader: read these shards (a data root, local or a URL) instead of synthetic ones.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="gpu: folder of the JSON files (default $OUT, else runs/bench-gpu).", show_default=False)] = None,
     only: Annotated[str | None, typer.Option(help="gpu: the items to run, e.g. ab (default abcd).")] = None,
-    budget: Annotated[float | None, typer.Option(help="gpu: seconds after which no further step starts.")] = None,
+    budget: Annotated[float | None, typer.Option(help=with_range("gpu: seconds after which no further step starts.", AT_LEAST_0), **ranged(AT_LEAST_0, float))] = None,
 ) -> None:
     """Measure throughput of the pipeline, trainer and sampler on this machine (figures for docs/BENCHMARKS.md)."""
     import importlib

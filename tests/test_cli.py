@@ -1,6 +1,7 @@
 """The `redi` command surface: every command has help, bad input is one sentence and exit 2."""
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import re
@@ -86,7 +87,6 @@ def test_impossible_flags_and_a_wrong_encoder_are_one_sentence(tmp_path: Path) -
     from redi.pipeline.vaes import tiny_sd_config
 
     train = ["train", "--shards", str(tmp_path), "--run", str(tmp_path / "run"), "--model", "SiT-debug"]
-    assert "--epochs must be a finite positive number" in _sentence([*train, "--epochs", "inf"])
     assert "not a torch device" in _sentence([*train, "--device", "tpu"])
     if not torch.cuda.is_available():
         assert "torch sees no CUDA device" in _sentence([*train, "--device", "cuda"])
@@ -208,3 +208,71 @@ def test_summaries_at_80_columns_keep_long_paths_whole(pipeline: dict, tmp_path:
         result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "80"})
         assert result.exit_code == 0, result.output
         assert str(path) in result.stdout.splitlines() or f": {path}" in result.stdout, result.stdout
+
+
+# --- numeric flags: one table of ranges (the config fields' Range metadata), checked when a flag is parsed ---
+
+def _numeric_options() -> list[tuple[str, str, Any]]:
+    """(command, flag, Range) of every int or float option of every command."""
+    from redi.common.flags import _in_range
+
+    found = []
+    for command in COMMANDS:
+        for param in _command(command).params:
+            kind = param.type_descriptor.annotation
+            if param.param_type_name == "option" and kind in (int, float, int | None, float | None):
+                parser = param.type_descriptor.parameter_info.parser
+                assert isinstance(parser, functools.partial) and parser.func is _in_range, (command, param.opts)
+                found.append((command, param.opts[0], parser.args))
+    return found
+
+
+NUMERIC = _numeric_options()
+
+
+def _outside(bounds: Any, number: type) -> list[str]:
+    """Values a flag of `bounds` must refuse: nan and inf for a float, and a number past each end."""
+    values = ["nan", "inf", "-inf"] if number is float else ["1.5"]
+    if bounds.lo is not None:
+        values.append(str(number(bounds.lo) - 1 if number is int or not bounds.lo_open else number(bounds.lo)))
+    if bounds.hi is not None:
+        values.append(str(number(bounds.hi) + 1 if number is int or not bounds.hi_open else number(bounds.hi)))
+    return values
+
+
+def test_every_numeric_option_has_a_range() -> None:
+    """The walk below covers every command; a numeric flag without a Range fails `_numeric_options` itself."""
+    assert len(NUMERIC) > 60 and {c for c, _, _ in NUMERIC} >= {"train", "sample", "encode", "pca", "shards", "eval",
+                                                                "demo-data", "bench", "preview", "convert"}
+
+
+@pytest.mark.parametrize(("command", "flag", "rule"), NUMERIC, ids=[f"{c} {f}" for c, f, _ in NUMERIC])
+def test_an_out_of_range_number_is_one_sentence_and_exit_2(command: str, flag: str, rule: Any) -> None:
+    bounds, number = rule
+    for value in _outside(bounds, number):
+        result = CliRunner().invoke(app, [command, flag, value], env={"COLUMNS": "200"})
+        said = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and "Traceback" not in said, (value, result.output)
+        assert said.count("Invalid value") == 1 and re.search(rf"Invalid value for '{flag}'[^:]*: must be", said), said
+
+
+@pytest.mark.parametrize(("flag", "value", "said"), [
+    ("--beta1", "1", "must be a number in [0, 1), not 1."),  # were tracebacks from inside torch's AdamW
+    ("--beta2", "2", "must be a number in [0, 1), not 2."),
+    ("--beta1", "nan", "must be a number in [0, 1), not nan."),
+    ("--weight-decay", "-1", "must be a number ≥ 0, not -1."),
+    ("--weight-decay", "nan", "must be a number ≥ 0, not nan."),
+    ("--keep", "0", "must be an integer ≥ 1, not 0."),  # kept every checkpoint; a run needs one to resume from
+    ("--epochs", "inf", "must be a number > 0, not inf."),
+])
+def test_optimiser_flags_out_of_range_are_refused_before_anything_runs(flag: str, value: str, said: str) -> None:
+    result = CliRunner().invoke(app, ["train", "--shards", ".", "--run", ".", flag, value], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+
+
+def test_a_config_built_in_code_is_held_to_the_same_ranges() -> None:
+    from redi.common.errors import UserError
+    from redi.trainer.config import TrainConfig
+
+    with pytest.raises(UserError, match=r"^beta1 must be a number in \[0, 1\), not 1\.$"):
+        TrainConfig(shards=".", run=".", beta1=1.0)

@@ -254,7 +254,14 @@ def verdict(built: Built, kind: str, mutation: str, name: str, tmp: Path) -> str
     tree = copy_tree(built, tmp / "case", command)
     target = tree / FILES[kind][0]
     changed = damage(target, mutation, kind)
-    result = invoke(*command.argv(tree, built.root / "images"))
+    return judge(built, name, tree, changed, expected)
+
+
+def judge(built: Built, name: str, tree: Path, changed: bool, expected: Any, images: Path | None = None) -> str | None:
+    """Run command `name` on the damaged `tree`: None when it refuses in one sentence or does no harm, else what went
+    wrong (`expected`: its product on the undamaged tree; `images`: the image source, by default the built one)."""
+    command = COMMANDS[name]
+    result = invoke(*command.argv(tree, images or built.root / "images"))
     output = result.output
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         return f"{type(result.exception).__name__}: {result.exception}\n{output[-1500:]}"
@@ -416,3 +423,158 @@ def test_a_flipped_pca_byte_is_named_with_its_fix_wherever_it_is(built: Built, p
     assert not (tree / "new-run" / "pca.safetensors").exists()
     assert says("run", "verify", f"{run / 'pca.safetensors'} differs from the SHA-256 recorded in {run / 'config.json'}")
     assert says("run", "verify", "FAILED") and says("run", "verify", "rerun the run's `redi train` command")
+
+
+# --- wrong-type fields (issue 23): each field of every JSON file redi reads back, given a value of another type ---
+#
+# A JSON file can be valid JSON of the right shape and still hold a field of the wrong type ("params": 1.5,
+# "num_classes": "8"); every reader checks its file against the record of its format (common/schema.py) first, so a
+# case passes as above: one sentence and exit 2, or the result of the undamaged file (a stage rewrites a record of its
+# own), and `verify` never calls it consistent. Each field is replaced once, by a value of another JSON type, and run
+# with one of the commands that read the file (in turn, so every command meets several fields of each file).
+
+COMMANDS["train --dry-run"] = Command(lambda t, i: ["train", "--shards", t / "data", "--run", t / "run2", *TRAIN,
+                                                    "--max-steps", "3", "--dry-run"], None)
+COMMANDS["encode (dataset.json)"] = Command(lambda t, i: ["encode", t / "images", "--data", t / "data", "--vae",
+                                                          "tiny-random", *R], lambda t: _files(t / "data" / "latents"))
+REPORTS += ("train --dry-run",)  # prints the resolved plan: it must refuse or not crash
+
+JSON_FILES: dict[str, tuple[str, ...]] = {  # every JSON file redi reads back → the commands that read it
+    "data/latents/manifest.json": ("encode", "shards", "verify", "info"),
+    "data/features/manifest.json": ("features", "pca", "shards", "verify"),
+    "data/latents/progress/000000.json": ("encode", "shards --force", "verify"),
+    "data/features/progress/000000.json": ("features", "pca --force", "shards --force", "verify"),
+    "data/latents/errors.jsonl": ("encode", "shards", "verify"),
+    "data/latents/keys.json": ("shards", "verify"),
+    "data/features/keys.json": ("shards",),
+    "data/pca.json": ("pca", "verify", "shards", "info"),
+    "data/shards/manifest.json": ("shards",),
+    "data/shards/progress/000000.json": ("shards", "verify"),
+    "data/shards/checksums/000000.json": ("shards (resumed)",),
+    "data/shards/shards.json": ("train --dry-run", "verify", "info", "shards", "train"),
+    "data/shards/keys.json": ("train", "verify"),
+    "run/config.json": ("train", "verify RUN", "info RUN"),
+    "run/metrics.jsonl": ("train", "info RUN"),
+    "samples/sample.json": ("sample (rerun)",),
+    "images/dataset.json": ("encode (dataset.json)",),
+}
+WRONG = {dict: (1.5, "x", [1], True, 0), list: (1.5, "x", {"k": 1}, True), str: (0, 1.5, [1], {"k": 1}, True),
+         bool: ("x", 1.5, 0, [1]), int: ("x", 1.5, True, [1], {"k": 1}), float: ("x", True, [1], {"k": 1}),
+         type(None): ({"k": 1},)}  # by the type a field holds, values of other JSON types (null: an object)
+SMALL_OBJECT = 12  # objects of more keys (a map of checksums, a config's every flag) get three cases, not one per key
+
+
+def _field_paths(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Where to put a wrong value: each key of an object (the first three of a large one below the top), the first
+    item of a list, down to three levels; a .jsonl file's first line."""
+    if len(at) == 3:
+        return []
+    if isinstance(value, dict):
+        keys = sorted(value)
+        chosen = keys if not at or len(keys) <= SMALL_OBJECT else keys[:3]
+        return [path for k in chosen for path in [(*at, k), *_field_paths(value[k], (*at, k))]]
+    if isinstance(value, list) and value:
+        return [(*at, 0), *_field_paths(value[0], (*at, 0))]
+    return []
+
+
+def _dataset_json(images: Path) -> bytes:
+    """edm2's dataset.json with the labels ImageFolder gives these images (the encode baseline's)."""
+    from redi.pipeline.images import open_source
+
+    source = open_source(images)
+    return json.dumps({"labels": [[e.relpath, e.label] for e in source.entries]}).encode()
+
+
+def _read(path: str, built: Built) -> list[Any]:
+    """The file's JSON values (one per line of a .jsonl)."""
+    data = _dataset_json(built.root / "images") if path == "images/dataset.json" else (built.root / path).read_bytes()
+    return [json.loads(line) for line in data.splitlines() if line] if path.endswith(".jsonl") else [json.loads(data)]
+
+
+def _wrong_value(value: Any, where: str) -> Any:
+    options = WRONG[type(value)]
+    return options[_seed(where) % len(options)]
+
+
+def _put(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    """`value` with the item at `path` replaced by `new` (a copy)."""
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _put(value[path[0]], path[1:], new)
+    return copy
+
+
+WRONG_TYPE_CASES = [(path, command) for path, commands in JSON_FILES.items() for command in commands]
+
+
+@pytest.mark.parametrize(("path", "command"), WRONG_TYPE_CASES, ids=[f"{p}|{c}" for p, c in WRONG_TYPE_CASES])
+def test_a_wrong_type_field_is_refused_or_harmless(built: Built, path: str, command: str, tmp_path: Path) -> None:
+    """The fields of `path` (as this session's pipeline wrote it) that fall to `command`: each of the n commands of the
+    file takes every n-th field, so together they cover each field once."""
+    commands, fields = JSON_FILES[path], _field_paths(_read(path, built)[0])
+    if len(fields) >= len(commands):  # a file of fewer fields (keys.json: one list) meets every command
+        fields = fields[commands.index(command)::len(commands)]
+    problems = [f"{'.'.join(map(str, field))}: {problem}" for i, field in enumerate(fields)
+                if (problem := field_verdict(built, path, field, command, tmp_path / str(i))) is not None]
+    assert not problems, f"{command} with a wrong-type field of {path} ({len(problems)} of {len(fields)}):\n" + \
+        "\n".join(problems)
+
+
+def field_verdict(built: Built, path: str, field: tuple[Any, ...], name: str, tmp: Path) -> str | None:
+    """Put a value of another type at `field` of the file `path` (of its first line, for a .jsonl) and judge `name`."""
+    command = COMMANDS[name]
+    reference = "encode" if path == "images/dataset.json" else name  # dataset.json gives the labels encode had
+    expected = baseline(built, reference, tmp) if command.product else None
+    tree = copy_tree(built, tmp / "case", command)
+    images = None
+    if path == "images/dataset.json":
+        images = Path(shutil.copytree(built.root / "images", tree / "images"))
+    values = _read(path, built)
+    values[0] = _put(values[0], field, _wrong_value(_get(values[0], field), f"{path}/{field}"))
+    text = "".join(json.dumps(v) + "\n" for v in values) if path.endswith(".jsonl") else json.dumps(values[0])
+    (tree / path).write_text(text)
+    return judge(built, name, tree, True, expected, images)
+
+
+def _get(value: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        value = value[key]
+    return value
+
+
+def _edit_json(path: Path, **fields: Any) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | fields))
+
+
+@pytest.mark.parametrize(("path", "fields", "name", "said"), [
+    ("data/latents/manifest.json", {"params": 1.5}, "verify", "latents/manifest.jsonisdamaged:itsfield`params`is1.5,notanobject"),
+    ("data/latents/manifest.json", {"params": 1.5}, "shards", "latents/manifest.jsonisdamaged:itsfield`params`is1.5,notanobject"),
+    ("data/latents/manifest.json", {"source": 0}, "shards", "latents/manifest.jsonisdamaged:itsfield`source`is0,notanobject"),
+    ("data/features/manifest.json", {"params": True}, "verify", "features/manifest.jsonisdamaged:itsfield`params`istrue"),
+    ("data/shards/shards.json", {"num_classes": "8"}, "train --dry-run", "shards.jsonisdamaged:itsfield`num_classes`is\"8\",notaninteger"),
+])
+def test_the_wrong_types_of_issue_23_are_one_sentence_naming_the_field(built: Built, path: str, fields: dict[str, Any],
+                                                                       name: str, said: str, tmp_path: Path) -> None:
+    """Were AttributeError (verify, shards), AttributeError (shards) and TypeError (train --dry-run) tracebacks."""
+    tree = copy_tree(built, tmp_path, COMMANDS[name])
+    _edit_json(tree / path, **fields)
+    result = invoke(*COMMANDS[name].argv(tree, built.root / "images"))
+    assert result.exit_code == 2 and refused(result.output) and said in "".join(result.output.split()), result.output
+
+
+def test_info_says_what_is_wrong_with_a_stage_not_that_it_is_missing(built: Built, tmp_path: Path) -> None:
+    """An encoder identity that is a string was a traceback of `redi info`; a features/ without its manifest was
+    reported "missing"."""
+    tree = copy_tree(built, tmp_path, COMMANDS["info"])
+    _edit_json(tree / "data" / "latents" / "manifest.json", encoder="tiny-random")
+    (tree / "data" / "features" / "manifest.json").unlink()
+    result = invoke("info", tree / "data", "--json")
+    assert result.exit_code == 0, result.output
+    parts = {p["name"]: p for p in json.loads(result.stdout)["parts"]}
+    latents, features = parts["latents/"], parts["features/"]
+    assert latents["status"] == "unreadable (manifest.json is damaged)"
+    assert "its field `encoder` is \"tiny-random\", not an object" in latents["contents"]["problem"]
+    assert features["status"] == "unreadable (no manifest.json)" and "no manifest.json" in features["contents"]["problem"]
+    assert parts["shards/"]["status"] == "complete"

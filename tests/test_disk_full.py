@@ -37,14 +37,17 @@ def size(path: Path) -> int:
     return sum(-(-p.stat().st_size // PAGE) * PAGE for p in files)
 
 
-def run_out_of_space(args: list[object], disk: Path, room: list[int], check: Callable[[], None] | None = None) -> None:
+def run_out_of_space(args: list[object], disk: Path, room: list[int], check: Callable[[], None] | None = None,
+                     names: Path | None = None) -> None:
     """Run `redi ARGS` once per entry of `room` with only that many bytes free: one sentence, exit 2, no temporary
-    file, and `check()` (what was committed is whole) after each."""
+    file, and `check()` (what was committed is whole) after each; `names`: the sentence names the file being written,
+    one under that folder (zarr's chunk and metadata files included, whose library's error names none)."""
     for leave in room:
         with filled(disk, leave):
             code, out = redi(*args)
         assert code == 2, f"{leave} bytes free: exit {code}\n{out}"
         assert "No space left on device" in out and out.count("error:") == 1 and "Traceback" not in out, out
+        assert names is None or f"whilewriting{names}/" in "".join(out.split()), out
         assert not temporaries(disk), temporaries(disk)
         if check is not None:
             check()
@@ -69,7 +72,7 @@ def test_encode(pipeline: dict[str, Path], disk: Path) -> None:
     assert redi(*args)[0] == 0
     ref = move_aside(data)
     need = size(ref)
-    run_out_of_space(args, disk, [0, need // 4, need // 2], lambda: committed_intact(data))
+    run_out_of_space(args, disk, [0, PAGE * 2, need // 4, need // 2], lambda: committed_intact(data), names=data)
     code, out = redi(*args)
     assert code == 0, out
     assert digest_tree(data) == digest_tree(ref)
@@ -102,7 +105,7 @@ def test_shards(pipeline: dict[str, Path], disk: Path) -> None:
     ref = move_aside(data)
     copy_in(pipeline["ref_data"], data, ("latents", "features", "pca.safetensors", "pca.json"))
     need = size(ref / "shards")
-    run_out_of_space(args, disk, [0, need // 4, need // 2], lambda: committed_intact(data))
+    run_out_of_space(args, disk, [0, PAGE * 2, need // 4, need // 2], lambda: committed_intact(data), names=data / "shards")
     code, out = redi(*args)
     assert code == 0, out
     assert digest_tree(data / "shards") == digest_tree(ref / "shards")

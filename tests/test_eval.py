@@ -307,12 +307,29 @@ def _random_weights(tmp_path: Path) -> Path:
     return weights
 
 
+def _sample_json(num: int) -> dict:
+    """What `redi sample` writes of an assembled folder (sampler/outputs.py: SampleRecord)."""
+    from redi.common.schema import dump
+    from redi.pipeline.latent_norm import LatentNorm
+    from redi.sampler.settings import CheckpointRef, DecoderRef, ModelRef, SampleSettings
+    from redi.trainer.models import ModelConfig
+
+    guidance = {"mode": "cfg+rg", "cfg_scale": 2.4, "rg_scale": 1.5, "cfg_channels": "vae", "cls_cfg_scale": None,
+                "interval": None}
+    settings = SampleSettings(
+        CheckpointRef("0" * 64, 12, "ema"), ModelRef("SiT-debug/2", "redi", 0.2, dump(ModelConfig("debug", "sit"))),
+        "sde", 4, {}, 0, guidance, {"mode": "random"},
+        DecoderRef({"id": "tiny-random", "kind": "tiny-random"}, LatentNorm("config", (0.0,) * 4, (0.18215,) * 4).record()),
+        "fp32", "nearest", True)
+    return {"settings": dump(settings), "checkpoint_path": "run/checkpoints/step-0000012.pt", "complete": True, "num": num}
+
+
 def test_redi_eval_end_to_end(tmp_path: Path) -> None:
     weights = _random_weights(tmp_path)
     run_dir = tmp_path / "samples"
     run_dir.mkdir()
     np.savez(run_dir / "samples.npz", _images(4, seed=1), np.zeros(4, np.int64))
-    (run_dir / "sample.json").write_text(json.dumps({"guidance": "cfg+rg", "num": 4}))
+    (run_dir / "sample.json").write_text(json.dumps(_sample_json(4)))
     np.savez(tmp_path / "ref.npz", arr_0=_images(5, side=24, seed=2))
     runner = CliRunner()
 
@@ -327,7 +344,7 @@ def test_redi_eval_end_to_end(tmp_path: Path) -> None:
     assert all(np.isfinite(v) for v in report["metrics"].values())
     assert report["metrics"]["inception_score"] >= 1.0 and report["metrics"]["fid"] > 0 and report["metrics"]["sfid"] > 0
     assert 0.0 <= report["metrics"]["precision"] <= 1.0 and 0.0 <= report["metrics"]["recall"] <= 1.0
-    assert report["sample_settings"] == {"guidance": "cfg+rg", "num": 4}
+    assert report["sample_settings"] == _sample_json(4) and report["card"]["guidance"]["mode"] == "cfg+rg"
     assert not report["ref"]["precomputed_stats"] and not report["samples"]["precomputed_stats"]
     assert report["inception"]["official"] is False and "not comparable" in result.output
     card = report["card"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 import warnings
 import zipfile
@@ -191,13 +192,31 @@ def test_load_cropped_reports_unreadable_files(tmp_path: Path) -> None:
 def test_negative_or_huge_labels_are_one_sentence(tmp_path: Path) -> None:
     from redi.pipeline.images import labels_from_dataset_json
 
-    with pytest.raises(UserError, match="labels must lie in"):
+    in_range = r"labels\[0\]\[1\]` must be an integer in \[0, 1000000\)"
+    with pytest.raises(UserError, match=in_range):
         labels_from_dataset_json(b'{"labels": [["a.png", -1]]}', "x.zip")
-    with pytest.raises(UserError, match="labels must lie in"):
+    with pytest.raises(UserError, match=in_range):
         labels_from_dataset_json(b'{"labels": [["a.png", 99999999999999999999]]}', "x.zip")
-    with pytest.raises(UserError, match="labels must lie in"):  # fits int32, but no class embedding that large
+    with pytest.raises(UserError, match=in_range):  # fits int32, but no class embedding that large
         labels_from_dataset_json(b'{"labels": [["a.png", 2000000000]]}', "x.zip")
     assert labels_from_dataset_json(b'{"labels": [["a\\\\b.png", 3]]}', "x.zip") == {"a/b.png": 3}
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    (b'{"labels": [["a.png", 1e400]]}', "is Infinity, not an integer"),  # was an OverflowError
+    (b'{"labels": [["a.png", 1.5]]}', "is 1.5, not an integer"),  # was truncated to 1
+    (b'{"labels": [["a.png", true]]}', "is true, not an integer"),  # was read as 1
+    (b'{"labels": [["a.png", "1"]]}', 'is "1", not an integer'),
+    (b'{"labels": [[0, 1]]}', "labels[0][0]` is 0, not a string"),
+    (b'{"labels": {"a.png": 1}}', "labels` is an object, not a list"),
+    (b'[' * 100_000 + b']' * 100_000, "is not readable JSON"),  # was a RecursionError
+])
+def test_a_label_that_is_not_an_integer_refuses_dataset_json_in_one_sentence(text: bytes, said: str) -> None:
+    from redi.pipeline.images import labels_from_dataset_json
+
+    with pytest.raises(UserError, match=re.escape(said)) as refused:
+        labels_from_dataset_json(text, "x.zip")
+    assert str(refused.value).startswith("x.zip/dataset.json ") and str(refused.value).count(". ") == 0
 
 
 def test_tar_links_are_listed_not_dropped_and_mixed_folders_are_refused(demo: Path, tmp_path: Path) -> None:
@@ -256,3 +275,22 @@ def test_folder_links_are_followed_once_and_loops_are_cut(tmp_path: Path) -> Non
     (root / "c" / "up").symlink_to(root / "c")
     (root / "c" / "img.png").write_bytes(_encode(Image.new("RGB", (8, 8))))
     assert open_source(root).keys == ["a/img", "c/img"]
+
+
+def test_encode_refuses_a_dataset_json_label_of_1e400_in_one_sentence(tmp_path: Path) -> None:
+    """The CLI path of the case above: one sentence and exit 2, not an OverflowError from the label array."""
+    from typer.testing import CliRunner
+
+    from redi.cli import app
+    from redi.pipeline.demo_data import write_demo_images
+
+    images = write_demo_images(tmp_path / "images", 2).out
+    from redi.pipeline.images import walk_images
+
+    first, second = sorted(walk_images(images))
+    (images / "dataset.json").write_text(f'{{"labels": [["{first}", 1], ["{second}", 1e400]]}}')
+    result = CliRunner().invoke(app, ["encode", str(images), "--data", str(tmp_path / "d"), "--vae", "tiny-random",
+                                      "--resolution", "32", "--workers", "0"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and said.count("error:") == 1 and "Traceback" not in said, result.output
+    assert "dataset.jsonisdamaged:itsfield`labels[1][1]`isInfinity,notaninteger" in "".join(said.split())

@@ -42,8 +42,10 @@ def make_features(data: Path, tokens: np.ndarray, valid: np.ndarray) -> None:
     n, p, d = tokens.shape
     root = data / "features"
     stage = StageDir(root, n_chunks=-(-n // CHUNK))
-    manifest = Manifest(stage="features", params={"resolution": 256}, encoder={"id": "tiny-random"},
-                        source={"fingerprint": "test"}, tiny_random=True)
+    manifest = Manifest(stage="features", params={"resolution": 256, "chunk_size": CHUNK, "dtype": "float16",
+                                                  "arrays": {"patch": [p, d]}},
+                        encoder={"id": "tiny-random", "kind": "tiny-random", "dim": d},
+                        source={"kind": "synthetic", "fingerprint": "test", "count": n}, tiny_random=True)
     stage.open(manifest, force=False)
     group = zarr.open_group(root / "store.zarr", mode="w")
     patch = group.create_array("patch", shape=(n, p, d), dtype="float16", chunks=(CHUNK, p, d))
@@ -247,3 +249,15 @@ def test_refits_of_the_same_features_give_the_same_bytes(small_data: tuple[Path,
         digests.add(hashlib.sha256((data / PCA_FILE).read_bytes()).hexdigest())
     assert len(digests) == 1
     assert json.loads((data / "pca.json").read_text())["pca_sha256"] in digests
+
+
+def test_pca_metadata_that_is_not_an_integer_is_one_sentence(tmp_path: Path) -> None:
+    """safetensors keeps metadata as strings: a count that does not parse is one sentence naming the file."""
+    from safetensors.numpy import save_file
+
+    d = 4
+    tensors = {name: np.ones(shape) for name, shape in (("mu", d), ("std", d), ("pca_mean", d), ("components", (d, d)),
+                                                         ("explained_variance", d), ("explained_variance_ratio", d))}
+    save_file(tensors, str(tmp_path / PCA_FILE), metadata={"n_images": "eight", "n_tokens": "32", "seed": "0"})
+    with pytest.raises(UserError, match=r"pca\.safetensors is not a readable pca\.safetensors file \(ValueError"):
+        load_pca(tmp_path / PCA_FILE)

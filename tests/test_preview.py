@@ -1,6 +1,7 @@
 """`redi preview`: the training latents decoded, their PCs, and a sample folder's images and PCs, captioned."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,7 +47,10 @@ def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples
     assert refused.exit_code == 2 and "not a `redi sample` output folder" in " ".join(refused.output.split())
     unfinished = tmp_path / "unfinished"
     (unfinished / "images").mkdir(parents=True)
-    for text, says in (('{"settings": {}, "complete": false}', "is not finished"), ("{not json", "rerun `redi sample")):
+    started = json.loads((samples / "sample.json").read_text())  # what `redi sample` writes before the first image
+    started = json.dumps({"settings": started["settings"], "checkpoint_path": started["checkpoint_path"], "complete": False})
+    for text, says in ((started, "is not finished"), ("{not json", "rerun `redi sample"),
+                       ('{"settings": 1.5}', "its field `settings` is 1.5, not an object")):
         (unfinished / "sample.json").write_text(text)
         refused = CliRunner().invoke(app, ["preview", str(data), "--samples", str(unfinished)])
         assert refused.exit_code == 2 and says in " ".join(refused.output.split()), refused.output

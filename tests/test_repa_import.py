@@ -94,9 +94,9 @@ def test_imported_latents_give_the_shards_of_our_own_encode(reference: tuple[Pat
         np.testing.assert_array_equal(mine[name], theirs[name])
     assert (data / "latents" / "keys.json").read_text() == (ours / "latents" / "keys.json").read_text()
     manifest = read_manifest(data / "latents")
-    assert manifest["stage"] == "encode" and manifest["encoder"]["kind"] == "repa-import"
-    assert manifest["encoder"]["id"] == "stabilityai/sd-vae-ft-ema" and manifest["encoder"]["revision"] == "main"
-    assert manifest["source"] == read_manifest(ours / "features")["source"], "the fingerprint features computes"
+    assert manifest.stage == "encode" and manifest.encoder["kind"] == "repa-import"
+    assert manifest.encoder["id"] == "stabilityai/sd-vae-ft-ema" and manifest.encoder["revision"] == "main"
+    assert manifest.source == read_manifest(ours / "features").source, "the fingerprint features computes"
 
     build_shards(data, SHARDS, progress=False)
     a, b = data / "shards", ours / "shards"

@@ -291,7 +291,7 @@ def test_refusals(sit_run: Path, tmp_path: Path) -> None:
                          (["--sampler", "heun", "--last-step", "euler"], "need --sampler sde"),
                          (["--last-step", "none", "--last-step-size", "0.1"], "no effect with --last-step none"),
                          (["--last-step", "tweedie", "--steps", "1"], "--steps 2 or more"),
-                         (["--last-step-size", "0"], "--last-step-size must lie in")):
+                         (["--last-step-size", "0"], "must be a number in (0, 1), not 0")):  # Typer's, when parsed
         code, text = cli("--run", sit_run, "--num", 2, *flags)
         assert code == 2 and words in text and "Traceback" not in text, (flags, text)
     out = tmp_path / "taken"

@@ -31,7 +31,7 @@ def make_data(root: Path, num_classes: int = 5) -> Path:
     make_stage_inputs(root, N, latent_side=H, grid=GRID, dim=DIM, invalid_latents=BAD_LATENTS,
                       invalid_features=BAD_FEATURES, num_classes=num_classes)
     # the record `redi pca` keeps of its file, which verify and shards check the file against
-    atomic_write_json(root / "pca.json", {"manifest": {"stage": "pca"}, "pca_sha256": sha256_file(root / "pca.safetensors")})
+    atomic_write_json(root / "pca.json", {"manifest": {"stage": "pca", "params": {}}, "pca_sha256": sha256_file(root / "pca.safetensors")})
     return root
 
 

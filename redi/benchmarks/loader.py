@@ -98,7 +98,7 @@ def make_stage_inputs(data: Path, num_images: int, *, latent_side: int = 4, grid
     PCAModel(mu=rng.standard_normal(dim), std=rng.uniform(0.5, 2.0, dim), pca_mean=0.1 * rng.standard_normal(dim),
              components=components.T.copy(), explained_variance=variance,
              explained_variance_ratio=variance / variance.sum(),
-             n_images=n, n_tokens=n * p2, seed=seed, source=features_fingerprint(features.to_json()),
+             n_images=n, n_tokens=n * p2, seed=seed, source=features_fingerprint(features),
              ).save(data / "pca.safetensors")
 
 

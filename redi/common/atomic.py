@@ -103,28 +103,37 @@ def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
+def decode_json(data: bytes) -> Any:
+    """The JSON value of `data`; ValueError when it is not UTF-8 JSON, or nested too deep to parse (a damaged file)."""
+    try:
+        return json.loads(data)
+    except RecursionError:  # json recurses per level: `[[[[…` 100,000 deep is a damaged file, not our crash
+        raise ValueError("JSON nested too deep") from None
+
+
 def try_read_json(path: Path) -> Any:
     """The JSON value of `path`, or None when it is missing, unreadable, or not UTF-8 JSON (a record to redo)."""
     try:
-        return json.loads(Path(path).read_bytes())
+        return decode_json(Path(path).read_bytes())
     except (OSError, ValueError):
         return None
 
 
 def read_json(path: Path, kind: type = dict, remedy: str = "") -> Any:
     """The JSON value of `path` (or of a pipeline.remote.RemotePath: anything with read_bytes); a missing, unreadable
-    or damaged file, or one holding another type than `kind`, is one sentence ending with `remedy` (what the user
-    runs to remake the file)."""
+    or damaged file, or one holding another type than `kind` (`object`: any), is one sentence ending with `remedy`
+    (what the user runs to remake the file). Records check their fields with common.schema."""
     path = Path(path) if isinstance(path, str) else path
+    tail = f"; {remedy}" if remedy else ""
     try:
-        value = json.loads(path.read_bytes())
+        value = decode_json(path.read_bytes())
     except FileNotFoundError:
-        raise UserError(f"{path} is missing{'; ' + remedy if remedy else ''}.") from None
+        raise UserError(f"{path} is missing{tail}.") from None
     except (OSError, ValueError):
-        value = None
+        raise UserError(f"{path} is damaged (it is not readable JSON){tail}.") from None
     if not isinstance(value, kind):
         what = {dict: "a JSON object", list: "a JSON list"}.get(kind, f"JSON {kind.__name__}")
-        raise UserError(f"{path} is damaged (it does not hold {what}){'; ' + remedy if remedy else ''}.")
+        raise UserError(f"{path} is damaged (it does not hold {what}){tail}.")
     return value
 
 
@@ -134,7 +143,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in Path(path).read_bytes().splitlines():
         try:
-            row = json.loads(line)
+            row = decode_json(line)
         except ValueError:
             continue
         if isinstance(row, dict):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -39,3 +41,15 @@ def disk_full(exc: BaseException, path: Path | str | None = None) -> DiskFull | 
             return DiskFull(path or (e.filename if isinstance(e, OSError) else None))
         e = e.__cause__ or e.__context__
     return None
+
+
+@contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Around a write a library makes (zarr's chunk files and metadata): a full disk is the one sentence naming `path`,
+    the file being written, whatever the library's exception says."""
+    try:
+        yield
+    except Exception as e:
+        if (full := disk_full(e, path)) is not None:
+            raise full from None
+        raise

@@ -5,8 +5,11 @@ A field `batch_size: int = 256` with the docstring `\"\"\"Global batch over all 
 first paragraph (a later paragraph is for readers of the code). `Annotated[str, OneOf(NAMES)]` makes the flag a str Enum
 of NAMES, so --help and shell completion list them and a typo is Typer's usage error; the config still receives the
 plain string, so config.json, manifests and checkpoints (read with torch.load(weights_only=True), which refuses classes
-it does not know) keep today's values. A command says only how its flags differ from the fields (`Flag`: another name,
-a positional argument, a parser) and how they are grouped in --help (`FromConfig.panels`).
+it does not know) keep today's values. `Annotated[float, Range(0, 1)]` (common/schema.py) is checked when the flag is
+parsed: nan, inf or a number outside the range is Typer's usage error naming the flag (exit 2), and --help shows the
+range, so the ranges of every command's numeric flags live in one table, the fields of their configs. A command says
+only how its flags differ from the fields (`Flag`: another name, a positional argument, a parser) and how they are
+grouped in --help (`FromConfig.panels`).
 
 Why a small helper on Typer and not tyro (which torchtitan uses): tyro would replace Typer's parser and help for these
 commands only, so `redi train --help` would look and fail unlike `redi info --help`; here every command keeps Typer's
@@ -41,6 +44,7 @@ import typer.main
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+from redi.common.schema import OneOf, Range, field_range
 from redi.common.urls import local_path
 from redi.common.vocabulary import RELEASE_OF_REMOVAL, TERMS, hidden_names
 
@@ -49,13 +53,6 @@ LISTED_CHOICES = 12  # longest "a|b|c" shown as a flag's type in --help; the hel
 PLAIN_TYPES = (str, int, float, bool, Path)
 FIELD_DEFAULT: Any = object()  # a Flag's default when the command keeps the field's
 USER_SOURCES = ("COMMANDLINE", "ENVIRONMENT", "PROMPT")  # where a value the user set comes from (click's ParameterSource)
-
-
-@dataclass(frozen=True)
-class OneOf:
-    """Field metadata: the str field takes one of `values` (its flag is an Enum of them)."""
-
-    values: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -255,6 +252,10 @@ def _parameter(name: str, hint: Any, default: Any, flag: Flag, doc: str,
             extra["metavar"] = name.rpartition("_")[2].upper()  # GUIDANCE for sample_guidance: narrow, for the help
             if not all(re.search(rf"(?<![\w-]){re.escape(c)}(?![\w-])", help_text) for c in choices):
                 help_text += f" One of: {', '.join(choices)}."
+    bounds = field_range(hint) if flag.type is None else None
+    if bounds is not None:
+        extra |= ranged(bounds, int if kind in (int, int | None) else float)
+        help_text = escape(with_range(flag.help or doc, bounds))
     if default is dataclasses.MISSING:
         default = inspect.Parameter.empty
     if kind is bool or kind == bool | None:
@@ -265,6 +266,24 @@ def _parameter(name: str, hint: Any, default: Any, flag: Flag, doc: str,
                          **extra))
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[kind, info]), parse
+
+
+def ranged(bounds: Range, number: type) -> dict[str, Any]:
+    """typer.Option arguments that check a numeric flag against `bounds` when it is parsed (also a plain option's)."""
+    return {"parser": functools.partial(_in_range, bounds, number)}
+
+
+def with_range(help_text: str, bounds: Range) -> str:
+    """A numeric flag's help, its range said at the end."""
+    return f"{help_text} Range: {interval}." if (interval := bounds.interval()) else help_text
+
+
+def _in_range(bounds: Range, number: type, text: Any) -> int | float:
+    """A numeric flag's value, or Typer's usage error naming the flag (one sentence, exit 2)."""
+    try:
+        return bounds.parse(number, str(text))
+    except ValueError as e:
+        raise typer.BadParameter(f"{e}.") from None
 
 
 def _imported(ref: str) -> Any:

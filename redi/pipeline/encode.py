@@ -31,18 +31,20 @@ from rich.markup import escape
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from redi.common.atomic import atomic_write_json, remove_temporaries, sha256_file, try_read_json
+from redi.common.atomic import atomic_write_json, remove_temporaries, sha256_file
 from redi.common.display import counting
 from redi.common.distributed import barrier, process_group
-from redi.common.errors import UserError
+from redi.common.errors import UserError, writing
 from redi.common.flags import OneOf
 from redi.common.lock import exclusive
 from redi.common.runtime import loader_worker_init, loader_workers
+from redi.common.schema import Range, check_ranges
 from redi.pipeline.encoders import ENCODER, VAE, EncoderFamily, EncoderRef, load, resolve, sidecar
 from redi.pipeline.images import ImageSource, load_cropped, open_source
 from redi.pipeline.representations import encode_features, feature_spec, fit_positions
 from redi.pipeline.stage import (
-    ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, describe_identity, read_errors, stage_lock,
+    ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, describe_identity, read_errors, read_manifest,
+    stage_lock,
 )
 from redi.pipeline.vaes import LatentSpace, latent_space, manifest_space, sd_vae_config, vae_moments
 
@@ -64,10 +66,10 @@ class EncodeConfig:
     """The VAE or the representation encoder: hub id, local directory or tiny-random."""
     revision: str = "main"
     """Hub revision (branch, tag or commit) of the model; recorded in the manifest."""
-    resolution: int = 256
+    resolution: Annotated[int, Range(1)] = 256
     """ADM centre-crop side R in pixels: a multiple of the VAE's downsampling times the patch size, of 16 for SD-VAE
     (the papers use 256 or 512)."""
-    batch_size: int = 64
+    batch_size: Annotated[int, Range(1)] = 64
     """Images per forward pass (recorded: batches shape the numerics)."""
     device: str = "auto"
     """Where the encoder runs: auto (cuda if available, else cpu), cpu, cuda or cuda:N (torchrun ranks: their GPU)."""
@@ -75,25 +77,21 @@ class EncodeConfig:
     """Autocast; default fp32, as the reference preprocessing (bf16: faster on a GPU, less exact).
 
     fp32 runs the convolutions in TF32 on a GPU, torch's default, as the references."""
-    chunk_size: int = 256
+    chunk_size: Annotated[int, Range(1)] = 256
     """Images per committed unit (what a killed run redoes) and per Zarr chunk."""
-    workers: int | None = None
+    workers: Annotated[int | None, Range(0)] = None
     """DataLoader processes decoding and cropping images (0: none); default: one per core, at most 4."""
     dtype: Annotated[str, OneOf(STORE_DTYPES)] = "float16"
     """Storage dtype of the output arrays."""
     force: bool = False
     """Delete and redo a stage that was made with different settings."""
-    patch_size: int | None = None
+    patch_size: Annotated[int | None, Range(1)] = None
     """Features: the diffusion model's patch size their token grid is made for; default: 2 on f8 latents, 1 on f16, f32.
 
     The grid is the latent side (of DATA/latents, or of the default VAE) over this patch."""
 
     def __post_init__(self) -> None:
-        for name, value, low in (("--resolution", self.resolution, 1), ("--batch-size", self.batch_size, 1),
-                                 ("--chunk-size", self.chunk_size, 1), ("--patch-size", self.patch_size or 1, 1),
-                                 ("--workers", 0 if self.workers is None else self.workers, 0)):
-            if value < low:
-                raise UserError(f"{name} must be at least {low} (got {value}).")
+        check_ranges(self)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision}).")
         if self.dtype not in STORE_DTYPES:
@@ -149,13 +147,14 @@ def stage_latent_space(jobs: Sequence[tuple[StageKind, EncoderRef]], data: Path)
     records, else the default VAE's (SD-VAE: f8)."""
     if vae := next((ref for kind, ref in jobs if kind.family is VAE), None):
         return latent_space(vae.config)
-    manifest = try_read_json(Path(data) / "latents" / "manifest.json")
     try:
-        return manifest_space(manifest["params"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):  # no latents/ yet (or a damaged manifest, which `encode` will name)
+        space = manifest_space(read_manifest(Path(data) / "latents").params)
+    except UserError:  # no latents/ yet (or a damaged manifest, which `encode` will name)
+        space = None
+    if space is None:
         log.info(f"features: no readable {Path(data) / 'latents'}: the token grid follows the default VAE's latents "
                  "(SD-VAE, f8); encode first for another VAE.")
-        return latent_space(sd_vae_config())
+    return space or latent_space(sd_vae_config())
 
 
 ENCODE = StageKind("encode", "latents", VAE, _vae_plan)
@@ -330,7 +329,8 @@ def open_arrays(
     layout = {name: (shape, dtype) for name, shape in shapes.items()} | {"labels": ((), "int64"), "valid": ((), "bool")}
     arrays = {}
     try:
-        group = zarr.open_group(root / "store.zarr", mode="a")
+        with writing(root / "store.zarr" / "zarr.json"):
+            group = zarr.open_group(root / "store.zarr", mode="a")
         for name, (shape, dt) in layout.items():
             if name in group:
                 arrays[name] = arr = group[name]
@@ -338,7 +338,9 @@ def open_arrays(
                     raise UserError(f"{root / 'store.zarr' / name} holds {getattr(arr, 'shape', 'no array')} where this "
                                     f"stage writes {(n, *shape)}; pass --force to redo the stage.")
             else:
-                arrays[name] = group.create_array(name, shape=(n, *shape), chunks=(chunk, *shape), dtype=dt, fill_value=0)
+                with writing(root / "store.zarr" / name / "zarr.json"):
+                    arrays[name] = group.create_array(name, shape=(n, *shape), chunks=(chunk, *shape), dtype=dt,
+                                                      fill_value=0)
     except (*ZARR_METADATA_ERRORS, OSError) as e:
         raise UserError(f"{root / 'store.zarr'} is damaged ({type(e).__name__}); pass --force to redo the stage.") from None
     return arrays  # type: ignore[return-value]
@@ -425,24 +427,27 @@ def _write_and_commit(
     """Write rows start:end of every array (unreadable images: zeros, valid=False), then commit the chunk."""
     valid = np.ones(end - start, dtype=bool)  # (n,)
     valid[[e.index - start for e in errors]] = False
-    for name, batches in parts.items():
-        values = np.concatenate(batches)  # (n, ...)
+    columns = {name: np.concatenate(batches) for name, batches in parts.items()}  # name → (n, ...)
+    for values in columns.values():
         values[~valid] = 0
-        arrays[name][start:end] = values
-    arrays["labels"][start:end] = labels[start:end]
-    arrays["valid"][start:end] = valid
+    for name, values in (columns | {"labels": labels[start:end], "valid": valid}).items():
+        with writing(chunk_file(stage.root, arrays[name], name, chunk)):  # a full disk names the chunk file
+            arrays[name][start:end] = values
     stage.commit(chunk, errors, chunk_checksums(stage.root, arrays, chunk))
+
+
+def chunk_file(root: Path, arr: zarr.Array, name: str, chunk: int) -> Path:
+    """The file of a stage that holds chunk `chunk` of its array `name`."""
+    return root / "store.zarr" / name / arr.metadata.chunk_key_encoding.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
 
 
 def chunk_checksums(root: Path, arrays: dict[str, zarr.Array], chunk: int) -> dict[str, str | None]:
     """SHA-256 of the file holding chunk `chunk` of each array (None where zarr wrote none: all fill value)."""
     sums: dict[str, str | None] = {}
     for name, arr in arrays.items():
-        key = arr.metadata.chunk_key_encoding.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
-        path = root / "store.zarr" / name / key
-        sums[f"store.zarr/{name}/{key}"] = sha256_file(path) if path.is_file() else None
+        path = chunk_file(root, arr, name, chunk)
+        sums[path.relative_to(root).as_posix()] = sha256_file(path) if path.is_file() else None
     return sums
-
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

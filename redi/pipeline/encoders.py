@@ -144,7 +144,10 @@ def resolve(family: EncoderFamily, name: str, revision: str = "main") -> Encoder
         kind = config.get("_class_name") or config.get("model_type") or "an unknown model"
         raise UserError(f"{name} is not a {family.what}: its config ({kind}) lacks {', '.join(missing)}; pass "
                         f"{family.flag} a {family.what} directory or hub id.")
-    ident["dim"] = int(config[family.dim_key])
+    if wrong := [k for k in family.config_keys if type(config[k]) is not int or config[k] < 1]:
+        raise UserError(f"{name}'s config gives {wrong[0]} = {config[wrong[0]]!r}, not a positive integer; pass "
+                        f"{family.flag} a {family.what} directory or hub id with a valid config.")
+    ident["dim"] = config[family.dim_key]
     return EncoderRef(family, name, revision, config, ident)
 
 

@@ -10,22 +10,23 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
-import json
 import os
 import tarfile
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
+from redi.common.atomic import decode_json
 from redi.common.errors import UserError
-from redi.pipeline.stage import failure_reason
+from redi.common.schema import Range, load
+from redi.pipeline.stage import SourceRecord, failure_reason
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -78,8 +79,8 @@ class ImageSource(ABC):
         return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:
-        """What a stage manifest records about its input."""
-        return {"kind": self.kind, "fingerprint": self.fingerprint(), "count": len(self)}
+        """What a stage manifest records about its input (a SourceRecord)."""
+        return asdict(SourceRecord(self.kind, self.fingerprint(), len(self)))
 
     @abstractmethod
     def read_bytes(self, index: int) -> bytes:
@@ -95,24 +96,33 @@ def _has_image_suffix(name: str) -> bool:
 
 
 MAX_LABEL = 1_000_000  # a label is an index into the class embedding: ImageNet-21k has 21,841 classes
+LABELS = Range(0, MAX_LABEL, hi_open=True)  # what a label may be, wherever it comes from
+
+
+@dataclass(frozen=True)
+class DatasetJson:
+    """edm2/REPA `dataset.json`: `{"labels": [[relpath, label], ...]}`, or null labels (unlabelled images)."""
+
+    labels: list[tuple[str, Annotated[int, LABELS]]] | None = None
 
 
 def labels_from_dataset_json(data: bytes, location: str) -> dict[str, int] | None:
-    """Parse edm2/REPA `dataset.json` (`{"labels": [[relpath, int], ...]}` or null labels)."""
+    """Parse edm2/REPA `dataset.json`: relpath → label, or None when it gives no labels; a damaged file, a label that is
+    not an integer in [0, MAX_LABEL) (1.5, true, 1e400) or JSON nested too deep is one sentence."""
+    where = f"{location}/dataset.json"
+    remedy = 'it must hold {"labels": [[relpath, label], ...]} with integer labels'
     try:
-        labels = json.loads(data).get("labels")
-        parsed = None if labels is None else {str(p).replace("\\", "/"): int(c) for p, c in labels}
-    except (ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"{location}: dataset.json is not of the form {{\"labels\": [[relpath, int], ...]}} ({e}).") from None
-    for relpath, label in (parsed or {}).items():
-        _check_label(label, f"{location}: dataset.json gives {relpath}")
-    return parsed
+        value = decode_json(data)
+    except ValueError:
+        raise UserError(f"{where} is not readable JSON; {remedy}.") from None
+    labels = load(DatasetJson, value, where, remedy).labels
+    return None if labels is None else {p.replace("\\", "/"): label for p, label in labels}
 
 
 def _check_label(label: int, what: str) -> int:
     """`label`, or one sentence (`what` names where it came from) when it is not a usable class index."""
-    if not 0 <= label < MAX_LABEL:
-        raise UserError(f"{what} the label {label}; labels must lie in [0, {MAX_LABEL:,}).")
+    if not LABELS.contains(label):
+        raise UserError(f"{what} the label {label}; a label must be {LABELS.describe(int)}.")
     return label
 
 

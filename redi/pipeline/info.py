@@ -12,13 +12,14 @@ import zarr
 from rich.markup import escape
 from rich.table import Table
 
-from redi.common.atomic import read_jsonl, try_read_json
+from redi.common.atomic import try_read_json
 from redi.common.errors import UserError
 from redi.common.stamp import content_digest, picture_stamp
 from redi.pipeline.latent_norm import LatentNorm
 from redi.pipeline.pca import PLOT_FILE, load_stage_pca, plot_explained_variance, plot_source
 from redi.pipeline.shard_info import read_shard_info
-from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir, describe_identity
+from redi.pipeline.shards_config import SHARDS_JSON
+from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir, describe_identity, read_manifest
 
 log = logging.getLogger(__name__)
 ARRAY_STAGES = ("latents", "features")
@@ -93,6 +94,7 @@ def describe_run(root: Path) -> list[StageInfo]:
     from redi.trainer.checkpoint import (  # the trainer owns a run's formats
         CONFIG_JSON, POSTHOC_DIR, RunConfig, list_checkpoints, list_phema_snapshots,
     )
+    from redi.trainer.metrics import read_metrics
 
     root = Path(root)
     keys = ("model", "method", "pca_rank", "fusion", "rep_drop", "batch_size", "max_steps", "precision", "shards")
@@ -100,8 +102,9 @@ def describe_run(root: Path) -> list[StageInfo]:
         config = RunConfig.load(root)
         entries = [StageInfo(CONFIG_JSON, "complete", [(k, _short(config.train[k])) for k in keys if k in config.train]
                              + [("num_classes", config.model_config.num_classes)])]
-    except UserError:
-        entries = [StageInfo(CONFIG_JSON, "unreadable (damaged)" if (root / CONFIG_JSON).exists() else "missing")]
+    except UserError as e:
+        entries = [StageInfo(CONFIG_JSON, "unreadable (damaged)", [("problem", str(e))]) if (root / CONFIG_JSON).exists()
+                   else StageInfo(CONFIG_JSON, "missing")]
     steps = [step for step, _ in list_checkpoints(root)]
     entries.append(StageInfo("checkpoints/", f"{len(steps)} checkpoints" if steps else "missing",
                              [("steps", _steps(steps)), ("newest", f"step-{steps[-1]:07d}.pt")] if steps else []))
@@ -110,7 +113,7 @@ def describe_run(root: Path) -> list[StageInfo]:
     if made := sorted(p.name for p in (root / POSTHOC_DIR).glob("*.pt")):
         shown = made if len(made) <= 6 else Fact(made, f"{made[0]}, {made[1]}, … {made[-1]}")
         entries.append(StageInfo(f"{POSTHOC_DIR}/", f"{len(made)} reconstructions", [("files", shown)]))
-    lines = read_jsonl(root / "metrics.jsonl") if (root / "metrics.jsonl").exists() else []
+    lines = read_metrics(root / "metrics.jsonl")
     last = lines[-1] if lines else {}
     unread = "unreadable (no complete line)" if (root / "metrics.jsonl").exists() else "missing"
     entries.append(StageInfo("metrics.jsonl", f"{len(lines)} lines" if lines else unread,
@@ -261,25 +264,29 @@ def _per_channel(x: np.ndarray) -> np.ndarray:
 def _array_stage(path: Path) -> StageInfo:
     """latents/ or features/: manifest, arrays, committed chunks, errors."""
     name = f"{path.name}/"
-    if not (path / "manifest.json").exists():
+    if not path.is_dir() or not any(path.iterdir()):
         return StageInfo(name, "missing")
-    manifest = try_read_json(path / "manifest.json")
-    params, source = _dict(manifest, "params"), _dict(manifest, "source")
-    if not params or not isinstance(params.get("chunk_size"), int) or not isinstance(source.get("count"), int):
-        return StageInfo(name, "unreadable (manifest.json is damaged)")
-    stage = StageDir(path, -(-source["count"] // max(1, params["chunk_size"])))
+    if not (path / "manifest.json").exists():
+        return StageInfo(name, "unreadable (no manifest.json)", [("problem", f"{path} holds files but no manifest.json "
+                                                                 "saying what made them; rerun the stage with --force")])
+    try:
+        manifest = read_manifest(path)  # every field checked: a wrong one is named
+    except UserError as e:
+        return StageInfo(name, "unreadable (manifest.json is damaged)", [("problem", str(e))])
+    params, source = manifest.params, manifest.source
+    stage = StageDir(path, -(-source["count"] // params["chunk_size"]))
     status = "complete" if stage.is_complete() else f"incomplete ({stage.n_chunks - len(stage.pending())} of {stage.n_chunks} chunks)"
     n_errors = len(stage.chunk_errors())
     rows = [
         ("images", source.get("count")),
         ("resolution", params.get("resolution")),
         *_array_rows(path / "store.zarr"),
-        ("encoder", _identity(manifest.get("encoder"))),
-        *(_tokens(params["representation"]) if isinstance(params.get("representation"), dict) else []),
-        *(_latents(params["latent_space"]) if isinstance(params.get("latent_space"), dict) else []),
+        ("encoder", _identity(manifest.encoder)),
+        *(_tokens(params["representation"]) if params.get("representation") else []),
+        *(_latents(params["latent_space"]) if params.get("latent_space") else []),
         ("skipped images", n_errors),
     ]
-    return StageInfo(name, status, rows, bool(manifest.get("tiny_random")))
+    return StageInfo(name, status, rows, manifest.tiny_random)
 
 
 def _identity(identity: Any) -> Fact:
@@ -345,13 +352,13 @@ def _shards(path: Path) -> StageInfo:
         return StageInfo(name, "missing")
     manifest = try_read_json(path / "manifest.json")
     tiny = bool(manifest.get("tiny_random")) if isinstance(manifest, dict) else False
-    summary = try_read_json(path / "shards.json")
-    if not isinstance(summary, dict):
+    if not (path / SHARDS_JSON).exists():
         return StageInfo(name, "incomplete (no shards.json)", [], tiny)
     try:
-        return StageInfo(name, "complete", _shard_rows(summary, read_shard_info(str(path)).latent_norm), tiny)
-    except (KeyError, TypeError, ValueError, AttributeError, UserError):  # a shards.json of another version, or damaged
-        return StageInfo(name, "unreadable (shards.json lacks the expected entries)", [], tiny)
+        info = read_shard_info(path)  # every field checked: a wrong one is named
+    except UserError as e:
+        return StageInfo(name, "unreadable (shards.json is damaged)", [("problem", str(e))], tiny)
+    return StageInfo(name, "complete", _shard_rows(info.raw, info.latent_norm), tiny)
 
 
 def _shard_rows(s: dict[str, Any], norm: LatentNorm) -> list[tuple[str, Any]]:

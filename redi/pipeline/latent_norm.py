@@ -14,12 +14,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 
 from redi.common.choices import LATENT_NORMS
 from redi.common.errors import UserError
+from redi.common.schema import OneOf
 
 if TYPE_CHECKING:  # the record reads without torch (redi info); the map on tensors imports it
     import torch
@@ -31,7 +32,7 @@ KINDS = LATENT_NORMS
 class LatentNorm:
     """z' = (z − shift) · scale, per channel."""
 
-    kind: str  # "config" | "channel"
+    kind: Annotated[str, OneOf(KINDS)]  # "config" | "channel"
     shift: tuple[float, ...]  # (C,)
     scale: tuple[float, ...]  # (C,)
 

@@ -15,9 +15,9 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import zarr
@@ -27,9 +27,11 @@ from redi.common.display import counting
 from redi.common.errors import UserError
 from redi.common.lock import exclusive
 from redi.common.runtime import resolve_device
+from redi.common.schema import Range, Shaped, check_ranges, same_json, try_load
 from redi.common.stamp import content_digest
 from redi.pipeline.pca_file import PCA_FILE, PCAModel, PCARecord, parse_pca, read_pca_bytes
-from redi.pipeline.stage import ZARR_METADATA_ERRORS, InputCheck, Manifest, diff_keys, open_array, read_errors, read_manifest
+from redi.pipeline.stage import ZARR_METADATA_ERRORS, Identity, InputCheck, Manifest, diff_keys, open_array, read_errors, \
+    read_manifest
 
 if TYPE_CHECKING:  # the stage's records read without torch (redi info, shards, verify); the fit and the import load it
     import torch
@@ -50,15 +52,15 @@ REFERENCE_STD_KEYS = ("std", "sigma")
 class PCAConfig:
     """How to fit the PCA (docs/METHOD.md) on the patch tokens of a features store: the flags of `redi pca`."""
 
-    num_images: int = 76_800
+    num_images: Annotated[int, Range(1)] = 76_800
     """Images drawn at random (seeded) among the valid ones; all if fewer.
 
     Uniformly, without replacement."""
-    seed: int = 0
+    seed: Annotated[int, Range(0)] = 0
     """Seed of the image draw."""
     device: str = "auto"
     """Where the float64 accumulation runs: auto, cpu, cuda or cuda:N."""
-    batch_images: int = 128
+    batch_images: Annotated[int, Range(1)] = 128
     """Images read and accumulated per step (bounds memory).
 
     The working set is about batch_images·P·D·10 bytes."""
@@ -66,10 +68,7 @@ class PCAConfig:
     """Replace a pca.safetensors made with other settings instead of refusing."""
 
     def __post_init__(self) -> None:
-        if self.num_images < 1:
-            raise UserError(f"--num-images must be at least 1, got {self.num_images}.")
-        if self.batch_images < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_images}.")
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ class FeatureStore:
     patch: zarr.Array  # (N, P, D) float16
     valid: np.ndarray  # (N,) bool
     fingerprint: str  # identifies the features stage's output (see features_fingerprint)
-    manifest: dict[str, Any]
+    manifest: Manifest
     check: InputCheck | None = None  # the chunk files read are checked against the features stage's ledger
 
 
@@ -115,9 +114,9 @@ class TokenMoments:
     cov: np.ndarray  # (D, D), biased (divides by n)
 
 
-def features_fingerprint(features_manifest: dict[str, Any]) -> str:
+def features_fingerprint(features_manifest: Manifest) -> str:
     """SHA-256 of the features manifest (parameters, encoder, source): equal fingerprints, equal features."""
-    text = json.dumps(features_manifest, sort_keys=True, default=str)
+    text = json.dumps(features_manifest.to_json(), sort_keys=True, default=str)
     return "features:" + hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -321,12 +320,42 @@ def plot_source(data: Path, k: int = PLOT_COMPONENTS) -> str:
     return content_digest([Path(data) / PCA_FILE], f"first {k} components")
 
 
-def _read_record(data: Path) -> dict[str, Any] | None:
-    """DATA/pca.json as {"manifest": {...}, "pca_sha256": "..."}, or None when it is missing or damaged."""
-    record = try_read_json(data / PCA_RECORD)
-    if isinstance(record, dict) and isinstance(record.get("manifest"), dict) and isinstance(record.get("pca_sha256"), str):
-        return record
-    return None
+@dataclass(frozen=True)
+class PCAParams:
+    """`params` of the pca stage's manifest: the fit's (num_images, seed) or the imported file's hash."""
+
+    num_images: Annotated[int | None, Range(1)] = None
+    seed: Annotated[int | None, Range(0)] = None
+    import_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class PCASource:
+    """`source` of the pca stage's manifest: the features it was fitted on (none for an import)."""
+
+    features: str | None = None
+
+
+@dataclass(frozen=True)
+class PCAManifest(Manifest):
+    """The manifest pca.json records, its parts checked."""
+
+    params: Annotated[dict[str, Any], Shaped(PCAParams)]
+    encoder: Annotated[dict[str, Any], Shaped(Identity, types_only=True)] = field(default_factory=dict)
+    source: Annotated[dict[str, Any], Shaped(PCASource)] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PCAJson:
+    """DATA/pca.json: the manifest of the `redi pca` run that wrote pca.safetensors, and that file's SHA-256."""
+
+    manifest: Annotated[dict[str, Any], Shaped(PCAManifest)]
+    pca_sha256: str
+
+
+def _read_record(data: Path) -> PCAJson | None:
+    """DATA/pca.json, or None when it is missing or damaged (a record to redo)."""
+    return try_load(PCAJson, try_read_json(data / PCA_RECORD))
 
 
 def stage_record(data: Path) -> PCARecord | None:
@@ -338,7 +367,7 @@ def stage_record(data: Path) -> PCARecord | None:
     if (record := _read_record(data)) is None:
         raise UserError(f"{record_path} is damaged, so {data / PCA_FILE} cannot be checked: rerun the `redi pca` "
                         "command that made it with --force.")
-    return PCARecord(record["pca_sha256"], record_path.name, "rerun the `redi pca` command that made it")
+    return PCARecord(record.pca_sha256, record_path.name, "rerun the `redi pca` command that made it")
 
 
 def load_stage_pca(data: Path) -> tuple[PCAModel, str]:
@@ -358,10 +387,10 @@ def _up_to_date(data: Path, manifest: Manifest, force: bool) -> bool:
     pca_path, record_path = data / PCA_FILE, data / PCA_RECORD
     wanted = manifest.to_json()
     if (record := _read_record(data)) is not None:
-        have = record["manifest"]
-        if have == wanted:
+        have = record.manifest
+        if same_json(have, wanted):
             # An equal record but another (or no) file: an interrupted or replaced write, so redo it.
-            return pca_path.exists() and sha256_file(pca_path) == record["pca_sha256"]
+            return pca_path.exists() and sha256_file(pca_path) == record.pca_sha256
         if not force:
             raise UserError(
                 f"{pca_path} was made with different settings ({', '.join(sorted(diff_keys(have, wanted)))}); "
@@ -383,7 +412,7 @@ def _write(data: Path, model: PCAModel, manifest: Manifest) -> None:
     """
     def save_then_record(tmp: Path) -> None:
         model.save(tmp)
-        atomic_write_json(data / PCA_RECORD, {"manifest": manifest.to_json(), "pca_sha256": sha256_file(tmp)})
+        atomic_write_json(data / PCA_RECORD, asdict(PCAJson(manifest.to_json(), sha256_file(tmp))))
 
     atomic_write_with(data / PCA_FILE, save_then_record)
     plot_explained_variance(model, data / PLOT_FILE)
@@ -409,9 +438,9 @@ def fit_stage(data: Path, cfg: PCAConfig) -> PCAResult:
     manifest = Manifest(
         stage="pca",
         params={"num_images": cfg.num_images, "seed": cfg.seed},
-        encoder=features.manifest.get("encoder", {}),
+        encoder=features.manifest.encoder,
         source={"features": features.fingerprint},
-        tiny_random=bool(features.manifest.get("tiny_random", False)),
+        tiny_random=features.manifest.tiny_random,
     )
     if _up_to_date(data, manifest, cfg.force):
         return _cached_result(data)

@@ -35,13 +35,12 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from redi.common.atomic import read_json
 from redi.common.errors import UserError
 from redi.common.runtime import loader_worker_init
 from redi.pipeline.remote import Location, MissingChunk, open_zarr_array, read_ahead
 from redi.pipeline.shard_info import ShardInfo, read_shard_info, rebuild_hint
-from redi.pipeline.shards import DATA_FIELDS, KEYS_JSON, ZARR_DIR, decode_key, tar_relpath, unreadable_chunk
-from redi.pipeline.stage import ZARR_METADATA_ERRORS
+from redi.pipeline.shards import DATA_FIELDS, ZARR_DIR, decode_key, tar_relpath, unreadable_chunk
+from redi.pipeline.stage import ZARR_METADATA_ERRORS, read_keys
 
 DEFAULT_FIELDS = ("moments", "pcs", "cls")
 Batch = dict[str, Any]  # {"moments", "pcs", "cls", ["patch_tokens"]: tensors; "label", "index": int64; "key": list}
@@ -162,7 +161,7 @@ class ShardDataset(IterableDataset, ABC):
         self.verify = verify  # WebDataset: check each tar's SHA-256 (zarr chunks always carry a CRC-32C)
         self.read_ahead = read_ahead  # WebDataset: tars downloading ahead of the one being decoded, per process
         self.rebuild = rebuild_hint(self.info.root.parent)  # the end of every sentence about damaged shards
-        self.keys: list[str] = read_json(self.info.root / KEYS_JSON, list, self.rebuild)
+        self.keys = read_keys(self.info.root, self.rebuild)
 
     @abstractmethod
     def read_segment(self, segment: Segment) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ from redi.common.atomic import atomic_write_json, remove_temporaries
 from redi.common.display import counting
 from redi.common.errors import UserError
 from redi.common.flags import OneOf
+from redi.common.schema import Range, check_ranges
 from redi.common.lock import exclusive
 from redi.pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, open_arrays
 from redi.pipeline.images import ImageSource, labels_from_dataset_json, open_source
@@ -65,23 +66,22 @@ class RepaImportConfig:
     """VAE recorded for the latents and used to decode samples (REPA's sd-vae-ft-mse has the same encoder).
 
     sd-vae-ft-mse, REPA's default, and sd-vae-ft-ema share the encoder, so REPA's latents are ft-ema latents."""
-    resolution: int = 256
+    resolution: Annotated[int, Range(16)] = 256
     """Side R of REPA's images; the moments are (8, R/8, R/8)."""
-    chunk_size: int = 256
+    chunk_size: Annotated[int, Range(1)] = 256
     """Images per committed unit and per Zarr chunk."""
     dtype: Annotated[str, OneOf(STORE_DTYPES)] = "float16"
     """Storage dtype of the moments (REPA's files are float32)."""
-    workers: int = 8
+    workers: Annotated[int, Range(1)] = 8
     """Threads reading the .npy files."""
     force: bool = False
     """Delete and redo a latents/ stage made with other settings."""
 
     def __post_init__(self) -> None:
         """Refuse out-of-range values with one sentence."""
-        if self.resolution < SD_VAE.downsampling or self.resolution % 16:
+        check_ranges(self)
+        if self.resolution % 16:
             raise UserError(f"--resolution must be a positive multiple of 16 (got {self.resolution}).")
-        if self.chunk_size < 1 or self.workers < 1:
-            raise UserError("--chunk-size and --workers must be at least 1.")
         if self.dtype not in STORE_DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)} (got {self.dtype}).")
 

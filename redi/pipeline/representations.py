@@ -19,11 +19,10 @@ docs/ENCODERS.md tabulates all of it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     CLIPVisionModel, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel, IJepaModel, PreTrainedModel,
@@ -31,7 +30,9 @@ from transformers import (
 )
 
 from redi.common.errors import UserError
+from redi.common.schema import Range, dump, load
 from redi.pipeline import positions, timm_vit
+from redi.pipeline.representation_record import Preprocess, RepresentationRecord, TableRecord
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,33 +40,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # REPA's CLIP_DEFAULT_MEAN (Ope
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)  # SigLIP's image processors: x ↦ 2x − 1
 PIL_RESAMPLE = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}  # preprocessor `resample`
-@dataclass(frozen=True)
-class Preprocess:
-    """uint8 crops → encoder input: /255, then normalise and resize to the input side (in that order or reversed)."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str  # F.interpolate mode, "bicubic" or "bilinear" (align_corners=False)
-    antialias: bool  # the image processors (torchvision) antialias; REPA's F.interpolate does not
-    normalise_first: bool  # REPA normalises before resizing for DINOv2/MAE/I-JEPA and after for CLIP
-    source: str  # where these values come from (recorded in the manifest)
-
-    def __call__(self, images: torch.Tensor, side: int) -> torch.Tensor:
-        """uint8 (N, R, R, 3) → float32 (N, 3, S, S); no resize when S = R."""
-        x = images.permute(0, 3, 1, 2).float() / 255  # (N, 3, R, R) in [0, 1]
-        if self.normalise_first:
-            x = self._normalise(x)
-        if side != x.shape[-1]:
-            x = F.interpolate(x, size=(side, side), mode=self.interpolation, align_corners=False,
-                              antialias=self.antialias)  # (N, 3, S, S)
-        return x if self.normalise_first else self._normalise(x)
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-
 def _repa(mean: tuple[float, ...], std: tuple[float, ...], normalise_first: bool, name: str) -> Preprocess:
     return Preprocess(mean, std, "bicubic", False, normalise_first, f"REPA preprocess_raw_image ({name})")
 
@@ -331,23 +305,37 @@ def from_pretrained(config: dict[str, Any], source: str, **hub: Any) -> PreTrain
     return model
 
 
+POSITIVE = Range(0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """The fields of a transformers preprocessor_config.json that redi reads (the rest is transformers')."""
+
+    resample: Literal[2, 3, "bilinear", "bicubic"] = 3
+    """PIL's resampling filter: 2 bilinear, 3 bicubic (redi resizes with these two only)."""
+    do_rescale: bool = True
+    rescale_factor: Annotated[float, Range(0, lo_open=True)] = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[Annotated[float, Range()], Annotated[float, Range()], Annotated[float, Range()]] | None = None
+    """Per RGB channel."""
+    image_std: tuple[Annotated[float, POSITIVE], Annotated[float, POSITIVE], Annotated[float, POSITIVE]] | None = None
+
+
 def processor_preprocess(family: Family, processor: dict[str, Any] | None) -> Preprocess:
     """The family's pre-processing, its mean/std/interpolation taken from a preprocessor_config.json if one is given
     (REPA's families keep REPA's values)."""
     if family.repa or processor is None:
         return family.preprocess
-    resample = processor.get("resample", 3)
-    if resample not in PIL_RESAMPLE:
-        raise UserError(f"The encoder's preprocessor_config.json asks for resample={resample!r}; redi resizes with "
-                        "bilinear (2) or bicubic (3) only.")
-    if processor.get("do_rescale", True) and abs(float(processor.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-        raise UserError(f"The encoder's preprocessor_config.json rescales by {processor['rescale_factor']}; redi "
+    config: ProcessorConfig = load(ProcessorConfig, processor, "The encoder's preprocessor_config.json",
+                                   "redi resizes bilinear (2) or bicubic (3) and rescales by 1/255")
+    if config.do_rescale and abs(config.rescale_factor - 1 / 255) > 1e-9:
+        raise UserError(f"The encoder's preprocessor_config.json rescales by {config.rescale_factor}; redi "
                         "supports 1/255 only.")
-    normalise = processor.get("do_normalize", True)
     return replace(
-        family.preprocess, interpolation=PIL_RESAMPLE[resample], source="preprocessor_config.json",
-        mean=tuple(processor.get("image_mean", family.preprocess.mean)) if normalise else (0.0, 0.0, 0.0),
-        std=tuple(processor.get("image_std", family.preprocess.std)) if normalise else (1.0, 1.0, 1.0),
+        family.preprocess, interpolation=PIL_RESAMPLE[config.resample], source="preprocessor_config.json",
+        mean=(config.image_mean or family.preprocess.mean) if config.do_normalize else (0.0, 0.0, 0.0),
+        std=(config.image_std or family.preprocess.std) if config.do_normalize else (1.0, 1.0, 1.0),
     )
 
 
@@ -380,11 +368,11 @@ class FeatureSpec:
         return {**glob, "patch": (self.grid * self.grid, self.dim)}
 
     def record(self) -> dict[str, Any]:
-        """What the manifest records of it."""
-        table = {"position_table": {"from": self.table_grid, "to": self.grid, "resample": positions.REPA.words}} if self.resamples else {}
-        return {"family": self.family.key, "input_side": self.side, "grid": self.grid, "patch_size": self.patch,
-                "tokens_dropped": self.prefix, "global_token": self.global_token, "preprocess": asdict(self.preprocess),
-                **table}
+        """What the manifest records of it (a RepresentationRecord; the position table only where it is resampled)."""
+        table = TableRecord(self.table_grid, self.grid, positions.REPA.words) if self.resamples and self.table_grid else None
+        record = dump(RepresentationRecord(self.family.key, self.side, self.grid, self.patch, self.prefix,
+                                           self.global_token, self.preprocess, table))
+        return {k: v for k, v in record.items() if k != "position_table" or v is not None}
 
 
 def feature_spec(config: dict[str, Any], grid: int, processor: dict[str, Any] | None = None) -> FeatureSpec:

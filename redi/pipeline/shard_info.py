@@ -4,17 +4,18 @@ sampler, `verify`, `publish`, `info` and `preview` know of a set of shards, with
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redi.common.atomic import decode_json
 from redi.common.errors import UserError
+from redi.common.schema import load
 from redi.pipeline.latent_norm import LatentNorm
 from redi.pipeline.pca import PCA_RECORD, load_stage_pca
 from redi.pipeline.pca_file import PCA_FILE, PCARecord, read_pca_bytes
 from redi.pipeline.remote import Location, RemotePath, as_location
-from redi.pipeline.shards import SHARDS_JSON, FieldSpec, model_patch
+from redi.pipeline.shards import SHARDS_JSON, FieldSpec, ShardsRecord, model_patch
 from redi.pipeline.vaes import LatentSpace, legacy_space
 
 
@@ -68,22 +69,21 @@ def read_shard_info(shards_dir: Location | str) -> ShardInfo:
                             f"{root.parent}`), or let the publish finish.") from None
         raise UserError(f"No {SHARDS_JSON} in {root}: run `redi shards --data {root.parent}` (or let it finish).") \
             from None
+    remedy = rebuild_hint(root.parent)
     try:
-        raw = json.loads(data)
-        fields = {name: FieldSpec(tuple(f["shape"]), f["dtype"]) for name, f in raw["fields"].items()}
-        k, p, _ = fields["pcs"].shape
-        shape = tuple(raw["latent_shape"])
-        space, norm, patch = _latent_records(raw, shape, p)
-        return ShardInfo(
-            root=root, num_samples=raw["num_samples"], shard_size=raw["shard_size"], num_shards=raw["num_shards"],
-            num_classes=raw["num_classes"], resolution=raw["resolution"], latent_shape=shape, latent_space=space,
-            latent_norm=norm, patch_size=patch, pcs=k, grid=p, feature_dim=_feature_dim(fields, raw),
-            has_patch_tokens="patch_tokens" in fields, pca_sha256=raw["pca"]["sha256"],
-            formats=tuple(raw["formats"]), fields=fields, files=raw["files"], raw=raw,
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
-        raise UserError(f"{path} is damaged; {rebuild_hint(root.parent)}.") from None
+        raw = decode_json(data)
+    except ValueError:
+        raise UserError(f"{path} is damaged (it is not readable JSON); {remedy}.") from None
+    record: ShardsRecord = load(ShardsRecord, raw, path, remedy)  # every field checked: a wrong one is named
+    k, p, _ = record.fields["pcs"].shape
+    space, norm, patch = _latent_records(record, p)
+    return ShardInfo(
+        root=root, num_samples=record.num_samples, shard_size=record.shard_size, num_shards=record.num_shards,
+        num_classes=record.num_classes, resolution=record.resolution, latent_shape=record.latent_shape,
+        latent_space=space, latent_norm=norm, patch_size=patch, pcs=k, grid=p, feature_dim=_feature_dim(record),
+        has_patch_tokens="patch_tokens" in record.fields, pca_sha256=record.pca.sha256, formats=record.formats,
+        fields=record.fields, files=record.files, raw=raw, sha256=hashlib.sha256(data).hexdigest(),
+    )
 
 
 def shards_pca(info: ShardInfo) -> bytes | None:
@@ -106,18 +106,19 @@ def shards_pca(info: ShardInfo) -> bytes | None:
         return None
 
 
-def _latent_records(raw: dict[str, Any], shape: tuple[int, ...], grid: int) -> tuple[LatentSpace, LatentNorm, int]:
+def _latent_records(record: ShardsRecord, grid: int) -> tuple[LatentSpace, LatentNorm, int]:
     """Latent space, normalisation and default patch of shards.json; shards made before they were recorded hold
     SD-VAE latents (f8), normalised as their `vae.scale` and `vae.shift` said, for patch-2 models."""
-    if "latent_norm" in raw:
-        return LatentSpace.from_record(raw["latent_space"]), LatentNorm.from_record(raw["latent_norm"]), int(raw["patch_size"])
-    space = legacy_space(shape[0], shape[1], raw["resolution"])
-    norm = LatentNorm.legacy(float(raw["vae"]["scale"]), float(raw["vae"]["shift"]), shape[0])
-    return space, norm, model_patch(shape[1], grid, space)
+    if record.latent_norm is not None and record.latent_space is not None and record.patch_size is not None:
+        return LatentSpace.from_record(record.latent_space), LatentNorm.from_record(record.latent_norm), record.patch_size
+    channels, side, _ = record.latent_shape
+    space = legacy_space(channels, side, record.resolution)
+    norm = LatentNorm.legacy(record.vae["scale"], record.vae["shift"], channels)
+    return space, norm, model_patch(side, grid, space)
 
 
-def _feature_dim(fields: dict[str, FieldSpec], raw: dict[str, Any]) -> int:
+def _feature_dim(record: ShardsRecord) -> int:
     """D from the stored tokens, or from the encoder's config when the shards hold neither `cls` nor patch tokens."""
-    if "cls" in fields:
-        return fields["cls"].shape[0]
-    return fields["patch_tokens"].shape[1] if "patch_tokens" in fields else int(raw["encoder"]["dim"])
+    if "cls" in record.fields:
+        return record.fields["cls"].shape[0]
+    return record.fields["patch_tokens"].shape[1] if "patch_tokens" in record.fields else (record.encoder or {})["dim"]

@@ -23,26 +23,30 @@ import io
 import math
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from redi.common.atomic import atomic_write_bytes, atomic_write_json, read_json, remove_temporaries, sha256_file, try_read_json
+from redi.common.atomic import atomic_write_bytes, atomic_write_json, remove_temporaries, sha256_file, try_read_json
 from redi.common.display import progress_bar
-from redi.common.errors import UserError
+from redi.common.errors import UserError, writing
+from redi.common.schema import OneOf, Range, Shaped, try_load
 from redi.common.lock import exclusive
 from redi.common.runtime import resolve_device
 from redi.pipeline.latent_norm import ChannelStats, LatentNorm
 from redi.pipeline.pca import features_fingerprint, load_stage_pca
 from redi.pipeline.pca_file import PCA_FILE, PCAModel
-from redi.pipeline.shards_config import (  # noqa: F401  (FORMATS, ShardsConfig: importable from here as before)
+from redi.pipeline.shards_config import (  # ShardsConfig: importable from here as before
     FORMATS, SHARDS_FORMAT_VERSION, SHARDS_JSON, ShardsConfig, ShardsResult, write_shards_stamp,
 )
-from redi.pipeline.stage import InputCheck, Manifest, StageDir, StageState, open_array, read_errors, read_manifest, stage_lock
+from redi.pipeline.stage import (
+    KEYS_JSON, Identity, InputCheck, Manifest, SourceRecord, StageDir, StageState, open_array, read_errors, read_keys,
+    read_manifest, stage_lock,
+)
 from redi.pipeline.vaes import LatentSpace, manifest_space
 
 if TYPE_CHECKING:  # the layout and its names read without torch (the shards' readers); the projection imports it
@@ -52,7 +56,6 @@ DATA_FIELDS = ("moments", "pcs", "cls", "patch_tokens")  # the array fields a sa
 CHUNK_BYTES = 16 << 20  # target size of one zarr chunk file
 GROUP_BYTES = 1 << 30  # memory for the write-time shuffle: decides how many blocks one permutation spans
 READ_ROWS = 256  # source images read (and projected) per step
-KEYS_JSON = "keys.json"
 ZARR_DIR = "samples.zarr"
 CHECKSUMS_DIR = "checksums"  # per-block {relpath: sha256}, written before the block is committed
 
@@ -76,8 +79,8 @@ def tar_relpath(block: int) -> str:
 class FieldSpec:
     """Per-sample shape and dtype of one stored field."""
 
-    shape: tuple[int, ...]
-    dtype: str
+    shape: tuple[Annotated[int, Range(1)], ...]
+    dtype: Annotated[str, OneOf(("int64", "float16", "float32"))]
 
     @property
     def nbytes(self) -> int:
@@ -109,6 +112,116 @@ class ShardLayout:
         per_sample = max(1, self.fields[name].nbytes)
         fits = [d for d in range(1, self.shard_size + 1) if self.shard_size % d == 0 and d * per_sample <= CHUNK_BYTES]
         return max(fits, default=1)
+
+
+@dataclass(frozen=True)
+class VaeRecord:
+    """shards.json `vae`: the VAE's identity, short."""
+
+    id: str | None = None
+    revision: str | None = None
+    """The hub commit or revision, or a local config's hash."""
+    kind: str | None = None
+    scale: Annotated[float | None, Range()] = None
+    """Shards written before `latent_norm`: z' = z · scale + shift (SD-VAE: 0.18215 and 0)."""
+    shift: Annotated[float | None, Range()] = None
+
+
+@dataclass(frozen=True)
+class PcaRecord:
+    """shards.json `pca`: the PCA the PCs were projected with."""
+
+    sha256: str
+    """Of pca.safetensors: runs and `redi verify` hold the file to it."""
+    K: Annotated[int, Range(1)]
+    """Principal components stored per sample."""
+    source: str = ""
+    explained_variance: tuple[float, ...] = ()
+    explained_variance_fraction: Annotated[float | None, Range(0, 1)] = None
+
+
+@dataclass(frozen=True)
+class ZarrRecord:
+    """shards.json `zarr`: where the Zarr store is and how it is chunked."""
+
+    path: str
+    chunk_rows: dict[str, Annotated[int, Range(1)]]
+    codecs: str
+
+
+@dataclass(frozen=True)
+class WdsRecord:
+    """shards.json `wds`: how the tars are named and their members."""
+
+    pattern: str
+    members: str
+    key_encoding: str
+
+
+@dataclass(frozen=True)
+class WriteOrder:
+    """shards.json `write_order`: the write-time shuffle."""
+
+    seed: Annotated[int, Range(0)]
+    group_blocks: Annotated[int, Range(1)]
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """One entry of shards.json `skipped`: an image left out, and by which stage."""
+
+    index: Annotated[int, Range(0)]
+    key: str
+    stage: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ShardsRecord:
+    """shards.json (docs/FORMATS.md), as every reader checks it before use (pipeline/readers.py: ShardInfo)."""
+
+    num_samples: Annotated[int, Range(1)]
+    shard_size: Annotated[int, Range(1)]
+    num_shards: Annotated[int, Range(1)]
+    num_classes: Annotated[int, Range(1)]
+    resolution: Annotated[int, Range(1)]
+    latent_shape: tuple[Annotated[int, Range(1)], Annotated[int, Range(1)], Annotated[int, Range(1)]]
+    """[C, h, h] of the VAE latent."""
+    fields: dict[str, FieldSpec]
+    vae: Annotated[dict[str, Any], Shaped(VaeRecord)]
+    pca: PcaRecord
+    formats: tuple[Annotated[str, OneOf(FORMATS)], ...]
+    files: dict[str, str]
+    """Relative path → SHA-256 of every file of the shards."""
+    encoder: Annotated[dict[str, Any], Shaped(Identity)] | None = None
+    format_version: int = SHARDS_FORMAT_VERSION
+    num_images: Annotated[int | None, Range(1)] = None
+    num_skipped: Annotated[int | None, Range(0)] = None
+    patch_size: Annotated[int | None, Range(1)] = None
+    latent_space: Annotated[dict[str, Any], Shaped(LatentSpace)] | None = None
+    latent_norm: Annotated[dict[str, Any], Shaped(LatentNorm)] | None = None
+    zarr: ZarrRecord | None = None
+    wds: WdsRecord | None = None
+    write_order: WriteOrder | None = None
+    source: Annotated[dict[str, Any], Shaped(SourceRecord)] | None = None
+    tiny_random: bool = False
+    skipped: list[SkippedImage] = field(default_factory=list)
+    checksum: str = ""
+
+    def __post_init__(self) -> None:  # ValueError: the loader names the file
+        missing = [name for name in ("label", "moments", "pcs") if name not in self.fields]
+        if missing or len(self.fields["pcs"].shape) != 3 or len(self.fields["moments"].shape) != 3:
+            raise ValueError(f"its fields lack {', '.join(missing)}" if missing else "pcs or moments is not 3-dimensional")
+        if self.fields["pcs"].shape[0] != self.pca.K or self.fields["moments"].shape[0] != 2 * self.latent_shape[0]:
+            raise ValueError("pca.K, latent_shape and the fields' shapes disagree")
+        if self.num_shards != math.ceil(self.num_samples / self.shard_size) or not self.formats:
+            raise ValueError("num_shards, num_samples, shard_size and formats disagree")
+        if self.latent_norm is not None and (self.latent_space is None or self.patch_size is None):
+            raise ValueError("latent_norm comes without latent_space and patch_size")
+        if self.latent_norm is None and (self.vae.get("scale") is None or self.vae.get("shift") is None):
+            raise ValueError("it holds neither latent_norm nor the vae's scale and shift of older shards")
+        if not ({"cls", "patch_tokens"} & set(self.fields) or (self.encoder or {}).get("dim", 0) > 0):
+            raise ValueError("the encoder's width is in neither its fields nor its encoder record")
 
 
 def make_layout(num_samples: int, shard_size: int, moments: tuple[int, int, int], pcs: tuple[int, int, int],
@@ -185,12 +298,14 @@ class ShardWriter:
         self.formats = formats
         self.arrays: dict[str, zarr.Array] = {}
         if "zarr" in formats:
-            group = zarr.open_group(self.root / ZARR_DIR, mode="a")
+            with writing(self.root / ZARR_DIR / "zarr.json"):
+                group = zarr.open_group(self.root / ZARR_DIR, mode="a")
             for name, spec in layout.fields.items():
-                self.arrays[name] = group.require_array(
-                    name, shape=(layout.num_samples, *spec.shape), dtype=spec.dtype,
-                    chunks=(layout.chunk_rows(name), *spec.shape), compressors=[Crc32cCodec()], fill_value=0,
-                ).with_config({"write_empty_chunks": True})  # also when reopened: every chunk has a file to hash
+                with writing(self.root / ZARR_DIR / name / "zarr.json"):
+                    self.arrays[name] = group.require_array(
+                        name, shape=(layout.num_samples, *spec.shape), dtype=spec.dtype,
+                        chunks=(layout.chunk_rows(name), *spec.shape), compressors=[Crc32cCodec()], fill_value=0,
+                    ).with_config({"write_empty_chunks": True})  # also when reopened: every chunk has a file to hash
 
     def write_block(self, block: int, keys: list[str], data: dict[str, np.ndarray]) -> dict[str, str]:
         """Write one block's samples in every format; return {relpath: sha256} of the files written."""
@@ -198,8 +313,10 @@ class ShardWriter:
         assert len(keys) == stop - start and all(len(v) == stop - start for v in data.values()), "block size mismatch"
         files: list[str] = []
         for name, arr in self.arrays.items():
-            arr[start:stop] = data[name]
-            files += [f"{ZARR_DIR}/{name}/{key}" for key in chunk_keys(arr, start, stop)]
+            keys_written = [f"{ZARR_DIR}/{name}/{key}" for key in chunk_keys(arr, start, stop)]
+            with writing(self.root / keys_written[0]):  # a full disk names the block's first chunk file of the array
+                arr[start:stop] = data[name]
+            files += keys_written
         if "wds" in self.formats:
             rel = tar_relpath(block)
             atomic_write_bytes(self.root / rel, tar_bytes(keys, {n: data[n] for n in self.layout.fields}))
@@ -226,8 +343,8 @@ class _Inputs:
     checks: dict[str, InputCheck]  # "latents", "features": reads checked against the stages' ledgers
     kept: np.ndarray  # (M,) image index of the images valid in both stages, increasing
     skipped: list[dict[str, Any]]  # {"index", "key", "stage", "reason"} per dropped image and stage
-    latents_manifest: dict[str, Any]
-    features_manifest: dict[str, Any]
+    latents_manifest: Manifest
+    features_manifest: Manifest
     latent_space: LatentSpace  # what the moments are (recorded by encode)
     pca: PCAModel
     pca_sha256: str
@@ -245,13 +362,6 @@ def _open_array(store: Path, name: str, ndim: int) -> zarr.Array:
     return arr
 
 
-def _read_keys(stage_root: Path) -> list[str]:
-    keys = read_json(stage_root / KEYS_JSON, list, f"rerun the stage that writes {stage_root.name}/ with --force")
-    if not all(isinstance(k, str) for k in keys):
-        raise UserError(f"{stage_root / KEYS_JSON} is damaged (not a list of keys); rerun the stage with --force.")
-    return keys
-
-
 def _skipped(stage: str, valid: np.ndarray, errors: dict[int, str], keys: list[str]) -> list[dict[str, Any]]:
     return [{"index": int(i), "key": keys[i], "stage": stage, "reason": errors.get(int(i), "marked invalid")}
             for i in np.flatnonzero(~valid)]
@@ -261,21 +371,20 @@ def open_inputs(data: Path) -> _Inputs:
     """Open latents/, features/ and pca.safetensors and check that they describe the same images."""
     lat_root, feat_root = data / "latents", data / "features"
     lat_manifest, feat_manifest = read_manifest(lat_root), read_manifest(feat_root)
-    try:
-        space = manifest_space(lat_manifest["params"])
-    except (KeyError, TypeError, ValueError):
+    space = manifest_space(lat_manifest.params)
+    if space is None:
         raise UserError(f"{lat_root / 'manifest.json'} does not say what its latents are; rerun `redi encode` with "
-                        "--force.") from None
+                        "--force.")
     lat_errors = {e.index: e.reason for e in read_errors(lat_root)}
     feat_errors = {e.index: e.reason for e in read_errors(feat_root)}
-    if lat_manifest.get("source", {}).get("fingerprint") != feat_manifest.get("source", {}).get("fingerprint"):
+    if lat_manifest.source["fingerprint"] != feat_manifest.source["fingerprint"]:
         raise UserError(f"{lat_root} and {feat_root} were made from different image sources; rerun one of them.")
-    keys = _read_keys(lat_root)
-    if _read_keys(feat_root) != keys:
+    keys = read_keys(lat_root, f"rerun the stage that writes {lat_root.name}/ with --force")
+    if read_keys(feat_root, f"rerun the stage that writes {feat_root.name}/ with --force") != keys:
         raise UserError(f"{lat_root}/keys.json and {feat_root}/keys.json list different images; rerun one stage.")
     lat_store, feat_store = lat_root / "store.zarr", feat_root / "store.zarr"
     moments, patch = _open_array(lat_store, "moments", 4), _open_array(feat_store, "patch", 3)
-    arrays = feat_manifest.get("params", {}).get("arrays")  # recorded by the stage (synthetic stores may not)
+    arrays = feat_manifest.params.get("arrays")  # recorded by the stage (synthetic stores hold every array)
     cls = _open_array(feat_store, "cls", 2) if arrays is None or "cls" in arrays else None  # no global token: none
     n = len(keys)
     checks = {"latents": InputCheck(lat_root, n), "features": InputCheck(feat_root, n)}
@@ -317,12 +426,11 @@ def _manifest(inputs: _Inputs, cfg: ShardsConfig, group_blocks: int) -> Manifest
               "shard_size": cfg.shard_size, "seed": cfg.seed, "group_blocks": group_blocks, "latent_norm": cfg.latent_norm}
     return Manifest(
         stage="shards", params=params,
-        encoder={"vae": inputs.latents_manifest.get("encoder", {}), "dino": inputs.features_manifest.get("encoder", {}),
+        encoder={"vae": inputs.latents_manifest.encoder, "dino": inputs.features_manifest.encoder,
                  "pca_sha256": inputs.pca_sha256},
-        source={"fingerprint": inputs.latents_manifest.get("source", {}).get("fingerprint"),
-                "latents": inputs.latents_manifest.get("params", {}),
-                "features": inputs.features_manifest.get("params", {})},
-        tiny_random=bool(inputs.latents_manifest.get("tiny_random") or inputs.features_manifest.get("tiny_random")),
+        source={"fingerprint": inputs.latents_manifest.source["fingerprint"],
+                "latents": inputs.latents_manifest.params, "features": inputs.features_manifest.params},
+        tiny_random=inputs.latents_manifest.tiny_random or inputs.features_manifest.tiny_random,
     )
 
 
@@ -386,8 +494,7 @@ def latent_norm(inputs: _Inputs, cfg: ShardsConfig, progress: bool) -> LatentNor
 
 def _shards_json(inputs: _Inputs, cfg: ShardsConfig, layout: ShardLayout, group_blocks: int, norm: LatentNorm,
                  files: dict[str, str]) -> dict[str, Any]:
-    lat_params = inputs.latents_manifest.get("params", {})
-    vae_id = inputs.latents_manifest.get("encoder", {})
+    lat_params, vae_id = inputs.latents_manifest.params, inputs.latents_manifest.encoder
     h = layout.fields["moments"].shape[-1]
     ev = inputs.pca.explained_variance
     return {
@@ -403,7 +510,7 @@ def _shards_json(inputs: _Inputs, cfg: ShardsConfig, layout: ShardLayout, group_
                 "kind": vae_id.get("kind")},
         "latent_space": inputs.latent_space.record(),
         "latent_norm": norm.record(),
-        "encoder": inputs.features_manifest.get("encoder", {}),
+        "encoder": inputs.features_manifest.encoder,
         "pca": {"sha256": inputs.pca_sha256, "K": cfg.pcs, "source": inputs.pca.source,
                 "explained_variance": [float(v) for v in ev[:cfg.pcs]],
                 "explained_variance_fraction": float(ev[:cfg.pcs].sum() / ev.sum())},
@@ -413,8 +520,8 @@ def _shards_json(inputs: _Inputs, cfg: ShardsConfig, layout: ShardLayout, group_
         "wds": {"pattern": "wds/shard-BBBBBB.tar", "members": "KEY.FIELD.npy, KEY.label.cls",
                 "key_encoding": "'%' -> '%25', '.' -> '%2E', '/' -> '%2F'"} if "wds" in cfg.formats else None,
         "write_order": {"seed": cfg.seed, "group_blocks": group_blocks},
-        "source": inputs.latents_manifest.get("source", {}),
-        "tiny_random": bool(inputs.latents_manifest.get("tiny_random") or inputs.features_manifest.get("tiny_random")),
+        "source": inputs.latents_manifest.source,
+        "tiny_random": inputs.latents_manifest.tiny_random or inputs.features_manifest.tiny_random,
         "skipped": inputs.skipped,
         "checksum": "sha256 of every file: each tar, each zarr chunk file and zarr.json, keys.json",
         "files": dict(sorted(files.items())),
@@ -446,9 +553,8 @@ def _write_pending(stage: StageDir, writer: ShardWriter, inputs: _Inputs, order:
 
 def _block_sums(root: Path, block: int) -> dict[str, str] | None:
     """The {relpath: sha256} recorded for a block's files, or None when that record is missing or damaged."""
-    sums = try_read_json(root / CHECKSUMS_DIR / f"{block:06d}.json")
-    valid = isinstance(sums, dict) and sums and all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items())
-    return sums if valid else None
+    sums = try_load(dict[str, str], try_read_json(root / CHECKSUMS_DIR / f"{block:06d}.json"))
+    return sums or None
 
 
 def _all_checksums(root: Path, writer: ShardWriter) -> dict[str, str]:
@@ -466,7 +572,7 @@ def _all_checksums(root: Path, writer: ShardWriter) -> dict[str, str]:
 def _readable_info(path: Path) -> dict[str, Any] | None:
     """shards.json's content, or None when it is missing or damaged (a complete stage then writes it again)."""
     info = try_read_json(path)
-    return info if isinstance(info, dict) else None
+    return info if try_load(ShardsRecord, info) is not None else None
 
 
 def build_shards(data: Path, cfg: ShardsConfig, *, progress: bool = True) -> ShardsResult:

@@ -20,6 +20,7 @@ from redi.common.atomic import try_read_json
 from redi.common.choices import LATENT_NORMS
 from redi.common.errors import UserError
 from redi.common.flags import OneOf
+from redi.common.schema import Range, check_ranges
 from redi.common.stamp import FileSets, is_current, write_stamp
 
 SHARDS_FORMAT_VERSION = 1
@@ -39,13 +40,13 @@ class ShardsConfig:
     """Stores to write: zarr (random access, one node), wds (WebDataset tars, streaming) or both.
 
     "zarr" and/or "wds"."""
-    pcs: int = 32
+    pcs: Annotated[int, Range(1)] = 32
     """K: principal components kept per sample (train with any rank r ≤ K)."""
     patch_tokens: bool = False
     """Also store the full patch tokens (P×D), needed by REPA/REG alignment (large)."""
-    shard_size: int = 1024
+    shard_size: Annotated[int, Range(1)] = 1024
     """Samples per block: one tar, one zarr block, one committed unit."""
-    seed: int = 0
+    seed: Annotated[int, Range(0)] = 0
     """Seed of the write-time shuffle of the sample order."""
     device: str = "auto"
     """Where the PCA projection runs: auto, cpu, cuda or cuda:N."""
@@ -59,10 +60,7 @@ class ShardsConfig:
     def __post_init__(self) -> None:
         if not self.formats or any(f not in FORMATS for f in self.formats):
             raise UserError(f"--format must name zarr, wds or both, not {','.join(self.formats) or 'nothing'}.")
-        if self.pcs < 1:
-            raise UserError(f"--pcs must be at least 1, not {self.pcs}.")
-        if self.shard_size < 1:
-            raise UserError(f"--shard-size must be at least 1, not {self.shard_size}.")
+        check_ranges(self)
         if self.latent_norm not in LATENT_NORMS:
             raise UserError(f"--latent-norm must be {' or '.join(LATENT_NORMS)}, not {self.latent_norm}.")
 

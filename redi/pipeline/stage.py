@@ -18,14 +18,19 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import zarr
 
-from redi.common.atomic import atomic_write_bytes, atomic_write_json, is_temporary, read_json, sha256_file, try_read_json
+from redi.common.atomic import atomic_write_bytes, atomic_write_json, decode_json, is_temporary, sha256_file, try_read_json
 from redi.common.errors import UserError
+from redi.common.schema import OneOf, Range, Shaped, load, read, same_json, try_load
+from redi.pipeline.remote import Location
+from redi.pipeline.representation_record import RepresentationRecord
+from redi.pipeline.vaes import LatentSpace
 
 FORMAT_VERSION = 1
+KEYS_JSON = "keys.json"  # the image keys of a stage (index order) or of the shards (sample order)
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,80 @@ class Manifest:
 TINY_RANDOM = "tiny-random"  # the identity kind of the random-weight encoders (tests and demos)
 
 
+@dataclass(frozen=True)
+class Identity:
+    """What a manifest records of a frozen encoder (`encoder` of latents/ and features/ manifests, shards.json's
+    `encoder`; pipeline/encoders.py writes it as `EncoderRef.identity`): what every reader checks."""
+
+    id: str
+    """Hub id, local directory or tiny-random."""
+    kind: str
+    """hub, local, tiny-random, or repa-import."""
+    class_: str | None = None
+    """The model class (JSON key "class")."""
+    dim: Annotated[int | None, Range(0)] = None
+    """Latent channels (VAE) or token width (encoder), from the config (0: synthetic stages, benchmarks/loader.py)."""
+    revision: str | None = None
+    """The hub revision asked for."""
+    commit: str | None = None
+    """The hub commit the revision resolved to, when cached."""
+    hash: str | None = None
+    """SHA-256 of a local or tiny-random config (and of the local weights' names and sizes)."""
+    seed: int | None = None
+    """tiny-random: the torch seed of its weights."""
+    tool: str | None = None
+    """import-repa: what made the imported latents."""
+
+
 def describe_identity(identity: dict[str, Any]) -> str:
     """A manifest's encoder identity (pipeline/encoders.py writes it) in one line for logs and summaries:
     `id@revision (class, dim D)`, or `id#hash…` for local and tiny-random encoders."""
     pin = f"@{identity['revision']}" if "revision" in identity else f"#{str(identity.get('hash', ''))[:12]}"
     return f"{identity.get('id')}{pin} ({identity.get('class')}, dim {identity.get('dim')})"
+@dataclass(frozen=True)
+class SourceRecord:
+    """What a stage manifest records of its image source (`source`; pipeline/images.py: ImageSource.describe): the
+    listing's kind, fingerprint and size."""
+
+    kind: str
+    """folder, zip or tar."""
+    fingerprint: str
+    """SHA-256 over `relpath\\tsize` lines of the sorted listing."""
+    count: Annotated[int, Range(1)]
+    """Images listed."""
+
+
+@dataclass(frozen=True)
+class ArrayStageParams:
+    """`params` of a latents/ or features/ manifest (encode.py and import-repa write it)."""
+
+    resolution: Annotated[int, Range(1)]
+    """Crop side R."""
+    chunk_size: Annotated[int, Range(1)]
+    """Images per committed chunk."""
+    dtype: Annotated[str | None, OneOf(("float16", "float32"))] = None
+    """Storage dtype of the arrays (absent in synthetic stages: benchmarks/loader.py)."""
+    arrays: dict[str, tuple[Annotated[int, Range(1)], ...]] | None = None
+    """Per-image shape of each array (absent in synthetic stages: every array there)."""
+    batch_size: Annotated[int | None, Range(1)] = None
+    """Images per forward pass (none for imported latents)."""
+    precision: str | None = None
+    """Autocast of the forward pass."""
+    latent_space: LatentSpace | None = None
+    """latents/: what the moments are (absent before the record: SD-VAE, `vaes.manifest_space`)."""
+    representation: RepresentationRecord | None = None
+    """features/: how the encoder was fed (absent before the record)."""
+    imported: str | None = None
+    """import-repa: whose latents these are."""
+
+
+@dataclass(frozen=True)
+class ArrayStageManifest(Manifest):
+    """A latents/ or features/ manifest as `read_manifest` returns it: Manifest's dicts, checked against their records."""
+
+    params: Annotated[dict[str, Any], Shaped(ArrayStageParams)]
+    encoder: Annotated[dict[str, Any], Shaped(Identity)]
+    source: Annotated[dict[str, Any], Shaped(SourceRecord)]
 
 
 class StageState(Enum):
@@ -62,7 +136,9 @@ class StageState(Enum):
 
 @dataclass(frozen=True)
 class ChunkError:
-    index: int
+    """One line of errors.jsonl: an image the stage could not read."""
+
+    index: Annotated[int, Range(0)]
     key: str
     reason: str
 
@@ -74,6 +150,12 @@ def failure_reason(error: BaseException) -> str:
     """The errors.jsonl reason of an input that could not be read: the error's type and message, without the object
     reprs (memory addresses) that some messages carry, so that a stage writes the same bytes on every run."""
     return f"{type(error).__name__}: {_OBJECT_REPR.sub('', str(error))}"
+@dataclass(frozen=True)
+class Ledger:
+    """progress/CCCCCC.json: a committed chunk's errors and the SHA-256 of each file it wrote (null: zarr wrote none)."""
+
+    errors: list[ChunkError]
+    sha256: dict[str, str | None]  # {} for a ledger of format 1, a bare list of errors (before checksums)
 
 
 class StageDir:
@@ -105,12 +187,12 @@ class StageDir:
                 shutil.rmtree(self.root)
         elif self.manifest_path.exists():
             try:
-                have = json.loads(self.manifest_path.read_bytes())
-            except ValueError:  # not JSON, or not UTF-8
+                have = decode_json(self.manifest_path.read_bytes())
+            except ValueError:  # not JSON, not UTF-8, or nested too deep
                 raise UserError(f"{self.manifest_path} is damaged; pass --force to redo the stage.") from None
             if legacy and isinstance(have, dict) and isinstance(have.get("params"), dict):
                 have = {**have, "params": json.loads(json.dumps(legacy, default=str)) | have["params"]}
-            if have != wanted:
+            if not same_json(have, wanted):
                 changed = sorted(diff_keys(have, wanted)) if isinstance(have, dict) else ["manifest"]
                 raise UserError(
                     f"{self.root} holds a '{manifest.stage}' stage made with different settings "
@@ -136,27 +218,22 @@ class StageDir:
     def commit(self, chunk: int, errors: list[ChunkError], files: dict[str, str | None] | None = None) -> None:
         """Mark a chunk committed; call only after its data is fully written. `files`: the SHA-256 of each file
         the chunk wrote, by path relative to the stage (None: nothing written, as zarr skips fill-value chunks)."""
-        atomic_write_json(self._progress_path(chunk), {"errors": [asdict(e) for e in errors], "sha256": files or {}})
+        atomic_write_json(self._progress_path(chunk), asdict(Ledger(errors, files or {})))
 
-    def _ledger(self, chunk: int) -> dict[str, Any] | None:
+    def _ledger(self, chunk: int) -> Ledger | None:
         """The chunk's commit record, or None when it is missing or damaged (the chunk is then redone)."""
         raw = try_read_json(self._progress_path(chunk))
-        ledger = {"errors": raw, "sha256": {}} if isinstance(raw, list) else raw  # a list: format 1 before checksums
-        if not (isinstance(ledger, dict) and isinstance(ledger.get("errors"), list) and isinstance(ledger.get("sha256"), dict)
-                and all(_is_error_record(e) for e in ledger["errors"])
-                and all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in ledger["sha256"].items())):
-            return None
-        return ledger
+        return try_load(Ledger, {"errors": raw, "sha256": {}} if isinstance(raw, list) else raw)
 
     def chunk_errors(self) -> list[ChunkError]:
         """The errors recorded by the committed chunks, in chunk order."""
-        return [ChunkError(**e) for c in range(self.n_chunks) if (ledger := self._ledger(c)) for e in ledger["errors"]]
+        return [e for c in range(self.n_chunks) if (ledger := self._ledger(c)) for e in ledger.errors]
 
     def _changed(self, chunk: int, prefix: str = "") -> list[str]:
         """Files of committed `chunk` (under `prefix`) that are missing or differ from their recorded SHA-256."""
-        ledger = self._ledger(chunk) or {"sha256": {}}
+        ledger = self._ledger(chunk) or Ledger([], {})
         bad = []
-        for rel, digest in ledger["sha256"].items():
+        for rel, digest in ledger.sha256.items():
             path = self.root / rel
             if rel.startswith(prefix) and (sha256_file(path) if path.is_file() else None) != digest:
                 bad.append(rel)
@@ -180,7 +257,7 @@ class StageDir:
 
     def uncommit(self, files: list[str]) -> list[int]:
         """Forget the chunks that wrote `files` (a rerun of the stage writes them again); return those chunks."""
-        chunks = [c for c in range(self.n_chunks) if set((self._ledger(c) or {"sha256": {}})["sha256"]) & set(files)]
+        chunks = [c for c in range(self.n_chunks) if set((self._ledger(c) or Ledger([], {})).sha256) & set(files)]
         self.forget(chunks)
         return chunks
 
@@ -207,28 +284,19 @@ class StageDir:
         return self.chunk_errors()
 
 
-def _is_error_record(e: Any) -> bool:
-    return (isinstance(e, dict) and set(e) == {"index", "key", "reason"} and type(e["index"]) is int
-            and isinstance(e["key"], str) and isinstance(e["reason"], str))
-
-
 class InputCheck:
     """What a stage reads of an earlier stage, checked against the SHA-256s recorded when it was written (each
-    chunk file once): the hash costs one more pass over bytes that are read anyway. Stages made without a
-    chunk size or checksums in their records (older formats) are read unchecked."""
+    chunk file once): the hash costs one more pass over bytes that are read anyway. Chunks whose ledgers hold no
+    checksums (an older format) are read unchecked."""
 
     def __init__(self, stage_root: Path, rows: int):
         self.root = Path(stage_root)
-        params = read_manifest(self.root).get("params")
-        chunk_size = params.get("chunk_size") if isinstance(params, dict) else None
-        self.chunk_size = chunk_size if type(chunk_size) is int and chunk_size > 0 else None
-        self.stage = StageDir(self.root, -(-rows // self.chunk_size) if self.chunk_size else 0)
+        self.chunk_size: int = read_manifest(self.root).params["chunk_size"]
+        self.stage = StageDir(self.root, -(-rows // self.chunk_size))
         self._checked: set[tuple[int, str]] = set()
 
     def rows(self, array: str, first: int, last: int) -> None:
         """Check the chunk files of `array` that hold rows [first, last)."""
-        if self.chunk_size is None:
-            return
         for c in range(first // self.chunk_size, (last - 1) // self.chunk_size + 1):
             if (c, array) not in self._checked:
                 self.stage.check_chunk(c, f"store.zarr/{array}/")
@@ -253,24 +321,29 @@ def open_array(path: Path, remedy: str) -> zarr.Array:
         raise UserError(f"{path} is missing or its zarr.json is damaged; {remedy}.") from None
 
 
-def read_manifest(stage_root: Path) -> dict[str, Any]:
+def read_manifest(stage_root: Path) -> ArrayStageManifest:
+    """The manifest of latents/ or features/, every field checked (a wrong one is one sentence naming it)."""
     path = Path(stage_root) / "manifest.json"
     if not path.exists():
         raise UserError(f"{stage_root} has no manifest.json: run the stage that writes it first.")
-    return read_json(path, dict, "rerun the stage that writes it with --force")
+    return read(ArrayStageManifest, path, f"rerun the stage that writes {Path(stage_root).name}/ with --force")
+
+
+def read_keys(folder: Location, remedy: str) -> list[str]:
+    """FOLDER/keys.json: a list of image keys (latents/, features/, shards/ and a published copy)."""
+    return read(list[str], folder / KEYS_JSON, remedy)
 
 
 def read_errors(stage_root: Path) -> list[ChunkError]:
     path = Path(stage_root) / "errors.jsonl"
     if not path.exists():
         raise UserError(f"{stage_root} is not complete (no errors.jsonl): rerun the stage to finish it.")
+    remedy = "rerun the stage (the same command) to write it again from its chunk records"
     try:
-        records = [json.loads(line) for line in path.read_bytes().splitlines() if line]
+        records = [decode_json(line) for line in path.read_bytes().splitlines() if line]
     except ValueError:
-        records = [None]
-    if not all(_is_error_record(r) for r in records):
-        raise UserError(f"{path} is damaged; rerun the stage (the same command) to write it again from its chunk records.")
-    return [ChunkError(**r) for r in records]
+        raise UserError(f"{path} is damaged (a line is not JSON); {remedy}.") from None
+    return load(list[ChunkError], records, path, remedy)
 
 
 def diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -280,6 +353,6 @@ def diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[st
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += diff_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
+        elif not same_json(va, vb):
             out.append(f"{prefix}{k}")
     return out

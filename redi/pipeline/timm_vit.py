@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 from redi.common.atomic import atomic_write_json, atomic_write_with, sha256_file
 from redi.common.errors import UserError
 from redi.common.flags import OneOf
+from redi.common.schema import Range, check_ranges
 from redi.common.public_files import load_public_checkpoint
 from redi.pipeline import positions
 
@@ -206,7 +207,7 @@ class EncoderConvertConfig:
     """The method that trained it: mocov3 or dinov1."""
     out: Path
     """The model directory to write (then: redi features --encoder OUT)."""
-    heads: int | None = None
+    heads: Annotated[int | None, Range(1)] = None
     """Attention heads; default: the released models' for the checkpoint's width (MoCo v3: 12 at 384/768, 16 at
     1024/1280; DINO: 6 at 384, 12 at 768)."""
     trust_pickle: bool = False
@@ -216,10 +217,9 @@ class EncoderConvertConfig:
 
     def __post_init__(self) -> None:
         """Refuse unknown origins and head counts below 1 with one sentence."""
+        check_ranges(self)
         if self.origin not in ORIGINS:
             raise UserError(f"Unknown origin {self.origin!r}: choose one of {', '.join(ORIGINS)}.")
-        if self.heads is not None and self.heads < 1:
-            raise UserError(f"--heads must be at least 1, got {self.heads}.")
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,14 @@ import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 if TYPE_CHECKING:  # diffusers and torch take seconds to import: they load when a VAE is built, loaded, inspected or run
     import torch
     from diffusers.models.modeling_utils import ModelMixin
 
 from redi.common.errors import UserError
+from redi.common.schema import Range
 from redi.pipeline.latent_norm import LatentNorm
 
 TOKEN_PIXELS = 16  # default patch: one token per 16×16 image pixels where latents allow (DiT's /2 on f8), else 1
@@ -109,13 +110,13 @@ class LatentSpace:
     """What a VAE's latents are: the manifest records it, shards.json carries it to the trainer and sampler."""
 
     vae_class: str  # "AutoencoderKL" | "AutoencoderDC"
-    channels: int  # C
-    downsampling: int  # f: latent side = R / f
+    channels: Annotated[int, Range(1)]  # C
+    downsampling: Annotated[int, Range(1)]  # f: latent side = R / f
     deterministic: bool  # the stored std is 0 (AutoencoderDC)
-    scaling_factor: float  # the config normalisation: z' = (z − shift) · scaling_factor
-    shift_factor: float | None  # FLUX.1, SD3; None: no shift
-    latents_mean: tuple[float, ...] | None = None  # per-channel config statistics (some AutoencoderKL configs)
-    latents_std: tuple[float, ...] | None = None
+    scaling_factor: Annotated[float, Range(0, lo_open=True)]  # the config normalisation: z' = (z − shift) · scaling_factor
+    shift_factor: Annotated[float | None, Range()]  # FLUX.1, SD3; None: no shift
+    latents_mean: tuple[Annotated[float, Range()], ...] | None = None  # per-channel config statistics (some KL configs)
+    latents_std: tuple[Annotated[float, Range(0, lo_open=True)], ...] | None = None
 
     @property
     def default_patch(self) -> int:
@@ -174,12 +175,13 @@ def legacy_space(channels: int, side: int, resolution: int) -> LatentSpace:
     return replace(latent_space(sd_vae_config()), channels=int(channels), downsampling=int(resolution) // int(side))
 
 
-def manifest_space(params: dict[str, Any]) -> LatentSpace:
-    """The latent space a latents/ manifest records (or, before the record, `legacy_space` of its moments)."""
-    if isinstance(params.get("latent_space"), dict):
+def manifest_space(params: dict[str, Any]) -> LatentSpace | None:
+    """The latent space a latents/ manifest's checked `params` record (or, before the record, `legacy_space` of its
+    moments); None when they say neither."""
+    if params.get("latent_space") is not None:
         return LatentSpace.from_record(params["latent_space"])
-    channels2, side, _ = params["arrays"]["moments"]
-    return legacy_space(channels2 // 2, side, params["resolution"])
+    shape = (params.get("arrays") or {}).get("moments", ())
+    return legacy_space(shape[0] // 2, shape[1], params["resolution"]) if len(shape) == 3 else None
 
 
 def vae_moments(vae: ModelMixin, images: torch.Tensor) -> torch.Tensor:

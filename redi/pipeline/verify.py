@@ -13,7 +13,6 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from redi.common.atomic import read_json
 from redi.common.display import progress_bar
 from redi.common.errors import UserError
 from redi.common.urls import redact
@@ -23,7 +22,7 @@ from redi.pipeline.remote import CONCURRENT_REQUESTS, Location, RemotePath, as_l
     sha256_of
 from redi.pipeline.shard_info import read_shard_info, rebuild_hint, shards_pca
 from redi.pipeline.shards import KEYS_JSON, ZARR_DIR, tar_relpath, unreadable_chunk
-from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir, open_array, read_errors, read_manifest
+from redi.pipeline.stage import ZARR_METADATA_ERRORS, StageDir, open_array, read_errors, read_keys, read_manifest
 
 # Arrays of each input stage and their number of dimensions (docs/FORMATS.md).
 STAGE_ARRAYS = {
@@ -47,23 +46,21 @@ def _check_array_stage(root: Path, deep: bool, bar: Progress, repair: bool = Fal
     deep: every chunk file against the SHA-256 recorded when it was written (`repair` forgets the damaged chunks)."""
     manifest = read_manifest(root)
     errors = read_errors(root)  # UserError unless the stage finished
-    n = len(read_json(root / KEYS_JSON, list, "rerun the stage with --force"))
-    chunk_size = manifest.get("params", {}).get("chunk_size")
-    if isinstance(chunk_size, int) and chunk_size > 0:
-        stage = StageDir(root, math.ceil(n / chunk_size))
-        if stage.pending():
-            raise UserError(f"{root / 'progress' / f'{stage.pending()[0]:06d}.json'} is missing or damaged: that chunk "
-                            f"is not committed; rerun the stage (the same command) to write it again.")
-        if deep and (damaged := stage.damaged_files()):
-            if repair:
-                chunks = stage.uncommit(damaged)
-                raise UserError(f"{len(damaged)} files of {root} were missing or changed; forgot their {len(chunks)} "
-                                f"chunks: rerun the stage (same command) to write them again.")
-            raise UserError(f"{root / damaged[0]} is missing or changed since it was written ({len(damaged)} files in all); "
-                            f"`redi verify {root.parent} --repair`, then rerunning the stage, rewrites only those chunks.")
+    n = len(read_keys(root, "rerun the stage with --force"))
+    stage = StageDir(root, math.ceil(n / manifest.params["chunk_size"]))
+    if stage.pending():
+        raise UserError(f"{root / 'progress' / f'{stage.pending()[0]:06d}.json'} is missing or damaged: that chunk "
+                        f"is not committed; rerun the stage (the same command) to write it again.")
+    if deep and (damaged := stage.damaged_files()):
+        if repair:
+            chunks = stage.uncommit(damaged)
+            raise UserError(f"{len(damaged)} files of {root} were missing or changed; forgot their {len(chunks)} "
+                            f"chunks: rerun the stage (same command) to write them again.")
+        raise UserError(f"{root / damaged[0]} is missing or changed since it was written ({len(damaged)} files in all); "
+                        f"`redi verify {root.parent} --repair`, then rerunning the stage, rewrites only those chunks.")
     shapes = []
     for name, ndim in STAGE_ARRAYS[root.name].items():
-        if name == "cls" and "cls" not in manifest.get("params", {}).get("arrays", {"cls": None}):
+        if name == "cls" and "cls" not in (manifest.params.get("arrays") or {"cls": None}):
             continue  # an encoder without a global token (I-JEPA) has no `cls`
         path = root / "store.zarr" / name
         arr = open_array(path, "rerun the stage with --force")
@@ -139,7 +136,7 @@ def _check_shards(root: Location, data: Location, deep: bool, bar: Progress) -> 
         raise UserError(f"{root / 'progress' / f'{pending[0]:06d}.json'} is missing or damaged: that shard is not "
                         f"committed; rerun `redi shards` (the same command) to write it again.")
     _check_files(root, data, info.files, deep, bar)
-    keys = read_json(root / KEYS_JSON, list, rebuild_hint(data))
+    keys = read_keys(root, rebuild_hint(data))
     if len(keys) != info.num_samples:
         raise UserError(f"{root / KEYS_JSON} lists {len(keys)} keys where shards.json says {info.num_samples} samples.")
     if "wds" in info.formats:
@@ -204,7 +201,7 @@ def _same_images(data: Path, checks: list[StageCheck]) -> list[StageCheck]:
     lat, feat = checks[0], checks[1]
     if lat.status != "ok" or feat.status != "ok":
         return checks
-    if read_manifest(data / "latents").get("source") != read_manifest(data / "features").get("source"):
+    if read_manifest(data / "latents").source != read_manifest(data / "features").source:
         feat = StageCheck(feat.stage, "warning", feat.details + "; made from other images than latents/ "
                           "(rerun one of the two stages on the other's source)")
     return [lat, feat, *checks[2:]]

@@ -2,14 +2,13 @@
 an ADM reference batch, with an eval card saying how the samples were made and what they were compared with."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from rich.progress import Progress
 from redi.common.atomic import atomic_write_json, sha256_file
 from redi.common.display import progress_bar
 from redi.common.errors import UserError
+from redi.common.schema import Range, check_ranges
 from redi.common.runtime import resolve_device
 from redi.sampler.fd_dinov2 import DEFAULT_FD_ENCODER, DinoV2Features
 from redi.sampler.inception import FID_WEIGHTS_SHA256_PREFIX, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception
@@ -32,6 +32,7 @@ from redi.sampler.metrics import (
     precision_recall,
     read_adm_batch,
 )
+from redi.sampler.outputs import SAMPLE_JSON, read_sample_json
 
 log = logging.getLogger(__name__)
 REF_BATCHES_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/"  # ADM's evaluations
@@ -69,20 +70,19 @@ class EvalConfig:
     """Comma list of fid, sfid, is, pr (ADM's suite) and fd_dinov2 (FD of DINOv2 ViT-L/14 CLS features, as edm2)."""
     fd_encoder: str = DEFAULT_FD_ENCODER
     """fd_dinov2's encoder: hub id or local directory, loaded as `redi features` loads one (tiny-random: tests)."""
-    batch_size: int = 64
+    batch_size: Annotated[int, Range(1)] = 64
     """Images per network forward pass; changes speed, not results (ADM: 64)."""
     device: str = "auto"
     """Where the networks run: auto, cpu, cuda or cuda:N."""
     out: Path | None = None
     """JSON report; default: SAMPLES.eval.json next to the samples."""
-    split_size: int = 5000
+    split_size: Annotated[int, Range(1)] = 5000
     """Images per Inception Score split (ADM: 5000, i.e. 10 splits for 50K samples)."""
-    nearest_k: int = 3
+    nearest_k: Annotated[int, Range(1)] = 3
     """k of the k-NN balls of precision/recall (ADM: 3)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.split_size < 1 or self.nearest_k < 1:
-            raise UserError("--batch-size, the split size and k must be positive integers.")
+        check_ranges(self)
         if not self.metrics or any(m not in METRICS for m in self.metrics):
             raise UserError(f"--metrics takes a comma list of {', '.join(METRICS)}.")
 
@@ -210,14 +210,9 @@ def check_batches(metrics: tuple[str, ...], nearest_k: int, *batches: AdmBatch) 
 
 def _sample_report(samples: Path) -> dict[str, Any] | None:
     """The `sample.json` next to the samples (written by `redi sample`), or None."""
-    path = samples.parent / "sample.json"
-    if not path.is_file():
+    if not (samples.parent / SAMPLE_JSON).is_file():
         return None
-    try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON; fix or remove it, since redi eval copies it into the report.") from None
-    return report if isinstance(report, dict) else None
+    return read_sample_json(samples.parent, "fix or remove it, since redi eval copies it into the report")
 
 
 def too_few_images(batch: AdmBatch, dim: int, what: str) -> str | None:

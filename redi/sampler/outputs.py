@@ -23,16 +23,19 @@ import math
 import shutil
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from redi.common.atomic import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_with
+from redi.common.atomic import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_with, read_json
 from redi.common.errors import UserError
 from redi.common.lock import exclusive
+from redi.common.schema import Range, Shaped, load
 from redi.common.stamp import PNG_KEY
+from redi.sampler.settings import SampleSettings
 
 if TYPE_CHECKING:  # the folder's layout reads without torch (redi preview); the tensors' conversion imports it
     from torch import Tensor
@@ -240,16 +243,43 @@ def out_lock(out: Path, cfg: SampleConfig, rank: int) -> Iterator[None]:
             yield
 
 
+@dataclass(frozen=True)
+class SampleRecord:
+    """sample.json: the settings every image was made with (written before the first image), and once the outputs
+    are assembled how many, where, and the work spent (report.py: final_report)."""
+
+    settings: Annotated[dict[str, Any], Shaped(SampleSettings)]
+    checkpoint_path: str
+    complete: bool = False
+    num: Annotated[int | None, Range(1)] = None
+    batch_size: Annotated[int | None, Range(1)] = None
+    world_size: Annotated[int | None, Range(1)] = None
+    device: str | None = None
+    outputs: dict[str, str | None] | None = None
+    work: dict[str, Any] | None = None
+
+
+def read_sample_json(out: Path, remedy: str) -> dict[str, Any]:
+    """OUT/sample.json as written, every field checked against SampleRecord: a damaged one is one sentence ending in
+    `remedy` (what remakes it)."""
+    path = out / SAMPLE_JSON
+    report = read_json(path, dict, remedy)
+    load(SampleRecord, report, path, remedy)
+    return report
+
+
 def prepare_out(out: Path, settings: dict[str, Any], ckpt_path: Path, force: bool, writes: bool) -> None:
     """Refuse an output directory made with other settings, or holding images that no sample.json describes
     (or clear it, with force); start its sample.json."""
     path = out / SAMPLE_JSON
     try:
-        report = json.loads(path.read_bytes()) if path.exists() else {}
-    except ValueError:  # not JSON, or not UTF-8
-        report = None
-    if not isinstance(report, dict):
-        raise UserError(f"{path} is damaged; pass --force to start these samples over.")
+        report = read_sample_json(out, "pass --force to start these samples over") if path.exists() else {}
+    except UserError:
+        if not force:
+            raise
+        if writes:
+            clear_out(out)
+        report = {}
     have = report.get("settings")
     if have is not None and have != settings:
         changed = sorted(k for k in settings.keys() | have.keys() if settings.get(k) != have.get(k))
@@ -286,9 +316,9 @@ def is_done(out: Path, index: int, needs_pcs: bool) -> bool:
 
 def is_assembled(out: Path, num: int, has_pcs: bool) -> bool:
     """sample.json says the outputs of these `num` images are complete, and each of them is there."""
-    report = json.loads((out / SAMPLE_JSON).read_text())
+    report = read_sample_json(out, "pass --force to start these samples over")
     outputs = [NPZ_FILE, GRID_PNG] + ([PCS_PNG] if has_pcs else [])
-    return bool(report.get("complete")) and report.get("num") == num and all((out / name).exists() for name in outputs)
+    return report.get("complete") is True and report.get("num") == num and all((out / name).exists() for name in outputs)
 
 
 def write_image(out: Path, index: int, pixels: np.ndarray, pcs: np.ndarray | None) -> None:

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from redi.common.atomic import read_json
 from redi.common.errors import UserError
+from redi.common.schema import Range, check_ranges
 from redi.common.stamp import content_digest, picture_stamp
 from redi.pipeline.shard_info import ShardInfo, read_shard_info
 from redi.pipeline.shards_config import SHARDS_JSON
 from redi.pipeline.stage import TINY_RANDOM
-from redi.sampler.outputs import IMAGES_DIR, SAMPLE_JSON, image_path, pcs_path, pcs_to_rgb, read_png, to_uint8, write_picture
+from redi.sampler.outputs import IMAGES_DIR, SAMPLE_JSON, image_path, pcs_path, pcs_to_rgb, read_png, read_sample_json, to_uint8, \
+    write_picture
 from redi.sampler.settings import describe_settings
 
 CELL = 128  # side of one picture in the sheet, pixels
@@ -37,14 +38,13 @@ class PreviewConfig:
     """Data root (or its shards/) whose training samples to show."""
     samples: Path | None = None
     """A `redi sample` output folder to show beside them (its first images and generated PCs)."""
-    num: int = 8
+    num: Annotated[int, Range(1, 64)] = 8
     """Pictures per row."""
     out: Path | None = None
     """The PNG to write; default: DATA/preview.png."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num <= 64:
-            raise UserError(f"--num must lie in 1…64, got {self.num}.")
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,8 @@ def _sample_report(samples: Path) -> dict[str, Any]:
     path = samples / SAMPLE_JSON
     if not path.is_file() or not (samples / IMAGES_DIR).is_dir():
         raise UserError(f"{samples} is not a `redi sample` output folder (no {SAMPLE_JSON} or {IMAGES_DIR}/).")
-    report = read_json(path, dict, f"rerun `redi sample --out {samples}`.")
-    if not report.get("complete") or not isinstance(report.get("num"), int):
+    report = read_sample_json(samples, f"rerun `redi sample --out {samples}`")
+    if report.get("complete") is not True or report.get("num") is None:
         raise UserError(f"{samples} is not finished (its {SAMPLE_JSON} says so); rerun `redi sample --out {samples}`.")
     return report
 

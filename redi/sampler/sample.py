@@ -43,6 +43,7 @@ from redi.common.display import counting
 from redi.common.distributed import process_group
 from redi.common.errors import UserError
 from redi.common.flags import OneOf
+from redi.common.schema import Range, check_ranges
 from redi.common.runtime import resolve_device
 from redi.sampler.decoder import Decoder, load_decoder
 from redi.sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats
@@ -78,15 +79,15 @@ class SampleConfig:
     guidance: Annotated[str, OneOf(SAMPLE_GUIDANCE_MODES)] = "none"
     """Classifier-free (cfg), Representation Guidance (rg), both, AutoGuidance by a guiding network (autoguidance,
     autoguidance+rg), or none."""
-    cfg_scale: float | None = None
+    cfg_scale: Annotated[float | None, Range(0)] = None
     """CFG weight w (1: no effect); default 2.4, ReDi's best table."""
-    rg_scale: float | None = None
+    rg_scale: Annotated[float | None, Range(0)] = None
     """RG weight w_r; default 1.5 (ReDi: 1.5 for B, 1.1 for XL)."""
     cfg_channels: Literal["vae", "all"] = "vae"
     """CFG on the VAE channels only (ReDi) or on all channels."""
     interval: tuple[float, float] | None = None
     """LO,HI: guide only at noise levels t in [LO, HI] (t = 1 is noise); default: every step."""
-    cls_cfg_scale: float | None = None
+    cls_cfg_scale: Annotated[float | None, Range()] = None
     """REG: CFG weight of the class token where CFG is on; default 1.5 (0 or 1: unguided).
 
     1.5 as REG's generate.py."""
@@ -105,7 +106,7 @@ class SampleConfig:
     """The guide checkpoint's EMA weights or its raw weights (model)."""
     sampler: Annotated[str | None, OneOf(SAMPLERS)] = None
     """sde, ode or heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT."""
-    steps: int | None = None
+    steps: Annotated[int | None, Range(1)] = None
     """Sampler steps; default 250 (none with an adaptive --solver).
 
     SDE: steps − 1 Euler–Maruyama steps and the last step; Heun spends 2·steps − 1 calls."""
@@ -113,21 +114,21 @@ class SampleConfig:
     """--sampler ode with a torchdiffeq method (dopri5: SiT/ReDi's); default: redi's fixed-step Euler.
 
     Adaptive: dopri5, dopri8, bosh3, fehlberg2, adaptive_heun; fixed (--steps): the others."""
-    atol: float | None = None
+    atol: Annotated[float | None, Range(0, lo_open=True)] = None
     """Adaptive --solver (and implicit_adams): absolute tolerance; default 1e-6 (SiT/ReDi)."""
-    rtol: float | None = None
+    rtol: Annotated[float | None, Range(0, lo_open=True)] = None
     """Adaptive --solver (and implicit_adams): relative tolerance; default 1e-3 (SiT/ReDi)."""
     last_step: Annotated[str | None, OneOf(LAST_STEPS)] = None
     """--sampler sde: the step from t = --last-step-size to 0; default mean (SiT/ReDi/REPA).
 
     none: Euler–Maruyama down to 0."""
-    last_step_size: float | None = None
+    last_step_size: Annotated[float | None, Range(0, 1, lo_open=True, hi_open=True)] = None
     """--sampler sde: the noise level where the last step starts; default 0.04 (SiT/ReDi/REPA)."""
-    num: int = 50_000
+    num: Annotated[int, Range(1)] = 50_000
     """Images to generate (indices 0…N−1); 50,000 for FID."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, 2**40, hi_open=True)] = 0
     """Image i is a function of (seed, i) only."""
-    batch_size: int = 64
+    batch_size: Annotated[int, Range(1)] = 64
     """Images per forward pass and process.
 
     B; the network sees up to 3·B rows with cfg+rg."""
@@ -158,23 +159,20 @@ class SampleConfig:
     """The checkpoint's EMA weights (as the papers) or its raw weights (model)."""
     force: bool = False
     """Replace samples of other settings in --out instead of refusing."""
-    rank: int | None = None
+    rank: Annotated[int | None, Range(0)] = None
     """This process's part when processes are launched independently; None → torchrun's RANK (or 0)."""
-    world_size: int | None = None
+    world_size: Annotated[int | None, Range(1)] = None
     """Number of independently launched parts; None → torchrun's WORLD_SIZE (or 1)."""
 
     def __post_init__(self) -> None:
         """Refuse impossible settings with one clear sentence."""
+        check_ranges(self)
         if (self.run is None) == (self.ckpt is None):
             raise UserError("Pass exactly one of --run RUN and --ckpt FILE.")
         if self.guidance not in SAMPLE_GUIDANCE_MODES:
             raise UserError(f"Unknown guidance {self.guidance!r}; choose one of {', '.join(SAMPLE_GUIDANCE_MODES)}.")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise UserError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-        if self.num < 1 or (self.steps is not None and self.steps < 1) or self.batch_size < 1:
-            raise UserError("--num, --steps and --batch-size must be positive.")
-        if not 0 <= self.seed < 2**40:
-            raise UserError(f"--seed must be a non-negative integer below 2^40, not {self.seed}.")
         if self.quantize not in QUANTIZE:
             raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}.")
         if self.precision is not None and self.precision not in PRECISIONS:

@@ -6,10 +6,13 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from redi.common.errors import UserError
-from redi.pipeline.stage import TINY_RANDOM
+from redi.common.choices import AUTOGUIDANCE_MODES, GUIDANCE_MODES
+from redi.common.schema import OneOf, Range, Shaped
+from redi.pipeline.latent_norm import LatentNorm
+from redi.pipeline.stage import TINY_RANDOM, Identity
 from redi.sampler.labels import labels_setting
 
 if TYPE_CHECKING:  # torch and the VAE's libraries: seconds that describing sample.json (redi preview) does not need
@@ -176,6 +179,80 @@ def sample_settings(cfg: SampleConfig, ckpt: Checkpoint, sampler: SamplerChoice,
         "tiny_random": decoder.identity.get("kind") == TINY_RANDOM,
     }
     return json.loads(json.dumps(settings))
+
+
+# --- sample.json's settings as every reader checks them (torch-free: `redi preview` reads them) ---
+
+@dataclass(frozen=True)
+class PosthocRef:
+    """A `redi ema` reconstruction's σ_rel and step."""
+
+    sigma_rel: Annotated[float, Range(0, lo_open=True)]
+    step: Annotated[int, Range(0)]
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """`settings.checkpoint` (and AutoGuidance's `guide`): which weights of which file (`checkpoint_record`)."""
+
+    sha256: str | None
+    step: Annotated[int | None, Range(0)]
+    weights: Annotated[str, OneOf(("ema", "model"))]
+    posthoc_ema: PosthocRef | None = None
+    model: str | None = None
+    """The guide's model name (AutoGuidance)."""
+
+
+@dataclass(frozen=True)
+class GuidanceRecord:
+    """`settings.guidance`: the mode, the scales that apply (the others 1) and the guided noise levels."""
+
+    mode: Annotated[str, OneOf(GUIDANCE_MODES + AUTOGUIDANCE_MODES)]
+    cfg_scale: Annotated[float, Range(0)]
+    rg_scale: Annotated[float, Range(0)]
+    cfg_channels: Literal["vae", "all"]
+    cls_cfg_scale: Annotated[float | None, Range()]
+    interval: tuple[Annotated[float, Range(0, 1)], Annotated[float, Range(0, 1)]] | None
+    ag_scale: Annotated[float | None, Range(0)] = None
+    guide: CheckpointRef | None = None
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """`settings.model`: the network's name, method, representation drop and config (ModelConfig's fields)."""
+
+    name: str | None
+    method: str | None
+    rep_drop: Annotated[float, Range(0, 1, hi_open=True)]
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DecoderRef:
+    """`settings.vae`: the VAE that decoded and the normalisation it inverted."""
+
+    identity: Annotated[dict[str, Any], Shaped(Identity)]
+    latent_norm: Annotated[dict[str, Any], Shaped(LatentNorm)]
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """sample.json `settings` as `sample_settings` writes them: everything that decides the pixels of image i."""
+
+    checkpoint: CheckpointRef
+    model: ModelRef
+    sampler: str
+    steps: Annotated[int | None, Range(1)]
+    """None: an adaptive solver."""
+    sampler_options: dict[str, Any]
+    seed: Annotated[int, Range(0)]
+    guidance: GuidanceRecord
+    labels: dict[str, Any]
+    """sampler/labels.py's labels_setting."""
+    vae: DecoderRef
+    precision: str
+    quantize: str
+    tiny_random: bool
 
 
 def describe_settings(s: dict[str, Any]) -> str:

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from redi.common.atomic import read_jsonl
 from redi.common.distributed import DistInfo
 from redi.common.errors import UserError
 from redi.sampler.grids import RunSampler, grid_path, write_grid
 from redi.sampler.periodic_eval import PeriodicEval
 from redi.trainer.checkpoint import Checkpoint
+from redi.trainer.metrics import read_metrics
 from redi.trainer.plan import TrainPlan
 from redi.trainer.watch import RunLog
 
@@ -82,7 +82,7 @@ class RunWatch(RunLog):
         if self.grids is not None and step % self.cfg.sample_every == 0 and not grid_path(self.run, step).exists():
             self._grid(state.checkpoint(self.plan))
         if self.evaluation is not None and step % self.cfg.eval_every == 0:
-            rows = read_jsonl(self.run / "metrics.jsonl") if (self.run / "metrics.jsonl").exists() else []
+            rows = read_metrics(self.run / "metrics.jsonl")
             done = torch.tensor(float(any(r.get("step") == step and "fid" in r for r in rows)), device=self.dist_info.device)
             if torch.distributed.is_initialized():
                 torch.distributed.broadcast(done, src=0)  # every rank takes part in the evaluation, or none

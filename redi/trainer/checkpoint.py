@@ -18,23 +18,26 @@ reconstruction (`model` and `opt` None) and whose `posthoc_ema` says how it was 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from redi.common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_with, sha256_file
 from redi.common.errors import UserError
+from redi.common.schema import Range, Shaped, load, read
+from redi.pipeline.stage import Identity
 from redi.pipeline.latent_norm import LatentNorm
 from redi.pipeline.shard_info import ShardInfo
+from redi.pipeline.shards import VaeRecord
 from redi.pipeline.vaes import LatentSpace, legacy_space
+from redi.trainer.config import TrainConfig
 from redi.trainer.models import ModelConfig
 
 CONFIG_JSON = "config.json"
@@ -51,23 +54,23 @@ class ShardSummary:
     root: str | None
     """The shards directory (str(): a URL without its credentials); None for a converted public checkpoint."""
     shards_json_sha256: str | None
-    vae: dict[str, Any]
+    vae: Annotated[dict[str, Any], Shaped(VaeRecord)]
     """The VAE's identity (id, revision, kind)."""
-    encoder: dict[str, Any]
+    encoder: Annotated[dict[str, Any], Shaped(Identity, types_only=True)]
     """The representation encoder's identity; {} when unknown."""
-    num_samples: int | None
-    num_classes: int
-    resolution: int
-    latent_shape: list[int]
+    num_samples: Annotated[int | None, Range(1)]
+    num_classes: Annotated[int, Range(1)]
+    resolution: Annotated[int, Range(1)]
+    latent_shape: list[Annotated[int, Range(1)]]
     """(V, h, h) of the VAE latent."""
-    pcs: int
-    """K: principal components stored per sample."""
-    grid: int
+    pcs: Annotated[int, Range(0)]
+    """K: principal components stored per sample (0: a converted checkpoint without PC channels)."""
+    grid: Annotated[int, Range(1)]
     """p: side of the PC / patch-token grid."""
-    feature_dim: int
-    latent_space: dict[str, Any] | None
+    feature_dim: Annotated[int, Range(1)]
+    latent_space: Annotated[dict[str, Any], Shaped(LatentSpace)] | None
     """The latents' VAE class, channels, downsampling and config factors (pipeline.vaes.LatentSpace.record)."""
-    latent_norm: dict[str, Any] | None
+    latent_norm: Annotated[dict[str, Any], Shaped(LatentNorm)] | None
     """z' = (z − shift)·scale per channel: applied in training, inverted before decoding (LatentNorm.record)."""
     pca_sha256: str | None
 
@@ -85,13 +88,15 @@ class ShardSummary:
         )
 
     @classmethod
-    def from_json(cls, value: dict[str, Any]) -> ShardSummary:
-        """As saved; a field an older file lacks is None (and `vae` {}), so sampling can fall back or ask. A file from
-        before the latent records holds SD-VAE latents scaled as its `vae_scale` and `vae_shift` say."""
-        if value.get("latent_norm"):
-            return cls(**{f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": value.get("vae") or {}})
-        vae = {k: v for k, v in (value.get("vae") or {}).items() if k not in ("scale", "shift")}  # now in latent_norm
-        return cls(**{f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": vae} | _legacy_latents(value))
+    def from_older(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A summary as saved, in today's layout (common.schema reads it through this): a field an older file lacks
+        is None (and `vae` {}), so sampling can fall back or ask; a file from before the latent records holds SD-VAE
+        latents scaled as its `vae_scale` and `vae_shift` say."""
+        today = {f.name: value.get(f.name) for f in dataclasses.fields(cls)} | {"vae": value.get("vae") or {}}
+        if value.get("latent_norm") or not isinstance(today["vae"], dict):
+            return today
+        vae = {k: v for k, v in today["vae"].items() if k not in ("scale", "shift")}  # now in latent_norm
+        return today | {"vae": vae} | _legacy_latents(value)
 
     @property
     def norm(self) -> LatentNorm:
@@ -129,10 +134,10 @@ def _legacy_latents(value: dict[str, Any]) -> dict[str, Any]:
 class SettingsChange:
     """A resume that changed settings on purpose: from `step` on, the run trains with `settings` instead of `before`."""
 
-    step: int
-    settings: dict[str, Any]
+    step: Annotated[int, Range(0)]
+    settings: Annotated[dict[str, Any], Shaped(TrainConfig, types_only=True)]
     """The new values, under TrainConfig's names (and `world_size`: the processes of the resumed job)."""
-    before: dict[str, Any]
+    before: Annotated[dict[str, Any], Shaped(TrainConfig, types_only=True)]
     """The values they replace."""
 
 
@@ -141,11 +146,11 @@ class RunConfig:
     """config.json: what a run is, written when it starts, under the names its checkpoints use; a resume that changes
     a setting appends a `SettingsChange` and never rewrites `train`."""
 
-    train: dict[str, Any]
+    train: Annotated[dict[str, Any], Shaped(TrainConfig, types_only=True)]
     """TrainConfig.to_json() as resolved when the run started (resolution from the shards, max_steps from --epochs)."""
     model_config: ModelConfig
     shards: ShardSummary
-    world_size: int = 1
+    world_size: Annotated[int, Range(1)] = 1
     """Processes of the job that started the run."""
     changes: tuple[SettingsChange, ...] = ()
     """Each resume that changed a setting, in the order they happened."""
@@ -188,21 +193,17 @@ class RunConfig:
             "world_size": self.world_size} | ({"changes": [dataclasses.asdict(c) for c in self.changes]} if self.changes else {}))
 
     @classmethod
+    def from_older(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """config.json (or a checkpoint's shared parts) in today's layout: `model_config` was called `model`."""
+        return {"model_config": value["model"], **value} if "model_config" not in value and "model" in value else value
+
+    @classmethod
     def load(cls, run: Path) -> RunConfig:
-        """config.json of `run`; a damaged one is one sentence."""
+        """config.json of `run`; a damaged one, or one with a field of the wrong type, is one sentence."""
         path = Path(run) / CONFIG_JSON
-        try:
-            saved = json.loads(path.read_bytes())
-            model_config = saved["model_config"] if "model_config" in saved else saved["model"]  # older layout: model
-            changes = tuple(SettingsChange(step=int(c["step"]), settings=dict(c["settings"]), before=dict(c["before"]))
-                            for c in saved.get("changes", []))
-            return cls(train=dict(saved["train"]), model_config=ModelConfig(**model_config),
-                       shards=ShardSummary.from_json(saved["shards"]), world_size=int(saved.get("world_size", 1)),
-                       changes=changes)
-        except FileNotFoundError:
-            raise UserError(f"{run} has no {CONFIG_JSON}: it is not a `redi train` run directory.") from None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):
-            raise UserError(f"{path} is damaged: restore it from a checkpoint's `train` or use another --run directory.") from None
+        if not path.is_file():
+            raise UserError(f"{run} has no {CONFIG_JSON}: it is not a `redi train` run directory.")
+        return read(cls, path, "restore it from a checkpoint's `train` or use another --run directory")
 
 
 @dataclass(eq=False)  # tensors have no truth value: compare to_state() (tests/faults.py same_value)
@@ -258,14 +259,13 @@ class Checkpoint:
         missing = [k for k in ("step", "model_config", "shards", "model") if not isinstance(state, dict) or k not in state]
         if missing or train is None:
             raise UserError(f"{path} is not a `redi train` checkpoint (it lacks {', '.join(missing or ['train'])}).")
-        try:
-            model_config = ModelConfig(**state["model_config"])
-        except TypeError as e:
-            raise UserError(f"{path} holds a network redi does not know ({e}).") from None
-        return cls(step=int(state["step"]), train=train, model_config=model_config,
-                   shards=ShardSummary.from_json(state["shards"]), model=state["model"], ema=state.get("ema"),
-                   opt=state.get("opt"), origin=state.get("origin"), phema=state.get("phema"),
-                   posthoc_ema=state.get("posthoc_ema"), path=Path(path))
+        shared = load(RunConfig, {"train": train, "model_config": state["model_config"], "shards": state["shards"]}, path,
+                      "it holds a network or data record redi does not know")  # the parts config.json holds too
+        if type(state["step"]) is not int or state["step"] < 0:
+            raise UserError(f"{path} is damaged: its step is {state['step']!r}, not an integer ≥ 0.")
+        return cls(step=state["step"], train=shared.train, model_config=shared.model_config, shards=shared.shards,
+                   model=state["model"], ema=state.get("ema"), opt=state.get("opt"), origin=state.get("origin"),
+                   phema=state.get("phema"), posthoc_ema=state.get("posthoc_ema"), path=Path(path))
 
     @classmethod
     def load(cls, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -392,7 +392,9 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int) -> Path:
-    """Write step-<7-digit step>.pt atomically, then delete older non-milestone checkpoints beyond `keep`."""
+    """Write step-<7-digit step>.pt atomically, then delete the older non-milestone checkpoints beyond the newest `keep`
+    (≥ 1; milestones: steps divisible by `milestone_every` > 0)."""
+    assert keep >= 1, f"keep={keep}: TrainConfig.keep is at least 1"
     path = checkpoint_path(run, step)
     try:
         write_checkpoint(path, state)
@@ -400,7 +402,7 @@ def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, mile
         raise UserError(f"Could not write checkpoint {path} ({e.strerror or e}); the older checkpoints are intact: "
                         "free space and rerun the same command to resume.") from None
     rolling = [(s, p) for s, p in list_checkpoints(run) if milestone_every <= 0 or s % milestone_every != 0]
-    for _, old in rolling[:-keep] if keep > 0 else []:
+    for _, old in rolling[:-keep]:
         if old != path:
             old.unlink(missing_ok=True)
             checksum_path(old).unlink(missing_ok=True)

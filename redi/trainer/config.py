@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,6 +9,7 @@ from typing import Annotated, Any
 from redi.common.choices import GUIDANCE_MODES, LABEL_MODES
 from redi.common.errors import UserError
 from redi.common.flags import OneOf
+from redi.common.schema import Range, check_ranges
 from redi.common.urls import redact
 from redi.pipeline.remote import Location, as_location, read_if_exists
 from redi.pipeline.shards_config import FORMATS
@@ -45,30 +45,30 @@ class TrainConfig(MethodParts):
     The default is filled in from the shards like the resolution, so config.json and checkpoints record the full name."""
     method: Annotated[str, OneOf(METHODS)] = "redi"
     """What is generated and aligned besides the latent (docs/METHOD.md)."""
-    pca_rank: int = 8
+    pca_rank: Annotated[int, Range(0)] = 8
     """r: PCs generated with the latent (redi methods); at most K of the shards."""
     fusion: Annotated[str, OneOf(FUSIONS)] = "merged"
     """One token per patch, or separate latent and PC tokens (~2x compute)."""
-    lambda_z: float = 1.0
+    lambda_z: Annotated[float, Range(0)] = 1.0
     """Weight of the PC velocity loss."""
-    rep_drop: float = 0.2
+    rep_drop: Annotated[float, Range(0, 1, hi_open=True)] = 0.2
     """Representation drop probability; Representation Guidance needs it > 0."""
     rep_drop_mode: Annotated[str, OneOf(REP_DROP_MODES)] = "sample"
     """One drop draw per sample (paper) or per batch (reference code)."""
     rep_drop_target: Annotated[str, OneOf(REP_DROP_TARGETS)] = "noisy"
     """Zero the noisy z_t (paper) or the clean z_0 (reference code)."""
-    repa_depth: int | None = None
+    repa_depth: Annotated[int | None, Range(1)] = None
     """Block feeding the REPA projector; default 4 for S/B, 8 for L/XL, 1 for debug."""
-    repa_weight: float = 0.5
+    repa_weight: Annotated[float, Range(0)] = 0.5
     """Weight of the REPA alignment loss."""
-    align_until: int | None = None
+    align_until: Annotated[int | None, Range(0)] = None
     """Step from which the REPA/REG alignment term is off (HASTE: alignment helps early, then holds back); default:
     never.
 
     The weight in effect is metrics.jsonl's align_weight."""
-    align_fade: int = 0
+    align_fade: Annotated[int, Range(0)] = 0
     """Steps over which the alignment weight falls linearly to 0 at --align-until; 0: it stops at once."""
-    cls_weight: float = 0.03
+    cls_weight: Annotated[float, Range(0)] = 0.03
     """Weight of REG's class-token velocity loss."""
     learn_sigma: bool | None = None
     """DiT: learned variance with the VLB term; default on for DiT.
@@ -76,34 +76,34 @@ class TrainConfig(MethodParts):
     As DiT and the ReDi paper's DiT runs; None is resolved in __post_init__, so config.json records the value."""
     unconditional: bool = False
     """Train without class labels (num_classes 1)."""
-    class_dropout: float = 0.1
+    class_dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.1
     """Label drop probability, for classifier-free guidance."""
     weighting: Annotated[str, OneOf(WEIGHTINGS)] = "uniform"
     """SiT time draw: uniform, or lognormal (REPA/REG: t = s/(1+s), ln s ~ N(0,1))."""
-    batch_size: int = 256
+    batch_size: Annotated[int, Range(1)] = 256
     """Global batch over all ranks and accumulation steps."""
-    micro_batch: int | None = None
+    micro_batch: Annotated[int | None, Range(1)] = None
     """Per-rank batch per forward; default: batch / ranks (no accumulation)."""
-    max_steps: int = 400_000
+    max_steps: Annotated[int, Range(1)] = 400_000
     """Optimiser steps: the run stops there."""
-    epochs: float | None = None
+    epochs: Annotated[float | None, Range(0, lo_open=True)] = None
     """Train this many epochs instead of --max-steps.
 
     Replaces max_steps by epochs × samples / batch_size; on resume, the images already seen count at the batch sizes
     they were seen at, and the rest at this one."""
-    lr: float = 1e-4
+    lr: Annotated[float, Range(0)] = 1e-4
     """AdamW learning rate (constant)."""
-    beta1: float = 0.9
+    beta1: Annotated[float, Range(0, 1, hi_open=True)] = 0.9
     """AdamW β1."""
-    beta2: float = 0.999
+    beta2: Annotated[float, Range(0, 1, hi_open=True)] = 0.999
     """AdamW β2."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, Range(0)] = 0.0
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, Range(0)] = 1.0
     """Gradient-norm clip; 0 turns it off.
 
     REPA/REG clip at 1; the ReDi, SiT and DiT references do not clip."""
-    ema_decay: float = 0.9999
+    ema_decay: Annotated[float, Range(0, 1, hi_open=True)] = 0.9999
     """Decay of the EMA weights (what `redi sample` uses by default)."""
     phema: bool = False
     """Track post-hoc EMA profiles (edm2's power-function EMA) and save them every --phema-every steps, so that `redi
@@ -112,49 +112,51 @@ class TrainConfig(MethodParts):
     RUN/phema/step-N.pt; the profiles are part of every checkpoint too (resume keeps them exact)."""
     phema_sigma_rels: tuple[float, ...] = DEFAULT_SIGMA_RELS
     """Comma list of the tracked profiles' lengths σ_rel (relative standard deviations; edm2: 0.05,0.10)."""
-    phema_every: int = 10_000
+    phema_every: Annotated[int, Range(1)] = 10_000
     """Steps between post-hoc EMA snapshots in RUN/phema (edm2: every 8Mi images)."""
     precision: Annotated[str, OneOf(PRECISIONS)] = "bf16"
     """Autocast on GPU (fp32 master weights); the CPU always runs fp32."""
     compile: bool = False
     """torch.compile the model."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, 2**62, hi_open=True)] = 0
     """Seed of the weights, the data order and the noise."""
     data_format: Annotated[str, OneOf(FORMATS)] = "zarr"
     """Read zarr (random access: a local disk) or wds (whole tars: a network disk or a URL)."""
-    num_workers: int | None = None
+    num_workers: Annotated[int | None, Range(0)] = None
     """DataLoader processes per rank; default: one per core of the rank's share, at most 4.
 
     None: common.runtime.loader_workers."""
-    read_ahead: int = 2
+    read_ahead: Annotated[int, Range(0)] = 2
     """wds: tars downloading ahead of the one being decoded, per worker.
 
     Each is held whole in memory."""
-    log_every: int = 100
+    log_every: Annotated[int, Range(1)] = 100
     """Steps between metrics lines."""
-    ckpt_every: int = 10_000
+    ckpt_every: Annotated[int, Range(1)] = 10_000
     """Steps between checkpoints kept for ever."""
-    save_every: int = 1_000
+    save_every: Annotated[int, Range(1)] = 1_000
     """Steps between resume checkpoints (the last --keep are kept)."""
-    keep: int = 2
-    """Resume checkpoints kept."""
-    max_bad_steps: int = 10
+    keep: Annotated[int, Range(1)] = 2
+    """Resume checkpoints kept: the newest N of the --save-every ones (a stop signal's too); milestones besides.
+
+    At least 1: a run keeps a checkpoint to resume from. The --ckpt-every milestones are never deleted."""
+    max_bad_steps: Annotated[int, Range(1)] = 10
     """Consecutive non-finite losses before the run stops."""
     tracker: Annotated[str | None, OneOf(TRACKERS)] = None
     """Where rank 0 also writes every metrics.jsonl number; default: tensorboard when installed.
 
     tensorboard: RUN/tensorboard; wandb: RUN/wandb (WANDB_MODE=offline needs no network); none."""
-    sample_every: int = 10_000
+    sample_every: Annotated[int, Range(0)] = 10_000
     """Steps between sample grids RUN/samples/step-N.png (EMA weights, fixed labels and noise); 0: none."""
-    sample_num: int = 16
+    sample_num: Annotated[int, Range(1)] = 16
     """Images per sample grid."""
-    sample_steps: int = 50
+    sample_steps: Annotated[int, Range(1)] = 50
     """Sampler steps of the grids and the in-training FID (ODE Euler for SiT, DDPM for DiT)."""
     sample_guidance: Annotated[str | None, OneOf(GUIDANCE_MODES)] = None
     """Guidance of the grids and the in-training FID; default: rg for a model trained with --rep-drop, else none.
 
     The scales are `redi sample`'s defaults."""
-    eval_every: int = 0
+    eval_every: Annotated[int, Range(0)] = 0
     """Steps between in-training FID, sFID, IS, precision and recall of the EMA weights; 0: none.
 
     Needs --eval-ref and --inception, checked when the run starts."""
@@ -162,7 +164,7 @@ class TrainConfig(MethodParts):
     """ADM reference batch .npz of the in-training evaluation (VIRTUAL_imagenet256_labeled.npz)."""
     inception: str | None = None
     """pt_inception-2015-12-05-6726825d.pth for the in-training evaluation."""
-    eval_num: int = 10_000
+    eval_num: Annotated[int, Range(1)] = 10_000
     """Images per in-training evaluation, sampled over all ranks."""
     eval_labels: Annotated[str, OneOf(LABEL_MODES)] = "random"
     """Labels of the evaluation's images: random (the papers) or balanced (N / classes of each)."""
@@ -170,10 +172,11 @@ class TrainConfig(MethodParts):
     """Start a new run from these weights (a redi checkpoint or `redi convert` output).
 
     Unused when resuming."""
-    resolution: int = 0
+    resolution: Annotated[int, Range(0)] = 0
     """Image resolution, filled from the shards."""
 
     def __post_init__(self) -> None:
+        check_ranges(self)  # the CLI checked them when parsing the flags; a config built in code is checked here
         family, _, name = self.model.partition("-")
         size, slash, patch = name.partition("/")
         if family not in OBJECTIVES or size not in SIZES or (slash and not (patch.isdigit() and int(patch) > 0)):
@@ -184,8 +187,6 @@ class TrainConfig(MethodParts):
             object.__setattr__(self, "learn_sigma", self.objective == "dit")
         if self.fusion not in FUSIONS:
             raise UserError(f"Unknown fusion '{self.fusion}': merged or separate.")
-        if not 0.0 <= self.rep_drop < 1.0:
-            raise UserError(f"--rep-drop must be in [0, 1), got {self.rep_drop}.")
         if self.rep_drop_mode not in REP_DROP_MODES or self.rep_drop_target not in REP_DROP_TARGETS:
             raise UserError("--rep-drop-mode is sample|batch and --rep-drop-target is noisy|clean.")
         if self.precision not in PRECISIONS:
@@ -198,24 +199,8 @@ class TrainConfig(MethodParts):
             raise UserError(f"--weighting must be uniform or lognormal, got {self.weighting}.")
         if self.weighting != "uniform" and self.objective != "sit":
             raise UserError(f"--weighting {self.weighting} draws the SiT (flow) time; DiT models draw discrete timesteps.")
-        if self.batch_size < 1 or self.max_steps < 1 or (self.micro_batch is not None and self.micro_batch < 1):
-            raise UserError("--batch-size, --micro-batch and --max-steps must be positive.")
-        if (self.num_workers is not None and self.num_workers < 0) or self.read_ahead < 0:
-            raise UserError("--workers and --read-ahead must be ≥ 0.")
-        if min(self.log_every, self.save_every, self.ckpt_every) < 1:
-            raise UserError("--log-every, --save-every and --ckpt-every must be positive.")
-        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise UserError(f"--epochs must be a finite positive number, got {self.epochs}.")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a finite number ≥ 0, got {self.lr}.")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}.")
-        if not 0 <= self.seed < 2**62:
-            raise UserError(f"--seed must be a non-negative integer below 2^62, got {self.seed}.")
         if self.tracker is not None and self.tracker not in TRACKERS:
             raise UserError(f"--tracker must be one of {', '.join(TRACKERS)}, not {self.tracker!r}.")
-        if min(self.sample_every, self.eval_every) < 0 or min(self.sample_num, self.sample_steps, self.eval_num) < 1:
-            raise UserError("--sample-every and --eval-every must be ≥ 0; --sample-num, --sample-steps and --eval-num positive.")
         if self.sample_guidance is not None and self.sample_guidance not in GUIDANCE_MODES:
             raise UserError(f"--sample-guidance must be one of {', '.join(GUIDANCE_MODES)}, not {self.sample_guidance!r}.")
         if self.eval_labels not in LABEL_MODES:
@@ -224,17 +209,11 @@ class TrainConfig(MethodParts):
             raise UserError("--eval-every needs the reference batch and the Inception weights: pass --eval-ref REF.npz "
                             "and --inception pt_inception-2015-12-05-6726825d.pth.")
         object.__setattr__(self, "phema_sigma_rels", check_sigma_rels(self.phema_sigma_rels, "--phema-sigma-rels"))
-        if self.phema_every < 1:
-            raise UserError(f"--phema-every must be positive, got {self.phema_every}.")
-        if (self.align_until is not None and self.align_until < 0) or self.align_fade < 0:
-            raise UserError("--align-until and --align-fade must be ≥ 0.")
         if (self.align_until is not None or self.align_fade) and not self.uses_repa:
             raise UserError(f"--align-until and --align-fade schedule the REPA/REG alignment term, which --method "
                             f"{self.method} does not have.")
         if self.align_fade and self.align_until is None:
             raise UserError("--align-fade needs --align-until: the step where the alignment weight reaches 0.")
-        if not all(math.isfinite(v) and v >= 0 for v in (self.lambda_z, self.repa_weight, self.cls_weight, self.grad_clip)):
-            raise UserError("--lambda-z, --repa-weight, --cls-weight and --grad-clip must be finite and ≥ 0.")
 
     @property
     def objective(self) -> str:

@@ -40,6 +40,7 @@ from redi.common.atomic import sha256_file
 from redi.common.errors import UserError
 from redi.common.public_files import load_public_checkpoint
 from redi.common.flags import OneOf
+from redi.common.schema import Range, check_ranges
 from redi.pipeline.vaes import latent_space, sd_vae_config
 from redi.trainer.checkpoint import Checkpoint, ShardSummary
 from redi.trainer.config import TrainConfig
@@ -97,9 +98,9 @@ class ConvertConfig:
     """The code that wrote it: redi (zelaki/ReDi), repa, reg, sit (willisma/SiT) or dit."""
     out: Path
     """The redi checkpoint to write (then: redi sample --ckpt OUT)."""
-    rep_drop: float | None = None
+    rep_drop: Annotated[float | None, Range(0, 1, hi_open=True)] = None
     """ReDi: the representation-drop probability it was trained with (RG needs it); default: its args, else 0."""
-    repa_depth: int | None = None
+    repa_depth: Annotated[int | None, Range(1)] = None
     """Block feeding the REPA projector; default: its args (encoder_depth), else 4 for S/B, 8 for L/XL."""
     trust_pickle: bool = False
     """Allow unpickling (training checkpoints store argparse args); unpickling can run code."""
@@ -108,14 +109,11 @@ class ConvertConfig:
 
     def __post_init__(self) -> None:
         """Refuse unknown origins and out-of-range values with one sentence."""
+        check_ranges(self)
         if self.origin not in ORIGINS:
             raise UserError(f"Unknown origin {self.origin!r}: choose one of {', '.join(ORIGINS)}.")
-        if self.rep_drop is not None and not 0.0 <= self.rep_drop < 1.0:
-            raise UserError(f"--rep-drop must lie in [0, 1), got {self.rep_drop}.")
         if self.rep_drop is not None and self.origin != "redi":
             raise UserError("--rep-drop applies to ReDi checkpoints only (the other origins have no PC channels).")
-        if self.repa_depth is not None and self.repa_depth < 1:
-            raise UserError(f"--repa-depth must be at least 1, got {self.repa_depth}.")
 
 
 @dataclass

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
-from redi.common.atomic import atomic_write_bytes
-from redi.common.atomic import read_jsonl as read_metrics  # complete lines only: a crash can cut the last one
+from redi.common.atomic import atomic_write_bytes, read_jsonl
+from redi.common.schema import Range, try_load
 
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
@@ -22,14 +23,26 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+@dataclass(frozen=True)
+class MetricsLine:
+    """One metrics.jsonl line as it is read back: the step it belongs to. Its other values are numbers (plots and
+    trackers take the finite ones) and an evaluation's `card` (an object)."""
+
+    step: Annotated[int, Range(0)]
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The lines of metrics.jsonl that name their step; a line cut by a crash or damaged on disk is skipped."""
+    return [row for row in read_jsonl(path) if try_load(MetricsLine, row) is not None] if Path(path).exists() else []
+
+
 class MetricsLog:
     """Append-only metrics.jsonl; on resume, lines past the checkpoint's step (or cut by a crash) are dropped first."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = Path(path)
         if self.path.exists():
-            kept = [json.dumps(row) for row in read_metrics(self.path)
-                    if isinstance(row.get("step"), int) and row["step"] <= resume_step]
+            kept = [json.dumps(row) for row in read_metrics(self.path) if row["step"] <= resume_step]
             atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
 
     def write(self, row: dict[str, Any]) -> None:
@@ -47,8 +60,7 @@ def plot_curves(run: Path, path: Path, drawn_from: str | None = None) -> Path | 
     from redi.common.plots import curves_figure, save_png
     from redi.trainer.checkpoint import RunConfig
 
-    rows = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
-    rows = [r for r in rows if isinstance(r.get("step"), int)]
+    rows = read_metrics(run / "metrics.jsonl")
     if not any("loss" in r for r in rows):
         return None
     try:

@@ -16,14 +16,17 @@ import os
 import secrets
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from redi.common.atomic import atomic_write_json, read_jsonl, try_read_json
+from redi.common.atomic import atomic_write_json, try_read_json
 from redi.common.errors import UserError
+from redi.common.schema import try_load
+from redi.trainer.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 TRACKERS = ("tensorboard", "wandb", "none")
@@ -115,6 +118,13 @@ class TensorBoardTracker:
         self._file.close()
 
 
+@dataclass(frozen=True)
+class WandbRecord:
+    """RUN/wandb.json: the W&B run id every resume of this run continues."""
+
+    id: str
+
+
 class WandbTracker:
     """wandb, resuming RUN/wandb.json's run id; WANDB_MODE=offline writes RUN/wandb/ without a network."""
 
@@ -123,8 +133,8 @@ class WandbTracker:
             import wandb
         except ImportError:
             raise UserError("--tracker wandb needs wandb: pip install -e '.[wandb]' in redi's checkout (or pip install wandb).") from None
-        record = try_read_json(run / WANDB_RECORD)
-        run_id = record.get("id") if isinstance(record, dict) and isinstance(record.get("id"), str) else None
+        record = try_load(WandbRecord, try_read_json(run / WANDB_RECORD))  # damaged: a new W&B run
+        run_id = record.id if record is not None else None
         if run_id is None:
             run_id = secrets.token_hex(8)
             atomic_write_json(run / WANDB_RECORD, {"id": run_id})
@@ -150,7 +160,7 @@ def open_tracker(kind: str, run: Path, resume_step: int, config: dict[str, Any],
     fresh = not (run / (TENSORBOARD_DIR if kind == "tensorboard" else WANDB_RECORD)).exists()
     tracker: Tracker = TensorBoardTracker(run, resume_step) if kind == "tensorboard" else WandbTracker(run, config)
     if fresh and resume_step and (run / "metrics.jsonl").exists():
-        for row in read_jsonl(run / "metrics.jsonl"):
-            if isinstance(row.get("step"), int) and row["step"] <= resume_step:
+        for row in read_metrics(run / "metrics.jsonl"):
+            if row["step"] <= resume_step:
                 tracker.scalars(row, row["step"])
     return tracker
