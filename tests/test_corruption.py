@@ -451,6 +451,7 @@ JSON_FILES: dict[str, tuple[str, ...]] = {  # every JSON file redi reads back â†
     "data/shards/manifest.json": ("shards",),
     "data/shards/progress/000000.json": ("shards", "verify"),
     "data/shards/checksums/000000.json": ("shards (resumed)",),
+    "data/.shards.stamp.json": ("shards",),
     "data/shards/shards.json": ("train --dry-run", "verify", "info", "shards", "train"),
     "data/shards/keys.json": ("train", "verify"),
     "run/config.json": ("train", "verify RUN", "info RUN"),

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from redi.common.atomic import atomic_write_json, sha256_file, try_read_json
 from redi.common.errors import UserError
+from redi.common.schema import dump, same_json, try_load
 
 STAMP_VERSION = 1
 PNG_KEY = "redi-drawn-from"  # the text chunk of our pictures that holds the digest of what they were drawn from
@@ -51,31 +53,45 @@ def picture_stamp(path: Path) -> str | None:
         return None
 
 
+@dataclass
+class SetDigests:
+    """A file set's two digests in a stamp."""
+
+    stat: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """A stamp file: the settings that made the output, and each file set's digests (a damaged one is no stamp)."""
+
+    version: int
+    settings: dict[str, Any]
+    sets: dict[str, SetDigests]
+
+
 def write_stamp(path: Path, settings: dict[str, Any], sets: FileSets) -> None:
     """Record `settings` and the digests of every file set, atomically (after the output is complete)."""
-    atomic_write_json(path, {"version": STAMP_VERSION, "settings": settings,
-                             "sets": {name: {"stat": _stat_digest(files), "sha256": content_digest(files)}
-                                      for name, files in sets.items()}})
+    atomic_write_json(path, dump(Stamp(STAMP_VERSION, settings, {name: SetDigests(_stat_digest(files), content_digest(files))
+                                                                 for name, files in sets.items()})))
 
 
 def is_current(path: Path, settings: dict[str, Any], sets: FileSets) -> bool:
     """True when the stamp at `path` records these settings and every file set has its recorded content; a set whose
     stats changed but not its content has its stats recorded anew (best effort: a read-only disk keeps the old)."""
-    stamp = try_read_json(path)
-    if not (isinstance(stamp, dict) and stamp.get("version") == STAMP_VERSION and stamp.get("settings") == settings
-            and isinstance(stamp.get("sets"), dict) and set(stamp["sets"]) == set(sets)):
+    stamp: Stamp | None = try_load(Stamp, try_read_json(path))
+    if not (stamp is not None and stamp.version == STAMP_VERSION and same_json(stamp.settings, settings)
+            and set(stamp.sets) == set(sets)):
         return False
     moved = False
     for name, files in sets.items():
-        recorded = stamp["sets"][name]
-        if not isinstance(recorded, dict):
-            return False
-        if recorded.get("stat") == _stat_digest(files):
+        recorded = stamp.sets[name]
+        if recorded.stat == _stat_digest(files):
             continue
-        if recorded.get("sha256") != content_digest(files):
+        if recorded.sha256 != content_digest(files):
             return False
-        recorded["stat"], moved = _stat_digest(files), True
+        recorded.stat, moved = _stat_digest(files), True
     if moved:
         with contextlib.suppress(OSError, UserError):
-            atomic_write_json(path, stamp)
+            atomic_write_json(path, dump(stamp))
     return True
