@@ -91,7 +91,7 @@ class SampleConfig:
     """REG: CFG weight of the class token where CFG is on; default 1.5 (0 or 1: unguided).
 
     1.5 as REG's generate.py."""
-    ag_scale: float | None = None
+    ag_scale: Annotated[float | None, Range(0)] = None
     """AutoGuidance weight w: D_guide + w·(D − D_guide) (1: no effect); default 2.0 (edm2's presets: 1.7–2.45)."""
     guide_run: Path | None = None
     """AutoGuidance: the guiding model's run directory (a smaller or earlier model of the same data); its newest
@@ -100,7 +100,7 @@ class SampleConfig:
     Exactly one of guide_run and guide_ckpt with an autoguidance mode."""
     guide_ckpt: Path | None = None
     """AutoGuidance: the guiding model's checkpoint file (instead of --guide-run), e.g. a `redi ema` output."""
-    guide_step: int | None = None
+    guide_step: Annotated[int | None, Range(0)] = None
     """With --guide-run: guide with the checkpoint of this step (RUN2/checkpoints/step-N.pt); default its newest."""
     guide_weights: Annotated[str, OneOf(WEIGHTS)] = "ema"
     """The guide checkpoint's EMA weights or its raw weights (model)."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
 from redi.common.display import counting
 from redi.common.errors import UserError
+from redi.common.schema import Range, check_ranges
 from redi.trainer.checkpoint import Checkpoint, PhemaSnapshot, RunConfig, list_phema_snapshots, posthoc_path
 from redi.trainer.models import build_model
 from redi.trainer.phema import check_sigma_rels, combine, posthoc_coefficients, profile_inner_product
@@ -31,15 +33,14 @@ class EmaConfig:
     """Comma list of EMA lengths σ_rel to reconstruct, e.g. 0.05,0.075,0.1,0.125,0.15.
 
     σ_rel is the EMA profile's standard deviation relative to the training time (edm2); each gives one checkpoint."""
-    step: int | None = None
+    step: Annotated[int | None, Range(1)] = None
     """Reconstruct the EMA at this snapshot's step; default: the newest snapshot."""
     out: Path | None = None
     """Folder of the reconstructed checkpoints; default RUN/ema (files step-N-sigmaX.pt)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sigma_rel", check_sigma_rels(self.sigma_rel, "--sigma-rel"))
-        if self.step is not None and self.step < 1:
-            raise UserError(f"--step names a snapshot's step (≥ 1), not {self.step}.")
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
