@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the commands' config classes; their modules import torch, s
     from redi.pipeline.repa_import import RepaImportConfig
     from redi.pipeline.shards_config import ShardsConfig
     from redi.pipeline.timm_vit import EncoderConvertConfig
-    from redi.sampler.evaluate import EvalConfig
+    from redi.sampler.evaluate import EvalConfig, EvalResult
     from redi.sampler.preview import PreviewConfig
     from redi.sampler.sample import SampleConfig
     from redi.trainer.config import TrainConfig
@@ -519,12 +519,18 @@ def eval_command(cfg: EvalConfig) -> None:
     VIRTUAL_imagenet512.npz), linked from openai/guided-diffusion's evaluations/README.md, and pytorch-fid's
     Inception weights pt_inception-2015-12-05-6726825d.pth, from its GitHub release "fid_weights".
     FID needs thousands of samples: with fewer than 2,048 (the Inception feature width) it is not meaningful.
+
+    With a data root as --ref (redi eval SAMPLE_DIR --ref DATA [--before DIR]): FD-PC and the nearest-neighbour check of
+    the PCs a ReDi model generated against the training PCs (docs/METHOD.md): whether a model learned its data.
     """
     from rich.table import Table
 
     from redi.sampler.evaluate import evaluate
 
     result = evaluate(cfg)
+    if "fd_pc" in result.metrics:
+        _print_pc_metrics(result, cfg.before is not None)
+        return
     table = Table(title=f"{result.num_samples:,} samples vs {result.num_ref:,} reference images")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -536,6 +542,25 @@ def eval_command(cfg: EvalConfig) -> None:
     stats = "precomputed reference statistics" if result.precomputed_ref_stats else "reference statistics from its images"
     out.print(f"[green]wrote[/] {escape(str(result.out))} in {result.seconds:.1f} s "
               f"({result.images_per_s:,.1f} img/s on {result.device}, {stats})")
+
+
+def _print_pc_metrics(result: EvalResult, before: bool) -> None:
+    """The PC metrics of `redi eval SAMPLES --ref DATA`: FD-PC and the nearest-neighbour distances, beside --before's."""
+    from rich.table import Table
+
+    m = result.metrics
+    table = Table(title=f"Generated PCs of {result.num_samples} samples vs {result.num_ref} training images")
+    table.add_column("")
+    if before:
+        table.add_column("--before", justify="right")
+    table.add_column("samples", justify="right")
+    rows = [("FD-PC (lower is closer)", "fd_pc"), ("distance to the nearest training PCs", "nn_generated")]
+    for name, key in rows:
+        table.add_row(name, *([f"{m['before_' + key]:.2f}"] if before else []), f"{m[key]:.2f}")
+    out.print(table)
+    out.print(f"Nearest training PCs: {m['nn_noise']:.2f} away from noise of their per-PC mean and std, "
+              f"{m['nn_training']:.2f} from another training image. [green]wrote[/] {escape(str(result.out))}")
+
 
 # --- convert ---
 

@@ -26,7 +26,7 @@ def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
-    assert "row 4" in text and "step 12, ema weights, guidance none" in text and "tiny-random" in text
+    assert "row 4" in text and "step 12, EMA weights, guidance none" in text and "tiny-random" in text
     sheet = np.asarray(Image.open(out))  # 4 rows of 5 cells, each under its caption
     assert sheet.shape == (PAD + 4 * (CAPTION_HEIGHT + CELL + PAD), max(640, PAD + 5 * (CELL + PAD)), 3)
 

@@ -485,6 +485,16 @@ class ShardLoader:
         return out[0] if len(out) == 1 else _concat(out)
 
 
+def read_first(shards_dir: Location | str, num: int, fields: tuple[str, ...]) -> tuple[ShardInfo, list[str], dict[str, np.ndarray]]:
+    """The shards' first `num` samples (shuffled at write time, so varied), in order: their info, keys and arrays of
+    `fields` (and "label"), from the Zarr store if there is one, else the tars."""
+    info = read_shard_info(shards_dir)
+    n, size = min(num, info.num_samples), info.shard_size
+    reader = (ZarrShardDataset if "zarr" in info.formats else WdsShardDataset)(shards_dir, fields=fields)
+    parts = [reader.read_segment(Segment(b, b * size, min((b + 1) * size, n))) for b in range(-(-n // size))]
+    return info, reader.keys[:n], {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
 def make_loader(shards_dir: Location | str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                 cursor: int = 0, epochs: int | None = None, fields: tuple[str, ...] = DEFAULT_FIELDS,
                 format: str = "zarr", num_workers: int = 0, drop_last: bool = True, window_blocks: int = 4,

@@ -15,13 +15,15 @@ import torch
 from rich.markup import escape
 from rich.progress import Progress
 
-from redi.common.atomic import atomic_write_json, sha256_file
+from redi.common.atomic import atomic_write_json, read_json, sha256_file
 from redi.common.display import progress_bar
 from redi.common.errors import UserError
 from redi.common.schema import Range, check_ranges
 from redi.common.runtime import resolve_device
 from redi.sampler.fd_dinov2 import DEFAULT_FD_ENCODER, DinoV2Features
 from redi.sampler.inception import FID_WEIGHTS_SHA256_PREFIX, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception
+from redi.pipeline.readers import read_first
+from redi.pipeline.shards_config import SHARDS_JSON
 from redi.sampler.metrics import (
     AdmBatch,
     FIDStatistics,
@@ -32,13 +34,16 @@ from redi.sampler.metrics import (
     precision_recall,
     read_adm_batch,
 )
-from redi.sampler.outputs import SAMPLE_JSON, read_sample_json
+from redi.sampler.outputs import GRID_MAX, PCS_DIR, SAMPLE_JSON, pcs_path, read_sample_json
+from redi.sampler.pc_metrics import FD_WINDOW, score_pcs
+from redi.trainer.config import resolve_shards_dir
 
 log = logging.getLogger(__name__)
 REF_BATCHES_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/"  # ADM's evaluations
 METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
 DEFAULT_METRICS = ("fid", "sfid", "is", "pr")  # ADM's suite
 INCEPTION_METRICS = ("fid", "sfid", "is", "pr")
+PCS_EVAL_JSON = "pcs.eval.json"  # the PC metrics' report, in the sample folder
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
@@ -55,13 +60,14 @@ class EvalConfig:
     """Settings of one `redi eval` run: the flags of `redi eval`."""
 
     samples: Path
-    """ADM-format .npz of samples (arr_0 uint8 N×H×W×3), e.g. from `redi sample`.
+    """ADM-format .npz of samples (arr_0 uint8 N×H×W×3), e.g. from `redi sample`; for the PC metrics its folder.
 
     arr_1 (labels) is ignored."""
     ref: Path
-    """ADM reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz (openai/guided-diffusion's evaluations).
+    """ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz), or a data root: FD-PC and nearest neighbours instead.
 
-    Its precomputed mu/sigma/mu_s/sigma_s are used when present."""
+    A batch's precomputed mu/sigma/mu_s/sigma_s are used when present. A data root (shards.json) compares the
+    generated PCs that the sample folder keeps (its first 64) with the training PCs (docs/METHOD.md)."""
     inception: Path | None = None
     """pytorch-fid's FID weights pt_inception-2015-12-05-6726825d.pth (its fid_weights release); fid, sfid, is, pr.
 
@@ -75,11 +81,19 @@ class EvalConfig:
     device: str = "auto"
     """Where the networks run: auto, cpu, cuda or cuda:N."""
     out: Path | None = None
-    """JSON report; default: SAMPLES.eval.json next to the samples."""
+    """JSON report; default: SAMPLES.eval.json next to the samples (PC metrics: pcs.eval.json in the sample folder)."""
     split_size: Annotated[int, Range(1)] = 5000
     """Images per Inception Score split (ADM: 5000, i.e. 10 splits for 50K samples)."""
     nearest_k: Annotated[int, Range(1)] = 3
     """k of the k-NN balls of precision/recall (ADM: 3)."""
+    before: Path | None = None
+    """With a data root as --ref: a second sample folder scored beside SAMPLES, e.g. `redi sample --weights init`'s.
+
+    For a before/after of training."""
+    window: Annotated[int, Range(1)] = FD_WINDOW
+    """With a data root as --ref: tokens per side of the windows FD-PC compares (1: single tokens)."""
+    num_ref: Annotated[int, Range(2)] = 10_000
+    """With a data root as --ref: training samples (the shards' first) whose PCs are the reference."""
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -275,7 +289,12 @@ def eval_card(sample_report: dict[str, Any] | None, num_samples: int, ref_sha256
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
-    """Compute the asked metrics of `cfg.samples` against `cfg.ref` and write the JSON report."""
+    """Compute the asked metrics of `cfg.samples` against `cfg.ref` and write the JSON report: ADM's suite against a
+    reference batch, or FD-PC and the nearest-neighbour check against a data root's training PCs."""
+    if is_data_root(cfg.ref):
+        return evaluate_pcs(cfg)
+    if cfg.before is not None:
+        raise UserError("--before compares PCs: pass a data root (its shards) as --ref, not a reference batch.")
     t0 = time.perf_counter()
     dims = (POOL_DIM, SPATIAL_DIM)
     if not cfg.ref.exists():
@@ -340,3 +359,57 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         fd_comparable=networks["fd_encoder"]["comparable"] if networks["fd_encoder"] else None,
         warnings=warnings,
     )
+
+
+# ---- `redi eval SAMPLES --ref DATA`: the PC metrics of a `redi sample` folder -------------------------------------
+
+
+def sample_folder_pcs(samples: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The generated PCs (n, r, h, h) that a `redi sample` folder (or its samples.npz) keeps, those of its first
+    min(N, GRID_MAX) images, and its sample.json."""
+    folder = samples if samples.is_dir() else samples.parent
+    path = folder / SAMPLE_JSON
+    if not path.is_file():
+        raise UserError(f"{folder} is not a `redi sample` output folder (no {SAMPLE_JSON}): the PC metrics read its "
+                        f"{PCS_DIR}/.")
+    report = read_json(path, dict, f"rerun `redi sample --out {folder}`.")
+    if not report.get("complete") or not isinstance(report.get("num"), int):
+        raise UserError(f"{folder} is not finished (its {SAMPLE_JSON} says so); rerun `redi sample --out {folder}`.")
+    count = min(report["num"], GRID_MAX)
+    missing = [i for i in range(count) if not pcs_path(folder, i).is_file()]
+    if missing:
+        raise UserError(f"{folder} keeps no generated PCs ({pcs_path(folder, missing[0]).name} is missing): the PC "
+                        "metrics need a model with PC channels (ReDi) sampled by `redi sample`.")
+    return np.stack([np.load(pcs_path(folder, i)) for i in range(count)]), report
+
+
+def is_data_root(ref: Path) -> bool:
+    """--ref names a data root (or its shards/) rather than an ADM batch: it holds shards.json."""
+    return ref.is_dir() and ((ref / SHARDS_JSON).is_file() or (ref / "shards" / SHARDS_JSON).is_file())
+
+
+def evaluate_pcs(cfg: EvalConfig) -> EvalResult:
+    """FD-PC and the nearest-neighbour check of the samples (and of --before) against the data root --ref's training
+    PCs; writes the JSON report."""
+    t0 = time.perf_counter()
+    generated, report = sample_folder_pcs(cfg.samples)
+    info, _, arrays = read_first(str(resolve_shards_dir(cfg.ref)), cfg.num_ref, ("pcs",))
+    if generated.shape[1] > info.pcs:
+        raise UserError(f"The samples have {generated.shape[1]} PC channels but {cfg.ref} stores {info.pcs}: "
+                        "compare them with the data root the model was trained on.")
+    scores = {"samples": score_pcs(generated, arrays["pcs"], cfg.window)}
+    before_report = None
+    if cfg.before is not None:
+        before, before_report = sample_folder_pcs(cfg.before)
+        scores["before"] = score_pcs(before, arrays["pcs"], cfg.window)
+    metrics = {f"{prefix}{name}": value for key, prefix in (("samples", ""), ("before", "before_")) if key in scores
+               for name, value in scores[key].figures().items()}  # fd_pc, nn_generated, nn_noise, nn_training
+    seconds = time.perf_counter() - t0
+    out = cfg.out if cfg.out is not None else (cfg.samples if cfg.samples.is_dir() else cfg.samples.parent) / PCS_EVAL_JSON
+    card = eval_card(report, len(generated), info.sha256, {}, ("fd_pc",), seconds)
+    atomic_write_json(out, {"metrics": metrics, "card": card, "scores": {k: s.to_json() for k, s in scores.items()},
+                            "ref": {"data": str(cfg.ref), "shards_json_sha256": info.sha256},
+                            "sample_settings": report, "before_settings": before_report, "seconds": seconds})
+    return EvalResult(metrics=metrics, out=out, num_samples=len(generated), num_ref=scores["samples"].num_training,
+                      device="cpu", images_per_s=0.0, seconds=seconds, inception_official=None,
+                      precomputed_ref_stats=False, fd_comparable=None, warnings=[])

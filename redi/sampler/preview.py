@@ -96,7 +96,9 @@ def preview(cfg: PreviewConfig) -> PreviewResult:
 
 def _row_texts(info: ShardInfo, settings: dict[str, Any] | None, kept: bool) -> list[tuple[str, str]]:
     """(caption, what a person should see) of each row."""
-    texts = [(f"Training latents from the shards, decoded by their VAE ({info.raw['vae']['id']})",
+    vae = info.raw["vae"]
+    texture = ": random weights decode every latent, these and the samples', to texture" if vae.get("kind") == TINY_RANDOM else ""
+    texts = [(f"Training latents from the shards, decoded by their VAE ({vae['id']}{texture})",
               "the VAE's decoding of the latents the model trains on: the best a sample can look"),
              (f"Their PCs 1-3 as RGB (K = {info.pcs} stored; ReDi generates the first r with the latent)",
               "the representation the model learns to generate with the latent")]
@@ -114,19 +116,16 @@ def _training(root: Path, info: ShardInfo, n: int) -> tuple[list[str], np.ndarra
     import torch  # torch, transformers and diffusers: seconds, only to draw
 
     from redi.pipeline.encoders import VAE, load, resolve
-    from redi.pipeline.readers import Segment, WdsShardDataset, ZarrShardDataset
+    from redi.pipeline.readers import read_first
 
-    size = info.shard_size
-    reader = (ZarrShardDataset if "zarr" in info.formats else WdsShardDataset)(str(root), fields=("moments", "pcs"))
-    parts = [reader.read_segment(Segment(b, b * size, min((b + 1) * size, n))) for b in range(-(-n // size))]
-    arrays = {name: np.concatenate([part[name] for part in parts]) for name in ("moments", "pcs")}
+    _, keys, arrays = read_first(str(root), n, ("moments", "pcs"))
     vae_record = info.raw["vae"]
     revision = vae_record.get("revision", "main") if vae_record.get("kind") == "hub" else "main"
     vae = load(resolve(VAE, vae_record["id"], revision))
     with torch.no_grad():
         mean = torch.from_numpy(arrays["moments"][:, : info.latent_shape[0]].astype(np.float32))  # (n, C, h, h)
         decoded = to_uint8(vae.decode(mean).sample)  # (n, R, R, 3); the moments are unscaled: no scale or shift
-    names = [key.split("/")[0] for key in reader.keys[:n]]  # ImageFolder keys start with the class folder
+    names = [key.split("/")[0] for key in keys]  # ImageFolder keys start with the class folder
     return names, decoded, arrays["pcs"].astype(np.float32)
 
 

@@ -56,10 +56,11 @@ from redi.sampler.report import SampleResult, Work, final_report
 from redi.sampler.samplers import LAST_STEPS, ODE_SOLVERS, SAMPLERS, SamplerOptions, sample_latents
 from redi.sampler.settings import describe_settings, resolve_guidance, resolve_guide, resolve_sampler, sample_settings
 from redi.trainer.checkpoint import Checkpoint, resolve_checkpoint
-from redi.trainer.models import DiffusionTransformer, build_model
+from redi.trainer.models import DiffusionTransformer, build_model, initial_network
 
 PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}  # autocast dtype of the network
-WEIGHTS = ("ema", "model")
+GUIDE_WEIGHTS = ("ema", "model")  # a checkpoint's own weights
+WEIGHTS = (*GUIDE_WEIGHTS, "init")  # init: the run's untrained network, rebuilt from its seed
 SAMPLE_GUIDANCE_MODES = GUIDANCE_MODES + AUTOGUIDANCE_MODES
 WRITER_THREADS = 4  # PNG encoding runs in threads (zlib releases the GIL) while the next batch samples
 NONFINITE_REASON = ("the sample or its decoded image is not finite (NaN or inf), so no image was written: "
@@ -102,7 +103,7 @@ class SampleConfig:
     """AutoGuidance: the guiding model's checkpoint file (instead of --guide-run), e.g. a `redi ema` output."""
     guide_step: Annotated[int | None, Range(0)] = None
     """With --guide-run: guide with the checkpoint of this step (RUN2/checkpoints/step-N.pt); default its newest."""
-    guide_weights: Annotated[str, OneOf(WEIGHTS)] = "ema"
+    guide_weights: Annotated[str, OneOf(GUIDE_WEIGHTS)] = "ema"
     """The guide checkpoint's EMA weights or its raw weights (model)."""
     sampler: Annotated[str | None, OneOf(SAMPLERS)] = None
     """sde, ode or heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT."""
@@ -156,7 +157,9 @@ class SampleConfig:
 
     FID moves with it."""
     weights: Annotated[str, OneOf(WEIGHTS)] = "ema"
-    """The checkpoint's EMA weights (as the papers) or its raw weights (model)."""
+    """The checkpoint's EMA weights (as the papers), its raw weights (model), or the run's untrained network (init).
+
+    init: the network before the first step, rebuilt from the run's seed, for a before/after comparison."""
     force: bool = False
     """Replace samples of other settings in --out instead of refusing."""
     rank: Annotated[int | None, Range(0)] = None
@@ -178,7 +181,7 @@ class SampleConfig:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision must be bf16 or fp32, not {self.precision!r}.")
         if self.weights not in WEIGHTS:
-            raise UserError(f"--weights must be ema or model, not {self.weights!r}.")
+            raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, not {self.weights!r}.")
         if self.interval is not None and self.guidance == "none":
             raise UserError("--interval bounds guidance, but --guidance is none: pass cfg, rg, cfg+rg or autoguidance, or "
                             "leave it out.")
@@ -198,7 +201,7 @@ class SampleConfig:
         if self.guide_step is not None and self.guide_run is None:
             raise UserError("--guide-step picks a checkpoint of --guide-run RUN2: pass --guide-run (or give the file "
                             "with --guide-ckpt).")
-        if self.guide_weights not in WEIGHTS:
+        if self.guide_weights not in GUIDE_WEIGHTS:
             raise UserError(f"--guide-weights must be ema or model, not {self.guide_weights!r}.")
         if (self.rank is None) != (self.world_size is None):
             raise UserError("Give both rank and world_size, or neither.")
@@ -221,8 +224,19 @@ def sampling_network(ckpt: Checkpoint, weights: str, device: torch.device) -> Di
     """The network with the chosen weights in eval mode, float32, without the REPA projector (it only serves the
     training loss)."""
     model = build_model(dataclasses.replace(ckpt.model_config, repa_depth=0))
-    model.load_state_dict({k: v for k, v in ckpt.weights(weights).items() if not k.startswith("projector.")})
+    state = untrained_weights(ckpt) if weights == "init" else ckpt.weights(weights)
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("projector.")})
     return model.to(device).eval().requires_grad_(False)
+
+
+def untrained_weights(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The weights the checkpoint's run started from: its network rebuilt from the run's seed, with the REPA projector
+    (whose initialisation draws come before the embeddings'); the global RNG is left as it was."""
+    if ckpt.origin is not None or ckpt.train.get("init"):
+        raise UserError(f"{ckpt.path} comes from a run that started from other weights (--init or `redi convert`): "
+                        "--weights init rebuilds only a run's seeded initialisation.")
+    with torch.random.fork_rng(devices=[]):
+        return initial_network(ckpt.model_config, int(ckpt.train["seed"])).state_dict()
 
 
 def batches_of(num: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:

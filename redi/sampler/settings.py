@@ -271,9 +271,11 @@ def describe_settings(s: dict[str, Any]) -> str:
 
 
 def _weights(checkpoint: dict[str, Any]) -> str:
-    """'ema', 'model', or a reconstruction's 'EMA σ_rel 0.1'."""
+    """'EMA', 'raw', 'untrained (init)', or a reconstruction's 'EMA σ_rel 0.1'."""
     posthoc = checkpoint.get("posthoc_ema")
-    return f"EMA σ_rel {posthoc['sigma_rel']:g}" if isinstance(posthoc, dict) else str(checkpoint["weights"])
+    if isinstance(posthoc, dict):
+        return f"EMA σ_rel {posthoc['sigma_rel']:g}"
+    return {"ema": "EMA", "model": "raw", "init": "untrained (init)"}.get(checkpoint["weights"], str(checkpoint["weights"]))
 
 
 def checkpoint_record(ckpt: Checkpoint, weights: str) -> dict[str, Any]:

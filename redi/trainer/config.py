@@ -13,7 +13,7 @@ from redi.common.schema import Range, check_ranges
 from redi.common.urls import redact
 from redi.pipeline.remote import Location, as_location, read_if_exists
 from redi.pipeline.shards_config import FORMATS
-from redi.trainer.models import FUSIONS, REPA_DEPTHS, SIZES
+from redi.trainer.models import FUSIONS, PROJECTOR_DIM, REPA_DEPTHS, SIZES
 from redi.trainer.phema import DEFAULT_SIGMA_RELS, check_sigma_rels
 from redi.trainer.objectives import METHODS, REP_DROP_MODES, REP_DROP_TARGETS, WEIGHTINGS, MethodParts
 from redi.trainer.trackers import TRACKERS
@@ -23,7 +23,7 @@ PRECISIONS = ("bf16", "fp32")
 
 # Fields that define the network and its objective: a run directory refuses a change in these (trainer/resume.py).
 ARCHITECTURE_FIELDS = (
-    "model", "method", "pca_rank", "fusion", "unconditional", "repa_depth", "learn_sigma", "resolution",
+    "model", "method", "pca_rank", "fusion", "unconditional", "repa_depth", "learn_sigma", "resolution", "projector_dim",
 )
 
 
@@ -68,6 +68,8 @@ class TrainConfig(MethodParts):
     The weight in effect is metrics.jsonl's align_weight."""
     align_fade: Annotated[int, Range(0)] = 0
     """Steps over which the alignment weight falls linearly to 0 at --align-until; 0: it stops at once."""
+    projector_dim: Annotated[int, Range(1)] = PROJECTOR_DIM
+    """Width of the REPA projector's hidden layers (REPA: 2048; a debug model's own compute is far smaller)."""
     cls_weight: Annotated[float, Range(0)] = 0.03
     """Weight of REG's class-token velocity loss."""
     learn_sigma: bool | None = None

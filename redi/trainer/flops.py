@@ -6,7 +6,7 @@ element-wise work (norms, activations, softmax, modulation), as PaLM/nanoGPT-sty
 """
 from __future__ import annotations
 
-from redi.trainer.models import FREQUENCY_EMBEDDING_SIZE, MLP_RATIO, PROJECTOR_DIM, ModelConfig
+from redi.trainer.models import FREQUENCY_EMBEDDING_SIZE, MLP_RATIO, ModelConfig
 
 BACKWARD_FACTOR = 2  # backward = gradients w.r.t. inputs and w.r.t. weights, each as costly as the forward
 
@@ -41,8 +41,9 @@ def forward_flops(cfg: ModelConfig) -> float:
         flops += linear_flops(1, cfg.repa_dim, d) + linear_flops(1, d, cfg.repa_dim)  # class-token embedding and head
     if cfg.repa_depth:
         aligned = n_patch + int(cfg.reg_token)  # REG projects its class token too
-        flops += linear_flops(aligned, d, PROJECTOR_DIM) + linear_flops(aligned, PROJECTOR_DIM, PROJECTOR_DIM)
-        flops += linear_flops(aligned, PROJECTOR_DIM, cfg.repa_dim)  # REPA projector
+        width = cfg.projector_dim
+        flops += linear_flops(aligned, d, width) + linear_flops(aligned, width, width)
+        flops += linear_flops(aligned, width, cfg.repa_dim)  # REPA projector
     return float(flops)
 
 

@@ -20,7 +20,7 @@ from redi.common.errors import UserError
 DEFAULT_PATCH = 2  # DiT/SiT's "/2", for f8 latents; shards.json names the data's default (1 on f16 and f32)
 MLP_RATIO = 4  # MLP hidden width = 4 × hidden
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal timestep features fed to the timestep MLP
-PROJECTOR_DIM = 2048  # REPA projector width
+PROJECTOR_DIM = 2048  # REPA's projector width (its models/sit.py projector_dim)
 SIZES: dict[str, tuple[int, int, int]] = {  # name -> (depth, hidden, heads); DiT's "XL/2" is size XL, patch 2
     "debug": (2, 64, 2),
     "S": (12, 384, 6),
@@ -66,6 +66,8 @@ class ModelConfig:
     """0 = no REPA projector; else the block index k (1-based) whose output feeds the projector."""
     repa_dim: int = 768
     """Encoder width D of the REPA targets and of the REG class token (shards.json: 768 for DINOv2-B)."""
+    projector_dim: int = PROJECTOR_DIM
+    """Width of the REPA projector's hidden layers (REPA: 2048)."""
     reg_token: bool = False
     """REG: one entangled class token prepended to the sequence."""
     learn_sigma: bool = False
@@ -97,8 +99,8 @@ class ModelConfig:
             raise UserError(f"class dropout {self.class_dropout} must lie in [0, 1)")
         if not 0 <= self.repa_depth <= self.depth:
             raise UserError(f"REPA depth {self.repa_depth} must lie in [0, {self.depth}] for {self.size}")
-        if self.repa_dim < 1:
-            raise UserError("repa_dim must be at least 1")
+        if self.repa_dim < 1 or self.projector_dim < 1:
+            raise UserError("repa_dim and projector_dim must be at least 1")
 
     @property
     def depth(self) -> int:
@@ -354,7 +356,7 @@ class DiffusionTransformer(nn.Module):
         pos_embed = get_2d_sincos_pos_embed(hidden, cfg.input_size // p)  # (L, D) float64
         self.register_buffer("pos_embed", torch.tensor(pos_embed, dtype=torch.float32).unsqueeze(0))
         self.blocks = nn.ModuleList([DiTBlock(hidden, cfg.num_heads) for _ in range(cfg.depth)])
-        self.projector = build_projector(hidden, PROJECTOR_DIM, cfg.repa_dim) if cfg.repa_depth else None
+        self.projector = build_projector(hidden, cfg.projector_dim, cfg.repa_dim) if cfg.repa_depth else None
         x_out = (cfg.vae_channels if separate else cfg.in_channels) * groups
         self.final_layer = FinalLayer(hidden, p, x_out, cls_dim)
         self.z_final_layer = FinalLayer(hidden, p, cfg.pca_rank * groups) if separate else None
@@ -419,3 +421,11 @@ class DiffusionTransformer(nn.Module):
 def build_model(cfg: ModelConfig) -> DiffusionTransformer:
     """The network described by cfg, initialised like DiT (on the current default device)."""
     return DiffusionTransformer(cfg)
+
+
+def initial_network(cfg: ModelConfig, seed: int) -> DiffusionTransformer:
+    """A new run's network before its first step: built after torch.manual_seed(seed), on the CPU (the trainer's
+    initialisation; `redi sample --weights init` rebuilds it)."""
+    torch.manual_seed(seed)
+    return build_model(cfg)
+

@@ -231,8 +231,13 @@ def prepare_batch(
     if pcs is None or r > pcs.shape[1]:
         have = 0 if pcs is None else pcs.shape[1]
         raise UserError(f"PCA rank {r} is larger than the {have} principal components stored in the shards")
-    z_pca = F.interpolate(pcs[:, :r].float(), size=z.shape[-2:], mode="bilinear", align_corners=False)  # (N, r, h, h)
-    return torch.cat([z, z_pca], dim=1)  # (N, V + r, h, h)
+    return torch.cat([z, upsample_pcs(pcs, r, z.shape[-1])], dim=1)  # (N, V + r, h, h)
+
+
+def upsample_pcs(pcs: Tensor, r: int, side: int) -> Tensor:
+    """(N, K, p, p) PCs → their first r bilinearly upsampled (align_corners=False) to the latent side: (N, r, side, side),
+    float32 (SPEC §5): the PC channels the trainer feeds the model."""
+    return F.interpolate(pcs[:, :r].float(), size=(side, side), mode="bilinear", align_corners=False)
 
 
 def check_compatible(model_cfg: ModelConfig, cfg: LossConfig) -> None:

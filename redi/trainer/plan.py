@@ -105,6 +105,7 @@ def model_config(cfg: TrainConfig, info: ShardInfo) -> ModelConfig:
         size=cfg.size, objective=cfg.objective, input_size=side, patch_size=patch, vae_channels=info.latent_shape[0],
         pca_rank=rank, fusion=cfg.fusion, num_classes=1 if cfg.unconditional else info.num_classes,
         class_dropout=cfg.class_dropout, repa_depth=cfg.resolved_repa_depth, repa_dim=info.feature_dim,
+        projector_dim=cfg.projector_dim,
         reg_token=cfg.method == "reg", learn_sigma=cfg.learn_sigma,
     )
 

@@ -35,7 +35,7 @@ from redi.trainer.config import TrainConfig, resolve_shards_dir
 from redi.trainer.ema import make_ema, update_ema
 from redi.trainer.flops import train_flops_per_image
 from redi.trainer.metrics import peak_flops
-from redi.trainer.models import ModelConfig, build_model
+from redi.trainer.models import ModelConfig, initial_network
 from redi.trainer.objectives import LossConfig, TrainBatch, check_batch, compute_loss, prepare_batch
 from redi.trainer.phema import PowerFunctionEMA
 from redi.trainer.plan import TrainPlan, check_fits, resolve
@@ -238,8 +238,7 @@ def precision_that_runs(cfg: TrainConfig, dev: torch.device, given: Collection[s
 def initial_state(plan: TrainPlan, run: Path, dev: torch.device) -> TrainState:
     """The run's newest readable checkpoint, else --init's weights, else a fresh network (the same on every rank)."""
     cfg = plan.cfg
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(plan.model).to(dev)
+    model = initial_network(plan.model, cfg.seed).to(dev)  # identical initial weights on every rank
     ema = make_ema(model)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,

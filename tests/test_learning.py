@@ -1,0 +1,100 @@
+"""The whole chain learns its data: images → encode → features → pca → shards (with their latent normalisation) →
+train → sample (the inverse normalisation) gives PCs and latents far closer to the training ones than the untrained
+network's (FD-PC and FD-latent, docs/METHOD.md), seeded and small (64 px: 8×8 latents, 4×4 tokens)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from redi.cli import app
+from redi.pipeline.encoders import VAE as VAE_FAMILY
+from redi.pipeline.encoders import random_init
+from redi.pipeline.latent_norm import ChannelStats
+from redi.pipeline.vaes import tiny_flux_config
+from redi.sampler.learning import TrainingSet, score_checkpoint
+from redi.sampler.pc_metrics import score_pcs
+from redi.trainer.checkpoint import Checkpoint, newest_checkpoint
+from redi.trainer.config import TrainConfig
+from redi.trainer.train import train
+
+R = ["--resolution", "64", "--workers", "0", "--batch-size", "16", "--chunk-size", "32"]
+NUM_IMAGES = 64
+
+
+def redi(*args: str | Path) -> None:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, f"redi {' '.join(map(str, args))}\n{result.output}"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("learn") / "images"
+    redi("demo-data", "--out", out, "--num", NUM_IMAGES)
+    return out
+
+
+def data_root(images: Path, vae: str, latent_norm: str) -> Path:
+    data = images.parent / f"data-{Path(vae).name.replace(':', '-')}-{latent_norm}"
+    redi("encode", images, "--data", data, "--vae", vae, "--with-features", "--encoder", "tiny-random", *R)
+    redi("pca", "--data", data)
+    redi("shards", "--data", data, "--pcs", "4", "--shard-size", "32", "--latent-norm", latent_norm)
+    return data
+
+
+@pytest.fixture(scope="module")
+def sd_config(images: Path) -> Path:
+    """SD-VAE's latent space (4 channels, its config's scale 0.18215)."""
+    return data_root(images, "tiny-random", "config")
+
+
+@pytest.fixture(scope="module")
+def flux_channel(images: Path) -> Path:
+    """FLUX.1's latent space (16 channels) whose every channel has its own mean (−3…3) and scale (0.1…4), normalised by
+    the measured per-channel statistics: far from the identity, so that the inverse has work to do."""
+    vae = random_init(VAE_FAMILY, tiny_flux_config(), seed=0)
+    mean_out = slice(0, vae.config.latent_channels)  # the encoder's conv_out gives the posterior means, then log-variances
+    with torch.no_grad():
+        vae.encoder.conv_out.weight[mean_out] *= torch.logspace(math.log10(0.5), math.log10(20), vae.config.latent_channels).view(-1, 1, 1, 1)
+        vae.encoder.conv_out.bias[mean_out] = torch.linspace(-3, 3, vae.config.latent_channels)
+        vae.encoder.conv_out.bias[vae.config.latent_channels:] = -4.0  # posterior std ≈ e^−2
+    vae.save_pretrained(images.parent / "flux-shifted")
+    return data_root(images, str(images.parent / "flux-shifted"), "channel")
+
+
+@pytest.mark.parametrize("model,method,sampler,latents,steps", [
+    ("SiT-debug", "redi", "ode", "sd_config", 400),
+    ("SiT-debug", "baseline", "ode", "sd_config", 300),
+    ("DiT-debug", "redi", "ddpm", "sd_config", 600),
+    ("SiT-debug", "redi", "ode", "flux_channel", 400),
+])
+def test_training_brings_generated_pcs_and_latents_to_the_data(model: str, method: str, sampler: str, latents: str,
+                                                               steps: int, request: pytest.FixtureRequest,
+                                                               tmp_path: Path) -> None:
+    data = request.getfixturevalue(latents)
+    cfg = TrainConfig(shards=str(data), run=str(tmp_path / "run"), model=model, method=method, pca_rank=4,
+                      batch_size=16, max_steps=steps, lr=3e-3, ema_decay=0.98, seed=0, num_workers=0,
+                      save_every=steps, log_every=steps, tracker="none", sample_every=0)
+    train(cfg, device="cpu")
+    ckpt, training = Checkpoint.load(newest_checkpoint(tmp_path / "run")), TrainingSet.read(str(data))
+    sampling = {"num": 64, "sampler": sampler, "steps": 25 if sampler == "ode" else 50}
+    before, after = (score_checkpoint(ckpt, w, training, **sampling) for w in ("init", "ema"))
+    data_stats = ChannelStats(ckpt.model_config.vae_channels)
+    data_stats.update(training.moments)
+    data_mean, data_std = np.array(data_stats.norm().shift), 1 / np.array(data_stats.norm().scale)  # (C,) each
+    # the sampler's inverse normalisation brings the latents back to the VAE's own per-channel means and scales (a
+    # missing or wrong inverse misses them by the normalisation's factors: 5.5 for SD-VAE's config, 0.1…4 above)
+    mean, std = np.array(after.latent_mean), np.array(after.latent_std)  # (C,) each
+    assert (np.abs(mean - data_mean) <= 0.5 * data_std).all() and (abs(np.log(std / data_std)) <= np.log(2)).all(), (
+        mean, data_mean, std, data_std)
+    if method == "redi":
+        # SiT's untrained network generates its N(0, 1) noise; DiT's blows it up: both bounds, for both
+        noise = score_pcs(torch.randn(64, 4, *ckpt.model_config.input_size * np.ones(2, int)), training.pcs).fd_pc
+        assert after.fd_pc <= min(before.fd_pc, noise) / 3, (before, after, noise)
+        assert after.nearest.closer_than_noise, after.nearest
+    else:  # the latents are what it generates: with the config's scale the untrained network's are far off
+        assert after.fd_pc is None and after.fd_latent <= before.fd_latent / 3, (before, after)
