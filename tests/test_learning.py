@@ -3,6 +3,7 @@ train → sample (the inverse normalisation) gives PCs and latents far closer to
 network's (FD-PC and FD-latent, docs/METHOD.md), seeded and small (64 px: 8×8 latents, 4×4 tokens)."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -11,13 +12,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from redi.benchmarks.loader import make_stage_inputs
 from redi.cli import app
 from redi.pipeline.encoders import VAE as VAE_FAMILY
 from redi.pipeline.encoders import random_init
 from redi.pipeline.latent_norm import ChannelStats
+from redi.pipeline.shards import ShardsConfig, build_shards
 from redi.pipeline.vaes import tiny_flux_config
 from redi.sampler.learning import TrainingSet, score_checkpoint
 from redi.sampler.pc_metrics import score_pcs
+from redi.sampler.sample import untrained_weights
+from redi.sampler.samplers import make_noise
 from redi.trainer.checkpoint import Checkpoint, newest_checkpoint
 from redi.trainer.config import TrainConfig
 from redi.trainer.train import train
@@ -98,3 +103,45 @@ def test_training_brings_generated_pcs_and_latents_to_the_data(model: str, metho
         assert after.nearest.closer_than_noise, after.nearest
     else:  # the latents are what it generates: with the config's scale the untrained network's are far off
         assert after.fd_pc is None and after.fd_latent <= before.fd_latent / 3, (before, after)
+
+
+def test_weights_init_rebuilds_the_runs_untrained_network_projector_included(tmp_path: Path) -> None:
+    """One step at learning rate 0 leaves the network as it was drawn: --weights init must give those weights back."""
+    data = tmp_path / "data"
+    make_stage_inputs(data, 16, latent_side=8, grid=4, dim=16, num_classes=4)
+    build_shards(data, ShardsConfig(pcs=4, patch_tokens=True, shard_size=16), progress=False)
+    cfg = TrainConfig(shards=str(data), run=str(tmp_path / "run"), model="SiT-debug", method="redi+repa", pca_rank=4,
+                      batch_size=4, max_steps=1, lr=0.0, seed=7, num_workers=0, tracker="none", sample_every=0)
+    train(cfg, device="cpu")
+    ckpt = Checkpoint.load(newest_checkpoint(tmp_path / "run"))
+    rebuilt = untrained_weights(ckpt)
+    assert rebuilt.keys() == ckpt.model.keys() and any(k.startswith("projector.") for k in rebuilt)
+    assert all(torch.equal(rebuilt[k], ckpt.model[k]) for k in rebuilt)
+    other = TrainConfig(**(cfg.to_json() | {"run": str(tmp_path / "other"), "seed": 8}))
+    train(other, device="cpu")
+    assert not torch.equal(untrained_weights(Checkpoint.load(newest_checkpoint(tmp_path / "other")))["x_embedder.proj.weight"],
+                           rebuilt["x_embedder.proj.weight"])
+
+
+def test_eval_against_a_data_root_reports_fd_pc_before_and_after(pipeline: dict, tmp_path: Path) -> None:
+    run, data, samples = pipeline["ref_run"], pipeline["ref_data"], pipeline["ref_samples"]
+    untrained = tmp_path / "untrained"
+    redi("sample", "--run", run, "--weights", "init", "--sampler", "ode", "--steps", "3", "--num", "6", "--out", untrained)
+    result = CliRunner().invoke(app, ["eval", str(samples), "--ref", str(data), "--before", str(untrained), "--out",
+                                      str(tmp_path / "pcs.json"), "--window", "2"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    assert "FD-PC" in result.output and "--before" in result.output
+    report = json.loads((tmp_path / "pcs.json").read_text())
+    kept = np.stack([np.load(p) for p in sorted((samples / "pcs").glob("*.npy"))])  # (n, r, h, h)
+    training = TrainingSet.read(str(data))
+    assert report["metrics"]["fd_pc"] == pytest.approx(score_pcs(kept, training.pcs, 2).fd_pc)
+    # a SiT network's zero output layer leaves its initial noise as it is: the untrained samples are that noise
+    channels = Checkpoint.load(newest_checkpoint(run)).model_config.in_channels
+    noise = make_noise(0, torch.arange(6), (channels, *kept.shape[2:]), "cpu")[:, channels - kept.shape[1]:]  # (6, r, h, h)
+    assert report["scores"]["before"]["num_generated"] == 6
+    assert all(np.array_equal(np.load(untrained / "pcs" / f"{i:06d}.npy"), noise[i].numpy()) for i in range(6))
+    npz = str(samples / "samples.npz")
+    for args, says in ((["eval", str(samples), "--ref", str(data), "--window", "9"], "window does not fit"),
+                       (["eval", npz, "--ref", npz, "--before", str(untrained)], "pass a data root")):
+        bad = CliRunner().invoke(app, args)
+        assert bad.exit_code == 2 and says in " ".join(bad.output.split()), bad.output
