@@ -76,9 +76,18 @@ gpu-wheels:
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $(GPU_WHEELS)
 
-# The whole chain on the embedded default, offline, with tiny-random encoders (minutes on a laptop CPU). It samples
-# the raw weights: after 300 steps the papers' EMA (decay 0.9999, the default) is still the initial network.
+# The whole chain on the embedded default, offline, with tiny-random encoders (minutes on a laptop CPU): a tiny SiT
+# trained with the short EMA a short run needs (decay 0.995: a half-life of 138 steps; the papers' 0.9999 would still be
+# the initial network), its EMA weights sampled beside its untrained network, and FD-PC of both (docs/METHOD.md).
+# The recipe is redi/benchmarks/learn.py's Recipe (`redi bench learn` compares the methods with it).
 # RESOLUTION=512 runs REPA's 512 recipe (64×64 latents, 32×32 tokens, DINOv2 at 448).
+DEMO_RUN = $(DEMO)/runs/sit-debug-redi
+DEMO_STEPS ?= 2000
+DEMO_SAMPLE = --sampler ode --steps 50 --num 64
+# One torch thread: the tiny networks' matrices are too small for a second one to help, and on a busy machine two threads
+# spin for each other (the demo's training ran at under 1 step/s with two, 9 with one, on the 2-core machine of
+# docs/BENCHMARKS.md).
+demo: export OMP_NUM_THREADS = 1
 demo: install
 	$(REDI) demo-data --out $(DEMO)/images
 	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae tiny-random --with-features --encoder tiny-random --workers 2 \
@@ -86,16 +95,18 @@ demo: install
 	$(REDI) pca --data $(DEMO)
 	$(REDI) shards --data $(DEMO) --pcs 16 --format both --shard-size 32 --patch-tokens
 	$(REDI) verify $(DEMO)
-	$(REDI) train --shards $(DEMO) --run $(DEMO)/runs/sit-debug-redi --model SiT-debug --method redi \
-		--pca-rank 8 --batch-size $(DEMO_BATCH) --max-steps 300 --log-every 50 --save-every 100 --lr 1e-3 --workers 0
+	$(REDI) train --shards $(DEMO) --run $(DEMO_RUN) --model SiT-debug --method redi --pca-rank 8 \
+		--batch-size $(DEMO_BATCH) --max-steps $(DEMO_STEPS) --lr 3e-3 --ema-decay 0.995 --log-every 100 --save-every 500 \
+		--workers 0
 	$(REDI) info $(DEMO)
-	$(REDI) info $(DEMO)/runs/sit-debug-redi
-	$(REDI) sample --run $(DEMO)/runs/sit-debug-redi --guidance rg --rg-scale 1.5 --steps 25 --num 16 \
-		--weights model --out $(DEMO)/samples-raw-weights
-	$(REDI) preview $(DEMO) --samples $(DEMO)/samples-raw-weights
-	@echo "Pictures: $(DEMO)/preview.png (the rows above); $(DEMO)/samples-raw-weights/grid.png and pcs.png (the 16"
-	@echo "samples and their generated PCs); $(DEMO)/pca_explained_variance.png (the PCA's spectrum);"
-	@echo "$(DEMO)/channel_histograms.png (latents and PCs per channel); $(DEMO)/runs/sit-debug-redi/curves.png (training)."
+	$(REDI) info $(DEMO_RUN)
+	$(REDI) sample --run $(DEMO_RUN) --weights init $(DEMO_SAMPLE) --out $(DEMO)/samples-untrained
+	$(REDI) sample --run $(DEMO_RUN) $(DEMO_SAMPLE) --out $(DEMO)/samples
+	$(REDI) preview $(DEMO) --samples $(DEMO)/samples
+	$(REDI) eval $(DEMO)/samples --ref $(DEMO) --before $(DEMO)/samples-untrained
+	@echo "Pictures: $(DEMO)/preview.png (the rows above); $(DEMO)/samples/grid.png and pcs.png (the 64 samples of the"
+	@echo "EMA weights and their generated PCs; samples-untrained/: the untrained network's); $(DEMO)/pca_explained_variance.png"
+	@echo "(the PCA's spectrum); $(DEMO)/channel_histograms.png (latents and PCs per channel); $(DEMO_RUN)/curves.png (training)."
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -728,28 +728,33 @@ BENCH_TARGETS = ("encode", "pca", "loader", "train", "sample", "eval")
 @app.command("bench", cls=Command, rich_help_panel=CHECK_PANEL, epilog=examples("bench"))
 @user_errors
 def bench_command(
-    target: Annotated[str, typer.Argument(help=f"One of {', '.join(BENCH_TARGETS)}, or all; or gpu: the GPU suite (docs/BENCHMARKS.md).")] = "all",
+    target: Annotated[str, typer.Argument(help=f"One of {', '.join(BENCH_TARGETS)}, or all; learn: the methods' FD-PC on the demo data; gpu: the GPU suite (docs/BENCHMARKS.md).")] = "all",
     quick: Annotated[bool, typer.Option(help="Seconds-long smoke version of each benchmark.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     num: Annotated[int | None, typer.Option("--num", "--samples", help=with_range("loader: synthetic dataset size (default 8192); with --shards, samples to read (default one epoch).", AT_LEAST_1), **ranged(AT_LEAST_1, int))] = None,
-    shards: Annotated[str | None, typer.Option(help="loader: read these shards (a data root, local or a URL) instead of synthetic ones.")] = None,
+    shards: Annotated[str | None, typer.Option(help="loader: read these shards (a data root, local or a URL) instead of synthetic ones; learn: the demo's data root (default data/demo).")] = None,
+    seeds: Annotated[int | None, typer.Option(help=with_range("learn: training seeds per method (default 3).", AT_LEAST_1), **ranged(AT_LEAST_1, int))] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="gpu: folder of the JSON files (default $OUT, else runs/bench-gpu).", show_default=False)] = None,
     only: Annotated[str | None, typer.Option(help="gpu: the items to run, e.g. ab (default abcd).")] = None,
     budget: Annotated[float | None, typer.Option(help=with_range("gpu: seconds after which no further step starts.", AT_LEAST_0), **ranged(AT_LEAST_0, float))] = None,
 ) -> None:
-    """Measure throughput of the pipeline, trainer and sampler on this machine (figures for docs/BENCHMARKS.md)."""
+    """Measure throughput of the pipeline, trainer and sampler on this machine (figures for docs/BENCHMARKS.md); learn:
+    baseline, REPA, ReDi and ReDi + RG trained alike on the demo data, scored by FD-PC and FD-latent (tens of minutes on
+    a CPU; not part of all)."""
     import importlib
 
     from rich.table import Table
 
     targets = BENCH_TARGETS if target == "all" else (target,)
-    if any(t not in (*BENCH_TARGETS, "gpu") for t in targets):
-        raise UserError(f"Unknown benchmark '{target}': choose one of {', '.join(BENCH_TARGETS)}, all or gpu.")
-    given = {"loader": {"num": num, "shards": shards}, "gpu": {"out": out_dir, "only": only, "budget": budget}}
-    options = {t: {k: v for k, v in kw.items() if v is not None} for t, kw in given.items()}
-    if stray := [f"--{k}" for t, kw in options.items() if t not in targets for k in kw]:
+    if any(t not in (*BENCH_TARGETS, "gpu", "learn") for t in targets):
+        raise UserError(f"Unknown benchmark '{target}': choose one of {', '.join(BENCH_TARGETS)}, all, learn or gpu.")
+    takes = {"loader": ("num", "shards"), "learn": ("shards", "seeds"), "gpu": ("out", "only", "budget")}
+    given = {k: v for k, v in {"num": num, "shards": shards, "seeds": seeds, "out": out_dir, "only": only,
+                               "budget": budget}.items() if v is not None}
+    if stray := [f"--{k}" for k in given if not any(k in takes.get(t, ()) for t in targets)]:
         raise UserError(f"Not an option of `redi bench {target}`: {', '.join(stray)} (see `redi bench --help`).")
-    results = {t: importlib.import_module(f"redi.benchmarks.{t}").run(quick=quick, **options.get(t, {})) for t in targets}
+    options = {t: {k: v for k, v in given.items() if k in takes.get(t, ())} for t in targets}
+    results = {t: importlib.import_module(f"redi.benchmarks.{t}").run(quick=quick, **options[t]) for t in targets}
     if as_json:
         print_json(results)
         return

@@ -33,7 +33,7 @@ class Recipe:
     model: str = "SiT-debug"
     pca_rank: int = 8
     batch_size: int = 16
-    steps: int = 1500
+    steps: int = 2000
     lr: float = 3e-3
     ema_decay: float = 0.995
     projector_dim: int = 256  # REPA's 2048-wide projector would cost 25 times the debug network
@@ -63,13 +63,13 @@ def score(ckpt: Checkpoint, weights: str, guidance: str, training: TrainingSet, 
 
 
 def spread(values: list[float]) -> str:
-    """'mean ± sample standard deviation (n)'."""
+    """'mean ± sample standard deviation (each value)'."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} ± {sd:.2f} (n={len(values)})"
+    return f"{statistics.fmean(values):.2f} ± {sd:.2f} ({', '.join(f'{v:.2f}' for v in values)})"
 
 
-def run(quick: bool = False, shards: str | None = None, seeds: int | None = None, steps: int | None = None,
-        out: Path | None = None) -> dict[str, str | float]:
+def run(quick: bool = False, shards: str | None = None, seeds: int | None = None, steps: int | None = None
+        ) -> dict[str, str | float]:
     """Train every row's method for each seed on the demo data root and report FD-PC and FD-latent, mean ± std."""
     data = str(resolve_shards_dir(shards or DEMO_DATA)) if (shards or Path(DEMO_DATA).exists()) else None
     if data is None:
@@ -91,14 +91,11 @@ def run(quick: bool = False, shards: str | None = None, seeds: int | None = None
                                 f"{recipe.num} samples per run, seeds 0…{seeds - 1}",
     }
     for row, rows in scores.items():
-        figures[f"{row} FD-latent"] = spread([s.fd_latent for s in rows])
+        figures[f"{row} FD-latent"] = spread([s.fd_latent for s in rows])  # mean ± sd (seed 0, 1, …)
         if rows[0].fd_pc is not None:
             figures[f"{row} FD-PC"] = spread([s.fd_pc for s in rows])
             figures[f"{row} nearest training PCs"] = spread([s.nearest.generated for s in rows])
     figures["seconds"] = time.perf_counter() - started
-    if out is not None:
-        out.write_text(json.dumps({"figures": figures, "scores": {r: [s.__dict__ | {"nearest": s.nearest and s.nearest.__dict__}
-                                                                      for s in v] for r, v in scores.items()}}, indent=1))
     return figures
 
 
@@ -108,6 +105,5 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, args.shards, args.seeds, args.steps, args.out), indent=1))
+    print(json.dumps(run(args.quick, args.shards, args.seeds, args.steps), indent=1))
