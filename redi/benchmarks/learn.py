@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ def train_run(shards: str, run: Path, method: str, seed: int, recipe: Recipe) ->
                       batch_size=recipe.batch_size, max_steps=recipe.steps, lr=recipe.lr, ema_decay=recipe.ema_decay,
                       projector_dim=recipe.projector_dim, seed=seed, num_workers=0, log_every=max(1, recipe.steps // 10),
                       save_every=recipe.steps, tracker="none", sample_every=0)
-    train(cfg, device="cpu")
+    if (stopped := train(cfg, device="cpu").stopped_by):  # Ctrl-C or SIGTERM: the run checkpointed, the bench ends
+        sys.exit(128 + stopped)
     return Checkpoint.load(newest_checkpoint(run))
 
 

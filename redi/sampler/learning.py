@@ -65,7 +65,7 @@ def score_checkpoint(ckpt: Checkpoint, weights: str, training: TrainingSet, num:
     `redi sample --sampler SAMPLER --steps STEPS` draws them) and score them against `training`."""
     mc = ckpt.model_config
     model = sampling_network(ckpt, weights, torch.device("cpu"))
-    labels = torch.from_numpy(class_labels(num, seed, None, mc.num_classes, "random"))  # (N,)
+    labels = torch.from_numpy(class_labels(num, seed, "random", mc.num_classes))  # (N,)
     x, _, _ = sample_latents(model, labels, torch.arange(num), seed, sampler, steps, guidance or GuidanceConfig(),
                              latent_size=mc.input_size,
                              cls_dim=mc.repa_dim if mc.reg_token else None)  # (N, V + r, h, h)
