@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # the commands' config classes; their modules import torch, s
     from redi.pipeline.timm_vit import EncoderConvertConfig
     from redi.sampler.evaluate import EvalConfig, EvalResult
     from redi.sampler.preview import PreviewConfig
-    from redi.sampler.sample import SampleConfig
+    from redi.sampler.config import SampleConfig
     from redi.trainer.config import TrainConfig
     from redi.trainer.convert import ConvertConfig
     from redi.trainer.posthoc import EmaConfig
@@ -442,7 +442,7 @@ def train_command(
 # --- sample ---
 
 SAMPLE = FromConfig(
-    "redi.sampler.sample:SampleConfig",
+    "redi.sampler.config:SampleConfig",
     panels={
         "Checkpoint": ("run", "ckpt", "weights", "vae", "force_vae"),
         "Guidance": ("guidance", "cfg_scale", "rg_scale", "cfg_channels", "cls_cfg_scale", "interval"),
@@ -451,7 +451,7 @@ SAMPLE = FromConfig(
         "Output": ("num", "seed", "labels", "out", "quantize", "force"),
         "Run": ("batch_size", "device", "precision"),
     },
-    flags={"interval": Flag(type=str | None, parse="redi.sampler.sample:parse_interval"),
+    flags={"interval": Flag(type=str | None, parse="redi.sampler.config:parse_interval"),
            "labels": Flag(("--labels", "--class-labels"), type=str, parse="redi.sampler.labels:parse_labels")},
     skip=("rank", "world_size"),  # torchrun's; a Python caller may split the work itself
 )

@@ -15,7 +15,8 @@ from redi.common.errors import UserError
 from faults import same_value
 from redi.pipeline.pca_file import PCAModel, load_pca
 from redi.pipeline.shards import ShardsConfig, build_shards
-from redi.sampler.sample import SampleConfig, run_sample
+from redi.sampler.config import SampleConfig
+from redi.sampler.sample import run_sample
 from redi.trainer.checkpoint import CONFIG_JSON, Checkpoint, RunConfig, list_checkpoints
 from redi.trainer.config import TrainConfig
 from redi.trainer.metrics import read_metrics

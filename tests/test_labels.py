@@ -6,7 +6,7 @@ import pytest
 
 from redi.common.errors import UserError
 from redi.sampler.labels import balanced_labels, class_labels, labels_setting, parse_labels
-from redi.sampler.sample import SampleConfig
+from redi.sampler.config import SampleConfig
 
 
 @pytest.mark.parametrize("num,classes", [(50, 10), (1000, 1000), (53, 10), (7, 10)])

@@ -22,7 +22,8 @@ from redi.sampler.outputs import (
     CAPTION_LINE, LABEL_LINE, captioned_grid, image_path, pcs_path, pcs_to_rgb, read_png, write_adm_npz,
 )
 from redi.sampler.report import SampleResult
-from redi.sampler.sample import SampleConfig, batches_of, run_sample
+from redi.sampler.config import SampleConfig
+from redi.sampler.sample import batches_of, run_sample
 from redi.sampler.labels import class_labels
 from redi.sampler.settings import resolve_guidance
 from redi.trainer.checkpoint import Checkpoint, ShardSummary, checkpoint_path, newest_checkpoint

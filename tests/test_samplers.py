@@ -11,11 +11,9 @@ from torch import Tensor, nn
 from redi.common.errors import UserError
 from redi.sampler.guidance import GuidanceConfig
 from redi.sampler.ddpm import DDPMSchedule, RespacedDDPM, ddpm_ancestral, space_timesteps
+from redi.sampler.interface import ADAPTIVE_SOLVERS, FIXED_SOLVERS, SamplerOptions
 from redi.sampler.samplers import (
-    ADAPTIVE_SOLVERS,
-    FIXED_SOLVERS,
     PerSampleNoise,
-    SamplerOptions,
     euler_maruyama,
     make_noise,
     ode_euler,

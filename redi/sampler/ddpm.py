@@ -14,7 +14,7 @@ from redi.sampler.guidance import State
 from redi.trainer.objectives import DDPM_BETA_END, DDPM_BETA_START, DDPM_STEPS, ddpm_schedule
 
 if TYPE_CHECKING:
-    from redi.sampler.samplers import NoiseSource, Predict
+    from redi.sampler.interface import NoiseSource, Predict
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from redi.common.errors import UserError
 from redi.sampler.labels import class_labels
 from redi.sampler.outputs import captioned_grid, to_uint8, write_picture
 from redi.sampler.decoder import Decoder, load_decoder
-from redi.sampler.sample import SampleConfig, SamplingPlan, autocast_factory, sample_decoded, sampling_network
+from redi.sampler.config import SampleConfig
+from redi.sampler.sample import SamplingPlan, autocast_factory, sample_decoded, sampling_network
 from redi.sampler.settings import SamplerChoice, describe_settings, resolve_guidance, resolve_sampler, sample_settings
 from redi.trainer.checkpoint import Checkpoint, checkpoint_path
 from redi.trainer.config import TrainConfig

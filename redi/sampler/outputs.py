@@ -35,13 +35,13 @@ from redi.common.errors import UserError
 from redi.common.lock import exclusive
 from redi.common.schema import Range, Shaped, load
 from redi.common.stamp import PNG_KEY
+from redi.sampler.config import QUANTIZE, SampleConfig
 from redi.sampler.settings import SampleSettings
 
 if TYPE_CHECKING:  # the folder's layout reads without torch (redi preview); the tensors' conversion imports it
     from torch import Tensor
 
     from redi.sampler.guidance import GuidanceConfig
-    from redi.sampler.sample import SampleConfig
     from redi.sampler.settings import SamplerChoice
     from redi.trainer.checkpoint import Checkpoint
 
@@ -70,12 +70,6 @@ def image_path(out: Path, index: int) -> Path:
 def pcs_path(out: Path, index: int) -> Path:
     """Generated PCs of global index `index` (kept for the grid images only)."""
     return Path(out) / PCS_DIR / f"{index:06d}.npy"
-
-
-QUANTIZE = {  # decoded x in [−1, 1] → the float whose truncation is the stored grey level
-    "nearest": lambda x: 127.5 * x + 128.0,  # DiT, SiT and ReDi sample scripts: round half up
-    "floor": lambda x: 127.5 * (x + 1.0),  # REPA and REG generate.py: 0.5 grey level darker on average
-}
 
 
 def to_uint8(images: Tensor, quantize: str = "nearest") -> np.ndarray:

@@ -16,7 +16,7 @@ from redi.sampler.settings import SamplerChoice
 from redi.trainer.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
-    from redi.sampler.sample import SampleConfig
+    from redi.sampler.config import SampleConfig
 
 
 @dataclass

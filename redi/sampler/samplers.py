@@ -26,8 +26,7 @@ sampler/sample.py, so a rerun at the same batch size repeats them exactly).
 Public API (what `redi sample` calls):
   sample_latents(model, labels, indices, seed, sampler, steps, guidance, autocast,
                  latent_size=, cls_dim=, dtype=, options=, guide=) -> (x (N, C, H, W), cls (N, D) | None, GuidanceStats)
-  SAMPLERS = ("sde", "ode", "heun", "ddpm")   sde/ode/heun for SiT, ddpm for DiT
-  SamplerOptions(solver, atol, rtol, last_step, last_step_size)   ODE solver, SDE last step
+  SAMPLERS, SamplerOptions, Predict, NoiseSource: sampler/interface.py (the names, options and callbacks)
   make_noise(seed, indices, shape, device) -> Tensor (N, *shape)
   PerSampleNoise(seed, indices, device, dtype).draw(shape) -> Tensor (N, *shape)
   euler_maruyama(predict, state, steps, noise, last_step="mean", last_step_size=0.04) -> State
@@ -42,70 +41,19 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
 from redi.common.errors import UserError
-from redi.sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats, GuidedModel, State
 from redi.sampler.ddpm import DIT_SCHEDULE, DDPMSchedule, ddpm_ancestral
+from redi.sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats, GuidedModel, State
+from redi.sampler.interface import ADAPTIVE_SOLVERS, SAMPLERS, NoiseSource, Predict, SamplerOptions
 
-class Predict(Protocol):
-    def __call__(self, state: State, t: float, guide_t: float | None = None) -> State:
-        """Prediction per component at model time t, with the guidance active at guide_t (default t)."""
-SAMPLERS: tuple[str, ...] = ("sde", "ode", "heun", "ddpm")
 SEED_STRIDE = 1_000_003  # prime; sample_seed is injective for indices below it
-LAST_STEPS: tuple[str, ...] = ("mean", "tweedie", "euler", "none")  # SiT transport's last SDE step (None = "none")
-ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq
-FIXED_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
-ODE_SOLVERS: tuple[str, ...] = ADAPTIVE_SOLVERS + FIXED_SOLVERS
-TOLERANCE_SOLVERS: tuple[str, ...] = (*ADAPTIVE_SOLVERS, "implicit_adams")  # its corrector iterates to atol/rtol
 TORCHDIFFEQ_FAILURES = ("non-finite values in state", "underflow in dt", "max_num_steps exceeded")  # its asserts
-
-
-@dataclass(frozen=True)
-class SamplerOptions:
-    """A sampler's settings beyond its name and steps; defaults are SiT/ReDi's `transport` sampler's."""
-
-    solver: str | None = None
-    """ode: a torchdiffeq method run by `odeint` (dopri5: SiT/ReDi's default ODE); None → redi's fixed-step Euler."""
-    atol: float = 1e-6
-    """Absolute tolerance of the adaptive solvers and implicit_adams (SiT/ReDi: 1e-6)."""
-    rtol: float = 1e-3
-    """Relative tolerance of the adaptive solvers and implicit_adams (SiT/ReDi: 1e-3)."""
-    last_step: str = "mean"
-    """sde: the step from t = last_step_size to 0: mean | tweedie | euler, or none (Euler–Maruyama down to t = 0)."""
-    last_step_size: float = 0.04
-    """sde: where the last step starts (SiT/ReDi/REPA: 0.04)."""
-
-    def __post_init__(self) -> None:
-        """Refuse unknown names and out-of-range values with one sentence."""
-        if self.solver is not None and self.solver not in ODE_SOLVERS:
-            raise UserError(f"Unknown ODE solver {self.solver!r}; choose one of {', '.join(ODE_SOLVERS)}.")
-        if not (math.isfinite(self.atol) and math.isfinite(self.rtol) and self.atol > 0 and self.rtol > 0):
-            raise UserError(f"--atol and --rtol must be positive numbers (got {self.atol}, {self.rtol}).")
-        if self.last_step not in LAST_STEPS:
-            raise UserError(f"Unknown last step {self.last_step!r}; choose one of {', '.join(LAST_STEPS)}.")
-        if not 0.0 < self.last_step_size < 1.0:
-            raise UserError(f"--last-step-size must lie in (0, 1), not {self.last_step_size}.")
-
-    @property
-    def adaptive(self) -> bool:
-        """The solver picks its own steps (no step count)."""
-        return self.solver in ADAPTIVE_SOLVERS
-
-    @property
-    def uses_tolerances(self) -> bool:
-        """atol/rtol change what the solver computes."""
-        return self.solver in TOLERANCE_SOLVERS
-
-
-class NoiseSource(Protocol):
-    def draw(self, shape: Sequence[int]) -> Tensor:
-        """Standard normal noise (N, *shape), one slice per sample."""
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -13,13 +13,13 @@ from redi.common.choices import AUTOGUIDANCE_MODES, GUIDANCE_MODES
 from redi.common.schema import OneOf, Range, Shaped
 from redi.pipeline.latent_norm import LatentNorm
 from redi.pipeline.stage import TINY_RANDOM, Identity
+from redi.sampler.interface import SamplerOptions
 from redi.sampler.labels import labels_setting
 
 if TYPE_CHECKING:  # torch and the VAE's libraries: seconds that describing sample.json (redi preview) does not need
     from redi.sampler.decoder import Decoder
     from redi.sampler.guidance import GuidanceConfig
-    from redi.sampler.sample import SampleConfig
-    from redi.sampler.samplers import SamplerOptions
+    from redi.sampler.config import SampleConfig
     from redi.trainer.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def resolve_sampler(cfg: SampleConfig, objective: str) -> SamplerChoice:
     """The sampler for this objective (default sde for SiT, ddpm for DiT) and its options; flags that do nothing
     for it are refused."""
     from redi.sampler.ddpm import DIT_SCHEDULE, space_timesteps
-    from redi.sampler.samplers import SamplerOptions, sde_min_steps
+    from redi.sampler.samplers import sde_min_steps
 
     sampler = cfg.sampler or DEFAULT_SAMPLER[objective]
     if (sampler == "ddpm") != (objective == "dit"):
