@@ -21,7 +21,7 @@ from redi.trainer.plan import TrainPlan
 from redi.trainer.watch import RunLog
 
 if TYPE_CHECKING:
-    from redi.trainer.train import TrainState
+    from redi.trainer.state import TrainState
 
 log = logging.getLogger(__name__)
 

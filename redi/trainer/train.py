@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -21,26 +20,22 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from redi.common.atomic import atomic_write_bytes, remove_temporaries
 from redi.common.distributed import DistInfo, all_reduce_mean, barrier, process_group
 from redi.common.errors import UserError
-from redi.common.lock import exclusive
 from redi.common.runtime import loader_workers
-from redi.pipeline.pca_file import PCA_FILE
 from redi.pipeline.readers import make_loader
 from redi.pipeline.shard_info import ShardInfo, read_shard_info, shards_pca
 from redi.pipeline.remote import Location
-from redi.trainer.checkpoint import BackgroundCheckpointer, Checkpoint, RunConfig, load_newest_readable
+from redi.trainer.checkpoint import BackgroundCheckpointer
 from redi.trainer.config import TrainConfig, resolve_shards_dir
-from redi.trainer.ema import make_ema, update_ema
 from redi.trainer.flops import train_flops_per_image
 from redi.trainer.metrics import peak_flops
-from redi.trainer.models import ModelConfig, initial_network
 from redi.trainer.objectives import LossConfig, TrainBatch, check_batch, compute_loss, prepare_batch
-from redi.trainer.phema import PowerFunctionEMA
 from redi.trainer.plan import TrainPlan, check_fits, resolve
 from redi.trainer.progress import TrainProgress
-from redi.trainer.resume import as_recorded, load_record, note_resume, refuse_another_run
+from redi.trainer.resume import as_recorded, load_record, note_resume
+from redi.trainer.run_dir import prepare_run_dir, run_lock
+from redi.trainer.state import initial_state
 from redi.trainer.stop import BatchStream, StopRequest, StopWaiting
 from redi.trainer.watch import RunLog, WatchFactory
 
@@ -76,15 +71,8 @@ def train(cfg: TrainConfig, device: str | None = None, on_step: Callable[[], Non
     start on (even during the set-up) ends the run after a step, with a checkpoint; when that step's data does not come
     within STOP_GRACE_S of the signal (a stalled server), after the last finished step.
     """
-    run = Path(cfg.run)
-    if run.exists() and not run.is_dir():
-        raise UserError(f"--run {run} is a file, not a run directory.")
-    is_rank0 = os.environ.get("RANK", "0") == "0"
-    with StopRequest() as stop, exclusive(run / ".lock", f"the run {run}") if is_rank0 else contextlib.nullcontext():
-        if is_rank0:
-            remove_temporaries(run)  # e.g. a checkpoint whose write was killed: gigabytes nothing else deletes
-        with process_group(device) as dist_info:
-            return run_training(cfg, dist_info, on_step, stop, watch, given)
+    with StopRequest() as stop, run_lock(Path(cfg.run)), process_group(device) as dist_info:
+        return run_training(cfg, dist_info, on_step, stop, watch, given)
 
 
 def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], None] | None, stop: StopRequest,
@@ -196,29 +184,6 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
                        stopped_by=stopped_by, watch_seconds=watch.seconds, data_stalled=stalled)
 
 
-@dataclass
-class TrainState:
-    """What a checkpoint saves and a resume restores: the network, its EMA, AdamW, the step and the post-hoc EMA
-    profiles."""
-
-    model: torch.nn.Module
-    ema: torch.nn.Module
-    opt: torch.optim.Optimizer
-    step: int = 0
-    phema: PowerFunctionEMA | None = None
-    """--phema's power-function EMA profiles."""
-
-    def update(self, ema_decay: float) -> None:
-        """The optimiser step, then the EMA."""
-        self.opt.step()
-        update_ema(self.ema, self.model, ema_decay)
-
-    def checkpoint(self, plan: TrainPlan) -> Checkpoint:
-        return Checkpoint(step=self.step, train=plan.cfg.to_json(), model_config=plan.model, shards=plan.shards,
-                          model=self.model.state_dict(), ema=self.ema.state_dict(), opt=self.opt.state_dict(),
-                          phema=None if self.phema is None else self.phema.state_dict())
-
-
 def aligned_loss(plan: TrainPlan, step: int) -> LossConfig:
     """The loss of optimiser step `step` (0-based): --repa-weight scaled as --align-until and --align-fade say."""
     factor = plan.cfg.align_factor(step)
@@ -233,52 +198,6 @@ def precision_that_runs(cfg: TrainConfig, dev: torch.device, given: Collection[s
     if given is not None and "precision" in given:
         log.warning(f"--precision {cfg.precision} applies on a GPU; on {dev} the run trains in fp32 (config.json says so).")
     return cfg.replace(precision="fp32")
-
-
-def initial_state(plan: TrainPlan, run: Path, dev: torch.device) -> TrainState:
-    """The run's newest readable checkpoint, else --init's weights, else a fresh network (the same on every rank)."""
-    cfg = plan.cfg
-    model = initial_network(plan.model, cfg.seed).to(dev)  # identical initial weights on every rank
-    ema = make_ema(model)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-        fused=dev.type == "cuda",
-    )
-    state = TrainState(model, ema, opt)
-    if (ckpt := load_newest_readable(run, dev)) is not None:
-        if ckpt.opt is None:
-            raise UserError(f"{ckpt.path} holds no optimiser state, so {run} cannot resume from it: start a new run "
-                            f"with --init {ckpt.path}.")
-        if ckpt.phema is not None and not cfg.phema:
-            raise UserError(f"{run} tracks post-hoc EMA profiles: resume it with --phema.")
-        if ckpt.phema is None and cfg.phema:
-            raise UserError(f"{run} was trained without --phema up to step {ckpt.step}, and post-hoc EMA profiles "
-                            "average from step 0: resume it without --phema, or start a new run with --init.")
-        model.load_state_dict(ckpt.model)
-        ema.load_state_dict(ckpt.ema)
-        opt.load_state_dict(ckpt.opt)
-        for group in opt.param_groups:  # load_state_dict restores the hyperparameters it was saved with
-            group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        state.step = ckpt.step
-    elif cfg.init is not None:
-        load_initial_weights(Path(cfg.init), model, ema, plan.model, dev)
-    if cfg.phema:
-        state.phema = PowerFunctionEMA(model, cfg.phema_sigma_rels)  # the weights at step 0, or those resumed …
-        if ckpt is not None:
-            state.phema.load_state_dict(ckpt.phema, str(ckpt.path))  # … replaced by the checkpoint's profiles
-    return state
-
-
-def load_initial_weights(path: Path, model: torch.nn.Module, ema: torch.nn.Module, model_cfg: ModelConfig,
-                         dev: torch.device) -> None:
-    """Start from another run's (or a converted public checkpoint's) weights: EMA into both, as fine-tuning does."""
-    init = Checkpoint.load(path, map_location=dev)
-    wanted, saved = dataclasses.asdict(model_cfg), dataclasses.asdict(init.model_config)
-    if changed := sorted(k for k in wanted if k != "class_dropout" and saved.get(k) != wanted[k]):
-        raise UserError(f"--init {path} holds a different network ({', '.join(changed)}); match --model/--method/--pca-rank to it.")
-    weights = init.ema if init.ema is not None else init.model
-    model.load_state_dict(weights)
-    ema.load_state_dict(weights)
 
 
 @dataclass
@@ -346,19 +265,3 @@ def model_no_sync(net: torch.nn.Module) -> contextlib.AbstractContextManager:
     """DDP's no_sync through an optional torch.compile wrapper (skip the all-reduce on accumulation steps)."""
     inner = getattr(net, "_orig_mod", net)
     return inner.no_sync() if isinstance(inner, DistributedDataParallel) else contextlib.nullcontext()
-
-
-def prepare_run_dir(run: Path, plan: TrainPlan, pca: bytes | None, dist_info: DistInfo, record: RunConfig | None) -> None:
-    """Write config.json for a new run, and the shards' checked `pca` beside it; refuse to resume a run (`record`)
-    with another network, method or data."""
-    if record is not None:
-        refuse_another_run(run, record, plan.cfg)
-        if changed := record.shards.differences(plan.shards):
-            raise UserError(f"{run} was trained on other data than {plan.shards.root} ({', '.join(changed)} differ): "
-                            "resume it on its own shards, or use another --run directory.")
-    if dist_info.is_main:
-        if pca is not None:  # the shards' projection, which config.json's pca_sha256 names
-            atomic_write_bytes(run / PCA_FILE, pca)
-        if record is None:
-            plan.run_config(dist_info.world_size).save(run)
-    barrier()

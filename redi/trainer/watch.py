@@ -16,7 +16,7 @@ from redi.trainer.plan import TrainPlan
 from redi.trainer.trackers import default_tracker, open_tracker
 
 if TYPE_CHECKING:
-    from redi.trainer.train import TrainState
+    from redi.trainer.state import TrainState
 
 
 class RunLog:
