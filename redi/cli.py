@@ -663,7 +663,7 @@ def info_command(
     """Show what each stage of a data root holds (counts, shapes, encoders, completeness, skipped images), or a run's
     state; draws the PCA and per-channel histograms of a data root, or a run's training curves (curves.png) and, once
     two `redi ema` reconstructions are evaluated, each metric against the EMA length (ema_sweep.png), unless --json."""
-    from redi.pipeline.info import describe, info_json, info_plots, info_table
+    from redi.info import describe, info_json, info_plots, info_table
     from redi.pipeline.remote import local_root
 
     data = local_root(data)  # a URL is one sentence (`redi verify URL` is what reads a published root)
@@ -686,7 +686,7 @@ def verify_command(
 
     from rich.table import Table
 
-    from redi.pipeline.info import is_run_dir
+    from redi.info import is_run_dir
     from redi.common.urls import is_url, redact
     from redi.pipeline.verify import verify_data
 

@@ -1,4 +1,8 @@
-"""`redi info DATA | RUN`: what each stage of a data root holds, or what a training run holds, as a table or JSON."""
+"""`redi info DATA | RUN`: what each stage of a data root holds, or what a training run holds, as a table or JSON, and
+their pictures.
+
+It sits above pipeline/, trainer/ and sampler/ (beside the CLI) because it reads all three's formats; what reads a
+run imports torch and is imported where it is used, so `redi info DATA` runs without torch."""
 from __future__ import annotations
 
 import json
@@ -162,9 +166,28 @@ def _curves(root: Path, name: str) -> Path | None:
     source = content_digest([root / "metrics.jsonl", root / "config.json"], name)
     if picture_stamp(root / CURVES_PNG) == source:
         return root / CURVES_PNG
-    from redi.trainer.metrics import plot_curves
-
     return plot_curves(root, root / CURVES_PNG, source)
+
+
+def plot_curves(run: Path, path: Path, drawn_from: str | None = None) -> Path | None:
+    """RUN/curves.png from metrics.jsonl (the source of truth) and config.json's batch sizes (each resume's change
+    counted from its step), stamped `drawn_from`; None when nothing is logged."""
+    from redi.common.plots import curves_figure, save_png
+    from redi.trainer.checkpoint import RunConfig  # torch: `redi info DATA` goes without
+    from redi.trainer.metrics import LOSS_TERMS, read_metrics
+
+    rows = read_metrics(run / "metrics.jsonl")
+    if not any("loss" in r for r in rows):
+        return None
+    try:
+        record: RunConfig | None = RunConfig.load(run)
+        batches = record.batch_sizes if all(b > 0 for _, b in record.batch_sizes) else None
+    except (UserError, ValueError, TypeError, KeyError):  # damaged: the curves without the images axis
+        record, batches = None, None
+    train = record.settings if record is not None else {}
+    said = ", ".join(f"{b} from step {first:,}" if first else str(b) for first, b in batches or ())
+    title = f"{run.resolve().name}: {train.get('model', '?')} {train.get('method', '?')}, batch {said or '?'}"
+    return save_png(curves_figure(rows, batches, LOSS_TERMS, title), path, drawn_from)
 
 
 def _ema_sweep(root: Path, name: str) -> Path | None:

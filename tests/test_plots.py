@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from redi.benchmarks.loader import make_stage_inputs
 from redi.cli import app
 from redi.common.plots import curves_figure, explained_variance_figure, histograms_figure, images_seen, save_png
-from redi.pipeline.info import CURVES_PNG, HISTOGRAMS_PNG, channel_values
+from redi.info import CURVES_PNG, HISTOGRAMS_PNG, channel_values
 from redi.pipeline.pca import PLOT_FILE
 from redi.pipeline.shards import ShardsConfig, build_shards
 from redi.trainer.metrics import LOSS_TERMS

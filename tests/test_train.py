@@ -23,7 +23,8 @@ from redi.common.errors import UserError
 from redi.pipeline.shards import ShardsConfig, build_shards
 from redi.trainer.checkpoint import Checkpoint, RunConfig, SettingsChange, newest_checkpoint
 from redi.trainer.config import TrainConfig
-from redi.trainer.metrics import plot_curves, read_metrics
+from redi.info import plot_curves
+from redi.trainer.metrics import read_metrics
 from redi.trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]

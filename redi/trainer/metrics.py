@@ -51,24 +51,3 @@ class MetricsLog:
 
 
 LOSS_TERMS = ("loss", "vae", "pcs", "vb", "repa", "cls")  # what compute_loss logs: the total, then each term
-
-
-def plot_curves(run: Path, path: Path, drawn_from: str | None = None) -> Path | None:
-    """RUN/curves.png from metrics.jsonl (the source of truth) and config.json's batch sizes (each resume's change
-    counted from its step), stamped `drawn_from`; None when nothing is logged."""
-    from redi.common.errors import UserError
-    from redi.common.plots import curves_figure, save_png
-    from redi.trainer.checkpoint import RunConfig
-
-    rows = read_metrics(run / "metrics.jsonl")
-    if not any("loss" in r for r in rows):
-        return None
-    try:
-        record: RunConfig | None = RunConfig.load(run)
-        batches = record.batch_sizes if all(b > 0 for _, b in record.batch_sizes) else None
-    except (UserError, ValueError, TypeError, KeyError):  # damaged: the curves without the images axis
-        record, batches = None, None
-    train = record.settings if record is not None else {}
-    said = ", ".join(f"{b} from step {first:,}" if first else str(b) for first, b in batches or ())
-    title = f"{run.resolve().name}: {train.get('model', '?')} {train.get('method', '?')}, batch {said or '?'}"
-    return save_png(curves_figure(rows, batches, LOSS_TERMS, title), path, drawn_from)
