@@ -378,7 +378,7 @@ def test_verify_warns_when_latents_and_features_come_from_other_images(images: P
 
 def test_a_stage_without_its_manifest_is_refused_not_trusted(images: Path, tmp_path: Path) -> None:
     """Without manifest.json nothing says what the chunks hold: encoding other images there is refused."""
-    from redi.pipeline.encode import open_arrays
+    from redi.pipeline.stage import open_arrays
     from redi.common.errors import UserError
 
     data = tmp_path / "data"

@@ -31,21 +31,16 @@ from rich.markup import escape
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from redi.common.atomic import atomic_write_json, remove_temporaries, sha256_file
 from redi.common.display import counting
 from redi.common.distributed import barrier, process_group
-from redi.common.errors import UserError, writing
+from redi.common.errors import UserError
 from redi.common.flags import OneOf
-from redi.common.lock import exclusive
 from redi.common.runtime import loader_worker_init, loader_workers
 from redi.common.schema import Range, check_ranges
 from redi.pipeline.encoders import ENCODER, VAE, EncoderFamily, EncoderRef, load, resolve, sidecar
 from redi.pipeline.images import ImageSource, load_cropped, open_source
 from redi.pipeline.representations import encode_features, feature_spec, fit_positions
-from redi.pipeline.stage import (
-    ZARR_METADATA_ERRORS, ChunkError, Manifest, StageDir, StageState, describe_identity, read_errors, read_manifest,
-    stage_lock,
-)
+from redi.pipeline.stage import ChunkError, Manifest, StageDir, StageState, describe_identity, open_arrays, read_manifest
 from redi.pipeline.vaes import LatentSpace, latent_space, manifest_space, sd_vae_config, vae_moments
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -263,13 +258,13 @@ def _open_job(kind: StageKind, ref: EncoderRef, cfg: EncodeConfig, space: Latent
     state = _open_stage(stage, manifest, plan.legacy, cfg, source, shapes, rank, world, locks)
     result = StageResult(kind.name, out, state, len(source), 0, 0, 0.0, ref.identity, ref.tiny_random, rank)
     if state is StageState.COMPLETE:
-        result.skipped = len(read_errors(out))
+        result.skipped = stage.skipped() or 0
         return _Job(kind, ref, plan, stage, result, set())
-    todo = stage.pending()
-    log.info(f"{kind.name}: {len(source)} images from {source.location} → {out}; {len(todo)} of {stage.n_chunks} chunks "
-             f"to do{f' by {world} processes' if world > 1 else ''}; {describe_identity(ref.identity)}"
-             f"{' (tiny-random weights)' if ref.tiny_random else ''}")
-    return _Job(kind, ref, plan, stage, result, {c for c in todo if c % world == rank})
+    mine = stage.pending_of(rank, world)
+    log.info(f"{kind.name}: {len(source)} images from {source.location} → {out}; {len(stage.pending())} of "
+             f"{stage.n_chunks} chunks to do{f' by {world} processes' if world > 1 else ''}; "
+             f"{describe_identity(ref.identity)}{' (tiny-random weights)' if ref.tiny_random else ''}")
+    return _Job(kind, ref, plan, stage, result, mine)
 
 
 def _close_job(job: _Job, rank: int, world: int) -> None:
@@ -283,8 +278,8 @@ def _close_job(job: _Job, rank: int, world: int) -> None:
     if rank == 0 and not job.stage.pending():
         job.stage.finish()
     barrier()
-    if job.stage.is_complete():
-        result.skipped = len(read_errors(job.stage.root))
+    if (skipped := job.stage.skipped()) is not None:
+        result.skipped = skipped
 
 
 def _open_stage(
@@ -297,18 +292,13 @@ def _open_stage(
         refusal = _broadcast(None, world)
         if refusal:
             raise UserError(refusal)
-        return stage.open(manifest, force=False, legacy=legacy)
+        return stage.start(manifest, force=False, legacy=legacy)
     try:
-        locks.enter_context(exclusive(stage_lock(stage.root), f"{stage.root}"))
-        remove_temporaries(stage.root)  # left by a killed run; the other ranks write nothing before the broadcast
-        state = stage.open(manifest, cfg.force, legacy)
+        locks.enter_context(stage.held())  # the other ranks write nothing before the broadcast
+        state = stage.start(manifest, cfg.force, legacy, source.keys, shapes, cfg.chunk_size, cfg.dtype)
     except UserError as e:
         _broadcast(str(e), world)
         raise
-    if state is not StageState.COMPLETE:
-        open_arrays(stage.root, len(source), shapes, cfg.chunk_size, cfg.dtype)
-        if not (stage.root / "keys.json").exists():
-            atomic_write_json(stage.root / "keys.json", source.keys)
     _broadcast(None, world)
     return state
 
@@ -320,30 +310,6 @@ def _broadcast(refusal: str | None, world: int) -> str | None:
     box = [refusal]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def open_arrays(
-    root: Path, n: int, shapes: dict[str, tuple[int, ...]], chunk: int, dtype: str
-) -> dict[str, zarr.Array]:
-    """The stage's Zarr arrays (outputs, `labels`, `valid`), created on first use, chunked along N."""
-    layout = {name: (shape, dtype) for name, shape in shapes.items()} | {"labels": ((), "int64"), "valid": ((), "bool")}
-    arrays = {}
-    try:
-        with writing(root / "store.zarr" / "zarr.json"):
-            group = zarr.open_group(root / "store.zarr", mode="a")
-        for name, (shape, dt) in layout.items():
-            if name in group:
-                arrays[name] = arr = group[name]
-                if not isinstance(arr, zarr.Array) or arr.shape != (n, *shape):
-                    raise UserError(f"{root / 'store.zarr' / name} holds {getattr(arr, 'shape', 'no array')} where this "
-                                    f"stage writes {(n, *shape)}; pass --force to redo the stage.")
-            else:
-                with writing(root / "store.zarr" / name / "zarr.json"):
-                    arrays[name] = group.create_array(name, shape=(n, *shape), chunks=(chunk, *shape), dtype=dt,
-                                                      fill_value=0)
-    except (*ZARR_METADATA_ERRORS, OSError) as e:
-        raise UserError(f"{root / 'store.zarr'} is damaged ({type(e).__name__}); pass --force to redo the stage.") from None
-    return arrays  # type: ignore[return-value]
 
 
 class _CroppedImages(Dataset):
@@ -430,24 +396,7 @@ def _write_and_commit(
     columns = {name: np.concatenate(batches) for name, batches in parts.items()}  # name → (n, ...)
     for values in columns.values():
         values[~valid] = 0
-    for name, values in (columns | {"labels": labels[start:end], "valid": valid}).items():
-        with writing(chunk_file(stage.root, arrays[name], name, chunk)):  # a full disk names the chunk file
-            arrays[name][start:end] = values
-    stage.commit(chunk, errors, chunk_checksums(stage.root, arrays, chunk))
-
-
-def chunk_file(root: Path, arr: zarr.Array, name: str, chunk: int) -> Path:
-    """The file of a stage that holds chunk `chunk` of its array `name`."""
-    return root / "store.zarr" / name / arr.metadata.chunk_key_encoding.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
-
-
-def chunk_checksums(root: Path, arrays: dict[str, zarr.Array], chunk: int) -> dict[str, str | None]:
-    """SHA-256 of the file holding chunk `chunk` of each array (None where zarr wrote none: all fill value)."""
-    sums: dict[str, str | None] = {}
-    for name, arr in arrays.items():
-        path = chunk_file(root, arr, name, chunk)
-        sums[path.relative_to(root).as_posix()] = sha256_file(path) if path.is_file() else None
-    return sums
+    stage.write_chunk(arrays, chunk, start, columns | {"labels": labels[start:end], "valid": valid}, errors)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

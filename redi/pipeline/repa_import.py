@@ -38,9 +38,11 @@ from redi.common.errors import UserError
 from redi.common.flags import OneOf
 from redi.common.schema import Range, check_ranges
 from redi.common.lock import exclusive
-from redi.pipeline.encode import STORE_DTYPES, StageResult, chunk_checksums, open_arrays
+from redi.pipeline.encode import STORE_DTYPES, StageResult
 from redi.pipeline.images import ImageSource, labels_from_dataset_json, open_source
-from redi.pipeline.stage import ChunkError, Manifest, StageDir, StageState, failure_reason, read_errors, stage_lock
+from redi.pipeline.stage import (
+    ChunkError, Manifest, StageDir, StageState, failure_reason, open_arrays, read_errors, stage_lock,
+)
 from redi.pipeline.vaes import latent_space, sd_vae_config
 
 DECODER_VAE = "stabilityai/sd-vae-ft-ema"  # recorded VAE: REPA's default sd-vae-ft-mse has the same encoder weights
@@ -271,10 +273,7 @@ def _import(cfg: RepaImportConfig) -> StageResult:
                     moments[i - lo] = value
             valid = np.ones(hi - lo, dtype=bool)  # (n,)
             valid[[e.index - lo for e in errors]] = False
-            arrays["moments"][lo:hi] = moments
-            arrays["labels"][lo:hi] = labels[lo:hi]
-            arrays["valid"][lo:hi] = valid
-            stage.commit(chunk, errors, chunk_checksums(out, arrays, chunk))
+            stage.write_chunk(arrays, chunk, lo, {"moments": moments, "labels": labels[lo:hi], "valid": valid}, errors)
             result.processed, result.skipped = result.processed + hi - lo, result.skipped + len(errors)
             advance(hi - lo)
     result.seconds = time.perf_counter() - start

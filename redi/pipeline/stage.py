@@ -12,18 +12,24 @@ to them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import zarr
 
-from redi.common.atomic import atomic_write_bytes, atomic_write_json, decode_json, is_temporary, sha256_file, try_read_json
-from redi.common.errors import UserError
+from redi.common.atomic import (
+    atomic_write_bytes, atomic_write_json, decode_json, is_temporary, remove_temporaries, sha256_file, try_read_json,
+)
+from redi.common.errors import UserError, writing
+from redi.common.lock import exclusive
 from redi.common.schema import OneOf, Range, Shaped, load, read, same_json, try_load
 from redi.pipeline.remote import Location
 from redi.pipeline.representation_record import RepresentationRecord
@@ -215,6 +221,39 @@ class StageDir:
     def pending(self) -> list[int]:
         return [c for c in range(self.n_chunks) if not self.is_done(c)]
 
+    def pending_of(self, rank: int, world: int) -> set[int]:
+        """The uncommitted chunks rank `rank` of `world` processes writes: c % world == rank."""
+        return {c for c in self.pending() if c % world == rank}
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """This job alone writes the stage (its lock; a second job is refused in one sentence), and what a killed run
+        left half-written is gone."""
+        with exclusive(stage_lock(self.root), f"{self.root}"):
+            remove_temporaries(self.root)
+            yield
+
+    def start(self, manifest: Manifest, force: bool, legacy: dict[str, Any], keys: list[str] | None = None,
+              arrays: dict[str, tuple[int, ...]] | None = None, chunk_size: int = 0, dtype: str = "") -> StageState:
+        """`open` the stage, and unless it is complete lay out its store: the Zarr `arrays` (name → per-image shape,
+        with labels and valid) and keys.json (`keys`, index order); without `keys` only open it (the ranks that follow
+        rank 0)."""
+        state = self.open(manifest, force, legacy)
+        if keys is not None and arrays is not None and state is not StageState.COMPLETE:
+            open_arrays(self.root, len(keys), arrays, chunk_size, dtype)
+            if not (self.root / KEYS_JSON).exists():
+                atomic_write_json(self.root / KEYS_JSON, keys)
+        return state
+
+    def write_chunk(self, arrays: dict[str, zarr.Array], chunk: int, start: int, columns: dict[str, np.ndarray],
+                    errors: list[ChunkError]) -> None:
+        """Write rows start: of each array (name → (n, ...): the outputs, labels and valid), then commit the chunk with
+        the SHA-256 of each file it wrote (a full disk is one sentence naming the chunk file)."""
+        for name, values in columns.items():
+            with writing(chunk_file(self.root, arrays[name], name, chunk)):
+                arrays[name][start : start + len(values)] = values
+        self.commit(chunk, errors, chunk_checksums(self.root, arrays, chunk))
+
     def commit(self, chunk: int, errors: list[ChunkError], files: dict[str, str | None] | None = None) -> None:
         """Mark a chunk committed; call only after its data is fully written. `files`: the SHA-256 of each file
         the chunk wrote, by path relative to the stage (None: nothing written, as zarr skips fill-value chunks)."""
@@ -277,6 +316,10 @@ class StageDir:
             return False
         return self.errors_path.read_bytes() == self._errors_bytes()
 
+    def skipped(self) -> int | None:
+        """Images the complete stage could not read (errors.jsonl's lines); None while chunks are pending."""
+        return len(read_errors(self.root)) if self.is_complete() else None
+
     def finish(self) -> list[ChunkError]:
         """Write `errors.jsonl` once every chunk is committed; return the errors."""
         assert not self.pending(), f"finish() with {len(self.pending())} chunks missing"
@@ -319,6 +362,44 @@ def open_array(path: Path, remedy: str) -> zarr.Array:
         return zarr.open_array(path, mode="r")
     except ZARR_METADATA_ERRORS:
         raise UserError(f"{path} is missing or its zarr.json is damaged; {remedy}.") from None
+
+
+def open_arrays(
+    root: Path, n: int, shapes: dict[str, tuple[int, ...]], chunk: int, dtype: str
+) -> dict[str, zarr.Array]:
+    """The stage's Zarr arrays (outputs, `labels`, `valid`), created on first use, chunked along N."""
+    layout = {name: (shape, dtype) for name, shape in shapes.items()} | {"labels": ((), "int64"), "valid": ((), "bool")}
+    arrays = {}
+    try:
+        with writing(root / "store.zarr" / "zarr.json"):
+            group = zarr.open_group(root / "store.zarr", mode="a")
+        for name, (shape, dt) in layout.items():
+            if name in group:
+                arrays[name] = arr = group[name]
+                if not isinstance(arr, zarr.Array) or arr.shape != (n, *shape):
+                    raise UserError(f"{root / 'store.zarr' / name} holds {getattr(arr, 'shape', 'no array')} where this "
+                                    f"stage writes {(n, *shape)}; pass --force to redo the stage.")
+            else:
+                with writing(root / "store.zarr" / name / "zarr.json"):
+                    arrays[name] = group.create_array(name, shape=(n, *shape), chunks=(chunk, *shape), dtype=dt,
+                                                      fill_value=0)
+    except (*ZARR_METADATA_ERRORS, OSError) as e:
+        raise UserError(f"{root / 'store.zarr'} is damaged ({type(e).__name__}); pass --force to redo the stage.") from None
+    return arrays  # type: ignore[return-value]
+
+
+def chunk_file(root: Path, arr: zarr.Array, name: str, chunk: int) -> Path:
+    """The file of a stage that holds chunk `chunk` of its array `name`."""
+    return root / "store.zarr" / name / arr.metadata.chunk_key_encoding.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
+
+
+def chunk_checksums(root: Path, arrays: dict[str, zarr.Array], chunk: int) -> dict[str, str | None]:
+    """SHA-256 of the file holding chunk `chunk` of each array (None where zarr wrote none: all fill value)."""
+    sums: dict[str, str | None] = {}
+    for name, arr in arrays.items():
+        path = chunk_file(root, arr, name, chunk)
+        sums[path.relative_to(root).as_posix()] = sha256_file(path) if path.is_file() else None
+    return sums
 
 
 def read_manifest(stage_root: Path) -> ArrayStageManifest:
