@@ -28,7 +28,6 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +45,8 @@ from redi.sampler.decoder import Decoder, load_decoder
 from redi.sampler.guidance import AutocastFactory, GuidanceConfig, GuidanceStats
 from redi.sampler.labels import class_labels
 from redi.sampler.outputs import (
-    ERRORS_JSONL, GRID_MAX, SAMPLE_JSON, assemble, default_out, is_assembled, is_done, out_lock, prepare_out,
-    to_uint8, write_errors, write_image,
+    ERRORS_JSONL, GRID_MAX, SAMPLE_JSON, BatchWriter, assemble, default_out, is_assembled, is_done, out_lock, prepare_out,
+    write_errors,
 )
 from redi.sampler.report import SampleResult, Work, final_report
 from redi.sampler.interface import SamplerOptions
@@ -57,7 +56,6 @@ from redi.trainer.checkpoint import Checkpoint, resolve_checkpoint
 from redi.trainer.models import DiffusionTransformer, build_model, initial_network
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}  # --precision
-WRITER_THREADS = 4  # PNG encoding runs in threads (zlib releases the GIL) while the next batch samples
 NONFINITE_REASON = ("the sample or its decoded image is not finite (NaN or inf), so no image was written: "
                     "lower --cfg-scale or --rg-scale, or check the checkpoint")
 
@@ -182,33 +180,23 @@ def sample_batches(
     out: Path, done: Callable[[int], bool], grid_count: int,
     bar: contextlib.AbstractContextManager[Callable[[int], None]],
 ) -> Work:
-    """Sample, decode and write each batch in `todo`; only missing files are written (PCs before the PNG)."""
+    """Sample, decode and write each batch in `todo` (outputs.BatchWriter: only missing files, PCs before the PNG)."""
     mc = model.cfg
     work = Work()
     start = time.perf_counter()
-    pending: list[Future[None]] = []
-    with bar as advance, ThreadPoolExecutor(WRITER_THREADS) as pool:
+    with bar as advance, BatchWriter(out, done, grid_count, plan.quantize) as writer:
         for batch in todo:
             x, decoded, stats = sample_decoded(model, decoder, plan, batch, labels)  # (B, V + r, h, h), (B, 3, H, W)
-            finite = (torch.isfinite(x).flatten(1).all(1) & torch.isfinite(decoded).flatten(1).all(1)).tolist()  # (B,)
-            pixels = to_uint8(decoded, plan.quantize)  # (B, H, W, 3)
-            pcs = x[:, mc.vae_channels :].float().cpu().numpy()  # (B, r, h, h)
-            for f in pending:  # the previous batch's files are on disk (a write error surfaces here)
-                f.result()
-            work.nonfinite += [i for k, i in enumerate(batch) if not finite[k]]
-            missing = [(k, i) for k, i in enumerate(batch) if not done(i) and finite[k]]
-            pending = [pool.submit(write_image, out, i, pixels[k], pcs[k] if mc.pca_rank and i < grid_count else None)
-                       for k, i in missing]
-            work.images += len(missing)
+            written, nonfinite = writer.write_batch(batch, x, decoded, mc.vae_channels if mc.pca_rank else None)
+            work.nonfinite += nonfinite
+            work.images += written
             work.batches += 1
             work.model_calls += stats.model_calls
             work.nfe += stats.nfe * len(batch)
             work.guide_nfe += stats.branch_evals.get("guide", 0) * len(batch)
             work.sampled += len(batch)
             work.nfe_per_image = max(work.nfe_per_image, stats.nfe)
-            advance(len(missing))
-        for f in pending:
-            f.result()
+            advance(written)
     work.seconds = time.perf_counter() - start
     return work
 
