@@ -76,7 +76,9 @@ gpu-wheels:
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $(GPU_WHEELS)
 
-# The whole chain on the embedded default, offline, with tiny-random encoders (minutes on a laptop CPU): a tiny SiT
+# The whole chain on the embedded default, offline (minutes on a laptop CPU): a small VAE fitted to the demo images
+# (`redi demo-vae`: the tiny-random architecture, so the decoded latents and samples show shapes; the tiny-random VAE
+# decodes everything to texture), the tiny-random DINOv2 for the PCs, a tiny SiT
 # trained with the short EMA a short run needs (decay 0.995: a half-life of 138 steps; the papers' 0.9999 would still be
 # the initial network), its EMA weights sampled beside its untrained network, and FD-PC of both (docs/METHOD.md).
 # The recipe is redi/benchmarks/learn.py's Recipe (`redi bench learn` compares the methods with it).
@@ -90,7 +92,8 @@ DEMO_SAMPLE = --sampler ode --steps 50 --num 64
 demo: export OMP_NUM_THREADS = 1
 demo: install
 	$(REDI) demo-data --out $(DEMO)/images
-	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae tiny-random --with-features --encoder tiny-random --workers 2 \
+	$(REDI) demo-vae $(DEMO)/images --out $(DEMO)/vae --resolution $(RESOLUTION)
+	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae $(DEMO)/vae --with-features --encoder tiny-random --workers 2 \
 		--resolution $(RESOLUTION)
 	$(REDI) pca --data $(DEMO)
 	$(REDI) shards --data $(DEMO) --pcs 16 --format both --shard-size 32 --patch-tokens

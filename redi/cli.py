@@ -106,6 +106,7 @@ def user_errors(fn: F) -> F:
 # are `make demo`'s; the others those of README.md's ImageNet recipe.
 EXAMPLES = {
     "demo-data": ("redi demo-data --out data/demo/images --num 64",),
+    "demo-vae": ("redi demo-vae data/demo/images --out data/demo/vae",),
     "encode": ("redi encode data/demo/images --data data/demo --vae tiny-random",
                "redi encode /datasets/imagenet/train --data /scratch/redi --with-features"),
     "features": ("redi features data/demo/images --data data/demo --encoder tiny-random",
@@ -220,6 +221,27 @@ def demo_data_command(
     result = write_demo_images(local_path(out_dir, "--out"), num, seed)
     out.print(f"[green]Wrote {result.count} demo images in {len(result.classes)} classes ({', '.join(result.classes)}) "
               f"to {escape(str(result.out))}.[/]")
+
+
+DEMO_VAE = FromConfig("redi.pipeline.demo_vae:DemoVaeConfig", panels={},
+                      flags={"images": Flag(argument=True), "out": Flag(("--out",))})
+
+
+@stage_command("demo-vae", DEMO_VAE, DATA_PANEL)
+def demo_vae_command(cfg: Any) -> None:
+    """Fit a small AutoencoderKL (the tiny-random architecture) to an image folder, so the demo's decoded latents and
+    samples show its images (the tiny-random VAE decodes every latent to texture); `redi encode --vae DIR` loads
+    it. Cached: the same images and settings again do nothing."""
+    from redi.pipeline.demo_vae import fit_demo_vae
+
+    result = fit_demo_vae(cfg)
+    rec = result.record
+    if not result.fitted:
+        out.print(f"[green]{escape(str(result.out))} holds this fit already: nothing to do.[/]")
+    out.print(f"VAE fitted to {rec['num_images']} images: {rec['settings']['steps']:,} steps, loss {rec['first_loss']:.4f} "
+              f"→ {rec['last_loss']:.4f}, reconstruction PSNR {rec['psnr_db']:.1f} dB, latent std {rec['latent_std']:.3f} "
+              f"(scaling_factor {1 / rec['latent_std']:.4f}), {rec['seconds']:.0f} s.")
+    out.print(f"output: {escape(str(result.out))}")
 
 
 @stage_command("encode", ENCODE, DATA_PANEL)

@@ -21,7 +21,9 @@ def redi(*args: str | Path) -> str:
 def test_images_to_samples(tmp_path: Path) -> None:
     images, data = tmp_path / "images", tmp_path / "data"
     redi("demo-data", "--out", images, "--num", "12")
-    logs = {"encode": redi("encode", images, "--data", data, "--vae", "tiny-random", *R),
+    logs = {"demo-vae": redi("demo-vae", images, "--out", tmp_path / "vae", "--resolution", "64", "--steps", "2",
+                             "--crop", "32", "--batch-size", "2"),
+            "encode": redi("encode", images, "--data", data, "--vae", tmp_path / "vae", *R),
             "features": redi("features", images, "--data", data, "--encoder", "tiny-random", *R),
             "pca": redi("pca", "--data", data),
             "shards": redi("shards", "--data", data, "--pcs", "8", "--format", "both", "--shard-size", "4", "--patch-tokens")}
@@ -40,7 +42,7 @@ def test_images_to_samples(tmp_path: Path) -> None:
     assert (tmp_path / "s1" / "pcs.png").is_file()
     assert "step-0000003.pt" in redi("info", tmp_path / "redi")
     # stderr is not a terminal here: each command's progress is plain log lines, ending with its 100% line
-    for command, (task, total) in {"encode": ("encode (tiny-random)", 12), "features": ("features (tiny-random)", 12),
+    for command, (task, total) in {"demo-vae": ("demo-vae", 2), "encode": ("encode", 12), "features": ("features (tiny-random)", 12),
                                    "pca": ("pca", 12), "shards": ("shards", 12), "train": ("step", 3),
-                                   "sample": ("sampling (tiny-random VAE)", 4)}.items():
+                                   "sample": ("sampling", 4)}.items():
         assert re.search(rf"INFO {re.escape(task)} {total}/{total} \(100%\) \| .* elapsed\n", logs[command]), (command, logs[command])
