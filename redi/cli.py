@@ -238,7 +238,7 @@ def demo_vae_command(cfg: Any) -> None:
     rec = result.record
     if not result.fitted:
         out.print(f"[green]{escape(str(result.out))} holds this fit already: nothing to do.[/]")
-    out.print(f"VAE fitted to {rec['num_images']} images: {rec['settings']['steps']:,} steps, loss {rec['first_loss']:.4f} "
+    out.print(f"VAE fitted to {rec['num_images']} images: {rec['settings']['max_steps']:,} steps, loss {rec['first_loss']:.4f} "
               f"→ {rec['last_loss']:.4f}, reconstruction PSNR {rec['psnr_db']:.1f} dB, latent std {rec['latent_std']:.3f} "
               f"(scaling_factor {1 / rec['latent_std']:.4f}), {rec['seconds']:.0f} s.")
     out.print(f"output: {escape(str(result.out))}")

@@ -29,7 +29,7 @@ def reconstruction_mse(vae: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def test_fit_saves_a_vae_that_encode_loads_with_unit_variance_latents(images: Path, tmp_path: Path) -> None:
-    cfg = DemoVaeConfig(images=images, out=tmp_path / "vae", resolution=R, steps=60, crop=32, batch_size=4)
+    cfg = DemoVaeConfig(images=images, out=tmp_path / "vae", resolution=R, max_steps=60, crop=32, batch_size=4)
     result = fit_demo_vae(cfg)
     assert result.fitted and result.record["last_loss"] < result.record["first_loss"]
     ref = resolve(VAE, str(cfg.out))
@@ -47,15 +47,15 @@ def test_fit_saves_a_vae_that_encode_loads_with_unit_variance_latents(images: Pa
 def test_same_settings_do_nothing_and_other_settings_make_another_vae(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "vae"
     first = CliRunner().invoke(app, ["demo-vae", str(images), "--out", str(out), "--resolution", str(R),
-                                     "--steps", "3", "--crop", "32", "--batch-size", "2"])
+                                     "--max-steps", "3", "--crop", "32", "--batch-size", "2"])
     assert first.exit_code == 0, first.output
     identity = resolve(VAE, str(out)).identity["hash"]
     weights = (out / "diffusion_pytorch_model.safetensors").read_bytes()
     again = CliRunner().invoke(app, ["demo-vae", str(images), "--out", str(out), "--resolution", str(R),
-                                     "--steps", "3", "--crop", "32", "--batch-size", "2"])
+                                     "--max-steps", "3", "--crop", "32", "--batch-size", "2"])
     assert again.exit_code == 0 and "nothing to do" in again.output
     assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == weights
-    refit = fit_demo_vae(DemoVaeConfig(images=images, out=out, resolution=R, steps=3, crop=32, batch_size=2, seed=1))
+    refit = fit_demo_vae(DemoVaeConfig(images=images, out=out, resolution=R, max_steps=3, crop=32, batch_size=2, seed=1))
     assert refit.fitted and json.loads((out / FIT_JSON).read_text())["settings"]["seed"] == 1
     assert resolve(VAE, str(out)).identity["hash"] != identity  # same file sizes, other weights: another VAE
     assert not [p for p in tmp_path.iterdir() if p.name != "vae"]  # no temporary folder left

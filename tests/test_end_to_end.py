@@ -21,7 +21,7 @@ def redi(*args: str | Path) -> str:
 def test_images_to_samples(tmp_path: Path) -> None:
     images, data = tmp_path / "images", tmp_path / "data"
     redi("demo-data", "--out", images, "--num", "12")
-    logs = {"demo-vae": redi("demo-vae", images, "--out", tmp_path / "vae", "--resolution", "64", "--steps", "2",
+    logs = {"demo-vae": redi("demo-vae", images, "--out", tmp_path / "vae", "--resolution", "64", "--max-steps", "2",
                              "--crop", "32", "--batch-size", "2"),
             "encode": redi("encode", images, "--data", data, "--vae", tmp_path / "vae", *R),
             "features": redi("features", images, "--data", data, "--encoder", "tiny-random", *R),

@@ -68,6 +68,7 @@ VOCABULARY: tuple[Term, ...] = (
     Term("--rep-drop", "the representation-drop probability a model is trained with", ("rep_drop",)),
     Term("--repa-depth", "the block that feeds the REPA projector", ("repa_depth",)),
     Term("--max-steps", "optimiser steps a run trains for", ("max_steps",), old=("--steps",)),
+    Term("--lr", "the optimiser's learning rate", ("lr",)),
     Term("--steps", "sampler steps per image (train's grids: --sample-steps)", ("steps",)),
     Term("--num", "how many images (or samples) the command makes or reads", ("num",), old=("--samples",)),
     Term("--labels", "the class labels of generated images: random, balanced or a comma list", ("labels",),

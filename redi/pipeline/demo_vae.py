@@ -52,7 +52,7 @@ class DemoVaeConfig:
     """Directory of the fitted VAE (config.json, weights, fit.json)."""
     resolution: Annotated[int, Range(8)] = 256
     """Side of the centre crop, as `redi encode --resolution`."""
-    steps: Annotated[int, Range(1)] = 800
+    max_steps: Annotated[int, Range(1)] = 800
     """Optimiser steps."""
     crop: Annotated[int, Range(8)] = 64
     """Side of the random training windows (a multiple of the VAE's factor 8; the VAE is convolutional)."""
@@ -133,8 +133,8 @@ def fit(vae: torch.nn.Module, x_all: torch.Tensor, cfg: DemoVaeConfig) -> tuple[
     side = x_all.shape[-1]
     losses: list[float] = []
     vae.train()
-    with counting("demo-vae", cfg.steps, "steps/s") as advance:
-        for _ in range(cfg.steps):
+    with counting("demo-vae", cfg.max_steps, "steps/s") as advance:
+        for _ in range(cfg.max_steps):
             idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)  # (B,)
             top, left = (8 * v for v in torch.randint(0, (side - cfg.crop) // 8 + 1, (2,), generator=g).tolist())
             x = x_all[idx, :, top : top + cfg.crop, left : left + cfg.crop]  # (B, 3, c, c)

@@ -201,7 +201,7 @@ class StageDir:
             if not same_json(have, wanted):
                 changed = sorted(diff_keys(have, wanted)) if isinstance(have, dict) else ["manifest"]
                 raise UserError(
-                    f"{self.root} holds a '{manifest.stage}' stage made with different settings "
+                    f"{self.root} holds the '{manifest.stage}' stage's output made with different settings "
                     f"({', '.join(changed)}); pass --force to redo it or choose another data root."
                 )
             return StageState.COMPLETE if self.is_complete() else StageState.RESUME
