@@ -3,8 +3,9 @@ the demo data (`make demo`'s data root) with the demo's recipe, each over severa
 (`sampler/learning.py`, docs/METHOD.md) of their EMA weights; the untrained network beside them.
 
 FD-PC needs generated PCs, so it exists for ReDi only; FD-latent scores every method's latents in the VAE's space.
-With the demo's tiny-random VAE those latents are mostly its posterior noise, so FD-latent says little about shapes:
-the table shows what comes out, whichever way (docs/BENCHMARKS.md).
+With the VAE `make demo` fits (`redi demo-vae`) those latents encode the images' shapes and colours; with a
+tiny-random VAE they are mostly its posterior noise. The table shows what comes out, whichever way
+(docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
