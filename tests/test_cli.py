@@ -262,7 +262,7 @@ def test_an_out_of_range_number_is_one_sentence_and_exit_2(command: str, flag: s
     ("--beta1", "nan", "must be a number in [0, 1), not nan."),
     ("--weight-decay", "-1", "must be a number ≥ 0, not -1."),
     ("--weight-decay", "nan", "must be a number ≥ 0, not nan."),
-    ("--keep", "0", "must be an integer ≥ 1, not 0."),  # kept every checkpoint; a run needs one to resume from
+    ("--keep", "-1", "must be an integer ≥ 0, not -1."),  # 0 keeps every checkpoint
     ("--epochs", "inf", "must be a number > 0, not inf."),
 ])
 def test_optimiser_flags_out_of_range_are_refused_before_anything_runs(flag: str, value: str, said: str) -> None:

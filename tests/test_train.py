@@ -427,8 +427,8 @@ def test_dit_learns_sigma_by_default_and_grad_clip_zero_turns_clipping_off(data:
 
 
 def test_keep_is_the_newest_resume_checkpoints_besides_the_milestones(tmp_path: Path) -> None:
-    """--keep N keeps the newest N checkpoints of the --save-every grid and every --ckpt-every milestone; N ≥ 1 (a run
-    keeps one to resume from: `--keep 0` is refused when parsed, tests/test_cli.py)."""
+    """--keep N keeps the newest N checkpoints of the --save-every grid and every --ckpt-every milestone; --keep 0 keeps
+    every checkpoint."""
     from redi.trainer.checkpoint import list_checkpoints, save_checkpoint
 
     for step in range(1, 8):
@@ -436,8 +436,9 @@ def test_keep_is_the_newest_resume_checkpoints_besides_the_milestones(tmp_path: 
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 6, 7]  # milestones 3 and 6, the newest other one
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         f"step-{s:07d}.pt{suffix}" for s in (3, 6, 7) for suffix in ("", ".sha256")]
-    with pytest.raises(AssertionError, match="keep=0"):
-        save_checkpoint(tmp_path, 8, {"step": 8}, keep=0, milestone_every=3)
+    for step in (8, 9):
+        save_checkpoint(tmp_path, step, {"step": step}, keep=0, milestone_every=3)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 6, 7, 8, 9]
 
 
 def test_background_checkpoint_holds_the_state_of_its_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

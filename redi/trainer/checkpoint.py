@@ -393,8 +393,7 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, milestone_every: int) -> Path:
     """Write step-<7-digit step>.pt atomically, then delete the older non-milestone checkpoints beyond the newest `keep`
-    (≥ 1; milestones: steps divisible by `milestone_every` > 0)."""
-    assert keep >= 1, f"keep={keep}: TrainConfig.keep is at least 1"
+    (0: delete none; milestones: steps divisible by `milestone_every` > 0). The file just written is never deleted."""
     path = checkpoint_path(run, step)
     try:
         write_checkpoint(path, state)
@@ -402,7 +401,7 @@ def save_checkpoint(run: Path, step: int, state: dict[str, Any], keep: int, mile
         raise UserError(f"Could not write checkpoint {path} ({e.strerror or e}); the older checkpoints are intact: "
                         "free space and rerun the same command to resume.") from None
     rolling = [(s, p) for s, p in list_checkpoints(run) if milestone_every <= 0 or s % milestone_every != 0]
-    for _, old in rolling[:-keep]:
+    for _, old in rolling[:-keep] if keep else []:
         if old != path:
             old.unlink(missing_ok=True)
             checksum_path(old).unlink(missing_ok=True)

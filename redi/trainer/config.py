@@ -138,10 +138,11 @@ class TrainConfig(MethodParts):
     """Steps between checkpoints kept for ever."""
     save_every: Annotated[int, Range(1)] = 1_000
     """Steps between resume checkpoints (the last --keep are kept)."""
-    keep: Annotated[int, Range(1)] = 2
-    """Resume checkpoints kept: the newest N of the --save-every ones (a stop signal's too); milestones besides.
+    keep: Annotated[int, Range(0)] = 2
+    """Resume checkpoints kept: the newest N of the --save-every ones (a stop signal's too), 0 every one; milestones
+    besides.
 
-    At least 1: a run keeps a checkpoint to resume from. The --ckpt-every milestones are never deleted."""
+    The --ckpt-every milestones are never deleted. 0 keeps every checkpoint (for evaluating them all later)."""
     max_bad_steps: Annotated[int, Range(1)] = 10
     """Consecutive non-finite losses before the run stops."""
     tracker: Annotated[str | None, OneOf(TRACKERS)] = None
