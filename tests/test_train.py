@@ -58,6 +58,19 @@ def test_debug_model_learns(data: Path, tmp_path: Path) -> None:
     assert sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
 
 
+def test_a_logged_loss_is_the_mean_of_the_steps_since_the_last_log(data: Path, tmp_path: Path) -> None:
+    """As SiT's running loss: a line every 3 steps holds the mean of the 3 per-step values a line every step holds."""
+    train(config(data, tmp_path / "every", max_steps=6, log_every=1, save_every=6), device="cpu")
+    train(config(data, tmp_path / "third", max_steps=6, log_every=3, save_every=6), device="cpu")
+    every, third = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("every", "third"))
+    assert [r["step"] for r in third] == [3, 6]
+    for row, steps in zip(third, (every[:3], every[3:]), strict=True):
+        for term in ("loss", "vae", "pcs"):
+            assert row[term] == pytest.approx(sum(r[term] for r in steps) / 3, rel=1e-6), term
+        assert row["grad_norm"] == steps[-1]["grad_norm"]  # the logged step's own
+    assert len({r["loss"] for r in every[:3]}) == 3  # the mean differs from the last step's value
+
+
 @pytest.mark.parametrize("method,weighting", [("redi", "uniform"), ("reg", "lognormal"), ("redi+repa", "uniform")])
 def test_resume_equals_uninterrupted(data: Path, tmp_path: Path, method: str, weighting: str) -> None:
     straight = config(data, tmp_path / "straight", method=method, weighting=weighting)

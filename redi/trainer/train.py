@@ -110,13 +110,14 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
     bad_in_a_row, skipped, loss_value, stopped_by, stalled, saved = 0, 0, math.nan, 0, False, start_step
     progress = TrainProgress(cfg.max_steps, step, enabled=dist_info.is_main)
     started = time.perf_counter()
+    sums: dict[str, torch.Tensor] = {}  # each loss term summed over the steps since the last logged one (on the device)
+    summed_steps = 0
     # On a stop signal: finish the step (or, its data stalled, give it up), checkpoint, return.
     with BackgroundCheckpointer() as checkpointer, watch, contextlib.ExitStack() as reading:
         batches = [reading.enter_context(BatchStream(it, dev))
                    for it in micro_batch_streams(shards, cfg, dist_info, plan.accum, plan.micro, seen)]
         while step < cfg.max_steps:
             model.train()
-            sums: dict[str, torch.Tensor] = {}
             loss_cfg = aligned_loss(plan, step)
             for k in range(plan.accum):
                 virtual_rank, virtual_world = dist_info.rank * plan.accum + k, dist_info.world_size * plan.accum
@@ -151,14 +152,17 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo, on_step: Callable[[], No
                     raise UserError(f"The loss was not finite for {bad_in_a_row} steps in a row at step {step}: lower --lr or check the data.")
             state.opt.zero_grad(set_to_none=True)
             step = state.step = step + 1
+            summed_steps += 1
             if state.phema is not None:  # every step, a skipped one too: the profile averages over time
                 state.phema.update(model, state.phema.images + cfg.batch_size, cfg.batch_size)
             if on_step is not None:
                 on_step()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                losses = all_reduce_mean(torch.stack(list(sums.values())))  # one all-reduce, on logging steps only
+                # the mean over the steps since the last log (SiT's running loss): one all-reduce, on logging steps only
+                losses = all_reduce_mean(torch.stack(list(sums.values()))) / summed_steps
                 row = dict(zip(sums, losses.tolist(), strict=True)) | {
                     "step": step, "grad_norm": float(grad_norm), "lr": cfg.lr, "skipped_steps": skipped} | meter.speeds(step)
+                sums, summed_steps = {}, 0
                 if plan.loss.uses_repa:
                     row["align_weight"] = loss_cfg.repa_weight  # the alignment weight in effect (--align-until)
                 loss_value = row["loss"]
