@@ -26,6 +26,7 @@ from redi.common.schema import Range
 from redi.common.urls import local_path
 
 if TYPE_CHECKING:  # the commands' config classes; their modules import torch, so they load when a command runs
+    from redi.pipeline.demo_vae import DemoVaeConfig
     from redi.pipeline.encode import EncodeConfig
     from redi.pipeline.pca import PCAConfig
     from redi.pipeline.repa_import import RepaImportConfig
@@ -228,7 +229,7 @@ DEMO_VAE = FromConfig("redi.pipeline.demo_vae:DemoVaeConfig", panels={},
 
 
 @stage_command("demo-vae", DEMO_VAE, DATA_PANEL)
-def demo_vae_command(cfg: Any) -> None:
+def demo_vae_command(cfg: DemoVaeConfig) -> None:
     """Fit a small AutoencoderKL (the tiny-random architecture) to an image folder, so the demo's decoded latents and
     samples show its images (the tiny-random VAE decodes every latent to texture); `redi encode --vae DIR` loads
     it. Cached: the same images and settings again do nothing."""

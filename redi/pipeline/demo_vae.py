@@ -10,8 +10,9 @@ VAE's factor), the VAE loss of LDM's autoencoders without the perceptual and GAN
 pixel plus `kl_weight` × the posterior's KL to N(0, I) per latent element. After the fit, `scaling_factor` in
 the saved config is 1/std of the posterior means over all the images, the way SD's 0.18215 was chosen, so
 the latents the diffusion model sees have unit variance. On the 64 demo images at 256 px the defaults reach a
-reconstruction PSNR of 18 dB in about 100 s on one CPU thread (1,500 steps at lr 2e-3, batch 16: 19.4 dB in 213 s;
-32-pixel windows: 10.8 dB, too small a view for the f8 encoder's edges).
+reconstruction PSNR of 18 dB in about 100 s on one CPU thread (`redi demo-vae data/demo/images --out DIR`, this
+project's 2-core machine; `--max-steps 1500 --lr 2e-3 --batch-size 16`: 19.4 dB in 213 s; `--crop 32 --batch-size
+32`: 10.8 dB, too small a view for the f8 encoder's edges).
 
 Cached like every stage: DIR/fit.json (written last) records the settings and the images' hash; a second call with
 the same ones does nothing, other ones fit again. The directory is assembled in a temporary sibling and renamed
@@ -37,9 +38,11 @@ from redi.common.display import counting
 from redi.common.errors import UserError
 from redi.common.schema import Range, check_ranges
 from redi.pipeline.images import load_cropped, open_source
+from redi.pipeline.vaes import latent_space, tiny_sd_config
 
 FIT_JSON = "fit.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' save_pretrained name
+FACTOR = latent_space(tiny_sd_config()).downsampling  # f of the fitted architecture: windows align to its latents
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,12 @@ class DemoVaeConfig:
     """Image folder (or zip/tar) to fit, as `redi encode` reads it."""
     out: Path
     """Directory of the fitted VAE (config.json, weights, fit.json)."""
-    resolution: Annotated[int, Range(8)] = 256
+    resolution: Annotated[int, Range(1)] = 256
     """Side of the centre crop, as `redi encode --resolution`."""
     max_steps: Annotated[int, Range(1)] = 800
     """Optimiser steps."""
-    crop: Annotated[int, Range(8)] = 64
-    """Side of the random training windows (a multiple of the VAE's factor 8; the VAE is convolutional)."""
+    crop: Annotated[int, Range(1)] = 64
+    """Side of the random training windows (a multiple of the VAE's downsampling factor; the VAE is convolutional)."""
     batch_size: Annotated[int, Range(1)] = 12
     """Windows per step."""
     lr: Annotated[float, Range(0, lo_open=True)] = 3e-3
@@ -67,9 +70,10 @@ class DemoVaeConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
-        if self.crop % 8 or self.crop > self.resolution:
-            raise UserError(f"--crop must be a multiple of 8 no larger than --resolution ({self.resolution}), "
-                            f"got {self.crop}.")
+        latent_space(tiny_sd_config()).side(self.resolution)  # --resolution a multiple of the factor, or one sentence
+        if self.crop % FACTOR or self.crop > self.resolution:
+            raise UserError(f"--crop must be a multiple of {FACTOR} (the VAE's downsampling) no larger than --resolution "
+                            f"({self.resolution}), got {self.crop}.")
 
     def settings(self) -> dict[str, Any]:
         """What fit.json records: every setting that changes the weights."""
@@ -100,8 +104,6 @@ def fit_demo_vae(cfg: DemoVaeConfig) -> DemoVaeResult:
     """Fit (or find already fitted) the VAE of `cfg` and save it to cfg.out."""
     from diffusers import AutoencoderKL
 
-    from redi.pipeline.vaes import tiny_sd_config
-
     x_all, digest = read_images(cfg.images, cfg.resolution)  # (N, 3, R, R)
     wanted = {"images_sha256": digest, "num_images": len(x_all), "settings": cfg.settings()}
     done = try_read_json(cfg.out / FIT_JSON)
@@ -114,7 +116,7 @@ def fit_demo_vae(cfg: DemoVaeConfig) -> DemoVaeResult:
     first, last = fit(vae, x_all, cfg)
     vae.eval()
     with torch.no_grad():
-        means = torch.cat([vae.encode(x[None]).latent_dist.mean for x in x_all])  # (N, 4, R/8, R/8)
+        means = torch.cat([vae.encode(x[None]).latent_dist.mean for x in x_all])  # (N, C, R/f, R/f)
         recon = torch.cat([vae.decode(m[None]).sample for m in means]).clamp(-1, 1)  # (N, 3, R, R)
     mse = float((recon - x_all).square().mean())
     vae.register_to_config(scaling_factor=1.0 / float(means.std()))
@@ -136,7 +138,7 @@ def fit(vae: torch.nn.Module, x_all: torch.Tensor, cfg: DemoVaeConfig) -> tuple[
     with counting("demo-vae", cfg.max_steps, "steps/s") as advance:
         for _ in range(cfg.max_steps):
             idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)  # (B,)
-            top, left = (8 * v for v in torch.randint(0, (side - cfg.crop) // 8 + 1, (2,), generator=g).tolist())
+            top, left = (FACTOR * v for v in torch.randint(0, (side - cfg.crop) // FACTOR + 1, (2,), generator=g).tolist())
             x = x_all[idx, :, top : top + cfg.crop, left : left + cfg.crop]  # (B, 3, c, c)
             posterior = vae.encode(x).latent_dist
             rec = vae.decode(posterior.sample(generator=g)).sample  # (B, 3, c, c)
