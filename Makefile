@@ -80,31 +80,33 @@ gpu-wheels:
 # (`redi demo-vae`: the tiny-random architecture, so the decoded latents and samples show shapes; the tiny-random VAE
 # decodes everything to texture), the tiny-random DINOv2 for the PCs, a tiny SiT
 # trained with the short EMA a short run needs (decay 0.995: a half-life of 138 steps; the papers' 0.9999 would still be
-# the initial network), its EMA weights sampled beside its untrained network, and FD-PC of both (docs/METHOD.md).
+# the initial network), its EMA weights sampled with classifier-free guidance on all channels (sharper shapes in the
+# PCs) beside its untrained network, and FD-PC of both (docs/METHOD.md). Why 5,000 steps: docs/BENCHMARKS.md, "What
+# the demo learns" (at 2,000 the samples are blobs where the shapes lie).
 # The recipe is redi/benchmarks/learn.py's Recipe (`redi bench learn` compares the methods with it).
 # RESOLUTION=512 runs REPA's 512 recipe (64×64 latents, 32×32 tokens, DINOv2 at 448).
 DEMO_RUN = $(DEMO)/runs/sit-debug-redi
-DEMO_STEPS ?= 2000
-DEMO_SAMPLE = --sampler ode --steps 50 --num 64
-# One torch thread: the tiny networks' matrices are too small for a second one to help, and on a busy machine two threads
-# spin for each other (the demo's training ran at under 1 step/s with two, 9 with one, on the 2-core machine of
-# docs/BENCHMARKS.md).
+DEMO_STEPS ?= 5000
+DEMO_SAMPLE = --sampler ode --steps 50 --num 64 --guidance cfg --cfg-scale 2.4 --cfg-channels all
+# Torch threads of the fit, the training and the sampling, which run alone: 2 uses both cores of a 2-core machine
+# (training at 17.8 steps/s against 10.3 with one). The encode stage's two worker processes run one thread each.
+DEMO_THREADS ?= 2
 demo: export OMP_NUM_THREADS = 1
 demo: install
 	$(REDI) demo-data --out $(DEMO)/images
-	$(REDI) demo-vae $(DEMO)/images --out $(DEMO)/vae --resolution $(RESOLUTION)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(REDI) demo-vae $(DEMO)/images --out $(DEMO)/vae --resolution $(RESOLUTION)
 	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae $(DEMO)/vae --with-features --encoder tiny-random --workers 2 \
 		--resolution $(RESOLUTION)
 	$(REDI) pca --data $(DEMO)
 	$(REDI) shards --data $(DEMO) --pcs 16 --format both --shard-size 32 --patch-tokens
 	$(REDI) verify $(DEMO)
-	$(REDI) train --shards $(DEMO) --run $(DEMO_RUN) --model SiT-debug --method redi --pca-rank 8 \
-		--batch-size $(DEMO_BATCH) --max-steps $(DEMO_STEPS) --lr 3e-3 --ema-decay 0.995 --log-every 100 --save-every 500 \
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(REDI) train --shards $(DEMO) --run $(DEMO_RUN) --model SiT-debug --method redi --pca-rank 8 \
+		--batch-size $(DEMO_BATCH) --max-steps $(DEMO_STEPS) --lr 3e-3 --ema-decay 0.995 --log-every 500 --save-every 1000 \
 		--workers 0
 	$(REDI) info $(DEMO)
 	$(REDI) info $(DEMO_RUN)
-	$(REDI) sample --run $(DEMO_RUN) --weights init $(DEMO_SAMPLE) --out $(DEMO)/samples-untrained
-	$(REDI) sample --run $(DEMO_RUN) $(DEMO_SAMPLE) --out $(DEMO)/samples
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(REDI) sample --run $(DEMO_RUN) --weights init $(DEMO_SAMPLE) --out $(DEMO)/samples-untrained
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(REDI) sample --run $(DEMO_RUN) $(DEMO_SAMPLE) --out $(DEMO)/samples
 	$(REDI) preview $(DEMO) --samples $(DEMO)/samples
 	$(REDI) eval $(DEMO)/samples --ref $(DEMO) --before $(DEMO)/samples-untrained
 	@echo "Pictures: $(DEMO)/preview.png (the rows above); $(DEMO)/samples/grid.png and pcs.png (the 64 samples of the"

@@ -68,10 +68,13 @@ def demo_image(i: int, seed: int = 0) -> Image.Image:
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, w: int, h: int, rng: np.random.Generator) -> None:
-    """Draw one instance of class `cls` at a random place, size and colour."""
+    """Draw one instance of class `cls` in a random colour, its size and place drawn near the middle of the image's
+    centre square (the part a centre crop keeps): sized and placed anywhere, as they were, a few thousand CPU steps of
+    the demo's model learnt blobs where the shapes lay (docs/BENCHMARKS.md, "What the demo learns")."""
     colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-    r = min(w, h) * rng.uniform(0.2, 0.4)
-    cx, cy = w * rng.uniform(0.35, 0.65), h * rng.uniform(0.35, 0.65)
+    side = min(w, h)  # the centre square that the centre crop keeps
+    r = side * rng.uniform(0.25, 0.32)
+    cx, cy = w / 2 + side * rng.uniform(-0.05, 0.05), h / 2 + side * rng.uniform(-0.05, 0.05)
     box = (cx - r, cy - r, cx + r, cy + r)
     if cls == "circle":
         draw.ellipse(box, fill=colour)

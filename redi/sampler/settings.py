@@ -262,6 +262,8 @@ def describe_settings(s: dict[str, Any]) -> str:
     scales = {"none": "", "cfg": f" {g['cfg_scale']:g}", "rg": f" {g['rg_scale']:g}",
               "cfg+rg": f" {g['cfg_scale']:g}+{g['rg_scale']:g}", "autoguidance": ag,
               "autoguidance+rg": f"{ag}+{g['rg_scale']:g}"}.get(g["mode"], "")
+    if "cfg" in g["mode"] and g.get("cfg_channels") == "all":
+        scales += " on all channels"
     step = s["checkpoint"]["step"]
     return (f"{s['model']['name']} {s['model']['method']}, step {step:,}, " if step is not None else
             f"{s['model']['name']} {s['model']['method']}, ") + (
