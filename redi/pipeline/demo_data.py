@@ -79,13 +79,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, w: int, h: int, rng: np.ran
     if cls == "circle":
         draw.ellipse(box, fill=colour)
     elif cls == "ring":
-        draw.ellipse(box, outline=colour, width=max(2, int(r / 4)))
+        draw.ellipse(box, outline=colour, width=max(2, int(r / 2.5)))
     elif cls == "square":
         draw.rectangle(box, fill=colour)
     elif cls == "triangle":
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
     else:
-        step = max(4, int(r / 3))
+        step = max(4, int(r / 2.5))
         for x in range(int(cx - r), int(cx + r), 2 * step):
             draw.rectangle((x, cy - r, x + step, cy + r), fill=colour)
 
