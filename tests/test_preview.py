@@ -66,3 +66,13 @@ def test_preview_rows_are_the_decoded_training_latents_their_pcs_and_the_samples
     assert other.exit_code == 1 and isinstance(other.exception, AssertionError)  # other inputs: drawn again
     assert torch_free(["preview", str(data), "--samples", str(samples), "--num", "5", "--out", str(out)])
 
+
+
+@pytest.mark.parametrize(("channels", "caption"), [("vae", "guidance cfg 2.4, ode"),
+                                                   ("all", "guidance cfg 2.4 on all channels, ode")])
+def test_a_caption_says_when_cfg_guides_the_pcs_too(channels: str, caption: str) -> None:
+    from redi.sampler.settings import describe_settings
+    settings = {"guidance": {"mode": "cfg", "cfg_scale": 2.4, "rg_scale": 1.5, "cfg_channels": channels},
+                "checkpoint": {"step": 5000, "weights": "ema"}, "model": {"name": "SiT-debug/2", "method": "redi"},
+                "sampler": "ode", "steps": 50, "seed": 0}
+    assert describe_settings(settings) == f"SiT-debug/2 redi, step 5,000, EMA weights, {caption} 50 steps, seed 0"
