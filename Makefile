@@ -88,13 +88,15 @@ gpu-wheels:
 DEMO_RUN = $(DEMO)/runs/sit-debug-redi
 DEMO_STEPS ?= 5000
 DEMO_SAMPLE = --sampler ode --steps 50 --num 64 --guidance cfg --cfg-scale 2.4 --cfg-channels all
-# Torch threads of the fit, the training and the sampling, which run alone: 2 uses both cores of a 2-core machine
-# (training at 17.8 steps/s against 10.3 with one). The encode stage's two worker processes run one thread each.
+# Torch threads of the training and the sampling, which run alone: 2 uses both cores of a 2-core machine (training at
+# 17.8 steps/s against 10.3 with one; beside another busy process still 9.3 against 6.0). Everything else keeps one
+# thread: the VAE fit's small convolutions on two threads fell from 16 steps/s to under 2 when the other core was busy
+# (the threads spin waiting for each other), and the encode stage's two worker processes take a core each.
 DEMO_THREADS ?= 2
 demo: export OMP_NUM_THREADS = 1
 demo: install
 	$(REDI) demo-data --out $(DEMO)/images
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(REDI) demo-vae $(DEMO)/images --out $(DEMO)/vae --resolution $(RESOLUTION)
+	$(REDI) demo-vae $(DEMO)/images --out $(DEMO)/vae --resolution $(RESOLUTION)
 	$(REDI) encode $(DEMO)/images --data $(DEMO) --vae $(DEMO)/vae --with-features --encoder tiny-random --workers 2 \
 		--resolution $(RESOLUTION)
 	$(REDI) pca --data $(DEMO)
