@@ -162,3 +162,32 @@ def test_eval_report(disk: Path, tmp_path: Path) -> None:
     code, out = redi(*args)
     assert code == 0, out
     assert json.loads(report.read_text())["metrics"]["fid"] > 0
+
+
+def test_a_failed_zarr_write_returns_after_the_writes_zarr_still_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                      ) -> None:
+    """zarr writes an array's chunks together and raises the first error while the others go on in its event loop;
+    `writing` returns the error only once they have ended, so no temporary file outlives the command (the race that
+    tests above lost under load)."""
+    import asyncio
+    import errno
+
+    import zarr
+    from zarr.storage import LocalStore
+
+    from redi.common.errors import DiskFull, writing
+
+    arr = zarr.create_array(LocalStore(tmp_path / "a.zarr"), shape=(4,), chunks=(1,), dtype="int32")
+    real_set = LocalStore.set
+
+    async def set_one_failing(self: LocalStore, key: str, value: object) -> None:
+        if key == "c/0":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if key.startswith("c/"):
+            await asyncio.sleep(0.3)  # still writing when chunk 0 has failed
+        await real_set(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", set_one_failing)
+    with pytest.raises(DiskFull), writing(tmp_path / "a.zarr" / "c" / "0"):
+        arr[:] = np.arange(1, 5, dtype=np.int32)  # no fill value: zarr skips chunks of it
+    assert sorted(p.name for p in (tmp_path / "a.zarr" / "c").iterdir()) == ["1", "2", "3"]

@@ -50,6 +50,23 @@ def writing(path: Path | str) -> Iterator[None]:
     try:
         yield
     except Exception as e:
+        _settle_zarr()
         if (full := disk_full(e, path)) is not None:
             raise full from None
         raise
+
+
+def _settle_zarr() -> None:
+    """Wait for the writes zarr still runs after one of them failed. Its `asyncio.gather` raises the first error and
+    leaves the other chunk and metadata writes running on its event-loop thread, each with its temporary `.partial`
+    file, so the error would reach the user (or the next command in the same process) before they end: on a full
+    disk under load, tests/test_disk_full.py found a `.partial` file there after the command had returned."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def others() -> None:
+        me = asyncio.current_task()
+        await asyncio.gather(*(task for task in asyncio.all_tasks() if task is not me), return_exceptions=True)
+
+    sync(others())
