@@ -88,11 +88,13 @@ gpu-wheels:
 DEMO_RUN = $(DEMO)/runs/sit-debug-redi
 DEMO_STEPS ?= 5000
 DEMO_SAMPLE = --sampler ode --steps 50 --num 64 --guidance cfg --cfg-scale 2.4 --cfg-channels all
-# Torch threads of the training and the sampling, which run alone: 2 uses both cores of a 2-core machine (training at
-# 17.8 steps/s against 10.3 with one; beside another busy process still 9.3 against 6.0). Everything else keeps one
-# thread: the VAE fit's small convolutions on two threads fell from 16 steps/s to under 2 when the other core was busy
-# (the threads spin waiting for each other), and the encode stage's two worker processes take a core each.
+# Torch threads of the training and the sampling, which run alone: both cores of a 2-core machine, with libgomp's
+# spinning cut to 3,000 turns so that a busy core does not stall them. Training steps/s (SiT-debug, batch 16; idle /
+# beside a busy process): one thread 10.1 / 9.1; two 15.6 / 1.5 (the threads spin waiting for each other); two with
+# GOMP_SPINCOUNT=3000 14.6 / 7.9. Everything else keeps one thread: the VAE fit's small convolutions on two threads
+# fell from 16 steps/s to under 2 beside a busy process, and the encode stage's two worker processes take a core each.
 DEMO_THREADS ?= 2
+DEMO_TORCH = OMP_NUM_THREADS=$(DEMO_THREADS) GOMP_SPINCOUNT=3000
 demo: export OMP_NUM_THREADS = 1
 demo: install
 	$(REDI) demo-data --out $(DEMO)/images
@@ -102,13 +104,13 @@ demo: install
 	$(REDI) pca --data $(DEMO)
 	$(REDI) shards --data $(DEMO) --pcs 16 --format both --shard-size 32 --patch-tokens
 	$(REDI) verify $(DEMO)
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(REDI) train --shards $(DEMO) --run $(DEMO_RUN) --model SiT-debug --method redi --pca-rank 8 \
+	$(DEMO_TORCH) $(REDI) train --shards $(DEMO) --run $(DEMO_RUN) --model SiT-debug --method redi --pca-rank 8 \
 		--batch-size $(DEMO_BATCH) --max-steps $(DEMO_STEPS) --lr 3e-3 --ema-decay 0.995 --log-every 500 --save-every 1000 \
 		--workers 0
 	$(REDI) info $(DEMO)
 	$(REDI) info $(DEMO_RUN)
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(REDI) sample --run $(DEMO_RUN) --weights init $(DEMO_SAMPLE) --out $(DEMO)/samples-untrained
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(REDI) sample --run $(DEMO_RUN) $(DEMO_SAMPLE) --out $(DEMO)/samples
+	$(DEMO_TORCH) $(REDI) sample --run $(DEMO_RUN) --weights init $(DEMO_SAMPLE) --out $(DEMO)/samples-untrained
+	$(DEMO_TORCH) $(REDI) sample --run $(DEMO_RUN) $(DEMO_SAMPLE) --out $(DEMO)/samples
 	$(REDI) preview $(DEMO) --samples $(DEMO)/samples
 	$(REDI) eval $(DEMO)/samples --ref $(DEMO) --before $(DEMO)/samples-untrained
 	@echo "Pictures: $(DEMO)/preview.png (the rows above); $(DEMO)/samples/grid.png and pcs.png (the 64 samples of the"
