@@ -81,13 +81,15 @@ gpu-wheels:
 # decodes everything to texture), the tiny-random DINOv2 for the PCs, a tiny SiT
 # trained with the short EMA a short run needs (decay 0.995: a half-life of 138 steps; the papers' 0.9999 would still be
 # the initial network), its EMA weights sampled with classifier-free guidance on all channels (sharper shapes in the
-# PCs) beside its untrained network, and FD-PC of both (docs/METHOD.md). Why 5,000 steps: docs/BENCHMARKS.md, "What
-# the demo learns" (at 2,000 the samples are blobs where the shapes lie).
+# PCs) beside its untrained network (unguided: its zero output layer makes guidance a no-op), and FD-PC of both
+# (docs/METHOD.md). Why 4,500 steps: docs/BENCHMARKS.md, "What the demo learns" (at 2,000 the samples are blobs
+# where the shapes lie; 4,500 keeps a cold `make demo` under 10 minutes on 2 cores).
 # The recipe is redi/benchmarks/learn.py's Recipe (`redi bench learn` compares the methods with it).
 # RESOLUTION=512 runs REPA's 512 recipe (64×64 latents, 32×32 tokens, DINOv2 at 448).
 DEMO_RUN = $(DEMO)/runs/sit-debug-redi
-DEMO_STEPS ?= 5000
-DEMO_SAMPLE = --sampler ode --steps 50 --num 64 --guidance cfg --cfg-scale 2.4 --cfg-channels all
+DEMO_STEPS ?= 4500
+DEMO_SAMPLE = --sampler ode --steps 50 --num 64
+DEMO_GUIDANCE = --guidance cfg --cfg-scale 2.4 --cfg-channels all
 # Torch threads of the training and the sampling, which run alone: both cores of a 2-core machine, with libgomp's
 # spinning cut to 3,000 turns so that a busy core does not stall them. Training steps/s (SiT-debug, batch 16; idle /
 # beside a busy process): one thread 10.1 / 9.1; two 15.6 / 1.5 (the threads spin waiting for each other); two with
@@ -110,7 +112,7 @@ demo: install
 	$(REDI) info $(DEMO)
 	$(REDI) info $(DEMO_RUN)
 	$(DEMO_TORCH) $(REDI) sample --run $(DEMO_RUN) --weights init $(DEMO_SAMPLE) --out $(DEMO)/samples-untrained
-	$(DEMO_TORCH) $(REDI) sample --run $(DEMO_RUN) $(DEMO_SAMPLE) --out $(DEMO)/samples
+	$(DEMO_TORCH) $(REDI) sample --run $(DEMO_RUN) $(DEMO_SAMPLE) $(DEMO_GUIDANCE) --out $(DEMO)/samples
 	$(REDI) preview $(DEMO) --samples $(DEMO)/samples
 	$(REDI) eval $(DEMO)/samples --ref $(DEMO) --before $(DEMO)/samples-untrained
 	@echo "Pictures: $(DEMO)/preview.png (the rows above); $(DEMO)/samples/grid.png and pcs.png (the 64 samples of the"

@@ -36,7 +36,7 @@ class Recipe:
     model: str = "SiT-debug"
     pca_rank: int = 8
     batch_size: int = 16
-    steps: int = 5000
+    steps: int = 4500
     lr: float = 3e-3
     ema_decay: float = 0.995
     projector_dim: int = 256  # REPA's 2048-wide projector would cost 25 times the debug network
